@@ -1,0 +1,138 @@
+"""SG data types: how each is stored, encoded and filtered, or why it is not cached.
+
+This is the one place that says which data types the replica holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+#: Data types never cached, with the reason a read naming them passes through.
+UNCACHED_TYPES: dict[str, str] = {
+    "image": "image-url",  # SG answers with signed URLs that expire; a stored one goes stale
+    "password": "password",  # SG masks it; nothing to serve
+    "pivot_column": "pivot-column",  # UI-only, not usable through the API
+    "summary": "summary-field",  # computed by SG from other rows
+    "query": "query-field",
+    "calculated": "calculated-field",
+    "system_task_type": "unknown-type",
+}
+
+_TEXT_OPS = frozenset(
+    {"is", "is_not", "in", "not_in", "contains", "not_contains", "starts_with", "ends_with"}
+)
+_ORDER_OPS = frozenset({"is", "is_not", "in", "not_in", "less_than", "greater_than", "between", "not_between"})
+_DATE_OPS = _ORDER_OPS | {
+    "in_last",
+    "not_in_last",
+    "in_next",
+    "not_in_next",
+    "in_calendar_day",
+    "in_calendar_week",
+    "in_calendar_month",
+    "in_calendar_year",
+}
+_ENTITY_OPS = frozenset(
+    {
+        "is",
+        "is_not",
+        "in",
+        "not_in",
+        "type_is",
+        "type_is_not",
+        "name_is",
+        "name_contains",
+        "name_not_contains",
+        "name_starts_with",
+        "name_ends_with",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """How one SG data type lives in the replica."""
+
+    storage: str  # "text", "int", "float", "bool", "json", "entity", "multi"
+    operators: frozenset[str]
+    sortable: bool = True
+
+
+TYPES: dict[str, TypeInfo] = {
+    "text": TypeInfo("text", _TEXT_OPS),
+    "entity_type": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
+    "color": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
+    "uuid": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
+    "list": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
+    "status_list": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
+    "footage": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
+    "number": TypeInfo("int", _ORDER_OPS),
+    "currency": TypeInfo("float", _ORDER_OPS),
+    "percent": TypeInfo("int", _ORDER_OPS),
+    "duration": TypeInfo("int", _ORDER_OPS),
+    "timecode": TypeInfo("int", _ORDER_OPS),
+    "float": TypeInfo("float", _ORDER_OPS),
+    "checkbox": TypeInfo("bool", frozenset({"is", "is_not"})),
+    # Dates are kept in SG's own wire form; both forms sort as text.
+    "date": TypeInfo("text", _DATE_OPS),
+    "date_time": TypeInfo("text", _DATE_OPS),
+    "serializable": TypeInfo("json", frozenset(), sortable=False),
+    "url": TypeInfo("json", frozenset(), sortable=False),
+    "tag_list": TypeInfo("json", frozenset(), sortable=False),
+    "entity": TypeInfo("entity", _ENTITY_OPS),
+    "multi_entity": TypeInfo("multi", _ENTITY_OPS - {"name_is", "name_starts_with", "name_ends_with"}, False),
+    "addressing": TypeInfo("multi", frozenset(), sortable=False),
+}
+
+
+def uncached_reason(data_type: str) -> str | None:
+    """Why a field of this data type is not cached, or None when it is."""
+    if data_type in TYPES:
+        return None
+    return UNCACHED_TYPES.get(data_type, "unknown-data-type")
+
+
+def is_cached_type(data_type: str) -> bool:
+    return data_type in TYPES
+
+
+def encode_scalar(data_type: str, value: Any) -> Any:
+    """JSON value from SG -> column value. Raises ValueError on a value of the wrong shape."""
+    if value is None:
+        return None
+    storage = TYPES[data_type].storage
+    if storage == "text":
+        if not isinstance(value, str):
+            raise ValueError(f"{data_type} value must be a string, got {type(value).__name__}")
+        return value
+    if storage == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{data_type} value must be an integer")
+        return value
+    if storage == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{data_type} value must be a number")
+        return float(value)
+    if storage == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("checkbox value must be a boolean")
+        return value
+    if storage == "json":
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    raise ValueError(f"{data_type} is not a scalar type")
+
+
+def decode_scalar(data_type: str, value: Any) -> Any:
+    """Column value -> the JSON value SG sends."""
+    storage = TYPES[data_type].storage
+    if storage == "json":
+        return None if value is None else json.loads(value)
+    if storage == "bool":
+        return bool(value) if value is not None else False
+    if storage == "float":
+        return None if value is None else float(value)
+    if storage == "int":
+        return None if value is None else int(value)
+    return value

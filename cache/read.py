@@ -1,0 +1,607 @@
+"""The read engine: an API3 ``read`` request -> one SQL statement -> SG's answer.
+
+Everything the engine is not certain to answer exactly raises :class:`Passthrough`
+with a reason; the caller then sends the request upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import fieldtypes
+from .errors import Passthrough
+from .schema import FieldSchema
+from .store import Store
+
+#: Largest page SG serves (``api_max_entities_per_page``); bigger requests pass.
+MAX_PAGE_SIZE = 500
+#: Deeper pages than this are passed rather than run as huge OFFSETs.
+MAX_OFFSET = 5_000_000
+MAX_FILTER_DEPTH = 32
+MAX_CONDITIONS = 1000
+
+_KNOWN_PARAMS = {
+    "type",
+    "return_fields",
+    "filters",
+    "return_only",
+    "paging",
+    "sorts",
+    "include_archived_projects",
+    "api_return_image_urls",
+    "return_paging_info",
+    "return_paging_info_without_counts",
+}
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_CASE_INSENSITIVE = {"text"}
+
+
+@dataclass
+class ReadContext:
+    """What the engine needs to know of the replica's state, refreshed by the caller."""
+
+    primed: dict[str, set[str]]
+    pending_fetch: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Link:
+    """The effective value of an entity field: a registry row (NULL when retired/absent)."""
+
+    reg: Any  # aliased sgcache_entities
+
+
+class _Scope:
+    """A FROM clause under construction: a base table plus LEFT JOINs shared by path."""
+
+    def __init__(self, engine: ReadEngine, entity_type: str, alias: Any):
+        self.engine = engine
+        self.entity_type = entity_type
+        self.base = alias
+        self.from_: Any = alias
+        self._joins: dict[tuple[Any, ...], Any] = {}
+
+    def link(self, alias: Any, entity_type: str, fname: str) -> Any:
+        """The registry alias giving the live value of ``alias.fname`` (an entity field)."""
+        key = ("link", id(alias), fname)
+        if key not in self._joins:
+            reg = self.engine.store.entities.alias()
+            self.from_ = self.from_.outerjoin(
+                reg,
+                (reg.c.type == alias.c[f"{fname}__type"])
+                & (reg.c.id == alias.c[f"{fname}__id"])
+                & sa.not_(reg.c.retired),
+            )
+            self._joins[key] = reg
+        return self._joins[key]
+
+    def hop(self, alias: Any, fname: str, target_type: str) -> Any:
+        """LEFT JOIN the row that ``alias.fname`` links to, when it is of ``target_type``."""
+        key = ("hop", id(alias), fname, target_type)
+        if key not in self._joins:
+            target = self.engine.store.tables[target_type].alias()
+            self.from_ = self.from_.outerjoin(
+                target,
+                (target.c.id == alias.c[f"{fname}__id"])
+                & (alias.c[f"{fname}__type"] == target_type)
+                & sa.not_(target.c._retired),
+            )
+            self._joins[key] = target
+        return self._joins[key]
+
+
+class ReadEngine:
+    """Answers API3 ``read`` requests from a :class:`Store`."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.schema = store.schema
+
+    # -- entry point -----------------------------------------------------------------
+    def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext) -> dict[str, Any]:
+        """Answer a read; the value of ``results`` in SG's reply."""
+        plan = self.plan(params, ctx)
+        return self.execute(conn, plan)
+
+    def plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:
+        """Check a read against the schema and build its SQL, or raise Passthrough."""
+        if not isinstance(params, Mapping):
+            raise Passthrough("bad-params", "read params are not an object")
+        unknown = set(params) - _KNOWN_PARAMS
+        if unknown:
+            raise Passthrough("option", ",".join(sorted(map(str, unknown)))[:60])
+        entity_type = params.get("type")
+        if not isinstance(entity_type, str) or entity_type not in self.schema:
+            raise Passthrough("uncached-type", str(entity_type)[:60])
+        if entity_type not in ctx.primed:
+            raise Passthrough("not-primed", entity_type)
+        if entity_type in ctx.pending_fetch:
+            raise Passthrough("pending-fetch", entity_type)
+        return _Planner(self, entity_type, ctx).build(params)
+
+    def execute(self, conn: Connection, plan: _Plan) -> dict[str, Any]:
+        rows = conn.execute(plan.select).all()
+        has_next = None
+        if plan.probe_next:
+            has_next = len(rows) > plan.limit
+            rows = rows[: plan.limit]
+        entities = [plan.decode(row) for row in rows]
+        if plan.multi_fields and entities:
+            self._fill_multi(conn, plan, entities)
+        paging_info: dict[str, Any]
+        if plan.want_count:
+            count = conn.execute(plan.count_select).scalar_one()
+            paging_info = {"entity_count": int(count)}
+        else:
+            paging_info = {"has_next_page": bool(has_next)}
+        return {"entities": entities, "paging_info": paging_info}
+
+    def _fill_multi(self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]]) -> None:
+        ids = [e["id"] for e in entities]
+        by_id = {e["id"]: e for e in entities}
+        reg = self.store.entities
+        for key, fname in plan.multi_fields:
+            assoc = self.store.multi[(plan.entity_type, fname)]
+            for e in entities:
+                e[key] = []
+            stmt = (
+                sa.select(assoc.c.parent_id, reg.c.type, reg.c.id, reg.c.name, reg.c.name_known)
+                .select_from(
+                    assoc.join(
+                        reg,
+                        (reg.c.type == assoc.c.child_type)
+                        & (reg.c.id == assoc.c.child_id)
+                        & sa.not_(reg.c.retired),
+                    )
+                )
+                .where(assoc.c.parent_id.in_(ids))
+                .order_by(assoc.c.parent_id, assoc.c.pos)
+            )
+            for row in conn.execute(stmt):
+                if not row.name_known:
+                    raise Passthrough("link-name-unknown", f"{row.type} {row.id}")
+                by_id[row.parent_id][key].append({"type": row.type, "id": row.id, "name": row.name})
+
+
+@dataclass
+class _Plan:
+    entity_type: str
+    select: Any
+    count_select: Any
+    columns: list[tuple[str, str, Any]]  # (result key, kind, info)
+    multi_fields: list[tuple[str, str]]
+    limit: int
+    probe_next: bool
+    want_count: bool
+
+    def decode(self, row: Any) -> dict[str, Any]:
+        m = row._mapping
+        out: dict[str, Any] = {"type": self.entity_type, "id": m["c_id"]}
+        for key, kind, info in self.columns:
+            label = f"c{info[0]}"
+            if kind == "scalar":
+                out[key] = fieldtypes.decode_scalar(info[1], m[label])
+            elif kind == "link":
+                link_id = m[f"{label}_id"]
+                if link_id is None:
+                    out[key] = None
+                else:
+                    if not m[f"{label}_known"]:
+                        raise Passthrough("link-name-unknown", f"{m[f'{label}_type']} {link_id}")
+                    out[key] = {"type": m[f"{label}_type"], "id": link_id, "name": m[f"{label}_name"]}
+        return out
+
+
+class _Planner:
+    """Builds the SQL for one read."""
+
+    def __init__(self, engine: ReadEngine, entity_type: str, ctx: ReadContext):
+        self.engine = engine
+        self.store = engine.store
+        self.schema = engine.schema
+        self.ctx = ctx
+        self.entity_type = entity_type
+        self.base = self.store.tables[entity_type].alias("t0")
+        self.scope = _Scope(engine, entity_type, self.base)
+        self._n_conditions = 0
+
+    # -- fields and paths --------------------------------------------------------------
+    def _field(self, entity_type: str, fname: Any) -> FieldSchema:
+        if not isinstance(fname, str):
+            raise Passthrough("bad-field", repr(fname)[:60])
+        fschema = self.schema.field(entity_type, fname)
+        if fschema is None:
+            raise Passthrough("uncached-field", f"{entity_type}.{fname}"[:80])
+        reason = fieldtypes.uncached_reason(fschema.data_type)
+        if reason:
+            raise Passthrough(reason, f"{entity_type}.{fname}")
+        if fname not in self.ctx.primed.get(entity_type, set()):
+            raise Passthrough("not-primed", f"{entity_type}.{fname}")
+        return fschema
+
+    def _walk(self, path: Any, allow_multi_hop: bool = False) -> tuple[Any, FieldSchema, list[tuple[Any, FieldSchema, str]]]:
+        """Resolve ``f.Type.f...`` to (alias, final field, hops) joining single-entity hops."""
+        if not isinstance(path, str) or not path:
+            raise Passthrough("bad-field", repr(path)[:60])
+        parts = path.split(".")
+        if len(parts) % 2 == 0:
+            raise Passthrough("bad-field", path[:80])
+        alias, entity_type = self.base, self.entity_type
+        hops: list[tuple[Any, FieldSchema, str]] = []
+        for i in range(0, len(parts) - 1, 2):
+            fschema = self._field(entity_type, parts[i])
+            target = parts[i + 1]
+            if target not in self.schema:
+                raise Passthrough("uncached-type", target[:60])
+            if target not in self.ctx.primed:
+                raise Passthrough("not-primed", target)
+            if target in self.ctx.pending_fetch:
+                raise Passthrough("pending-fetch", target)
+            if fschema.data_type != "entity":
+                raise Passthrough("deep-multi", path[:80])
+            hops.append((alias, fschema, target))
+            alias = self.scope.hop(alias, fschema.name, target)
+            entity_type = target
+        return alias, self._field(entity_type, parts[-1]), hops
+
+    # -- build ------------------------------------------------------------------------
+    def build(self, params: Mapping[str, Any]) -> _Plan:
+        columns: list[Any] = [self.base.c.id.label("c_id")]
+        decoded: list[tuple[str, str, Any]] = []
+        multi_fields: list[tuple[str, str]] = []
+        return_fields = params.get("return_fields", ["id"])
+        if not isinstance(return_fields, list):
+            raise Passthrough("bad-params", "return_fields")
+        seen: set[str] = set()
+        for n, key in enumerate(return_fields):
+            if not isinstance(key, str):
+                raise Passthrough("bad-field", repr(key)[:60])
+            if key in seen or key in ("id", "type"):
+                seen.add(key)
+                continue
+            seen.add(key)
+            alias, fschema, hops = self._walk(key)
+            storage = fieldtypes.TYPES[fschema.data_type].storage
+            if storage == "multi":
+                if hops:
+                    raise Passthrough("deep-multi", key[:80])
+                multi_fields.append((key, fschema.name))
+            elif storage == "entity":
+                reg = self.scope.link(alias, fschema.entity_type, fschema.name)
+                label = f"c{n}"
+                columns += [
+                    reg.c.type.label(f"{label}_type"),
+                    reg.c.id.label(f"{label}_id"),
+                    reg.c.name.label(f"{label}_name"),
+                    reg.c.name_known.label(f"{label}_known"),
+                ]
+                decoded.append((key, "link", (n,)))
+            else:
+                columns.append(alias.c[fschema.name].label(f"c{n}"))
+                decoded.append((key, "scalar", (n, fschema.data_type)))
+
+        where = [self._return_only(params.get("return_only", "active"))]
+        filters = params.get("filters", {"logical_operator": "and", "conditions": []})
+        where.append(self._group(filters, 0))
+        archived = params.get("include_archived_projects", True)
+        if archived is False:
+            where.append(self._not_archived())
+        elif archived is not True:
+            raise Passthrough("bad-params", "include_archived_projects")
+        order_by = self._sorts(params.get("sorts"))
+        limit, offset, probe_next, want_count = self._paging(params)
+
+        condition = sa.and_(*where)
+        select = sa.select(*columns).select_from(self.scope.from_).where(condition).order_by(*order_by)
+        select = select.limit(limit + 1 if probe_next else limit).offset(offset)
+        count_select = sa.select(sa.func.count()).select_from(self.scope.from_).where(condition)
+        return _Plan(
+            self.entity_type, select, count_select, decoded, multi_fields, limit, probe_next, want_count
+        )
+
+    def _return_only(self, value: Any) -> Any:
+        if value in (None, "active"):
+            return sa.not_(self.base.c._retired)
+        if value == "retired":
+            return self.base.c._retired
+        raise Passthrough("bad-params", "return_only")
+
+    def _not_archived(self) -> Any:
+        if self.schema.field(self.entity_type, "project") is None:
+            return sa.true()
+        _, project_field, _ = self._walk("project")
+        if "Project" not in self.ctx.primed:
+            raise Passthrough("not-primed", "Project")
+        self._field("Project", "archived")
+        project = self.scope.hop(self.base, project_field.name, "Project")
+        return sa.or_(project.c.id.is_(None), sa.not_(sa.func.coalesce(project.c.archived, False)))
+
+    # -- filters -----------------------------------------------------------------------
+    def _group(self, group: Any, depth: int) -> Any:
+        if depth > MAX_FILTER_DEPTH:
+            raise Passthrough("filter-depth")
+        if not isinstance(group, Mapping):
+            raise Passthrough("bad-filter", "group is not an object")
+        op = group.get("logical_operator", "and")
+        conditions = group.get("conditions")
+        if op not in ("and", "or") or not isinstance(conditions, list):
+            raise Passthrough("bad-filter", "group")
+        parts = []
+        for cond in conditions:
+            self._n_conditions += 1
+            if self._n_conditions > MAX_CONDITIONS:
+                raise Passthrough("filter-size")
+            if isinstance(cond, Mapping) and "conditions" in cond:
+                parts.append(self._group(cond, depth + 1))
+            else:
+                parts.append(self._condition(cond))
+        if not parts:
+            return sa.true()
+        return sa.and_(*parts) if op == "and" else sa.or_(*parts)
+
+    def _condition(self, cond: Any) -> Any:
+        if not isinstance(cond, Mapping) or set(cond) - {"path", "relation", "values"}:
+            raise Passthrough("bad-filter", "condition")
+        path, relation, values = cond.get("path"), cond.get("relation"), cond.get("values")
+        if not isinstance(relation, str) or not isinstance(values, list):
+            raise Passthrough("bad-filter", "condition")
+        if isinstance(path, str) and path.startswith("$"):
+            raise Passthrough("filter-path", path[:60])
+        alias, fschema, _ = self._walk(path)
+        info = fieldtypes.TYPES[fschema.data_type]
+        if relation not in info.operators:
+            raise Passthrough("operator", f"{relation} on {fschema.data_type}")
+        if info.storage == "entity":
+            return self._entity_condition(alias, fschema, relation, values)
+        if info.storage == "multi":
+            return self._multi_condition(alias, fschema, relation, values)
+        return self._scalar_condition(alias.c[fschema.name], fschema, relation, values)
+
+    def _value(self, fschema: FieldSchema, value: Any) -> Any:
+        """A filter value as stored, or Passthrough when its shape is not the field's."""
+        if value is None:
+            return None
+        dt = fschema.data_type
+        if dt == "date" and not (isinstance(value, str) and _DATE_RE.match(value)):
+            raise Passthrough("filter-value", f"date {value!r}"[:60])
+        if dt == "date_time" and not (isinstance(value, str) and _DATETIME_RE.match(value)):
+            raise Passthrough("filter-value", f"date_time {value!r}"[:60])
+        try:
+            return fieldtypes.encode_scalar(dt, value)
+        except ValueError as exc:
+            raise Passthrough("filter-value", str(exc)[:60]) from None
+
+    def _scalar_condition(self, col: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
+        ci = fschema.data_type in _CASE_INSENSITIVE
+
+        def norm(expr: Any) -> Any:
+            return sa.func.lower(expr) if ci else expr
+
+        def lit(v: Any) -> Any:
+            v = self._value(fschema, v)
+            return v.lower() if ci and isinstance(v, str) else v
+
+        if relation in ("is", "is_not"):
+            if len(values) != 1:
+                raise Passthrough("filter-value", f"{relation} takes one value")
+            value = lit(values[0])
+            if fschema.data_type == "checkbox":
+                if value is None:
+                    raise Passthrough("filter-value", "checkbox None")
+                match = col == value
+            elif value is None:
+                match = col.is_(None)
+                return match if relation == "is" else sa.not_(match)
+            else:
+                match = norm(col) == value
+            if relation == "is":
+                return match
+            return sa.or_(col.is_(None), sa.not_(match))
+        if relation in ("in", "not_in"):
+            lits = [lit(v) for v in values]
+            non_null = [v for v in lits if v is not None]
+            match = norm(col).in_(non_null) if non_null else sa.false()
+            if None in lits:
+                match = sa.or_(match, col.is_(None))
+            if relation == "in":
+                return match
+            if None in lits:
+                return sa.not_(match)
+            return sa.or_(col.is_(None), sa.not_(match))
+        if relation in ("contains", "not_contains", "starts_with", "ends_with"):
+            if len(values) != 1 or not isinstance(values[0], str):
+                raise Passthrough("filter-value", relation)
+            text = _escape_like(values[0].lower())
+            pattern = {
+                "contains": f"%{text}%",
+                "not_contains": f"%{text}%",
+                "starts_with": f"{text}%",
+                "ends_with": f"%{text}",
+            }[relation]
+            match = sa.func.lower(col).like(pattern, escape="\\")
+            if relation == "not_contains":
+                return sa.or_(col.is_(None), sa.not_(match))
+            return sa.and_(col.is_not(None), match)
+        if relation in ("less_than", "greater_than"):
+            if len(values) != 1 or values[0] is None:
+                raise Passthrough("filter-value", relation)
+            value = lit(values[0])
+            return col < value if relation == "less_than" else col > value
+        if relation in ("between", "not_between"):
+            if len(values) != 2 or (values[0] is None and values[1] is None):
+                raise Passthrough("filter-value", relation)
+            lo, hi = lit(values[0]), lit(values[1])
+            parts = []
+            if lo is not None:
+                parts.append(col >= lo)
+            if hi is not None:
+                parts.append(col <= hi)
+            match = sa.and_(col.is_not(None), *parts)
+            return match if relation == "between" else sa.not_(match)
+        raise Passthrough("operator", relation)
+
+    def _link_value(self, value: Any) -> tuple[str, int] | None:
+        if value is None:
+            return None
+        if (
+            not isinstance(value, Mapping)
+            or not isinstance(value.get("type"), str)
+            or not isinstance(value.get("id"), int)
+            or isinstance(value.get("id"), bool)
+        ):
+            raise Passthrough("filter-value", "entity value")
+        return value["type"], value["id"]
+
+    def _name_ok(self, fschema: FieldSchema) -> None:
+        """name_* filters need every linkable type's names to be known."""
+        for link_type in fschema.links or ("*",):
+            entity = self.schema.entities.get(link_type)
+            if entity is None or entity.name_field not in entity.fields:
+                raise Passthrough("name-filter", f"{fschema.entity_type}.{fschema.name}")
+
+    def _entity_condition(self, alias: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
+        reg = self.scope.link(alias, fschema.entity_type, fschema.name)
+        if relation in ("is", "is_not", "in", "not_in"):
+            if relation in ("is", "is_not") and len(values) != 1:
+                raise Passthrough("filter-value", relation)
+            links = [self._link_value(v) for v in values]
+            pairs = [p for p in links if p is not None]
+            match = sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]) if pairs else sa.false()
+            has_none = None in links
+            if has_none:
+                match = sa.or_(match, reg.c.id.is_(None))
+            if relation in ("is", "in"):
+                return match
+            if has_none:
+                return sa.not_(match)
+            return sa.or_(reg.c.id.is_(None), sa.not_(match))
+        if relation in ("type_is", "type_is_not"):
+            if len(values) != 1:
+                raise Passthrough("filter-value", relation)
+            value = values[0]
+            if value is None:
+                match = reg.c.id.is_(None)
+                return match if relation == "type_is" else sa.not_(match)
+            if not isinstance(value, str):
+                raise Passthrough("filter-value", relation)
+            match = reg.c.type == value
+            if relation == "type_is":
+                return match
+            return sa.or_(reg.c.id.is_(None), sa.not_(match))
+        # name_* operators
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise Passthrough("filter-value", relation)
+        self._name_ok(fschema)
+        text = values[0].lower()
+        name = sa.func.lower(reg.c.name)
+        if relation == "name_is":
+            return name == text
+        esc = _escape_like(text)
+        if relation == "name_contains":
+            return name.like(f"%{esc}%", escape="\\")
+        if relation == "name_not_contains":
+            return sa.or_(reg.c.name.is_(None), sa.not_(name.like(f"%{esc}%", escape="\\")))
+        if relation == "name_starts_with":
+            return name.like(f"{esc}%", escape="\\")
+        if relation == "name_ends_with":
+            return name.like(f"%{esc}", escape="\\")
+        raise Passthrough("operator", relation)
+
+    def _multi_condition(self, alias: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
+        assoc = self.store.multi[(fschema.entity_type, fschema.name)].alias()
+        reg = self.store.entities.alias()
+        base = (
+            sa.select(sa.literal(1))
+            .select_from(
+                assoc.join(
+                    reg,
+                    (reg.c.type == assoc.c.child_type) & (reg.c.id == assoc.c.child_id) & sa.not_(reg.c.retired),
+                )
+            )
+            .where(assoc.c.parent_id == alias.c.id)
+        )
+        if relation in ("is", "is_not", "in", "not_in"):
+            if relation in ("is", "is_not") and len(values) != 1:
+                raise Passthrough("filter-value", relation)
+            links = [self._link_value(v) for v in values]
+            if None in links:
+                if len(links) != 1:
+                    raise Passthrough("filter-value", "None among multi_entity values")
+                empty = ~sa.exists(base)
+                return empty if relation in ("is", "in") else sa.not_(empty)
+            if not links:
+                return sa.false() if relation in ("is", "in") else sa.true()
+            match = sa.exists(base.where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in links])))
+            return match if relation in ("is", "in") else sa.not_(match)
+        if relation == "type_is":
+            if len(values) != 1 or not isinstance(values[0], str):
+                raise Passthrough("filter-value", relation)
+            return sa.exists(base.where(reg.c.type == values[0]))
+        if relation == "name_contains":
+            if len(values) != 1 or not isinstance(values[0], str):
+                raise Passthrough("filter-value", relation)
+            self._name_ok(fschema)
+            esc = _escape_like(values[0].lower())
+            return sa.exists(base.where(sa.func.lower(reg.c.name).like(f"%{esc}%", escape="\\")))
+        raise Passthrough("operator", f"{relation} on multi_entity")
+
+    # -- sorts and paging ----------------------------------------------------------------
+    def _sorts(self, sorts: Any) -> list[Any]:
+        order: list[Any] = []
+        if sorts is None:
+            sorts = []
+        if not isinstance(sorts, list):
+            raise Passthrough("bad-params", "sorts")
+        for sort in sorts:
+            if not isinstance(sort, Mapping):
+                raise Passthrough("bad-params", "sort")
+            direction = sort.get("direction", "asc")
+            if direction not in ("asc", "desc"):
+                raise Passthrough("bad-params", "sort direction")
+            alias, fschema, _ = self._walk(sort.get("field_name"))
+            info = fieldtypes.TYPES[fschema.data_type]
+            if not info.sortable:
+                raise Passthrough("sort-type", fschema.data_type)
+            if info.storage == "entity":
+                reg = self.scope.link(alias, fschema.entity_type, fschema.name)
+                exprs = [sa.func.lower(reg.c.name), reg.c.name]
+            elif fschema.data_type in _CASE_INSENSITIVE:
+                col = alias.c[fschema.name]
+                exprs = [sa.func.lower(col), col]
+            else:
+                exprs = [alias.c[fschema.name]]
+            for expr in exprs:
+                # SG runs on PostgreSQL: NULLs last ascending, first descending.
+                order.append(expr.asc().nulls_last() if direction == "asc" else expr.desc().nulls_first())
+        order.append(self.base.c.id.asc())
+        return order
+
+    def _paging(self, params: Mapping[str, Any]) -> tuple[int, int, bool, bool]:
+        paging = params.get("paging", {"entities_per_page": MAX_PAGE_SIZE, "current_page": 1})
+        if not isinstance(paging, Mapping):
+            raise Passthrough("bad-params", "paging")
+        per_page = paging.get("entities_per_page", MAX_PAGE_SIZE)
+        page = paging.get("current_page", 1)
+        for value in (per_page, page):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise Passthrough("paging", "not an integer")
+        if not 1 <= per_page <= MAX_PAGE_SIZE or page < 1 or (page - 1) * per_page > MAX_OFFSET:
+            raise Passthrough("paging", f"{per_page}x{page}")
+        want_count = params.get("return_paging_info") is True
+        without = params.get("return_paging_info_without_counts")
+        for flag in (params.get("return_paging_info"), without):
+            if flag not in (None, True, False):
+                raise Passthrough("bad-params", "paging flag")
+        return per_page, (page - 1) * per_page, not want_count, want_count
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+

@@ -1,0 +1,715 @@
+"""The replica: SQL tables made from the cached schema, and the writes into them.
+
+Layout (SQLAlchemy Core, the same on SQLite and PostgreSQL):
+
+- ``sg_<type>``: one row per entity; one column per scalar field, ``<f>__type`` and
+  ``<f>__id`` per entity field, ``_retired`` for retirement (never a delete).
+- ``sg_<type>__<field>``: one association table per multi_entity / addressing field.
+- ``sgcache_entities``: every entity the replica has heard of (cached type or not), with
+  its display ``name`` and retired flag; links get their ``name`` from here.
+- ``sgcache_*``: state, per-type and per-field scan state, raw events, change log,
+  event gaps and the queue of entities to fetch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+from . import fieldtypes
+from .schema import FieldSchema, Schema
+
+log = logging.getLogger("sgcache.store")
+
+TYPE_LEN = 64
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def entity_table_name(entity_type: str) -> str:
+    return f"sg_{entity_type.lower()}"
+
+
+def multi_table_name(entity_type: str, field_name: str) -> str:
+    return f"sg_{entity_type.lower()}__{field_name}"
+
+
+@dataclass
+class WriteResult:
+    """What a write did: rows inserted/changed, and entities that need a full fetch."""
+
+    inserted: int = 0
+    changed: int = 0
+    to_fetch: list[tuple[str, int]] | None = None
+
+    def merge(self, other: WriteResult) -> None:
+        self.inserted += other.inserted
+        self.changed += other.changed
+        if other.to_fetch:
+            self.to_fetch = (self.to_fetch or []) + other.to_fetch
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine tuned for the replica: WAL and a busy timeout on SQLite, pre-ping on PostgreSQL."""
+    if url.startswith("sqlite"):
+        connect_args = {"timeout": 30, "check_same_thread": False}
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            kwargs.setdefault("poolclass", StaticPool)
+        engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_setup(dbapi_conn: Any, _record: Any) -> None:
+            # SG matches text case-insensitively for all of Unicode; SQLite's lower() is ASCII only.
+            dbapi_conn.create_function("lower", 1, _py_lower, deterministic=True)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    return sa.create_engine(url, **kwargs)
+
+
+def _py_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class Store:
+    """The replica's tables for one schema, and the writes into them."""
+
+    def __init__(self, engine: Engine, schema: Schema):
+        self.engine = engine
+        self.schema = schema
+        self.metadata = sa.MetaData()
+        self.tables: dict[str, sa.Table] = {}
+        self.multi: dict[tuple[str, str], sa.Table] = {}
+        self._build_meta_tables()
+        for entity in schema.entities.values():
+            self._build_entity_tables(entity.name, entity.fields)
+
+    @classmethod
+    def open(cls, url: str, schema: Schema, create: bool = True, **engine_kwargs: Any) -> Store:
+        """Connect to ``url`` and (by default) create or migrate the tables."""
+        store = cls(make_engine(url, **engine_kwargs), schema)
+        if create:
+            store.create()
+        return store
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    # -- table definitions -------------------------------------------------------------
+    def _build_meta_tables(self) -> None:
+        md = self.metadata
+        self.state = sa.Table(
+            "sgcache_state",
+            md,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("value", sa.Text),
+            sa.Column("updated_at", sa.DateTime, nullable=False),
+        )
+        self.types = sa.Table(
+            "sgcache_types",
+            md,
+            sa.Column("entity_type", sa.String(TYPE_LEN), primary_key=True),
+            sa.Column("primed", sa.Boolean, nullable=False, default=False),
+            sa.Column("primed_at", sa.DateTime),
+            sa.Column("last_scan_at", sa.DateTime),
+            sa.Column("scan_watermark", sa.String(32)),  # SG's updated_at, not the local clock
+        )
+        self.fields = sa.Table(
+            "sgcache_fields",
+            md,
+            sa.Column("entity_type", sa.String(TYPE_LEN), primary_key=True),
+            sa.Column("field_name", sa.String(TYPE_LEN), primary_key=True),
+            sa.Column("data_type", sa.String(32), nullable=False),
+            sa.Column("spec", sa.Text, nullable=False),
+            sa.Column("primed", sa.Boolean, nullable=False, default=False),
+        )
+        self.entities = sa.Table(
+            "sgcache_entities",
+            md,
+            sa.Column("type", sa.String(TYPE_LEN), primary_key=True),
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("name", sa.Text),
+            sa.Column("name_known", sa.Boolean, nullable=False, default=False),
+            sa.Column("retired", sa.Boolean, nullable=False, default=False),
+        )
+        self.events = sa.Table(
+            "sgcache_events",
+            md,
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("event_type", sa.String(128), nullable=False),
+            sa.Column("created_at", sa.String(32)),
+            sa.Column("body", sa.Text, nullable=False),
+            sa.Column("received_at", sa.DateTime, nullable=False),
+        )
+        self.changes = sa.Table(
+            "sgcache_changes",
+            md,
+            sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+            sa.Column("at", sa.DateTime, nullable=False),
+            sa.Column("source", sa.String(16), nullable=False),  # event / scan / proxy / fetch
+            sa.Column("event_id", sa.BigInteger),
+            sa.Column("entity_type", sa.String(TYPE_LEN), nullable=False),
+            sa.Column("entity_id", sa.BigInteger, nullable=False),
+            sa.Column("field_name", sa.String(TYPE_LEN)),  # None: the row was created
+            sa.Column("old", sa.Text),
+            sa.Column("new", sa.Text),
+        )
+        sa.Index("ix_sgcache_changes_entity", self.changes.c.entity_type, self.changes.c.entity_id)
+        sa.Index("ix_sgcache_changes_event", self.changes.c.event_id)
+        self.gaps = sa.Table(
+            "sgcache_gaps",
+            md,
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("first_seen", sa.DateTime, nullable=False),
+        )
+        self.fetch_queue = sa.Table(
+            "sgcache_fetch",
+            md,
+            sa.Column("entity_type", sa.String(TYPE_LEN), primary_key=True),
+            sa.Column("entity_id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("reason", sa.String(64)),
+            sa.Column("queued_at", sa.DateTime, nullable=False),
+        )
+
+    def _build_entity_tables(self, entity_type: str, fields: Mapping[str, FieldSchema]) -> None:
+        name = entity_table_name(entity_type)
+        cols: list[sa.Column[Any]] = [
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("_retired", sa.Boolean, nullable=False, default=False),
+        ]
+        indexed: list[str] = []
+        identifier = self.schema.identifier(entity_type)
+        for fname, fschema in sorted(fields.items()):
+            if fname == "id" or not fieldtypes.is_cached_type(fschema.data_type):
+                continue
+            storage = fieldtypes.TYPES[fschema.data_type].storage
+            if storage == "multi":
+                self.multi[(entity_type, fname)] = sa.Table(
+                    multi_table_name(entity_type, fname),
+                    self.metadata,
+                    sa.Column("parent_id", sa.BigInteger, primary_key=True, autoincrement=False),
+                    sa.Column("child_type", sa.String(TYPE_LEN), primary_key=True),
+                    sa.Column("child_id", sa.BigInteger, primary_key=True, autoincrement=False),
+                    sa.Column("pos", sa.Integer, nullable=False),
+                    sa.Index(f"ix_{multi_table_name(entity_type, fname)}_child", "child_id", "child_type"),
+                )
+            elif storage == "entity":
+                cols.append(sa.Column(f"{fname}__type", sa.String(TYPE_LEN)))
+                cols.append(sa.Column(f"{fname}__id", sa.BigInteger))
+                indexed.append(f"{fname}__id")
+            else:
+                cols.append(sa.Column(fname, _column_type(storage)))
+                if fschema.data_type in ("status_list", "date", "date_time") or fname == identifier:
+                    indexed.append(fname)
+        table = sa.Table(name, self.metadata, *cols)
+        for col in indexed:
+            sa.Index(f"ix_{name}_{col}", table.c[col])
+        self.tables[entity_type] = table
+
+    # -- creation and schema diffs -----------------------------------------------------
+    def create(self) -> None:
+        """Create missing tables and columns; un-prime fields whose definition changed."""
+        self.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            self._sync_fields(conn)
+
+    def _sync_fields(self, conn: Connection) -> None:
+        stored = {
+            (r.entity_type, r.field_name): r for r in conn.execute(sa.select(self.fields)).all()
+        }
+        inspector = sa.inspect(conn)
+        for entity in self.schema.entities.values():
+            table = self.tables[entity.name]
+            existing_cols = {c["name"] for c in inspector.get_columns(table.name)}
+            for fname, fschema in entity.fields.items():
+                if not fieldtypes.is_cached_type(fschema.data_type):
+                    continue
+                spec = json.dumps(
+                    {"type": fschema.data_type, "links": list(fschema.links)}, sort_keys=True
+                )
+                old = stored.get((entity.name, fname))
+                if old is not None and old.spec == spec:
+                    continue
+                if old is not None:
+                    log.warning("field %s.%s changed (%s -> %s): rescan needed", entity.name, fname, old.spec, spec)
+                    self._drop_field_storage(conn, entity.name, fname, old.data_type)
+                    conn.execute(
+                        self.fields.delete().where(
+                            (self.fields.c.entity_type == entity.name) & (self.fields.c.field_name == fname)
+                        )
+                    )
+                    existing_cols = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+                self._add_field_storage(conn, table, fname, fschema, existing_cols)
+                conn.execute(
+                    self.fields.insert().values(
+                        entity_type=entity.name,
+                        field_name=fname,
+                        data_type=fschema.data_type,
+                        spec=spec,
+                        primed=(fname == "id"),
+                    )
+                )
+
+    def _add_field_storage(
+        self, conn: Connection, table: sa.Table, fname: str, fschema: FieldSchema, existing: set[str]
+    ) -> None:
+        storage = fieldtypes.TYPES[fschema.data_type].storage
+        if storage == "multi":
+            self.multi[(fschema.entity_type, fname)].create(conn, checkfirst=True)
+            return
+        names = [f"{fname}__type", f"{fname}__id"] if storage == "entity" else [fname]
+        for col_name in names:
+            if col_name in existing:
+                continue
+            col = table.c[col_name]
+            ddl_type = col.type.compile(dialect=conn.dialect)
+            quote = conn.dialect.identifier_preparer.quote
+            conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(col_name)} {ddl_type}")
+
+    def _drop_field_storage(self, conn: Connection, entity_type: str, fname: str, data_type: str) -> None:
+        quote = conn.dialect.identifier_preparer.quote
+        if fieldtypes.TYPES.get(data_type, fieldtypes.TYPES["text"]).storage == "multi":
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {quote(multi_table_name(entity_type, fname))}")
+            return
+        names = [f"{fname}__type", f"{fname}__id"] if data_type == "entity" else [fname]
+        existing = {c["name"] for c in sa.inspect(conn).get_columns(entity_table_name(entity_type))}
+        for col_name in names:
+            if col_name in existing:
+                for idx in sa.inspect(conn).get_indexes(entity_table_name(entity_type)):
+                    if col_name in idx["column_names"]:
+                        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {quote(idx['name'])}")
+                table = quote(entity_table_name(entity_type))
+                conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {quote(col_name)}")
+
+    def drop_all(self) -> None:
+        """Drop every table of this store (tests and re-priming)."""
+        self.metadata.drop_all(self.engine)
+
+    # -- state ---------------------------------------------------------------------------
+    def get_state(self, conn: Connection, key: str) -> Any:
+        row = conn.execute(sa.select(self.state.c.value).where(self.state.c.key == key)).first()
+        return None if row is None or row.value is None else json.loads(row.value)
+
+    def set_state(self, conn: Connection, key: str, value: Any) -> None:
+        self._upsert(
+            conn,
+            self.state,
+            {"key": key, "value": json.dumps(value), "updated_at": now_utc()},
+            ["key"],
+        )
+
+    def mark_primed(self, conn: Connection, entity_type: str, watermark: str | None = None) -> None:
+        """Record that a full scan of ``entity_type`` completed: reads of it may be answered."""
+        now = now_utc()
+        values = {
+            "entity_type": entity_type,
+            "primed": True,
+            "primed_at": now,
+            "last_scan_at": now,
+            "scan_watermark": watermark,
+        }
+        self._upsert(conn, self.types, values, ["entity_type"])
+        conn.execute(
+            self.fields.update().where(self.fields.c.entity_type == entity_type).values(primed=True)
+        )
+
+    def primed_fields(self, conn: Connection) -> dict[str, set[str]]:
+        """Cached types whose full scan completed, with their primed fields."""
+        primed_types = {
+            r.entity_type
+            for r in conn.execute(sa.select(self.types.c.entity_type).where(self.types.c.primed)).all()
+        }
+        out: dict[str, set[str]] = {t: set() for t in primed_types if t in self.schema}
+        rows = conn.execute(
+            sa.select(self.fields.c.entity_type, self.fields.c.field_name).where(self.fields.c.primed)
+        ).all()
+        for row in rows:
+            if row.entity_type in out:
+                out[row.entity_type].add(row.field_name)
+        return out
+
+    # -- writes ------------------------------------------------------------------------
+    def _upsert(
+        self, conn: Connection, table: sa.Table, values: Any, keys: Sequence[str], update: bool = True
+    ) -> None:
+        """Insert or update rows of ``table`` by primary key ``keys`` (insert-if-absent without ``update``)."""
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        rows = values if isinstance(values, list) else [values]
+        if not rows:
+            return
+        stmt = insert(table)
+        update_cols = {c: stmt.excluded[c] for c in rows[0] if c not in keys} if update else {}
+        if update_cols:
+            stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update_cols)
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+        conn.execute(stmt, rows)
+
+    def note_links(self, conn: Connection, links: Iterable[Mapping[str, Any]]) -> None:
+        """Remember linked entities and their names as SG sent them."""
+        named: dict[tuple[str, int], Any] = {}
+        unnamed: set[tuple[str, int]] = set()
+        for link in links:
+            key = (link["type"], int(link["id"]))
+            if "name" in link:
+                named[key] = link["name"]
+            else:
+                unnamed.add(key)
+        if named:
+            self._upsert(
+                conn,
+                self.entities,
+                [
+                    {"type": t, "id": i, "name": n, "name_known": True}
+                    for (t, i), n in sorted(named.items())
+                ],
+                ["type", "id"],
+            )
+        unnamed -= set(named)
+        if unnamed:
+            # insert-if-absent only: never forget a known name
+            self._upsert(
+                conn,
+                self.entities,
+                [{"type": t, "id": i, "name_known": False} for t, i in sorted(unnamed)],
+                ["type", "id"],
+                update=False,
+            )
+
+    def set_retired(
+        self, conn: Connection, entity_type: str, entity_id: int, retired: bool, source: str,
+        event_id: int | None = None,
+    ) -> bool:
+        """Flip the retired flag of one entity; True when something changed."""
+        changed = False
+        table = self.tables.get(entity_type)
+        if table is not None:
+            res = conn.execute(
+                table.update()
+                .where((table.c.id == entity_id) & (table.c._retired != retired))
+                .values(_retired=retired)
+            )
+            changed = res.rowcount > 0
+            if changed:
+                self._log(conn, source, event_id, entity_type, entity_id, "retired", not retired, retired)
+        res = conn.execute(
+            self.entities.update()
+            .where(
+                (self.entities.c.type == entity_type)
+                & (self.entities.c.id == entity_id)
+                & (self.entities.c.retired != retired)
+            )
+            .values(retired=retired)
+        )
+        if res.rowcount == 0 and table is None:
+            exists = conn.execute(
+                sa.select(self.entities.c.id).where(
+                    (self.entities.c.type == entity_type) & (self.entities.c.id == entity_id)
+                )
+            ).first()
+            if exists is None:
+                conn.execute(
+                    self.entities.insert().values(
+                        type=entity_type, id=entity_id, name_known=False, retired=retired
+                    )
+                )
+        return changed
+
+    def write_entities(
+        self,
+        conn: Connection,
+        entity_type: str,
+        records: Sequence[Mapping[str, Any]],
+        source: str,
+        *,
+        complete: bool = False,
+        retired: bool | None = None,
+        event_id: int | None = None,
+    ) -> WriteResult:
+        """Upsert SG entity dicts of one type.
+
+        ``complete`` says each record holds every cached field (a scan or a fetch); a
+        record for an unknown row that is not complete is not stored but returned in
+        ``to_fetch``. Only cached fields are written; values are checked against the
+        field's data type and a record with a bad value is sent to ``to_fetch`` too.
+        """
+        result = WriteResult(to_fetch=[])
+        table = self.tables.get(entity_type)
+        if table is None or not records:
+            return result
+        entity = self.schema.entities[entity_type]
+        ids = [int(r["id"]) for r in records]
+        existing = {
+            row.id: row._mapping
+            for chunk in _chunks(ids, 500)
+            for row in conn.execute(sa.select(table).where(table.c.id.in_(chunk))).all()
+        }
+        cached_fields = {
+            f: s for f, s in entity.fields.items() if f != "id" and fieldtypes.is_cached_type(s.data_type)
+        }
+        identifier = entity.name_field
+        links: list[Mapping[str, Any]] = []
+        names: list[dict[str, Any]] = []
+        inserts: list[dict[str, Any]] = []
+        multi_values: list[tuple[int, str, list[Mapping[str, Any]]]] = []
+        for record in records:
+            eid = int(record["id"])
+            old = existing.get(eid)
+            if old is None and not complete:
+                missing = [f for f in cached_fields if f not in record]
+                if missing:
+                    result.to_fetch.append((entity_type, eid))
+                    continue
+            try:
+                values, multis, rec_links = self._encode_record(entity_type, cached_fields, record)
+            except ValueError as exc:
+                log.warning("not storing %s %s: %s", entity_type, eid, exc)
+                result.to_fetch.append((entity_type, eid))
+                continue
+            links.extend(rec_links)
+            if retired is not None:
+                values["_retired"] = retired
+            if identifier in record:
+                names.append({"type": entity_type, "id": eid, "name": record[identifier], "name_known": True})
+            if old is None:
+                row = {c.name: None for c in table.columns}
+                row.update(values)
+                row["id"] = eid
+                row["_retired"] = bool(values.get("_retired", False))
+                inserts.append(row)
+                self._log(conn, source, event_id, entity_type, eid, None, None, None)
+                result.inserted += 1
+            else:
+                diff = {k: v for k, v in values.items() if old[k] != v}
+                if diff:
+                    conn.execute(table.update().where(table.c.id == eid).values(**diff))
+                    for col, new in diff.items():
+                        self._log(conn, source, event_id, entity_type, eid, col, old[col], new)
+                    result.changed += 1
+            multi_values.extend((eid, f, v) for f, v in multis.items())
+        if inserts:
+            conn.execute(table.insert(), inserts)
+        for eid, fname, value in multi_values:
+            if self._replace_multi(conn, entity_type, eid, fname, value):
+                self._log(conn, source, event_id, entity_type, eid, fname, None, _links_json(value))
+                if eid in existing:
+                    result.changed += 1
+        if links:
+            self.note_links(conn, links)
+        if names:
+            self._upsert(conn, self.entities, names, ["type", "id"])
+        retired_rows = [
+            {"type": entity_type, "id": int(r["id"]), "retired": retired}
+            for r in records
+            if retired is not None
+        ]
+        if retired_rows:
+            for row in retired_rows:
+                conn.execute(
+                    self.entities.update()
+                    .where((self.entities.c.type == row["type"]) & (self.entities.c.id == row["id"]))
+                    .values(retired=row["retired"])
+                )
+        if inserts:
+            # a new row of a type whose identifier is not cached still needs a registry row
+            self._upsert(
+                conn,
+                self.entities,
+                [{"type": entity_type, "id": r["id"], "retired": r["_retired"], "name_known": False}
+                 for r in inserts],
+                ["type", "id"],
+                update=False,
+            )
+        return result
+
+    def _encode_record(
+        self, entity_type: str, cached_fields: Mapping[str, FieldSchema], record: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, list[Mapping[str, Any]]], list[Mapping[str, Any]]]:
+        values: dict[str, Any] = {}
+        multis: dict[str, list[Mapping[str, Any]]] = {}
+        links: list[Mapping[str, Any]] = []
+        for fname, fschema in cached_fields.items():
+            if fname not in record:
+                continue
+            value = record[fname]
+            storage = fieldtypes.TYPES[fschema.data_type].storage
+            if storage == "entity":
+                if value is None:
+                    values[f"{fname}__type"] = None
+                    values[f"{fname}__id"] = None
+                else:
+                    _check_link(value)
+                    values[f"{fname}__type"] = value["type"]
+                    values[f"{fname}__id"] = int(value["id"])
+                    links.append(value)
+            elif storage == "multi":
+                if value is None:
+                    value = []
+                if not isinstance(value, list):
+                    raise ValueError(f"{fname}: multi_entity value must be a list")
+                for link in value:
+                    _check_link(link)
+                multis[fname] = value
+                links.extend(value)
+            else:
+                if fschema.data_type == "checkbox" and value is None:
+                    value = False
+                values[fname] = fieldtypes.encode_scalar(fschema.data_type, value)
+        return values, multis, links
+
+    def _replace_multi(
+        self, conn: Connection, entity_type: str, parent_id: int, fname: str, value: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        table = self.multi[(entity_type, fname)]
+        wanted: list[tuple[str, int]] = []
+        for link in value:
+            key = (link["type"], int(link["id"]))
+            if key not in wanted:
+                wanted.append(key)
+        current = [
+            (r.child_type, r.child_id)
+            for r in conn.execute(
+                sa.select(table.c.child_type, table.c.child_id)
+                .where(table.c.parent_id == parent_id)
+                .order_by(table.c.pos)
+            ).all()
+        ]
+        if current == wanted:
+            return False
+        conn.execute(table.delete().where(table.c.parent_id == parent_id))
+        if wanted:
+            conn.execute(
+                table.insert(),
+                [
+                    {"parent_id": parent_id, "child_type": t, "child_id": i, "pos": pos}
+                    for pos, (t, i) in enumerate(wanted)
+                ],
+            )
+        return True
+
+    def change_multi(
+        self,
+        conn: Connection,
+        entity_type: str,
+        parent_id: int,
+        fname: str,
+        added: Sequence[Mapping[str, Any]] = (),
+        removed: Sequence[Mapping[str, Any]] = (),
+        source: str = "event",
+        event_id: int | None = None,
+    ) -> bool:
+        """Apply an ``added``/``removed`` change to a multi_entity field; idempotent."""
+        table = self.multi[(entity_type, fname)]
+        changed = False
+        for link in removed:
+            _check_link(link)
+            res = conn.execute(
+                table.delete().where(
+                    (table.c.parent_id == parent_id)
+                    & (table.c.child_type == link["type"])
+                    & (table.c.child_id == int(link["id"]))
+                )
+            )
+            changed |= res.rowcount > 0
+        if added:
+            rows = conn.execute(
+                sa.select(table.c.child_type, table.c.child_id, table.c.pos).where(table.c.parent_id == parent_id)
+            ).all()
+            have = {(r.child_type, r.child_id) for r in rows}
+            pos = max((r.pos for r in rows), default=-1) + 1
+            for link in added:
+                _check_link(link)
+                key = (link["type"], int(link["id"]))
+                if key in have:
+                    continue
+                conn.execute(table.insert().values(parent_id=parent_id, child_type=key[0], child_id=key[1], pos=pos))
+                have.add(key)
+                pos += 1
+                changed = True
+            self.note_links(conn, added)
+        if changed:
+            self._log(
+                conn, source, event_id, entity_type, parent_id, fname,
+                _links_json(removed), _links_json(added),
+            )
+        return changed
+
+    def queue_fetch(self, conn: Connection, items: Iterable[tuple[str, int]], reason: str) -> None:
+        """Ask for these entities to be re-read from SG (reads of their type pass meanwhile)."""
+        rows = [
+            {"entity_type": t, "entity_id": int(i), "reason": reason, "queued_at": now_utc()}
+            for t, i in items
+            if t in self.schema
+        ]
+        if rows:
+            self._upsert(conn, self.fetch_queue, rows, ["entity_type", "entity_id"])
+
+    def _log(
+        self, conn: Connection, source: str, event_id: int | None, entity_type: str, entity_id: int,
+        field_name: str | None, old: Any, new: Any,
+    ) -> None:
+        conn.execute(
+            self.changes.insert().values(
+                at=now_utc(),
+                source=source,
+                event_id=event_id,
+                entity_type=entity_type,
+                entity_id=entity_id,
+                field_name=field_name,
+                old=None if old is None else json.dumps(old, default=str),
+                new=None if new is None else json.dumps(new, default=str),
+            )
+        )
+
+
+def _column_type(storage: str) -> sa.types.TypeEngine[Any]:
+    return {
+        "text": sa.Text(),
+        "int": sa.BigInteger(),
+        "float": sa.Float(precision=53),
+        "bool": sa.Boolean(),
+        "json": sa.Text(),
+    }[storage]
+
+
+def _check_link(value: Any) -> None:
+    if (
+        not isinstance(value, Mapping)
+        or not isinstance(value.get("type"), str)
+        or isinstance(value.get("id"), bool)
+        or not isinstance(value.get("id"), int)
+    ):
+        raise ValueError(f"not an entity link: {value!r}")
+
+
+def _links_json(links: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": link["type"], "id": link["id"]} for link in links]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
