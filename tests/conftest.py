@@ -1,0 +1,50 @@
+"""Shared fixtures: a fresh replica database per test, on SQLite or PostgreSQL.
+
+``SGCACHE_TEST_DB`` picks the backend: unset or ``sqlite`` for a temporary SQLite
+file, or a PostgreSQL URL (``postgresql://postgres@127.0.0.1:5432/test``). On
+PostgreSQL each test gets its own schema (dropped afterwards) through the URL's
+``search_path`` option, so subprocesses given the URL see the same tables.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+REPO = Path(__file__).resolve().parent.parent
+BASIC_SCHEMA = REPO / "schema" / "basic.yml"
+
+
+def _pg_base() -> str | None:
+    value = os.environ.get("SGCACHE_TEST_DB", "sqlite")
+    return None if value in ("", "sqlite") else value
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """A database URL no other test uses; cleaned up afterwards."""
+    base = _pg_base()
+    if base is None:
+        yield f"sqlite:///{tmp_path / 'replica.db'}"
+        return
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.dispose()
+
+
+@pytest.fixture
+def backend() -> str:
+    return "postgresql" if _pg_base() else "sqlite"
