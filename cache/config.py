@@ -1,0 +1,55 @@
+"""Settings shared by the scripts: the ``SGCACHE_*`` environment, overridable by flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+DEFAULT_DB = "sqlite:///sgcache.db"
+DEFAULT_SCHEMA = "schema/basic.yml"
+
+ENV = {
+    "db": "SGCACHE_DB",
+    "schema": "SGCACHE_SCHEMA",
+    "site": "SGCACHE_SITE",
+    "script_name": "SGCACHE_SCRIPT_NAME",
+    "script_key": "SGCACHE_SCRIPT_KEY",
+}
+
+
+def add_common_args(parser: argparse.ArgumentParser, site: bool = True, db: bool = True) -> None:
+    """Add ``--db``/``--schema`` and (with ``site``) ``--site``/``--script-name``/``--script-key``."""
+    if db:
+        parser.add_argument("--db", default=os.environ.get(ENV["db"], DEFAULT_DB),
+                            help=f"replica database URL (env {ENV['db']}; default {DEFAULT_DB})")
+        parser.add_argument("--schema", default=os.environ.get(ENV["schema"], DEFAULT_SCHEMA),
+                            help=f"cached-subset schema YAML (env {ENV['schema']})")
+    if site:
+        parser.add_argument("--site", default=os.environ.get(ENV["site"]),
+                            help=f"SG site URL, e.g. https://studio.shotgunstudio.com (env {ENV['site']})")
+        parser.add_argument("--script-name", default=os.environ.get(ENV["script_name"]),
+                            help=f"API script name (env {ENV['script_name']})")
+        parser.add_argument("--script-key", default=os.environ.get(ENV["script_key"]),
+                            help=f"API script key (env {ENV['script_key']})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def connect_site(args: Any) -> Any:
+    """A ``shotgun_api3.Shotgun`` for the site named by the args; exits with a clear message if unset."""
+    missing = [flag for flag, value in (("--site", args.site), ("--script-name", args.script_name),
+                                        ("--script-key", args.script_key)) if not value]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)} (or the SGCACHE_* environment)")
+    import shotgun_api3
+
+    return shotgun_api3.Shotgun(args.site, script_name=args.script_name, api_key=args.script_key,
+                                connect=False)
