@@ -1,0 +1,62 @@
+"""The API3 wire format: decoding request bodies and encoding SG's envelopes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Largest body the proxy will parse; bigger ones pass through untouched.
+MAX_BODY = 32 * 1024 * 1024
+#: SG's error code for a failed authentication (the client raises AuthenticationFault).
+AUTH_ERROR_CODE = 102
+
+
+@dataclass(frozen=True)
+class Api3Request:
+    """A decoded ``{"method_name": ..., "params": [auth, args]}`` body."""
+
+    method: str
+    auth: Mapping[str, Any] | None
+    args: Any
+
+
+def decode_request(body: bytes) -> Api3Request | None:
+    """Decode an API3 body, or None when it is not one (it then passes through unchanged)."""
+    if not body or len(body) > MAX_BODY:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("method_name"), str):
+        return None
+    params = data.get("params", [])
+    if not isinstance(params, list):
+        return None
+    auth = params[0] if params and isinstance(params[0], dict) else None
+    args = params[1] if len(params) > 1 else None
+    return Api3Request(data["method_name"], auth, args)
+
+
+def encode_results(results: Any) -> bytes:
+    """SG's success envelope."""
+    return json.dumps({"results": results}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_error(message: str, code: int = 1) -> bytes:
+    """SG's error envelope (sent with HTTP 200: the client checks the envelope, not the status)."""
+    return json.dumps({"exception": True, "error_code": code, "message": message}).encode("utf-8")
+
+
+def decode_response(body: bytes) -> Any:
+    """The JSON of an upstream answer, or None when it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def is_error(reply: Any) -> bool:
+    return isinstance(reply, dict) and bool(reply.get("exception"))

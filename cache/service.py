@@ -1,0 +1,189 @@
+"""The proxy's core: answer reads from the replica, learn from writes, know when to step aside.
+
+Everything here is blocking (SQL); the addon calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import Passthrough
+from .read import ReadContext, ReadEngine
+from .schema import Schema
+from .store import Store
+
+log = logging.getLogger("sgcache.service")
+
+#: How long the replica's state (primed types, heartbeat) is reused between reads.
+CONTEXT_TTL = 1.0
+#: Consecutive database failures that open the breaker, and how long it stays open.
+BREAKER_FAILURES = 3
+BREAKER_SECONDS = 5.0
+
+
+class CacheService:
+    """Reads and writes against one replica, with fail-open health tracking."""
+
+    def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = 60.0):
+        self.schema = Schema.load(schema_path)
+        self.store = Store.open(db_url, self.schema)
+        self.engine = ReadEngine(self.store)
+        self.max_lag = max_lag
+        self.hits = 0
+        self.passes: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._ctx: ReadContext | None = None
+        self._ctx_at = 0.0
+        self._lag: float | None = None
+        self._failures = 0
+        self._open_until = 0.0
+
+    def close(self) -> None:
+        self.store.dispose()
+
+    # -- health ----------------------------------------------------------------------
+    def _check_breaker(self) -> None:
+        if time.monotonic() < self._open_until:
+            raise Passthrough("db-backoff")
+
+    def _db_failed(self, exc: BaseException) -> Passthrough:
+        with self._lock:
+            self._failures += 1
+            if self._failures >= BREAKER_FAILURES:
+                self._open_until = time.monotonic() + BREAKER_SECONDS
+                log.warning("database failing (%s); not using it for %.0fs", exc, BREAKER_SECONDS)
+            self._ctx = None
+        log.warning("database error, passing through: %s", exc)
+        return Passthrough("db-error", type(exc).__name__)
+
+    def _db_ok(self) -> None:
+        if self._failures:
+            with self._lock:
+                self._failures = 0
+
+    def _context(self, conn: Any) -> ReadContext:
+        now = time.monotonic()
+        ctx = self._ctx
+        if ctx is not None and now - self._ctx_at < CONTEXT_TTL:
+            return ctx
+        primed = self.store.primed_fields(conn)
+        pending = {
+            row.entity_type
+            for row in conn.execute(
+                self.store.fetch_queue.select().with_only_columns(self.store.fetch_queue.c.entity_type).distinct()
+            )
+        }
+        beat = self.store.get_state(conn, "ingester_heartbeat")
+        self._lag = _age_seconds(beat)
+        ctx = ReadContext(primed=primed, pending_fetch=pending)
+        with self._lock:
+            self._ctx, self._ctx_at = ctx, now
+        return ctx
+
+    def invalidate(self) -> None:
+        """Forget the cached replica state (after a write by this process)."""
+        with self._lock:
+            self._ctx = None
+
+    # -- reads -----------------------------------------------------------------------
+    def read(self, args: Any, allow_stale: bool = False) -> dict[str, Any]:
+        """Answer a ``read`` from the replica, or raise Passthrough."""
+        self._check_breaker()
+        try:
+            with self.store.engine.connect() as conn:
+                ctx = self._context(conn)
+                if self.max_lag > 0 and not allow_stale and (self._lag is None or self._lag > self.max_lag):
+                    raise Passthrough("stale", "ingester heartbeat missing or old")
+                result = self.engine.read(conn, args, ctx)
+        except Passthrough:
+            self._db_ok()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any database trouble means: go upstream
+            raise self._db_failed(exc) from exc
+        self._db_ok()
+        return result
+
+    def count(self, reason: str | None) -> None:
+        """Count a hit (reason None) or a pass with its reason."""
+        with self._lock:
+            if reason is None:
+                self.hits += 1
+            else:
+                self.passes[reason] += 1
+
+    # -- writes seen passing by --------------------------------------------------------
+    def learn(self, method: str, args: Any, results: Any) -> None:
+        """Write the upstream answer of a create/update/delete/revive/batch into the replica."""
+        self._check_breaker()
+        try:
+            with self.store.engine.begin() as conn:
+                if method == "batch":
+                    if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
+                        for req, res in zip(args, results, strict=True):
+                            if isinstance(req, Mapping):
+                                self._learn_one(conn, req.get("request_type"), req, res)
+                else:
+                    self._learn_one(conn, method, args, results)
+        except Exception as exc:  # noqa: BLE001
+            self._db_failed(exc)
+            log.warning("could not record a %s answer; the ingester will bring it", method)
+            return
+        self._db_ok()
+        self.invalidate()
+
+    def _learn_one(self, conn: Any, method: Any, args: Any, result: Any) -> None:
+        if not isinstance(args, Mapping):
+            return
+        entity_type = args.get("type")
+        if entity_type not in self.schema:
+            return
+        if method in ("create", "update"):
+            if isinstance(result, list) and result:
+                result = result[0]
+            if not isinstance(result, Mapping) or not isinstance(result.get("id"), int):
+                return
+            record = {k: v for k, v in result.items() if k != "type"}
+            outcome = self.store.write_entities(conn, entity_type, [record], "proxy")
+            if outcome.to_fetch:
+                self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
+        elif method in ("delete", "revive") and result is True and isinstance(args.get("id"), int):
+            self.store.set_retired(conn, entity_type, args["id"], method == "delete", "proxy")
+
+    # -- info --------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """The ``sgcache`` key added to ``info`` answers."""
+        primed: list[str] = []
+        try:
+            if time.monotonic() >= self._open_until:
+                with self.store.engine.connect() as conn:
+                    primed = sorted(self._context(conn).primed)
+        except Exception as exc:  # noqa: BLE001
+            self._db_failed(exc)
+        with self._lock:
+            return {
+                "version": __version__,
+                "lag_seconds": None if self._lag is None else round(self._lag, 3),
+                "primed_types": primed,
+                "hits": self.hits,
+                "passes": dict(self.passes),
+            }
+
+
+def _age_seconds(stamp: Any) -> float | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (datetime.now(UTC) - when).total_seconds())
