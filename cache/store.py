@@ -59,8 +59,17 @@ class WriteResult:
             self.to_fetch = (self.to_fetch or []) + other.to_fetch
 
 
+def normalize_url(url: str) -> str:
+    """Use psycopg2 for plain ``postgresql://`` URLs (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine tuned for the replica: WAL and a busy timeout on SQLite, pre-ping on PostgreSQL."""
+    url = normalize_url(url)
     if url.startswith("sqlite"):
         connect_args = {"timeout": 30, "check_same_thread": False}
         if url in ("sqlite://", "sqlite:///:memory:"):

@@ -1,0 +1,123 @@
+"""A real ``mitmdump -s addons/sgcache.py`` subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ADDON = REPO / "addons" / "sgcache.py"
+_LISTEN_RE = re.compile(r"proxy listening at \*?([\d.]+|\[?[\w:]+\]?):(\d+)")
+
+
+def mitmdump_binary() -> str:
+    """The mitmdump next to the running interpreter (the test venv), else on PATH."""
+    candidate = Path(sys.executable).parent / "mitmdump"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("mitmdump")
+    if not found:
+        raise RuntimeError("mitmdump not found: install the project (pip install -e .[test])")
+    return found
+
+
+class Proxy:
+    """mitmdump with the sgcache addon on an ephemeral loopback port."""
+
+    def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = ()):
+        self.workdir = workdir
+        self.db_url = db_url
+        self.schema = str(schema)
+        self.options = list(options)
+        self.port: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "mitmdump.log"
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def confdir(self) -> Path:
+        return self.workdir / "mitmconf"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    @property
+    def address(self) -> str:
+        """The ``http_proxy`` value for shotgun_api3 (``host:port``, not a URL)."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Proxy:
+        self.confdir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            mitmdump_binary(),
+            "--listen-host", "127.0.0.1",
+            "--listen-port", str(self.port or 0),
+            "--set", f"confdir={self.confdir}",
+            "--set", "flow_detail=0",
+            "--set", "termlog_verbosity=debug",
+            "-s", str(ADDON),
+            "--set", f"sgcache_db={self.db_url}",
+            "--set", f"sgcache_schema={self.schema}",
+        ]
+        for opt in self.options:
+            cmd += ["--set", opt]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for line in self._lines:
+                    m = _LISTEN_RE.search(line)
+                    if m:
+                        self.port = int(m.group(2))
+                        return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mitmdump did not start:\n{self.output()}")
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self.log_path, "a", encoding="utf-8") as log_file:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace")
+                log_file.write(line)
+                log_file.flush()
+                with self._lock:
+                    self._lines.append(line)
+
+    def output(self) -> str:
+        with self._lock:
+            return "".join(self._lines)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> Proxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

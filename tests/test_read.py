@@ -1,0 +1,197 @@
+"""Unit tests of the read engine on a replica filled directly (no SG, no proxy)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cache.errors import Passthrough
+from cache.read import ReadContext, ReadEngine
+from cache.schema import Schema
+from cache.store import Store
+
+from .conftest import BASIC_SCHEMA
+
+SEQ = {"type": "Sequence", "id": 1, "name": "SQ01"}
+PROJECT = {"type": "Project", "id": 1, "name": "Demo"}
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    st = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    with st.engine.begin() as conn:
+        st.write_entities(conn, "Project", [_project(1, "Demo", False), _project(2, "Old", True)], "scan", complete=True)
+        st.write_entities(conn, "Sequence", [_full(st, "Sequence", {"id": 1, "code": "SQ01", "project": PROJECT})],
+                          "scan", complete=True)
+        st.write_entities(conn, "Asset", [_full(st, "Asset", {"id": i, "code": f"asset{i}"}) for i in (1, 2, 3)],
+                          "scan", complete=True)
+        shots = [
+            {"id": 1, "code": "sh010", "sg_cut_in": 1001, "sg_sequence": SEQ, "project": PROJECT,
+             "sg_status_list": "ip", "assets": [{"type": "Asset", "id": 1, "name": "asset1"}]},
+            {"id": 2, "code": "SH020", "sg_cut_in": 1010, "sg_sequence": None, "project": PROJECT,
+             "sg_status_list": "fin", "assets": [{"type": "Asset", "id": 2, "name": "asset2"},
+                                                  {"type": "Asset", "id": 3, "name": "asset3"}]},
+            {"id": 3, "code": None, "sg_cut_in": None, "sg_sequence": SEQ,
+             "project": {"type": "Project", "id": 2, "name": "Old"}, "sg_status_list": None, "assets": []},
+            {"id": 4, "code": "sh040_ü", "sg_cut_in": 990, "sg_sequence": SEQ, "project": PROJECT,
+             "sg_status_list": "ip", "assets": []},
+        ]
+        st.write_entities(conn, "Shot", [_full(st, "Shot", s) for s in shots], "scan", complete=True)
+        st.write_entities(conn, "Shot", [_full(st, "Shot", {"id": 5, "code": "gone"})], "scan", complete=True,
+                          retired=True)
+        for t in ("Project", "Sequence", "Asset", "Shot"):
+            st.mark_primed(conn, t)
+    yield st
+    st.dispose()
+
+
+def _project(pid: int, name: str, archived: bool) -> dict[str, Any]:
+    return {"id": pid, "name": name, "archived": archived}
+
+
+def _full(store: Store, entity_type: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A complete record: every cached field, None unless given."""
+    record = {f: None for f in store.schema.entities[entity_type].fields}
+    record.update(values)
+    return record
+
+
+def read(store: Store, **params: Any) -> dict[str, Any]:
+    params.setdefault("type", "Shot")
+    params.setdefault("return_fields", ["code"])
+    params.setdefault("filters", {"logical_operator": "and", "conditions": []})
+    params.setdefault("paging", {"entities_per_page": 500, "current_page": 1})
+    params.setdefault("return_only", "active")
+    with store.engine.connect() as conn:
+        ctx = ReadContext(store.primed_fields(conn))
+        return ReadEngine(store).read(conn, params, ctx)
+
+
+def ids(result: dict[str, Any]) -> list[int]:
+    return [e["id"] for e in result["entities"]]
+
+
+def cond(path: str, relation: str, *values: Any) -> dict[str, Any]:
+    return {"logical_operator": "and", "conditions": [{"path": path, "relation": relation, "values": list(values)}]}
+
+
+def test_default_order_is_id_and_retired_rows_are_hidden(store: Store) -> None:
+    assert ids(read(store)) == [1, 2, 3, 4]
+    assert ids(read(store, return_only="retired")) == [5]
+
+
+def test_text_is_case_insensitive_and_is_not_keeps_null(store: Store) -> None:
+    assert ids(read(store, filters=cond("code", "is", "SH010"))) == [1]
+    assert ids(read(store, filters=cond("code", "is_not", "sh010"))) == [2, 3, 4]
+    assert ids(read(store, filters=cond("code", "is", None))) == [3]
+    assert ids(read(store, filters=cond("code", "is_not", None))) == [1, 2, 4]
+    assert ids(read(store, filters=cond("code", "in", "sh020", "SH040_Ü"))) == [2, 4]
+    assert ids(read(store, filters=cond("code", "not_in", "sh020"))) == [1, 3, 4]
+    assert ids(read(store, filters=cond("code", "contains", "H0"))) == [1, 2, 4]
+    assert ids(read(store, filters=cond("code", "starts_with", "sh0"))) == [1, 2, 4]
+    assert ids(read(store, filters=cond("code", "ends_with", "_Ü"))) == [4]
+
+
+def test_like_wildcards_in_values_are_literal(store: Store) -> None:
+    assert ids(read(store, filters=cond("code", "contains", "%"))) == []
+    assert ids(read(store, filters=cond("code", "contains", "0_"))) == [4]
+
+
+def test_numbers(store: Store) -> None:
+    assert ids(read(store, filters=cond("sg_cut_in", "is", 1001))) == [1]
+    assert ids(read(store, filters=cond("sg_cut_in", "greater_than", 1000))) == [1, 2]
+    assert ids(read(store, filters=cond("sg_cut_in", "between", 995, 1005))) == [1]
+    assert ids(read(store, filters=cond("sg_cut_in", "in", 990, None))) == [3, 4]
+
+
+def test_entity_filters_and_names(store: Store) -> None:
+    result = read(store, return_fields=["sg_sequence", "sg_sequence.Sequence.code"],
+                  filters=cond("sg_sequence", "is", {"type": "Sequence", "id": 1}))
+    assert result["entities"][0] == {"type": "Shot", "id": 1, "sg_sequence": SEQ, "sg_sequence.Sequence.code": "SQ01"}
+    assert ids(result) == [1, 3, 4]
+    assert ids(read(store, filters=cond("sg_sequence", "is", None))) == [2]
+    assert ids(read(store, filters=cond("sg_sequence", "is_not", {"type": "Sequence", "id": 1}))) == [2]
+    assert ids(read(store, filters=cond("sg_sequence.Sequence.code", "is", "sq01"))) == [1, 3, 4]
+
+
+def test_multi_entity_values_and_filters(store: Store) -> None:
+    result = read(store, return_fields=["assets"], filters=cond("id", "is", 2))
+    assert result["entities"][0]["assets"] == [
+        {"type": "Asset", "id": 2, "name": "asset2"}, {"type": "Asset", "id": 3, "name": "asset3"}]
+    assert ids(read(store, filters=cond("assets", "is", {"type": "Asset", "id": 3}))) == [2]
+    assert ids(read(store, filters=cond("assets", "is", None))) == [3, 4]
+
+
+def test_retired_link_disappears(store: Store) -> None:
+    with store.engine.begin() as conn:
+        store.set_retired(conn, "Asset", 3, True, "test")
+    result = read(store, return_fields=["assets"], filters=cond("id", "is", 2))
+    assert result["entities"][0]["assets"] == [{"type": "Asset", "id": 2, "name": "asset2"}]
+
+
+def test_or_groups(store: Store) -> None:
+    filters = {"logical_operator": "or", "conditions": [
+        {"path": "code", "relation": "is", "values": ["sh010"]},
+        {"logical_operator": "and", "conditions": [
+            {"path": "sg_status_list", "relation": "is", "values": ["ip"]},
+            {"path": "sg_cut_in", "relation": "less_than", "values": [1000]}]}]}
+    assert ids(read(store, filters=filters)) == [1, 4]
+
+
+def test_sort_and_paging(store: Store) -> None:
+    sorts = [{"field_name": "sg_cut_in", "direction": "desc"}]
+    assert ids(read(store, sorts=sorts)) == [3, 2, 1, 4]  # NULLs first descending
+    assert ids(read(store, sorts=[{"field_name": "sg_cut_in", "direction": "asc"}])) == [4, 1, 2, 3]
+    page = read(store, paging={"entities_per_page": 3, "current_page": 1}, return_paging_info=True)
+    assert ids(page) == [1, 2, 3] and page["paging_info"] == {"entity_count": 4}
+    page = read(store, paging={"entities_per_page": 3, "current_page": 2}, return_paging_info_without_counts=True)
+    assert ids(page) == [4] and page["paging_info"] == {"has_next_page": False}
+    page = read(store, paging={"entities_per_page": 2, "current_page": 1}, return_paging_info_without_counts=True)
+    assert page["paging_info"] == {"has_next_page": True}
+
+
+def test_archived_projects(store: Store) -> None:
+    assert ids(read(store, include_archived_projects=False)) == [1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"type": "Ticket"}, "uncached-type"),
+        ({"type": "Step"}, "not-primed"),
+        ({"return_fields": ["sg_nope"]}, "uncached-field"),
+        ({"return_fields": ["image"]}, "uncached-field"),
+        ({"filters": cond("code", "in_last", 1, "DAY")}, "operator"),
+        ({"filters": cond("sg_cut_in", "is", "x")}, "filter-value"),
+        ({"paging": {"entities_per_page": 100000, "current_page": 1}}, "paging"),
+        ({"paging": {"entities_per_page": 10, "current_page": -1}}, "paging"),
+        ({"additional_filter_presets": [{"preset_name": "LATEST"}]}, "option"),
+        ({"return_fields": ["code; DROP TABLE sg_shot"]}, "uncached-field"),
+        ({"sorts": [{"field_name": "assets", "direction": "asc"}]}, "sort-type"),
+    ],
+)
+def test_passes_with_a_reason(store: Store, params: dict[str, Any], reason: str) -> None:
+    with pytest.raises(Passthrough) as info:
+        read(store, **params)
+    assert info.value.reason == reason
+
+
+def test_deeply_nested_filters_pass(store: Store) -> None:
+    group: dict[str, Any] = {"path": "id", "relation": "is", "values": [1]}
+    for _ in range(100):
+        group = {"logical_operator": "and", "conditions": [group]}
+    with pytest.raises(Passthrough) as info:
+        read(store, filters=group)
+    assert info.value.reason == "filter-depth"
+
+
+def test_rewriting_the_same_rows_changes_nothing(store: Store) -> None:
+    with store.engine.begin() as conn:
+        before = conn.execute(store.changes.select()).all()
+        result = store.write_entities(conn, "Shot", [_full(store, "Shot", {
+            "id": 4, "code": "sh040_ü", "sg_cut_in": 990, "sg_sequence": SEQ, "project": PROJECT,
+            "sg_status_list": "ip", "assets": []})], "scan", complete=True)
+        after = conn.execute(store.changes.select()).all()
+    assert result.changed == 0 and len(before) == len(after)
