@@ -578,8 +578,8 @@ class _Planner:
             else:
                 exprs = [alias.c[fschema.name]]
             for expr in exprs:
-                # SG runs on PostgreSQL: NULLs last ascending, first descending.
-                order.append(expr.asc().nulls_last() if direction == "asc" else expr.desc().nulls_first())
+                # NULL is the smallest value: first ascending, last descending (see docs/semantics.md).
+                order.append(expr.asc().nulls_first() if direction == "asc" else expr.desc().nulls_last())
         order.append(self.base.c.id.asc())
         return order
 

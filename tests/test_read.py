@@ -142,8 +142,8 @@ def test_or_groups(store: Store) -> None:
 
 def test_sort_and_paging(store: Store) -> None:
     sorts = [{"field_name": "sg_cut_in", "direction": "desc"}]
-    assert ids(read(store, sorts=sorts)) == [3, 2, 1, 4]  # NULLs first descending
-    assert ids(read(store, sorts=[{"field_name": "sg_cut_in", "direction": "asc"}])) == [4, 1, 2, 3]
+    assert ids(read(store, sorts=sorts)) == [2, 1, 4, 3]  # NULL is smallest: last descending
+    assert ids(read(store, sorts=[{"field_name": "sg_cut_in", "direction": "asc"}])) == [3, 4, 1, 2]
     page = read(store, paging={"entities_per_page": 3, "current_page": 1}, return_paging_info=True)
     assert ids(page) == [1, 2, 3] and page["paging_info"] == {"entity_count": 4}
     page = read(store, paging={"entities_per_page": 3, "current_page": 2}, return_paging_info_without_counts=True)
