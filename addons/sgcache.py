@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fnmatch
 import json
 import logging
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,9 @@ WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
 #: A read the database has not answered by then goes upstream.
 READ_TIMEOUT = 5.0
+#: After SG failed to answer, requests are served offline for this long before SG is tried again.
+OUTAGE_SECONDS = 10.0
+DEFAULT_HOSTS = ["*.shotgunstudio.com", "*.shotgrid.autodesk.com"]
 
 
 class SGCache:
@@ -45,6 +51,9 @@ class SGCache:
         self.service: CacheService | None = None
         self.credentials = CredentialCache()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="sgcache")
+        self.hosts: list[str] = list(DEFAULT_HOSTS)
+        self.down_until: dict[str, float] = {}
+        self.last_info: dict[str, dict[str, Any]] = {}
 
     def load(self, loader: Any) -> None:
         loader.add_option("sgcache_db", str, "sqlite:///sgcache.db", "Replica database URL (SQLAlchemy).")
@@ -58,8 +67,22 @@ class SGCache:
             "sgcache_allow_users", bool, False,
             "Also serve human-user sessions and sudo_as_login (SG filters those by permission rules).",
         )
+        loader.add_option(
+            "sgcache_hosts", Sequence[str], [],
+            "SG hosts to intercept (globs, repeatable), besides *.shotgunstudio.com and "
+            "*.shotgrid.autodesk.com; TLS to any other host is not decrypted.",
+        )
+        loader.add_option(
+            "sgcache_offline", bool, True,
+            "When SG cannot be reached, answer cacheable reads from the replica (marked stale) "
+            "and give writes an error naming the outage.",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if "sgcache_hosts" in updated:
+            self.hosts = list(DEFAULT_HOSTS) + [h.lower() for h in ctx.options.sgcache_hosts]
+            # Only SG hosts are decrypted; other CONNECT tunnels pass through untouched.
+            ctx.options.update(allow_hosts=[_host_regex(h) for h in self.hosts])
         if "sgcache_auth_ttl" in updated or "sgcache_allow_users" in updated:
             self.credentials = CredentialCache(
                 ttl=ctx.options.sgcache_auth_ttl, allow_users=ctx.options.sgcache_allow_users
@@ -76,6 +99,12 @@ class SGCache:
                 raise exceptions.OptionsError(f"sgcache: cannot open the replica: {exc}") from exc
             log.info("sgcache: replica %s, schema %s", _safe_url(ctx.options.sgcache_db), ctx.options.sgcache_schema)
 
+    def running(self) -> None:
+        # Answering locally must not need an upstream connection (eager would also fail the
+        # CONNECT when SG is down, before the addon sees the request).
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
+
     def done(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.service is not None:
@@ -83,7 +112,7 @@ class SGCache:
 
     # -- hooks ---------------------------------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not _is_api3(flow):
+        if not self._is_sg_api3(flow):
             return
         req = api3.decode_request(flow.request.get_content(strict=False) or b"")
         if req is None:
@@ -92,25 +121,77 @@ class SGCache:
         flow.metadata["sgcache_method"] = req.method
         flow.metadata["sgcache_auth"] = req.auth
         flow.metadata["sgcache_args"] = req.args
+        if self._sg_down(flow):
+            await self._answer_offline(flow, req)
+            return
         if req.method != "read":
             self._mark_pass(flow, "method")
             return
-        reason = self.credentials.kind_reason(req.auth)
-        if reason is None and not self.credentials.accepted(req.auth or {}):
-            reason = "auth-unverified"
+        reason = self._auth_reason(req.auth)
         if reason is None:
             reason = await self._answer(flow, req.args)
         if reason is not None:
             self._mark_pass(flow, reason)
 
-    async def _answer(self, flow: http.HTTPFlow, args: Any) -> str | None:
+    def _auth_reason(self, auth: Any) -> str | None:
+        reason = self.credentials.kind_reason(auth)
+        if reason is None and not self.credentials.accepted(auth or {}):
+            reason = "auth-unverified"
+        return reason
+
+    # -- SG unreachable ------------------------------------------------------------------
+    def _sg_down(self, flow: http.HTTPFlow) -> bool:
+        until = self.down_until.get(flow.request.host)
+        if until is None:
+            return False
+        if time.monotonic() < until and ctx.options.sgcache_offline:
+            return True
+        del self.down_until[flow.request.host]  # time to try SG again
+        return False
+
+    def _note_outage(self, flow: http.HTTPFlow, why: str) -> None:
+        if flow.request.host not in self.down_until:
+            log.warning("SG at %s unreachable (%s): serving offline for %.0fs", flow.request.host, why, OUTAGE_SECONDS)
+        self.down_until[flow.request.host] = time.monotonic() + OUTAGE_SECONDS
+
+    async def _answer_offline(self, flow: http.HTTPFlow, req: api3.Api3Request) -> None:
+        """SG is down: serve what the replica can (marked stale), refuse writes in SG's envelope."""
+        if req.method == "read":
+            auth = req.auth or {}
+            # Offline, only credentials SG accepted before are served (the TTL still applies).
+            if self.credentials.kind_reason(auth) is None and self.credentials.accepted(auth):
+                if await self._answer(flow, req.args, offline=True) is None:
+                    return
+        elif req.method == "info" and flow.request.host in self.last_info and self.service is not None:
+            info = dict(self.last_info[flow.request.host])
+            info["sgcache"] = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.info)
+            info["sgcache"]["offline"] = True
+            flow.response = http.Response.make(
+                200, json.dumps(info).encode(), {"Content-Type": "application/json; charset=utf-8",
+                                                  HEADER: "hit; stale"})
+            flow.metadata["sgcache_hit"] = True
+            return
+        message = f"sgcache: the SG site {flow.request.host} cannot be reached; {req.method} was not sent"
+        flow.metadata["sgcache_hit"] = True
+        flow.response = http.Response.make(
+            200, api3.encode_error(message), {"Content-Type": "application/json; charset=utf-8",
+                                              HEADER: "pass; reason=sg-unreachable"})
+        if self.service is not None:
+            self.service.count("sg-unreachable")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """An upstream failure (refused, DNS, timeout): go offline for a while."""
+        if "sgcache_method" in flow.metadata and flow.response is None and flow.error is not None:
+            self._note_outage(flow, flow.error.msg)
+
+    async def _answer(self, flow: http.HTTPFlow, args: Any, offline: bool = False) -> str | None:
         service = self.service
         if service is None:
             return "no-replica"
         loop = asyncio.get_running_loop()
         try:
             results = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, service.read, args), READ_TIMEOUT
+                loop.run_in_executor(self.executor, service.read, args, offline), READ_TIMEOUT
             )
             body = await loop.run_in_executor(self.executor, api3.encode_results, results)
         except Passthrough as exc:
@@ -126,7 +207,7 @@ class SGCache:
         service.count(None)
         flow.metadata["sgcache_hit"] = True
         flow.response = http.Response.make(
-            200, body, {"Content-Type": "application/json; charset=utf-8", HEADER: "hit"}
+            200, body, {"Content-Type": "application/json; charset=utf-8", HEADER: "hit; stale" if offline else "hit"}
         )
         return None
 
@@ -140,7 +221,16 @@ class SGCache:
             return
         flow.response.headers[HEADER] = f"pass; reason={flow.metadata['sgcache_pass']}"
         method = flow.metadata.get("sgcache_method")
-        if method is None or flow.response.status_code != 200:
+        if method is None:
+            return
+        if flow.response.status_code >= 500:
+            self._note_outage(flow, f"HTTP {flow.response.status_code}")
+            if method == "read" and ctx.options.sgcache_offline and not self._auth_reason(
+                flow.metadata.get("sgcache_auth")
+            ):
+                await self._answer(flow, flow.metadata.get("sgcache_args"), offline=True)
+            return
+        if flow.response.status_code != 200:
             return
         reply = await asyncio.get_running_loop().run_in_executor(
             self.executor, api3.decode_response, flow.response.get_content(strict=False) or b""
@@ -161,12 +251,21 @@ class SGCache:
         assert self.service is not None
         extra = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.info)
         target = reply["results"] if isinstance(reply.get("results"), dict) else reply
+        self.last_info[flow.request.host] = {k: v for k, v in target.items() if k != "sgcache"}
         target["sgcache"] = extra
         flow.response.set_content(json.dumps(reply).encode("utf-8"))
 
 
-def _is_api3(flow: http.HTTPFlow) -> bool:
-    return flow.request.method == "POST" and flow.request.path.split("?", 1)[0].endswith("/api3/json")
+    def _is_sg_api3(self, flow: http.HTTPFlow) -> bool:
+        if flow.request.method != "POST" or not flow.request.path.split("?", 1)[0].endswith("/api3/json"):
+            return False
+        host = flow.request.host.lower()
+        return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+
+
+def _host_regex(glob: str) -> str:
+    """An allow_hosts regex (matched against ``host:port``) for a host glob."""
+    return "^" + fnmatch.translate(glob.lower()).removeprefix("(?s:").removesuffix(")\\Z") + "(:\\d+)?$"
 
 
 def _safe_url(url: str) -> str:
