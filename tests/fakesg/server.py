@@ -1,0 +1,180 @@
+"""HTTP front end of the fake SG site: ``POST /api3/json`` plus an echo for every other request.
+
+Malformed JSON bodies on /api3/json get HTTP 200 with an SG error envelope (error_code 103): the client only
+reads envelopes from 200 replies, so this surfaces as ``shotgun_api3.Fault`` with a readable message rather
+than a bare ProtocolError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .site import ERR_BAD_REQUEST, FakeSite
+
+log = logging.getLogger(__name__)
+
+API_PATH = "/api3/json"
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request handler; ``server.site`` is the FakeSite."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, like SG behind its load balancer
+    disable_nagle_algorithm = True  # else every reply stalls ~40 ms on delayed ACK
+    wbufsize = -1  # buffered writes: headers and body leave in one segment (flushed by the base class)
+    server_version = "FakeSG/1.0"
+
+    @property
+    def site(self) -> FakeSite:
+        return self.server.site  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, status: int, payload: Any, content_type: str = JSON_CONTENT_TYPE) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        body = self._body()
+        path = self.path
+        self.site.record_raw(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body)
+        if self.command == "POST" and path.split("?", 1)[0] == API_PATH:
+            try:
+                request = json.loads(body.decode("utf-8"))
+                if not isinstance(request, dict) or not isinstance(request.get("method_name"), str):
+                    raise ValueError("expected an object with method_name")
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._send(200, {"exception": True, "error_code": ERR_BAD_REQUEST,
+                                 "message": f"Invalid request body: {exc}"})
+                return
+            self._send(200, self.site.call(request["method_name"], request.get("params")))
+            return
+        self._send(200, {"fake_sg_echo": {"method": self.command, "path": path,
+                                          "body_sha256": hashlib.sha256(body).hexdigest()}})
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], site: FakeSite, ssl_context: ssl.SSLContext | None) -> None:
+        self.site = site
+        self.ssl_context = ssl_context
+        self.connections: set[socket.socket] = set()
+        self._conn_lock = threading.Lock()
+        super().__init__(addr, _Handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake runs on the handler thread (first read), not in the accept loop.
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        with self._conn_lock:
+            self.connections.add(sock)
+        return sock, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conn_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Cut every open (keep-alive) connection, as a site going down would."""
+        with self._conn_lock:
+            conns = list(self.connections)
+            self.connections.clear()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class FakeSGServer:
+    """Serve a :class:`FakeSite` over HTTP(S) on a background thread.
+
+    ``port=0`` picks a free port at the first :meth:`start`; later restarts reuse it, so a test can take
+    the site down (:meth:`stop_listening`) and bring it back (:meth:`start`) at the same URL.
+    """
+
+    def __init__(self, site: FakeSite, host: str = "127.0.0.1", port: int = 0,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        self.site = site
+        self.host = host
+        self.port = port
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def url(self) -> str:
+        """Base URL for ``shotgun_api3.Shotgun(url, ...)``."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def listening(self) -> bool:
+        return self._httpd is not None
+
+    def start(self) -> FakeSGServer:
+        """Bind and serve (no-op if already serving)."""
+        if self._httpd is not None:
+            return self
+        ctx = None
+        if self.tls_cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        self._httpd = _Server((self.host, self.port), self.site, ctx)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"fakesg-{self.port}",
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        log.info("fake SG serving on %s", self.url)
+        return self
+
+    def stop_listening(self) -> None:
+        """Close the listening socket and cut open connections (SG goes down); :meth:`start` brings it
+        back on the same port."""
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._httpd.drop_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._httpd = None
+        self._thread = None
+        log.info("fake SG on port %s stopped", self.port)
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.stop_listening()
+
+    def __enter__(self) -> FakeSGServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
