@@ -128,19 +128,14 @@ class ReadEngine:
 
     def execute(self, conn: Connection, plan: _Plan) -> dict[str, Any]:
         rows = conn.execute(plan.select).all()
-        has_next = None
-        if plan.probe_next:
-            has_next = len(rows) > plan.limit
-            rows = rows[: plan.limit]
-        entities = [plan.decode(row) for row in rows]
+        # One row past the page tells whether there is a next page.
+        has_next = len(rows) > plan.limit
+        entities = [plan.decode(row) for row in rows[: plan.limit]]
         if plan.multi_fields and entities:
             self._fill_multi(conn, plan, entities)
-        paging_info: dict[str, Any]
+        paging_info: dict[str, Any] = {"has_next_page": has_next}
         if plan.want_count:
-            count = conn.execute(plan.count_select).scalar_one()
-            paging_info = {"entity_count": int(count)}
-        else:
-            paging_info = {"has_next_page": bool(has_next)}
+            paging_info["entity_count"] = int(conn.execute(plan.count_select).scalar_one())
         return {"entities": entities, "paging_info": paging_info}
 
     def _fill_multi(self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]]) -> None:
@@ -178,7 +173,6 @@ class _Plan:
     columns: list[tuple[str, str, Any]]  # (result key, kind, info)
     multi_fields: list[tuple[str, str]]
     limit: int
-    probe_next: bool
     want_count: bool
 
     def decode(self, row: Any) -> dict[str, Any]:
@@ -296,14 +290,14 @@ class _Planner:
         elif archived is not True:
             raise Passthrough("bad-params", "include_archived_projects")
         order_by = self._sorts(params.get("sorts"))
-        limit, offset, probe_next, want_count = self._paging(params)
+        limit, offset, want_count = self._paging(params)
 
         condition = sa.and_(*where)
         select = sa.select(*columns).select_from(self.scope.from_).where(condition).order_by(*order_by)
-        select = select.limit(limit + 1 if probe_next else limit).offset(offset)
+        select = select.limit(limit + 1).offset(offset)
         count_select = sa.select(sa.func.count()).select_from(self.scope.from_).where(condition)
         return _Plan(
-            self.entity_type, select, count_select, decoded, multi_fields, limit, probe_next, want_count
+            self.entity_type, select, count_select, decoded, multi_fields, limit, want_count
         )
 
     def _return_only(self, value: Any) -> Any:
@@ -583,7 +577,7 @@ class _Planner:
         order.append(self.base.c.id.asc())
         return order
 
-    def _paging(self, params: Mapping[str, Any]) -> tuple[int, int, bool, bool]:
+    def _paging(self, params: Mapping[str, Any]) -> tuple[int, int, bool]:
         paging = params.get("paging", {"entities_per_page": MAX_PAGE_SIZE, "current_page": 1})
         if not isinstance(paging, Mapping):
             raise Passthrough("bad-params", "paging")
@@ -599,7 +593,7 @@ class _Planner:
         for flag in (params.get("return_paging_info"), without):
             if flag not in (None, True, False):
                 raise Passthrough("bad-params", "paging flag")
-        return per_page, (page - 1) * per_page, not want_count, want_count
+        return per_page, (page - 1) * per_page, want_count
 
 
 def _escape_like(text: str) -> str:

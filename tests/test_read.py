@@ -145,7 +145,7 @@ def test_sort_and_paging(store: Store) -> None:
     assert ids(read(store, sorts=sorts)) == [2, 1, 4, 3]  # NULL is smallest: last descending
     assert ids(read(store, sorts=[{"field_name": "sg_cut_in", "direction": "asc"}])) == [3, 4, 1, 2]
     page = read(store, paging={"entities_per_page": 3, "current_page": 1}, return_paging_info=True)
-    assert ids(page) == [1, 2, 3] and page["paging_info"] == {"entity_count": 4}
+    assert ids(page) == [1, 2, 3] and page["paging_info"] == {"entity_count": 4, "has_next_page": True}
     page = read(store, paging={"entities_per_page": 3, "current_page": 2}, return_paging_info_without_counts=True)
     assert ids(page) == [4] and page["paging_info"] == {"has_next_page": False}
     page = read(store, paging={"entities_per_page": 2, "current_page": 1}, return_paging_info_without_counts=True)
