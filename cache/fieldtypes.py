@@ -5,6 +5,7 @@ This is the one place that says which data types the replica holds.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,13 @@ def encode_scalar(data_type: str, value: Any) -> Any:
     if value is None:
         return None
     storage = TYPES[data_type].storage
+    if data_type == "date_time" and isinstance(value, datetime.datetime):
+        # shotgun_api3 hands back datetimes (aware local, or naive UTC); store SG's wire form
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if data_type == "date" and isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value.isoformat()
     if storage == "text":
         if not isinstance(value, str):
             raise ValueError(f"{data_type} value must be a string, got {type(value).__name__}")
