@@ -14,6 +14,7 @@ import concurrent.futures
 import fnmatch
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -111,6 +112,16 @@ class SGCache:
             self.service.close()
 
     # -- hooks ---------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Acknowledge the client's header segment at once.
+
+        shotgun_api3 sends headers and body in separate segments with Nagle's algorithm
+        on; if the proxy delays its ACK (Linux: up to 40 ms) every call pays that wait.
+        """
+        if self._is_sg_api3(flow):
+            quick_ack(flow.client_conn.id)
+            flow.request.stream = False  # the body must be read to be answered locally
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if not self._is_sg_api3(flow):
             return
@@ -261,6 +272,19 @@ class SGCache:
             return False
         host = flow.request.host.lower()
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+
+
+def quick_ack(client_id: str) -> None:
+    """Set TCP_QUICKACK on a client connection's socket (Linux); a pending ACK goes out now."""
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if option is None:
+        return
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+        sock = handler.transports[handler.client].writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+    except Exception:  # noqa: BLE001 - mitmproxy internals moved: only latency is lost
+        log.debug("TCP_QUICKACK not set", exc_info=True)
 
 
 def _host_regex(glob: str) -> str:
