@@ -234,6 +234,9 @@ class Store:
         table = sa.Table(name, self.metadata, *cols)
         for col in indexed:
             sa.Index(f"ix_{name}_{col}", table.c[col])
+        if identifier in table.c and isinstance(table.c[identifier].type, sa.Text):
+            # text sorts and matches are case-insensitive: lower(identifier) is what they use
+            sa.Index(f"ix_{name}_{identifier}_lower", sa.func.lower(table.c[identifier]))
         self.tables[entity_type] = table
 
     # -- creation and schema diffs -----------------------------------------------------

@@ -64,12 +64,14 @@ class Proxy:
             "--listen-port", str(self.port or 0),
             "--set", f"confdir={self.confdir}",
             "--set", "flow_detail=0",
-            "--set", "termlog_verbosity=debug",
             "-s", str(ADDON),
             "--set", f"sgcache_db={self.db_url}",
             "--set", f"sgcache_schema={self.schema}",
         ]
-        for opt in self.options:
+        options = list(self.options)
+        if not any(o.startswith("termlog_verbosity=") for o in options):
+            options.append("termlog_verbosity=debug")
+        for opt in options:
             cmd += ["--set", opt]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
