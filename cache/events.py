@@ -1,0 +1,802 @@
+"""The event ingester: polls SG's EventLogEntry and applies each event to the replica.
+
+One poll is one transaction: the new events are applied, stored raw in
+``sgcache_events``, the gaps (ids not yet visible) updated, and the cursor and the
+heartbeat advanced, all together; a process killed at any point leaves either the
+whole poll or none of it. Entities whose values cannot be taken from an event (New,
+Revival, rows never seen, values in doubt, events that filled a gap late) are put in
+the ``sgcache_fetch`` queue in that same transaction and re-read from SG right after
+it commits, grouped per type (``id in [...]``, then ``retired_only`` for the rest).
+
+State keys (``sgcache_state``):
+
+- ``event_cursor``: every event id at or below it is applied or given up;
+- ``event_high``: the highest event id applied; ids between the cursor and it that
+  were never seen are open gaps (``sgcache_gaps``), looked for on every poll and given
+  up after ``gap_timeout`` seconds;
+- ``ingester_heartbeat``: ISO UTC time of the last successful poll;
+- ``schema_pending``: field names named by schema (DisplayColumn) events, to re-check;
+- ``ingester_leader``: who leads (informational).
+
+Leadership: on PostgreSQL a session advisory lock on a connection held for the
+process lifetime, which is also the connection every write goes through (so a leader
+that lost its session cannot write); on SQLite an OS file lock next to the database
+file, released by the kernel however the process dies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import fieldtypes
+from .schema import Schema
+from .store import Store, now_utc
+
+log = logging.getLogger("sgcache.events")
+
+EVENT_FIELDS = ["id", "event_type", "attribute_name", "meta", "entity", "project", "user",
+                "created_at", "session_uuid"]
+#: Fields of the event's entity read with the event (``entity.<Type>.<field>``): SG
+#: changes them without events of their own.
+DEEP_FIELDS = ("updated_at", "updated_by")
+ACTIONS = ("New", "Change", "Retirement", "Revival")
+SCHEMA_TYPE = "DisplayColumn"
+RETIREMENT_FIELD = "retirement_date"
+WIRE_DT = "%Y-%m-%dT%H:%M:%SZ"
+FETCH_CHUNK = 500
+
+K_CURSOR = "event_cursor"
+K_HIGH = "event_high"
+K_HEARTBEAT = "ingester_heartbeat"
+K_SCHEMA = "schema_pending"
+K_LEADER = "ingester_leader"
+
+
+class SGClient(Protocol):
+    """The part of ``shotgun_api3.Shotgun`` the ingester uses."""
+
+    def find(self, entity_type: str, filters: Any, fields: list[str] | None = None,
+             order: list[dict[str, str]] | None = None, filter_operator: str | None = None,
+             limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]: ...
+
+    def schema_read(self) -> dict[str, Any]: ...
+
+
+class LockHeld(RuntimeError):
+    """Another ingester leads and this one may not wait (SQLite)."""
+
+
+@dataclass
+class IngestConfig:
+    """Tunables of the ingester (the script's flags)."""
+
+    batch: int = 500
+    poll_interval: float = 1.0
+    idle_max: float | None = None  # default: 5 x poll_interval, at most 5 s (never below poll_interval)
+    gap_timeout: float = 300.0
+    max_gap_span: int = 10_000
+    lock_retry: float = 1.0
+    retry_max: float = 60.0
+
+    def idle_ceiling(self) -> float:
+        if self.idle_max is not None:
+            return max(self.idle_max, self.poll_interval)
+        return max(self.poll_interval, min(5.0, self.poll_interval * 5))
+
+
+@dataclass
+class PollResult:
+    """What one poll did."""
+
+    received: int = 0
+    applied: int = 0
+    full: bool = False
+    gaps_opened: int = 0
+    gaps_filled: int = 0
+    gaps_expired: list[int] = field(default_factory=list)
+
+
+# -- helpers -------------------------------------------------------------------------
+def to_wire(value: Any) -> Any:
+    """Datetimes/dates that shotgun_api3 decoded, back into SG's wire strings."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.strftime(WIRE_DT)
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_wire(v) for v in value]
+    return value
+
+
+def split_event_type(event_type: Any) -> tuple[str, str] | None:
+    """``Shotgun_<Type>_<Action>`` -> (Type, Action); None for other applications."""
+    if not isinstance(event_type, str) or not event_type.startswith("Shotgun_"):
+        return None
+    entity_type, _, action = event_type[len("Shotgun_"):].rpartition("_")
+    if not entity_type:
+        return None
+    return entity_type, action
+
+
+def _is_link(value: Any) -> bool:
+    return (isinstance(value, Mapping) and isinstance(value.get("type"), str)
+            and isinstance(value.get("id"), int) and not isinstance(value.get("id"), bool))
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# -- leadership ----------------------------------------------------------------------
+class LeaderLock:
+    """Exactly one ingester per replica may write; this is its token."""
+
+    def acquire(self, conn: Connection) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass
+
+
+class PgAdvisoryLock(LeaderLock):
+    """``pg_try_advisory_lock`` on the ingester's own connection, keyed by database and schema."""
+
+    SQL = ("SELECT pg_try_advisory_lock(hashtext('sgcache-ingest:' || current_database()"
+           " || ':' || current_schema()))")
+
+    def acquire(self, conn: Connection) -> bool:
+        with conn.begin():
+            return bool(conn.exec_driver_sql(self.SQL).scalar())
+
+
+class FileLock(LeaderLock):
+    """An exclusive ``flock`` on ``<db file>.ingest.lock``; refuses at once when taken."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, conn: Connection) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(self.path).read_text(encoding="utf-8", errors="replace").strip() or "?"
+            os.close(fd)
+            raise LockHeld(f"another ingester ({holder}) already runs on this SQLite replica "
+                           f"(lock {self.path}); only one may run on SQLite") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class NoLock(LeaderLock):
+    """In-memory SQLite: nothing else can reach the database."""
+
+    def acquire(self, conn: Connection) -> bool:
+        return True
+
+
+def leader_lock_for(engine: Engine) -> LeaderLock:
+    if engine.dialect.name == "postgresql":
+        return PgAdvisoryLock()
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+        return FileLock(Path(database + ".ingest.lock"))
+    return NoLock()
+
+
+def use_immediate_transactions(engine: Engine) -> None:
+    """SQLite: take the write lock at BEGIN, so a poll never fails upgrading a read lock."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
+# -- the ingester --------------------------------------------------------------------
+class Ingester:
+    """Polls events from ``sg`` and applies them to ``store``."""
+
+    def __init__(self, store: Store, sg: SGClient | None, config: IngestConfig | None = None,
+                 clock: Callable[[], dt.datetime] = now_utc, lock: LeaderLock | None = None):
+        self.store = store
+        self.sg = sg
+        self.config = config or IngestConfig()
+        self.clock = clock
+        self.lock = lock or leader_lock_for(store.engine)
+        self.conn: Connection | None = None
+        self.stop_event = threading.Event()
+        self.missing_fields: set[tuple[str, str]] = set()
+        self._skipped_types: set[str] = set()
+        self._event_fields = EVENT_FIELDS + self._deep_fields()
+
+    # -- connection and leadership ------------------------------------------------
+    def connect(self) -> Connection:
+        """The ingester's own connection (the one holding the leader lock on PostgreSQL)."""
+        if self.conn is None or self.conn.closed:
+            self.conn = self.store.engine.connect()
+        return self.conn
+
+    def close(self) -> None:
+        """Give up leadership: the session holding the advisory lock is ended, not pooled."""
+        self.lock.release()
+        self._drop_connection()
+
+    def become_leader(self, wait: bool = True) -> bool:
+        """Take the leader lock, waiting (PostgreSQL) while another ingester holds it."""
+        announced = False
+        while not self.stop_event.is_set():
+            try:
+                if self.lock.acquire(self.connect()):
+                    self._note_leader()
+                    log.info("leader lock taken (pid %s)", os.getpid())
+                    return True
+            except sa.exc.DBAPIError as exc:
+                log.warning("database unavailable while taking the leader lock: %s", exc)
+                self._drop_connection()
+            if not wait:
+                return False
+            if not announced:
+                log.info("another ingester leads; waiting for the leader lock")
+                announced = True
+            self.stop_event.wait(self.config.lock_retry)
+        return False
+
+    def _note_leader(self) -> None:
+        conn = self.connect()
+        with conn.begin():
+            self.store.set_state(conn, K_LEADER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "since": _iso_now()})
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.invalidate()
+                self.conn.close()
+            except sa.exc.DBAPIError:
+                pass
+        self.conn = None
+
+    # -- main loops ---------------------------------------------------------------
+    def run(self, follow: bool = True) -> None:
+        """Lead, then poll until stopped (``follow``) or caught up (once)."""
+        if not self.become_leader(wait=True):
+            return
+        delay = self.config.poll_interval
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                result = self.poll_once()
+                self.process_fetch_queue()
+                self.process_schema()
+            except sa.exc.DBAPIError as exc:
+                failures += 1
+                log.error("database error (attempt %d): %s; reconnecting", failures, exc)
+                self._drop_connection()
+                self.stop_event.wait(self._backoff(failures))
+                if not self.become_leader(wait=True):
+                    return
+                continue
+            except Exception as exc:  # noqa: BLE001 - SG unreachable or answering errors: retry, never exit
+                failures += 1
+                log.error("poll failed (attempt %d): %s: %s", failures, type(exc).__name__, exc,
+                          exc_info=failures == 1)
+                self.stop_event.wait(self._backoff(failures))
+                continue
+            if failures:
+                log.info("SG reachable again after %d failed attempts", failures)
+            failures = 0
+            if not follow and not result.full:
+                return
+            if result.full:
+                delay = self.config.poll_interval
+                continue
+            delay = self.config.poll_interval if result.received else min(delay * 1.5, self.config.idle_ceiling())
+            self.stop_event.wait(delay)
+
+    def _backoff(self, failures: int) -> float:
+        base = max(self.config.poll_interval, 0.1)
+        return min(self.config.retry_max, base * 2 ** min(failures - 1, 10))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    # -- one poll -----------------------------------------------------------------
+    def poll_once(self) -> PollResult:
+        """Read the next events and apply them, with the cursor, in one transaction."""
+        conn = self.connect()
+        with conn.begin():
+            _cursor, high = self._cursor(conn)
+            gaps = self._open_gaps(conn)
+        events = self.fetch_events(high, sorted(gaps)) if self.sg is not None else []
+        full = len(events) >= self.config.batch + len(gaps)
+        try:
+            return self._apply_polled(conn, events, full, careful=False)
+        except sa.exc.DBAPIError:
+            raise
+        except Exception:  # noqa: BLE001 - one bad event must not stall the stream
+            log.exception("applying a batch failed; retrying event by event")
+            return self._apply_polled(conn, events, full, careful=True)
+
+    def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
+                      careful: bool) -> PollResult:
+        result = PollResult(received=len(events), full=full)
+        with conn.begin():
+            _cursor, high = self._cursor(conn)
+            gaps = self._open_gaps(conn)
+            self.apply_batch(conn, events, gaps, high, result, careful=careful)
+        return result
+
+    def fetch_events(self, high: int, gaps: list[int]) -> list[dict[str, Any]]:
+        """Events above ``high`` plus any open gap that became visible, by id."""
+        filters: list[Any] = [["id", "greater_than", high]]
+        if gaps:
+            filters = [{"filter_operator": "any",
+                        "filters": [["id", "in", gaps], ["id", "greater_than", high]]}]
+        events = self.sg.find("EventLogEntry", filters, self._event_fields,  # type: ignore[union-attr]
+                              order=[{"field_name": "id", "direction": "asc"}],
+                              limit=self.config.batch + len(gaps))
+        return [to_wire(e) for e in events]
+
+    def _deep_fields(self) -> list[str]:
+        out = []
+        for entity in self.store.schema.entities.values():
+            for fname in DEEP_FIELDS:
+                if fname in entity.fields:
+                    out.append(f"entity.{entity.name}.{fname}")
+        return out
+
+    def _cursor(self, conn: Connection) -> tuple[int, int]:
+        cursor = self.store.get_state(conn, K_CURSOR)
+        if cursor is None:
+            cursor = self._newest_event_id()
+            log.warning("no event cursor yet: starting after the newest event, %d "
+                        "(prime the replica with scripts/scan --full)", cursor)
+            self.store.set_state(conn, K_CURSOR, cursor)
+        high = self.store.get_state(conn, K_HIGH)
+        return int(cursor), max(int(cursor), int(high or 0))
+
+    def _newest_event_id(self) -> int:
+        if self.sg is None:
+            return 0
+        rows = self.sg.find("EventLogEntry", [], ["id"], order=[{"field_name": "id", "direction": "desc"}],
+                            limit=1)
+        return int(rows[0]["id"]) if rows else 0
+
+    def _open_gaps(self, conn: Connection) -> dict[int, dt.datetime]:
+        table = self.store.gaps
+        return {r.id: r.first_seen for r in conn.execute(sa.select(table.c.id, table.c.first_seen))}
+
+    # -- a batch ------------------------------------------------------------------
+    def apply_batch(self, conn: Connection, events: Sequence[Mapping[str, Any]], gaps: dict[int, dt.datetime],
+                    high: int, result: PollResult, careful: bool = False) -> None:
+        """Apply events (inside the caller's transaction), then move gaps, cursor and heartbeat."""
+        events = sorted(events, key=lambda e: int(e["id"]))
+        seen = self._stored_ids(conn, [int(e["id"]) for e in events])
+        fresh = [e for e in events if int(e["id"]) not in seen]
+        known = self._known_rows(conn, fresh)
+        for event in fresh:
+            late = int(event["id"]) <= high
+            if careful:
+                self._apply_guarded(conn, event, late, known)
+            else:
+                self.apply_event(conn, event, late=late, known=known)
+        result.applied = len(fresh)
+        self._store_raw(conn, fresh)
+        ids = [int(e["id"]) for e in events]
+        new_high = max([high, *ids])
+        self._update_gaps(conn, gaps, ids, high, new_high, result)
+        still_open = self._open_gaps(conn)
+        self.store.set_state(conn, K_CURSOR, (min(still_open) - 1) if still_open else new_high)
+        self.store.set_state(conn, K_HIGH, new_high)
+        self.store.set_state(conn, K_HEARTBEAT, _iso_now())
+
+    def _apply_guarded(self, conn: Connection, event: Mapping[str, Any], late: bool,
+                       known: dict[str, set[int]]) -> None:
+        try:
+            with conn.begin_nested():
+                self.apply_event(conn, event, late=late, known=known)
+        except sa.exc.DBAPIError:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("event %s could not be applied; its entity will be re-read", event.get("id"))
+            subject = self.subject(event)
+            if subject is not None:
+                self.store.queue_fetch(conn, [subject], "event failed")
+
+    def _stored_ids(self, conn: Connection, ids: list[int]) -> set[int]:
+        table = self.store.events
+        out: set[int] = set()
+        for chunk in _chunks(ids, 500):
+            out.update(r.id for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk))))
+        return out
+
+    def _known_rows(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> dict[str, set[int]]:
+        """For each cached type named by the events, which of their subjects the replica holds."""
+        wanted: dict[str, set[int]] = {}
+        for event in events:
+            subject = self.subject(event)
+            if subject is not None and subject[0] in self.store.tables:
+                wanted.setdefault(subject[0], set()).add(subject[1])
+        known: dict[str, set[int]] = {}
+        for entity_type, ids in wanted.items():
+            table = self.store.tables[entity_type]
+            found: set[int] = set()
+            for chunk in _chunks(sorted(ids), 500):
+                found.update(r.id for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk))))
+            known[entity_type] = found
+        return known
+
+    def _store_raw(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
+        if not events:
+            return
+        now = now_utc()
+        rows = [{"id": int(e["id"]), "event_type": str(e.get("event_type") or "")[:128],
+                 "created_at": e.get("created_at"), "body": json.dumps(e, default=str, sort_keys=True),
+                 "received_at": now} for e in events]
+        self.store._upsert(conn, self.store.events, rows, ["id"], update=False)
+
+    def _update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], ids: list[int], high: int,
+                     new_high: int, result: PollResult) -> None:
+        table = self.store.gaps
+        filled = sorted(set(gaps) & set(ids))
+        if filled:
+            conn.execute(table.delete().where(table.c.id.in_(filled)))
+            result.gaps_filled = len(filled)
+            log.info("late events applied for gap ids %s", _ranges(filled))
+        now = self.clock()
+        expired = sorted(i for i, first in gaps.items()
+                         if i not in filled and (now - first).total_seconds() >= self.config.gap_timeout)
+        if expired:
+            conn.execute(table.delete().where(table.c.id.in_(expired)))
+            result.gaps_expired = expired
+            log.warning("gave up on event ids %s: not visible %ss after they were missed",
+                        _ranges(expired), self.config.gap_timeout)
+        missing = sorted(set(range(high + 1, new_high)) - set(ids))
+        if len(missing) > self.config.max_gap_span:
+            log.warning("%d event ids between %d and %d never seen: too many to wait for, skipped",
+                        len(missing), high, new_high)
+            return
+        if missing:
+            self.store._upsert(conn, table, [{"id": i, "first_seen": now} for i in missing], ["id"], update=False)
+            result.gaps_opened = len(missing)
+            log.debug("event ids %s not visible yet: open gaps", _ranges(missing))
+
+    # -- one event ----------------------------------------------------------------
+    def subject(self, event: Mapping[str, Any]) -> tuple[str, int] | None:
+        """The entity an event is about: ``entity`` if it matches, else ``meta.entity_id`` (never for backrefs)."""
+        parsed = split_event_type(event.get("event_type"))
+        if parsed is None or parsed[1] not in ACTIONS or parsed[0] == SCHEMA_TYPE:
+            return None
+        entity_type = parsed[0]
+        entity = event.get("entity")
+        if _is_link(entity) and entity["type"] == entity_type:
+            return entity_type, int(entity["id"])
+        meta = event.get("meta") if isinstance(event.get("meta"), Mapping) else {}
+        if meta.get("actual_attribute_changed"):
+            return None
+        entity_id = meta.get("entity_id", meta.get("id"))
+        if isinstance(entity_id, int) and not isinstance(entity_id, bool):
+            return entity_type, entity_id
+        return None
+
+    def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
+                    known: dict[str, set[int]] | None = None) -> None:
+        """Apply one event inside the caller's transaction; applying it twice changes nothing."""
+        parsed = split_event_type(event.get("event_type"))
+        if parsed is None or parsed[1] not in ACTIONS:
+            return
+        entity_type, action = parsed
+        if entity_type == SCHEMA_TYPE:
+            self._schema_event(conn, event)
+            return
+        subject = self.subject(event)
+        if subject is None:
+            log.debug("event %s names no entity; skipped", event.get("id"))
+            return
+        entity = event.get("entity")
+        if _is_link(entity) and entity["type"] == entity_type:
+            self.store.note_links(conn, [entity])
+        cached = entity_type in self.store.tables
+        if not cached and entity_type not in self._skipped_types:
+            self._skipped_types.add(entity_type)
+            log.info("events of uncached type %s: only the registry is kept", entity_type)
+        if not cached:
+            exists = False
+        elif known is not None and entity_type in known:
+            exists = subject[1] in known[entity_type]
+        else:
+            exists = self._exists(conn, subject)
+        event_id = int(event["id"])
+        if action == "New":
+            if cached:
+                self.store.queue_fetch(conn, [subject], "new")
+        elif action in ("Retirement", "Revival"):
+            self._retire(conn, subject, action == "Retirement", event_id, cached, exists, late)
+        else:
+            self._change(conn, event, subject, event_id, cached, exists, late)
+
+    def _exists(self, conn: Connection, subject: tuple[str, int]) -> bool:
+        table = self.store.tables[subject[0]]
+        return conn.execute(sa.select(table.c.id).where(table.c.id == subject[1])).first() is not None
+
+    def _retire(self, conn: Connection, subject: tuple[str, int], retired: bool, event_id: int,
+                cached: bool, exists: bool, late: bool) -> None:
+        if cached and late:
+            self.store.queue_fetch(conn, [subject], "late retirement/revival")
+            return
+        self.store.set_retired(conn, subject[0], subject[1], retired, "event", event_id)
+        if cached and (not exists or not retired):
+            self.store.queue_fetch(conn, [subject], "revival" if not retired else "unknown row")
+
+    def _change(self, conn: Connection, event: Mapping[str, Any], subject: tuple[str, int], event_id: int,
+                cached: bool, exists: bool, late: bool) -> None:
+        meta = event.get("meta") if isinstance(event.get("meta"), Mapping) else {}
+        attr = event.get("attribute_name") or meta.get("attribute_name")
+        if attr == RETIREMENT_FIELD and "new_value" in meta:
+            self._retire(conn, subject, meta["new_value"] is not None, event_id, cached, exists, late)
+            return
+        if not cached:
+            return
+        fschema = self.store.schema.field(subject[0], attr) if isinstance(attr, str) else None
+        if fschema is None or attr == "id" or not fieldtypes.is_cached_type(fschema.data_type):
+            return
+        backref = bool(meta.get("actual_attribute_changed"))
+        if meta.get("in_create") and not backref and exists:
+            return  # the New's fetch already read this value
+        if late or not exists:
+            self.store.queue_fetch(conn, [subject], "late event" if late else "unknown row")
+            return
+        if not backref and meta.get("field_data_type") not in (None, fschema.data_type):
+            self.store.queue_fetch(conn, [subject], "field type differs")
+            return
+        storage = fieldtypes.TYPES[fschema.data_type].storage
+        if storage == "multi" and ("added" in meta or "removed" in meta):
+            self._change_multi(conn, subject, attr, meta, event_id)
+            self._write_value(conn, subject, self._deep_values(event, subject), event_id)
+        elif "new_value" in meta:
+            record = self._deep_values(event, subject)
+            record[attr] = meta["new_value"]
+            self._write_value(conn, subject, record, event_id)
+        else:
+            self.store.queue_fetch(conn, [subject], "change without value")
+
+    def _change_multi(self, conn: Connection, subject: tuple[str, int], attr: str, meta: Mapping[str, Any],
+                      event_id: int) -> None:
+        added, removed = meta.get("added") or [], meta.get("removed") or []
+        if not isinstance(added, list) or not isinstance(removed, list) or not all(
+                _is_link(x) for x in [*added, *removed]):
+            self.store.queue_fetch(conn, [subject], "bad multi_entity change")
+            return
+        self.store.change_multi(conn, subject[0], subject[1], attr, added=added, removed=removed,
+                                source="event", event_id=event_id)
+
+    def _write_value(self, conn: Connection, subject: tuple[str, int], record: dict[str, Any],
+                     event_id: int) -> None:
+        """Write some fields of an existing row; a value that does not fit queues a fetch."""
+        if not record:
+            return
+        record["id"] = subject[1]
+        res = self.store.write_entities(conn, subject[0], [record], "event", event_id=event_id)
+        if res.to_fetch:
+            self.store.queue_fetch(conn, res.to_fetch, "value not applicable")
+
+    def _deep_values(self, event: Mapping[str, Any], subject: tuple[str, int]) -> dict[str, Any]:
+        """``updated_at``/``updated_by`` of the entity, read with the event (SG logs no event for them)."""
+        out: dict[str, Any] = {}
+        for fname in DEEP_FIELDS:
+            value = event.get(f"entity.{subject[0]}.{fname}")
+            if value is not None:
+                out[fname] = value
+        return out
+
+    # -- schema events ------------------------------------------------------------
+    def _schema_event(self, conn: Connection, event: Mapping[str, Any]) -> None:
+        entity = event.get("entity")
+        name = entity.get("name") if isinstance(entity, Mapping) else None
+        pending = self.store.get_state(conn, K_SCHEMA) or []
+        marker = name if isinstance(name, str) and name else "*"
+        if marker not in pending:
+            pending.append(marker)
+            self.store.set_state(conn, K_SCHEMA, pending)
+        log.info("schema event %s (%s): the site's schema will be re-read", event.get("event_type"), marker)
+
+    def process_schema(self) -> None:
+        """Re-read the site's schema after schema events; un-prime or re-fetch affected cached fields."""
+        conn = self.connect()
+        with conn.begin():
+            pending = self.store.get_state(conn, K_SCHEMA)
+        if not pending or self.sg is None:
+            return
+        site = Schema.from_schema_read(to_wire(self.sg.schema_read()))
+        names = set(pending)
+        refetch: list[tuple[str, str]] = []
+        with conn.begin():
+            primed = self._primed_field_set(conn)
+            for entity in self.store.schema.entities.values():
+                for fname, fschema in entity.fields.items():
+                    if fname == "id" or not fieldtypes.is_cached_type(fschema.data_type):
+                        continue
+                    theirs = site.field(entity.name, fname)
+                    key = (entity.name, fname)
+                    if theirs is None or theirs.data_type != fschema.data_type:
+                        self._unprime(conn, key, theirs.data_type if theirs else None, fschema.data_type)
+                        if theirs is None:
+                            self.missing_fields.add(key)
+                    elif fname in names and key in primed:
+                        refetch.append(key)
+                        self._set_field_primed(conn, key, False)
+        for key in refetch:
+            self._refetch_field(key)
+        with conn.begin():
+            left = [n for n in (self.store.get_state(conn, K_SCHEMA) or []) if n not in names]
+            self.store.set_state(conn, K_SCHEMA, left or None)
+
+    def _primed_field_set(self, conn: Connection) -> set[tuple[str, str]]:
+        f = self.store.fields
+        return {(r.entity_type, r.field_name)
+                for r in conn.execute(sa.select(f.c.entity_type, f.c.field_name).where(f.c.primed))}
+
+    def _set_field_primed(self, conn: Connection, key: tuple[str, str], primed: bool) -> None:
+        f = self.store.fields
+        conn.execute(f.update().where((f.c.entity_type == key[0]) & (f.c.field_name == key[1]))
+                     .values(primed=primed))
+
+    def _unprime(self, conn: Connection, key: tuple[str, str], theirs: str | None, ours: str) -> None:
+        self._set_field_primed(conn, key, False)
+        log.error("field %s.%s changed on the site (%s -> %s): reads of it pass through until the "
+                  "schema file is updated and the type rescanned", key[0], key[1], ours, theirs or "deleted")
+
+    def _refetch_field(self, key: tuple[str, str]) -> None:
+        """Read one field of every row (active and retired) again, then serve it again."""
+        entity_type, fname = key
+        conn = self.connect()
+        for retired in (False, True):
+            rows = [to_wire(r) for r in self.sg.find(entity_type, [], ["id", fname],  # type: ignore[union-attr]
+                                                     retired_only=retired)]
+            for chunk in _chunks(rows, FETCH_CHUNK):
+                with conn.begin():
+                    res = self.store.write_entities(conn, entity_type, chunk, "fetch")
+                    if res.to_fetch:
+                        self.store.queue_fetch(conn, res.to_fetch, "field refetch")
+        with conn.begin():
+            self._set_field_primed(conn, key, True)
+        log.info("field %s.%s re-read after a schema change", entity_type, fname)
+
+    # -- fetches ------------------------------------------------------------------
+    def fetch_fields(self, entity_type: str) -> list[str]:
+        entity = self.store.schema.entities[entity_type]
+        return sorted(f for f, s in entity.fields.items()
+                      if fieldtypes.is_cached_type(s.data_type) and (entity_type, f) not in self.missing_fields)
+
+    def process_fetch_queue(self, limit: int = 5000) -> int:
+        """Re-read queued entities from SG, grouped per type; returns how many were handled."""
+        if self.sg is None:
+            return 0
+        conn = self.connect()
+        q = self.store.fetch_queue
+        with conn.begin():
+            rows = conn.execute(sa.select(q).order_by(q.c.entity_type, q.c.entity_id).limit(limit)).all()
+        by_type: dict[str, dict[int, dt.datetime]] = {}
+        for row in rows:
+            by_type.setdefault(row.entity_type, {})[row.entity_id] = row.queued_at
+        for entity_type, queued in by_type.items():
+            if entity_type not in self.store.tables:
+                self._unqueue(conn, entity_type, queued)
+                continue
+            for chunk in _chunks(sorted(queued), FETCH_CHUNK):
+                self._fetch_chunk(conn, entity_type, {i: queued[i] for i in chunk})
+        return len(rows)
+
+    def _fetch_chunk(self, conn: Connection, entity_type: str, queued: dict[int, dt.datetime]) -> None:
+        fields = self.fetch_fields(entity_type)
+        ids = sorted(queued)
+        sg = self.sg
+        assert sg is not None
+        active = [to_wire(r) for r in sg.find(entity_type, [["id", "in", ids]], fields)]
+        missing = sorted(set(ids) - {int(r["id"]) for r in active})
+        retired = [to_wire(r) for r in sg.find(entity_type, [["id", "in", missing]], fields, retired_only=True)] \
+            if missing else []
+        gone = sorted(set(missing) - {int(r["id"]) for r in retired})
+        complete = not any(t == entity_type for t, _f in self.missing_fields)
+        with conn.begin():
+            self.store.write_entities(conn, entity_type, active, "fetch", complete=complete, retired=False)
+            self.store.write_entities(conn, entity_type, retired, "fetch", complete=complete, retired=True)
+            self._unqueue(conn, entity_type, queued)
+        if gone:
+            log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",
+                        entity_type, _ranges(gone))
+
+    def _unqueue(self, conn: Connection, entity_type: str, queued: Mapping[int, dt.datetime]) -> None:
+        """Remove handled queue entries, unless re-queued since they were read."""
+        q = self.store.fetch_queue
+        for entity_id, queued_at in queued.items():
+            conn.execute(q.delete().where((q.c.entity_type == entity_type) & (q.c.entity_id == entity_id)
+                                          & (q.c.queued_at <= queued_at)))
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``1-3,7`` for logs."""
+    out: list[str] = []
+    start = prev = None
+    for i in sorted(ids):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:  # type: ignore[operator]
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return ",".join(out)
+
+
+def replay(store: Store, ingester: Ingester, *, from_id: int = 0, types: set[str] | None = None,
+           retirement: bool = False, chunk: int = 500) -> int:
+    """Apply stored raw events again, in id order (``scripts/reprocess``); returns how many."""
+    table = store.events
+    conn = ingester.connect()
+    last, count = from_id - 1, 0
+    while True:
+        with conn.begin():
+            rows = conn.execute(sa.select(table.c.id, table.c.event_type, table.c.body)
+                                .where(table.c.id > last).order_by(table.c.id).limit(chunk)).all()
+            for row in rows:
+                event = json.loads(row.body)
+                if _selected(event, types, retirement):
+                    ingester.apply_event(conn, event)
+                    count += 1
+        if len(rows) < chunk:
+            return count
+        last = rows[-1].id
+
+
+def _selected(event: Mapping[str, Any], types: set[str] | None, retirement: bool) -> bool:
+    parsed = split_event_type(event.get("event_type"))
+    if parsed is None:
+        return False
+    if types and parsed[0] not in types:
+        return False
+    if not retirement:
+        return True
+    if parsed[1] in ("Retirement", "Revival"):
+        return True
+    return parsed[1] == "Change" and event.get("attribute_name") == RETIREMENT_FIELD

@@ -1,0 +1,436 @@
+"""Unit tests of the event ingester: the fake SG in-process, the replica on ``db_url``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cache.events import K_CURSOR, K_HEARTBEAT, K_HIGH, IngestConfig, Ingester, LockHeld, replay
+from cache.read import ReadContext, ReadEngine
+from cache.schema import Schema, parse_rules
+from cache.store import Store
+
+from .conftest import REPO
+from .fakesg import FakeSite
+
+RULES = REPO / "schema" / "basic-filters.txt"
+
+
+class SiteClient:
+    """``shotgun_api3.Shotgun``'s find/schema_read, served by a FakeSite without HTTP."""
+
+    def __init__(self, site: FakeSite):
+        self.site = site
+        self.calls: list[tuple[str, Any]] = []
+
+    def find(self, entity_type: str, filters: Any, fields: list[str] | None = None,
+             order: list[dict[str, str]] | None = None, filter_operator: str | None = None,
+             limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]:
+        self.calls.append((entity_type, filters))
+        rows = self.site.find_direct(entity_type, filters, fields, order, filter_operator or "all",
+                                     retired_only=retired_only)
+        return rows[:limit] if limit else rows
+
+    def schema_read(self) -> dict[str, Any]:
+        return self.site._direct("schema_read", None, False)
+
+
+class Clock:
+    """A controllable local clock for gap timeouts."""
+
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 1, 1, 12, 0, 0)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def cached_schema(site: FakeSite) -> Schema:
+    return Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES.read_text()))
+
+
+def prime(store: Store, client: SiteClient) -> None:
+    """A minimal full scan: every row of every cached type, then the cursor at the newest event."""
+    with store.engine.begin() as conn:
+        store.set_state(conn, K_CURSOR, client.site.last_event_id())
+        for entity_type, entity in store.schema.entities.items():
+            fields = [f for f in entity.fields if f in client.site.schema[entity_type]]
+            for retired in (False, True):
+                rows = client.find(entity_type, [], fields, retired_only=retired)
+                store.write_entities(conn, entity_type, rows, "scan", complete=True, retired=retired)
+            store.mark_primed(conn, entity_type)
+
+
+@pytest.fixture
+def site() -> FakeSite:
+    site = FakeSite.basic()
+    site.add_script("pipeline", "s3cret")
+    return site
+
+
+@pytest.fixture
+def client(site: FakeSite) -> SiteClient:
+    return SiteClient(site)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(db_url: str, site: FakeSite) -> Iterator[Store]:
+    st = Store.open(db_url, cached_schema(site))
+    yield st
+    st.dispose()
+
+
+@pytest.fixture
+def ingester(store: Store, client: SiteClient, clock: Clock) -> Iterator[Ingester]:
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300), clock=clock)
+    yield ing
+    ing.close()
+
+
+def sync(ing: Ingester, max_polls: int = 100) -> int:
+    """Poll until caught up (fetches and schema work included); returns the number of polls."""
+    for n in range(1, max_polls + 1):
+        result = ing.poll_once()
+        ing.process_fetch_queue()
+        ing.process_schema()
+        if not result.full:
+            return n
+    raise AssertionError("ingester never caught up")
+
+
+def state(store: Store, key: str) -> Any:
+    with store.engine.connect() as conn:
+        return store.get_state(conn, key)
+
+
+def replica_read(store: Store, entity_type: str, fields: list[str], retired: bool) -> list[dict[str, Any]]:
+    params = {"type": entity_type, "return_fields": fields,
+              "filters": {"logical_operator": "and", "conditions": []},
+              "sorts": [{"field_name": "id", "direction": "asc"}],
+              "paging": {"entities_per_page": 500, "current_page": 1},
+              "return_only": "retired" if retired else "active"}
+    with store.engine.connect() as conn:
+        ctx = ReadContext(store.primed_fields(conn))
+        return ReadEngine(store).read(conn, params, ctx)["entities"]
+
+
+def assert_equal_to_site(store: Store, site: FakeSite) -> None:
+    """Every cached type, active and retired rows, every primed field: the replica reads as SG."""
+    with store.engine.connect() as conn:
+        primed = store.primed_fields(conn)
+    for entity_type in store.schema.entities:
+        fields = sorted(f for f in primed.get(entity_type, ()) if f != "id")
+        for retired in (False, True):
+            ours = replica_read(store, entity_type, fields, retired)
+            theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}],
+                                      retired_only=retired)
+            assert ours == theirs, f"{entity_type} (retired={retired}) differs"
+
+
+def change_rows(store: Store, **where: Any) -> list[Any]:
+    t = store.changes
+    cond = [t.c[k] == v for k, v in where.items()]
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(t).where(*cond).order_by(t.c.seq)).all()
+
+
+def queued(store: Store) -> list[tuple[str, int]]:
+    q = store.fetch_queue
+    with store.engine.connect() as conn:
+        return [(r.entity_type, r.entity_id) for r in conn.execute(sa.select(q))]
+
+
+PROJECT = {"type": "Project", "id": 1}
+
+
+def make_project(site: FakeSite) -> dict[str, Any]:
+    return site.create_direct("Project", {"name": "Demo"})
+
+
+# -- each event kind -------------------------------------------------------------------
+def test_new_fetches_the_row_and_in_create_changes_add_nothing(site: FakeSite, store: Store,
+                                                             ingester: Ingester) -> None:
+    proj = make_project(site)
+    seq = site.create_direct("Sequence", {"code": "SQ01", "project": proj})
+    site.create_direct("Shot", {"code": "sh010", "project": proj, "sg_sequence": seq, "sg_cut_in": 1001})
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert queued(store) == []
+    shot_rows = change_rows(store, entity_type="Shot")
+    assert [r.source for r in shot_rows] == ["fetch"]  # created by the fetch; in_create Changes skipped
+    assert state(store, K_CURSOR) == site.last_event_id() == state(store, K_HIGH)
+    assert state(store, K_HEARTBEAT)
+
+
+def test_changes_of_scalars_links_and_multi_entity(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    seq = site.create_direct("Sequence", {"code": "SQ01", "project": proj})
+    assets = [site.create_direct("Asset", {"code": f"a{i}", "project": proj}) for i in range(3)]
+    shot = site.create_direct("Shot", {"code": "sh010", "project": proj, "assets": assets[:2]})
+    sync(ingester)
+    first = site.last_event_id()
+    site.update_direct("Shot", shot["id"], {"code": "sh011", "sg_cut_in": 7, "sg_sequence": seq,
+                                            "sg_status_list": "ip"})
+    site.update_direct("Shot", shot["id"], {"assets": [assets[2]]}, modes={"assets": "add"})
+    site.update_direct("Shot", shot["id"], {"assets": [assets[0]]}, modes={"assets": "remove"})
+    site.update_direct("Asset", assets[1]["id"], {"code": "renamed"})  # the link's name follows
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert queued(store) == []
+    rows = [r for r in change_rows(store, source="event") if r.event_id > first]
+    assert {(r.entity_type, r.field_name) for r in rows} >= {
+        ("Shot", "code"), ("Shot", "sg_cut_in"), ("Shot", "sg_sequence__id"), ("Shot", "assets"), ("Asset", "code")}
+
+
+def test_backref_is_applied_once(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in (1, 2)]
+    task = site.create_direct("Task", {"content": "anim", "project": proj})
+    sync(ingester)
+    mark = site.last_event_id()
+    site.update_direct("Task", task["id"], {"entity": shots[0]})
+    site.update_direct("Task", task["id"], {"entity": shots[1]})  # removes from shot 1, adds to shot 2
+    site.update_direct("Shot", shots[0]["id"], {"tasks": [task]}, modes={"tasks": "add"})  # moves it back
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    events = site.events(mark)
+    backrefs = [e for e in events if (e["meta"] or {}).get("actual_attribute_changed")]
+    assert backrefs, "the fake writes inverse-side events"
+    per_event = [(r.event_id, r.entity_type, r.entity_id, r.field_name) for r in change_rows(store, source="event")]
+    assert len(per_event) == len(set(per_event))
+
+
+def test_retirement_hides_links_and_revival_restores_them(site: FakeSite, store: Store,
+                                                          ingester: Ingester) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    sync(ingester)
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert replica_read(store, "Shot", ["tasks"], False)[0]["tasks"] == []
+    assert [t["id"] for t in replica_read(store, "Task", ["content"], True)] == [task["id"]]
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert [t["id"] for t in replica_read(store, "Shot", ["tasks"], False)[0]["tasks"]] == [task["id"]]
+
+
+def test_task_template_tasks_arrive_through_their_own_new_events(site: FakeSite, store: Store,
+                                                                  ingester: Ingester) -> None:
+    proj = make_project(site)
+    template = site.add_task_template(1, "basic", [{"content": "layout"}, {"content": "anim"}])
+    site.create_direct("Shot", {"code": "sh1", "project": proj, "task_template": template})
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert sorted(t["content"] for t in replica_read(store, "Task", ["content"], False)) == ["anim", "layout"]
+
+
+def test_noise_and_uncached_types_only_advance(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    site.add_noise_events()
+    site.create_direct("TaskTemplate", {"code": "tmpl"})
+    sync(ingester)
+    assert state(store, K_CURSOR) == site.last_event_id()
+    with store.engine.connect() as conn:
+        stored = {r.event_type for r in conn.execute(sa.select(store.events.c.event_type))}
+        registry = conn.execute(sa.select(store.entities).where(store.entities.c.type == "TaskTemplate")).all()
+    assert {"Toolkit_App_Startup", "Shotgun_User_Login", "Shotgun_TaskTemplate_New"} <= stored
+    assert len(registry) == 1
+    assert queued(store) == []
+
+
+def test_unknown_entity_is_fetched(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "quiet", "project": proj}, events=False)
+    sync(ingester)
+    site.update_direct("Shot", shot["id"], {"description": "now it talks"})
+    sync(ingester)
+    assert_equal_to_site(store, site)
+
+
+def test_retirement_of_uncached_type_keeps_the_registry(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    tmpl = site.create_direct("TaskTemplate", {"code": "t"})
+    sync(ingester)
+    site.delete_direct("TaskTemplate", tmpl["id"])
+    sync(ingester)
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(store.entities).where(store.entities.c.type == "TaskTemplate")).one()
+    assert row.retired
+
+
+def test_value_that_cannot_be_applied_queues_a_fetch(store: Store, ingester: Ingester, site: FakeSite) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "x", "project": proj})
+    sync(ingester)
+    bad = {"id": 10_000, "event_type": "Shotgun_Shot_Change", "attribute_name": "sg_cut_in",
+           "entity": {"type": "Shot", "id": shot["id"]},
+           "meta": {"type": "attribute_change", "attribute_name": "sg_cut_in", "entity_type": "Shot",
+                    "entity_id": shot["id"], "field_data_type": "number", "new_value": "not a number"}}
+    with store.engine.begin() as conn:
+        ingester.apply_event(conn, bad)
+    assert queued(store) == [("Shot", shot["id"])]
+    ingester.process_fetch_queue()
+    assert queued(store) == []
+    assert_equal_to_site(store, site)
+
+
+def test_applying_each_event_twice_changes_nothing(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    assets = [site.create_direct("Asset", {"code": f"a{i}", "project": proj}) for i in range(2)]
+    task = site.create_direct("Task", {"content": "t", "project": proj})
+    sync(ingester)
+    mark = site.last_event_id()
+    site.update_direct("Shot", shot["id"], {"code": "sh2", "assets": assets})
+    site.update_direct("Task", task["id"], {"entity": shot})
+    site.delete_direct("Asset", assets[0]["id"])
+    site.revive_direct("Asset", assets[0]["id"])
+    site.update_direct("Shot", shot["id"], {"assets": [assets[1]]}, modes={"assets": "remove"})
+    events = ingester.fetch_events(mark, [])  # as polled: with the entity's updated_at/by
+    for event in events:
+        with store.engine.begin() as conn:
+            ingester.apply_event(conn, event)
+        before = len(change_rows(store))
+        with store.engine.begin() as conn:
+            ingester.apply_event(conn, event)
+        assert len(change_rows(store)) == before, f"event {event['id']} changed something twice"
+    ingester.process_fetch_queue()
+    assert_equal_to_site(store, site)
+    # and a poll over events already stored applies none of them again
+    with store.engine.begin() as conn:
+        ingester._store_raw(conn, events)
+    before = len(change_rows(store))
+    sync(ingester)
+    assert len(change_rows(store)) == before
+
+
+def test_replay_retirements(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    site.delete_direct("Shot", shot["id"])
+    sync(ingester)
+    with store.engine.begin() as conn:  # a bug once lost the retirement
+        store.set_retired(conn, "Shot", shot["id"], False, "scan")
+    assert replay(store, ingester, retirement=True, types={"Shot"}) == 2
+    assert_equal_to_site(store, site)
+
+
+# -- gaps ------------------------------------------------------------------------------
+def test_gap_that_fills_late_is_applied(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    held = site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "A"})  # long transaction: its event shows later
+    site.update_direct("Shot", shot["id"], {"code": "B"})
+    sync(ingester)
+    assert state(store, K_CURSOR) == held[0] - 1
+    assert state(store, K_HIGH) == site.last_event_id()
+    site.release_held()
+    sync(ingester)
+    assert state(store, K_CURSOR) == state(store, K_HIGH)
+    assert_equal_to_site(store, site)  # the late "A" did not overwrite "B"
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(store.events.c.id).where(store.events.c.id == held[0])).first()
+
+
+def test_gap_that_never_fills_is_given_up(site: FakeSite, store: Store, ingester: Ingester, clock: Clock,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    held = site.hold_event_ids(2)
+    site.update_direct("Shot", shot["id"], {"code": "lost"})
+    site.drop_held()
+    site.update_direct("Shot", shot["id"], {"description": "visible"})
+    sync(ingester)
+    assert state(store, K_CURSOR) == held[0] - 1
+    clock.advance(299)
+    sync(ingester)
+    assert state(store, K_CURSOR) == held[0] - 1
+    clock.advance(2)
+    with caplog.at_level(logging.WARNING, logger="sgcache.events"):
+        sync(ingester)
+    assert state(store, K_CURSOR) == state(store, K_HIGH) == site.last_event_id()
+    assert any("gave up on event ids" in r.getMessage() for r in caplog.records)
+
+
+def test_full_batches_never_stall_behind_a_gap(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "held"})
+    for i in range(200):  # 4 full batches of 50 behind the gap
+        site.update_direct("Shot", shot["id"], {"sg_cut_in": i})
+    polls = sync(ingester)
+    assert polls <= 6
+    assert state(store, K_HIGH) == site.last_event_id()
+    site.release_held()
+    sync(ingester)
+    assert_equal_to_site(store, site)
+
+
+# -- schema events ----------------------------------------------------------------------
+def test_schema_change_unprimes_or_refetches_the_field(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "sh1", "project": proj, "sg_cut_in": 5, "sg_shot_type": "Regular"}
+                       if "Regular" in (site._prop("Shot", "sg_shot_type", "valid_values") or [])
+                       else {"code": "sh1", "project": proj, "sg_cut_in": 5})
+    sync(ingester)
+    site.change_field_type("Shot", "sg_cut_in", "text")
+    values = site._prop("Shot", "sg_shot_type", "valid_values") or []
+    site.change_field_type("Shot", "sg_shot_type", "list", valid_values=[*values, "Extra"])
+    sync(ingester)
+    with store.engine.connect() as conn:
+        primed = store.primed_fields(conn)
+        assert state(store, "schema_pending") is None
+    assert "sg_cut_in" not in primed["Shot"]  # type changed: reads pass until the schema file follows
+    assert "sg_shot_type" in primed["Shot"]  # same type: re-read, then served again
+    assert_equal_to_site(store, site)
+
+
+# -- leadership --------------------------------------------------------------------------
+def test_second_ingester_on_sqlite_refuses(backend: str, store: Store, client: SiteClient) -> None:
+    if backend != "sqlite":
+        pytest.skip("SQLite file lock")
+    first = Ingester(store, client)
+    second = Ingester(store, client)
+    try:
+        assert first.become_leader(wait=False)
+        with pytest.raises(LockHeld, match="already runs"):
+            second.become_leader(wait=False)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_second_ingester_on_postgresql_waits(backend: str, store: Store, client: SiteClient) -> None:
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL advisory lock")
+    first = Ingester(store, client)
+    second = Ingester(store, client)
+    try:
+        assert first.become_leader(wait=False)
+        assert not second.become_leader(wait=False)
+        first.close()
+        assert second.become_leader(wait=False)
+    finally:
+        first.close()
+        second.close()
