@@ -15,6 +15,7 @@ import fnmatch
 import json
 import logging
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -254,9 +255,14 @@ class SGCache:
             await self._add_info(flow, reply)
         elif method in WRITE_METHODS and isinstance(reply, dict) and "results" in reply and self.service:
             args = flow.metadata.get("sgcache_args")
-            await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.service.learn, method, args, reply["results"]
-            )
+            loop = asyncio.get_running_loop()
+            to_fetch = await loop.run_in_executor(self.executor, self.service.learn, method, args, reply["results"])
+            if to_fetch and auth:
+                # the answer was partial: read the whole rows now, so the writer reads its write
+                url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}{flow.request.path}"
+                await loop.run_in_executor(
+                    self.executor, self.service.fetch_rows, url, auth, to_fetch, _upstream_ssl_context()
+                )
 
     async def _add_info(self, flow: http.HTTPFlow, reply: dict[str, Any]) -> None:
         assert self.service is not None
@@ -272,6 +278,17 @@ class SGCache:
             return False
         host = flow.request.host.lower()
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+
+
+def _upstream_ssl_context() -> ssl.SSLContext:
+    """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
+    if ctx.options.ssl_insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    cafile = ctx.options.ssl_verify_upstream_trusted_ca or None
+    return ssl.create_default_context(cafile=cafile)
 
 
 def quick_ack(client_id: str) -> None:

@@ -6,9 +6,12 @@ Everything here is blocking (SQL); the addon calls it from a worker thread.
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,42 +123,83 @@ class CacheService:
                 self.passes[reason] += 1
 
     # -- writes seen passing by --------------------------------------------------------
-    def learn(self, method: str, args: Any, results: Any) -> None:
-        """Write the upstream answer of a create/update/delete/revive/batch into the replica."""
+    def learn(self, method: str, args: Any, results: Any) -> list[tuple[str, int]]:
+        """Write the upstream answer of a create/update/delete/revive/batch into the replica.
+
+        Returns the entities whose answer was partial: they are queued for a fetch, and
+        reads of their type pass until the rows are complete.
+        """
         self._check_breaker()
+        to_fetch: list[tuple[str, int]] = []
         try:
             with self.store.engine.begin() as conn:
                 if method == "batch":
                     if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
                         for req, res in zip(args, results, strict=True):
                             if isinstance(req, Mapping):
-                                self._learn_one(conn, req.get("request_type"), req, res)
+                                to_fetch += self._learn_one(conn, req.get("request_type"), req, res)
                 else:
-                    self._learn_one(conn, method, args, results)
+                    to_fetch += self._learn_one(conn, method, args, results)
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)
             log.warning("could not record a %s answer; the ingester will bring it", method)
-            return
+            return []
         self._db_ok()
         self.invalidate()
+        return to_fetch
 
-    def _learn_one(self, conn: Any, method: Any, args: Any, result: Any) -> None:
+    def _learn_one(self, conn: Any, method: Any, args: Any, result: Any) -> list[tuple[str, int]]:
         if not isinstance(args, Mapping):
-            return
+            return []
         entity_type = args.get("type")
         if entity_type not in self.schema:
-            return
+            return []
         if method in ("create", "update"):
             if isinstance(result, list) and result:
                 result = result[0]
             if not isinstance(result, Mapping) or not isinstance(result.get("id"), int):
-                return
+                return []
             record = {k: v for k, v in result.items() if k != "type"}
             outcome = self.store.write_entities(conn, entity_type, [record], "proxy")
             if outcome.to_fetch:
                 self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
+                return list(outcome.to_fetch)
         elif method in ("delete", "revive") and result is True and isinstance(args.get("id"), int):
             self.store.set_retired(conn, entity_type, args["id"], method == "delete", "proxy")
+        return []
+
+    def fetch_rows(
+        self, url: str, auth: Mapping[str, Any], items: list[tuple[str, int]], ssl_context: ssl.SSLContext | None
+    ) -> None:
+        """Read whole rows from SG with the writer's own credentials and store them.
+
+        On any failure the entities stay queued; the ingester fetches them later.
+        """
+        by_type: dict[str, list[int]] = collections.defaultdict(list)
+        for entity_type, entity_id in items:
+            by_type[entity_type].append(entity_id)
+        for entity_type, ids in by_type.items():
+            fields = self.store.cached_field_names(entity_type)
+            body = json.dumps({"method_name": "read", "params": [dict(auth), {
+                "type": entity_type, "return_fields": fields, "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": [
+                    {"path": "id", "relation": "in", "values": ids}]},
+                "paging": {"entities_per_page": 500, "current_page": 1},
+                "return_paging_info": False}]}).encode()
+            request = urllib.request.Request(
+                url, data=body, method="POST",
+                headers={"Content-Type": "application/json; charset=utf-8", "User-Agent": f"sgcache/{__version__}"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10, context=ssl_context) as response:
+                    reply = json.loads(response.read())
+                records = reply["results"]["entities"]
+                with self.store.engine.begin() as conn:
+                    self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
+                    self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
+            except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
+                log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+        self.invalidate()
 
     # -- info --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -680,6 +680,17 @@ class Store:
         if rows:
             self._upsert(conn, self.fetch_queue, rows, ["entity_type", "entity_id"])
 
+    def cached_field_names(self, entity_type: str) -> list[str]:
+        """The fields of a type the replica stores (what a full fetch must ask for)."""
+        fields = self.schema.entities[entity_type].fields
+        return sorted(f for f, s in fields.items() if fieldtypes.is_cached_type(s.data_type))
+
+    def unqueue_fetch(self, conn: Connection, items: Iterable[tuple[str, int]]) -> None:
+        """Drop entities from the fetch queue (their rows are complete now)."""
+        q = self.fetch_queue
+        for entity_type, entity_id in items:
+            conn.execute(q.delete().where((q.c.entity_type == entity_type) & (q.c.entity_id == int(entity_id))))
+
     def _log(
         self, conn: Connection, source: str, event_id: int | None, entity_type: str, entity_id: int,
         field_name: str | None, old: Any, new: Any,

@@ -8,6 +8,7 @@ PostgreSQL each test gets its own schema (dropped afterwards) through the URL's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -27,12 +28,12 @@ def _pg_base() -> str | None:
     return None if value in ("", "sqlite") else value
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> Iterator[str]:
-    """A database URL no other test uses; cleaned up afterwards."""
+@contextlib.contextmanager
+def fresh_db_url(directory: Path) -> Iterator[str]:
+    """A database URL no other test uses, cleaned up afterwards."""
     base = _pg_base()
     if base is None:
-        yield f"sqlite:///{tmp_path / 'replica.db'}"
+        yield f"sqlite:///{directory / 'replica.db'}"
         return
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
@@ -45,6 +46,20 @@ def db_url(tmp_path: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         admin.dispose()
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """A database URL for this test alone."""
+    with fresh_db_url(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database URL shared by the tests of one module (for expensive set-ups)."""
+    with fresh_db_url(tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture

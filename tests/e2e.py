@@ -1,0 +1,80 @@
+"""Building blocks for end-to-end tests: fake SG + scan + mitmdump + a real client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import shotgun_api3
+
+from cache.schema import Schema, parse_rules
+
+from .fakesg import FakeSGServer, FakeSite
+from .proxyharness import REPO, Proxy
+
+SCRIPT, KEY = "pipeline", "s3cret"
+RULES = REPO / "schema" / "basic-filters.txt"
+
+
+def site_schema_file(site: FakeSite, path: Path) -> Path:
+    """The cached subset of the fake site's schema, made with the project's own rules."""
+    schema = Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES.read_text()))
+    path.write_text(schema.to_yaml(), encoding="utf-8")
+    return path
+
+
+def script_env(server: FakeSGServer, db_url: str, schema: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        SGCACHE_SITE=server.url,
+        SGCACHE_SCRIPT_NAME=SCRIPT,
+        SGCACHE_SCRIPT_KEY=KEY,
+        SGCACHE_DB=db_url,
+        SGCACHE_SCHEMA=str(schema),
+    )
+
+
+def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/<name>`` with the test interpreter; fail loudly with its output."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"scripts/{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Rig:
+    """A fake SG site, its server, a primed replica and a proxy in front."""
+
+    site: FakeSite
+    server: FakeSGServer
+    proxy: Proxy
+    schema_path: Path
+    db_url: str
+
+    def client(self, **kwargs: Any) -> shotgun_api3.Shotgun:
+        """A real shotgun_api3 client going through the proxy."""
+        kwargs.setdefault("script_name", SCRIPT)
+        kwargs.setdefault("api_key", KEY)
+        return shotgun_api3.Shotgun(self.server.url, http_proxy=self.proxy.address, **kwargs)
+
+    def direct(self) -> shotgun_api3.Shotgun:
+        """A client that talks to the fake SG without the proxy (the oracle)."""
+        return shotgun_api3.Shotgun(self.server.url, script_name=SCRIPT, api_key=KEY)
+
+    def env(self) -> dict[str, str]:
+        return script_env(self.server, self.db_url, self.schema_path)
+
+    def scan(self, *args: str) -> None:
+        run_script("scan", *(args or ("--full",)), "--quiet", env=self.env())
+
+    def reads(self) -> int:
+        """How many reads the fake SG has served."""
+        return self.site.count("read")

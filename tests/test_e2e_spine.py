@@ -1,0 +1,213 @@
+"""The spine, end to end: shotgun_api3 -> mitmdump + sgcache -> fake SG, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .e2e import KEY, SCRIPT, Rig, run_script, script_env, site_schema_file
+from .fakesg import FakeSGServer, FakeSite
+from .proxyharness import Proxy
+
+
+def populate(site: FakeSite) -> None:
+    """A small studio: a project, sequences, shots with links, assets."""
+    project = site.create_direct("Project", {"name": "Demo"})
+    proj = {"type": "Project", "id": project["id"]}
+    seqs = [site.create_direct("Sequence", {"code": f"SQ{i:02d}", "project": proj}) for i in (1, 2)]
+    assets = [site.create_direct("Asset", {"code": f"asset{i}", "project": proj}) for i in range(3)]
+    for i in range(12):
+        seq = seqs[i % 2]
+        fields: dict[str, Any] = {
+            "code": f"sh{i * 10:03d}" if i != 5 else "SH050",
+            "project": proj,
+            "sg_sequence": {"type": "Sequence", "id": seq["id"]} if i != 7 else None,
+            "sg_cut_in": 1001 + i if i != 3 else None,
+            "sg_status_list": ["ip", "fin", "wtg"][i % 3],
+            "assets": [{"type": "Asset", "id": a["id"]} for a in assets[: i % 4]],
+        }
+        site.create_direct("Shot", fields)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
+    """One primed replica and proxy for the module; tests that write use their own rows."""
+    tmp_path, db_url = tmp_path_factory.mktemp("rig"), module_db_url
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate(site)
+    with FakeSGServer(site) as server:
+        schema_path = site_schema_file(site, tmp_path / "schema.yml")
+        rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
+        rig.scan("--full")
+        proxy = Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"])
+        with proxy:
+            rig.proxy = proxy
+            yield rig
+
+
+def warm(sg: Any) -> None:
+    """The first call with new credentials passes through; SG accepting it enables hits."""
+    sg.find_one("Project", [])
+
+
+FIELDS = ["code", "sg_cut_in", "sg_status_list", "sg_sequence", "project", "assets", "sg_sequence.Sequence.code"]
+FILTERS: list[list[Any]] = [
+    [["code", "is", "sh010"]],
+    [["code", "is", "sh050"]],  # SG matches text case-insensitively
+    [["code", "in", ["sh000", "SH020", "nope"]]],
+    [["code", "not_in", ["sh000", "sh010"]]],
+    [["code", "is_not", "sh000"]],
+    [["sg_cut_in", "is", 1004]],
+    [["sg_cut_in", "is_not", 1004]],  # keeps the NULL
+    [["sg_cut_in", "in", [1001, 1002, None]]],
+    [["sg_cut_in", "not_in", [1001]]],
+    [["sg_status_list", "is", "ip"], ["sg_cut_in", "is_not", None]],
+    [["sg_sequence", "is", {"type": "Sequence", "id": 1}]],
+    [["sg_sequence", "is", None]],
+    [["sg_sequence", "is_not", {"type": "Sequence", "id": 1}]],
+    [["sg_sequence", "in", [{"type": "Sequence", "id": 1}, {"type": "Sequence", "id": 2}]]],
+    [["sg_sequence", "not_in", [{"type": "Sequence", "id": 2}]]],
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=[json.dumps(f) for f in FILTERS])
+def test_find_is_answered_from_the_replica_exactly(rig: Rig, filters: list[Any]) -> None:
+    sg = rig.client()
+    warm(sg)
+    expected = rig.direct().find("Shot", filters, FIELDS)
+    before = rig.reads()
+    got = sg.find("Shot", filters, FIELDS)
+    assert got == expected
+    assert rig.reads() == before, "the fake SG saw the read: it was not a hit"
+
+
+def test_sorted_paged_find_is_a_hit(rig: Rig) -> None:
+    sg = rig.client()
+    warm(sg)
+    order = [{"field_name": "sg_cut_in", "direction": "desc"}]
+    expected = rig.direct().find("Shot", [], ["code", "sg_cut_in"], order=order, limit=5, page=2)
+    expected_one = rig.direct().find_one("Shot", [["code", "is", "sh100"]], ["code"])
+    before = rig.reads()
+    assert sg.find("Shot", [], ["code", "sg_cut_in"], order=order, limit=5, page=2) == expected
+    assert sg.find_one("Shot", [["code", "is", "sh100"]], ["code"]) == expected_one
+    assert rig.reads() == before
+
+
+def test_create_goes_upstream_and_is_read_back(rig: Rig) -> None:
+    sg = rig.client()
+    warm(sg)
+    creates = rig.site.count("create")
+    made = sg.create("Shot", {"code": "zz999", "sg_cut_in": 7, "project": {"type": "Project", "id": 1}},
+                     return_fields=[f for f in FIELDS if "." not in f])
+    assert rig.site.count("create") == creates + 1
+    assert made == rig.direct().find_one("Shot", [["id", "is", made["id"]]], [f for f in FIELDS if "." not in f])
+    before = rig.reads()
+    assert sg.find("Shot", [["code", "is", "zz999"]], ["code", "sg_cut_in"]) == [
+        {"type": "Shot", "id": made["id"], "code": "zz999", "sg_cut_in": 7}]
+    assert rig.reads() == before
+
+
+@pytest.mark.parametrize(
+    ("filters", "fields"),
+    [
+        ([["code", "is", "sh010"]], ["code", "image"]),  # a field the cache does not hold
+        ([["created_at", "in_last", 7, "DAY"]], ["code"]),  # an operator the engine passes on
+        ([["code", "is", "sh010"]], ["code", "sg_no_such_field_anywhere"]),
+    ],
+)
+def test_uncacheable_reads_pass_and_stay_correct(rig: Rig, filters: list[Any], fields: list[str]) -> None:
+    sg = rig.client()
+    warm(sg)
+    before = rig.reads()
+    try:
+        expected: Any = rig.direct().find("Shot", filters, fields)
+    except Exception as exc:  # noqa: BLE001 - SG's own error must come through unchanged
+        expected = type(exc), str(exc)
+    mid = rig.reads()
+    try:
+        got: Any = sg.find("Shot", filters, fields)
+    except Exception as exc:  # noqa: BLE001
+        got = type(exc), str(exc)
+    assert got == expected
+    assert rig.reads() == mid + (mid - before), "the read was not passed upstream"
+
+
+def test_wrong_key_is_never_served(rig: Rig) -> None:
+    import shotgun_api3
+
+    bad = rig.client(api_key="wrong")
+    for _ in range(3):
+        with pytest.raises(shotgun_api3.AuthenticationFault):
+            bad.find("Shot", [], ["code"])
+
+
+def _through_proxy(rig: Rig, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
+    req = urllib.request.Request(rig.server.url + path, data=body, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with opener.open(req, timeout=10) as resp:
+        return resp.status, resp.read()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api3/json", b"{this is not json"),
+        ("POST", "/api3/json", b'{"method_name": "read", "params": "nope"}'),
+        ("POST", "/upload/upload_file", b"binary\x00\xffpayload"),
+        ("GET", "/file_serve/attachment/12", None),
+    ],
+)
+def test_other_requests_reach_sg_unchanged(rig: Rig, method: str, path: str, body: bytes | None) -> None:
+    before = len(rig.site.raw_requests)
+    _through_proxy(rig, method, path, body)
+    seen = rig.site.raw_requests[before:]
+    assert [(m, p, b) for m, p, _h, b in seen] == [(method, path, body or b"")]
+    assert hashlib.sha256(seen[0][3]).hexdigest() == hashlib.sha256(body or b"").hexdigest()
+
+
+def test_stale_replica_passes(tmp_path: Path, db_url: str) -> None:
+    """Without an ingester heartbeat, sgcache_max_lag makes every read pass (and stay correct)."""
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate(site)
+    with FakeSGServer(site) as server:
+        schema_path = site_schema_file(site, tmp_path / "schema.yml")
+        run_script("scan", "--full", "--quiet", env=script_env(server, db_url, schema_path))
+        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=60", "sgcache_hosts=127.0.0.1"]) as proxy:
+            rig = Rig(site, server, proxy, schema_path, db_url)
+            sg = rig.client()
+            warm(sg)
+            before = rig.reads()
+            assert sg.find("Shot", [["code", "is", "sh010"]], ["code"]) == rig.direct().find(
+                "Shot", [["code", "is", "sh010"]], ["code"])
+            assert rig.reads() == before + 2
+
+
+def test_schema_dump_then_filter_gives_a_schema_the_proxy_runs_with(tmp_path: Path, db_url: str) -> None:
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate(site)
+    with FakeSGServer(site) as server:
+        env = script_env(server, db_url, tmp_path / "subset.yml")
+        dumped = tmp_path / "site.yml"
+        run_script("schema-dump", "-o", str(dumped), env=env)
+        subset = run_script("schema-filter", "--rules", str(Path(__file__).parent.parent / "schema" /
+                                                            "basic-filters.txt"), str(dumped), env=env).stdout
+        (tmp_path / "subset.yml").write_text(subset)
+        run_script("scan", "--full", "--quiet", env=env)
+        with Proxy(tmp_path, db_url, tmp_path / "subset.yml", ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]) as proxy:
+            rig = Rig(site, server, proxy, tmp_path / "subset.yml", db_url)
+            sg = rig.client()
+            warm(sg)
+            expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code", "sg_sequence"])
+            before = rig.reads()
+            assert sg.find("Shot", [["code", "is", "sh010"]], ["code", "sg_sequence"]) == expected
+            assert rig.reads() == before
