@@ -1,0 +1,299 @@
+"""Scans: prime the replica from SG (``--full``) and reconcile it by ``updated_at``.
+
+A full scan of a type reads every row, active and retired, in id order, one page per
+transaction (a keyset loop, ``id greater_than <last id>``, so memory stays bounded and rows
+created meanwhile do not shift pages). When it completes, rows the replica holds that SG
+did not return are marked retired and the type is marked primed, with the largest
+``updated_at`` SG returned as its watermark (SG's clock, never the local one).
+
+A reconcile pass reads, per primed type, the rows with ``updated_at`` greater than the
+watermark minus an overlap, upserts them and advances the watermark. It catches writes
+made with event generation turned off, which the event ingester never sees.
+
+Before the first full prime the newest EventLogEntry id is stored as ``event_cursor``
+(only if no cursor is set), so the ingester resumes from there without a hole: events
+between it and the end of the scan are replayed, and replaying is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import fieldtypes
+from .store import Store, now_utc
+
+log = logging.getLogger("sgcache.scanner")
+
+#: State key of the last EventLogEntry id whose effects are in the replica (read by the ingester).
+EVENT_CURSOR = "event_cursor"
+PAGE_SIZE = 500
+DEFAULT_OVERLAP = 120.0
+#: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
+DB_ATTEMPTS = 3
+_WIRE_DT = "%Y-%m-%dT%H:%M:%SZ"
+_ID_ORDER = [{"field_name": "id", "direction": "asc"}]
+
+
+@dataclass
+class TypeScan:
+    """What one scan of one entity type did."""
+
+    entity_type: str
+    rows: int = 0
+    inserted: int = 0
+    changed: int = 0
+    retired_missing: int = 0
+    watermark: str | None = None
+    primed: bool = False
+    seen: set[int] = field(default_factory=set, repr=False)
+    max_id: int = 0
+
+    def summary(self) -> str:
+        text = f"{self.entity_type}: {self.rows} rows, {self.inserted} new, {self.changed} changed"
+        if self.retired_missing:
+            text += f", {self.retired_missing} gone at SG marked retired"
+        if self.primed:
+            text += ", primed"
+        return text
+
+
+def parse_when(text: str) -> datetime:
+    """An ISO 8601 date or datetime as aware UTC (naive means UTC; ``Z`` accepted)."""
+    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def wire_datetime(value: Any) -> str | None:
+    """A datetime from SG (object or wire string) in SG's wire form, for watermarks."""
+    if value is None:
+        return None
+    return fieldtypes.encode_scalar("date_time", value)
+
+
+def later(a: str | None, b: str | None) -> str | None:
+    """The later of two wire datetimes (they sort as text)."""
+    if a is None or b is None:
+        return a or b
+    return max(a, b)
+
+
+def use_immediate_transactions(engine: Engine) -> None:
+    """SQLite: take the write lock at BEGIN, so a page never fails upgrading a read lock
+    while the ingester or the proxy writes (same as ``cache.events.use_immediate_transactions``)."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
+class Scanner:
+    """Reads entity rows from ``sg`` (a ``shotgun_api3.Shotgun`` or alike) into ``store``."""
+
+    def __init__(
+        self,
+        store: Store,
+        sg: Any,
+        *,
+        page_size: int = PAGE_SIZE,
+        projects: Sequence[int] | None = None,
+        progress: bool = False,
+        progress_factory: Callable[..., Any] | None = None,
+    ):
+        self.store = store
+        self.sg = sg
+        self.page_size = page_size
+        self.projects = list(projects) if projects else None
+        self.progress = progress
+        self._progress_factory = progress_factory
+
+    # -- what to read ----------------------------------------------------------------
+    def scan_fields(self, entity_type: str) -> list[str]:
+        """Every cached field of the type whose data type the replica holds."""
+        entity = self.store.schema.entities[entity_type]
+        names = [f for f, s in entity.fields.items() if fieldtypes.is_cached_type(s.data_type)]
+        return sorted(set(names) | {"id"})
+
+    def project_filter(self, entity_type: str) -> list[Any] | None:
+        """The ``--projects`` condition for the type, or None when the type is read whole."""
+        if not self.projects:
+            return None
+        if entity_type == "Project":
+            return ["id", "in", self.projects]
+        fschema = self.store.schema.field(entity_type, "project")
+        if fschema is None or fschema.data_type != "entity":
+            return None
+        return ["project", "in", [{"type": "Project", "id": pid} for pid in self.projects]]
+
+    def has_updated_at(self, entity_type: str) -> bool:
+        fschema = self.store.schema.field(entity_type, "updated_at")
+        return fschema is not None and fschema.data_type == "date_time"
+
+    # -- reading SG ----------------------------------------------------------------------
+    def pages(self, entity_type: str, filters: list[Any], retired: bool) -> Iterator[list[dict[str, Any]]]:
+        """Pages of rows matching ``filters``, in id order, by keyset (``id greater_than``)."""
+        fields = self.scan_fields(entity_type)
+        last_id = 0
+        while True:
+            page_filters = [*filters, ["id", "greater_than", last_id]]
+            rows = self.sg.find(entity_type, page_filters, fields=fields, order=_ID_ORDER,
+                                limit=self.page_size, retired_only=retired)
+            if not rows:
+                return
+            yield rows
+            last_id = max(int(r["id"]) for r in rows)
+            if len(rows) < self.page_size:
+                return
+
+    def newest_event_id(self) -> int:
+        """The id of the newest EventLogEntry (0 when there is none)."""
+        rows = self.sg.find("EventLogEntry", [], fields=["id"],
+                            order=[{"field_name": "id", "direction": "desc"}], limit=1)
+        return int(rows[0]["id"]) if rows else 0
+
+    # -- writing the replica -----------------------------------------------------------
+    def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool) -> None:
+        """Upsert one page in one transaction, retrying when the database refuses it."""
+        for attempt in range(1, DB_ATTEMPTS + 1):
+            try:
+                with self.store.engine.begin() as conn:
+                    result = self.store.write_entities(
+                        conn, scan.entity_type, rows, "scan", complete=True, retired=retired
+                    )
+                break
+            except (sa.exc.OperationalError, sa.exc.IntegrityError) as exc:
+                if attempt == DB_ATTEMPTS:
+                    raise
+                log.warning("%s: page write failed (%s), retrying", scan.entity_type, exc.__class__.__name__)
+                time.sleep(0.2 * attempt)
+        if result.to_fetch:
+            log.warning("%s: %d rows not stored (bad values): %s", scan.entity_type, len(result.to_fetch),
+                        result.to_fetch[:10])
+        scan.rows += len(rows)
+        scan.inserted += result.inserted
+        scan.changed += result.changed
+        for row in rows:
+            eid = int(row["id"])
+            scan.seen.add(eid)
+            scan.max_id = max(scan.max_id, eid)
+            scan.watermark = later(scan.watermark, wire_datetime(row.get("updated_at")))
+
+    def _read_into(self, scan: TypeScan, filters: list[Any], bar: Any) -> None:
+        """Read active then retired rows matching ``filters`` into the replica."""
+        for retired in (False, True):
+            for rows in self.pages(scan.entity_type, filters, retired):
+                self._write_page(scan, rows, retired)
+                bar.update(len(rows))
+
+    def _bar(self, entity_type: str) -> Any:
+        factory = self._progress_factory
+        if factory is None:
+            from tqdm import tqdm as factory
+        return factory(desc=entity_type, unit=" rows", disable=not self.progress, leave=False)
+
+    # -- full scans --------------------------------------------------------------------
+    def record_event_cursor(self) -> None:
+        """Store the newest event id as ``event_cursor``, unless a cursor is already set."""
+        with self.store.engine.connect() as conn:
+            if self.store.get_state(conn, EVENT_CURSOR) is not None:
+                return
+        newest = self.newest_event_id()
+        with self.store.engine.begin() as conn:
+            if self.store.get_state(conn, EVENT_CURSOR) is None:
+                self.store.set_state(conn, EVENT_CURSOR, newest)
+                log.info("event cursor set to %d (the newest event before the prime)", newest)
+
+    def full_scan(self, entity_type: str) -> TypeScan:
+        """Read every row of the type; prime it unless ``--projects`` made the scan partial."""
+        scan = TypeScan(entity_type)
+        pfilter = self.project_filter(entity_type)
+        filters = [pfilter] if pfilter else []
+        with self._bar(entity_type) as bar:
+            self._read_into(scan, filters, bar)
+        if pfilter is None:
+            self._finish_full(scan)
+        log.info("%s", scan.summary())
+        return scan
+
+    def _finish_full(self, scan: TypeScan) -> None:
+        """Retire rows SG no longer has, and mark the type primed, in one transaction."""
+        table = self.store.tables[scan.entity_type]
+        with self.store.engine.begin() as conn:
+            held = conn.execute(
+                sa.select(table.c.id).where(~table.c._retired & (table.c.id <= scan.max_id))
+            ).scalars()
+            missing = sorted(set(held) - scan.seen)
+            for eid in missing:
+                if self.store.set_retired(conn, scan.entity_type, eid, True, source="scan"):
+                    scan.retired_missing += 1
+            self.store.mark_primed(conn, scan.entity_type, watermark=scan.watermark)
+        scan.primed = True
+
+    def prime(self, types: Sequence[str]) -> list[TypeScan]:
+        """Full scans of ``types``, after recording the event cursor."""
+        self.record_event_cursor()
+        return [self.full_scan(t) for t in types]
+
+    # -- reconcile -----------------------------------------------------------------------
+    def primed_types(self) -> dict[str, str | None]:
+        """Primed cached types and their watermarks."""
+        types = self.store.types
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(types.c.entity_type, types.c.scan_watermark).where(types.c.primed))
+            return {r.entity_type: r.scan_watermark for r in rows if r.entity_type in self.store.schema}
+
+    def reconcile(self, types: Sequence[str], since: datetime | None = None,
+                  overlap: float = DEFAULT_OVERLAP) -> list[TypeScan]:
+        """Upsert rows updated after ``since`` (or each type's watermark minus ``overlap``)."""
+        primed = self.primed_types()
+        out = []
+        for entity_type in types:
+            if entity_type not in primed:
+                log.info("%s: not primed, skipped (run a full scan first)", entity_type)
+                continue
+            if not self.has_updated_at(entity_type):
+                log.warning("%s: updated_at is not cached, cannot reconcile", entity_type)
+                continue
+            start = since
+            if start is None:
+                if primed[entity_type] is None:
+                    log.warning("%s: no watermark yet (no row had updated_at), skipped", entity_type)
+                    continue
+                start = parse_when(primed[entity_type]) - timedelta(seconds=overlap)
+            out.append(self.reconcile_type(entity_type, start, primed[entity_type]))
+        return out
+
+    def reconcile_type(self, entity_type: str, start: datetime, watermark: str | None) -> TypeScan:
+        """Read rows of one type with ``updated_at`` after ``start``; advance its watermark."""
+        scan = TypeScan(entity_type, watermark=watermark)
+        filters: list[Any] = [["updated_at", "greater_than", start]]
+        pfilter = self.project_filter(entity_type)
+        if pfilter:
+            filters.insert(0, pfilter)
+        log.debug("%s: reading rows updated after %s", entity_type, start.strftime(_WIRE_DT))
+        with self._bar(entity_type) as bar:
+            self._read_into(scan, filters, bar)
+        types = self.store.types
+        with self.store.engine.begin() as conn:
+            conn.execute(
+                types.update()
+                .where(types.c.entity_type == entity_type)
+                .values(scan_watermark=scan.watermark, last_scan_at=now_utc())
+            )
+        log.info("%s (updated after %s)", scan.summary(), start.strftime(_WIRE_DT))
+        return scan

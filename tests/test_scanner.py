@@ -1,0 +1,276 @@
+"""scripts/scan against the fake SG, the replica on ``db_url`` (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cache.scanner import EVENT_CURSOR, Scanner, parse_when
+from cache.schema import Schema, parse_rules
+from cache.store import Store
+
+from .conftest import REPO
+from .fakesg import FakeSGServer, FakeSite
+
+SCRIPT, KEY = "scanner", "k3y"
+T0 = dt.datetime(2024, 3, 1, 12, 0, 0)
+#: Whole types, so that uncached data types (image, ...) are in the schema and must not be read.
+RULES = "+Project\n+Sequence\n+Shot\n+Task\n+HumanUser\n-*.tags\n"
+
+
+@dataclass
+class Rig:
+    site: FakeSite
+    server: FakeSGServer
+    schema: Schema
+    schema_path: Path
+    db_url: str
+
+    def scan(self, *args: str, page_size: int = 2) -> subprocess.CompletedProcess[str]:
+        """Run ``scripts/scan`` (small pages, to exercise the keyset loop); fail with its output."""
+        env = dict(os.environ, SGCACHE_SITE=self.server.url, SGCACHE_SCRIPT_NAME=SCRIPT,
+                   SGCACHE_SCRIPT_KEY=KEY)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "scan"), "--db", self.db_url, "--schema",
+             str(self.schema_path), "--page-size", str(page_size), "--quiet", *args],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, f"scan {args} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def store(self) -> Store:
+        return Store.open(self.db_url, self.schema)
+
+
+def populate(site: FakeSite) -> dict[str, Any]:
+    """Two projects with sequences, shots of every cacheable kind of value, tasks; some retired."""
+    site.set_clock(T0)
+    projects = [site.create_direct("Project", {"name": f"P{i}"}) for i in (1, 2)]
+    links = [{"type": "Project", "id": p["id"]} for p in projects]
+    seqs = [site.create_direct("Sequence", {"code": f"SQ{i}", "project": links[i % 2]}) for i in range(2)]
+    shots = []
+    for i in range(7):
+        shots.append(site.create_direct("Shot", {
+            "code": f"sh{i:03d}", "project": links[i % 2],
+            "sg_sequence": {"type": "Sequence", "id": seqs[i % 2]["id"]} if i != 3 else None,
+            "sg_cut_in": 1001 + i, "sg_frame_rate": 24.0 if i % 2 else None, "sg_omit": i == 2,
+            "sg_due_date": f"2024-04-0{i + 1}", "sg_last_review": T0 - dt.timedelta(days=i),
+            "sg_status_list": ["ip", "fin", "wtg"][i % 3], "sg_data": {"k": [i]},
+        }))
+    tasks = [site.create_direct("Task", {"content": f"task{i}", "project": links[0],
+                                         "entity": {"type": "Shot", "id": shots[i]["id"]}}) for i in range(3)]
+    site.delete_direct("Shot", shots[6]["id"])
+    site.delete_direct("Task", tasks[2]["id"])
+    return {"projects": projects, "shots": shots, "tasks": tasks}
+
+
+@pytest.fixture
+def rig(tmp_path: Path, db_url: str) -> Iterator[Rig]:
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate(site)
+    schema = Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES))
+    path = tmp_path / "schema.yml"
+    path.write_text(schema.to_yaml(), encoding="utf-8")
+    with FakeSGServer(site) as server:
+        yield Rig(site, server, schema, path, db_url)
+
+
+def sg_rows(site: FakeSite, entity_type: str) -> dict[int, bool]:
+    """id -> retired, for every row SG has."""
+    out = {r["id"]: False for r in site.find_direct(entity_type)}
+    out.update({r["id"]: True for r in site.find_direct(entity_type, retired_only=True)})
+    return out
+
+
+def replica_rows(store: Store, entity_type: str) -> dict[int, bool]:
+    table = store.tables[entity_type]
+    with store.engine.connect() as conn:
+        return {r.id: bool(r._retired) for r in conn.execute(sa.select(table.c.id, table.c._retired))}
+
+
+def change_count(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(store.changes)).scalar_one()
+
+
+def type_state(store: Store) -> dict[str, tuple[bool, str | None]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(store.types)).all()
+    return {r.entity_type: (bool(r.primed), r.scan_watermark) for r in rows}
+
+
+def shot_row(store: Store, shot_id: int) -> Any:
+    table = store.tables["Shot"]
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(table).where(table.c.id == shot_id)).one()
+
+
+def test_full_scan_primes_every_type(rig: Rig) -> None:
+    cursor = rig.site.last_event_id()
+    rig.scan("--full")
+    store = rig.store()
+    try:
+        for entity_type in rig.schema.entities:
+            assert replica_rows(store, entity_type) == sg_rows(rig.site, entity_type), entity_type
+        state = type_state(store)
+        assert set(state) == set(rig.schema.entities)
+        assert all(primed for primed, _ in state.values())
+        assert state["Shot"][1] == "2024-03-01T12:00:00Z"  # SG's updated_at, not the local clock
+        with store.engine.connect() as conn:
+            assert store.get_state(conn, EVENT_CURSOR) == cursor
+        shot = next(r for r in rig.site.find_direct("Shot", [["code", "is", "sh001"]],
+                                                    ["sg_sequence", "sg_frame_rate", "sg_data"]))
+        row = shot_row(store, shot["id"])
+        assert (row.code, row.sg_cut_in, row.sg_frame_rate, row.sg_omit) == ("sh001", 1002, 24.0, False)
+        assert (row.sg_sequence__type, row.sg_sequence__id) == ("Sequence", shot["sg_sequence"]["id"])
+        assert row.sg_last_review == "2024-02-29T12:00:00Z" and row.sg_due_date == "2024-04-02"
+        links = sum(len(r["tasks"]) for retired in (False, True)
+                    for r in rig.site.find_direct("Shot", fields=["tasks"], retired_only=retired))
+        tasks_table = store.multi[("Shot", "tasks")]
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(tasks_table)).scalar_one() == links == 2
+    finally:
+        store.dispose()
+    reads = [p for name, p in rig.site.requests if name == "read" and p["type"] == "Shot"]
+    assert len(reads) >= 4  # 6 active + 1 retired rows in pages of 2
+    assert all("image" not in p["return_fields"] for p in reads)  # uncached data type: never read
+    assert {p.get("return_only", "active") for p in reads} == {"active", "retired"}
+
+
+def test_rescan_changes_nothing(rig: Rig) -> None:
+    rig.scan("--full")
+    store = rig.store()
+    try:
+        before = change_count(store)
+        assert before > 0
+        rig.scan("--full")
+        rig.scan()  # a watermark pass re-reads the overlap: still nothing new
+        assert change_count(store) == before
+    finally:
+        store.dispose()
+
+
+def test_rows_gone_at_sg_are_retired(rig: Rig, request: Any) -> None:
+    shots = {r["code"]: r["id"] for r in rig.site.find_direct("Shot", fields=["code"])}
+    rig.scan("--full")
+    rig.site.delete_direct("Shot", shots["sh000"], events=False)  # retired at SG
+    with rig.site._lock:  # no helper in the fake for a row that vanished (purged); drop it directly
+        del rig.site._state.rows["Shot"][shots["sh001"]]
+    rig.scan("--full", "--types", "Shot")
+    store = rig.store()
+    try:
+        rows = replica_rows(store, "Shot")
+        assert rows[shots["sh000"]] is True and rows[shots["sh001"]] is True
+        assert rows[shots["sh002"]] is False
+        with store.engine.connect() as conn:
+            logged = conn.execute(
+                sa.select(store.changes.c.entity_id)
+                .where((store.changes.c.source == "scan")
+                       & store.changes.c.field_name.in_(["retired", "_retired"]))
+            ).scalars().all()
+            names = {r.id: r.retired for r in conn.execute(
+                sa.select(store.entities).where(store.entities.c.type == "Shot"))}
+        assert sorted(logged) == sorted([shots["sh000"], shots["sh001"]])
+        assert names[shots["sh001"]] is True
+    finally:
+        store.dispose()
+
+
+def test_since_and_watermark_pick_up_silent_writes(rig: Rig) -> None:
+    shots = {r["code"]: r["id"] for r in rig.site.find_direct("Shot", fields=["code"])}
+    rig.scan("--full")
+    rig.site.set_clock(T0 + dt.timedelta(hours=1))
+    rig.site.update_direct("Shot", shots["sh002"], {"code": "renamed", "sg_cut_in": 7}, events=False)
+    rig.site.reset_counts()
+    rig.scan("--since", "2024-03-01T12:30:00Z", "--types", "Shot")
+    store = rig.store()
+    try:
+        row = shot_row(store, shots["sh002"])
+        assert (row.code, row.sg_cut_in) == ("renamed", 7)
+        assert type_state(store)["Shot"] == (True, "2024-03-01T13:00:00Z")
+        read = next(p for name, p in rig.site.requests if name == "read" and p["type"] == "Shot")
+        assert "updated_at" in str(read["filters"])
+        # a watermark pass (no flag) picks up the next silent write
+        rig.site.set_clock(T0 + dt.timedelta(hours=2))
+        rig.site.update_direct("Shot", shots["sh004"], {"description": "later"}, events=False)
+        rig.scan()
+        assert shot_row(store, shots["sh004"]).description == "later"
+        assert type_state(store)["Shot"] == (True, "2024-03-01T14:00:00Z")
+    finally:
+        store.dispose()
+
+
+def test_projects_scan_is_partial(rig: Rig) -> None:
+    p1 = rig.site.find_direct("Project", [["name", "is", "P1"]])[0]["id"]
+    rig.scan("--full", "--projects", str(p1))
+    store = rig.store()
+    try:
+        state = type_state(store)
+        assert "Shot" not in state and "Project" not in state  # partial: not primed
+        assert state["HumanUser"][0] is True  # no project field: read whole
+        in_p1 = [["project", "is", {"type": "Project", "id": p1}]]
+        shots = {r["id"]: retired for retired in (False, True)
+                 for r in rig.site.find_direct("Shot", in_p1, retired_only=retired)}
+        assert replica_rows(store, "Shot") == shots and True in shots.values()
+        assert set(replica_rows(store, "Project")) == {p1}
+    finally:
+        store.dispose()
+
+
+def test_bad_types_exit_2(rig: Rig) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "scan"), "--db", rig.db_url, "--schema",
+         str(rig.schema_path), "--site", rig.server.url, "--script-name", SCRIPT, "--script-key", KEY,
+         "--full", "--types", "Shot,Nope"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "Nope" in proc.stderr
+
+
+class DirectClient:
+    """shotgun_api3's ``find`` served by a FakeSite in-process; creates a row between pages."""
+
+    def __init__(self, site: FakeSite, on_read: Any = None):
+        self.site = site
+        self.on_read = on_read
+
+    def find(self, entity_type: str, filters: Any, fields: list[str] | None = None,
+             order: Any = None, limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]:
+        rows = self.site.find_direct(entity_type, filters, fields, order, retired_only=retired_only)
+        if self.on_read:
+            self.on_read(entity_type)
+        return rows[:limit] if limit else rows
+
+
+def test_keyset_pages_survive_concurrent_inserts(rig: Rig) -> None:
+    """A row created mid-scan neither shifts pages nor is lost; ids read are never repeated."""
+    created: list[int] = []
+
+    def on_read(entity_type: str) -> None:
+        if entity_type == "Shot" and not created:
+            created.append(rig.site.create_direct("Shot", {"code": "late"}, events=False)["id"])
+
+    store = rig.store()
+    try:
+        scan = Scanner(store, DirectClient(rig.site, on_read), page_size=2).full_scan("Shot")
+        assert created[0] in scan.seen
+        assert scan.rows == len(sg_rows(rig.site, "Shot"))
+        assert replica_rows(store, "Shot") == sg_rows(rig.site, "Shot")
+    finally:
+        store.dispose()
+
+
+def test_parse_when() -> None:
+    assert parse_when("2024-03-01T12:00:00Z") == dt.datetime(2024, 3, 1, 12, tzinfo=dt.UTC)
+    assert parse_when("2024-03-01T14:00:00+02:00") == dt.datetime(2024, 3, 1, 12, tzinfo=dt.UTC)
+    assert parse_when("2024-03-01") == dt.datetime(2024, 3, 1, tzinfo=dt.UTC)

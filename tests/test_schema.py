@@ -1,0 +1,235 @@
+"""The schema YAML format, the rules, and scripts/schema-dump + scripts/schema-filter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cache.schema import Schema, SchemaError, parse_rules
+from cache.store import Store, entity_table_name
+
+from .conftest import REPO
+from .fakesg import FakeSGServer, FakeSite
+
+FIXTURES = REPO.parent / "shared" / "fixtures"
+SCRIPT, KEY = "schematool", "k3y"
+#: schema_read keys with no place in the format: ``entity_type`` repeats the type, ``visible`` is UI state.
+UNKEPT_KEYS = {"entity_type", "visible"}
+
+
+def run(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def site_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    path = FIXTURES / "shotgun-schema-read.json"
+    if not path.exists():
+        pytest.skip(f"real site schema fixture absent: {path}")
+    entity_path = FIXTURES / "shotgun-schema-entity-read.json"
+    entity_read = json.loads(entity_path.read_text()) if entity_path.exists() else {}
+    return json.loads(path.read_text()), entity_read
+
+
+def _unwrap(entry: Any) -> Any:
+    return entry["value"] if isinstance(entry, dict) and "value" in entry else entry
+
+
+def _as_read(fschema: Any) -> dict[str, Any]:
+    """A parsed field back in schema_read terms (unwrapped values), for comparing with SG's."""
+    extra = dict(fschema.extra)
+    props = dict(extra.pop("properties", {}))
+    out = {"data_type": fschema.data_type, "name": extra.pop("label", None),
+           "description": extra.pop("description", None)}
+    out.update({k: extra.pop(k, None) for k in ("editable", "mandatory", "unique")})
+    if fschema.links:
+        props["valid_types"] = list(fschema.links)
+    if fschema.values is not None:
+        props["valid_values"] = list(fschema.values)
+    if "default" in extra:
+        props["default_value"] = extra.pop("default")
+    assert not extra
+    out["properties"] = props
+    return out
+
+
+def _sg_view(fspec: dict[str, Any]) -> dict[str, Any]:
+    """SG's field spec unwrapped; empty values (None, '') dropped as the format does."""
+    out = {k: _unwrap(v) for k, v in fspec.items() if k not in UNKEPT_KEYS and k != "properties"}
+    out = {k: (None if v == "" else v) for k, v in out.items()}
+    props = {k: _unwrap(v) for k, v in (fspec.get("properties") or {}).items()}
+    if props.get("default_value") is None:
+        props.pop("default_value", None)
+    if props.get("valid_types") == []:
+        props.pop("valid_types")
+    out["properties"] = props
+    return out
+
+
+# -- the YAML format -------------------------------------------------------------------
+def test_real_site_schema_round_trips(site_schema: tuple[dict[str, Any], dict[str, Any]]) -> None:
+    schema_read, entity_read = site_schema
+    schema = Schema.from_schema_read(schema_read, entity_read)
+    again = Schema.from_yaml(schema.to_yaml())
+    assert again == schema
+    assert set(again.entities) == set(schema_read)
+    for type_name, fields in schema_read.items():
+        assert set(again.entities[type_name].fields) == set(fields)
+        if type_name in entity_read:
+            assert again.entities[type_name].label == _unwrap(entity_read[type_name]["name"])
+        for fname, fspec in fields.items():
+            # every property of every field is written down and read back
+            assert _as_read(again.entities[type_name].fields[fname]) == _sg_view(fspec), (type_name, fname)
+
+
+def test_short_and_long_field_forms() -> None:
+    text = """
+sgcache_schema: 1
+entities:
+  Shot:
+    identifier: code
+    fields:
+      code: text
+      sg_sequence: {type: entity, links: [Sequence]}
+      sg_status_list: {type: status_list, values: [wtg, ip], label: Status, properties: {x: 1}}
+"""
+    schema = Schema.from_yaml(text)
+    shot = schema.entities["Shot"]
+    assert shot.identifier == "code" and "id" in shot.fields  # id is implied
+    assert shot.fields["sg_sequence"].links == ("Sequence",)
+    assert shot.fields["sg_status_list"].values == ("wtg", "ip")
+    assert shot.fields["sg_status_list"].extra == {"label": "Status", "properties": {"x": 1}}
+    assert Schema.from_yaml(schema.to_yaml()) == schema
+    assert schema.to_dict()["entities"]["Shot"]["fields"]["code"] == "text"
+    brief = schema.brief().to_dict()["entities"]["Shot"]["fields"]["sg_status_list"]
+    assert brief == {"type": "status_list", "values": ["wtg", "ip"]}
+
+
+@pytest.mark.parametrize("text", [
+    "entities:\n  'Shot; DROP TABLE x':\n    fields: {code: text}\n",
+    "entities:\n  Shot:\n    fields: {'bad-name': text}\n",
+    "entities:\n  Shot:\n    fields: {'1code': text}\n",
+    "entities:\n  Shot:\n    fields: {code: {links: [Sequence]}}\n",
+    "sgcache_schema: 2\nentities: {}\n",
+    "fields: {}\n",
+    "entities: [1\n",
+])
+def test_invalid_schemas_refused(text: str) -> None:
+    with pytest.raises(SchemaError):
+        Schema.from_yaml(text)
+
+
+def test_invalid_names_refused_from_schema_read() -> None:
+    with pytest.raises(SchemaError):
+        Schema.from_schema_read({"Shot": {"x y": {"data_type": {"value": "text"}}}})
+
+
+# -- rules ----------------------------------------------------------------------------
+def _schema() -> Schema:
+    return Schema.from_yaml("""
+entities:
+  Shot: {fields: {code: text, sg_cut_in: number, sg_cut_out: number, image: image, description: text}}
+  Asset: {fields: {code: text, sg_asset_type: list}}
+  Task: {fields: {content: text}}
+""")
+
+
+def _kept(rules: str) -> dict[str, set[str]]:
+    subset = _schema().filtered(parse_rules(rules))
+    return {t: set(e.fields) for t, e in subset.entities.items()}
+
+
+def test_rules_later_lines_win_and_globs() -> None:
+    assert _kept("+Shot.*\n-Shot.sg_cut_*\n") == {"Shot": {"id", "code", "image", "description"}}
+    assert _kept("-Shot.sg_cut_*\n+Shot.*\n") == {
+        "Shot": {"id", "code", "image", "description", "sg_cut_in", "sg_cut_out"}}
+    assert _kept("+*.code\n-Asset.*\n") == {"Shot": {"id", "code"}}
+    assert _kept("+Shot.sg_cut_i?\n") == {"Shot": {"id", "sg_cut_in"}}
+
+
+def test_rules_type_shorthand_and_comments() -> None:
+    rules = "# a comment\n\n+Asset   # every field of Asset\n  -Asset.sg_asset_type\n+Task.content # trailing\n"
+    assert parse_rules(rules) == [(True, "Asset.*"), (False, "Asset.sg_asset_type"), (True, "Task.content")]
+    assert _kept(rules) == {"Asset": {"id", "code"}, "Task": {"id", "content"}}
+    assert _kept("-Shot\n") == {}
+
+
+@pytest.mark.parametrize("line", ["Shot.code", "+", "- ", "*Shot.code", "=Shot.code"])
+def test_bad_rules_refused(line: str) -> None:
+    with pytest.raises(SchemaError, match="line 2"):
+        parse_rules(f"+Shot.code\n{line}\n")
+
+
+# -- the scripts ----------------------------------------------------------------------
+@pytest.fixture
+def server() -> Iterator[FakeSGServer]:
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    with FakeSGServer(site) as srv:
+        yield srv
+
+
+def test_dump_filter_load_create(server: FakeSGServer, tmp_path: Path, db_url: str) -> None:
+    env = dict(os.environ, SGCACHE_SITE=server.url, SGCACHE_SCRIPT_NAME=SCRIPT, SGCACHE_SCRIPT_KEY=KEY)
+    site_yml = tmp_path / "site.yml"
+    dumped = run("schema-dump", "-o", str(site_yml), env=env)
+    assert dumped.returncode == 0, dumped.stderr
+    site = Schema.load(site_yml)
+    assert site == Schema.from_schema_read(server.site.schema, server.site.entity_schema)
+    to_stdout = run("schema-dump", env=env)
+    assert to_stdout.returncode == 0 and to_stdout.stdout == site_yml.read_text()
+
+    filtered = run("schema-filter", "--rules", str(REPO / "schema" / "basic-filters.txt"), str(site_yml))
+    assert filtered.returncode == 0, filtered.stderr
+    my_yml = tmp_path / "my.yml"
+    my_yml.write_text(filtered.stdout)
+    schema = Schema.load(my_yml)
+    assert "Shot" in schema and "image" not in schema.entities["Shot"].fields
+    assert "TaskTemplate" not in schema
+    store = Store.open(db_url, schema)
+    try:
+        tables = set(sa.inspect(store.engine).get_table_names())
+        assert {entity_table_name(t) for t in schema.entities} <= tables
+    finally:
+        store.dispose()
+
+    brief = run("schema-filter", "--brief", "--rules", str(REPO / "schema" / "basic-filters.txt"), str(site_yml))
+    assert brief.returncode == 0 and "label: Date Created" not in brief.stdout
+    assert Schema.from_yaml(brief.stdout) == schema.brief()
+
+
+def test_dump_needs_a_site() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGCACHE_")}
+    proc = run("schema-dump", env=env)
+    assert proc.returncode != 0 and "--site" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("rules, schema_text, message", [
+    ("+Shot.code\noops\n", "entities: {Shot: {fields: {code: text}}}\n", "rules line 2"),
+    ("+Shot.code\n", "entities: [1\n", "not valid YAML"),
+    ("+Shot.code\n", "entities: {Shot: {fields: [code]}}\n", "not a schema file"),
+    ("+Shot.code\n", "- just a list\n", "top-level 'entities'"),
+])
+def test_filter_errors_exit_2(tmp_path: Path, rules: str, schema_text: str, message: str) -> None:
+    (tmp_path / "rules.txt").write_text(rules)
+    (tmp_path / "s.yml").write_text(schema_text)
+    proc = run("schema-filter", "--rules", str(tmp_path / "rules.txt"), str(tmp_path / "s.yml"))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_filter_unreadable_files_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "rules.txt").write_text("+Shot\n")
+    for args in (["--rules", str(tmp_path / "missing.txt"), str(tmp_path / "rules.txt")],
+                 ["--rules", str(tmp_path / "rules.txt"), str(tmp_path / "missing.yml")]):
+        proc = run("schema-filter", *args)
+        assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
