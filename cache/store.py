@@ -519,8 +519,8 @@ class Store:
                 diff = {k: v for k, v in values.items() if old[k] != v}
                 if diff:
                     conn.execute(table.update().where(table.c.id == eid).values(**diff))
-                    for col, new in diff.items():
-                        self._log(conn, source, event_id, entity_type, eid, col, old[col], new)
+                    for fname, (before, after) in _field_changes(diff, old).items():
+                        self._log(conn, source, event_id, entity_type, eid, fname, before, after)
                     result.changed += 1
             multi_values.extend((eid, f, v) for f, v in multis.items())
         if inserts:
@@ -534,18 +534,14 @@ class Store:
             self.note_links(conn, links)
         if names:
             self._upsert(conn, self.entities, names, ["type", "id"])
-        retired_rows = [
-            {"type": entity_type, "id": int(r["id"]), "retired": retired}
-            for r in records
-            if retired is not None
-        ]
-        if retired_rows:
-            for row in retired_rows:
-                conn.execute(
-                    self.entities.update()
-                    .where((self.entities.c.type == row["type"]) & (self.entities.c.id == row["id"]))
-                    .values(retired=row["retired"])
-                )
+        if retired is not None:
+            reg = self.entities
+            conn.execute(
+                reg.update()
+                .where((reg.c.type == entity_type) & (reg.c.id == sa.bindparam("b_id")))
+                .values(retired=retired),
+                [{"b_id": int(r["id"])} for r in records],
+            )
         if inserts:
             # a new row of a type whose identifier is not cached still needs a registry row
             self._upsert(
@@ -707,6 +703,27 @@ class Store:
                 new=None if new is None else json.dumps(new, default=str),
             )
         )
+
+
+def _field_changes(diff: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Changed columns -> {field: (old, new)}; an entity field's two columns become one link."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for col, new in diff.items():
+        if col == "_retired":
+            out["retired"] = (old[col], new)
+        elif col.endswith(("__type", "__id")):
+            fname = col.rsplit("__", 1)[0]
+            if fname in out:
+                continue
+            t_col, i_col = f"{fname}__type", f"{fname}__id"
+            new_type, new_id = diff.get(t_col, old[t_col]), diff.get(i_col, old[i_col])
+            out[fname] = (
+                None if old[i_col] is None else {"type": old[t_col], "id": old[i_col]},
+                None if new_id is None else {"type": new_type, "id": new_id},
+            )
+        else:
+            out[col] = (old[col], new)
+    return out
 
 
 def _column_type(storage: str) -> sa.types.TypeEngine[Any]:
