@@ -149,6 +149,59 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[start:start + size]
 
 
+def insert_rows(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Plain INSERT of many rows (SQLAlchemy batches it into multi-row VALUES on PostgreSQL)."""
+    if rows:
+        conn.execute(table.insert(), list(rows))
+
+
+def update_rows(conn: Connection, table: sa.Table, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """UPDATE rows by primary key, one executemany per set of changed columns."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        cols = tuple(sorted(c for c in row if c not in keys))
+        groups.setdefault(cols, []).append({f"p_{c}": v for c, v in row.items()})
+    for cols, params in groups.items():
+        if not cols:
+            continue
+        cond = sa.and_(*(table.c[k] == sa.bindparam(f"p_{k}") for k in keys))
+        conn.execute(table.update().where(cond).values({c: sa.bindparam(f"p_{c}") for c in cols}), params)
+
+
+def write_registry(store: Store, conn: Connection, named: Mapping[tuple[str, int], Any],
+                   unnamed: Iterable[tuple[str, int]] = (),
+                   retired: Mapping[tuple[str, int], bool] | None = None) -> None:
+    """``sgcache_entities``: set names (and retired flags), insert unknown entities, in bulk."""
+    reg = store.entities
+    retired = retired or {}
+    keys = set(named) | set(unnamed) | set(retired)
+    by_type: dict[str, list[int]] = {}
+    for t, i in keys:
+        by_type.setdefault(t, []).append(i)
+    existing: dict[tuple[str, int], Any] = {}
+    for t, ids in by_type.items():
+        for chunk in _chunks(sorted(ids), 500):
+            for r in conn.execute(sa.select(reg).where((reg.c.type == t) & reg.c.id.in_(chunk))):
+                existing[(r.type, r.id)] = r
+    inserts, updates = [], []
+    for key in sorted(keys):
+        want: dict[str, Any] = {}
+        if key in named:
+            want.update(name=named[key], name_known=True)
+        if key in retired:
+            want["retired"] = retired[key]
+        old = existing.get(key)
+        if old is None:
+            inserts.append({"type": key[0], "id": key[1], "name": want.get("name"),
+                            "name_known": want.get("name_known", False), "retired": want.get("retired", False)})
+            continue
+        diff = {k: v for k, v in want.items() if getattr(old, k) != v}
+        if diff:
+            updates.append({"type": key[0], "id": key[1], **diff})
+    insert_rows(conn, reg, inserts)
+    update_rows(conn, reg, ["type", "id"], updates)
+
+
 # -- leadership ----------------------------------------------------------------------
 class LeaderLock:
     """Exactly one ingester per replica may write; this is its token."""
@@ -214,6 +267,11 @@ def leader_lock_for(engine: Engine) -> LeaderLock:
     return NoLock()
 
 
+def engine_options(url: str) -> dict[str, Any]:
+    """Engine options for the ingester: on psycopg2, batch executemany UPDATEs (fewer round trips)."""
+    return {"executemany_mode": "values_plus_batch"} if url.startswith(("postgresql", "postgres")) else {}
+
+
 def use_immediate_transactions(engine: Engine) -> None:
     """SQLite: take the write lock at BEGIN, so a poll never fails upgrading a read lock."""
     if engine.dialect.name != "sqlite":
@@ -228,6 +286,114 @@ def use_immediate_transactions(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()
+
+
+class BatchBuffer:
+    """The writes of one batch of events, coalesced into a few bulk statements.
+
+    Rows touched by scalar/entity Changes are loaded once and changed in memory (each
+    event's change still gets its own change-log row, in event order); registry names,
+    registry rows and fetch requests are gathered too. :meth:`flush` writes them all; it
+    runs before the transaction commits and before anything that could see them (a
+    multi_entity change naming an entity whose name is buffered).
+    """
+
+    def __init__(self, store: Store, conn: Connection):
+        self.store = store
+        self.conn = conn
+        self.rows: dict[tuple[str, int], dict[str, Any] | None] = {}
+        self.dirty: dict[tuple[str, int], dict[str, Any]] = {}
+        self.logs: list[dict[str, Any]] = []
+        self.names: dict[tuple[str, int], Any] = {}
+        self.unnamed: set[tuple[str, int]] = set()
+        self.fetch: dict[tuple[str, int], str] = {}
+
+    def load(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Read the replica rows of these (cached type, id) pairs in one query per type."""
+        wanted: dict[str, set[int]] = {}
+        for entity_type, entity_id in keys:
+            if entity_type in self.store.tables and (entity_type, entity_id) not in self.rows:
+                wanted.setdefault(entity_type, set()).add(entity_id)
+        for entity_type, ids in wanted.items():
+            table = self.store.tables[entity_type]
+            for chunk in _chunks(sorted(ids), 500):
+                for row in self.conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
+                    self.rows[(entity_type, row.id)] = dict(row._mapping)
+            for entity_id in ids:
+                self.rows.setdefault((entity_type, entity_id), None)
+
+    def exists(self, key: tuple[str, int]) -> bool:
+        if key not in self.rows:
+            self.load([key])
+        return self.rows.get(key) is not None
+
+    def note(self, links: Iterable[Mapping[str, Any]]) -> None:
+        """Registry: remember linked entities and their names (last one wins)."""
+        for link in links:
+            key = (link["type"], int(link["id"]))
+            if "name" in link:
+                self.names[key] = link["name"]
+            else:
+                self.unnamed.add(key)
+
+    def queue(self, key: tuple[str, int], reason: str) -> None:
+        self.fetch.setdefault(key, reason)
+
+    def write(self, key: tuple[str, int], record: Mapping[str, Any], event_id: int) -> bool:
+        """Change some scalar/entity fields of a loaded row; False when a value does not fit."""
+        entity = self.store.schema.entities[key[0]]
+        fields = {f: entity.fields[f] for f in record if f in entity.fields and f != "id"}
+        try:
+            values, multis, links = self.store._encode_record(key[0], fields, record)
+        except ValueError as exc:
+            log.info("event %s: %s %s: %s", event_id, key[0], key[1], exc)
+            return False
+        row = self.rows.get(key)
+        if multis or row is None:
+            return False
+        now = now_utc()
+        for col, new in values.items():
+            old = row[col]
+            if old == new:
+                continue
+            row[col] = new
+            self.dirty.setdefault(key, {})[col] = new
+            self.logs.append({"at": now, "source": "event", "event_id": event_id, "entity_type": key[0],
+                              "entity_id": key[1], "field_name": col, "old": _json_or_none(old),
+                              "new": _json_or_none(new)})
+        if entity.name_field in record:
+            self.names[key] = record[entity.name_field]
+        self.note(links)
+        return True
+
+    def flush_if_named(self, links: Iterable[Mapping[str, Any]]) -> None:
+        """Flush before a write that may set the registry name of a buffered entity."""
+        if self.names and any(_is_link(x) and (x["type"], int(x["id"])) in self.names for x in links):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything buffered."""
+        self._flush_rows()
+        insert_rows(self.conn, self.store.changes, self.logs)
+        if self.names or self.unnamed:
+            write_registry(self.store, self.conn, self.names, self.unnamed - set(self.names))
+        by_reason: dict[str, list[tuple[str, int]]] = {}
+        for key, reason in self.fetch.items():
+            by_reason.setdefault(reason, []).append(key)
+        for reason, keys in by_reason.items():
+            self.store.queue_fetch(self.conn, keys, reason)
+        self.dirty, self.logs, self.names, self.unnamed, self.fetch = {}, [], {}, set(), {}
+
+    def _flush_rows(self) -> None:
+        by_type: dict[str, list[dict[str, Any]]] = {}
+        for (entity_type, entity_id), cols in self.dirty.items():
+            by_type.setdefault(entity_type, []).append({"id": entity_id, **cols})
+        for entity_type, rows in by_type.items():
+            update_rows(self.conn, self.store.tables[entity_type], ["id"], rows)
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
 
 
 # -- the ingester --------------------------------------------------------------------
@@ -411,13 +577,15 @@ class Ingester:
         events = sorted(events, key=lambda e: int(e["id"]))
         seen = self._stored_ids(conn, [int(e["id"]) for e in events])
         fresh = [e for e in events if int(e["id"]) not in seen]
-        known = self._known_rows(conn, fresh)
+        buf = BatchBuffer(self.store, conn)
+        buf.load(s for s in map(self.subject, fresh) if s is not None)
         for event in fresh:
             late = int(event["id"]) <= high
             if careful:
-                self._apply_guarded(conn, event, late, known)
+                self._apply_guarded(conn, event, late, buf)
             else:
-                self.apply_event(conn, event, late=late, known=known)
+                self.apply_event(conn, event, late=late, buf=buf)
+        buf.flush()
         result.applied = len(fresh)
         self._store_raw(conn, fresh)
         ids = [int(e["id"]) for e in events]
@@ -428,11 +596,11 @@ class Ingester:
         self.store.set_state(conn, K_HIGH, new_high)
         self.store.set_state(conn, K_HEARTBEAT, _iso_now())
 
-    def _apply_guarded(self, conn: Connection, event: Mapping[str, Any], late: bool,
-                       known: dict[str, set[int]]) -> None:
+    def _apply_guarded(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: BatchBuffer) -> None:
         try:
             with conn.begin_nested():
-                self.apply_event(conn, event, late=late, known=known)
+                buf.flush()
+                self.apply_event(conn, event, late=late)  # its own buffer, flushed in the savepoint
         except sa.exc.DBAPIError:
             raise
         except Exception:  # noqa: BLE001
@@ -448,22 +616,6 @@ class Ingester:
             out.update(r.id for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk))))
         return out
 
-    def _known_rows(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> dict[str, set[int]]:
-        """For each cached type named by the events, which of their subjects the replica holds."""
-        wanted: dict[str, set[int]] = {}
-        for event in events:
-            subject = self.subject(event)
-            if subject is not None and subject[0] in self.store.tables:
-                wanted.setdefault(subject[0], set()).add(subject[1])
-        known: dict[str, set[int]] = {}
-        for entity_type, ids in wanted.items():
-            table = self.store.tables[entity_type]
-            found: set[int] = set()
-            for chunk in _chunks(sorted(ids), 500):
-                found.update(r.id for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk))))
-            known[entity_type] = found
-        return known
-
     def _store_raw(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
         if not events:
             return
@@ -471,7 +623,7 @@ class Ingester:
         rows = [{"id": int(e["id"]), "event_type": str(e.get("event_type") or "")[:128],
                  "created_at": e.get("created_at"), "body": json.dumps(e, default=str, sort_keys=True),
                  "received_at": now} for e in events]
-        self.store._upsert(conn, self.store.events, rows, ["id"], update=False)
+        insert_rows(conn, self.store.events, rows)  # ``events`` holds no stored id: checked above
 
     def _update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], ids: list[int], high: int,
                      new_high: int, result: PollResult) -> None:
@@ -495,7 +647,7 @@ class Ingester:
                         len(missing), high, new_high)
             return
         if missing:
-            self.store._upsert(conn, table, [{"id": i, "first_seen": now} for i in missing], ["id"], update=False)
+            insert_rows(conn, table, [{"id": i, "first_seen": now} for i in missing])  # all above ``high``
             result.gaps_opened = len(missing)
             log.debug("event ids %s not visible yet: open gaps", _ranges(missing))
 
@@ -518,8 +670,18 @@ class Ingester:
         return None
 
     def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
-                    known: dict[str, set[int]] | None = None) -> None:
-        """Apply one event inside the caller's transaction; applying it twice changes nothing."""
+                    buf: BatchBuffer | None = None) -> None:
+        """Apply one event inside the caller's transaction; applying it twice changes nothing.
+
+        With ``buf`` (a batch) some writes wait in it until it is flushed.
+        """
+        own = buf is None
+        buf = buf or BatchBuffer(self.store, conn)
+        self._dispatch(conn, event, late, buf)
+        if own:
+            buf.flush()
+
+    def _dispatch(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: BatchBuffer) -> None:
         parsed = split_event_type(event.get("event_type"))
         if parsed is None or parsed[1] not in ACTIONS:
             return
@@ -533,90 +695,74 @@ class Ingester:
             return
         entity = event.get("entity")
         if _is_link(entity) and entity["type"] == entity_type:
-            self.store.note_links(conn, [entity])
+            buf.note([entity])
         cached = entity_type in self.store.tables
         if not cached and entity_type not in self._skipped_types:
             self._skipped_types.add(entity_type)
             log.info("events of uncached type %s: only the registry is kept", entity_type)
-        if not cached:
-            exists = False
-        elif known is not None and entity_type in known:
-            exists = subject[1] in known[entity_type]
-        else:
-            exists = self._exists(conn, subject)
         event_id = int(event["id"])
         if action == "New":
             if cached:
-                self.store.queue_fetch(conn, [subject], "new")
+                buf.queue(subject, "new")
         elif action in ("Retirement", "Revival"):
-            self._retire(conn, subject, action == "Retirement", event_id, cached, exists, late)
+            self._retire(conn, buf, subject, action == "Retirement", event_id, late)
         else:
-            self._change(conn, event, subject, event_id, cached, exists, late)
+            self._change(conn, buf, event, subject, event_id, late)
 
-    def _exists(self, conn: Connection, subject: tuple[str, int]) -> bool:
-        table = self.store.tables[subject[0]]
-        return conn.execute(sa.select(table.c.id).where(table.c.id == subject[1])).first() is not None
-
-    def _retire(self, conn: Connection, subject: tuple[str, int], retired: bool, event_id: int,
-                cached: bool, exists: bool, late: bool) -> None:
+    def _retire(self, conn: Connection, buf: BatchBuffer, subject: tuple[str, int], retired: bool,
+                event_id: int, late: bool) -> None:
+        cached = subject[0] in self.store.tables
         if cached and late:
-            self.store.queue_fetch(conn, [subject], "late retirement/revival")
+            buf.queue(subject, "late retirement/revival")
             return
         self.store.set_retired(conn, subject[0], subject[1], retired, "event", event_id)
-        if cached and (not exists or not retired):
-            self.store.queue_fetch(conn, [subject], "revival" if not retired else "unknown row")
+        if cached and (not retired or not buf.exists(subject)):
+            buf.queue(subject, "revival" if not retired else "unknown row")
 
-    def _change(self, conn: Connection, event: Mapping[str, Any], subject: tuple[str, int], event_id: int,
-                cached: bool, exists: bool, late: bool) -> None:
+    def _change(self, conn: Connection, buf: BatchBuffer, event: Mapping[str, Any], subject: tuple[str, int],
+                event_id: int, late: bool) -> None:
         meta = event.get("meta") if isinstance(event.get("meta"), Mapping) else {}
         attr = event.get("attribute_name") or meta.get("attribute_name")
         if attr == RETIREMENT_FIELD and "new_value" in meta:
-            self._retire(conn, subject, meta["new_value"] is not None, event_id, cached, exists, late)
+            self._retire(conn, buf, subject, meta["new_value"] is not None, event_id, late)
             return
-        if not cached:
+        if subject[0] not in self.store.tables:
             return
         fschema = self.store.schema.field(subject[0], attr) if isinstance(attr, str) else None
         if fschema is None or attr == "id" or not fieldtypes.is_cached_type(fschema.data_type):
             return
         backref = bool(meta.get("actual_attribute_changed"))
+        exists = buf.exists(subject)
         if meta.get("in_create") and not backref and exists:
             return  # the New's fetch already read this value
         if late or not exists:
-            self.store.queue_fetch(conn, [subject], "late event" if late else "unknown row")
+            buf.queue(subject, "late event" if late else "unknown row")
             return
         if not backref and meta.get("field_data_type") not in (None, fschema.data_type):
-            self.store.queue_fetch(conn, [subject], "field type differs")
+            buf.queue(subject, "field type differs")
             return
         storage = fieldtypes.TYPES[fschema.data_type].storage
+        record = self._deep_values(event, subject)
         if storage == "multi" and ("added" in meta or "removed" in meta):
-            self._change_multi(conn, subject, attr, meta, event_id)
-            self._write_value(conn, subject, self._deep_values(event, subject), event_id)
-        elif "new_value" in meta:
-            record = self._deep_values(event, subject)
+            self._change_multi(conn, buf, subject, attr, meta, event_id)
+        elif "new_value" in meta and storage != "multi":
             record[attr] = meta["new_value"]
-            self._write_value(conn, subject, record, event_id)
         else:
-            self.store.queue_fetch(conn, [subject], "change without value")
+            buf.queue(subject, "change without usable value")
+            return
+        if not buf.write(subject, record, event_id):
+            buf.queue(subject, "value not applicable")
 
-    def _change_multi(self, conn: Connection, subject: tuple[str, int], attr: str, meta: Mapping[str, Any],
-                      event_id: int) -> None:
+    def _change_multi(self, conn: Connection, buf: BatchBuffer, subject: tuple[str, int], attr: str,
+                      meta: Mapping[str, Any], event_id: int) -> None:
         added, removed = meta.get("added") or [], meta.get("removed") or []
         if not isinstance(added, list) or not isinstance(removed, list) or not all(
                 _is_link(x) for x in [*added, *removed]):
-            self.store.queue_fetch(conn, [subject], "bad multi_entity change")
+            buf.queue(subject, "bad multi_entity change")
             return
+        buf.flush_if_named(added)
         self.store.change_multi(conn, subject[0], subject[1], attr, added=added, removed=removed,
                                 source="event", event_id=event_id)
-
-    def _write_value(self, conn: Connection, subject: tuple[str, int], record: dict[str, Any],
-                     event_id: int) -> None:
-        """Write some fields of an existing row; a value that does not fit queues a fetch."""
-        if not record:
-            return
-        record["id"] = subject[1]
-        res = self.store.write_entities(conn, subject[0], [record], "event", event_id=event_id)
-        if res.to_fetch:
-            self.store.queue_fetch(conn, res.to_fetch, "value not applicable")
 
     def _deep_values(self, event: Mapping[str, Any], subject: tuple[str, int]) -> dict[str, Any]:
         """``updated_at``/``updated_by`` of the entity, read with the event (SG logs no event for them)."""
@@ -737,19 +883,79 @@ class Ingester:
         gone = sorted(set(missing) - {int(r["id"]) for r in retired})
         complete = not any(t == entity_type for t, _f in self.missing_fields)
         with conn.begin():
-            self.store.write_entities(conn, entity_type, active, "fetch", complete=complete, retired=False)
-            self.store.write_entities(conn, entity_type, retired, "fetch", complete=complete, retired=True)
+            for records, is_retired in ((active, False), (retired, True)):
+                if complete:
+                    records = self._insert_new(conn, entity_type, records, is_retired)
+                self.store.write_entities(conn, entity_type, records, "fetch", complete=complete, retired=is_retired)
             self._unqueue(conn, entity_type, queued)
         if gone:
             log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",
                         entity_type, _ranges(gone))
 
+    def _insert_new(self, conn: Connection, entity_type: str, records: list[dict[str, Any]],
+                    retired: bool) -> list[dict[str, Any]]:
+        """Bulk-insert complete fetched rows the replica lacks (as ``write_entities`` would, in a
+        few statements); returns the records left for ``write_entities`` (existing rows)."""
+        store = self.store
+        table = store.tables[entity_type]
+        entity = store.schema.entities[entity_type]
+        ids = [int(r["id"]) for r in records]
+        have = {r.id for chunk in _chunks(ids, 500)
+                for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk)))}
+        fields = {f: s for f, s in entity.fields.items() if f != "id" and fieldtypes.is_cached_type(s.data_type)}
+        rest, rows, multi, links, registry, logs = [], [], {}, [], [], []
+        now = now_utc()
+        for record in records:
+            eid = int(record["id"])
+            try:
+                if eid in have:
+                    raise ValueError("exists")
+                values, multis, rec_links = store._encode_record(entity_type, fields, record)
+            except ValueError:
+                rest.append(record)
+                continue
+            row = {c.name: None for c in table.columns}
+            row.update(values, id=eid, _retired=retired)
+            rows.append(row)
+            for fname, value in multis.items():
+                seen: list[tuple[str, int]] = []
+                for link in value:
+                    if (link["type"], int(link["id"])) not in seen:
+                        seen.append((link["type"], int(link["id"])))
+                multi.setdefault(fname, []).extend(
+                    {"parent_id": eid, "child_type": t, "child_id": i, "pos": pos} for pos, (t, i) in enumerate(seen))
+                if seen:
+                    logs.append({"at": now_utc(), "source": "fetch", "event_id": None, "entity_type": entity_type,
+                                 "entity_id": eid, "field_name": fname, "old": None,
+                                 "new": json.dumps([{"type": t, "id": i} for t, i in seen])})
+            links.extend(rec_links)
+            name = record.get(entity.name_field) if entity.name_field in record else None
+            registry.append({"type": entity_type, "id": eid, "retired": retired, "name": name,
+                             "name_known": entity.name_field in record})
+            logs.append({"at": now, "source": "fetch", "event_id": None, "entity_type": entity_type,
+                         "entity_id": eid, "field_name": None, "old": None, "new": None})
+        insert_rows(conn, table, rows)
+        for fname, assoc in multi.items():
+            insert_rows(conn, store.multi[(entity_type, fname)], assoc)
+        insert_rows(conn, store.changes, logs)
+        named = {(x["type"], int(x["id"])): x["name"] for x in links if "name" in x}
+        unnamed = {(x["type"], int(x["id"])) for x in links if "name" not in x} - set(named)
+        for r in registry:
+            if r["name_known"]:
+                named[(entity_type, r["id"])] = r["name"]
+        flags = {(entity_type, r["id"]): retired for r in registry}
+        write_registry(store, conn, named, unnamed | (set(flags) - set(named)), flags)
+        return rest
+
     def _unqueue(self, conn: Connection, entity_type: str, queued: Mapping[int, dt.datetime]) -> None:
         """Remove handled queue entries, unless re-queued since they were read."""
         q = self.store.fetch_queue
-        for entity_id, queued_at in queued.items():
-            conn.execute(q.delete().where((q.c.entity_type == entity_type) & (q.c.entity_id == entity_id)
-                                          & (q.c.queued_at <= queued_at)))
+        if not queued:
+            return
+        read_at = max(queued.values())  # re-queued since the read: a later queued_at, kept
+        for chunk in _chunks(sorted(queued), 500):
+            conn.execute(q.delete().where((q.c.entity_type == entity_type) & q.c.entity_id.in_(chunk)
+                                          & (q.c.queued_at <= read_at)))
 
 
 def _ranges(ids: Sequence[int]) -> str:

@@ -257,3 +257,20 @@ def test_help_and_once(rig: Rig) -> None:
     assert proc.wait(timeout=30) == 0, rig.output(proc)
     assert rig.caught_up()
     assert_equal_to_site(rig.store, rig.site)
+
+
+def test_reprocess_retirement(rig: Rig) -> None:
+    site = rig.site
+    shot = site.create_direct("Shot", {"code": "sh1"})
+    proc = rig.start()
+    site.delete_direct("Shot", shot["id"])
+    rig.wait(rig.caught_up, what="retirement")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    with rig.store.engine.begin() as conn:  # as if a bug had lost the retirement
+        rig.store.set_retired(conn, "Shot", shot["id"], False, "scan")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reprocess"), "--retirement", "--types", "Shot"],
+                         env=rig.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "replayed 2 stored events" in out.stderr
+    assert_equal_to_site(rig.store, site)
