@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
 
 from . import fieldtypes
 from .store import Store, now_utc
@@ -85,23 +84,6 @@ def later(a: str | None, b: str | None) -> str | None:
     return max(a, b)
 
 
-def use_immediate_transactions(engine: Engine) -> None:
-    """SQLite: take the write lock at BEGIN, so a page never fails upgrading a read lock
-    while the ingester or the proxy writes (same as ``cache.events.use_immediate_transactions``)."""
-    if engine.dialect.name != "sqlite":
-        return
-
-    @sa.event.listens_for(engine, "connect")
-    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()
-
-
 class Scanner:
     """Reads entity rows from ``sg`` (a ``shotgun_api3.Shotgun`` or alike) into ``store``."""
 
@@ -125,9 +107,7 @@ class Scanner:
     # -- what to read ----------------------------------------------------------------
     def scan_fields(self, entity_type: str) -> list[str]:
         """Every cached field of the type whose data type the replica holds."""
-        entity = self.store.schema.entities[entity_type]
-        names = [f for f, s in entity.fields.items() if fieldtypes.is_cached_type(s.data_type)]
-        return sorted(set(names) | {"id"})
+        return self.store.cached_field_names(entity_type)
 
     def project_filter(self, entity_type: str) -> list[Any] | None:
         """The ``--projects`` condition for the type, or None when the type is read whole."""

@@ -132,7 +132,7 @@ class CacheService:
         self._check_breaker()
         to_fetch: list[tuple[str, int]] = []
         try:
-            with self.store.engine.begin() as conn:
+            with self.store.write_engine.begin() as conn:
                 if method == "batch":
                     if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
                         for req, res in zip(args, results, strict=True):
@@ -194,7 +194,7 @@ class CacheService:
                 with urllib.request.urlopen(request, timeout=10, context=ssl_context) as response:
                     reply = json.loads(response.read())
                 records = reply["results"]["entities"]
-                with self.store.engine.begin() as conn:
+                with self.store.write_engine.begin() as conn:
                     self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
                     self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
             except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries

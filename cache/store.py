@@ -93,6 +93,23 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return sa.create_engine(url, **kwargs)
 
 
+def use_immediate_transactions(engine: Engine) -> None:
+    """SQLite: take the write lock at BEGIN, so a write transaction never fails upgrading a
+    read lock while another process writes (WAL gives readers their own snapshot anyway)."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
 def _py_lower(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
@@ -102,6 +119,7 @@ class Store:
 
     def __init__(self, engine: Engine, schema: Schema):
         self.engine = engine
+        self._write_engine: Engine | None = None
         self.schema = schema
         self.metadata = sa.MetaData()
         self.tables: dict[str, sa.Table] = {}
@@ -120,6 +138,20 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._write_engine is not None and self._write_engine is not self.engine:
+            self._write_engine.dispose()
+
+    @property
+    def write_engine(self) -> Engine:
+        """The engine for write transactions: on SQLite one that begins IMMEDIATE, so a
+        read-then-write transaction cannot fail on a lock upgrade; else the same engine."""
+        if self._write_engine is None:
+            if self.dialect == "sqlite":
+                self._write_engine = make_engine(self.engine.url.render_as_string(hide_password=False))
+                use_immediate_transactions(self._write_engine)
+            else:
+                self._write_engine = self.engine
+        return self._write_engine
 
     @property
     def dialect(self) -> str:
