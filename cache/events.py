@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import fieldtypes
 from .schema import Schema
-from .store import Store, now_utc
+from .store import Store, _field_changes, now_utc
 
 log = logging.getLogger("sgcache.events")
 
@@ -351,16 +351,15 @@ class BatchBuffer:
         row = self.rows.get(key)
         if multis or row is None:
             return False
+        diff = {col: new for col, new in values.items() if row[col] != new}
         now = now_utc()
-        for col, new in values.items():
-            old = row[col]
-            if old == new:
-                continue
-            row[col] = new
-            self.dirty.setdefault(key, {})[col] = new
+        for fname, (before, after) in _field_changes(diff, row).items():  # the store's log convention
             self.logs.append({"at": now, "source": "event", "event_id": event_id, "entity_type": key[0],
-                              "entity_id": key[1], "field_name": col, "old": _json_or_none(old),
-                              "new": _json_or_none(new)})
+                              "entity_id": key[1], "field_name": fname, "old": _json_or_none(before),
+                              "new": _json_or_none(after)})
+        row.update(diff)
+        if diff:
+            self.dirty.setdefault(key, {}).update(diff)
         if entity.name_field in record:
             self.names[key] = record[entity.name_field]
         self.note(links)
