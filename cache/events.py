@@ -43,7 +43,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import fieldtypes
 from .schema import Schema
-from .store import Store, _field_changes, now_utc
+from .store import Store, field_changes, now_utc
 
 log = logging.getLogger("sgcache.events")
 
@@ -272,22 +272,6 @@ def engine_options(url: str) -> dict[str, Any]:
     return {"executemany_mode": "values_plus_batch"} if url.startswith(("postgresql", "postgres")) else {}
 
 
-def use_immediate_transactions(engine: Engine) -> None:
-    """SQLite: take the write lock at BEGIN, so a poll never fails upgrading a read lock."""
-    if engine.dialect.name != "sqlite":
-        return
-
-    @sa.event.listens_for(engine, "connect")
-    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()
-
-
 class BatchBuffer:
     """The writes of one batch of events, coalesced into a few bulk statements.
 
@@ -344,7 +328,7 @@ class BatchBuffer:
         entity = self.store.schema.entities[key[0]]
         fields = {f: entity.fields[f] for f in record if f in entity.fields and f != "id"}
         try:
-            values, multis, links = self.store._encode_record(key[0], fields, record)
+            values, multis, links = self.store.encode_record(key[0], fields, record)
         except ValueError as exc:
             log.info("event %s: %s %s: %s", event_id, key[0], key[1], exc)
             return False
@@ -353,7 +337,7 @@ class BatchBuffer:
             return False
         diff = {col: new for col, new in values.items() if row[col] != new}
         now = now_utc()
-        for fname, (before, after) in _field_changes(diff, row).items():  # the store's log convention
+        for fname, (before, after) in field_changes(diff, row).items():  # the store's log convention
             self.logs.append({"at": now, "source": "event", "event_id": event_id, "entity_type": key[0],
                               "entity_id": key[1], "field_name": fname, "old": _json_or_none(before),
                               "new": _json_or_none(after)})
@@ -909,7 +893,7 @@ class Ingester:
             try:
                 if eid in have:
                     raise ValueError("exists")
-                values, multis, rec_links = store._encode_record(entity_type, fields, record)
+                values, multis, rec_links = store.encode_record(entity_type, fields, record)
             except ValueError:
                 rest.append(record)
                 continue

@@ -529,7 +529,7 @@ class Store:
                     result.to_fetch.append((entity_type, eid))
                     continue
             try:
-                values, multis, rec_links = self._encode_record(entity_type, cached_fields, record)
+                values, multis, rec_links = self.encode_record(entity_type, cached_fields, record)
             except ValueError as exc:
                 log.warning("not storing %s %s: %s", entity_type, eid, exc)
                 result.to_fetch.append((entity_type, eid))
@@ -551,7 +551,7 @@ class Store:
                 diff = {k: v for k, v in values.items() if old[k] != v}
                 if diff:
                     conn.execute(table.update().where(table.c.id == eid).values(**diff))
-                    for fname, (before, after) in _field_changes(diff, old).items():
+                    for fname, (before, after) in field_changes(diff, old).items():
                         self._log(conn, source, event_id, entity_type, eid, fname, before, after)
                     result.changed += 1
             multi_values.extend((eid, f, v) for f, v in multis.items())
@@ -586,9 +586,10 @@ class Store:
             )
         return result
 
-    def _encode_record(
+    def encode_record(
         self, entity_type: str, cached_fields: Mapping[str, FieldSchema], record: Mapping[str, Any]
     ) -> tuple[dict[str, Any], dict[str, list[Mapping[str, Any]]], list[Mapping[str, Any]]]:
+        """An SG record -> (column values, multi_entity lists, links seen); ValueError on a bad shape."""
         values: dict[str, Any] = {}
         multis: dict[str, list[Mapping[str, Any]]] = {}
         links: list[Mapping[str, Any]] = []
@@ -737,7 +738,7 @@ class Store:
         )
 
 
-def _field_changes(diff: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+def field_changes(diff: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Changed columns -> {field: (old, new)}; an entity field's two columns become one link."""
     out: dict[str, tuple[Any, Any]] = {}
     for col, new in diff.items():
