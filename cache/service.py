@@ -160,7 +160,18 @@ class CacheService:
             if not isinstance(result, Mapping) or not isinstance(result.get("id"), int):
                 return []
             record = {k: v for k, v in result.items() if k != "type"}
+            # After an add/remove, whether SG answers with the whole list is not documented:
+            # do not store that field from the answer; read the row back instead.
+            legacy_mode = args.get("multi_entity_update_mode") in ("add", "remove")  # old batch form
+            partial = [
+                f.get("field_name") for f in args.get("fields") or []
+                if isinstance(f, Mapping) and (legacy_mode or f.get("multi_entity_update_mode") in ("add", "remove"))
+            ]
+            for fname in partial:
+                record.pop(fname, None)
             outcome = self.store.write_entities(conn, entity_type, [record], "proxy")
+            if partial and not outcome.to_fetch:
+                outcome.to_fetch = [(entity_type, int(result["id"]))]
             if outcome.to_fetch:
                 self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
                 return list(outcome.to_fetch)
