@@ -44,6 +44,8 @@ READ_TIMEOUT = 5.0
 #: After SG failed to answer, requests are served offline for this long before SG is tried again.
 OUTAGE_SECONDS = 10.0
 DEFAULT_HOSTS = ["*.shotgunstudio.com", "*.shotgrid.autodesk.com"]
+#: Upstream statuses that mean the site (or its load balancer) is down, not that one request failed.
+OUTAGE_STATUSES = {502, 503, 504}
 
 
 class SGCache:
@@ -126,7 +128,12 @@ class SGCache:
     async def request(self, flow: http.HTTPFlow) -> None:
         if not self._is_sg_api3(flow):
             return
-        req = api3.decode_request(flow.request.get_content(strict=False) or b"")
+        encoding = flow.request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            # shotgun_api3 never compresses a request; what SG makes of one is SG's business
+            self._mark_pass(flow, "content-encoding")
+            return
+        req = api3.decode_request(flow.request.raw_content or b"")
         if req is None:
             self._mark_pass(flow, "not-api3")
             return
@@ -192,9 +199,18 @@ class SGCache:
             self.service.count("sg-unreachable")
 
     def error(self, flow: http.HTTPFlow) -> None:
-        """An upstream failure (refused, DNS, timeout): go offline for a while."""
-        if "sgcache_method" in flow.metadata and flow.response is None and flow.error is not None:
+        """SG could not be reached (refused, DNS, TLS): go offline for a while.
+
+        A connection SG accepted and then dropped is that request's failure, not an outage:
+        one hostile body must not switch the proxy to offline answers for everybody.
+        """
+        if "sgcache_method" not in flow.metadata or flow.response is not None or flow.error is None:
+            return
+        server = flow.server_conn
+        if server.timestamp_tcp_setup is None or (server.tls and server.timestamp_tls_setup is None):
             self._note_outage(flow, flow.error.msg)
+        else:
+            log.info("SG dropped a %s request: %s", flow.metadata["sgcache_method"], flow.error.msg)
 
     async def _answer(self, flow: http.HTTPFlow, args: Any, offline: bool = False) -> str | None:
         service = self.service
@@ -212,6 +228,7 @@ class SGCache:
             return exc.reason
         except TimeoutError:
             log.warning("replica too slow; passing through")
+            service.note_timeout()
             return "db-timeout"
         except Exception:  # noqa: BLE001 - fail open, never a traceback to the client
             log.exception("unexpected error answering a read; passing through")
@@ -235,7 +252,7 @@ class SGCache:
         method = flow.metadata.get("sgcache_method")
         if method is None:
             return
-        if flow.response.status_code >= 500:
+        if flow.response.status_code in OUTAGE_STATUSES:
             self._note_outage(flow, f"HTTP {flow.response.status_code}")
             if method == "read" and ctx.options.sgcache_offline and not self._auth_reason(
                 flow.metadata.get("sgcache_auth")

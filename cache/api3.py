@@ -27,7 +27,8 @@ def decode_request(body: bytes) -> Api3Request | None:
     if not body or len(body) > MAX_BODY:
         return None
     try:
-        data = json.loads(body)
+        # UTF-8 only (shotgun_api3 sends UTF-8; json.loads would also guess UTF-16/32)
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("method_name"), str):
@@ -38,6 +39,11 @@ def decode_request(body: bytes) -> Api3Request | None:
     auth = params[0] if params and isinstance(params[0], dict) else None
     args = params[1] if len(params) > 1 else None
     return Api3Request(data["method_name"], auth, args)
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; SG's parser refuses them, so such a body passes."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def encode_results(results: Any) -> bytes:

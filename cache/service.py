@@ -8,6 +8,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import sqlite3
 import ssl
 import threading
 import time
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 from . import __version__
 from .errors import Passthrough
@@ -30,6 +34,11 @@ CONTEXT_TTL = 1.0
 #: Consecutive database failures that open the breaker, and how long it stays open.
 BREAKER_FAILURES = 3
 BREAKER_SECONDS = 5.0
+#: PostgreSQL: give up connecting after this many seconds; cancel statements running longer.
+PG_CONNECT_TIMEOUT = 3
+PG_STATEMENT_TIMEOUT_MS = 10_000
+#: PostgreSQL error codes that mean the replica's tables are not what the schema says.
+_PG_MISSING = {"42P01", "42703", "3F000"}  # undefined table, undefined column, invalid schema
 
 
 class CacheService:
@@ -37,7 +46,16 @@ class CacheService:
 
     def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = 60.0):
         self.schema = Schema.load(schema_path)
-        self.store = Store.open(db_url, self.schema)
+        engine_kwargs: dict[str, Any] = {}
+        if not db_url.startswith("sqlite"):
+            engine_kwargs = {
+                "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 10,
+                                 "keepalives_interval": 3, "keepalives_count": 3},
+                "pool_timeout": 5,
+            }
+        self.store = Store.open(db_url, self.schema, **engine_kwargs)
+        self._sqlite_path = _sqlite_file(self.store.engine)
+        self._watch_engine()
         self.engine = ReadEngine(self.store)
         self.max_lag = max_lag
         self.hits = 0
@@ -53,30 +71,95 @@ class CacheService:
         self.store.dispose()
 
     # -- health ----------------------------------------------------------------------
+    def _watch_engine(self) -> None:
+        """Engine hooks: statement timeout on PostgreSQL; on SQLite, never create a missing replica file."""
+        engine = self.store.engine
+        path = self._sqlite_path
+        if engine.dialect.name == "postgresql":
+
+            @sa.event.listens_for(engine, "connect")
+            def _pg_setup(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
+                cur.close()
+                dbapi_conn.commit()
+
+        elif path is not None:
+
+            @sa.event.listens_for(engine, "do_connect")
+            def _no_create(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+                # sqlite3 would make a new empty file where the replica was (renamed, deleted)
+                if not os.path.exists(path):
+                    raise sqlite3.OperationalError(f"replica file {path} is missing")
+
+            @sa.event.listens_for(engine, "connect")
+            def _remember_file(_dbapi_conn: Any, record: Any) -> None:
+                record.info["sgcache_file"] = _file_id(path)
+
+        engine.dispose()  # connections made before the hooks were in place
+
+    def _check_file(self, conn: Any) -> None:
+        """SQLite: an open connection keeps reading a replica file that was moved, deleted or made
+        unreadable; notice it, so the replica at the configured path is the one served."""
+        path = self._sqlite_path
+        if path is None:
+            return
+        now = _file_id(path) if os.access(path, os.R_OK) else None
+        seen = conn.connection.info.setdefault("sgcache_file", now)
+        if now is None or seen != now:
+            raise sqlite3.OperationalError(f"replica file {path} was moved, removed or made unreadable")
+
     def _check_breaker(self) -> None:
-        if time.monotonic() < self._open_until:
-            raise Passthrough("db-backoff")
+        """Raise db-backoff while the breaker is open; once it has been open long enough, let one
+        request through as a probe (the others keep passing until it succeeds)."""
+        with self._lock:
+            if self._failures < BREAKER_FAILURES:
+                return
+            now = time.monotonic()
+            if now < self._open_until:
+                raise Passthrough("db-backoff")
+            self._open_until = now + BREAKER_SECONDS
 
     def _db_failed(self, exc: BaseException) -> Passthrough:
+        """Record a database failure; the Passthrough to raise for it."""
+        reason, trips = _classify(exc)
+        if not trips:
+            log.warning("replica cannot answer (%s), passing through: %s", reason, _short(exc))
+            return Passthrough(reason, type(exc).__name__)
         with self._lock:
             self._failures += 1
-            if self._failures >= BREAKER_FAILURES:
+            failures = self._failures
+            if failures >= BREAKER_FAILURES:
                 self._open_until = time.monotonic() + BREAKER_SECONDS
-                log.warning("database failing (%s); not using it for %.0fs", exc, BREAKER_SECONDS)
             self._ctx = None
-        log.warning("database error, passing through: %s", exc)
-        return Passthrough("db-error", type(exc).__name__)
+        log.warning("database error, passing through: %s", _short(exc))
+        if failures >= BREAKER_FAILURES:
+            if failures == BREAKER_FAILURES:
+                log.warning("database failing; not using it for %.0fs at a time", BREAKER_SECONDS)
+            try:
+                self.store.engine.dispose()  # reconnect from scratch when it is back
+            except Exception:  # noqa: BLE001
+                log.debug("dispose failed", exc_info=True)
+        return Passthrough(reason, type(exc).__name__)
+
+    def note_timeout(self) -> None:
+        """The caller gave up waiting for a read: count it as a database failure."""
+        self._db_failed(TimeoutError("the replica did not answer in time"))
 
     def _db_ok(self) -> None:
-        if self._failures:
+        if self._failures or self._open_until:
             with self._lock:
+                if self._failures >= BREAKER_FAILURES:
+                    log.warning("database answering again; reads served from the replica")
                 self._failures = 0
+                self._open_until = 0.0
 
     def _context(self, conn: Any) -> ReadContext:
         now = time.monotonic()
         ctx = self._ctx
         if ctx is not None and now - self._ctx_at < CONTEXT_TTL:
             return ctx
+        self._check_file(conn)
         primed = self.store.primed_fields(conn)
         pending = {
             row.entity_type
@@ -140,6 +223,8 @@ class CacheService:
                                 to_fetch += self._learn_one(conn, req.get("request_type"), req, res)
                 else:
                     to_fetch += self._learn_one(conn, method, args, results)
+        except Passthrough:
+            return []
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)
             log.warning("could not record a %s answer; the ingester will bring it", method)
@@ -152,7 +237,7 @@ class CacheService:
         if not isinstance(args, Mapping):
             return []
         entity_type = args.get("type")
-        if entity_type not in self.schema:
+        if not isinstance(entity_type, str) or entity_type not in self.schema:
             return []
         if method in ("create", "update"):
             if isinstance(result, list) and result:
@@ -242,3 +327,41 @@ def _age_seconds(stamp: Any) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (datetime.now(UTC) - when).total_seconds())
+
+
+def _sqlite_file(engine: Any) -> str | None:
+    """The replica's file for a file-backed SQLite engine, else None."""
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.path.abspath(database)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _classify(exc: BaseException) -> tuple[str, bool]:
+    """(pass reason, whether it counts towards the breaker) for an exception from the replica."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).lower()
+    if getattr(orig, "pgcode", None) in _PG_MISSING or "no such table" in text or "no such column" in text:
+        return "missing-table", False  # the replica's tables are not the schema's: passes, the database is fine
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+            return "db-error", True
+        return "db-query-error", False  # this query's trouble (a value out of range, ...), not the database's
+    if isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | sqlite3.Error | OSError | TimeoutError):
+        return "db-error", True
+    return "internal-error", False
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]

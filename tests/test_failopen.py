@@ -1,0 +1,297 @@
+"""Fail open, end to end: the replica dies, loses a table or goes stale, and every client still gets SG's answer.
+
+PostgreSQL is "stopped" without touching the shared server: mitmdump reaches it through a TCP relay
+owned by the test, and cutting the relay (listener and every relayed socket) is the outage. On SQLite
+the replica file is renamed away (the tests run as root, for whom ``chmod 000`` changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cache.schema import Schema
+from cache.store import Store, now_utc
+
+from .e2e import KEY, SCRIPT, Rig, site_schema_file
+from .fakesg import FakeSGServer, FakeSite
+from .proxyharness import Proxy
+from .test_e2e_spine import populate
+
+HOSTS = "sgcache_hosts=127.0.0.1"
+QUERIES: list[tuple[str, list[Any], list[str]]] = [
+    ("Shot", [["code", "is", "sh010"]], ["code", "sg_cut_in"]),
+    ("Shot", [["sg_status_list", "is", "ip"]], ["code", "sg_sequence", "assets"]),
+    ("Sequence", [], ["code"]),
+]
+
+
+class TcpRelay:
+    """127.0.0.1:<port> -> target, in threads; :meth:`cut` drops everything, :meth:`restore` listens again
+    on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._socks: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpRelay:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    restore = start
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._socks |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """The database "stops": nothing listens, every open connection is reset."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            socks, self._socks = self._socks, set()
+        if listener is not None:
+            with suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for s in socks:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    close = cut
+
+
+def relayed_url(db_url: str, port: int) -> str:
+    """The same database URL (and options) with host:port replaced by the relay's."""
+    parts = urllib.parse.urlsplit(db_url)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{port}"))
+
+
+@contextmanager
+def make_rig(tmp_path: Path, db_url: str, options: list[str], proxy_db_url: str | None = None) -> Iterator[Rig]:
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate(site)
+    with FakeSGServer(site) as server:
+        schema_path = site_schema_file(site, tmp_path / "schema.yml")
+        rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
+        rig.scan("--full")
+        with Proxy(tmp_path, proxy_db_url or db_url, schema_path, [HOSTS, *options]) as proxy:
+            rig.proxy = proxy
+            yield rig
+
+
+def raw_call(rig: Rig, method: str, args: Any, key: str = KEY) -> tuple[str, Any]:
+    """One API3 POST through the proxy with urllib: (X-SGCache header, decoded reply)."""
+    body = json.dumps({"method_name": method, "params": [{"script_name": SCRIPT, "script_key": key}, args]})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
+    req = urllib.request.Request(rig.server.url + "/api3/json", data=body.encode(), method="POST",
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    with opener.open(req, timeout=30) as resp:
+        return resp.headers.get("X-SGCache", ""), json.loads(resp.read())
+
+
+def read_args(entity_type: str, fields: list[str]) -> dict[str, Any]:
+    return {"type": entity_type, "return_fields": fields, "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 500, "current_page": 1}, "return_paging_info": False}
+
+
+def direct_raw(rig: Rig, args: dict[str, Any]) -> Any:
+    body = json.dumps({"method_name": "read", "params": [{"script_name": SCRIPT, "script_key": KEY}, args]})
+    req = urllib.request.Request(rig.server.url + "/api3/json", data=body.encode(), method="POST",
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def is_hit(rig: Rig, sg: Any, query: tuple[str, list[Any], list[str]]) -> bool:
+    before = rig.reads()
+    sg.find(*query)
+    return rig.reads() == before
+
+
+def wait_for_hits(rig: Rig, sg: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_hit(rig, sg, QUERIES[0]):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"hits did not resume:\n{rig.proxy.output()[-3000:]}")
+
+
+class ReadLoad:
+    """A client thread reading in a loop through the proxy, checking every answer against SG's."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.expected = [rig.direct().find(*q) for q in QUERIES]
+        self.done = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        sg = self.rig.client()
+        i = 0
+        while not self._stop.is_set():
+            n = i % len(QUERIES)
+            try:
+                got = sg.find(*QUERIES[n])
+                if got != self.expected[n]:
+                    self.errors.append(f"query {n}: {got!r} != {self.expected[n]!r}")
+            except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                self.errors.append(f"query {n}: {type(exc).__name__}: {exc}")
+            self.done += 1
+            i += 1
+
+    def __enter__(self) -> ReadLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def run_for(self, seconds: float) -> None:
+        start = self.done
+        time.sleep(seconds)
+        assert self.done > start, "the read load stalled"
+
+
+def pass_counts(rig: Rig) -> dict[str, int]:
+    return rig.client().info()["sgcache"]["passes"]
+
+
+def outage_under_load(rig: Rig, stop: Callable[[], None], start: Callable[[], None]) -> None:
+    sg = rig.client()
+    sg.find_one("Project", [])  # SG accepts the credentials: reads may be hits
+    wait_for_hits(rig, sg)
+    with ReadLoad(rig) as load:
+        load.run_for(0.5)
+        stop()
+        load.run_for(3.0)
+        during = pass_counts(rig)
+        start()
+        wait_for_hits(rig, sg)
+        load.run_for(0.5)
+    assert not load.errors, load.errors[:5]
+    assert during.get("db-error", 0) >= 1, during
+    assert during.get("db-backoff", 0) >= 1, f"the breaker never opened: {during}"
+    for query in QUERIES:
+        assert is_hit(rig, sg, query)
+    assert rig.proxy.proc is not None and rig.proxy.proc.poll() is None
+    assert "Traceback" not in rig.proxy.output()
+
+
+def test_postgresql_stopped_under_load(tmp_path: Path, db_url: str, backend: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL variant (SQLite: test_sqlite_file_gone_under_load)")
+    parts = urllib.parse.urlsplit(db_url)
+    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    try:
+        with make_rig(tmp_path, db_url, ["sgcache_max_lag=0"], relayed_url(db_url, relay.port)) as rig:
+            outage_under_load(rig, relay.cut, relay.restore)
+    finally:
+        relay.close()
+
+
+def test_sqlite_file_gone_under_load(tmp_path: Path, db_url: str, backend: str) -> None:
+    if backend != "sqlite":
+        pytest.skip("SQLite variant (PostgreSQL: test_postgresql_stopped_under_load)")
+    path = Path(db_url.removeprefix("sqlite:///"))
+    away = path.with_name(path.name + ".away")
+    with make_rig(tmp_path, db_url, ["sgcache_max_lag=0"]) as rig:
+        outage_under_load(rig, lambda: os.rename(path, away), lambda: os.rename(away, path))
+
+
+def test_missing_table_passes_with_its_reason(tmp_path: Path, db_url: str) -> None:
+    with make_rig(tmp_path, db_url, ["sgcache_max_lag=0"]) as rig:
+        args = read_args("Shot", ["code"])
+        raw_call(rig, "read", args)  # SG accepts the credentials
+        header, reply = raw_call(rig, "read", args)
+        assert header == "hit"
+        assert reply == direct_raw(rig, args)
+        store = Store.open(db_url, Schema.load(rig.schema_path), create=False)
+        try:
+            with store.engine.begin() as conn:
+                store.tables["Shot"].drop(conn)
+        finally:
+            store.dispose()
+        for _ in range(5):
+            header, reply = raw_call(rig, "read", args)
+            assert header == "pass; reason=missing-table"
+            assert reply == direct_raw(rig, args)
+        assert "missing-table" in rig.proxy.output()
+        # one broken table is not a dead database: other types are still served
+        other = read_args("Sequence", ["code"])
+        assert raw_call(rig, "read", other) == ("hit", direct_raw(rig, other))
+
+
+def test_stale_replica_passes_until_the_heartbeat_is_fresh(tmp_path: Path, db_url: str) -> None:
+    with make_rig(tmp_path, db_url, ["sgcache_max_lag=60"]) as rig:
+        store = Store.open(db_url, Schema.load(rig.schema_path), create=False)
+        try:
+            with store.engine.begin() as conn:
+                store.set_state(conn, "ingester_heartbeat", "2001-02-03T04:05:06Z")
+            args = read_args("Shot", ["code", "sg_cut_in"])
+            raw_call(rig, "read", args)  # SG accepts the credentials
+            time.sleep(1.1)  # the proxy re-reads the replica's state once a second
+            header, reply = raw_call(rig, "read", args)
+            assert header == "pass; reason=stale"
+            assert reply == direct_raw(rig, args)
+            with store.engine.begin() as conn:
+                store.set_state(conn, "ingester_heartbeat", now_utc().strftime("%Y-%m-%dT%H:%M:%SZ"))
+            time.sleep(1.1)
+            assert raw_call(rig, "read", args) == ("hit", direct_raw(rig, args))
+        finally:
+            store.dispose()
+
