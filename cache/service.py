@@ -124,7 +124,9 @@ class CacheService:
         """Record a database failure; the Passthrough to raise for it."""
         reason, trips = _classify(exc)
         if not trips:
-            log.warning("replica cannot answer (%s), passing through: %s", reason, _short(exc))
+            # an internal error is a bug: its traceback goes to the log (never to the client)
+            log.warning("replica cannot answer (%s), passing through: %s", reason, _short(exc),
+                        exc_info=reason == "internal-error")
             return Passthrough(reason, type(exc).__name__)
         with self._lock:
             self._failures += 1
