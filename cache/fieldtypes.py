@@ -83,7 +83,7 @@ TYPES: dict[str, TypeInfo] = {
     "url": TypeInfo("json", frozenset(), sortable=False),
     "tag_list": TypeInfo("json", frozenset(), sortable=False),
     "entity": TypeInfo("entity", _ENTITY_OPS),
-    "multi_entity": TypeInfo("multi", _ENTITY_OPS - {"name_is", "name_starts_with", "name_ends_with"}, False),
+    "multi_entity": TypeInfo("multi", _ENTITY_OPS, sortable=False),
     "addressing": TypeInfo("multi", frozenset(), sortable=False),
 }
 

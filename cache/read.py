@@ -41,6 +41,13 @@ _KNOWN_PARAMS = {
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _CASE_INSENSITIVE = {"text"}
+#: Types whose sort key is the lower-cased text (the rule the fake SG shares; docs/semantics.md).
+_SORT_LOWER = {"text", "entity_type", "color", "uuid", "list", "status_list", "footage"}
+#: Types without a ``project`` field on SG (include_archived_projects has nothing to leave out).
+_PROJECTLESS = {
+    "Project", "HumanUser", "ApiUser", "Group", "Department", "Step", "PublishedFileType",
+    "TaskTemplate", "LocalStorage", "PermissionRuleSet", "Status", "Icon",
+}
 
 
 @dataclass
@@ -82,17 +89,16 @@ class _Scope:
             self._joins[key] = reg
         return self._joins[key]
 
-    def hop(self, alias: Any, fname: str, target_type: str) -> Any:
-        """LEFT JOIN the row that ``alias.fname`` links to, when it is of ``target_type``."""
-        key = ("hop", id(alias), fname, target_type)
+    def hop(self, alias: Any, fname: str, target_type: str, active: bool = True) -> Any:
+        """LEFT JOIN the row that ``alias.fname`` links to, when it is of ``target_type``
+        (and, with ``active``, not retired)."""
+        key = ("hop", id(alias), fname, target_type, active)
         if key not in self._joins:
             target = self.engine.store.tables[target_type].alias()
-            self.from_ = self.from_.outerjoin(
-                target,
-                (target.c.id == alias.c[f"{fname}__id"])
-                & (alias.c[f"{fname}__type"] == target_type)
-                & sa.not_(target.c._retired),
-            )
+            on = (target.c.id == alias.c[f"{fname}__id"]) & (alias.c[f"{fname}__type"] == target_type)
+            if active:
+                on = on & sa.not_(target.c._retired)
+            self.from_ = self.from_.outerjoin(target, on)
             self._joins[key] = target
         return self._joins[key]
 
@@ -130,39 +136,54 @@ class ReadEngine:
         rows = conn.execute(plan.select).all()
         # One row past the page tells whether there is a next page.
         has_next = len(rows) > plan.limit
-        entities = [plan.decode(row) for row in rows[: plan.limit]]
+        rows = rows[: plan.limit]
+        entities = [plan.decode(row) for row in rows]
         if plan.multi_fields and entities:
-            self._fill_multi(conn, plan, entities)
+            self._fill_multi(conn, plan, entities, rows)
         paging_info: dict[str, Any] = {"has_next_page": has_next}
         if plan.want_count:
             paging_info["entity_count"] = int(conn.execute(plan.count_select).scalar_one())
         return {"entities": entities, "paging_info": paging_info}
 
-    def _fill_multi(self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]]) -> None:
-        ids = [e["id"] for e in entities]
-        by_id = {e["id"]: e for e in entities}
+    def _fill_multi(
+        self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]], rows: list[Any]
+    ) -> None:
+        """One query per multi_entity return field, for all the rows of the page."""
+        for key, owner_type, fname, label in plan.multi_fields:
+            if label is None:  # a field of the row itself
+                parents = [e["id"] for e in entities]
+            else:  # the field of a linked row (deep path); no linked row reads as None
+                parents = [row._mapping[label] for row in rows]
+            values = self._multi_values(conn, owner_type, fname, {p for p in parents if p is not None})
+            for e, parent in zip(entities, parents, strict=True):
+                e[key] = None if parent is None else list(values.get(parent, ()))
+
+    def _multi_values(
+        self, conn: Connection, owner_type: str, fname: str, parent_ids: set[int]
+    ) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        if not parent_ids:
+            return out
+        assoc = self.store.multi[(owner_type, fname)]
         reg = self.store.entities
-        for key, fname in plan.multi_fields:
-            assoc = self.store.multi[(plan.entity_type, fname)]
-            for e in entities:
-                e[key] = []
-            stmt = (
-                sa.select(assoc.c.parent_id, reg.c.type, reg.c.id, reg.c.name, reg.c.name_known)
-                .select_from(
-                    assoc.join(
-                        reg,
-                        (reg.c.type == assoc.c.child_type)
-                        & (reg.c.id == assoc.c.child_id)
-                        & sa.not_(reg.c.retired),
-                    )
+        stmt = (
+            sa.select(assoc.c.parent_id, reg.c.type, reg.c.id, reg.c.name, reg.c.name_known)
+            .select_from(
+                assoc.join(
+                    reg,
+                    (reg.c.type == assoc.c.child_type)
+                    & (reg.c.id == assoc.c.child_id)
+                    & sa.not_(reg.c.retired),
                 )
-                .where(assoc.c.parent_id.in_(ids))
-                .order_by(assoc.c.parent_id, assoc.c.pos)
             )
-            for row in conn.execute(stmt):
-                if not row.name_known:
-                    raise Passthrough("link-name-unknown", f"{row.type} {row.id}")
-                by_id[row.parent_id][key].append({"type": row.type, "id": row.id, "name": row.name})
+            .where(assoc.c.parent_id.in_(sorted(parent_ids)))
+            .order_by(assoc.c.parent_id, assoc.c.pos)
+        )
+        for row in conn.execute(stmt):
+            if not row.name_known:
+                raise Passthrough("link-name-unknown", f"{row.type} {row.id}")
+            out.setdefault(row.parent_id, []).append({"type": row.type, "id": row.id, "name": row.name})
+        return out
 
 
 @dataclass
@@ -171,7 +192,7 @@ class _Plan:
     select: Any
     count_select: Any
     columns: list[tuple[str, str, Any]]  # (result key, kind, info)
-    multi_fields: list[tuple[str, str]]
+    multi_fields: list[tuple[str, str, str, str | None]]  # (result key, owner type, field, parent label)
     limit: int
     want_count: bool
 
@@ -180,8 +201,13 @@ class _Plan:
         out: dict[str, Any] = {"type": self.entity_type, "id": m["c_id"]}
         for key, kind, info in self.columns:
             label = f"c{info[0]}"
-            if kind == "scalar":
-                out[key] = fieldtypes.decode_scalar(info[1], m[label])
+            if kind == "none":
+                out[key] = None
+            elif kind == "scalar":
+                if info[2] and m[f"{label}_pid"] is None:
+                    out[key] = None  # a deep path whose link is empty or of another type
+                else:
+                    out[key] = fieldtypes.decode_scalar(info[1], m[label])
             elif kind == "link":
                 link_id = m[f"{label}_id"]
                 if link_id is None:
@@ -220,28 +246,46 @@ class _Planner:
             raise Passthrough("not-primed", f"{entity_type}.{fname}")
         return fschema
 
-    def _walk(self, path: Any, allow_multi_hop: bool = False) -> tuple[Any, FieldSchema, list[tuple[Any, FieldSchema, str]]]:
-        """Resolve ``f.Type.f...`` to (alias, final field, hops) joining single-entity hops."""
+    def _split(self, path: Any) -> list[str]:
         if not isinstance(path, str) or not path:
             raise Passthrough("bad-field", repr(path)[:60])
         parts = path.split(".")
         if len(parts) % 2 == 0:
             raise Passthrough("bad-field", path[:80])
-        alias, entity_type = self.base, self.entity_type
+        return parts
+
+    def _target(self, target: str) -> None:
+        """A type named in a deep path must be cached, primed and fetched."""
+        if target not in self.schema:
+            raise Passthrough("uncached-type", target[:60])
+        if target not in self.ctx.primed:
+            raise Passthrough("not-primed", target)
+        if target in self.ctx.pending_fetch:
+            raise Passthrough("pending-fetch", target)
+
+    def _walk(self, path: Any) -> tuple[Any, FieldSchema, list[tuple[Any, FieldSchema, str]]]:
+        """Resolve ``f.Type.f...`` for a return field or a sort: (alias, final field, hops).
+
+        Single-entity hops are LEFT JOINs (a link of another type gives NULL). A hop through a
+        multi_entity field reads as None on SG (deep values are documented for single-entity
+        chains only): the alias is then None, and the rest of the path is only checked.
+        """
+        parts = self._split(path)
+        alias: Any = self.base
+        entity_type = self.entity_type
         hops: list[tuple[Any, FieldSchema, str]] = []
         for i in range(0, len(parts) - 1, 2):
             fschema = self._field(entity_type, parts[i])
             target = parts[i + 1]
-            if target not in self.schema:
-                raise Passthrough("uncached-type", target[:60])
-            if target not in self.ctx.primed:
-                raise Passthrough("not-primed", target)
-            if target in self.ctx.pending_fetch:
-                raise Passthrough("pending-fetch", target)
-            if fschema.data_type != "entity":
-                raise Passthrough("deep-multi", path[:80])
+            self._target(target)
+            storage = fieldtypes.TYPES[fschema.data_type].storage
+            if storage not in ("entity", "multi"):
+                raise Passthrough("bad-field", path[:80])
             hops.append((alias, fschema, target))
-            alias = self.scope.hop(alias, fschema.name, target)
+            if storage == "multi" or alias is None:
+                alias = None
+            else:
+                alias = self.scope.hop(alias, fschema.name, target)
             entity_type = target
         return alias, self._field(entity_type, parts[-1]), hops
 
@@ -263,13 +307,17 @@ class _Planner:
             seen.add(key)
             alias, fschema, hops = self._walk(key)
             storage = fieldtypes.TYPES[fschema.data_type].storage
-            if storage == "multi":
+            label = f"c{n}"
+            if alias is None:
+                decoded.append((key, "none", (n,)))
+            elif storage == "multi":
                 if hops:
-                    raise Passthrough("deep-multi", key[:80])
-                multi_fields.append((key, fschema.name))
+                    columns.append(alias.c.id.label(f"{label}_pid"))
+                    multi_fields.append((key, fschema.entity_type, fschema.name, f"{label}_pid"))
+                else:
+                    multi_fields.append((key, fschema.entity_type, fschema.name, None))
             elif storage == "entity":
                 reg = self.scope.link(alias, fschema.entity_type, fschema.name)
-                label = f"c{n}"
                 columns += [
                     reg.c.type.label(f"{label}_type"),
                     reg.c.id.label(f"{label}_id"),
@@ -278,8 +326,10 @@ class _Planner:
                 ]
                 decoded.append((key, "link", (n,)))
             else:
-                columns.append(alias.c[fschema.name].label(f"c{n}"))
-                decoded.append((key, "scalar", (n, fschema.data_type)))
+                columns.append(alias.c[fschema.name].label(label))
+                if hops:
+                    columns.append(alias.c.id.label(f"{label}_pid"))
+                decoded.append((key, "scalar", (n, fschema.data_type, bool(hops))))
 
         where = [self._return_only(params.get("return_only", "active"))]
         filters = params.get("filters", {"logical_operator": "and", "conditions": []})
@@ -308,13 +358,19 @@ class _Planner:
         raise Passthrough("bad-params", "return_only")
 
     def _not_archived(self) -> Any:
+        """``include_archived_projects: false``: leave out archived projects (retired or not)
+        and the rows of their ``project``; the Project rows themselves when reading Projects."""
+        if self.entity_type == "Project":
+            self._field("Project", "archived")
+            return sa.not_(sa.func.coalesce(self.base.c.archived, False))
         if self.schema.field(self.entity_type, "project") is None:
-            return sa.true()
-        _, project_field, _ = self._walk("project")
-        if "Project" not in self.ctx.primed:
-            raise Passthrough("not-primed", "Project")
+            if self.entity_type in _PROJECTLESS:
+                return sa.true()
+            raise Passthrough("uncached-field", f"{self.entity_type}.project")
+        self._field(self.entity_type, "project")
+        self._target("Project")
         self._field("Project", "archived")
-        project = self.scope.hop(self.base, project_field.name, "Project")
+        project = self.scope.hop(self.base, "project", "Project", active=False)
         return sa.or_(project.c.id.is_(None), sa.not_(sa.func.coalesce(project.c.archived, False)))
 
     # -- filters -----------------------------------------------------------------------
@@ -337,6 +393,9 @@ class _Planner:
             else:
                 parts.append(self._condition(cond))
         if not parts:
+            if op == "or":
+                # all([]) is true, but whether SG reads an empty "or" as true or false is not documented
+                raise Passthrough("empty-or")
             return sa.true()
         return sa.and_(*parts) if op == "and" else sa.or_(*parts)
 
@@ -348,15 +407,42 @@ class _Planner:
             raise Passthrough("bad-filter", "condition")
         if isinstance(path, str) and path.startswith("$"):
             raise Passthrough("filter-path", path[:60])
-        alias, fschema, _ = self._walk(path)
+        return self._path_condition(self.scope, self.base, self.entity_type, self._split(path), relation, values)
+
+    def _path_condition(
+        self, scope: _Scope, alias: Any, entity_type: str, parts: list[str], relation: str, values: list[Any]
+    ) -> Any:
+        """A condition on a (deep) path. A single-entity hop is a LEFT JOIN (no linked row of
+        that type: the value is NULL); a multi_entity hop is an EXISTS over the linked active
+        rows of that type (none: no match, whatever the operator)."""
+        fschema = self._field(entity_type, parts[0])
         info = fieldtypes.TYPES[fschema.data_type]
-        if relation not in info.operators:
-            raise Passthrough("operator", f"{relation} on {fschema.data_type}")
+        if len(parts) == 1:
+            if relation not in info.operators:
+                raise Passthrough("operator", f"{relation} on {fschema.data_type}")
+            if info.storage == "entity":
+                return self._entity_condition(scope, alias, fschema, relation, values)
+            if info.storage == "multi":
+                return self._multi_condition(alias, fschema, relation, values)
+            return self._scalar_condition(alias.c[fschema.name], fschema, relation, values)
+        target = parts[1]
+        self._target(target)
         if info.storage == "entity":
-            return self._entity_condition(alias, fschema, relation, values)
-        if info.storage == "multi":
-            return self._multi_condition(alias, fschema, relation, values)
-        return self._scalar_condition(alias.c[fschema.name], fschema, relation, values)
+            nxt = scope.hop(alias, fschema.name, target)
+            return self._path_condition(scope, nxt, target, parts[2:], relation, values)
+        if info.storage != "multi":
+            raise Passthrough("bad-field", ".".join(parts)[:80])
+        assoc = self.store.multi[(entity_type, fschema.name)].alias()
+        linked = self.store.tables[target].alias()
+        sub = _Scope(self.engine, target, linked)
+        sub.from_ = assoc.join(
+            linked,
+            (linked.c.id == assoc.c.child_id) & (assoc.c.child_type == target) & sa.not_(linked.c._retired),
+        )
+        inner = self._path_condition(sub, linked, target, parts[2:], relation, values)
+        return sa.exists(
+            sa.select(sa.literal(1)).select_from(sub.from_).where(assoc.c.parent_id == alias.c.id, inner)
+        )
 
     def _value(self, fschema: FieldSchema, value: Any) -> Any:
         """A filter value as stored, or Passthrough when its shape is not the field's."""
@@ -437,8 +523,11 @@ class _Planner:
                 parts.append(col >= lo)
             if hi is not None:
                 parts.append(col <= hi)
-            match = sa.and_(col.is_not(None), *parts)
-            return match if relation == "between" else sa.not_(match)
+            inside = sa.and_(*parts)
+            if relation == "between":
+                return sa.and_(col.is_not(None), inside)
+            # NULL is neither inside nor outside the range (as SQL's NOT BETWEEN; the fake SG agrees)
+            return sa.and_(col.is_not(None), sa.not_(inside))
         raise Passthrough("operator", relation)
 
     def _link_value(self, value: Any) -> tuple[str, int] | None:
@@ -460,22 +549,41 @@ class _Planner:
             if entity is None or entity.name_field not in entity.fields:
                 raise Passthrough("name-filter", f"{fschema.entity_type}.{fschema.name}")
 
-    def _entity_condition(self, alias: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
-        reg = self.scope.link(alias, fschema.entity_type, fschema.name)
+    def _name_test(self, relation: str, values: list[Any], name: Any) -> Any:
+        """name_* on one linked name (a link whose entity has no name counts as "")."""
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise Passthrough("filter-value", relation)
+        text = values[0].lower()
+        name = sa.func.coalesce(sa.func.lower(name), "")
+        if relation == "name_is":
+            return name == text
+        esc = _escape_like(text)
+        pattern = {
+            "name_contains": f"%{esc}%",
+            "name_not_contains": f"%{esc}%",
+            "name_starts_with": f"{esc}%",
+            "name_ends_with": f"%{esc}",
+        }.get(relation)
+        if pattern is None:
+            raise Passthrough("operator", relation)
+        return name.like(pattern, escape="\\")
+
+    def _entity_condition(
+        self, scope: _Scope, alias: Any, fschema: FieldSchema, relation: str, values: list[Any]
+    ) -> Any:
+        reg = scope.link(alias, fschema.entity_type, fschema.name)
+        linked = reg.c.id.is_not(None)
         if relation in ("is", "is_not", "in", "not_in"):
             if relation in ("is", "is_not") and len(values) != 1:
                 raise Passthrough("filter-value", relation)
             links = [self._link_value(v) for v in values]
             pairs = [p for p in links if p is not None]
             match = sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]) if pairs else sa.false()
-            has_none = None in links
-            if has_none:
+            if None in links:
                 match = sa.or_(match, reg.c.id.is_(None))
             if relation in ("is", "in"):
                 return match
-            if has_none:
-                return sa.not_(match)
-            return sa.or_(reg.c.id.is_(None), sa.not_(match))
+            return sa.or_(reg.c.id.is_(None), sa.not_(match)) if None not in links else sa.not_(match)
         if relation in ("type_is", "type_is_not"):
             if len(values) != 1:
                 raise Passthrough("filter-value", relation)
@@ -485,30 +593,17 @@ class _Planner:
                 return match if relation == "type_is" else sa.not_(match)
             if not isinstance(value, str):
                 raise Passthrough("filter-value", relation)
-            match = reg.c.type == value
             if relation == "type_is":
-                return match
-            return sa.or_(reg.c.id.is_(None), sa.not_(match))
-        # name_* operators
-        if len(values) != 1 or not isinstance(values[0], str):
-            raise Passthrough("filter-value", relation)
+                return reg.c.type == value
+            return sa.or_(reg.c.id.is_(None), reg.c.type != value)
         self._name_ok(fschema)
-        text = values[0].lower()
-        name = sa.func.lower(reg.c.name)
-        if relation == "name_is":
-            return name == text
-        esc = _escape_like(text)
-        if relation == "name_contains":
-            return name.like(f"%{esc}%", escape="\\")
+        test = self._name_test(relation, values, reg.c.name)
         if relation == "name_not_contains":
-            return sa.or_(reg.c.name.is_(None), sa.not_(name.like(f"%{esc}%", escape="\\")))
-        if relation == "name_starts_with":
-            return name.like(f"{esc}%", escape="\\")
-        if relation == "name_ends_with":
-            return name.like(f"%{esc}", escape="\\")
-        raise Passthrough("operator", relation)
+            return sa.not_(sa.and_(linked, test))
+        return sa.and_(linked, test)
 
     def _multi_condition(self, alias: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
+        """multi_entity: is/in mean "one of the linked entities is"; the negations are NOT of that."""
         assoc = self.store.multi[(fschema.entity_type, fschema.name)].alias()
         reg = self.store.entities.alias()
         base = (
@@ -521,30 +616,27 @@ class _Planner:
             )
             .where(assoc.c.parent_id == alias.c.id)
         )
+        empty = ~sa.exists(base)
         if relation in ("is", "is_not", "in", "not_in"):
             if relation in ("is", "is_not") and len(values) != 1:
                 raise Passthrough("filter-value", relation)
             links = [self._link_value(v) for v in values]
+            pairs = [p for p in links if p is not None]
+            parts = []
+            if pairs:
+                parts.append(sa.exists(base.where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]))))
             if None in links:
-                if len(links) != 1:
-                    raise Passthrough("filter-value", "None among multi_entity values")
-                empty = ~sa.exists(base)
-                return empty if relation in ("is", "in") else sa.not_(empty)
-            if not links:
-                return sa.false() if relation in ("is", "in") else sa.true()
-            match = sa.exists(base.where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in links])))
-            return match if relation in ("is", "in") else sa.not_(match)
-        if relation == "type_is":
-            if len(values) != 1 or not isinstance(values[0], str):
+                parts.append(empty)
+            hit = sa.or_(*parts) if parts else sa.false()
+            return hit if relation in ("is", "in") else sa.not_(hit)
+        if relation in ("type_is", "type_is_not"):
+            if len(values) != 1 or not (values[0] is None or isinstance(values[0], str)):
                 raise Passthrough("filter-value", relation)
-            return sa.exists(base.where(reg.c.type == values[0]))
-        if relation == "name_contains":
-            if len(values) != 1 or not isinstance(values[0], str):
-                raise Passthrough("filter-value", relation)
-            self._name_ok(fschema)
-            esc = _escape_like(values[0].lower())
-            return sa.exists(base.where(sa.func.lower(reg.c.name).like(f"%{esc}%", escape="\\")))
-        raise Passthrough("operator", f"{relation} on multi_entity")
+            hit = empty if values[0] is None else sa.exists(base.where(reg.c.type == values[0]))
+            return hit if relation == "type_is" else sa.not_(hit)
+        self._name_ok(fschema)
+        hit = sa.exists(base.where(self._name_test(relation, values, reg.c.name)))
+        return sa.not_(hit) if relation == "name_not_contains" else hit
 
     # -- sorts and paging ----------------------------------------------------------------
     def _sorts(self, sorts: Any) -> list[Any]:
@@ -563,17 +655,20 @@ class _Planner:
             info = fieldtypes.TYPES[fschema.data_type]
             if not info.sortable:
                 raise Passthrough("sort-type", fschema.data_type)
+            if alias is None:
+                continue  # through a multi_entity hop every value is None: the key changes nothing
             if info.storage == "entity":
+                # by the linked entity's name, case-insensitively; a nameless entity sorts as ""
                 reg = self.scope.link(alias, fschema.entity_type, fschema.name)
-                exprs = [sa.func.lower(reg.c.name), reg.c.name]
-            elif fschema.data_type in _CASE_INSENSITIVE:
-                col = alias.c[fschema.name]
-                exprs = [sa.func.lower(col), col]
+                expr = sa.case((reg.c.id.is_(None), sa.null()), else_=sa.func.coalesce(sa.func.lower(reg.c.name), ""))
+            elif fschema.data_type in _SORT_LOWER:
+                expr = sa.func.lower(alias.c[fschema.name])
+            elif fschema.data_type == "checkbox":
+                expr = sa.func.coalesce(alias.c[fschema.name], False)  # unset (or no linked row) reads false
             else:
-                exprs = [alias.c[fschema.name]]
-            for expr in exprs:
-                # NULL is the smallest value: first ascending, last descending (see docs/semantics.md).
-                order.append(expr.asc().nulls_first() if direction == "asc" else expr.desc().nulls_last())
+                expr = alias.c[fschema.name]
+            # NULL is the smallest value: first ascending, last descending (see docs/semantics.md).
+            order.append(expr.asc().nulls_first() if direction == "asc" else expr.desc().nulls_last())
         order.append(self.base.c.id.asc())
         return order
 
