@@ -170,10 +170,15 @@ def update_rows(conn: Connection, table: sa.Table, keys: Sequence[str], rows: Se
 
 def write_registry(store: Store, conn: Connection, named: Mapping[tuple[str, int], Any],
                    unnamed: Iterable[tuple[str, int]] = (),
-                   retired: Mapping[tuple[str, int], bool] | None = None) -> None:
-    """``sgcache_entities``: set names (and retired flags), insert unknown entities, in bulk."""
+                   retired: Mapping[tuple[str, int], bool] | None = None,
+                   no_insert: Iterable[tuple[str, int]] = ()) -> None:
+    """``sgcache_entities``: set names (and retired flags), insert unknown entities, in bulk.
+
+    Keys in ``no_insert`` are updated if they have a registry row and never inserted.
+    """
     reg = store.entities
     retired = retired or {}
+    no_insert = set(no_insert)
     keys = set(named) | set(unnamed) | set(retired)
     by_type: dict[str, list[int]] = {}
     for t, i in keys:
@@ -191,6 +196,8 @@ def write_registry(store: Store, conn: Connection, named: Mapping[tuple[str, int
         if key in retired:
             want["retired"] = retired[key]
         old = existing.get(key)
+        if old is None and key in no_insert:
+            continue
         if old is None:
             inserts.append({"type": key[0], "id": key[1], "name": want.get("name"),
                             "name_known": want.get("name_known", False), "retired": want.get("retired", False)})
@@ -275,11 +282,12 @@ def engine_options(url: str) -> dict[str, Any]:
 class BatchBuffer:
     """The writes of one batch of events, coalesced into a few bulk statements.
 
-    Rows touched by scalar/entity Changes are loaded once and changed in memory (each
-    event's change still gets its own change-log row, in event order); registry names,
-    registry rows and fetch requests are gathered too. :meth:`flush` writes them all; it
-    runs before the transaction commits and before anything that could see them (a
-    multi_entity change naming an entity whose name is buffered).
+    Rows touched by scalar/entity Changes and by retirements/revivals are loaded once and
+    changed in memory, and so are the multi_entity links of the parents a batch changes
+    (each event's change still gets its own change-log row, in event order); registry
+    names, retired flags, registry rows and fetch requests are gathered too. :meth:`flush`
+    writes them all in a few bulk statements (executemany UPDATE/DELETE, multi-row INSERT);
+    it runs before the transaction commits.
     """
 
     def __init__(self, store: Store, conn: Connection):
@@ -291,6 +299,10 @@ class BatchBuffer:
         self.names: dict[tuple[str, int], Any] = {}
         self.unnamed: set[tuple[str, int]] = set()
         self.fetch: dict[tuple[str, int], str] = {}
+        self.retired: dict[tuple[str, int], bool] = {}
+        # (type, field, parent id) -> {(child type, child id): pos}, as loaded and as changed
+        self.links: dict[tuple[str, str, int], dict[tuple[str, int], int]] = {}
+        self.links_orig: dict[tuple[str, str, int], dict[tuple[str, int], int]] = {}
 
     def load(self, keys: Iterable[tuple[str, int]]) -> None:
         """Read the replica rows of these (cached type, id) pairs in one query per type."""
@@ -305,6 +317,64 @@ class BatchBuffer:
                     self.rows[(entity_type, row.id)] = dict(row._mapping)
             for entity_id in ids:
                 self.rows.setdefault((entity_type, entity_id), None)
+
+    def load_links(self, keys: Iterable[tuple[str, str, int]]) -> None:
+        """Read the multi_entity links of these (type, field, parent id) in one query per field."""
+        wanted: dict[tuple[str, str], set[int]] = {}
+        for entity_type, fname, parent in keys:
+            if (entity_type, fname) in self.store.multi and (entity_type, fname, parent) not in self.links:
+                wanted.setdefault((entity_type, fname), set()).add(parent)
+        for (entity_type, fname), parents in wanted.items():
+            table = self.store.multi[(entity_type, fname)]
+            found: dict[int, dict[tuple[str, int], int]] = {p: {} for p in parents}
+            for chunk in _chunks(sorted(parents), 500):
+                rows = self.conn.execute(sa.select(table.c.parent_id, table.c.child_type, table.c.child_id, table.c.pos)
+                                         .where(table.c.parent_id.in_(chunk)).order_by(table.c.parent_id, table.c.pos))
+                for r in rows:
+                    found[r.parent_id][(r.child_type, r.child_id)] = r.pos
+            for parent, children in found.items():
+                self.links[(entity_type, fname, parent)] = children
+                self.links_orig[(entity_type, fname, parent)] = dict(children)
+
+    def change_links(self, key: tuple[str, int], fname: str, added: Sequence[Mapping[str, Any]],
+                     removed: Sequence[Mapping[str, Any]], event_id: int) -> None:
+        """An ``added``/``removed`` multi_entity change, as ``Store.change_multi`` makes it; idempotent."""
+        lkey = (key[0], fname, key[1])
+        if lkey not in self.links:
+            self.load_links([lkey])
+        current = self.links[lkey]
+        changed = False
+        for link in removed:
+            if current.pop((link["type"], int(link["id"])), None) is not None:
+                changed = True
+        if added:
+            pos = max(current.values(), default=-1) + 1
+            for link in added:
+                child = (link["type"], int(link["id"]))
+                if child in current:
+                    continue
+                current[child] = pos
+                pos += 1
+                changed = True
+            self.note(added)
+        if changed:
+            self.logs.append({"at": now_utc(), "source": "event", "event_id": event_id, "entity_type": key[0],
+                              "entity_id": key[1], "field_name": fname,
+                              "old": _json_or_none([{"type": x["type"], "id": x["id"]} for x in removed]),
+                              "new": _json_or_none([{"type": x["type"], "id": x["id"]} for x in added])})
+
+    def retire(self, key: tuple[str, int], retired: bool, event_id: int) -> None:
+        """Set an entity's retired flag (row and registry), as ``Store.set_retired`` does."""
+        if key[0] in self.store.tables and self.exists(key):
+            row = self.rows[key]
+            assert row is not None
+            if row["_retired"] != retired:
+                self.logs.append({"at": now_utc(), "source": "event", "event_id": event_id, "entity_type": key[0],
+                                  "entity_id": key[1], "field_name": "retired", "old": _json_or_none(not retired),
+                                  "new": _json_or_none(retired)})
+                row["_retired"] = retired
+                self.dirty.setdefault(key, {})["_retired"] = retired
+        self.retired[key] = retired
 
     def exists(self, key: tuple[str, int]) -> bool:
         if key not in self.rows:
@@ -349,23 +419,23 @@ class BatchBuffer:
         self.note(links)
         return True
 
-    def flush_if_named(self, links: Iterable[Mapping[str, Any]]) -> None:
-        """Flush before a write that may set the registry name of a buffered entity."""
-        if self.names and any(_is_link(x) and (x["type"], int(x["id"])) in self.names for x in links):
-            self.flush()
-
     def flush(self) -> None:
         """Write everything buffered."""
         self._flush_rows()
+        self._flush_links()
         insert_rows(self.conn, self.store.changes, self.logs)
-        if self.names or self.unnamed:
-            write_registry(self.store, self.conn, self.names, self.unnamed - set(self.names))
+        if self.names or self.unnamed or self.retired:
+            # a cached type's retired flag never makes a registry row (as Store.set_retired)
+            no_insert = {k for k in self.retired if k[0] in self.store.tables} - set(self.names) - self.unnamed
+            write_registry(self.store, self.conn, self.names, self.unnamed - set(self.names), self.retired,
+                           no_insert)
         by_reason: dict[str, list[tuple[str, int]]] = {}
         for key, reason in self.fetch.items():
             by_reason.setdefault(reason, []).append(key)
         for reason, keys in by_reason.items():
             self.store.queue_fetch(self.conn, keys, reason)
-        self.dirty, self.logs, self.names, self.unnamed, self.fetch = {}, [], {}, set(), {}
+        self.dirty, self.logs, self.names, self.unnamed, self.fetch, self.retired = {}, [], {}, set(), {}, {}
+        self.links_orig = {k: dict(v) for k, v in self.links.items()}
 
     def _flush_rows(self) -> None:
         by_type: dict[str, list[dict[str, Any]]] = {}
@@ -373,6 +443,25 @@ class BatchBuffer:
             by_type.setdefault(entity_type, []).append({"id": entity_id, **cols})
         for entity_type, rows in by_type.items():
             update_rows(self.conn, self.store.tables[entity_type], ["id"], rows)
+
+    def _flush_links(self) -> None:
+        by_table: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        for (entity_type, fname, parent), current in self.links.items():
+            orig = self.links_orig.get((entity_type, fname, parent), {})
+            if current == orig:
+                continue
+            gone, new = by_table.setdefault((entity_type, fname), ([], []))
+            gone.extend({"p_parent": parent, "p_type": t, "p_id": i}
+                        for (t, i), pos in orig.items() if current.get((t, i)) != pos)
+            new.extend({"parent_id": parent, "child_type": t, "child_id": i, "pos": pos}
+                       for (t, i), pos in current.items() if orig.get((t, i)) != pos)
+        for key, (gone, new) in by_table.items():
+            table = self.store.multi[key]
+            if gone:
+                self.conn.execute(table.delete().where(
+                    (table.c.parent_id == sa.bindparam("p_parent")) & (table.c.child_type == sa.bindparam("p_type"))
+                    & (table.c.child_id == sa.bindparam("p_id"))), gone)
+            insert_rows(self.conn, table, new)
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -562,6 +651,7 @@ class Ingester:
         fresh = [e for e in events if int(e["id"]) not in seen]
         buf = BatchBuffer(self.store, conn)
         buf.load(s for s in map(self.subject, fresh) if s is not None)
+        buf.load_links(self._link_keys(fresh))
         for event in fresh:
             late = int(event["id"]) <= high
             if careful:
@@ -578,6 +668,16 @@ class Ingester:
         self.store.set_state(conn, K_CURSOR, (min(still_open) - 1) if still_open else new_high)
         self.store.set_state(conn, K_HIGH, new_high)
         self.store.set_state(conn, K_HEARTBEAT, _iso_now())
+
+    def _link_keys(self, events: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, int]]:
+        """(type, multi_entity field, parent id) that the Changes among ``events`` name."""
+        out = []
+        for event in events:
+            attr = event.get("attribute_name")
+            subject = self.subject(event) if isinstance(attr, str) else None
+            if subject is not None and (subject[0], attr) in self.store.multi:
+                out.append((subject[0], attr, subject[1]))
+        return out
 
     def _apply_guarded(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: BatchBuffer) -> None:
         try:
@@ -698,7 +798,7 @@ class Ingester:
         if cached and late:
             buf.queue(subject, "late retirement/revival")
             return
-        self.store.set_retired(conn, subject[0], subject[1], retired, "event", event_id)
+        buf.retire(subject, retired, event_id)
         if cached and (not retired or not buf.exists(subject)):
             buf.queue(subject, "revival" if not retired else "unknown row")
 
@@ -743,9 +843,7 @@ class Ingester:
                 _is_link(x) for x in [*added, *removed]):
             buf.queue(subject, "bad multi_entity change")
             return
-        buf.flush_if_named(added)
-        self.store.change_multi(conn, subject[0], subject[1], attr, added=added, removed=removed,
-                                source="event", event_id=event_id)
+        buf.change_links(subject, attr, added, removed, event_id)
 
     def _deep_values(self, event: Mapping[str, Any], subject: tuple[str, int]) -> dict[str, Any]:
         """``updated_at``/``updated_by`` of the entity, read with the event (SG logs no event for them)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -194,6 +195,35 @@ def test_changes_of_scalars_links_and_multi_entity(site: FakeSite, store: Store,
     rows = [r for r in change_rows(store, source="event") if r.event_id > first]
     assert {(r.entity_type, r.field_name) for r in rows} >= {
         ("Shot", "code"), ("Shot", "sg_cut_in"), ("Shot", "sg_sequence"), ("Shot", "assets"), ("Asset", "code")}
+
+
+def test_buffered_links_and_retirements_match_the_per_event_path(site: FakeSite, store: Store,
+                                                                 ingester: Ingester) -> None:
+    """One batch with a remove/re-add of a link and a retire/revive/retire: the buffered writes
+    leave SG's link order, one change-log row per effective change and the registry's flag."""
+    proj = make_project(site)
+    assets = [site.create_direct("Asset", {"code": f"a{i}", "project": proj}) for i in range(3)]
+    shot = site.create_direct("Shot", {"code": "sh010", "project": proj, "assets": assets[:2]})
+    sync(ingester)
+    first = site.last_event_id()
+    site.update_direct("Shot", shot["id"], {"assets": [assets[0]]}, modes={"assets": "remove"})
+    site.update_direct("Shot", shot["id"], {"assets": [assets[2], assets[0]]}, modes={"assets": "add"})
+    site.update_direct("Shot", shot["id"], {"assets": [assets[1]]}, modes={"assets": "remove"})
+    site.delete_direct("Asset", assets[1]["id"])
+    site.revive_direct("Asset", assets[1]["id"])
+    site.delete_direct("Asset", assets[1]["id"])
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    rows = [r for r in change_rows(store, source="event") if r.event_id > first]
+    links = [(json.loads(r.old), json.loads(r.new)) for r in rows if r.field_name == "assets"]
+    assert [([x["id"] for x in old], [x["id"] for x in new]) for old, new in links] == [
+        ([assets[0]["id"]], []), ([], [assets[2]["id"], assets[0]["id"]]), ([assets[1]["id"]], [])]
+    flags = [(r.entity_id, r.new) for r in rows if r.field_name == "retired"]
+    assert flags == [(assets[1]["id"], "true"), (assets[1]["id"], "false"), (assets[1]["id"], "true")]
+    with store.engine.connect() as conn:
+        reg = store.entities
+        assert conn.execute(sa.select(reg.c.retired).where((reg.c.type == "Asset")
+                                                           & (reg.c.id == assets[1]["id"]))).scalar_one()
 
 
 def test_backref_is_applied_once(site: FakeSite, store: Store, ingester: Ingester) -> None:
