@@ -438,6 +438,21 @@ GROUPS: list[Any] = [
                                                {"filter_operator": "any", "filters": [["sg_cut_in", "is", 1100]]}]},
     ]}]),
     case("Shot", [], filter_operator="any", hit=PASS),  # an empty "or": SG's answer is not documented
+    case("Shot", {"logical_operator": "or", "conditions": [
+        {"path": "code", "relation": "is", "values": ["sh010"]},
+        {"logical_operator": "and", "conditions": []}]}),  # an empty "and" is true
+    case("Shot", {"logical_operator": "and", "conditions": [
+        {"path": "code", "relation": "is", "values": ["sh010"]},
+        {"logical_operator": "or", "conditions": []}]}, hit=PASS),
+    case("Shot", wire("assets", "in", [])),
+    case("Shot", wire("assets", "not_in", [])),
+    case("Shot", wire("sg_sequence", "in", [])),
+    case("Shot", wire("sg_sequence", "not_in", [])),
+    case("Shot", wire("assets.Asset.code", "in", [])),
+    case("Shot", wire("assets.Asset.code", "not_in", [])),
+    case("Shot", [["sg_cut_in", "is", 1001], ["sg_cut_in", "is_not", 1001]]),
+    case("Task", [["entity", "type_is", "Shot"], ["entity.Shot.sg_cut_in", "between", [1000, 1010]],
+                  ["task_assignees", "is_not", None]], filter_operator="any"),
 ]
 
 RETURNS: list[Any] = [

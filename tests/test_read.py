@@ -195,3 +195,48 @@ def test_rewriting_the_same_rows_changes_nothing(store: Store) -> None:
             "sg_status_list": "ip", "assets": []})], "scan", complete=True)
         after = conn.execute(store.changes.select()).all()
     assert result.changed == 0 and len(before) == len(after)
+
+
+def test_multi_entity_operators(store: Store) -> None:
+    a1, a3 = {"type": "Asset", "id": 1}, {"type": "Asset", "id": 3}
+    assert ids(read(store, filters=cond("assets", "in", a1, None))) == [1, 3, 4]
+    assert ids(read(store, filters=cond("assets", "not_in", a3, None))) == [1]
+    assert ids(read(store, filters=cond("assets", "type_is", None))) == [3, 4]
+    assert ids(read(store, filters=cond("assets", "type_is_not", "Asset"))) == [3, 4]
+    assert ids(read(store, filters=cond("assets", "name_is", "ASSET3"))) == [2]
+    assert ids(read(store, filters=cond("assets", "name_starts_with", "asset"))) == [1, 2]
+    assert ids(read(store, filters=cond("assets", "name_ends_with", "2"))) == [2]
+    assert ids(read(store, filters=cond("assets", "name_not_contains", "1"))) == [2, 3, 4]
+
+
+def test_filter_through_a_multi_entity_hop_is_exists(store: Store) -> None:
+    assert ids(read(store, filters=cond("assets.Asset.code", "is", "ASSET2"))) == [2]
+    # no linked entity: no match, even for a negation
+    assert ids(read(store, filters=cond("assets.Asset.code", "is_not", "asset2"))) == [1, 2]
+
+
+def test_deep_return_fields_through_and_ending_in_multi_entity(store: Store) -> None:
+    result = read(store, type="Sequence", return_fields=["project.Project.users", "project.Project.archived"])
+    assert result["entities"] == [{"type": "Sequence", "id": 1, "project.Project.users": [],
+                                   "project.Project.archived": False}]
+    result = read(store, return_fields=["assets.Asset.code", "project.Project.users"],
+                  filters=cond("id", "in", 1, 2))
+    assert result["entities"][0] == {"type": "Shot", "id": 1, "assets.Asset.code": None, "project.Project.users": []}
+    result = read(store, return_fields=["sg_sequence.Sequence.project.Project.archived"], filters=cond("id", "is", 2))
+    assert result["entities"][0]["sg_sequence.Sequence.project.Project.archived"] is None
+
+
+def test_not_between_leaves_nulls_out(store: Store) -> None:
+    assert ids(read(store, filters=cond("sg_cut_in", "not_between", 995, 1005))) == [2, 4]
+
+
+def test_sort_keys_are_lower_cased_without_a_case_tie_break(store: Store) -> None:
+    sorts = [{"field_name": "code", "direction": "asc"}]
+    assert ids(read(store, sorts=sorts)) == [3, 1, 2, 4]
+
+
+def test_empty_or_passes(store: Store) -> None:
+    with pytest.raises(Passthrough) as info:
+        read(store, filters={"logical_operator": "or", "conditions": []})
+    assert info.value.reason == "empty-or"
+    assert ids(read(store, filters={"logical_operator": "and", "conditions": []})) == [1, 2, 3, 4]
