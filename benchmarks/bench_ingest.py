@@ -143,7 +143,7 @@ def run_backend(url: str, schema: Schema, sg: MemorySG, batch: int) -> tuple[flo
     store = Store.open(url, schema, **engine_options(url))
     with store.engine.begin() as conn:
         store.set_state(conn, K_CURSOR, 0)
-    ingester = Ingester(store, sg, IngestConfig(batch=batch, poll_interval=0.0), lock=NoLock())
+    ingester = Ingester(store, sg, IngestConfig(batch=batch, poll_interval=0.0, sweep_every=0), lock=NoLock())
     start = time.perf_counter()
     ingester.run(follow=False)
     elapsed = time.perf_counter() - start

@@ -13,10 +13,20 @@ State keys (``sgcache_state``):
 - ``event_cursor``: every event id at or below it is applied or given up;
 - ``event_high``: the highest event id applied; ids between the cursor and it that
   were never seen are open gaps (``sgcache_gaps``), looked for on every poll and given
-  up after ``gap_timeout`` seconds;
+  up once the event that revealed them is ``gap_timeout`` seconds old by SG's clock;
+- ``sg_clock``: the newest ``created_at`` seen (SG's clock, wire form);
 - ``ingester_heartbeat``: ISO UTC time of the last successful poll;
 - ``schema_pending``: field names named by schema (DisplayColumn) events, to re-check;
 - ``ingester_leader``: who leads (informational).
+
+Gap time is SG's time: a gap's ``first_seen`` is the ``created_at`` of the first
+visible event above it, and "now" is SG's clock estimated as the newest ``created_at``
+seen plus the local time elapsed since it was seen (the local clock measures only
+elapsed time, so skew between the hosts does not matter; with no ``created_at`` ever
+seen the local clock stands in). An id that becomes visible after its gap was given up
+is found by the sweep: every ``sweep_every`` polls the ids of events created in the
+last ``sweep_window`` seconds (SG's clock, default twice the gap timeout) are read and
+any id missing from ``sgcache_events`` is applied as a late event.
 
 Leadership: on PostgreSQL a session advisory lock on a connection held for the
 process lifetime, which is also the connection every write goes through (so a leader
@@ -26,6 +36,7 @@ file, released by the kernel however the process dies.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import fcntl
 import json
@@ -63,6 +74,7 @@ K_HIGH = "event_high"
 K_HEARTBEAT = "ingester_heartbeat"
 K_SCHEMA = "schema_pending"
 K_LEADER = "ingester_leader"
+K_SG_CLOCK = "sg_clock"
 
 
 class SGClient(Protocol):
@@ -87,9 +99,15 @@ class IngestConfig:
     poll_interval: float = 1.0
     idle_max: float | None = None  # default: 5 x poll_interval, at most 5 s (never below poll_interval)
     gap_timeout: float = 300.0
+    sweep_every: int = 30  # polls between sweeps for ids that became visible after being given up; 0: never
+    sweep_window: float | None = None  # seconds of SG time a sweep looks back (default 2 x gap_timeout)
+    sweep_limit: int = 10_000
     max_gap_span: int = 10_000
     lock_retry: float = 1.0
     retry_max: float = 60.0
+
+    def sweep_seconds(self) -> float:
+        return self.sweep_window if self.sweep_window is not None else 2 * self.gap_timeout
 
     def idle_ceiling(self) -> float:
         if self.idle_max is not None:
@@ -107,6 +125,7 @@ class PollResult:
     gaps_opened: int = 0
     gaps_filled: int = 0
     gaps_expired: list[int] = field(default_factory=list)
+    swept: list[int] = field(default_factory=list)
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -138,6 +157,22 @@ def split_event_type(event_type: Any) -> tuple[str, str] | None:
 def _is_link(value: Any) -> bool:
     return (isinstance(value, Mapping) and isinstance(value.get("type"), str)
             and isinstance(value.get("id"), int) and not isinstance(value.get("id"), bool))
+
+
+def parse_wire_dt(value: Any) -> dt.datetime | None:
+    """SG's wire datetime (``YYYY-MM-DDTHH:MM:SSZ``) -> naive UTC; None if absent or unparsable."""
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).replace(tzinfo=None) if value.tzinfo else value
+    if not isinstance(value, str):
+        return None
+    try:
+        return dt.datetime.strptime(value, WIRE_DT)
+    except ValueError:
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return parsed.astimezone(dt.UTC).replace(tzinfo=None) if parsed.tzinfo else parsed
 
 
 def _iso_now() -> str:
@@ -484,6 +519,8 @@ class Ingester:
         self.missing_fields: set[tuple[str, str]] = set()
         self._skipped_types: set[str] = set()
         self._event_fields = EVENT_FIELDS + self._deep_fields()
+        self._sg_anchor: tuple[dt.datetime, dt.datetime] | None = None  # (SG time seen, local time then)
+        self._polls = 0
 
     # -- connection and leadership ------------------------------------------------
     def connect(self) -> Connection:
@@ -542,6 +579,9 @@ class Ingester:
         while not self.stop_event.is_set():
             try:
                 result = self.poll_once()
+                self._polls += 1
+                if self.config.sweep_every > 0 and self._polls % self.config.sweep_every == 0:
+                    self.sweep()
                 self.process_fetch_queue()
                 self.process_schema()
             except sa.exc.DBAPIError as exc:
@@ -600,6 +640,66 @@ class Ingester:
             _cursor, high = self._cursor(conn)
             gaps = self._open_gaps(conn)
             self.apply_batch(conn, events, gaps, high, result, careful=careful)
+        return result
+
+    # -- SG's clock ---------------------------------------------------------------
+    def sg_now(self) -> dt.datetime:
+        """SG's clock (naive UTC): the newest ``created_at`` seen plus local time elapsed since;
+        the local clock when no ``created_at`` was ever seen."""
+        local = self.clock()
+        if self._sg_anchor is None:
+            return local
+        seen, at = self._sg_anchor
+        return seen + max(local - at, dt.timedelta(0))
+
+    def _load_sg_clock(self, conn: Connection) -> None:
+        if self._sg_anchor is None:
+            seen = parse_wire_dt(self.store.get_state(conn, K_SG_CLOCK))
+            if seen is not None:
+                self._sg_anchor = (seen, self.clock())
+
+    def _see_sg_times(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
+        """Move the SG clock estimate forward to the newest ``created_at`` among ``events``."""
+        times = [t for t in (parse_wire_dt(e.get("created_at")) for e in events) if t is not None]
+        if not times:
+            return
+        newest = max(times)
+        if self._sg_anchor is None or newest > self.sg_now():
+            self._sg_anchor = (newest, self.clock())
+        stored = parse_wire_dt(self.store.get_state(conn, K_SG_CLOCK))
+        if stored is None or newest > stored:
+            self.store.set_state(conn, K_SG_CLOCK, newest.strftime(WIRE_DT))
+
+    # -- the sweep ----------------------------------------------------------------
+    def sweep(self) -> PollResult:
+        """Apply events created in the last ``sweep_window`` seconds (SG's clock) whose ids were never
+        applied: ids that became visible after their gap was given up (or was too wide to wait for)."""
+        result = PollResult()
+        if self.sg is None:
+            return result
+        conn = self.connect()
+        with conn.begin():
+            self._load_sg_clock(conn)
+            cursor, _high = self._cursor(conn)
+        since = self.sg_now() - dt.timedelta(seconds=self.config.sweep_seconds())
+        rows = self.sg.find("EventLogEntry", [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
+                                              ["id", "less_than", cursor + 1]], ["id"],
+                            order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
+        ids = [int(r["id"]) for r in rows]
+        with conn.begin():
+            missing = sorted(set(ids) - self._stored_ids(conn, ids))
+        if not missing:
+            return result
+        events: list[dict[str, Any]] = []
+        for chunk in _chunks(missing, FETCH_CHUNK):
+            events.extend(to_wire(e) for e in self.sg.find(  # type: ignore[union-attr]
+                "EventLogEntry", [["id", "in", list(chunk)]], self._event_fields,
+                order=[{"field_name": "id", "direction": "asc"}]))
+        result = self._apply_polled(conn, events, full=False, careful=False)
+        result.swept = sorted(int(e["id"]) for e in events)
+        if result.swept:
+            log.warning("sweep: applied event ids %s, visible only after their gap was given up",
+                        _ranges(result.swept))
         return result
 
     def fetch_events(self, high: int, gaps: list[int]) -> list[dict[str, Any]]:
@@ -661,9 +761,11 @@ class Ingester:
         buf.flush()
         result.applied = len(fresh)
         self._store_raw(conn, fresh)
+        self._load_sg_clock(conn)
+        self._see_sg_times(conn, events)
         ids = [int(e["id"]) for e in events]
         new_high = max([high, *ids])
-        self._update_gaps(conn, gaps, ids, high, new_high, result)
+        self._update_gaps(conn, gaps, events, high, new_high, result)
         still_open = self._open_gaps(conn)
         self.store.set_state(conn, K_CURSOR, (min(still_open) - 1) if still_open else new_high)
         self.store.set_state(conn, K_HIGH, new_high)
@@ -708,31 +810,52 @@ class Ingester:
                  "received_at": now} for e in events]
         insert_rows(conn, self.store.events, rows)  # ``events`` holds no stored id: checked above
 
-    def _update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], ids: list[int], high: int,
-                     new_high: int, result: PollResult) -> None:
+    def _update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], events: Sequence[Mapping[str, Any]],
+                     high: int, new_high: int, result: PollResult) -> None:
+        """Fill gaps that showed up, give up those revealed ``gap_timeout`` ago by SG's clock, open new ones
+        (``first_seen``: the ``created_at`` of the first event above the gap, else SG's estimated now)."""
         table = self.store.gaps
+        ids = [int(e["id"]) for e in events]
         filled = sorted(set(gaps) & set(ids))
         if filled:
             conn.execute(table.delete().where(table.c.id.in_(filled)))
             result.gaps_filled = len(filled)
             log.info("late events applied for gap ids %s", _ranges(filled))
-        now = self.clock()
-        expired = sorted(i for i, first in gaps.items()
-                         if i not in filled and (now - first).total_seconds() >= self.config.gap_timeout)
+        now = self.sg_now()
+        timeout = self.config.gap_timeout
+
+        def too_old(first: dt.datetime) -> bool:
+            return (now - first).total_seconds() >= timeout
+
+        expired = sorted(i for i, first in gaps.items() if i not in filled and too_old(first))
         if expired:
-            conn.execute(table.delete().where(table.c.id.in_(expired)))
-            result.gaps_expired = expired
-            log.warning("gave up on event ids %s: not visible %ss after they were missed",
-                        _ranges(expired), self.config.gap_timeout)
+            for chunk in _chunks(expired, 500):
+                conn.execute(table.delete().where(table.c.id.in_(chunk)))
         missing = sorted(set(range(high + 1, new_high)) - set(ids))
         if len(missing) > self.config.max_gap_span:
             log.warning("%d event ids between %d and %d never seen: too many to wait for, skipped",
                         len(missing), high, new_high)
-            return
+            missing = []
+        opened = []
         if missing:
-            insert_rows(conn, table, [{"id": i, "first_seen": now} for i in missing])  # all above ``high``
-            result.gaps_opened = len(missing)
-            log.debug("event ids %s not visible yet: open gaps", _ranges(missing))
+            created = sorted((int(e["id"]), parse_wire_dt(e.get("created_at"))) for e in events)
+            created_ids = [i for i, _t in created]
+            for gap_id in missing:
+                at = bisect.bisect_right(created_ids, gap_id)  # the event that revealed it
+                after = created[at][1] if at < len(created) else None
+                first = after if after is not None else now
+                if too_old(first):
+                    expired.append(gap_id)
+                else:
+                    opened.append({"id": gap_id, "first_seen": first})
+        if opened:
+            insert_rows(conn, table, opened)  # all above ``high``
+            result.gaps_opened = len(opened)
+            log.debug("event ids %s not visible yet: open gaps", _ranges([r["id"] for r in opened]))
+        if expired:
+            result.gaps_expired = sorted(expired)
+            log.warning("gave up on event ids %s: not visible %ss (SG's clock) after a later event",
+                        _ranges(result.gaps_expired), timeout)
 
     # -- one event ----------------------------------------------------------------
     def subject(self, event: Mapping[str, Any]) -> tuple[str, int] | None:

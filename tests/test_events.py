@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.events import K_CURSOR, K_HEARTBEAT, K_HIGH, IngestConfig, Ingester, LockHeld, replay
+from cache.events import K_CURSOR, K_HEARTBEAT, K_HIGH, K_SG_CLOCK, IngestConfig, Ingester, LockHeld, replay
 from cache.read import ReadContext, ReadEngine
 from cache.schema import Schema, parse_rules
 from cache.store import Store
@@ -399,6 +399,88 @@ def test_gap_that_never_fills_is_given_up(site: FakeSite, store: Store, ingester
         sync(ingester)
     assert state(store, K_CURSOR) == state(store, K_HIGH) == site.last_event_id()
     assert any("gave up on event ids" in r.getMessage() for r in caplog.records)
+
+
+def test_gap_is_given_up_by_sg_clock_not_the_local_one(site: FakeSite, store: Store, ingester: Ingester,
+                                                       clock: Clock) -> None:
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))  # SG's clock, far from the local one
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    held = site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "lost"})
+    site.drop_held()
+    site.update_direct("Shot", shot["id"], {"description": "visible"})
+    sync(ingester)
+    assert state(store, K_CURSOR) == held[0] - 1
+    site.advance_clock(seconds=200)
+    site.update_direct("Shot", shot["id"], {"sg_cut_in": 1})
+    sync(ingester)
+    assert state(store, K_CURSOR) == held[0] - 1  # 200 s of SG time: still waiting
+    site.advance_clock(seconds=101)
+    site.update_direct("Shot", shot["id"], {"sg_cut_in": 2})
+    sync(ingester)  # the local clock never moved
+    assert state(store, K_CURSOR) == state(store, K_HIGH) == site.last_event_id()
+    assert state(store, K_SG_CLOCK) == "2026-03-01T09:05:01Z"
+
+
+def test_gap_already_old_by_sg_clock_is_given_up_at_once(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "lost"})
+    site.drop_held()
+    site.update_direct("Shot", shot["id"], {"description": "old news"})
+    site.advance_clock(seconds=400)  # the ingester was down: the event after the gap is 400 s old
+    site.update_direct("Shot", shot["id"], {"sg_cut_in": 3})
+    result = ingester.poll_once()
+    assert result.gaps_expired and not result.gaps_opened
+    assert state(store, K_CURSOR) == site.last_event_id()
+
+
+def test_id_visible_after_its_gap_was_given_up_is_swept(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    held = site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "late"})  # a long transaction
+    site.update_direct("Shot", shot["id"], {"description": "visible"})
+    sync(ingester)
+    site.advance_clock(seconds=301)
+    site.update_direct("Shot", shot["id"], {"sg_cut_in": 1})
+    sync(ingester)
+    assert state(store, K_CURSOR) == site.last_event_id()  # given up
+    site.release_held()  # commits after the give-up
+    sync(ingester)
+    assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "sh1"  # polls never look back
+    result = ingester.sweep()
+    assert result.swept == held
+    ingester.process_fetch_queue()
+    assert_equal_to_site(store, site)
+    assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "late"
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(store.events.c.id).where(store.events.c.id == held[0])).first()
+    assert ingester.sweep().swept == []
+
+
+def test_run_sweeps_every_n_polls(site: FakeSite, store: Store, client: SiteClient) -> None:
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, sweep_every=3))
+    calls: list[int] = []
+    ing.sweep = lambda: calls.append(ing._polls) or None  # type: ignore[method-assign]
+    original = ing.poll_once
+
+    def poll() -> Any:
+        if ing._polls >= 7:
+            ing.stop()
+        return original()
+
+    ing.poll_once = poll  # type: ignore[method-assign]
+    ing.run(follow=True)
+    ing.close()
+    assert calls == [3, 6]
 
 
 def test_full_batches_never_stall_behind_a_gap(site: FakeSite, store: Store, ingester: Ingester) -> None:

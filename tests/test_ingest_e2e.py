@@ -274,3 +274,14 @@ def test_reprocess_retirement(rig: Rig) -> None:
     assert out.returncode == 0, out.stderr
     assert "replayed 2 stored events" in out.stderr
     assert_equal_to_site(rig.store, site)
+
+
+def test_reprocess_refuses_while_an_ingester_leads(rig: Rig) -> None:
+    proc = rig.start()
+    rig.wait(lambda: rig.state(K_LEADER) is not None, what="leader")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reprocess"), "--retirement"],
+                         env=rig.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "stop it before reprocessing" in out.stderr
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
