@@ -291,10 +291,47 @@ class _Planner:
 
     # -- build ------------------------------------------------------------------------
     def build(self, params: Mapping[str, Any]) -> _Plan:
+        """Page first, then decorate: one statement whose inner query filters, sorts and
+        pages on the columns those need, and whose outer query joins only the page's rows
+        to what the return fields need (links, names, deep fields)."""
+        where = [self._return_only(params.get("return_only", "active"))]
+        filters = params.get("filters", {"logical_operator": "and", "conditions": []})
+        where.append(self._group(filters, 0))
+        archived = params.get("include_archived_projects", True)
+        if archived is False:
+            where.append(self._not_archived())
+        elif archived is not True:
+            raise Passthrough("bad-params", "include_archived_projects")
+        order = self._sorts(params.get("sorts"))
+        limit, offset, want_count = self._paging(params)
+        condition = sa.and_(*where)
+        page = (
+            sa.select(self.base.c.id.label("pid"), *[expr.label(f"o{i}") for i, (expr, _) in enumerate(order)])
+            .select_from(self.scope.from_)
+            .where(condition)
+            .order_by(*[_order(expr, direction) for expr, direction in order])
+            .limit(limit + 1)
+            .offset(offset)
+            .subquery("page")
+        )
+        count_select = sa.select(sa.func.count()).select_from(self.scope.from_).where(condition)
+
+        # the output side: the page's rows, joined to what the return fields need
+        self.base = self.store.tables[self.entity_type].alias("t1")
+        self.scope = _Scope(self.engine, self.entity_type, self.base)
+        self.scope.from_ = page.join(self.base, self.base.c.id == page.c.pid)
+        columns, decoded, multi_fields = self._return_fields(params.get("return_fields", ["id"]))
+        select = (
+            sa.select(*columns)
+            .select_from(self.scope.from_)
+            .order_by(*[_order(page.c[f"o{i}"], direction) for i, (_, direction) in enumerate(order)])
+        )
+        return _Plan(self.entity_type, select, count_select, decoded, multi_fields, limit, want_count)
+
+    def _return_fields(self, return_fields: Any) -> tuple[list[Any], list[tuple[str, str, Any]], list[Any]]:
         columns: list[Any] = [self.base.c.id.label("c_id")]
         decoded: list[tuple[str, str, Any]] = []
-        multi_fields: list[tuple[str, str]] = []
-        return_fields = params.get("return_fields", ["id"])
+        multi_fields: list[tuple[str, str, str, str | None]] = []
         if not isinstance(return_fields, list):
             raise Passthrough("bad-params", "return_fields")
         seen: set[str] = set()
@@ -330,25 +367,7 @@ class _Planner:
                 if hops:
                     columns.append(alias.c.id.label(f"{label}_pid"))
                 decoded.append((key, "scalar", (n, fschema.data_type, bool(hops))))
-
-        where = [self._return_only(params.get("return_only", "active"))]
-        filters = params.get("filters", {"logical_operator": "and", "conditions": []})
-        where.append(self._group(filters, 0))
-        archived = params.get("include_archived_projects", True)
-        if archived is False:
-            where.append(self._not_archived())
-        elif archived is not True:
-            raise Passthrough("bad-params", "include_archived_projects")
-        order_by = self._sorts(params.get("sorts"))
-        limit, offset, want_count = self._paging(params)
-
-        condition = sa.and_(*where)
-        select = sa.select(*columns).select_from(self.scope.from_).where(condition).order_by(*order_by)
-        select = select.limit(limit + 1).offset(offset)
-        count_select = sa.select(sa.func.count()).select_from(self.scope.from_).where(condition)
-        return _Plan(
-            self.entity_type, select, count_select, decoded, multi_fields, limit, want_count
-        )
+        return columns, decoded, multi_fields
 
     def _return_only(self, value: Any) -> Any:
         if value in (None, "active"):
@@ -639,8 +658,9 @@ class _Planner:
         return sa.not_(hit) if relation == "name_not_contains" else hit
 
     # -- sorts and paging ----------------------------------------------------------------
-    def _sorts(self, sorts: Any) -> list[Any]:
-        order: list[Any] = []
+    def _sorts(self, sorts: Any) -> list[tuple[Any, str]]:
+        """The sort keys as (expression, direction), ending with id ascending."""
+        order: list[tuple[Any, str]] = []
         if sorts is None:
             sorts = []
         if not isinstance(sorts, list):
@@ -667,9 +687,8 @@ class _Planner:
                 expr = sa.func.coalesce(alias.c[fschema.name], False)  # unset (or no linked row) reads false
             else:
                 expr = alias.c[fschema.name]
-            # NULL is the smallest value: first ascending, last descending (see docs/semantics.md).
-            order.append(expr.asc().nulls_first() if direction == "asc" else expr.desc().nulls_last())
-        order.append(self.base.c.id.asc())
+            order.append((expr, direction))
+        order.append((self.base.c.id, "asc"))
         return order
 
     def _paging(self, params: Mapping[str, Any]) -> tuple[int, int, bool]:
@@ -689,6 +708,11 @@ class _Planner:
             if flag not in (None, True, False):
                 raise Passthrough("bad-params", "paging flag")
         return per_page, (page - 1) * per_page, want_count
+
+
+def _order(expr: Any, direction: str) -> Any:
+    """NULL is the smallest value: first ascending, last descending (see docs/semantics.md)."""
+    return expr.asc().nulls_first() if direction == "asc" else expr.desc().nulls_last()
 
 
 def _escape_like(text: str) -> str:
