@@ -97,7 +97,9 @@ class IngestConfig:
 
     batch: int = 500
     poll_interval: float = 1.0
-    idle_max: float | None = None  # default: 5 x poll_interval, at most 5 s (never below poll_interval)
+    # idle back-off ceiling; default: none (poll every poll_interval, so a change is visible within
+    # poll_interval plus the apply time); never below poll_interval
+    idle_max: float | None = None
     gap_timeout: float = 300.0
     sweep_every: int = 30  # polls between sweeps for ids that became visible after being given up; 0: never
     sweep_window: float | None = None  # seconds of SG time a sweep looks back (default 2 x gap_timeout)
@@ -112,7 +114,7 @@ class IngestConfig:
     def idle_ceiling(self) -> float:
         if self.idle_max is not None:
             return max(self.idle_max, self.poll_interval)
-        return max(self.poll_interval, min(5.0, self.poll_interval * 5))
+        return self.poll_interval
 
 
 @dataclass
