@@ -154,7 +154,7 @@ class Fuzz:
             body = json.dumps(self.envelope("read", GOOD_AUTH, self.read_args(good=self.r.random() < 0.5))).encode()
             enc = self.pick(["gzip", "deflate", "gzip", "br", "identity, gzip"])
             if self.r.random() < 0.5:
-                data = gzip.compress(body) if enc.endswith("gzip") else zlib.compress(body)
+                data = gzip.compress(body, mtime=0) if enc.endswith("gzip") else zlib.compress(body)
             else:
                 data = body if self.r.random() < 0.5 else self.r.randbytes(40)  # not compressed at all
             return data, {"Content-Encoding": enc}, "encoded"
