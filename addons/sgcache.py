@@ -32,6 +32,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from cache import api3  # noqa: E402
 from cache.auth import CredentialCache  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
+from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import CacheService  # noqa: E402
 
 log = logging.getLogger("sgcache")
@@ -39,6 +40,8 @@ log = logging.getLogger("sgcache")
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
+#: With the replica unopenable, how often the addon tries again.
+SERVICE_RETRY_SECONDS = 5.0
 #: A read the database has not answered by then goes upstream.
 READ_TIMEOUT = 5.0
 #: After SG failed to answer, requests are served offline for this long before SG is tried again.
@@ -53,6 +56,7 @@ class SGCache:
 
     def __init__(self) -> None:
         self.service: CacheService | None = None
+        self._retry_at = 0.0
         self.credentials = CredentialCache()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="sgcache")
         self.hosts: list[str] = list(DEFAULT_HOSTS)
@@ -95,13 +99,32 @@ class SGCache:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
-            try:
-                self.service = CacheService(
-                    ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag
-                )
-            except Exception as exc:
-                raise exceptions.OptionsError(f"sgcache: cannot open the replica: {exc}") from exc
-            log.info("sgcache: replica %s, schema %s", _safe_url(ctx.options.sgcache_db), ctx.options.sgcache_schema)
+            try:  # a bad schema file is the operator's mistake: refuse it
+                Schema.load(ctx.options.sgcache_schema)
+            except SchemaError as exc:
+                raise exceptions.OptionsError(f"sgcache: {exc}") from exc
+            self._retry_at = 0.0
+            self._open_service()
+
+    def _open_service(self) -> CacheService | None:
+        """Open the replica; when the database is down, pass everything and retry later (fail open)."""
+        try:
+            self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag)
+        except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
+            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
+            # a warning, not an error: mitmdump exits on an error logged during start-up
+            log.warning("sgcache: cannot open the replica %s (%s); passing everything through, retrying in %.0fs",
+                      _safe_url(ctx.options.sgcache_db), exc, SERVICE_RETRY_SECONDS)
+            return None
+        log.info("sgcache: replica %s, schema %s", _safe_url(ctx.options.sgcache_db), ctx.options.sgcache_schema)
+        return self.service
+
+    async def _current_service(self) -> CacheService | None:
+        """The service, re-trying to open it (off the event loop) once its back-off has passed."""
+        if self.service is None and time.monotonic() >= self._retry_at:
+            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._open_service)
+        return self.service
 
     def running(self) -> None:
         # Answering locally must not need an upstream connection (eager would also fail the
@@ -213,7 +236,7 @@ class SGCache:
             log.info("SG dropped a %s request: %s", flow.metadata["sgcache_method"], flow.error.msg)
 
     async def _answer(self, flow: http.HTTPFlow, args: Any, offline: bool = False) -> str | None:
-        service = self.service
+        service = await self._current_service()
         if service is None:
             return "no-replica"
         loop = asyncio.get_running_loop()

@@ -295,3 +295,30 @@ def test_stale_replica_passes_until_the_heartbeat_is_fresh(tmp_path: Path, db_ur
         finally:
             store.dispose()
 
+
+
+def test_proxy_starts_and_passes_when_the_database_is_down_at_start(tmp_path: Path, backend: str) -> None:
+    """No database at start-up: the proxy still runs, every request gets SG's answer."""
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate(site)
+    if backend == "postgresql":
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        dead_url = f"postgresql://postgres@127.0.0.1:{port}/test"
+    else:
+        dead_url = f"sqlite:///{tmp_path / 'no-such-dir' / 'replica.db'}"
+    with FakeSGServer(site) as server:
+        schema_path = site_schema_file(site, tmp_path / "schema.yml")
+        with Proxy(tmp_path, dead_url, schema_path, ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]) as proxy:
+            rig = Rig(site, server, proxy, schema_path, dead_url)
+            sg = rig.client()
+            expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code"])
+            before = rig.reads()
+            for _ in range(3):
+                assert sg.find("Shot", [["code", "is", "sh010"]], ["code"]) == expected
+            assert rig.reads() == before + 3
+            assert sg.info()["version"] == list(site.version)
+            assert "cannot open the replica" in proxy.output()
+            assert "Traceback" not in proxy.output()
