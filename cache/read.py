@@ -658,6 +658,11 @@ class _Planner:
         return sa.not_(hit) if relation == "name_not_contains" else hit
 
     # -- sorts and paging ----------------------------------------------------------------
+    def _codepoint_order(self, expr: Any) -> Any:
+        """Text sorts by code point whatever the database's collation (SQLite's is binary
+        already; a PostgreSQL created with a linguistic locale would order differently)."""
+        return expr.collate("C") if self.store.dialect == "postgresql" else expr
+
     def _sorts(self, sorts: Any) -> list[tuple[Any, str]]:
         """The sort keys as (expression, direction), ending with id ascending."""
         order: list[tuple[Any, str]] = []
@@ -687,6 +692,8 @@ class _Planner:
                 expr = sa.func.coalesce(alias.c[fschema.name], False)  # unset (or no linked row) reads false
             else:
                 expr = alias.c[fschema.name]
+            if info.storage == "entity" or fschema.data_type in _SORT_LOWER:
+                expr = self._codepoint_order(expr)
             order.append((expr, direction))
         order.append((self.base.c.id, "asc"))
         return order
