@@ -86,17 +86,20 @@ class CacheService:
 
         elif path is not None:
 
-            @sa.event.listens_for(engine, "do_connect")
             def _no_create(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
                 # sqlite3 would make a new empty file where the replica was (renamed, deleted)
                 if not os.path.exists(path):
                     raise sqlite3.OperationalError(f"replica file {path} is missing")
+
+            for each in {engine, self.store.write_engine}:
+                sa.event.listen(each, "do_connect", _no_create)
 
             @sa.event.listens_for(engine, "connect")
             def _remember_file(_dbapi_conn: Any, record: Any) -> None:
                 record.info["sgcache_file"] = _file_id(path)
 
         engine.dispose()  # connections made before the hooks were in place
+        self.store.write_engine.dispose()
 
     def _check_file(self, conn: Any) -> None:
         """SQLite: an open connection keeps reading a replica file that was moved, deleted or made
