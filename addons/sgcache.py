@@ -29,7 +29,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache import api3  # noqa: E402
+from cache import api3, upstream  # noqa: E402
 from cache.auth import CredentialCache  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
@@ -59,6 +59,8 @@ class SGCache:
         self._retry_at = 0.0
         self.credentials = CredentialCache()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="sgcache")
+        # writes wait on SG (a big batch can take minutes): never in the replica's pool
+        self.write_executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="sgcache-w")
         self.hosts: list[str] = list(DEFAULT_HOSTS)
         self.down_until: dict[str, float] = {}
         self.last_info: dict[str, dict[str, Any]] = {}
@@ -134,6 +136,7 @@ class SGCache:
 
     def done(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.write_executor.shutdown(wait=False, cancel_futures=True)
         if self.service is not None:
             self.service.close()
 
@@ -166,6 +169,9 @@ class SGCache:
         if self._sg_down(flow):
             await self._answer_offline(flow, req)
             return
+        if req.method in WRITE_METHODS:
+            await self._send_write(flow, req.method)
+            return
         if req.method != "read":
             self._mark_pass(flow, "method")
             return
@@ -174,6 +180,51 @@ class SGCache:
             reason = await self._answer(flow, req.args)
         if reason is not None:
             self._mark_pass(flow, reason)
+
+    async def _send_write(self, flow: http.HTTPFlow, method: str) -> None:
+        """Send a write to SG once, on a connection of its own.
+
+        Relayed by mitmproxy, a write whose SG connection broke after sending would get
+        mitmproxy's 502, and shotgun_api3 re-sends on 502: the write could be applied twice.
+        Here a lost answer becomes an error in SG's envelope instead, which no client re-sends.
+        """
+        r = flow.request
+        context = _upstream_ssl_context() if r.scheme == "https" else None
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(
+                self.write_executor, upstream.send_once, r.scheme, r.host, r.port, r.path,
+                list(r.headers.items(multi=True)), r.raw_content or b"", context,
+            )
+        except upstream.NotSent as exc:
+            self._note_outage(flow, str(exc))
+            self._refuse(flow, f"sgcache: the SG site {r.host} cannot be reached; {method} was not sent",
+                         "sg-unreachable")
+            return
+        except Exception as exc:  # noqa: BLE001 - OutcomeUnknown, or a bug: never a re-send either way
+            if not isinstance(exc, upstream.OutcomeUnknown):
+                log.exception("unexpected error sending a %s", method)
+            log.warning("%s sent to %s but no answer came back: %s", method, r.host, exc)
+            self._refuse(
+                flow,
+                f"sgcache: the connection to SG broke after the {method} was sent; it may have been "
+                "applied. Check before retrying.",
+                "outcome-unknown",
+            )
+            return
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+        flow.response = http.Response.make(reply.status, reply.body, headers)
+        flow.response.reason = reply.reason
+        self._mark_pass(flow, "method")  # SG's answer: the response hook learns from it
+
+    def _refuse(self, flow: http.HTTPFlow, message: str, reason: str) -> None:
+        """Answer with SG's error envelope (HTTP 200: the client raises it, never re-sends it)."""
+        flow.metadata["sgcache_hit"] = True  # a local answer: nothing to learn from it
+        flow.response = http.Response.make(
+            200, api3.encode_error(message),
+            {"Content-Type": "application/json; charset=utf-8", HEADER: f"pass; reason={reason}"},
+        )
+        if self.service is not None:
+            self.service.count(reason)
 
     def _auth_reason(self, auth: Any) -> str | None:
         reason = self.credentials.kind_reason(auth)
@@ -213,13 +264,8 @@ class SGCache:
                                                   HEADER: "hit; stale"})
             flow.metadata["sgcache_hit"] = True
             return
-        message = f"sgcache: the SG site {flow.request.host} cannot be reached; {req.method} was not sent"
-        flow.metadata["sgcache_hit"] = True
-        flow.response = http.Response.make(
-            200, api3.encode_error(message), {"Content-Type": "application/json; charset=utf-8",
-                                              HEADER: "pass; reason=sg-unreachable"})
-        if self.service is not None:
-            self.service.count("sg-unreachable")
+        self._refuse(flow, f"sgcache: the SG site {flow.request.host} cannot be reached; {req.method} was not sent",
+                     "sg-unreachable")
 
     def error(self, flow: http.HTTPFlow) -> None:
         """SG could not be reached (refused, DNS, TLS): go offline for a while.

@@ -109,3 +109,19 @@ def test_sg_down_reads_served_stale_writes_refused(rig: Rig) -> None:
     finally:
         rig.server.start()
     assert rig.direct().find("Shot", [["code", "is", "offline"]]) == []
+
+
+def test_a_write_is_never_sent_twice(rig: Rig) -> None:
+    """SG applies a create but its answer is lost: the client gets an error saying so, and SG
+    saw the create once (relayed as mitmproxy's 502, shotgun_api3 would have re-sent it)."""
+    sg = rig.client()
+    sg.find_one("Project", [])
+    creates = rig.site.count("create")
+    rig.server.drop_next_answers(1)
+    with pytest.raises(shotgun_api3.Fault, match="may have been applied"):
+        sg.create("Shot", {"code": "once", "project": {"type": "Project", "id": 1}})
+    assert rig.site.count("create") == creates + 1
+    assert len(rig.direct().find("Shot", [["code", "is", "once"]])) == 1
+    # the next write goes through normally
+    made = sg.create("Shot", {"code": "twice", "project": {"type": "Project", "id": 1}})
+    assert rig.direct().find_one("Shot", [["id", "is", made["id"]]], ["code"])["code"] == "twice"

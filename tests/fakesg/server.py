@@ -64,7 +64,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, {"exception": True, "error_code": ERR_BAD_REQUEST,
                                  "message": f"Invalid request body: {exc}"})
                 return
-            self._send(200, self.site.call(request["method_name"], request.get("params")))
+            answer = self.site.call(request["method_name"], request.get("params"))
+            if self.server.take_drop():  # type: ignore[attr-defined]
+                # applied, but the answer never leaves: the connection breaks (test hook)
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self._send(200, answer)
             return
         self._send(200, {"fake_sg_echo": {"method": self.command, "path": path,
                                           "body_sha256": hashlib.sha256(body).hexdigest()}})
@@ -81,6 +87,7 @@ class _Server(ThreadingHTTPServer):
         self.ssl_context = ssl_context
         self.connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
+        self.drop_answers = 0
         super().__init__(addr, _Handler)
 
     def get_request(self) -> tuple[Any, Any]:
@@ -96,6 +103,14 @@ class _Server(ThreadingHTTPServer):
         with self._conn_lock:
             self.connections.discard(request)
         super().shutdown_request(request)
+
+    def take_drop(self) -> bool:
+        """True (once per count) when the next API3 answer is to be dropped."""
+        with self._conn_lock:
+            if self.drop_answers > 0:
+                self.drop_answers -= 1
+                return True
+            return False
 
     def drop_connections(self) -> None:
         """Cut every open (keep-alive) connection, as a site going down would."""
@@ -154,6 +169,12 @@ class FakeSGServer:
         self._thread.start()
         log.info("fake SG serving on %s", self.url)
         return self
+
+    def drop_next_answers(self, n: int = 1) -> None:
+        """Apply the next ``n`` API3 calls but break the connection instead of answering."""
+        assert self._httpd is not None, "server not started"
+        with self._httpd._conn_lock:
+            self._httpd.drop_answers = n
 
     def stop_listening(self) -> None:
         """Close the listening socket and cut open connections (SG goes down); :meth:`start` brings it
