@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,27 @@ from .proxyharness import REPO, Proxy
 
 SCRIPT, KEY = "pipeline", "s3cret"
 RULES = REPO / "schema" / "basic-filters.txt"
+#: Proxy options for a test rig: no ingester heartbeat needed, the fake SG's host intercepted.
+RIG_OPTIONS = ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]
+
+
+def populate(site: FakeSite) -> None:
+    """A small studio: a project, sequences, shots with links, assets."""
+    project = site.create_direct("Project", {"name": "Demo"})
+    proj = {"type": "Project", "id": project["id"]}
+    seqs = [site.create_direct("Sequence", {"code": f"SQ{i:02d}", "project": proj}) for i in (1, 2)]
+    assets = [site.create_direct("Asset", {"code": f"asset{i}", "project": proj}) for i in range(3)]
+    for i in range(12):
+        seq = seqs[i % 2]
+        fields: dict[str, Any] = {
+            "code": f"sh{i * 10:03d}" if i != 5 else "SH050",
+            "project": proj,
+            "sg_sequence": {"type": "Sequence", "id": seq["id"]} if i != 7 else None,
+            "sg_cut_in": 1001 + i if i != 3 else None,
+            "sg_status_list": ["ip", "fin", "wtg"][i % 3],
+            "assets": [{"type": "Asset", "id": a["id"]} for a in assets[: i % 4]],
+        }
+        site.create_direct("Shot", fields)
 
 
 def site_schema_file(site: FakeSite, path: Path) -> Path:
@@ -78,3 +101,26 @@ class Rig:
     def reads(self) -> int:
         """How many reads the fake SG has served."""
         return self.site.count("read")
+
+
+@contextmanager
+def primed_rig(
+    tmp_path: Path,
+    db_url: str,
+    options: list[str] | None = None,
+    *,
+    proxy_db_url: str | None = None,
+    populate_site: Callable[[FakeSite], None] = populate,
+) -> Iterator[Rig]:
+    """A populated fake SG, its server, ``scripts/scan --full`` into ``db_url``, and mitmdump
+    in front (on ``proxy_db_url`` when the proxy must reach the database another way)."""
+    site = FakeSite.basic()
+    site.add_script(SCRIPT, KEY)
+    populate_site(site)
+    with FakeSGServer(site) as server:
+        schema_path = site_schema_file(site, tmp_path / "schema.yml")
+        env = script_env(server, db_url, schema_path)
+        run_script("scan", "--full", "--quiet", env=env)
+        opts = RIG_OPTIONS if options is None else options
+        with Proxy(tmp_path, proxy_db_url or db_url, schema_path, opts) as proxy:
+            yield Rig(site, server, proxy, schema_path, db_url)

@@ -10,27 +10,15 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from .e2e import KEY, SCRIPT, Rig, site_schema_file
-from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import Proxy
-from .test_e2e_spine import populate
+from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig
 
-OPTIONS = ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]
+OPTIONS = RIG_OPTIONS
 
 
 @pytest.fixture
 def rig(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> Iterator[Rig]:
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    extra = getattr(request, "param", [])
-    with FakeSGServer(site) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
-        rig.scan("--full")
-        with Proxy(tmp_path, db_url, schema_path, OPTIONS + extra) as proxy:
-            rig.proxy = proxy
-            yield rig
+    with primed_rig(tmp_path, db_url, OPTIONS + getattr(request, "param", [])) as rig:
+        yield rig
 
 
 def hit(rig: Rig, sg: Any, *args: Any, **kwargs: Any) -> Any:

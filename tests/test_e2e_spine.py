@@ -11,45 +11,16 @@ from typing import Any
 
 import pytest
 
-from .e2e import KEY, SCRIPT, Rig, run_script, script_env, site_schema_file
+from .e2e import KEY, SCRIPT, Rig, populate, primed_rig, run_script, script_env, site_schema_file
 from .fakesg import FakeSGServer, FakeSite
 from .proxyharness import Proxy
-
-
-def populate(site: FakeSite) -> None:
-    """A small studio: a project, sequences, shots with links, assets."""
-    project = site.create_direct("Project", {"name": "Demo"})
-    proj = {"type": "Project", "id": project["id"]}
-    seqs = [site.create_direct("Sequence", {"code": f"SQ{i:02d}", "project": proj}) for i in (1, 2)]
-    assets = [site.create_direct("Asset", {"code": f"asset{i}", "project": proj}) for i in range(3)]
-    for i in range(12):
-        seq = seqs[i % 2]
-        fields: dict[str, Any] = {
-            "code": f"sh{i * 10:03d}" if i != 5 else "SH050",
-            "project": proj,
-            "sg_sequence": {"type": "Sequence", "id": seq["id"]} if i != 7 else None,
-            "sg_cut_in": 1001 + i if i != 3 else None,
-            "sg_status_list": ["ip", "fin", "wtg"][i % 3],
-            "assets": [{"type": "Asset", "id": a["id"]} for a in assets[: i % 4]],
-        }
-        site.create_direct("Shot", fields)
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
     """One primed replica and proxy for the module; tests that write use their own rows."""
-    tmp_path, db_url = tmp_path_factory.mktemp("rig"), module_db_url
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    with FakeSGServer(site) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
-        rig.scan("--full")
-        proxy = Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"])
-        with proxy:
-            rig.proxy = proxy
-            yield rig
+    with primed_rig(tmp_path_factory.mktemp("rig"), module_db_url) as rig:
+        yield rig
 
 
 def warm(sg: Any) -> None:

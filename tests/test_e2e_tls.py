@@ -21,10 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .e2e import KEY, SCRIPT, Rig, script_env, site_schema_file
+from .e2e import KEY, SCRIPT, Rig, populate, script_env, site_schema_file
 from .fakesg import FakeSGServer, FakeSite
 from .proxyharness import Proxy
-from .test_e2e_spine import populate
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

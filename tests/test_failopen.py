@@ -24,10 +24,9 @@ import pytest
 from cache.schema import Schema
 from cache.store import Store, now_utc
 
-from .e2e import KEY, SCRIPT, Rig, site_schema_file
+from .e2e import KEY, SCRIPT, Rig, populate, primed_rig, site_schema_file
 from .fakesg import FakeSGServer, FakeSite
 from .proxyharness import Proxy
-from .test_e2e_spine import populate
 
 HOSTS = "sgcache_hosts=127.0.0.1"
 QUERIES: list[tuple[str, list[Any], list[str]]] = [
@@ -117,16 +116,8 @@ def relayed_url(db_url: str, port: int) -> str:
 
 @contextmanager
 def make_rig(tmp_path: Path, db_url: str, options: list[str], proxy_db_url: str | None = None) -> Iterator[Rig]:
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    with FakeSGServer(site) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
-        rig.scan("--full")
-        with Proxy(tmp_path, proxy_db_url or db_url, schema_path, [HOSTS, *options]) as proxy:
-            rig.proxy = proxy
-            yield rig
+    with primed_rig(tmp_path, db_url, [HOSTS, *options], proxy_db_url=proxy_db_url) as rig:
+        yield rig
 
 
 def raw_call(rig: Rig, method: str, args: Any, key: str = KEY) -> tuple[str, Any]:

@@ -26,10 +26,8 @@ from cache.read import ReadContext, ReadEngine
 from cache.schema import Schema
 from cache.store import Store
 
-from .e2e import KEY, SCRIPT, Rig, site_schema_file
-from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import Proxy
-from .test_e2e_spine import populate
+from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig
+from .fakesg import FakeSite
 
 N_BODIES = 10_050
 WORKERS = 8
@@ -200,18 +198,8 @@ def _requests() -> list[tuple[bytes, dict[str, str], str]]:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
-    tmp_path = tmp_path_factory.mktemp("fuzz")
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    with FakeSGServer(site) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        rig = Rig(site, server, None, schema_path, module_db_url)  # type: ignore[arg-type]
-        rig.scan("--full")
-        with Proxy(tmp_path, module_db_url, schema_path,
-                   ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1", "termlog_verbosity=info"]) as proxy:
-            rig.proxy = proxy
-            yield rig
+    with primed_rig(tmp_path_factory.mktemp("fuzz"), module_db_url, [*RIG_OPTIONS, "termlog_verbosity=info"]) as rig:
+        yield rig
 
 
 class _Conn:
