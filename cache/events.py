@@ -97,9 +97,9 @@ class IngestConfig:
 
     batch: int = 500
     poll_interval: float = 1.0
-    # idle back-off ceiling; default: none (poll every poll_interval, so a change is visible within
-    # poll_interval plus the apply time); never below poll_interval
-    idle_max: float | None = None
+    # while no events come the wait grows to this ceiling (never below poll_interval); a change on
+    # an idle site is then visible within idle_max plus the apply time. None: no back-off.
+    idle_max: float | None = 3.0
     gap_timeout: float = 300.0
     sweep_every: int = 30  # polls between sweeps for ids that became visible after being given up; 0: never
     sweep_window: float | None = None  # seconds of SG time a sweep looks back (default 2 x gap_timeout)
