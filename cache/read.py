@@ -481,7 +481,7 @@ class _Planner:
         ci = fschema.data_type in _CASE_INSENSITIVE
 
         def norm(expr: Any) -> Any:
-            return sa.func.lower(expr) if ci else expr
+            return self._lower(expr) if ci else expr
 
         def lit(v: Any) -> Any:
             v = self._value(fschema, v)
@@ -524,7 +524,7 @@ class _Planner:
                 "starts_with": f"{text}%",
                 "ends_with": f"%{text}",
             }[relation]
-            match = sa.func.lower(col).like(pattern, escape="\\")
+            match = self._lower(col).like(pattern, escape="\\")
             if relation == "not_contains":
                 return sa.or_(col.is_(None), sa.not_(match))
             return sa.and_(col.is_not(None), match)
@@ -573,7 +573,7 @@ class _Planner:
         if len(values) != 1 or not isinstance(values[0], str):
             raise Passthrough("filter-value", relation)
         text = values[0].lower()
-        name = sa.func.coalesce(sa.func.lower(name), "")
+        name = sa.func.coalesce(self._lower(name), "")
         if relation == "name_is":
             return name == text
         esc = _escape_like(text)
@@ -658,6 +658,15 @@ class _Planner:
         return sa.not_(hit) if relation == "name_not_contains" else hit
 
     # -- sorts and paging ----------------------------------------------------------------
+    def _lower(self, expr: Any) -> Any:
+        """Lower case over all of Unicode, as SG compares text. SQLite's own lower() is ASCII-only
+        but runs in C: it is used for ASCII values (as many bytes as characters), the registered
+        Python sg_lower() for the others."""
+        if self.store.dialect != "sqlite":
+            return sa.func.lower(expr)
+        non_ascii = sa.func.length(sa.cast(expr, sa.LargeBinary)) != sa.func.length(expr)  # bytes vs chars
+        return sa.case((non_ascii, sa.func.sg_lower(expr)), else_=sa.func.lower(expr))
+
     def _codepoint_order(self, expr: Any) -> Any:
         """Text sorts by code point whatever the database's collation (SQLite's is binary
         already; a PostgreSQL created with a linguistic locale would order differently)."""
@@ -685,9 +694,9 @@ class _Planner:
             if info.storage == "entity":
                 # by the linked entity's name, case-insensitively; a nameless entity sorts as ""
                 reg = self.scope.link(alias, fschema.entity_type, fschema.name)
-                expr = sa.case((reg.c.id.is_(None), sa.null()), else_=sa.func.coalesce(sa.func.lower(reg.c.name), ""))
+                expr = sa.case((reg.c.id.is_(None), sa.null()), else_=sa.func.coalesce(self._lower(reg.c.name), ""))
             elif fschema.data_type in _SORT_LOWER:
-                expr = sa.func.lower(alias.c[fschema.name])
+                expr = self._lower(alias.c[fschema.name])
             elif fschema.data_type == "checkbox":
                 expr = sa.func.coalesce(alias.c[fschema.name], False)  # unset (or no linked row) reads false
             else:

@@ -79,7 +79,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         @sa.event.listens_for(engine, "connect")
         def _sqlite_setup(dbapi_conn: Any, _record: Any) -> None:
             # SG matches text case-insensitively for all of Unicode; SQLite's lower() is ASCII only.
-            dbapi_conn.create_function("lower", 1, _py_lower, deterministic=True)
+            # The read engine calls sg_lower() only for values with non-ASCII characters.
+            dbapi_conn.create_function("sg_lower", 1, _py_lower, deterministic=True)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -266,9 +267,6 @@ class Store:
         table = sa.Table(name, self.metadata, *cols)
         for col in indexed:
             sa.Index(f"ix_{name}_{col}", table.c[col])
-        if identifier in table.c and isinstance(table.c[identifier].type, sa.Text):
-            # text sorts and matches are case-insensitive: lower(identifier) is what they use
-            sa.Index(f"ix_{name}_{identifier}_lower", sa.func.lower(table.c[identifier]))
         self.tables[entity_type] = table
 
     # -- creation and schema diffs -----------------------------------------------------
