@@ -78,6 +78,11 @@ class SGCache:
             "Also serve human-user sessions and sudo_as_login (SG filters those by permission rules).",
         )
         loader.add_option(
+            "sgcache_scripts", Sequence[str], [],
+            "Serve cached answers only to these API script names (repeatable; default: every script "
+            "SG accepts). List the scripts whose permission rule set lets them read everything.",
+        )
+        loader.add_option(
             "sgcache_hosts", Sequence[str], [],
             "SG hosts to intercept (globs, repeatable), besides *.shotgunstudio.com and "
             "*.shotgrid.autodesk.com; TLS to any other host is not decrypted.",
@@ -93,9 +98,11 @@ class SGCache:
             self.hosts = list(DEFAULT_HOSTS) + [h.lower() for h in ctx.options.sgcache_hosts]
             # Only SG hosts are decrypted; other CONNECT tunnels pass through untouched.
             ctx.options.update(allow_hosts=[_host_regex(h) for h in self.hosts])
-        if "sgcache_auth_ttl" in updated or "sgcache_allow_users" in updated:
+        if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
             self.credentials = CredentialCache(
-                ttl=ctx.options.sgcache_auth_ttl, allow_users=ctx.options.sgcache_allow_users
+                ttl=ctx.options.sgcache_auth_ttl,
+                allow_users=ctx.options.sgcache_allow_users,
+                scripts=ctx.options.sgcache_scripts or None,
             )
         if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag"}:
             old, self.service = self.service, None

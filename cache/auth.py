@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 #: Auth keys whose answers SG may filter by the user's permission rules.
@@ -20,9 +20,18 @@ _USER_KEYS = ("user_login", "session_token", "auth_token")
 class CredentialCache:
     """Remembers, per credential hash, that SG accepted or rejected it, for a while."""
 
-    def __init__(self, ttl: float = 300.0, allow_users: bool = False, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        ttl: float = 300.0,
+        allow_users: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        scripts: Iterable[str] | None = None,
+    ):
+        """``scripts``: when given, only these script names are served from the cache (SG may
+        restrict a script by a permission rule set; list the ones that may read everything)."""
         self.ttl = ttl
         self.allow_users = allow_users
+        self.scripts = None if scripts is None else frozenset(scripts)
         self._clock = clock
         self._salt = os.urandom(16)
         self._accepted: dict[bytes, float] = {}
@@ -43,6 +52,8 @@ class CredentialCache:
         if any(k in auth for k in _USER_KEYS):
             return None if self.allow_users else "user-auth"
         if "script_name" in auth and "script_key" in auth:
+            if self.scripts is not None and auth["script_name"] not in self.scripts:
+                return "script-not-listed"
             return None
         return "unknown-auth"
 

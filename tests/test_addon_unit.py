@@ -149,3 +149,18 @@ def test_info_gains_the_sgcache_key(run: Any) -> None:
         assert flow.response.headers["X-SGCache"] == "pass; reason=method"
 
     run(test)
+
+
+def test_only_listed_scripts_are_served(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_scripts=["pipeline-readall"])
+        flow = api3_flow(call("read", {"type": "Shot"}))  # AUTH's script is not listed
+        await addon.request(flow)
+        assert flow.response is None and flow.metadata["sgcache_pass"] == "script-not-listed"
+        other = {"script_name": "pipeline-readall", "script_key": "k"}
+        body = json.dumps({"method_name": "read", "params": [other, {"type": "Shot"}]}).encode()
+        flow = api3_flow(body)
+        await addon.request(flow)
+        assert flow.metadata["sgcache_pass"] == "auth-unverified"  # listed: cacheable once SG accepts it
+
+    run(test)
