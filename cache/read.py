@@ -6,7 +6,11 @@ with a reason; the caller then sends the request upstream.
 
 from __future__ import annotations
 
+import collections
+import functools
+import json
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +28,9 @@ MAX_PAGE_SIZE = 500
 #: Deeper pages than this are passed rather than run as huge OFFSETs.
 MAX_OFFSET = 5_000_000
 MAX_FILTER_DEPTH = 32
+#: Plans kept for reuse (keyed by the request's JSON).
+PLAN_CACHE_SIZE = 2000
+MAX_PLAN_KEY = 8192
 MAX_CONDITIONS = 1000
 
 _KNOWN_PARAMS = {
@@ -56,6 +63,11 @@ class ReadContext:
 
     primed: dict[str, set[str]]
     pending_fetch: set[str] = field(default_factory=set)
+
+    @functools.cached_property
+    def fingerprint(self) -> tuple[frozenset[Any], frozenset[str]]:
+        """What a plan depends on: equal fingerprints, same planning decisions."""
+        return frozenset((t, frozenset(f)) for t, f in self.primed.items()), frozenset(self.pending_fetch)
 
 
 @dataclass
@@ -106,9 +118,14 @@ class _Scope:
 class ReadEngine:
     """Answers API3 ``read`` requests from a :class:`Store`."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, plan_cache_size: int = PLAN_CACHE_SIZE):
         self.store = store
         self.schema = store.schema
+        # Pipelines repeat the same reads: the same request (same JSON) reuses its plan while the
+        # replica's state (primed fields, pending fetches) is unchanged.
+        self._plans: collections.OrderedDict[str, tuple[Any, _Plan]] = collections.OrderedDict()
+        self._plans_lock = threading.Lock()
+        self._plan_cache_size = plan_cache_size
 
     # -- entry point -----------------------------------------------------------------
     def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext) -> dict[str, Any]:
@@ -118,6 +135,29 @@ class ReadEngine:
 
     def plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:
         """Check a read against the schema and build its SQL, or raise Passthrough."""
+        try:
+            key: str | None = json.dumps(params, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            key = None
+        if key is not None and len(key) > MAX_PLAN_KEY:
+            key = None  # a huge request (thousands of ids): not worth keeping
+        fingerprint = ctx.fingerprint if key is not None else None
+        if key is not None:
+            with self._plans_lock:
+                cached = self._plans.get(key)
+                if cached is not None and cached[0] == fingerprint:
+                    self._plans.move_to_end(key)
+                    return cached[1]
+        plan = self._build_plan(params, ctx)
+        if key is not None:
+            with self._plans_lock:
+                self._plans[key] = (fingerprint, plan)
+                self._plans.move_to_end(key)
+                while len(self._plans) > self._plan_cache_size:
+                    self._plans.popitem(last=False)
+        return plan
+
+    def _build_plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:
         if not isinstance(params, Mapping):
             raise Passthrough("bad-params", "read params are not an object")
         unknown = set(params) - _KNOWN_PARAMS
