@@ -54,7 +54,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import fieldtypes
 from .schema import Schema
-from .store import Store, field_changes, now_utc
+from .store import Store, now_utc
+from .writes import WriteBatch, upsert_stmt
 
 log = logging.getLogger("sgcache.events")
 
@@ -186,64 +187,11 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def insert_rows(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Plain INSERT of many rows (SQLAlchemy batches it into multi-row VALUES on PostgreSQL)."""
+def insert_rows(store: Store, conn: Connection, table: sa.Table, keys: Sequence[str],
+                rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT many rows, skipping those whose primary key ``keys`` is already there."""
     if rows:
-        conn.execute(table.insert(), list(rows))
-
-
-def update_rows(conn: Connection, table: sa.Table, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    """UPDATE rows by primary key, one executemany per set of changed columns."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        cols = tuple(sorted(c for c in row if c not in keys))
-        groups.setdefault(cols, []).append({f"p_{c}": v for c, v in row.items()})
-    for cols, params in groups.items():
-        if not cols:
-            continue
-        cond = sa.and_(*(table.c[k] == sa.bindparam(f"p_{k}") for k in keys))
-        conn.execute(table.update().where(cond).values({c: sa.bindparam(f"p_{c}") for c in cols}), params)
-
-
-def write_registry(store: Store, conn: Connection, named: Mapping[tuple[str, int], Any],
-                   unnamed: Iterable[tuple[str, int]] = (),
-                   retired: Mapping[tuple[str, int], bool] | None = None,
-                   no_insert: Iterable[tuple[str, int]] = ()) -> None:
-    """``sgcache_entities``: set names (and retired flags), insert unknown entities, in bulk.
-
-    Keys in ``no_insert`` are updated if they have a registry row and never inserted.
-    """
-    reg = store.entities
-    retired = retired or {}
-    no_insert = set(no_insert)
-    keys = set(named) | set(unnamed) | set(retired)
-    by_type: dict[str, list[int]] = {}
-    for t, i in keys:
-        by_type.setdefault(t, []).append(i)
-    existing: dict[tuple[str, int], Any] = {}
-    for t, ids in by_type.items():
-        for chunk in _chunks(sorted(ids), 500):
-            for r in conn.execute(sa.select(reg).where((reg.c.type == t) & reg.c.id.in_(chunk))):
-                existing[(r.type, r.id)] = r
-    inserts, updates = [], []
-    for key in sorted(keys):
-        want: dict[str, Any] = {}
-        if key in named:
-            want.update(name=named[key], name_known=True)
-        if key in retired:
-            want["retired"] = retired[key]
-        old = existing.get(key)
-        if old is None and key in no_insert:
-            continue
-        if old is None:
-            inserts.append({"type": key[0], "id": key[1], "name": want.get("name"),
-                            "name_known": want.get("name_known", False), "retired": want.get("retired", False)})
-            continue
-        diff = {k: v for k, v in want.items() if getattr(old, k) != v}
-        if diff:
-            updates.append({"type": key[0], "id": key[1], **diff})
-    insert_rows(conn, reg, inserts)
-    update_rows(conn, reg, ["type", "id"], updates)
+        conn.execute(upsert_stmt(store.dialect, table, keys, ()), list(rows))
 
 
 # -- leadership ----------------------------------------------------------------------
@@ -314,195 +262,6 @@ def leader_lock_for(engine: Engine) -> LeaderLock:
 def engine_options(url: str) -> dict[str, Any]:
     """Engine options for the ingester: on psycopg2, batch executemany UPDATEs (fewer round trips)."""
     return {"executemany_mode": "values_plus_batch"} if url.startswith(("postgresql", "postgres")) else {}
-
-
-class BatchBuffer:
-    """The writes of one batch of events, coalesced into a few bulk statements.
-
-    Rows touched by scalar/entity Changes and by retirements/revivals are loaded once and
-    changed in memory, and so are the multi_entity links of the parents a batch changes
-    (each event's change still gets its own change-log row, in event order); registry
-    names, retired flags, registry rows and fetch requests are gathered too. :meth:`flush`
-    writes them all in a few bulk statements (executemany UPDATE/DELETE, multi-row INSERT);
-    it runs before the transaction commits.
-    """
-
-    def __init__(self, store: Store, conn: Connection):
-        self.store = store
-        self.conn = conn
-        self.rows: dict[tuple[str, int], dict[str, Any] | None] = {}
-        self.dirty: dict[tuple[str, int], dict[str, Any]] = {}
-        self.logs: list[dict[str, Any]] = []
-        self.names: dict[tuple[str, int], Any] = {}
-        self.unnamed: set[tuple[str, int]] = set()
-        self.fetch: dict[tuple[str, int], str] = {}
-        self.retired: dict[tuple[str, int], bool] = {}
-        # (type, field, parent id) -> {(child type, child id): pos}, as loaded and as changed
-        self.links: dict[tuple[str, str, int], dict[tuple[str, int], int]] = {}
-        self.links_orig: dict[tuple[str, str, int], dict[tuple[str, int], int]] = {}
-
-    def load(self, keys: Iterable[tuple[str, int]]) -> None:
-        """Read the replica rows of these (cached type, id) pairs in one query per type."""
-        wanted: dict[str, set[int]] = {}
-        for entity_type, entity_id in keys:
-            if entity_type in self.store.tables and (entity_type, entity_id) not in self.rows:
-                wanted.setdefault(entity_type, set()).add(entity_id)
-        for entity_type, ids in wanted.items():
-            table = self.store.tables[entity_type]
-            for chunk in _chunks(sorted(ids), 500):
-                for row in self.conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
-                    self.rows[(entity_type, row.id)] = dict(row._mapping)
-            for entity_id in ids:
-                self.rows.setdefault((entity_type, entity_id), None)
-
-    def load_links(self, keys: Iterable[tuple[str, str, int]]) -> None:
-        """Read the multi_entity links of these (type, field, parent id) in one query per field."""
-        wanted: dict[tuple[str, str], set[int]] = {}
-        for entity_type, fname, parent in keys:
-            if (entity_type, fname) in self.store.multi and (entity_type, fname, parent) not in self.links:
-                wanted.setdefault((entity_type, fname), set()).add(parent)
-        for (entity_type, fname), parents in wanted.items():
-            table = self.store.multi[(entity_type, fname)]
-            found: dict[int, dict[tuple[str, int], int]] = {p: {} for p in parents}
-            for chunk in _chunks(sorted(parents), 500):
-                rows = self.conn.execute(sa.select(table.c.parent_id, table.c.child_type, table.c.child_id, table.c.pos)
-                                         .where(table.c.parent_id.in_(chunk)).order_by(table.c.parent_id, table.c.pos))
-                for r in rows:
-                    found[r.parent_id][(r.child_type, r.child_id)] = r.pos
-            for parent, children in found.items():
-                self.links[(entity_type, fname, parent)] = children
-                self.links_orig[(entity_type, fname, parent)] = dict(children)
-
-    def change_links(self, key: tuple[str, int], fname: str, added: Sequence[Mapping[str, Any]],
-                     removed: Sequence[Mapping[str, Any]], event_id: int) -> None:
-        """An ``added``/``removed`` multi_entity change, as ``Store.change_multi`` makes it; idempotent."""
-        lkey = (key[0], fname, key[1])
-        if lkey not in self.links:
-            self.load_links([lkey])
-        current = self.links[lkey]
-        changed = False
-        for link in removed:
-            if current.pop((link["type"], int(link["id"])), None) is not None:
-                changed = True
-        if added:
-            pos = max(current.values(), default=-1) + 1
-            for link in added:
-                child = (link["type"], int(link["id"]))
-                if child in current:
-                    continue
-                current[child] = pos
-                pos += 1
-                changed = True
-            self.note(added)
-        if changed:
-            self.logs.append({"at": now_utc(), "source": "event", "event_id": event_id, "entity_type": key[0],
-                              "entity_id": key[1], "field_name": fname,
-                              "old": _json_or_none([{"type": x["type"], "id": x["id"]} for x in removed]),
-                              "new": _json_or_none([{"type": x["type"], "id": x["id"]} for x in added])})
-
-    def retire(self, key: tuple[str, int], retired: bool, event_id: int) -> None:
-        """Set an entity's retired flag (row and registry), as ``Store.set_retired`` does."""
-        if key[0] in self.store.tables and self.exists(key):
-            row = self.rows[key]
-            assert row is not None
-            if row["_retired"] != retired:
-                self.logs.append({"at": now_utc(), "source": "event", "event_id": event_id, "entity_type": key[0],
-                                  "entity_id": key[1], "field_name": "retired", "old": _json_or_none(not retired),
-                                  "new": _json_or_none(retired)})
-                row["_retired"] = retired
-                self.dirty.setdefault(key, {})["_retired"] = retired
-        self.retired[key] = retired
-
-    def exists(self, key: tuple[str, int]) -> bool:
-        if key not in self.rows:
-            self.load([key])
-        return self.rows.get(key) is not None
-
-    def note(self, links: Iterable[Mapping[str, Any]]) -> None:
-        """Registry: remember linked entities and their names (last one wins)."""
-        for link in links:
-            key = (link["type"], int(link["id"]))
-            if "name" in link:
-                self.names[key] = link["name"]
-            else:
-                self.unnamed.add(key)
-
-    def queue(self, key: tuple[str, int], reason: str) -> None:
-        self.fetch.setdefault(key, reason)
-
-    def write(self, key: tuple[str, int], record: Mapping[str, Any], event_id: int) -> bool:
-        """Change some scalar/entity fields of a loaded row; False when a value does not fit."""
-        entity = self.store.schema.entities[key[0]]
-        fields = {f: entity.fields[f] for f in record if f in entity.fields and f != "id"}
-        try:
-            values, multis, links = self.store.encode_record(key[0], fields, record)
-        except ValueError as exc:
-            log.info("event %s: %s %s: %s", event_id, key[0], key[1], exc)
-            return False
-        row = self.rows.get(key)
-        if multis or row is None:
-            return False
-        diff = {col: new for col, new in values.items() if row[col] != new}
-        now = now_utc()
-        for fname, (before, after) in field_changes(diff, row).items():  # the store's log convention
-            self.logs.append({"at": now, "source": "event", "event_id": event_id, "entity_type": key[0],
-                              "entity_id": key[1], "field_name": fname, "old": _json_or_none(before),
-                              "new": _json_or_none(after)})
-        row.update(diff)
-        if diff:
-            self.dirty.setdefault(key, {}).update(diff)
-        if entity.name_field in record:
-            self.names[key] = record[entity.name_field]
-        self.note(links)
-        return True
-
-    def flush(self) -> None:
-        """Write everything buffered."""
-        self._flush_rows()
-        self._flush_links()
-        insert_rows(self.conn, self.store.changes, self.logs)
-        if self.names or self.unnamed or self.retired:
-            # a cached type's retired flag never makes a registry row (as Store.set_retired)
-            no_insert = {k for k in self.retired if k[0] in self.store.tables} - set(self.names) - self.unnamed
-            write_registry(self.store, self.conn, self.names, self.unnamed - set(self.names), self.retired,
-                           no_insert)
-        by_reason: dict[str, list[tuple[str, int]]] = {}
-        for key, reason in self.fetch.items():
-            by_reason.setdefault(reason, []).append(key)
-        for reason, keys in by_reason.items():
-            self.store.queue_fetch(self.conn, keys, reason)
-        self.dirty, self.logs, self.names, self.unnamed, self.fetch, self.retired = {}, [], {}, set(), {}, {}
-        self.links_orig = {k: dict(v) for k, v in self.links.items()}
-
-    def _flush_rows(self) -> None:
-        by_type: dict[str, list[dict[str, Any]]] = {}
-        for (entity_type, entity_id), cols in self.dirty.items():
-            by_type.setdefault(entity_type, []).append({"id": entity_id, **cols})
-        for entity_type, rows in by_type.items():
-            update_rows(self.conn, self.store.tables[entity_type], ["id"], rows)
-
-    def _flush_links(self) -> None:
-        by_table: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        for (entity_type, fname, parent), current in self.links.items():
-            orig = self.links_orig.get((entity_type, fname, parent), {})
-            if current == orig:
-                continue
-            gone, new = by_table.setdefault((entity_type, fname), ([], []))
-            gone.extend({"p_parent": parent, "p_type": t, "p_id": i}
-                        for (t, i), pos in orig.items() if current.get((t, i)) != pos)
-            new.extend({"parent_id": parent, "child_type": t, "child_id": i, "pos": pos}
-                       for (t, i), pos in current.items() if orig.get((t, i)) != pos)
-        for key, (gone, new) in by_table.items():
-            table = self.store.multi[key]
-            if gone:
-                self.conn.execute(table.delete().where(
-                    (table.c.parent_id == sa.bindparam("p_parent")) & (table.c.child_type == sa.bindparam("p_type"))
-                    & (table.c.child_id == sa.bindparam("p_id"))), gone)
-            insert_rows(self.conn, table, new)
-
-
-def _json_or_none(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=str)
 
 
 # -- the ingester --------------------------------------------------------------------
@@ -751,7 +510,7 @@ class Ingester:
         events = sorted(events, key=lambda e: int(e["id"]))
         seen = self._stored_ids(conn, [int(e["id"]) for e in events])
         fresh = [e for e in events if int(e["id"]) not in seen]
-        buf = BatchBuffer(self.store, conn)
+        buf = WriteBatch(self.store, conn)
         buf.load(s for s in map(self.subject, fresh) if s is not None)
         buf.load_links(self._link_keys(fresh))
         for event in fresh:
@@ -783,7 +542,7 @@ class Ingester:
                 out.append((subject[0], attr, subject[1]))
         return out
 
-    def _apply_guarded(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: BatchBuffer) -> None:
+    def _apply_guarded(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: WriteBatch) -> None:
         try:
             with conn.begin_nested():
                 buf.flush()
@@ -810,7 +569,7 @@ class Ingester:
         rows = [{"id": int(e["id"]), "event_type": str(e.get("event_type") or "")[:128],
                  "created_at": e.get("created_at"), "body": json.dumps(e, default=str, sort_keys=True),
                  "received_at": now} for e in events]
-        insert_rows(conn, self.store.events, rows)  # ``events`` holds no stored id: checked above
+        insert_rows(self.store, conn, self.store.events, ["id"], rows)
 
     def _update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], events: Sequence[Mapping[str, Any]],
                      high: int, new_high: int, result: PollResult) -> None:
@@ -851,7 +610,7 @@ class Ingester:
                 else:
                     opened.append({"id": gap_id, "first_seen": first})
         if opened:
-            insert_rows(conn, table, opened)  # all above ``high``
+            insert_rows(self.store, conn, table, ["id"], opened)  # all above ``high``
             result.gaps_opened = len(opened)
             log.debug("event ids %s not visible yet: open gaps", _ranges([r["id"] for r in opened]))
         if expired:
@@ -878,18 +637,18 @@ class Ingester:
         return None
 
     def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
-                    buf: BatchBuffer | None = None) -> None:
+                    buf: WriteBatch | None = None) -> None:
         """Apply one event inside the caller's transaction; applying it twice changes nothing.
 
         With ``buf`` (a batch) some writes wait in it until it is flushed.
         """
         own = buf is None
-        buf = buf or BatchBuffer(self.store, conn)
+        buf = buf or WriteBatch(self.store, conn)
         self._dispatch(conn, event, late, buf)
         if own:
             buf.flush()
 
-    def _dispatch(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: BatchBuffer) -> None:
+    def _dispatch(self, conn: Connection, event: Mapping[str, Any], late: bool, buf: WriteBatch) -> None:
         parsed = split_event_type(event.get("event_type"))
         if parsed is None or parsed[1] not in ACTIONS:
             return
@@ -917,7 +676,7 @@ class Ingester:
         else:
             self._change(conn, buf, event, subject, event_id, late)
 
-    def _retire(self, conn: Connection, buf: BatchBuffer, subject: tuple[str, int], retired: bool,
+    def _retire(self, conn: Connection, buf: WriteBatch, subject: tuple[str, int], retired: bool,
                 event_id: int, late: bool) -> None:
         cached = subject[0] in self.store.tables
         if cached and late:
@@ -927,7 +686,7 @@ class Ingester:
         if cached and (not retired or not buf.exists(subject)):
             buf.queue(subject, "revival" if not retired else "unknown row")
 
-    def _change(self, conn: Connection, buf: BatchBuffer, event: Mapping[str, Any], subject: tuple[str, int],
+    def _change(self, conn: Connection, buf: WriteBatch, event: Mapping[str, Any], subject: tuple[str, int],
                 event_id: int, late: bool) -> None:
         meta = event.get("meta") if isinstance(event.get("meta"), Mapping) else {}
         attr = event.get("attribute_name") or meta.get("attribute_name")
@@ -961,7 +720,7 @@ class Ingester:
         if not buf.write(subject, record, event_id):
             buf.queue(subject, "value not applicable")
 
-    def _change_multi(self, conn: Connection, buf: BatchBuffer, subject: tuple[str, int], attr: str,
+    def _change_multi(self, conn: Connection, buf: WriteBatch, subject: tuple[str, int], attr: str,
                       meta: Mapping[str, Any], event_id: int) -> None:
         added, removed = meta.get("added") or [], meta.get("removed") or []
         if not isinstance(added, list) or not isinstance(removed, list) or not all(
@@ -1089,69 +848,14 @@ class Ingester:
         gone = sorted(set(missing) - {int(r["id"]) for r in retired})
         complete = not any(t == entity_type for t, _f in self.missing_fields)
         with conn.begin():
+            batch = self.store.batch(conn, "fetch")
             for records, is_retired in ((active, False), (retired, True)):
-                if complete:
-                    records = self._insert_new(conn, entity_type, records, is_retired)
-                self.store.write_entities(conn, entity_type, records, "fetch", complete=complete, retired=is_retired)
+                batch.put(entity_type, records, complete=complete, retired=is_retired)
+            batch.flush()
             self._unqueue(conn, entity_type, queued)
         if gone:
             log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",
                         entity_type, _ranges(gone))
-
-    def _insert_new(self, conn: Connection, entity_type: str, records: list[dict[str, Any]],
-                    retired: bool) -> list[dict[str, Any]]:
-        """Bulk-insert complete fetched rows the replica lacks (as ``write_entities`` would, in a
-        few statements); returns the records left for ``write_entities`` (existing rows)."""
-        store = self.store
-        table = store.tables[entity_type]
-        entity = store.schema.entities[entity_type]
-        ids = [int(r["id"]) for r in records]
-        have = {r.id for chunk in _chunks(ids, 500)
-                for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk)))}
-        fields = {f: s for f, s in entity.fields.items() if f != "id" and fieldtypes.is_cached_type(s.data_type)}
-        rest, rows, multi, links, registry, logs = [], [], {}, [], [], []
-        now = now_utc()
-        for record in records:
-            eid = int(record["id"])
-            try:
-                if eid in have:
-                    raise ValueError("exists")
-                values, multis, rec_links = store.encode_record(entity_type, fields, record)
-            except ValueError:
-                rest.append(record)
-                continue
-            row = {c.name: None for c in table.columns}
-            row.update(values, id=eid, _retired=retired)
-            rows.append(row)
-            for fname, value in multis.items():
-                seen: list[tuple[str, int]] = []
-                for link in value:
-                    if (link["type"], int(link["id"])) not in seen:
-                        seen.append((link["type"], int(link["id"])))
-                multi.setdefault(fname, []).extend(
-                    {"parent_id": eid, "child_type": t, "child_id": i, "pos": pos} for pos, (t, i) in enumerate(seen))
-                if seen:
-                    logs.append({"at": now_utc(), "source": "fetch", "event_id": None, "entity_type": entity_type,
-                                 "entity_id": eid, "field_name": fname, "old": None,
-                                 "new": json.dumps([{"type": t, "id": i} for t, i in seen])})
-            links.extend(rec_links)
-            name = record.get(entity.name_field) if entity.name_field in record else None
-            registry.append({"type": entity_type, "id": eid, "retired": retired, "name": name,
-                             "name_known": entity.name_field in record})
-            logs.append({"at": now, "source": "fetch", "event_id": None, "entity_type": entity_type,
-                         "entity_id": eid, "field_name": None, "old": None, "new": None})
-        insert_rows(conn, table, rows)
-        for fname, assoc in multi.items():
-            insert_rows(conn, store.multi[(entity_type, fname)], assoc)
-        insert_rows(conn, store.changes, logs)
-        named = {(x["type"], int(x["id"])): x["name"] for x in links if "name" in x}
-        unnamed = {(x["type"], int(x["id"])) for x in links if "name" not in x} - set(named)
-        for r in registry:
-            if r["name_known"]:
-                named[(entity_type, r["id"])] = r["name"]
-        flags = {(entity_type, r["id"]): retired for r in registry}
-        write_registry(store, conn, named, unnamed | (set(flags) - set(named)), flags)
-        return rest
 
     def _unqueue(self, conn: Connection, entity_type: str, queued: Mapping[int, dt.datetime]) -> None:
         """Remove handled queue entries, unless re-queued since they were read."""

@@ -26,6 +26,7 @@ from sqlalchemy.pool import StaticPool
 
 from . import fieldtypes
 from .schema import FieldSchema, Schema
+from .writes import WriteBatch
 
 log = logging.getLogger("sgcache.store")
 
@@ -147,7 +148,7 @@ class Store:
         """The engine for write transactions: on SQLite one that begins IMMEDIATE, so a
         read-then-write transaction cannot fail on a lock upgrade; else the same engine."""
         if self._write_engine is None:
-            if self.dialect == "sqlite":
+            if self.dialect == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
                 self._write_engine = make_engine(self.engine.url.render_as_string(hide_password=False))
                 use_immediate_transactions(self._write_engine)
             else:
@@ -411,74 +412,26 @@ class Store:
             stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
         conn.execute(stmt, rows)
 
+    def batch(self, conn: Connection, source: str = "event") -> WriteBatch:
+        """A :class:`~cache.writes.WriteBatch` on ``conn``: the one write path (flush before commit)."""
+        return WriteBatch(self, conn, source)
+
+    now = staticmethod(now_utc)
+
     def note_links(self, conn: Connection, links: Iterable[Mapping[str, Any]]) -> None:
         """Remember linked entities and their names as SG sent them."""
-        named: dict[tuple[str, int], Any] = {}
-        unnamed: set[tuple[str, int]] = set()
-        for link in links:
-            key = (link["type"], int(link["id"]))
-            if "name" in link:
-                named[key] = link["name"]
-            else:
-                unnamed.add(key)
-        if named:
-            self._upsert(
-                conn,
-                self.entities,
-                [
-                    {"type": t, "id": i, "name": n, "name_known": True}
-                    for (t, i), n in sorted(named.items())
-                ],
-                ["type", "id"],
-            )
-        unnamed -= set(named)
-        if unnamed:
-            # insert-if-absent only: never forget a known name
-            self._upsert(
-                conn,
-                self.entities,
-                [{"type": t, "id": i, "name_known": False} for t, i in sorted(unnamed)],
-                ["type", "id"],
-                update=False,
-            )
+        batch = self.batch(conn)
+        batch.note(links)
+        batch.flush()
 
     def set_retired(
         self, conn: Connection, entity_type: str, entity_id: int, retired: bool, source: str,
         event_id: int | None = None,
     ) -> bool:
         """Flip the retired flag of one entity; True when something changed."""
-        changed = False
-        table = self.tables.get(entity_type)
-        if table is not None:
-            res = conn.execute(
-                table.update()
-                .where((table.c.id == entity_id) & (table.c._retired != retired))
-                .values(_retired=retired)
-            )
-            changed = res.rowcount > 0
-            if changed:
-                self._log(conn, source, event_id, entity_type, entity_id, "retired", not retired, retired)
-        res = conn.execute(
-            self.entities.update()
-            .where(
-                (self.entities.c.type == entity_type)
-                & (self.entities.c.id == entity_id)
-                & (self.entities.c.retired != retired)
-            )
-            .values(retired=retired)
-        )
-        if res.rowcount == 0 and table is None:
-            exists = conn.execute(
-                sa.select(self.entities.c.id).where(
-                    (self.entities.c.type == entity_type) & (self.entities.c.id == entity_id)
-                )
-            ).first()
-            if exists is None:
-                conn.execute(
-                    self.entities.insert().values(
-                        type=entity_type, id=entity_id, name_known=False, retired=retired
-                    )
-                )
+        batch = self.batch(conn, source)
+        changed = batch.retire((entity_type, int(entity_id)), retired, event_id)
+        batch.flush()
         return changed
 
     def write_entities(
@@ -499,89 +452,9 @@ class Store:
         ``to_fetch``. Only cached fields are written; values are checked against the
         field's data type and a record with a bad value is sent to ``to_fetch`` too.
         """
-        result = WriteResult(to_fetch=[])
-        table = self.tables.get(entity_type)
-        if table is None or not records:
-            return result
-        entity = self.schema.entities[entity_type]
-        ids = [int(r["id"]) for r in records]
-        existing = {
-            row.id: row._mapping
-            for chunk in _chunks(ids, 500)
-            for row in conn.execute(sa.select(table).where(table.c.id.in_(chunk))).all()
-        }
-        cached_fields = {
-            f: s for f, s in entity.fields.items() if f != "id" and fieldtypes.is_cached_type(s.data_type)
-        }
-        identifier = entity.name_field
-        links: list[Mapping[str, Any]] = []
-        names: list[dict[str, Any]] = []
-        inserts: list[dict[str, Any]] = []
-        multi_values: list[tuple[int, str, list[Mapping[str, Any]]]] = []
-        for record in records:
-            eid = int(record["id"])
-            old = existing.get(eid)
-            if old is None and not complete:
-                missing = [f for f in cached_fields if f not in record]
-                if missing:
-                    result.to_fetch.append((entity_type, eid))
-                    continue
-            try:
-                values, multis, rec_links = self.encode_record(entity_type, cached_fields, record)
-            except ValueError as exc:
-                log.warning("not storing %s %s: %s", entity_type, eid, exc)
-                result.to_fetch.append((entity_type, eid))
-                continue
-            links.extend(rec_links)
-            if retired is not None:
-                values["_retired"] = retired
-            if identifier in record:
-                names.append({"type": entity_type, "id": eid, "name": record[identifier], "name_known": True})
-            if old is None:
-                row = {c.name: None for c in table.columns}
-                row.update(values)
-                row["id"] = eid
-                row["_retired"] = bool(values.get("_retired", False))
-                inserts.append(row)
-                self._log(conn, source, event_id, entity_type, eid, None, None, None)
-                result.inserted += 1
-            else:
-                diff = {k: v for k, v in values.items() if old[k] != v}
-                if diff:
-                    conn.execute(table.update().where(table.c.id == eid).values(**diff))
-                    for fname, (before, after) in field_changes(diff, old).items():
-                        self._log(conn, source, event_id, entity_type, eid, fname, before, after)
-                    result.changed += 1
-            multi_values.extend((eid, f, v) for f, v in multis.items())
-        if inserts:
-            conn.execute(table.insert(), inserts)
-        for eid, fname, value in multi_values:
-            if self._replace_multi(conn, entity_type, eid, fname, value):
-                self._log(conn, source, event_id, entity_type, eid, fname, None, _links_json(value))
-                if eid in existing:
-                    result.changed += 1
-        if links:
-            self.note_links(conn, links)
-        if names:
-            self._upsert(conn, self.entities, names, ["type", "id"])
-        if retired is not None:
-            reg = self.entities
-            conn.execute(
-                reg.update()
-                .where((reg.c.type == entity_type) & (reg.c.id == sa.bindparam("b_id")))
-                .values(retired=retired),
-                [{"b_id": int(r["id"])} for r in records],
-            )
-        if inserts:
-            # a new row of a type whose identifier is not cached still needs a registry row
-            self._upsert(
-                conn,
-                self.entities,
-                [{"type": entity_type, "id": r["id"], "retired": r["_retired"], "name_known": False}
-                 for r in inserts],
-                ["type", "id"],
-                update=False,
-            )
+        batch = self.batch(conn, source)
+        result = batch.put(entity_type, records, complete=complete, retired=retired, event_id=event_id)
+        batch.flush()
         return result
 
     def encode_record(
@@ -620,36 +493,6 @@ class Store:
                 values[fname] = fieldtypes.encode_scalar(fschema.data_type, value)
         return values, multis, links
 
-    def _replace_multi(
-        self, conn: Connection, entity_type: str, parent_id: int, fname: str, value: Sequence[Mapping[str, Any]]
-    ) -> bool:
-        table = self.multi[(entity_type, fname)]
-        wanted: list[tuple[str, int]] = []
-        for link in value:
-            key = (link["type"], int(link["id"]))
-            if key not in wanted:
-                wanted.append(key)
-        current = [
-            (r.child_type, r.child_id)
-            for r in conn.execute(
-                sa.select(table.c.child_type, table.c.child_id)
-                .where(table.c.parent_id == parent_id)
-                .order_by(table.c.pos)
-            ).all()
-        ]
-        if current == wanted:
-            return False
-        conn.execute(table.delete().where(table.c.parent_id == parent_id))
-        if wanted:
-            conn.execute(
-                table.insert(),
-                [
-                    {"parent_id": parent_id, "child_type": t, "child_id": i, "pos": pos}
-                    for pos, (t, i) in enumerate(wanted)
-                ],
-            )
-        return True
-
     def change_multi(
         self,
         conn: Connection,
@@ -662,50 +505,19 @@ class Store:
         event_id: int | None = None,
     ) -> bool:
         """Apply an ``added``/``removed`` change to a multi_entity field; idempotent."""
-        table = self.multi[(entity_type, fname)]
-        changed = False
-        for link in removed:
+        for link in [*added, *removed]:
             _check_link(link)
-            res = conn.execute(
-                table.delete().where(
-                    (table.c.parent_id == parent_id)
-                    & (table.c.child_type == link["type"])
-                    & (table.c.child_id == int(link["id"]))
-                )
-            )
-            changed |= res.rowcount > 0
-        if added:
-            rows = conn.execute(
-                sa.select(table.c.child_type, table.c.child_id, table.c.pos).where(table.c.parent_id == parent_id)
-            ).all()
-            have = {(r.child_type, r.child_id) for r in rows}
-            pos = max((r.pos for r in rows), default=-1) + 1
-            for link in added:
-                _check_link(link)
-                key = (link["type"], int(link["id"]))
-                if key in have:
-                    continue
-                conn.execute(table.insert().values(parent_id=parent_id, child_type=key[0], child_id=key[1], pos=pos))
-                have.add(key)
-                pos += 1
-                changed = True
-            self.note_links(conn, added)
-        if changed:
-            self._log(
-                conn, source, event_id, entity_type, parent_id, fname,
-                _links_json(removed), _links_json(added),
-            )
+        batch = self.batch(conn, source)
+        changed = batch.change_links((entity_type, int(parent_id)), fname, added, removed, event_id)
+        batch.flush()
         return changed
 
     def queue_fetch(self, conn: Connection, items: Iterable[tuple[str, int]], reason: str) -> None:
         """Ask for these entities to be re-read from SG (reads of their type pass meanwhile)."""
-        rows = [
-            {"entity_type": t, "entity_id": int(i), "reason": reason, "queued_at": now_utc()}
-            for t, i in items
-            if t in self.schema
-        ]
-        if rows:
-            self._upsert(conn, self.fetch_queue, rows, ["entity_type", "entity_id"])
+        batch = self.batch(conn)
+        for key in items:
+            batch.queue(key, reason)
+        batch.flush()
 
     def cached_field_names(self, entity_type: str) -> list[str]:
         """The fields of a type the replica stores (what a full fetch must ask for)."""
@@ -714,26 +526,9 @@ class Store:
 
     def unqueue_fetch(self, conn: Connection, items: Iterable[tuple[str, int]]) -> None:
         """Drop entities from the fetch queue (their rows are complete now)."""
-        q = self.fetch_queue
-        for entity_type, entity_id in items:
-            conn.execute(q.delete().where((q.c.entity_type == entity_type) & (q.c.entity_id == int(entity_id))))
-
-    def _log(
-        self, conn: Connection, source: str, event_id: int | None, entity_type: str, entity_id: int,
-        field_name: str | None, old: Any, new: Any,
-    ) -> None:
-        conn.execute(
-            self.changes.insert().values(
-                at=now_utc(),
-                source=source,
-                event_id=event_id,
-                entity_type=entity_type,
-                entity_id=entity_id,
-                field_name=field_name,
-                old=None if old is None else json.dumps(old, default=str),
-                new=None if new is None else json.dumps(new, default=str),
-            )
-        )
+        batch = self.batch(conn)
+        batch.unqueue(items)
+        batch.flush()
 
 
 def field_changes(diff: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -775,12 +570,3 @@ def _check_link(value: Any) -> None:
         or not isinstance(value.get("id"), int)
     ):
         raise ValueError(f"not an entity link: {value!r}")
-
-
-def _links_json(links: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    return [{"type": link["type"], "id": link["id"]} for link in links]
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

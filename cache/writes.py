@@ -1,0 +1,436 @@
+"""The one write path into the replica: a batch of writes flushed with upserts.
+
+Every writer -- the ingester (a poll), the scanner (a page), the proxy (what it learns from a
+write passing by) and the fetches of whole rows -- buffers its changes in a :class:`WriteBatch`
+bound to its transaction and flushes them before the commit. The batch reads the rows it
+changes once, changes them in memory, and writes:
+
+1. entity rows: new rows with ``INSERT .. ON CONFLICT (id) DO UPDATE`` of the columns the
+   writer knows, changed rows with an UPDATE of the changed columns only (a field written by
+   another writer meanwhile is left alone);
+2. multi_entity links: DELETE of removed links, ``INSERT .. ON CONFLICT DO UPDATE`` (``pos``)
+   of the others;
+3. change-log records (``sgcache_changes``);
+4. the registry (``sgcache_entities``): names, retired flags and unknown entities, with the
+   same upsert;
+5. the fetch queue.
+
+Rows are written in sorted key order (table, then primary key) and consecutive rows of the same
+shape go in one executemany, so two transactions writing the same rows take their row locks in
+the same order and never deadlock on PostgreSQL; a row another transaction inserted after this
+one read the table is updated, never a unique-key error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import fieldtypes
+
+log = logging.getLogger("sgcache.writes")
+
+Key = tuple[str, int]
+LinkKey = tuple[str, str, int]  # (type, multi_entity field, parent id)
+CHUNK = 500
+
+
+def upsert_stmt(dialect: str, table: sa.Table, keys: Sequence[str], update_cols: Iterable[str]) -> Any:
+    """``INSERT .. ON CONFLICT (keys) DO UPDATE SET col = excluded.col`` (DO NOTHING without columns)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(table)
+    cols = [c for c in update_cols if c not in keys]
+    if cols:
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+    return stmt.on_conflict_do_nothing(index_elements=list(keys))
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
+
+
+def _links_json(links: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": link["type"], "id": link["id"]} for link in links]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _runs(ops: Iterable[tuple[Any, dict[str, Any]]]) -> Iterable[tuple[Any, list[dict[str, Any]]]]:
+    """Consecutive (shape, row) pairs of the same shape -> (shape, rows), order kept."""
+    shape: Any = None
+    rows: list[dict[str, Any]] = []
+    for each_shape, row in ops:
+        if rows and each_shape != shape:
+            yield shape, rows
+            rows = []
+        shape = each_shape
+        rows.append(row)
+    if rows:
+        yield shape, rows
+
+
+class WriteBatch:
+    """The writes of one transaction on ``conn``; :meth:`flush` writes them (call it before commit)."""
+
+    def __init__(self, store: Any, conn: Connection, source: str = "event"):
+        self.store = store
+        self.conn = conn
+        self.source = source
+        self.rows: dict[Key, dict[str, Any] | None] = {}  # replica rows as loaded and changed
+        self.new: dict[Key, set[str]] = {}  # rows to insert -> the columns the writer knows
+        self.dirty: dict[Key, dict[str, Any]] = {}  # changed columns of existing rows
+        self.logs: list[dict[str, Any]] = []
+        self.names: dict[Key, Any] = {}
+        self.unnamed: set[Key] = set()
+        self.retired: dict[Key, bool] = {}
+        self.registered: set[Key] = set()  # keys that must have a registry row (new entity rows)
+        self.fetch: dict[Key, str] = {}
+        self.unfetch: set[Key] = set()
+        self.links: dict[LinkKey, dict[Key, int]] = {}
+        self.links_orig: dict[LinkKey, dict[Key, int]] = {}
+
+    # -- reading what is changed -------------------------------------------------------
+    def load(self, keys: Iterable[Key]) -> None:
+        """Read the replica rows of these (cached type, id) pairs, one query per type and chunk."""
+        wanted: dict[str, set[int]] = {}
+        for entity_type, entity_id in keys:
+            if entity_type in self.store.tables and (entity_type, entity_id) not in self.rows:
+                wanted.setdefault(entity_type, set()).add(int(entity_id))
+        for entity_type, ids in wanted.items():
+            table = self.store.tables[entity_type]
+            for chunk in _chunks(sorted(ids), CHUNK):
+                for row in self.conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
+                    self.rows[(entity_type, row.id)] = dict(row._mapping)
+            for entity_id in ids:
+                self.rows.setdefault((entity_type, entity_id), None)
+
+    def load_links(self, keys: Iterable[LinkKey]) -> None:
+        """Read the multi_entity links of these (type, field, parent id), one query per field and chunk."""
+        wanted: dict[tuple[str, str], set[int]] = {}
+        for entity_type, fname, parent in keys:
+            if (entity_type, fname) in self.store.multi and (entity_type, fname, parent) not in self.links:
+                wanted.setdefault((entity_type, fname), set()).add(int(parent))
+        for (entity_type, fname), parents in wanted.items():
+            table = self.store.multi[(entity_type, fname)]
+            found: dict[int, dict[Key, int]] = {p: {} for p in parents}
+            for chunk in _chunks(sorted(parents), CHUNK):
+                rows = self.conn.execute(
+                    sa.select(table.c.parent_id, table.c.child_type, table.c.child_id, table.c.pos)
+                    .where(table.c.parent_id.in_(chunk)).order_by(table.c.parent_id, table.c.pos))
+                for r in rows:
+                    found[r.parent_id][(r.child_type, r.child_id)] = r.pos
+            for parent, children in found.items():
+                self.links[(entity_type, fname, parent)] = children
+                self.links_orig[(entity_type, fname, parent)] = dict(children)
+
+    def exists(self, key: Key) -> bool:
+        if key not in self.rows:
+            self.load([key])
+        return self.rows.get(key) is not None
+
+    # -- buffering writes ----------------------------------------------------------------
+    def log_change(self, key: Key, field_name: str | None, old: Any, new: Any,
+                   event_id: int | None = None, source: str | None = None) -> None:
+        """One change-log record (``field_name`` None: the row was created)."""
+        self.logs.append({"at": self.store.now(), "source": source or self.source, "event_id": event_id,
+                          "entity_type": key[0], "entity_id": key[1], "field_name": field_name,
+                          "old": _json_or_none(old), "new": _json_or_none(new)})
+
+    def put(self, entity_type: str, records: Sequence[Mapping[str, Any]], *, complete: bool = False,
+            retired: bool | None = None, event_id: int | None = None, log_changes: bool = True) -> Any:
+        """Upsert SG entity dicts of one type (what ``Store.write_entities`` documents)."""
+        from .store import WriteResult, field_changes
+
+        result = WriteResult(to_fetch=[])
+        if entity_type not in self.store.tables or not records:
+            return result
+        entity = self.store.schema.entities[entity_type]
+        cached = {f: s for f, s in entity.fields.items() if f != "id" and fieldtypes.is_cached_type(s.data_type)}
+        multi_fields = [f for f, s in cached.items() if fieldtypes.TYPES[s.data_type].storage == "multi"]
+        keys = [(entity_type, int(r["id"])) for r in records]
+        self.load(keys)
+        self.load_links((entity_type, f, int(r["id"])) for r in records for f in multi_fields if f in r)
+        identifier = entity.name_field
+        for record, key in zip(records, keys, strict=True):
+            row = self.rows.get(key)
+            if row is None and not complete and any(f not in record for f in cached):
+                result.to_fetch.append(key)
+                continue
+            try:
+                values, multis, links = self.store.encode_record(entity_type, cached, record)
+            except ValueError as exc:
+                log.warning("not storing %s %s: %s", entity_type, key[1], exc)
+                result.to_fetch.append(key)
+                continue
+            if retired is not None:
+                values["_retired"] = retired
+            existed = row is not None
+            if row is None:
+                table = self.store.tables[entity_type]
+                row = {c.name: None for c in table.columns}
+                row.update(values, id=key[1], _retired=bool(values.get("_retired", False)))
+                self.rows[key] = row
+                self.new[key] = set(values) | {"id"}
+                self.registered.add(key)
+                if log_changes:
+                    self.log_change(key, None, None, None, event_id)
+                result.inserted += 1
+            else:
+                diff = {col: new for col, new in values.items() if row[col] != new}
+                if diff:
+                    if log_changes:
+                        for fname, (before, after) in field_changes(diff, row).items():
+                            self.log_change(key, fname, before, after, event_id)
+                    row.update(diff)
+                    self._mark(key, diff)
+                    result.changed += 1
+            for fname, value in multis.items():
+                if self.replace_links(key, fname, value, event_id, log_changes) and existed:
+                    result.changed += 1
+            self.note(links)
+            if identifier in record:
+                self.names[key] = record[identifier]
+            if retired is not None:
+                self.retired[key] = retired
+        return result
+
+    def _mark(self, key: Key, diff: Mapping[str, Any]) -> None:
+        if key in self.new:
+            self.new[key].update(diff)
+        else:
+            self.dirty.setdefault(key, {}).update(diff)
+
+    def write(self, key: Key, record: Mapping[str, Any], event_id: int | None = None) -> bool:
+        """Change some scalar/entity fields of a loaded row; False when the row is unknown or a
+        value does not fit (multi_entity values are not accepted here)."""
+        from .store import field_changes
+
+        entity = self.store.schema.entities[key[0]]
+        fields = {f: entity.fields[f] for f in record if f in entity.fields and f != "id"}
+        try:
+            values, multis, links = self.store.encode_record(key[0], fields, record)
+        except ValueError as exc:
+            log.info("event %s: %s %s: %s", event_id, key[0], key[1], exc)
+            return False
+        row = self.rows.get(key)
+        if multis or row is None:
+            return False
+        diff = {col: new for col, new in values.items() if row[col] != new}
+        for fname, (before, after) in field_changes(diff, row).items():
+            self.log_change(key, fname, before, after, event_id)
+        row.update(diff)
+        if diff:
+            self._mark(key, diff)
+        if entity.name_field in record:
+            self.names[key] = record[entity.name_field]
+        self.note(links)
+        return True
+
+    def replace_links(self, key: Key, fname: str, value: Sequence[Mapping[str, Any]],
+                      event_id: int | None = None, log_changes: bool = True) -> bool:
+        """Set a multi_entity field to exactly ``value`` (order kept, duplicates dropped)."""
+        lkey = (key[0], fname, key[1])
+        if lkey not in self.links:
+            self.load_links([lkey])
+        wanted: dict[Key, int] = {}
+        for link in value:
+            child = (link["type"], int(link["id"]))
+            if child not in wanted:
+                wanted[child] = len(wanted)
+        current = self.links[lkey]
+        if list(current.items()) == list(wanted.items()):
+            return False
+        self.links[lkey] = wanted
+        if log_changes:
+            self.log_change(key, fname, None, [{"type": t, "id": i} for t, i in wanted], event_id)
+        return True
+
+    def change_links(self, key: Key, fname: str, added: Sequence[Mapping[str, Any]],
+                     removed: Sequence[Mapping[str, Any]], event_id: int | None = None) -> bool:
+        """An ``added``/``removed`` change of a multi_entity field; idempotent; True when it changed."""
+        lkey = (key[0], fname, key[1])
+        if lkey not in self.links:
+            self.load_links([lkey])
+        current = self.links[lkey]
+        changed = False
+        for link in removed:
+            if current.pop((link["type"], int(link["id"])), None) is not None:
+                changed = True
+        if added:
+            pos = max(current.values(), default=-1) + 1
+            for link in added:
+                child = (link["type"], int(link["id"]))
+                if child in current:
+                    continue
+                current[child] = pos
+                pos += 1
+                changed = True
+            self.note(added)
+        if changed:
+            self.log_change(key, fname, _links_json(removed), _links_json(added), event_id)
+        return changed
+
+    def retire(self, key: Key, retired: bool, event_id: int | None = None) -> bool:
+        """Set an entity's retired flag (row and registry); True when the row changed."""
+        changed = False
+        if key[0] in self.store.tables and self.exists(key):
+            row = self.rows[key]
+            assert row is not None
+            if row["_retired"] != retired:
+                self.log_change(key, "retired", not retired, retired, event_id)
+                row["_retired"] = retired
+                self._mark(key, {"_retired": retired})
+                changed = True
+        self.retired[key] = retired
+        return changed
+
+    def note(self, links: Iterable[Mapping[str, Any]]) -> None:
+        """Registry: remember linked entities and their names (the last name wins)."""
+        for link in links:
+            key = (link["type"], int(link["id"]))
+            if "name" in link:
+                self.names[key] = link["name"]
+            else:
+                self.unnamed.add(key)
+
+    def queue(self, key: Key, reason: str) -> None:
+        """Ask for a re-read of this entity from SG (reads of its type pass meanwhile)."""
+        if key[0] in self.store.schema:
+            self.fetch.setdefault((key[0], int(key[1])), reason)
+            self.unfetch.discard((key[0], int(key[1])))
+
+    def unqueue(self, keys: Iterable[Key]) -> None:
+        """Drop entities from the fetch queue."""
+        for entity_type, entity_id in keys:
+            key = (entity_type, int(entity_id))
+            self.unfetch.add(key)
+            self.fetch.pop(key, None)
+
+    # -- writing -------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write everything buffered, in the fixed order of the module docstring."""
+        self._flush_rows()
+        self._flush_links()
+        if self.logs:
+            self.conn.execute(self.store.changes.insert(), self.logs)
+        self._flush_registry()
+        self._flush_queue()
+        self.new, self.dirty, self.logs = {}, {}, []
+        self.names, self.unnamed, self.retired, self.registered = {}, set(), {}, set()
+        self.fetch, self.unfetch = {}, set()
+        self.links_orig = {k: dict(v) for k, v in self.links.items()}
+
+    def _flush_rows(self) -> None:
+        dialect = self.store.dialect
+        keys = sorted(set(self.new) | set(self.dirty))
+        for entity_type in sorted({k[0] for k in keys}):
+            table = self.store.tables[entity_type]
+            ops: list[tuple[Any, dict[str, Any]]] = []
+            for key in (k for k in keys if k[0] == entity_type):
+                row = self.rows[key]
+                assert row is not None
+                if key in self.new:
+                    ops.append((("upsert", tuple(sorted(self.new[key]))), dict(row)))
+                else:
+                    cols = self.dirty[key]
+                    ops.append((("update", tuple(sorted(cols))), {"p_id": key[1],
+                                                                  **{f"p_{c}": v for c, v in cols.items()}}))
+            for (kind, cols), rows in _runs(ops):
+                if kind == "upsert":
+                    self.conn.execute(upsert_stmt(dialect, table, ["id"], cols), rows)
+                else:
+                    self.conn.execute(table.update().where(table.c.id == sa.bindparam("p_id"))
+                                      .values({c: sa.bindparam(f"p_{c}") for c in cols}), rows)
+
+    def _flush_links(self) -> None:
+        dialect = self.store.dialect
+        by_table: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        for (entity_type, fname, parent) in sorted(self.links):
+            current = self.links[(entity_type, fname, parent)]
+            orig = self.links_orig.get((entity_type, fname, parent), {})
+            if current == orig:
+                continue
+            gone, new = by_table.setdefault((entity_type, fname), ([], []))
+            gone.extend({"p_parent": parent, "p_type": t, "p_id": i}
+                        for (t, i) in sorted(orig) if (t, i) not in current)
+            new.extend({"parent_id": parent, "child_type": t, "child_id": i, "pos": pos}
+                       for (t, i), pos in sorted(current.items()) if orig.get((t, i)) != pos)
+        for key in sorted(by_table):
+            gone, new = by_table[key]
+            table = self.store.multi[key]
+            if gone:
+                self.conn.execute(table.delete().where(
+                    (table.c.parent_id == sa.bindparam("p_parent")) & (table.c.child_type == sa.bindparam("p_type"))
+                    & (table.c.child_id == sa.bindparam("p_id"))), gone)
+            if new:
+                self.conn.execute(upsert_stmt(dialect, table, ["parent_id", "child_type", "child_id"], ["pos"]),
+                                  new)
+
+    def _flush_registry(self) -> None:
+        """``sgcache_entities``: names, retired flags, unknown entities; only what differs is written.
+
+        A retired flag alone never makes a registry row for a cached type (its row is what counts)."""
+        reg = self.store.entities
+        keys = set(self.names) | self.unnamed | set(self.retired) | self.registered
+        if not keys:
+            return
+        by_type: dict[str, list[int]] = {}
+        for t, i in keys:
+            by_type.setdefault(t, []).append(i)
+        existing: dict[Key, Any] = {}
+        for t, ids in by_type.items():
+            for chunk in _chunks(sorted(ids), CHUNK):
+                for r in self.conn.execute(sa.select(reg).where((reg.c.type == t) & reg.c.id.in_(chunk))):
+                    existing[(r.type, r.id)] = r
+        ops: list[tuple[Any, dict[str, Any]]] = []
+        for key in sorted(keys):
+            want: dict[str, Any] = {}
+            if key in self.names:
+                want.update(name=self.names[key], name_known=True)
+            if key in self.retired:
+                want["retired"] = self.retired[key]
+            old = existing.get(key)
+            if old is None:
+                retired_only = (key[0] in self.store.tables and key not in self.names and key not in self.unnamed
+                                and key not in self.registered)
+                if retired_only:
+                    continue
+                row = {"type": key[0], "id": key[1], "name": want.get("name"),
+                       "name_known": want.get("name_known", False), "retired": want.get("retired", False)}
+                ops.append((("upsert", tuple(sorted(want))), row))
+                continue
+            diff = {k: v for k, v in want.items() if getattr(old, k) != v}
+            if diff:
+                ops.append((("update", tuple(sorted(diff))), {"p_type": key[0], "p_id": key[1],
+                                                              **{f"p_{c}": v for c, v in diff.items()}}))
+        for (kind, cols), rows in _runs(ops):
+            if kind == "upsert":
+                self.conn.execute(upsert_stmt(self.store.dialect, reg, ["type", "id"], cols), rows)
+            else:
+                self.conn.execute(reg.update().where((reg.c.type == sa.bindparam("p_type"))
+                                                     & (reg.c.id == sa.bindparam("p_id")))
+                                  .values({c: sa.bindparam(f"p_{c}") for c in cols}), rows)
+
+    def _flush_queue(self) -> None:
+        q = self.store.fetch_queue
+        if self.fetch:
+            now = self.store.now()
+            rows = [{"entity_type": t, "entity_id": i, "reason": reason, "queued_at": now}
+                    for (t, i), reason in sorted(self.fetch.items())]
+            self.conn.execute(upsert_stmt(self.store.dialect, q, ["entity_type", "entity_id"],
+                                          ["reason", "queued_at"]), rows)
+        if self.unfetch:
+            self.conn.execute(q.delete().where((q.c.entity_type == sa.bindparam("p_type"))
+                                               & (q.c.entity_id == sa.bindparam("p_id"))),
+                              [{"p_type": t, "p_id": i} for t, i in sorted(self.unfetch)])
