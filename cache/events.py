@@ -66,6 +66,7 @@ EVENT_FIELDS = ["id", "event_type", "attribute_name", "meta", "entity", "project
 DEEP_FIELDS = ("updated_at", "updated_by")
 ACTIONS = ("New", "Change", "Retirement", "Revival")
 SCHEMA_TYPE = "DisplayColumn"
+EVENT_TYPE = "EventLogEntry"
 RETIREMENT_FIELD = "retirement_date"
 WIRE_DT = "%Y-%m-%dT%H:%M:%SZ"
 FETCH_CHUNK = 500
@@ -76,6 +77,7 @@ K_HEARTBEAT = "ingester_heartbeat"
 K_SCHEMA = "schema_pending"
 K_LEADER = "ingester_leader"
 K_SG_CLOCK = "sg_clock"
+K_FLOOR = "event_floor"
 
 
 class SGClient(Protocol):
@@ -279,9 +281,10 @@ class Ingester:
         self.stop_event = threading.Event()
         self.missing_fields: set[tuple[str, str]] = set()
         self._skipped_types: set[str] = set()
-        self._event_fields = EVENT_FIELDS + self._deep_fields()
+        self._event_fields = self._wanted_event_fields() + self._deep_fields()
         self._sg_anchor: tuple[dt.datetime, dt.datetime] | None = None  # (SG time seen, local time then)
         self._polls = 0
+        self.stop_reason: str | None = None
 
     # -- connection and leadership ------------------------------------------------
     def connect(self) -> Connection:
@@ -374,8 +377,24 @@ class Ingester:
         base = max(self.config.poll_interval, 0.1)
         return min(self.config.retry_max, base * 2 ** min(failures - 1, 10))
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "asked to stop") -> None:
+        self.stop_reason = self.stop_reason or reason
         self.stop_event.set()
+
+    def log_shutdown(self, reason: str | None = None) -> None:
+        """Log why the ingester stops and where its cursor is (never raises)."""
+        why = reason or self.stop_reason or "done"
+        try:
+            conn = self.store.engine.connect()
+            try:
+                with conn.begin():
+                    cursor, high = self.store.get_state(conn, K_CURSOR), self.store.get_state(conn, K_HIGH)
+            finally:
+                conn.close()
+            where = f"event cursor {cursor}, highest event applied {high}"
+        except Exception as exc:  # noqa: BLE001 - the database may be why it stops
+            where = f"cursor unknown ({type(exc).__name__})"
+        log.info("ingester stopping (%s): %s", why, where)
 
     # -- one poll -----------------------------------------------------------------
     def poll_once(self) -> PollResult:
@@ -442,8 +461,12 @@ class Ingester:
         with conn.begin():
             self._load_sg_clock(conn)
             cursor, _high = self._cursor(conn)
+            floor = self._floor(conn, cursor)
+        if floor >= cursor:
+            return result
         since = self.sg_now() - dt.timedelta(seconds=self.config.sweep_seconds())
         rows = self.sg.find("EventLogEntry", [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
+                                              ["id", "greater_than", floor],
                                               ["id", "less_than", cursor + 1]], ["id"],
                             order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
         ids = [int(r["id"]) for r in rows]
@@ -463,6 +486,16 @@ class Ingester:
                         _ranges(result.swept))
         return result
 
+    def _floor(self, conn: Connection, cursor: int) -> int:
+        """The id at or below which events predate this replica's event stream (the prime's cursor):
+        their effects came with the scan, so the sweep never treats them as late. Replicas primed
+        before the floor was recorded: the id below the first event stored, else the cursor."""
+        floor = self.store.get_state(conn, K_FLOOR)
+        if floor is not None:
+            return int(floor)
+        first = conn.execute(sa.select(sa.func.min(self.store.events.c.id))).scalar()
+        return int(first) - 1 if first is not None else cursor
+
     def fetch_events(self, high: int, gaps: list[int]) -> list[dict[str, Any]]:
         """Events above ``high`` plus any open gap that became visible, by id."""
         filters: list[Any] = [["id", "greater_than", high]]
@@ -473,6 +506,13 @@ class Ingester:
                               order=[{"field_name": "id", "direction": "asc"}],
                               limit=self.config.batch + len(gaps))
         return [to_wire(e) for e in events]
+
+    def _wanted_event_fields(self) -> list[str]:
+        """The event fields to read: what the ingester needs, plus every cached EventLogEntry field."""
+        fields = list(EVENT_FIELDS)
+        if EVENT_TYPE in self.store.tables:
+            fields += [f for f in self.store.cached_field_names(EVENT_TYPE) if f not in fields]
+        return fields
 
     def _deep_fields(self) -> list[str]:
         out = []
@@ -489,6 +529,8 @@ class Ingester:
             log.warning("no event cursor yet: starting after the newest event, %d "
                         "(prime the replica with scripts/scan --full)", cursor)
             self.store.set_state(conn, K_CURSOR, cursor)
+            if self.store.get_state(conn, K_FLOOR) is None:
+                self.store.set_state(conn, K_FLOOR, cursor)
         high = self.store.get_state(conn, K_HIGH)
         return int(cursor), max(int(cursor), int(high or 0))
 
@@ -519,6 +561,7 @@ class Ingester:
                 self._apply_guarded(conn, event, late, buf)
             else:
                 self.apply_event(conn, event, late=late, buf=buf)
+        self._event_rows(buf, fresh)
         buf.flush()
         result.applied = len(fresh)
         self._store_raw(conn, fresh)
@@ -531,6 +574,15 @@ class Ingester:
         self.store.set_state(conn, K_CURSOR, (min(still_open) - 1) if still_open else new_high)
         self.store.set_state(conn, K_HIGH, new_high)
         self.store.set_state(conn, K_HEARTBEAT, _iso_now())
+
+    def _event_rows(self, buf: WriteBatch, events: Sequence[Mapping[str, Any]]) -> None:
+        """EventLogEntry as a cached type: every applied event becomes its row, in the poll's batch."""
+        if EVENT_TYPE not in self.store.tables or not events:
+            return
+        rows = [{k: v for k, v in e.items() if "." not in k} for e in events]
+        result = buf.put(EVENT_TYPE, rows, complete=True, log_changes=False)
+        for key in result.to_fetch or []:
+            buf.queue(key, "event row not stored")
 
     def _link_keys(self, events: Iterable[Mapping[str, Any]]) -> list[tuple[str, str, int]]:
         """(type, multi_entity field, parent id) that the Changes among ``events`` name."""

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import fieldtypes
+from . import eventlog, fieldtypes
 from .errors import Passthrough
 from .schema import FieldSchema
 from .store import Store
@@ -63,6 +63,7 @@ class ReadContext:
 
     primed: dict[str, set[str]]
     pending_fetch: set[str] = field(default_factory=set)
+    event_cursor: int | None = None  # the ingester's cursor: EventLogEntry reads above it pass
 
     @functools.cached_property
     def fingerprint(self) -> tuple[frozenset[Any], frozenset[str]]:
@@ -131,6 +132,12 @@ class ReadEngine:
     def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext) -> dict[str, Any]:
         """Answer a read; the value of ``results`` in SG's reply."""
         plan = self.plan(params, ctx)
+        if plan.entity_type == eventlog.EVENT_TYPE:  # events above the ingester's cursor may be missing
+            check_page = eventlog.check_read(params, ctx.event_cursor)
+            result = self.execute(conn, plan)
+            if check_page:
+                eventlog.check_answer(params, result, ctx.event_cursor)  # type: ignore[arg-type]
+            return result
         return self.execute(conn, plan)
 
     def plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:

@@ -33,6 +33,8 @@ log = logging.getLogger("sgcache.scanner")
 
 #: State key of the last EventLogEntry id whose effects are in the replica (read by the ingester).
 EVENT_CURSOR = "event_cursor"
+#: State key of the cursor the prime started from: the ingester's sweep never looks at or below it.
+EVENT_FLOOR = "event_floor"
 PAGE_SIZE = 500
 DEFAULT_OVERLAP = 120.0
 #: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
@@ -196,6 +198,7 @@ class Scanner:
         with self.store.engine.begin() as conn:
             if self.store.get_state(conn, EVENT_CURSOR) is None:
                 self.store.set_state(conn, EVENT_CURSOR, newest)
+                self.store.set_state(conn, EVENT_FLOOR, newest)
                 log.info("event cursor set to %d (the newest event before the prime)", newest)
 
     def full_scan(self, entity_type: str) -> TypeScan:
@@ -217,7 +220,8 @@ class Scanner:
             held = conn.execute(
                 sa.select(table.c.id).where(~table.c._retired & (table.c.id <= scan.max_id))
             ).scalars()
-            missing = sorted(set(held) - scan.seen)
+            # events are never retired; one the ingester stored while the scan ran is not "gone"
+            missing = [] if scan.entity_type == "EventLogEntry" else sorted(set(held) - scan.seen)
             for eid in missing:
                 if self.store.set_retired(conn, scan.entity_type, eid, True, source="scan"):
                     scan.retired_missing += 1
@@ -250,22 +254,23 @@ class Scanner:
                 log.warning("%s: updated_at is not cached, cannot reconcile", entity_type)
                 continue
             start = since
-            if start is None:
-                if primed[entity_type] is None:
-                    log.warning("%s: no watermark yet (no row had updated_at), skipped", entity_type)
-                    continue
+            if start is None and primed[entity_type] is not None:
                 start = parse_when(primed[entity_type]) - timedelta(seconds=overlap)
+            # no watermark: the type had no row with updated_at when primed (often: it was empty);
+            # every row is read, so rows created since without events are found
             out.append(self.reconcile_type(entity_type, start, primed[entity_type]))
         return out
 
-    def reconcile_type(self, entity_type: str, start: datetime, watermark: str | None) -> TypeScan:
-        """Read rows of one type with ``updated_at`` after ``start``; advance its watermark."""
+    def reconcile_type(self, entity_type: str, start: datetime | None, watermark: str | None) -> TypeScan:
+        """Read rows of one type with ``updated_at`` after ``start`` (every row when None); advance
+        its watermark."""
         scan = TypeScan(entity_type, watermark=watermark)
-        filters: list[Any] = [["updated_at", "greater_than", start]]
+        filters: list[Any] = [] if start is None else [["updated_at", "greater_than", start]]
         pfilter = self.project_filter(entity_type)
         if pfilter:
             filters.insert(0, pfilter)
-        log.debug("%s: reading rows updated after %s", entity_type, start.strftime(_WIRE_DT))
+        after = "the start (no watermark yet)" if start is None else start.strftime(_WIRE_DT)
+        log.debug("%s: reading rows updated after %s", entity_type, after)
         with self._bar(entity_type) as bar:
             self._read_into(scan, filters, bar)
         types = self.store.types
@@ -275,5 +280,5 @@ class Scanner:
                 .where(types.c.entity_type == entity_type)
                 .values(scan_watermark=scan.watermark, last_scan_at=now_utc())
             )
-        log.info("%s (updated after %s)", scan.summary(), start.strftime(_WIRE_DT))
+        log.info("%s (updated after %s)", scan.summary(), after)
         return scan

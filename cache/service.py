@@ -174,7 +174,8 @@ class CacheService:
         }
         beat = self.store.get_state(conn, "ingester_heartbeat")
         self._lag = _age_seconds(beat)
-        ctx = ReadContext(primed=primed, pending_fetch=pending)
+        cursor = self.store.get_state(conn, "event_cursor") if "EventLogEntry" in primed else None
+        ctx = ReadContext(primed=primed, pending_fetch=pending, event_cursor=cursor)
         with self._lock:
             self._ctx, self._ctx_at = ctx, now
         return ctx
