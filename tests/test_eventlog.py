@@ -1,0 +1,193 @@
+"""EventLogEntry as a cached type (ingester in-process, the fake SG without HTTP, replica on ``db_url``):
+every applied event becomes a row, and reads of events are answered only below the event cursor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cache.errors import Passthrough
+from cache.eventlog import check_answer, check_read, id_upper_bound
+from cache.events import K_CURSOR, IngestConfig, Ingester
+from cache.read import ReadContext, ReadEngine
+from cache.scanner import Scanner
+from cache.schema import Schema, parse_rules
+from cache.store import Store
+
+from .fakesg import FakeSite
+from .test_events import RULES, SiteClient, make_project, state, sync
+
+EVENT_FIELDS = ["event_type", "attribute_name", "meta", "entity", "project", "user", "session_uuid",
+                "description", "created_at"]
+
+
+def with_events_schema(site: FakeSite) -> Schema:
+    rules = RULES.read_text() + "\n+EventLogEntry.*\n"
+    return Schema.from_schema_read(site.schema).brief().filtered(parse_rules(rules))
+
+
+def conds(*conditions: Any, op: str = "and") -> dict[str, Any]:
+    return {"logical_operator": op, "conditions": list(conditions)}
+
+
+def cond(relation: str, *values: Any, path: str = "id") -> dict[str, Any]:
+    return {"path": path, "relation": relation, "values": list(values)}
+
+
+# -- the rule, without a database -----------------------------------------------------
+def test_id_upper_bound() -> None:
+    assert id_upper_bound(conds()) is None
+    assert id_upper_bound(conds(cond("less_than", 10))) == 9
+    assert id_upper_bound(conds(cond("is", 7), cond("less_than", 100))) == 7
+    assert id_upper_bound(conds(cond("in", 3, 12, 5))) == 12
+    assert id_upper_bound(conds(cond("between", 2, 8))) == 8
+    assert id_upper_bound(conds(cond("greater_than", 8))) is None
+    assert id_upper_bound(conds(cond("less_than", 10), op="or")) is None  # an "or" bounds nothing
+    assert id_upper_bound(conds(conds(cond("less_than", 4)), cond("is", "x", path="event_type"))) == 3
+    assert id_upper_bound(conds(conds(cond("less_than", 4), cond("greater_than", 1), op="or"))) is None
+    assert id_upper_bound(conds(cond("is", True))) is None  # not an id value
+    assert id_upper_bound(conds(cond("in"))) is None
+
+
+def test_check_read_and_answer() -> None:
+    bounded = {"type": "EventLogEntry", "filters": conds(cond("less_than", 51))}
+    assert check_read(bounded, 50) is False
+    with pytest.raises(Passthrough) as exc:
+        check_read(bounded, 49)
+    assert exc.value.reason == "events-ahead"
+    with pytest.raises(Passthrough):
+        check_read(bounded, None)  # no cursor: nothing is certain
+    poller = {"type": "EventLogEntry", "filters": conds(cond("greater_than", 10)),
+              "sorts": [{"field_name": "id", "direction": "asc"}],
+              "paging": {"entities_per_page": 2, "current_page": 1}, "return_paging_info_without_counts": False}
+    assert check_read(poller, 50) is True
+    check_answer(poller, {"entities": [{"id": 11}, {"id": 12}], "paging_info": {"has_next_page": True}}, 50)
+    for entities, has_next, cursor in (
+        ([{"id": 11}], True, 50),  # short page: events above the cursor could fill it
+        ([{"id": 11}, {"id": 12}], True, 11),  # reaches past the cursor
+        ([{"id": 11}, {"id": 12}], False, 50),  # SG may have a next page the replica lacks
+    ):
+        with pytest.raises(Passthrough):
+            check_answer(poller, {"entities": entities, "paging_info": {"has_next_page": has_next}}, cursor)
+    with pytest.raises(Passthrough):
+        check_read({**poller, "return_paging_info": True}, 50)  # the count includes events past the cursor
+    with pytest.raises(Passthrough):
+        check_read({**poller, "sorts": [{"field_name": "id", "direction": "desc"}]}, 50)
+
+
+# -- the ingester writes event rows -----------------------------------------------------
+@pytest.fixture
+def site() -> FakeSite:
+    site = FakeSite.basic()
+    site.add_script("pipeline", "s3cret")
+    return site
+
+
+@pytest.fixture
+def client(site: FakeSite) -> SiteClient:
+    return SiteClient(site)
+
+
+@pytest.fixture
+def store(db_url: str, site: FakeSite) -> Iterator[Store]:
+    st = Store.open(db_url, with_events_schema(site))
+    yield st
+    st.dispose()
+
+
+@pytest.fixture
+def ingester(store: Store, client: SiteClient, site: FakeSite) -> Iterator[Ingester]:
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "before", "project": proj})
+    Scanner(store, client).prime(sorted(store.schema.entities))  # events too
+    ing = Ingester(store, client, IngestConfig(batch=7, poll_interval=0.01, gap_timeout=300))
+    yield ing
+    ing.close()
+
+
+def read(store: Store, params: dict[str, Any]) -> dict[str, Any]:
+    base = {"type": "EventLogEntry", "return_fields": EVENT_FIELDS,
+            "filters": conds(), "paging": {"entities_per_page": 500, "current_page": 1}}
+    with store.engine.connect() as conn:
+        ctx = ReadContext(store.primed_fields(conn), event_cursor=store.get_state(conn, K_CURSOR))
+        return ReadEngine(store).read(conn, {**base, **params}, ctx)
+
+
+def site_events(site: FakeSite, filters: list[Any] | None = None, limit: int = 0) -> list[dict[str, Any]]:
+    rows = site.find_direct("EventLogEntry", filters or [], EVENT_FIELDS, [{"field_name": "id", "direction": "asc"}])
+    return rows[:limit] if limit else rows
+
+
+def test_every_event_becomes_a_row_equal_to_sg(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    proj = site.find_direct("Project", [], ["id"])[0]
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in range(4)]
+    site.update_direct("Shot", shots[0]["id"], {"code": "renamed", "sg_cut_in": 12})
+    site.update_direct("Shot", shots[1]["id"], {"assets": [site.create_direct("Asset", {"code": "a", "project": proj})]})
+    site.delete_direct("Shot", shots[2]["id"])  # SG shows its events' entity as null from now on
+    sync(ingester)
+    cursor = state(store, K_CURSOR)
+    assert cursor == site.last_event_id()
+    ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
+                        "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
+    assert ours == site_events(site)
+    assert any(e["entity"] is None and e["event_type"] == "Shotgun_Shot_Change" for e in ours)
+
+
+def test_reads_past_the_cursor_pass(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    sync(ingester)
+    cursor = state(store, K_CURSOR)
+    proj = site.find_direct("Project", [], ["id"])[0]
+    site.create_direct("Shot", {"code": "unseen", "project": proj})  # not polled yet
+    for filters in (conds(), conds(cond("less_than", cursor + 2)), conds(cond("greater_than", cursor - 1)),
+                    conds(cond("is", "Shotgun_Shot_New", path="event_type"))):
+        with pytest.raises(Passthrough) as exc:
+            read(store, {"filters": filters})
+        assert exc.value.reason == "events-ahead"
+    got = read(store, {"filters": conds(cond("between", 1, cursor),
+                                        cond("is", "Shotgun_Shot_New", path="event_type"))})["entities"]
+    assert got == site_events(site, [["id", "between", [1, cursor]], ["event_type", "is", "Shotgun_Shot_New"]])
+
+
+def test_poller_pattern_never_misses_an_event(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """A daemon polling ``id > last`` (id ascending, a page of 3) through the replica, falling back to
+    SG when the replica passes, sees every event exactly once, in order, while events keep coming."""
+    sync(ingester)
+    proj = site.find_direct("Project", [], ["id"])[0]
+    seen: list[int] = []
+    hits = 0
+    last = 0
+    for round_ in range(12):
+        shot = site.create_direct("Shot", {"code": f"p{round_}", "project": proj})
+        site.update_direct("Shot", shot["id"], {"sg_cut_in": round_})
+        if round_ % 2:
+            ingester.poll_once()  # the ingester lags, sometimes by several polls
+        for _ in range(4):
+            params = {"filters": conds(cond("greater_than", last)), "sorts": [{"field_name": "id", "direction": "asc"}],
+                      "paging": {"entities_per_page": 3, "current_page": 1}, "return_fields": ["id"]}
+            try:
+                page = [e["id"] for e in read(store, params)["entities"]]
+                hits += 1
+                assert page == [e["id"] for e in site_events(site, [["id", "greater_than", last]], limit=3)]
+            except Passthrough as exc:
+                assert exc.reason == "events-ahead"
+                page = [e["id"] for e in site_events(site, [["id", "greater_than", last]], limit=3)]
+            seen.extend(page)
+            if page:
+                last = page[-1]
+    seen.extend(e["id"] for e in site_events(site, [["id", "greater_than", last]]))
+    assert seen == [e["id"] for e in site_events(site)]
+    assert hits > 0  # the replica answered some pages
+
+
+def test_sweep_after_a_fresh_prime_applies_nothing(site: FakeSite, store: Store, ingester: Ingester,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The prime's events (at or below its cursor) are no late-visible gaps."""
+    proj = site.find_direct("Project", [], ["id"])[0]
+    site.create_direct("Shot", {"code": "after", "project": proj})  # SG's clock is known from here
+    sync(ingester)
+    with caplog.at_level("WARNING", logger="sgcache.events"):
+        result = ingester.sweep()
+    assert result.swept == []
+    assert "sweep: applied" not in caplog.text
