@@ -43,9 +43,10 @@ def populate(site: FakeSite) -> None:
         site.create_direct("Shot", fields)
 
 
-def site_schema_file(site: FakeSite, path: Path) -> Path:
-    """The cached subset of the fake site's schema, made with the project's own rules."""
-    schema = Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES.read_text()))
+def site_schema_file(site: FakeSite, path: Path, extra_rules: str = "") -> Path:
+    """The cached subset of the fake site's schema, made with the project's own rules (plus ``extra_rules``)."""
+    rules = RULES.read_text() + "\n" + extra_rules
+    schema = Schema.from_schema_read(site.schema).brief().filtered(parse_rules(rules))
     path.write_text(schema.to_yaml(), encoding="utf-8")
     return path
 

@@ -27,8 +27,9 @@ class FreshRig:
     """Fake SG + primed replica + a running ingester + the proxy, and a client reading through it."""
 
     def __init__(self, workdir: Path, db_url: str, site: FakeSite, poll_interval: float = 1.0,
-                 ingest_args: tuple[str, ...] = ()):
+                 ingest_args: tuple[str, ...] = (), schema_rules: str = ""):
         self.workdir, self.db_url, self.site = workdir, db_url, site
+        self.schema_rules = schema_rules  # added to the project's rules (e.g. "+EventLogEntry.*")
         self.poll_interval = poll_interval
         # no idle back-off unless asked: the tests and the benchmark measure the poll pipeline
         self.ingest_args = ingest_args if "--idle-max" in ingest_args else (
@@ -42,7 +43,7 @@ class FreshRig:
         self.site.add_script(SCRIPT, KEY)
         self.site.add_script(READER, READER_KEY)
         self.server = FakeSGServer(self.site).start()
-        site_schema_file(self.site, self.schema_path)
+        site_schema_file(self.site, self.schema_path, self.schema_rules)
         run_script("scan", "--full", "--quiet", env=self.env())
         log = open(self.workdir / "ingest.log", "wb")  # noqa: SIM115 - owned by the process
         self.ingester = subprocess.Popen(
