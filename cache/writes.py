@@ -16,9 +16,15 @@ changes once, changes them in memory, and writes:
 5. the fetch queue.
 
 Rows are written in sorted key order (table, then primary key) and consecutive rows of the same
-shape go in one executemany, so two transactions writing the same rows take their row locks in
-the same order and never deadlock on PostgreSQL; a row another transaction inserted after this
-one read the table is updated, never a unique-key error.
+shape go in one executemany; a row another transaction inserted after this one read the table is
+updated, never a unique-key error.
+
+On PostgreSQL a flush first takes a transaction-level advisory lock (one per database and
+schema), so write transactions run their flushes one at a time from their first flush to their
+commit: a transaction that flushes more than once (the proxy learning a ``batch`` of requests,
+an ingester poll in careful mode) cannot lock rows in an order that deadlocks with another's.
+The lock is held only from the flush to the commit; SQLite serializes writers anyway
+(``BEGIN IMMEDIATE``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ log = logging.getLogger("sgcache.writes")
 Key = tuple[str, int]
 LinkKey = tuple[str, str, int]  # (type, multi_entity field, parent id)
 CHUNK = 500
+#: PostgreSQL: held by a write transaction from its first flush to its end (see the module docstring).
+WRITE_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext('sgcache-write:' || current_database()"
+                  " || ':' || current_schema()))")
 
 
 def upsert_stmt(dialect: str, table: sa.Table, keys: Sequence[str], update_cols: Iterable[str]) -> Any:
@@ -318,8 +327,18 @@ class WriteBatch:
             self.fetch.pop(key, None)
 
     # -- writing -------------------------------------------------------------------------
+    def pending(self) -> bool:
+        """Whether anything is buffered."""
+        return bool(self.new or self.dirty or self.logs or self.names or self.unnamed or self.retired
+                    or self.registered or self.fetch or self.unfetch
+                    or any(v != self.links_orig.get(k, {}) for k, v in self.links.items()))
+
     def flush(self) -> None:
         """Write everything buffered, in the fixed order of the module docstring."""
+        if not self.pending():
+            return
+        if self.store.dialect == "postgresql":
+            self.conn.exec_driver_sql(WRITE_LOCK_SQL)
         self._flush_rows()
         self._flush_links()
         if self.logs:
