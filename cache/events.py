@@ -7,6 +7,9 @@ whole poll or none of it. Entities whose values cannot be taken from an event (N
 Revival, rows never seen, values in doubt, events that filled a gap late) are put in
 the ``sgcache_fetch`` queue in that same transaction and re-read from SG right after
 it commits, grouped per type (``id in [...]``, then ``retired_only`` for the rest).
+When EventLogEntry is a cached type, every applied event also becomes its EventLogEntry row in
+that transaction. All replica writes go through :class:`cache.writes.WriteBatch` (upserts, so
+the proxy writing the same rows at the same moment never collides with a poll).
 
 State keys (``sgcache_state``):
 
@@ -17,7 +20,9 @@ State keys (``sgcache_state``):
 - ``sg_clock``: the newest ``created_at`` seen (SG's clock, wire form);
 - ``ingester_heartbeat``: ISO UTC time of the last successful poll;
 - ``schema_pending``: field names named by schema (DisplayColumn) events, to re-check;
-- ``ingester_leader``: who leads (informational).
+- ``ingester_leader``: who leads (informational);
+- ``event_floor``: the cursor the replica started from (set with the first cursor, by the prime
+  or by the ingester): events at or below it came with the scan, and the sweep never looks there.
 
 Gap time is SG's time: a gap's ``first_seen`` is the ``created_at`` of the first
 visible event above it, and "now" is SG's clock estimated as the newest ``created_at``
@@ -26,7 +31,7 @@ elapsed time, so skew between the hosts does not matter; with no ``created_at`` 
 seen the local clock stands in). An id that becomes visible after its gap was given up
 is found by the sweep: every ``sweep_every`` polls the ids of events created in the
 last ``sweep_window`` seconds (SG's clock, default twice the gap timeout) are read and
-any id missing from ``sgcache_events`` is applied as a late event.
+any id above ``event_floor`` missing from ``sgcache_events`` is applied as a late event.
 
 Leadership: on PostgreSQL a session advisory lock on a connection held for the
 process lifetime, which is also the connection every write goes through (so a leader

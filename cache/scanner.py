@@ -8,11 +8,14 @@ did not return are marked retired and the type is marked primed, with the larges
 
 A reconcile pass reads, per primed type, the rows with ``updated_at`` greater than the
 watermark minus an overlap, upserts them and advances the watermark. It catches writes
-made with event generation turned off, which the event ingester never sees.
+made with event generation turned off, which the event ingester never sees. A type with no
+watermark (no row had ``updated_at`` when it was primed: usually it was empty) is read whole.
 
 Before the first full prime the newest EventLogEntry id is stored as ``event_cursor``
 (only if no cursor is set), so the ingester resumes from there without a hole: events
-between it and the end of the scan are replayed, and replaying is idempotent.
+between it and the end of the scan are replayed, and replaying is idempotent. The same id is
+stored as ``event_floor``: the ingester's sweep for late-visible events never looks at or
+below it (those events' effects came with the scan).
 """
 
 from __future__ import annotations
