@@ -770,6 +770,12 @@ class Ingester:
         if storage == "multi" and ("added" in meta or "removed" in meta):
             self._change_multi(conn, buf, subject, attr, meta, event_id)
         elif "new_value" in meta and storage != "multi":
+            if (not backref and "old_value" in meta and not buf.holds(subject, attr, meta["new_value"])
+                    and not buf.holds(subject, attr, meta["old_value"])):
+                # the row is neither before nor after this event: a later write (the proxy learned
+                # it) or a missed one; an older value must not overwrite it: read SG's row instead
+                buf.queue(subject, "replica not at the event's old value")
+                return
             record[attr] = meta["new_value"]
         else:
             buf.queue(subject, "change without usable value")

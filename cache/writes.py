@@ -246,6 +246,18 @@ class WriteBatch:
         self.note(links)
         return True
 
+    def holds(self, key: Key, fname: str, value: Any) -> bool:
+        """Whether the loaded row's scalar/entity field ``fname`` equals ``value`` (as SG sends it)."""
+        row = self.rows.get(key)
+        fschema = self.store.schema.field(key[0], fname)
+        if row is None or fschema is None:
+            return False
+        try:
+            values, multis, _links = self.store.encode_record(key[0], {fname: fschema}, {fname: value})
+        except (ValueError, TypeError):
+            return False
+        return not multis and all(row.get(col) == v for col, v in values.items())
+
     def replace_links(self, key: Key, fname: str, value: Sequence[Mapping[str, Any]],
                       event_id: int | None = None, log_changes: bool = True) -> bool:
         """Set a multi_entity field to exactly ``value`` (order kept, duplicates dropped)."""

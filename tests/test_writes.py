@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from cache.events import IngestConfig, Ingester
 from cache.scanner import Scanner
 from cache.store import Store
 
 from .fakesg import FakeSite
-from .test_events import SiteClient, cached_schema, make_project
+from .test_events import SiteClient, cached_schema, make_project, prime
 
 
 @pytest.fixture
@@ -133,3 +134,32 @@ def test_reconcile_reads_a_type_primed_empty(site: FakeSite, store: Store) -> No
     assert [r["code"] for r in rows(store, store.tables["Playlist"], "id")] == ["silent"]
     assert scanner.primed_types()["Playlist"] == site.find_direct(
         "Playlist", [["id", "is", playlist["id"]]], ["updated_at"])[0]["updated_at"]
+
+
+def test_an_older_event_never_overwrites_a_newer_proxy_write(site: FakeSite, store: Store) -> None:
+    """The proxy learned ``v2``; the ingester then sees the event of the earlier ``v1`` write (the
+    ``v2`` event not visible yet): the row is neither at the event's old nor at its new value, so
+    the ingester fetches SG's row instead of writing ``v1`` back."""
+    client = SiteClient(site)
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "v0", "project": proj})
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01))
+    try:
+        site.update_direct("Shot", shot["id"], {"code": "v1"})
+        site.hold_event_ids(1)
+        site.update_direct("Shot", shot["id"], {"code": "v2"})  # its event is not visible yet
+        with store.write_engine.begin() as conn:
+            store.write_entities(conn, "Shot", [{"id": shot["id"], "code": "v2"}], "proxy")
+        ing.poll_once()
+        (row,) = rows(store, store.tables["Shot"], "id")
+        assert row["code"] == "v2"
+        assert [(r["entity_type"], r["entity_id"]) for r in rows(store, store.fetch_queue, "entity_id")] == [
+            ("Shot", shot["id"])]  # reads of Shot pass until SG's row is read
+        ing.process_fetch_queue()
+        site.release_held()
+        ing.poll_once()
+        (row,) = rows(store, store.tables["Shot"], "id")
+        assert row["code"] == "v2" and not rows(store, store.fetch_queue, "entity_id")
+    finally:
+        ing.close()
