@@ -7,6 +7,9 @@ whole poll or none of it. Entities whose values cannot be taken from an event (N
 Revival, rows never seen, values in doubt, events that filled a gap late) are put in
 the ``sgcache_fetch`` queue in that same transaction and re-read from SG right after
 it commits, grouped per type (``id in [...]``, then ``retired_only`` for the rest).
+A Change whose ``old_value`` and ``new_value`` both differ from the row's value is not applied
+but fetched: the row holds a later write (the proxy learned it before this event was polled) or
+missed one, and an older value must not overwrite a newer one.
 When EventLogEntry is a cached type, every applied event also becomes its EventLogEntry row in
 that transaction. All replica writes go through :class:`cache.writes.WriteBatch` (upserts, so
 the proxy writing the same rows at the same moment never collides with a poll).
