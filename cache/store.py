@@ -512,6 +512,24 @@ class Store:
         batch.flush()
         return changed
 
+    def _replace_multi(
+        self, conn: Connection, entity_type: str, parent_id: int, fname: str, value: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        """Set a multi_entity field to exactly ``value`` (no change-log record); True when it changed."""
+        batch = self.batch(conn)
+        changed = batch.replace_links((entity_type, int(parent_id)), fname, value, log_changes=False)
+        batch.flush()
+        return changed
+
+    def _log(
+        self, conn: Connection, source: str, event_id: int | None, entity_type: str, entity_id: int,
+        field_name: str | None, old: Any, new: Any,
+    ) -> None:
+        """One change-log record, written now."""
+        batch = self.batch(conn, source)
+        batch.log_change((entity_type, int(entity_id)), field_name, old, new, event_id)
+        batch.flush()
+
     def queue_fetch(self, conn: Connection, items: Iterable[tuple[str, int]], reason: str) -> None:
         """Ask for these entities to be re-read from SG (reads of their type pass meanwhile)."""
         batch = self.batch(conn)
