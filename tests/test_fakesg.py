@@ -368,8 +368,11 @@ def test_events_for_each_change_kind(site: FakeSite, sg: shotgun_api3.Shotgun, s
     assert evs[0]["event_type"] == "Shotgun_Shot_New"
     assert evs[0]["meta"] == {"type": "new_entity", "entity_type": "Shot", "entity_id": shot["id"]}
     assert evs[0]["user"] == {"type": "ApiUser", "id": 1}
-    changes = {e["attribute_name"]: e["meta"] for e in evs[1:]}
+    changes = {e["attribute_name"]: e["meta"] for e in evs[1:] if e["event_type"] == "Shotgun_Shot_Change"}
     assert set(changes) == {"code", "sg_cut_in", "assets", "sg_status_list"}
+    # Shot.assets is paired with Asset.shots: the Asset gets a backref event
+    back = [e for e in evs if e["event_type"] == "Shotgun_Asset_Change"]
+    assert [(e["attribute_name"], e["meta"]["actual_attribute_changed"]) for e in back] == [("shots", "Shot.assets")]
     assert all(m["in_create"] for m in changes.values())
     assert changes["sg_cut_in"]["field_data_type"] == "number" and changes["sg_cut_in"]["new_value"] == 3
     assert changes["assets"]["added"] == [{"type": "Asset", "id": studio["assets"][0]["id"], "name": "chair"}]
@@ -377,7 +380,7 @@ def test_events_for_each_change_kind(site: FakeSite, sg: shotgun_api3.Shotgun, s
     start = site.last_event_id()
     sg.update("Shot", shot["id"], {"sg_cut_in": 4, "assets": [studio["assets"][1]]})
     sg.update("Shot", shot["id"], {"sg_cut_in": 4})  # no-op: no event
-    evs = events_of(site, start)
+    evs = [e for e in events_of(site, start) if e["event_type"] == "Shotgun_Shot_Change"]
     assert [e["attribute_name"] for e in evs] == ["sg_cut_in", "assets"]
     assert evs[0]["meta"]["old_value"] == 3 and evs[0]["meta"]["new_value"] == 4
     assert "in_create" not in evs[0]["meta"]
