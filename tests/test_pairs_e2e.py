@@ -20,6 +20,7 @@ import shotgun_api3
 
 from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig, run_script
 from .fakesg import FakeSite
+from .freshrig import READER, READER_KEY, FreshRig
 from .proxyharness import Proxy
 
 Read = tuple[str, list[Any], list[str]]
@@ -257,3 +258,48 @@ def test_unknown_pair_waits_for_the_ingester(prig: PairsRig, tmp_path: Path) -> 
     before = prig.rig.reads()
     prig.assert_sg_answers(reads[:1])
     assert prig.rig.reads() == before + 1, "the learned pair's other side was not applied"
+
+
+def test_with_the_ingester_following(tmp_path: Path, db_url: str) -> None:
+    """The ingester running (polling every 0.2 s) and two proxies: every read right after a write
+    is SG's answer, whoever is faster, and the reads become hits once the ingester caught up."""
+    site = FakeSite.basic()
+    populate_pairs(site)
+    with FreshRig(tmp_path, db_url, site, poll_interval=0.2) as fresh:
+        workdir_b = tmp_path / "proxy-b"
+        workdir_b.mkdir()
+        assert fresh.server is not None and fresh.proxy is not None
+        with Proxy(workdir_b, db_url, fresh.schema_path, ["sgcache_hosts=127.0.0.1"]) as proxy_b:
+            writer = shotgun_api3.Shotgun(fresh.server.url, script_name=SCRIPT, api_key=KEY,
+                                          http_proxy=fresh.proxy.address)
+            b = shotgun_api3.Shotgun(fresh.server.url, script_name=READER, api_key=READER_KEY,
+                                     http_proxy=proxy_b.address)
+            b.find_one("Project", [])
+            direct = shotgun_api3.Shotgun(fresh.server.url, script_name=SCRIPT, api_key=KEY)
+
+            def one(entity_type: str, code: str, field: str = "code") -> dict[str, Any]:
+                return {"type": entity_type, "id": direct.find_one(entity_type, [[field, "is", code]])["id"]}
+
+            shot5, shot1 = one("Shot", "sh05"), one("Shot", "sh01")
+            proj = one("Project", "Pairs", "name")
+            task = one("Task", "task0", "content")
+            reads: list[Read] = [("Shot", [["id", "in", [shot5["id"], shot1["id"]]]], ["code", "tasks"]),
+                                 ("Task", [], ["content", "entity"]), ("Shot", [], ["code", "sg_sequence", "tasks"])]
+            writes: list[Callable[[], Any]] = [
+                lambda: writer.update("Task", task["id"], {"entity": shot1}),
+                lambda: writer.create("Shot", {"code": "tmpl", "project": proj,
+                                               "task_template": {"type": "TaskTemplate", "id": 7}}),
+                lambda: writer.update("Sequence", one("Sequence", "SQ1")["id"], {"shots": [shot5]},
+                                      multi_entity_update_modes={"shots": "add"}),
+                lambda: writer.delete("Task", task["id"]),
+            ]
+            for write in writes:
+                write()
+                for entity_type, filters, fields in reads:
+                    expected = direct.find(entity_type, filters, fields)
+                    assert fresh.sg.find(entity_type, filters, fields) == expected  # proxy A
+                    assert b.find(entity_type, filters, fields) == expected  # proxy B
+            for entity_type, filters, fields in reads:
+                expected = direct.find(entity_type, filters, fields)
+                fresh.wait_hit(lambda t=entity_type, f=filters, fl=fields: fresh.sg.find(t, f, fl),
+                               lambda got, e=expected: got == e, timeout=30)
