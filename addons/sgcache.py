@@ -222,6 +222,9 @@ class SGCache:
             if not isinstance(exc, upstream.OutcomeUnknown):
                 log.exception("unexpected error sending a %s", method)
             log.warning("%s sent to %s but no answer came back: %s", method, r.host, exc)
+            if self.service is not None:  # it may have been applied: its effects are unknown
+                await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.service.outcome_unknown, method, flow.metadata.get("sgcache_args"))
             self._refuse(
                 flow,
                 f"sgcache: the connection to SG broke after the {method} was sent; it may have been "

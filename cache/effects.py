@@ -172,6 +172,18 @@ class WriteEffects:
             if fname == TEMPLATE_FIELD and new:
                 self._rows_appear(TEMPLATE_ROWS)
 
+    def outcome_unknown(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
+        """A write was sent but its answer was lost: mark everything it could have changed."""
+        self.markers.add((entity_type, WHOLE_TYPE))
+        if method in ("delete", "revive"):
+            self._retirement(entity_type)
+            return
+        for fname, _kind, value, _mode in self.link_writes(entity_type, args):
+            self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
+                                                         self._targets(entity_type, fname))
+            if fname == TEMPLATE_FIELD and value:
+                self._rows_appear(TEMPLATE_ROWS)
+
     def _targets(self, entity_type: str, fname: str) -> list[str]:
         fschema = self.schema.field(entity_type, fname)
         if fschema is not None:

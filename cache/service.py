@@ -247,6 +247,22 @@ class CacheService:
         self.invalidate()
         return to_fetch
 
+    def outcome_unknown(self, method: str, args: Any) -> None:
+        """A write was sent to SG but no answer came back: it may have been applied. Reads of
+        what it could have changed pass until the ingester is past it (never raises)."""
+        requests = [(r.get("request_type"), r) for r in args if isinstance(r, Mapping)] \
+            if method == "batch" and isinstance(args, list) else [(method, args)]
+        try:
+            with self.store.write_engine.begin() as conn:
+                effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                for kind, req in requests:
+                    if isinstance(req, Mapping) and isinstance(req.get("type"), str) and isinstance(kind, str):
+                        effects.outcome_unknown(kind, req["type"], req)
+                pending.mark(conn, self.store.pending, effects.markers)
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
+            self._db_failed(exc)
+            log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
+
     def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
                    markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
         """Store one write's answer, apply the other side of its pairs, and add to ``markers``

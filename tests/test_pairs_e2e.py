@@ -239,6 +239,21 @@ def test_updated_at_is_not_served_stale_after_an_update(prig: PairsRig) -> None:
     check(prig, lambda: prig.a.update("Shot", shot3["id"], {"description": "later"}), reads, modelled=False)
 
 
+def test_lost_answer_marks_what_the_write_could_change(prig: PairsRig) -> None:
+    """SG applies an update but its answer is lost on the way: the proxy cannot know whether it was
+    applied, so what it could change passes until the ingester has SG's events."""
+    shot1, shot4 = prig.one("Shot", "sh01"), prig.one("Shot", "sh04")
+    task = prig.one("Task", "task0", "content")
+    reads = tasks_of(shot1, shot4) + [("Task", [["id", "is", task["id"]]], ["entity"])]
+    prig.assert_hits_after_ingest(reads)
+    prig.rig.server.drop_next_answers(1)
+    with pytest.raises(shotgun_api3.Fault, match="may have been applied"):
+        prig.a.update("Task", task["id"], {"entity": shot4})
+    assert prig.direct.find_one("Task", [["id", "is", task["id"]]], ["entity"])["entity"]["id"] == shot4["id"]
+    prig.assert_sg_answers(reads)
+    prig.assert_hits_after_ingest(reads)
+
+
 def test_unknown_pair_waits_for_the_ingester(prig: PairsRig, tmp_path: Path) -> None:
     """A custom pair the project does not ship: the reverse side passes until the ingester has the
     write's events; the ingester learns the pair from the backref event, and the next write of it is
