@@ -95,6 +95,24 @@ def check(touched: Collection[Marker], markers: Collection[Marker]) -> None:
             raise Passthrough("pending-write", f"{entity_type}.{fname}")
 
 
+def check_read(conn: Connection, table: sa.Table, touched: Collection[Marker]) -> None:
+    """:func:`check` against the markers standing now on the types a read touches (one query)."""
+    types = sorted({t for t, _f in touched})
+    stmt = _markers_of_types(table)
+    rows = conn.execute(stmt, {"types": types}).all()
+    if rows:
+        check(touched, frozenset((r[0], r[1]) for r in rows))
+
+
+def _markers_of_types(table: sa.Table) -> Any:
+    stmt = table.info.get("sgcache_of_types")
+    if stmt is None:  # built once per table: the read path pays only the execution
+        stmt = sa.select(table.c.entity_type, table.c.field_name).where(
+            table.c.entity_type.in_(sa.bindparam("types", expanding=True)))
+        table.info["sgcache_of_types"] = stmt
+    return stmt
+
+
 def poll_started(conn: Connection) -> float:
     """Call before an ingester poll asks SG for events: the time to pass to :func:`poll_done`."""
     return db_clock(conn)

@@ -11,7 +11,7 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,11 +129,12 @@ class ReadEngine:
 
     # -- entry point -----------------------------------------------------------------
     def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext,
-             pending_writes: Collection[tuple[str, str]] = ()) -> dict[str, Any]:
-        """Answer a read; the value of ``results`` in SG's reply. ``pending_writes``: the
-        pending-write markers standing now (cache/pending.py); a read touching one passes."""
+             check_pending: bool = False) -> dict[str, Any]:
+        """Answer a read; the value of ``results`` in SG's reply. With ``check_pending``, a read
+        touching a pending-write marker (cache/pending.py) passes."""
         plan = self.plan(params, ctx)
-        pending.check(plan.touched, pending_writes)
+        if check_pending:
+            pending.check_read(conn, self.store.pending, plan.touched)
         return self.execute(conn, plan)
 
     def plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:

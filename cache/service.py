@@ -197,8 +197,8 @@ class CacheService:
                 ctx = self._context(conn)
                 if self.max_lag > 0 and not allow_stale and (self._lag is None or self._lag > self.max_lag):
                     raise Passthrough("stale", "ingester heartbeat missing or old")
-                markers = pending.active(conn, self.store.pending)  # every read: another proxy may have written
-                result = self.engine.read(conn, args, ctx, markers)
+                # every read checks the markers: another proxy may have written a second ago
+                result = self.engine.read(conn, args, ctx, check_pending=True)
         except Passthrough:
             self._db_ok()
             raise

@@ -161,17 +161,27 @@ def test_read_passes_on_a_pending_field_or_type(store: Store) -> None:
             store.mark_primed(conn, t)
     engine = ReadEngine(store)
     params = {"type": "Shot", "return_fields": ["code", "tasks"], "paging": {"entities_per_page": 10, "current_page": 1}}
-    with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
-        assert engine.read(conn, params, ctx, frozenset({("Task", "entity")}))["entities"] == []
-        with pytest.raises(Passthrough) as exc:
-            engine.read(conn, params, ctx, frozenset({("Shot", "tasks")}))
-        assert exc.value.reason == "pending-write"
-        with pytest.raises(Passthrough):
-            engine.read(conn, params, ctx, frozenset({("Shot", "*")}))
-        with pytest.raises(Passthrough):
-            engine.read(conn, {**params, "filters": {"logical_operator": "and", "conditions": [
-                {"path": "tasks.Task.content", "relation": "is", "values": ["x"]}]}}, ctx, frozenset({("Task", "*")}))
+    deep = {**params, "filters": {"logical_operator": "and", "conditions": [
+        {"path": "tasks.Task.content", "relation": "is", "values": ["x"]}]}}
+
+    def read(p: dict[str, Any], *standing: tuple[str, str]) -> Any:
+        with store.engine.begin() as conn:
+            conn.execute(store.pending.delete())
+            pending.mark(conn, store.pending, standing)
+        with store.engine.connect() as conn:
+            return engine.read(conn, p, ReadContext(store.primed_fields(conn)), check_pending=True)["entities"]
+
+    assert read(params, ("Task", "entity"), ("Version", "*")) == []
+    assert read(deep, ("Task", "entity")) == []
+    with pytest.raises(Passthrough) as exc:
+        read(params, ("Shot", "tasks"))
+    assert exc.value.reason == "pending-write"
+    with pytest.raises(Passthrough):
+        read(params, ("Shot", "*"))
+    with pytest.raises(Passthrough):
+        read(deep, ("Task", "*"))
+    with pytest.raises(Passthrough):
+        read(deep, ("Task", "content"))
 
 
 # -- learning pairs from backref events ------------------------------------------------------------
