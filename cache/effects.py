@@ -186,9 +186,9 @@ class WriteEffects:
 
     def _targets(self, entity_type: str, fname: str) -> list[str]:
         fschema = self.schema.field(entity_type, fname)
-        if fschema is not None:
+        if fschema is not None and fschema.links:
             return list(fschema.links)
-        return sorted(self.schema.entities)
+        return sorted(self.schema.entities)  # not cached, or any type: every cached type may be linked
 
     def _reverse(self, entity_type: str, fname: str, me: dict[str, Any], added: list[dict[str, Any]],
                  removed: list[dict[str, Any]] | None) -> None:
