@@ -342,7 +342,17 @@ class CacheService:
                     self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
             except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
                 log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+                self._mark_type_pending(entity_type)
         self.invalidate()
+
+    def _mark_type_pending(self, entity_type: str) -> None:
+        """Rows of ``entity_type`` stay queued for a fetch: other proxies learn of the queue up to a
+        second late (their cached replica state), the marker reaches their very next read."""
+        try:
+            with self.store.write_engine.begin() as conn:
+                pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+            log.warning("could not mark %s pending: %s", entity_type, _short(exc))
 
     # -- info --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -368,3 +368,11 @@ def test_markers_need_no_proxy_state(site: FakeSite, service: CacheService, db_u
 def test_pending_table_is_in_the_store(store: Store) -> None:
     names = set(sa.inspect(store.engine).get_table_names())
     assert {"sgcache_pending", "sgcache_pairs"} <= names
+
+
+def test_failed_fetch_after_a_partial_answer_marks_the_type(service: CacheService) -> None:
+    """Other proxies see the fetch queue up to a second late: the marker reaches their next read."""
+    with service.store.write_engine.begin() as conn:
+        service.store.queue_fetch(conn, [("Task", 99)], "partial create answer")
+    service.fetch_rows("http://127.0.0.1:9/api3/json", {"script_name": "x", "script_key": "y"}, [("Task", 99)], None)
+    assert ("Task", "*") in markers(service.store)
