@@ -376,3 +376,16 @@ def test_failed_fetch_after_a_partial_answer_marks_the_type(service: CacheServic
         service.store.queue_fetch(conn, [("Task", 99)], "partial create answer")
     service.fetch_rows("http://127.0.0.1:9/api3/json", {"script_name": "x", "script_key": "y"}, [("Task", 99)], None)
     assert ("Task", "*") in markers(service.store)
+
+
+def test_unknown_old_value_marks_both_sides(site: FakeSite, service: CacheService) -> None:
+    """A row the replica does not hold: what it linked before is unknown, so nothing is applied on the
+    other side and both the other side and the written field wait."""
+    p = site.create_direct("Project", {"name": "P"})
+    proj = {"type": "Project", "id": p["id"]}
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in range(2)]
+    prime(service.store, SiteClient(site))
+    task = site.create_direct("Task", {"content": "t", "project": proj, "entity": {"type": "Shot", "id": shots[0]["id"]}})
+    learn(site, service, "update", wire("Task", task["id"], {"entity": {"type": "Shot", "id": shots[1]["id"]}}))
+    assert {("Shot", "tasks"), ("Asset", "tasks"), ("Sequence", "tasks"), ("Task", "entity")} <= markers(service.store)
+    assert_replica_is_sg_except_markers(site, service)
