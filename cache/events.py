@@ -625,7 +625,7 @@ class Ingester:
         with conn.begin():
             _cursor, high = self._cursor(conn)
             gaps = self._open_gaps(conn)
-            started = pending.poll_started(conn)
+            started = pending.poll_started(self.store, conn)
         events = self.fetch_events(high, sorted(gaps)) if self.sg is not None else []
         full = len(events) >= self.config.batch + len(gaps)
         try:

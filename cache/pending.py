@@ -29,6 +29,8 @@ from .errors import Passthrough
 log = logging.getLogger("sgcache.pending")
 
 WHOLE_TYPE = "*"
+#: sgcache_state key: the start (database clock) of the last poll that reached the end of the log.
+K_CAUGHT_UP = "pending_caught_up"
 #: Seconds a poll must start after a write for that write's events to count as seen by it.
 MARGIN = 1.0
 NAME_LEN = 64
@@ -113,9 +115,19 @@ def _markers_of_types(table: sa.Table) -> Any:
     return stmt
 
 
-def poll_started(conn: Connection) -> float:
-    """Call before an ingester poll asks SG for events: the time to pass to :func:`poll_done`."""
-    return db_clock(conn)
+def poll_started(store: Any, conn: Connection) -> float:
+    """Call before an ingester poll asks SG for events (in its transaction): the time to pass to
+    :func:`poll_done`. When the fetches an earlier complete poll queued are all done, the
+    markers that poll covers clear now."""
+    now = db_clock(conn)
+    candidate = store.get_state(conn, K_CAUGHT_UP)
+    if isinstance(candidate, int | float) and _queue_empty(store, conn):
+        clear(conn, store.pending, float(candidate))
+    return now
+
+
+def _queue_empty(store: Any, conn: Connection) -> bool:
+    return conn.execute(sa.select(store.fetch_queue.c.entity_id).limit(1)).first() is None
 
 
 def clear(conn: Connection, table: sa.Table, started: float) -> int:
@@ -132,8 +144,11 @@ def poll_done(store: Any, conn: Connection, started: float, events: Iterable[Map
     poll reached the end of the log and no fetch is queued) clear the markers it covers."""
     with conn.begin():
         pairs.learn_from_events(conn, store.pairs_table, events)
+        if full:
+            return
         # Rows the poll queued for a fetch (a New) are not in the replica yet, and a proxy may
-        # know of the queue only a second later (its cached context): clear once it is empty.
-        queued = conn.execute(sa.select(store.fetch_queue.c.entity_id).limit(1)).first()
-        if not full and queued is None:
+        # know of the queue only a second later (its cached context): clear once it is empty,
+        # now or at the start of a later poll (the fetches run between polls).
+        if _queue_empty(store, conn):
             clear(conn, store.pending, started)
+        store.set_state(conn, K_CAUGHT_UP, started)

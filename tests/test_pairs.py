@@ -85,7 +85,7 @@ def markers(store: Store) -> frozenset[tuple[str, str]]:
 
 def test_markers_clear_only_after_a_later_complete_poll(store: Store) -> None:
     with store.engine.begin() as conn:
-        before = pending.poll_started(conn)
+        before = pending.poll_started(store, conn)
         pending.mark(conn, store.pending, [("Shot", "tasks"), ("Task", "*"), ("Shot", "tasks")])
         at = pending.db_clock(conn)
     assert markers(store) == {("Shot", "tasks"), ("Task", "*")}
@@ -103,8 +103,19 @@ def test_markers_clear_only_after_a_later_complete_poll(store: Store) -> None:
     assert len(markers(store)) == 2
     with store.engine.begin() as conn:
         store.unqueue_fetch(conn, [("Task", 9)])
+        store.queue_fetch(conn, [("Task", 10)], "new")  # queued by a later poll
     with store.engine.connect() as conn:
         pending.poll_done(store, conn, at + 2 * pending.MARGIN, [], full=False)
+    assert len(markers(store)) == 2
+    with store.engine.begin() as conn:
+        store.unqueue_fetch(conn, [("Task", 10)])  # the fetches ran between two polls
+        pending.poll_started(store, conn)  # the next poll: the earlier complete poll's markers clear
+    assert markers(store) == frozenset()
+    with store.engine.begin() as conn:
+        pending.mark(conn, store.pending, [("Shot", "code")])
+        later = pending.db_clock(conn) + 2 * pending.MARGIN
+    with store.engine.connect() as conn:
+        pending.poll_done(store, conn, later, [], full=False)  # queue empty: at once
     assert markers(store) == frozenset()
 
 
