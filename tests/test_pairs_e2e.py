@@ -284,7 +284,7 @@ def test_with_the_ingester_following(tmp_path: Path, db_url: str) -> None:
         workdir_b = tmp_path / "proxy-b"
         workdir_b.mkdir()
         assert fresh.server is not None and fresh.proxy is not None
-        with Proxy(workdir_b, db_url, fresh.schema_path, ["sgcache_hosts=127.0.0.1"]) as proxy_b:
+        with Proxy(workdir_b, db_url, fresh.schema_path, RIG_OPTIONS) as proxy_b:
             writer = shotgun_api3.Shotgun(fresh.server.url, script_name=SCRIPT, api_key=KEY,
                                           http_proxy=fresh.proxy.address)
             b = shotgun_api3.Shotgun(fresh.server.url, script_name=READER, api_key=READER_KEY,
