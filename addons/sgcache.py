@@ -32,6 +32,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from cache import api3, upstream  # noqa: E402
 from cache.auth import CredentialCache  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
+from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import CacheService  # noqa: E402
 
@@ -88,6 +89,11 @@ class SGCache:
             "*.shotgrid.autodesk.com; TLS to any other host is not decrypted.",
         )
         loader.add_option(
+            "sgcache_pairs", str, "",
+            "SG's paired link fields (YAML, see schema/pairs.yml, the default); pairs learned by "
+            "the ingester are added from the database.",
+        )
+        loader.add_option(
             "sgcache_offline", bool, True,
             "When SG cannot be reached, answer cacheable reads from the replica (marked stale) "
             "and give writes an error naming the outage.",
@@ -104,7 +110,7 @@ class SGCache:
                 allow_users=ctx.options.sgcache_allow_users,
                 scripts=ctx.options.sgcache_scripts or None,
             )
-        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag"}:
+        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_pairs"}:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
@@ -112,13 +118,18 @@ class SGCache:
                 Schema.load(ctx.options.sgcache_schema)
             except SchemaError as exc:
                 raise exceptions.OptionsError(f"sgcache: {exc}") from exc
+            try:
+                load_pairs_file(ctx.options.sgcache_pairs or DEFAULT_PAIRS_FILE)
+            except PairsError as exc:
+                raise exceptions.OptionsError(f"sgcache: {exc}") from exc
             self._retry_at = 0.0
             self._open_service()
 
     def _open_service(self) -> CacheService | None:
         """Open the replica; when the database is down, pass everything and retry later (fail open)."""
         try:
-            self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag)
+            self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag,
+                                        ctx.options.sgcache_pairs or None)
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
@@ -211,6 +222,9 @@ class SGCache:
             if not isinstance(exc, upstream.OutcomeUnknown):
                 log.exception("unexpected error sending a %s", method)
             log.warning("%s sent to %s but no answer came back: %s", method, r.host, exc)
+            if self.service is not None:  # it may have been applied: its effects are unknown
+                await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.service.outcome_unknown, method, flow.metadata.get("sgcache_args"))
             self._refuse(
                 flow,
                 f"sgcache: the connection to SG broke after the {method} was sent; it may have been "

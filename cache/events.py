@@ -60,7 +60,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import fieldtypes
+from . import fieldtypes, pending
 from .schema import Schema
 from .store import Store, now_utc
 from .writes import WriteBatch, upsert_stmt
@@ -411,15 +411,19 @@ class Ingester:
         with conn.begin():
             _cursor, high = self._cursor(conn)
             gaps = self._open_gaps(conn)
+            started = pending.poll_started(self.store, conn)
         events = self.fetch_events(high, sorted(gaps)) if self.sg is not None else []
         full = len(events) >= self.config.batch + len(gaps)
         try:
-            return self._apply_polled(conn, events, full, careful=False)
+            result = self._apply_polled(conn, events, full, careful=False)
         except sa.exc.DBAPIError:
             raise
         except Exception:  # noqa: BLE001 - one bad event must not stall the stream
             log.exception("applying a batch failed; retrying event by event")
-            return self._apply_polled(conn, events, full, careful=True)
+            result = self._apply_polled(conn, events, full, careful=True)
+        if self.sg is not None:
+            pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
+        return result
 
     def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
                       careful: bool) -> PollResult:

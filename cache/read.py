@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import eventlog, fieldtypes
+from . import eventlog, fieldtypes, pending
 from .errors import Passthrough
 from .schema import FieldSchema
 from .store import Store
@@ -129,9 +129,13 @@ class ReadEngine:
         self._plan_cache_size = plan_cache_size
 
     # -- entry point -----------------------------------------------------------------
-    def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext) -> dict[str, Any]:
-        """Answer a read; the value of ``results`` in SG's reply."""
+    def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext,
+             check_pending: bool = False) -> dict[str, Any]:
+        """Answer a read; the value of ``results`` in SG's reply. With ``check_pending``, a read
+        touching a pending-write marker (cache/pending.py) passes."""
         plan = self.plan(params, ctx)
+        if check_pending:
+            pending.check_read(conn, self.store.pending, plan.touched)
         if plan.entity_type == eventlog.EVENT_TYPE:  # events above the ingester's cursor may be missing
             check_page = eventlog.check_read(params, ctx.event_cursor)
             result = self.execute(conn, plan)
@@ -242,6 +246,8 @@ class _Plan:
     multi_fields: list[tuple[str, str, str, str | None]]  # (result key, owner type, field, parent label)
     limit: int
     want_count: bool
+    #: (type, field) of every field the read names, and (type, "*") of every type it reads
+    touched: frozenset[tuple[str, str]] = frozenset()
 
     def decode(self, row: Any) -> dict[str, Any]:
         m = row._mapping
@@ -278,11 +284,13 @@ class _Planner:
         self.base = self.store.tables[entity_type].alias("t0")
         self.scope = _Scope(engine, entity_type, self.base)
         self._n_conditions = 0
+        self.touched: set[tuple[str, str]] = {(entity_type, pending.WHOLE_TYPE)}
 
     # -- fields and paths --------------------------------------------------------------
     def _field(self, entity_type: str, fname: Any) -> FieldSchema:
         if not isinstance(fname, str):
             raise Passthrough("bad-field", repr(fname)[:60])
+        self.touched.add((entity_type, fname))
         fschema = self.schema.field(entity_type, fname)
         if fschema is None:
             raise Passthrough("uncached-field", f"{entity_type}.{fname}"[:80])
@@ -303,6 +311,7 @@ class _Planner:
 
     def _target(self, target: str) -> None:
         """A type named in a deep path must be cached, primed and fetched."""
+        self.touched.add((target, pending.WHOLE_TYPE))
         if target not in self.schema:
             raise Passthrough("uncached-type", target[:60])
         if target not in self.ctx.primed:
@@ -373,7 +382,8 @@ class _Planner:
             .select_from(self.scope.from_)
             .order_by(*[_order(page.c[f"o{i}"], direction) for i, (_, direction) in enumerate(order)])
         )
-        return _Plan(self.entity_type, select, count_select, decoded, multi_fields, limit, want_count)
+        return _Plan(self.entity_type, select, count_select, decoded, multi_fields, limit, want_count,
+                     frozenset(self.touched))
 
     def _return_fields(self, return_fields: Any) -> tuple[list[Any], list[tuple[str, str, Any]], list[Any]]:
         columns: list[Any] = [self.base.c.id.label("c_id")]

@@ -21,8 +21,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import __version__
+from . import __version__, pending
+from .effects import WriteEffects
 from .errors import Passthrough
+from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .read import ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
@@ -44,8 +46,10 @@ _PG_MISSING = {"42P01", "42703", "3F000"}  # undefined table, undefined column, 
 class CacheService:
     """Reads and writes against one replica, with fail-open health tracking."""
 
-    def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = 60.0):
+    def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = 60.0,
+                 pairs_path: str | Path | None = None):
         self.schema = Schema.load(schema_path)
+        self.pairs = PairRegistry.build(load_pairs_file(pairs_path or DEFAULT_PAIRS_FILE))
         engine_kwargs: dict[str, Any] = {}
         if not db_url.startswith("sqlite"):
             engine_kwargs = {
@@ -194,7 +198,8 @@ class CacheService:
                 ctx = self._context(conn)
                 if self.max_lag > 0 and not allow_stale and (self._lag is None or self._lag > self.max_lag):
                     raise Passthrough("stale", "ingester heartbeat missing or old")
-                result = self.engine.read(conn, args, ctx)
+                # every read checks the markers: another proxy may have written a second ago
+                result = self.engine.read(conn, args, ctx, check_pending=True)
         except Passthrough:
             self._db_ok()
             raise
@@ -222,13 +227,17 @@ class CacheService:
         to_fetch: list[tuple[str, int]] = []
         try:
             with self.store.write_engine.begin() as conn:
+                registry = self.pairs.with_learned(conn, self.store.pairs_table)
+                markers: set[tuple[str, str]] = set()
                 if method == "batch":
                     if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
                         for req, res in zip(args, results, strict=True):
                             if isinstance(req, Mapping):
-                                to_fetch += self._learn_one(conn, req.get("request_type"), req, res)
+                                to_fetch += self._learn_one(conn, req.get("request_type"), req, res,
+                                                            registry, markers)
                 else:
-                    to_fetch += self._learn_one(conn, method, args, results)
+                    to_fetch += self._learn_one(conn, method, args, results, registry, markers)
+                pending.mark(conn, self.store.pending, markers)
         except Passthrough:
             return []
         except Exception as exc:  # noqa: BLE001
@@ -239,15 +248,48 @@ class CacheService:
         self.invalidate()
         return to_fetch
 
-    def _learn_one(self, conn: Any, method: Any, args: Any, result: Any) -> list[tuple[str, int]]:
-        if not isinstance(args, Mapping):
+    def outcome_unknown(self, method: str, args: Any) -> None:
+        """A write was sent to SG but no answer came back: it may have been applied. Reads of
+        what it could have changed pass until the ingester is past it (never raises)."""
+        requests = [(r.get("request_type"), r) for r in args if isinstance(r, Mapping)] \
+            if method == "batch" and isinstance(args, list) else [(method, args)]
+        try:
+            with self.store.write_engine.begin() as conn:
+                effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                for kind, req in requests:
+                    if isinstance(req, Mapping) and isinstance(req.get("type"), str) and isinstance(kind, str):
+                        effects.outcome_unknown(kind, req["type"], req)
+                pending.mark(conn, self.store.pending, effects.markers)
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
+            self._db_failed(exc)
+            log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
+
+    def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
+                   markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
+        """Store one write's answer, apply the other side of its pairs, and add to ``markers``
+        what it may have changed that the replica cannot know yet (cache/effects.py)."""
+        if not isinstance(args, Mapping) or method not in ("create", "update", "delete", "revive"):
             return []
         entity_type = args.get("type")
-        if not isinstance(entity_type, str) or entity_type not in self.schema:
+        if not isinstance(entity_type, str):
+            return []
+        if isinstance(result, list) and result and method in ("create", "update"):
+            result = result[0]
+        effects = WriteEffects(self.store, registry or self.pairs, conn)
+        old = effects.snapshot(method, entity_type, args)
+        to_fetch = self._store_answer(conn, method, entity_type, args, result)
+        if method in ("create", "update") or result is True:
+            effects.after_write(method, entity_type, args, result, old)
+        if markers is not None:
+            markers |= effects.markers
+        return to_fetch
+
+    def _store_answer(self, conn: Any, method: Any, entity_type: str, args: Mapping[str, Any],
+                      result: Any) -> list[tuple[str, int]]:
+        """Write the answer's own row into the replica; the entities to fetch when it was partial."""
+        if entity_type not in self.schema:
             return []
         if method in ("create", "update"):
-            if isinstance(result, list) and result:
-                result = result[0]
             if not isinstance(result, Mapping) or not isinstance(result.get("id"), int):
                 return []
             record = {k: v for k, v in result.items() if k != "type"}
@@ -301,7 +343,17 @@ class CacheService:
                     self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
             except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
                 log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+                self._mark_type_pending(entity_type)
         self.invalidate()
+
+    def _mark_type_pending(self, entity_type: str) -> None:
+        """Rows of ``entity_type`` stay queued for a fetch: other proxies learn of the queue up to a
+        second late (their cached replica state), the marker reaches their very next read."""
+        try:
+            with self.store.write_engine.begin() as conn:
+                pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+            log.warning("could not mark %s pending: %s", entity_type, _short(exc))
 
     # -- info --------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from . import fieldtypes
+from . import fieldtypes, pairs, pending
 from .schema import FieldSchema, Schema
 from .writes import WriteBatch
 
@@ -234,6 +234,8 @@ class Store:
             sa.Column("reason", sa.String(64)),
             sa.Column("queued_at", sa.DateTime, nullable=False),
         )
+        self.pairs_table = pairs.define_table(md)  # learned pairs (cache/pairs.py)
+        self.pending = pending.define_table(md)  # pending-write markers (cache/pending.py)
 
     def _build_entity_tables(self, entity_type: str, fields: Mapping[str, FieldSchema]) -> None:
         name = entity_table_name(entity_type)

@@ -368,8 +368,11 @@ def test_events_for_each_change_kind(site: FakeSite, sg: shotgun_api3.Shotgun, s
     assert evs[0]["event_type"] == "Shotgun_Shot_New"
     assert evs[0]["meta"] == {"type": "new_entity", "entity_type": "Shot", "entity_id": shot["id"]}
     assert evs[0]["user"] == {"type": "ApiUser", "id": 1}
-    changes = {e["attribute_name"]: e["meta"] for e in evs[1:]}
+    changes = {e["attribute_name"]: e["meta"] for e in evs[1:] if e["event_type"] == "Shotgun_Shot_Change"}
     assert set(changes) == {"code", "sg_cut_in", "assets", "sg_status_list"}
+    # Shot.assets is paired with Asset.shots: the Asset gets a backref event
+    back = [e for e in evs if e["event_type"] == "Shotgun_Asset_Change"]
+    assert [(e["attribute_name"], e["meta"]["actual_attribute_changed"]) for e in back] == [("shots", "Shot.assets")]
     assert all(m["in_create"] for m in changes.values())
     assert changes["sg_cut_in"]["field_data_type"] == "number" and changes["sg_cut_in"]["new_value"] == 3
     assert changes["assets"]["added"] == [{"type": "Asset", "id": studio["assets"][0]["id"], "name": "chair"}]
@@ -377,7 +380,7 @@ def test_events_for_each_change_kind(site: FakeSite, sg: shotgun_api3.Shotgun, s
     start = site.last_event_id()
     sg.update("Shot", shot["id"], {"sg_cut_in": 4, "assets": [studio["assets"][1]]})
     sg.update("Shot", shot["id"], {"sg_cut_in": 4})  # no-op: no event
-    evs = events_of(site, start)
+    evs = [e for e in events_of(site, start) if e["event_type"] == "Shotgun_Shot_Change"]
     assert [e["attribute_name"] for e in evs] == ["sg_cut_in", "assets"]
     assert evs[0]["meta"]["old_value"] == 3 and evs[0]["meta"]["new_value"] == 4
     assert "in_create" not in evs[0]["meta"]
@@ -426,6 +429,46 @@ def test_backref_pair_events(site: FakeSite, sg: shotgun_api3.Shotgun, studio: d
     kinds = [(e["entity"]["type"], e["attribute_name"], e["meta"].get("actual_attribute_changed")) for e in evs]
     assert kinds == [("Shot", "tasks", None), ("Shot", "tasks", "Shot.tasks"), ("Task", "entity", "Shot.tasks")]
     assert evs[2]["meta"]["old_value"]["id"] == shot["id"] and evs[2]["meta"]["new_value"]["id"] == shot2["id"]
+
+
+def test_entity_side_moves_through_the_multi_side(site: FakeSite, sg: shotgun_api3.Shotgun, studio: dict) -> None:
+    """Sequence.shots <-> Shot.sg_sequence: adding a Shot to a Sequence takes it from its old one."""
+    s1, s2 = studio["seqs"]
+    sh030 = studio["shots"][2]
+    start = site.last_event_id()
+    sg.update("Sequence", s1["id"], {"shots": [sh030]}, multi_entity_update_modes={"shots": "add"})
+    assert sg.find_one("Shot", [["id", "is", sh030["id"]]], ["sg_sequence"])["sg_sequence"]["id"] == s1["id"]
+    assert ids(sg.find_one("Sequence", [["id", "is", s1["id"]]], ["shots"])["shots"])[-1] == sh030["id"]
+    assert sg.find_one("Sequence", [["id", "is", s2["id"]]], ["shots"])["shots"] == []
+    kinds = [(e["entity"]["type"], e["entity"]["id"], e["attribute_name"], e["meta"].get("actual_attribute_changed"))
+             for e in events_of(site, start)]
+    assert kinds == [("Sequence", s1["id"], "shots", None), ("Sequence", s2["id"], "shots", "Sequence.shots"),
+                     ("Shot", sh030["id"], "sg_sequence", "Sequence.shots")]
+    # setting the multi side clears the entity side of the shots it drops
+    sg.update("Sequence", s1["id"], {"shots": [sh030]})
+    assert sg.find("Shot", [["sg_sequence", "is", None]], ["code"]) == [
+        {"type": "Shot", "id": s["id"], "code": s["code"]} for s in studio["shots"] if s["id"] != sh030["id"]]
+
+
+def test_multi_pairs_and_self_pairs(site: FakeSite, sg: shotgun_api3.Shotgun, studio: dict) -> None:
+    a1, a2 = studio["assets"]
+    sh010, sh020 = studio["shots"][:2]
+    assert ids(sg.find_one("Asset", [["id", "is", a1["id"]]], ["shots"])["shots"]) == [sh010["id"], sh020["id"]]
+    sg.update("Asset", a1["id"], {"shots": [sh020]}, multi_entity_update_modes={"shots": "remove"})
+    assert ids(sg.find_one("Shot", [["id", "is", sh020["id"]]], ["assets"])["assets"]) == []
+    sg.update("Asset", a2["id"], {"parents": [a1]})
+    assert ids(sg.find_one("Asset", [["id", "is", a1["id"]]], ["assets"])["assets"]) == [a2["id"]]
+    start = site.last_event_id()
+    v = sg.create("Version", {"code": "v1", "project": studio["project"]})
+    task = sg.create("Task", {"content": "t", "project": studio["project"]})
+    note = sg.create("Note", {"subject": "n", "project": studio["project"], "note_links": [sh010, v],
+                              "tasks": [task]})
+    for t, row in (("Shot", sh010), ("Version", v), ("Task", task)):
+        assert ids(sg.find_one(t, [["id", "is", row["id"]]], ["notes"])["notes"]) == [note["id"]]
+    backs = sorted((e["entity"]["type"], e["attribute_name"], e["meta"]["actual_attribute_changed"])
+                   for e in events_of(site, start) if e["meta"] and e["meta"].get("actual_attribute_changed"))
+    assert backs == [("Shot", "notes", "Note.note_links"), ("Task", "notes", "Note.tasks"),
+                     ("Version", "notes", "Note.note_links")]
 
 
 def test_event_switches_and_held_ids(site: FakeSite, server: FakeSGServer, sg: shotgun_api3.Shotgun) -> None:

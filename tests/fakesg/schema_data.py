@@ -162,6 +162,7 @@ def basic_spec() -> dict[str, dict[str, FieldSpec]]:
         "Sequence": {
             "code": "text", "description": "text", "sg_status_list": ("status_list", STATUSES),
             "shots": ("multi_entity", ["Shot"]), "image": "image",
+            "tasks": ("multi_entity", ["Task"]), "notes": ("multi_entity", ["Note"]),
         },
         "Shot": {
             "code": "text", "description": "text", "sg_status_list": ("status_list", STATUSES),
@@ -174,12 +175,15 @@ def basic_spec() -> dict[str, dict[str, FieldSpec]]:
             "sg_uuid": "uuid", "tags": "tag_list", "sg_data": "serializable", "sg_link": "url",
             "sg_footage": "footage", "image": "image", "sg_entity_type": "entity_type",
             "task_template": ("entity", ["TaskTemplate"]), "sg_related": ("entity", ["Asset", "Sequence"]),
+            "notes": ("multi_entity", ["Note"]),
         },
         "Asset": {
             "code": "text", "description": "text", "sg_status_list": ("status_list", STATUSES),
             "sg_asset_type": ("list", ["Character", "Prop", "Environment"]),
             "shots": ("multi_entity", ["Shot"]), "tasks": ("multi_entity", ["Task"]),
             "parents": ("multi_entity", ["Asset"]), "image": "image", "tags": "tag_list",
+            "assets": ("multi_entity", ["Asset"]), "notes": ("multi_entity", ["Note"]),
+            "task_template": ("entity", ["TaskTemplate"]),
         },
         "Step": {"code": "text", "short_name": "text", "color": "color", "entity_type": "entity_type"},
         "Task": {
@@ -187,7 +191,7 @@ def basic_spec() -> dict[str, dict[str, FieldSpec]]:
             "step": ("entity", ["Step"]), "sg_status_list": ("status_list", STATUSES),
             "task_assignees": ("multi_entity", ["HumanUser", "Group"]), "start_date": "date",
             "due_date": "date", "duration": "duration", "color": "color",
-            "sg_priority": ("list", ["1", "2", "3"]),
+            "sg_priority": ("list", ["1", "2", "3"]), "notes": ("multi_entity", ["Note"]),
         },
         "Version": {
             "code": "text", "description": "text", "entity": ("entity", ["Shot", "Asset"]),
@@ -195,6 +199,7 @@ def basic_spec() -> dict[str, dict[str, FieldSpec]]:
             "user": ("entity", ["HumanUser", "ApiUser"]), "sg_path_to_movie": "text",
             "sg_uploaded_movie": "url", "sg_first_frame": "number", "image": "image",
             "playlists": ("multi_entity", ["Playlist"]), "published_files": ("multi_entity", ["PublishedFile"]),
+            "notes": ("multi_entity", ["Note"]),
         },
         "PublishedFile": {
             "code": "text", "name": "text", "description": "text", "entity": ("entity", ["Shot", "Asset"]),

@@ -81,10 +81,25 @@ OPERATORS: dict[str, tuple[str, ...]] = {
     "image": ("is", "is_not"),
 }
 
-#: The one bidirectional pair the fake keeps in step (and writes backref events for):
-#: Task.entity (single) <-> Shot.tasks / Asset.tasks (multi).
-PAIR_ENTITY_SIDE = ("Task", "entity")
-PAIR_MULTI_SIDES = {"Shot": "tasks", "Asset": "tasks"}
+#: The bidirectional pairs the fake keeps in step, writing the backref events SG writes: setting one
+#: side (entity or multi_entity) changes the other side of each entity it links or unlinks. A pair is
+#: active when both fields are in the site's schema. The project ships the same list (schema/pairs.yml)
+#: and the tests check the two agree.
+PAIRS: list[tuple[tuple[str, str], tuple[str, str]]] = [
+    (("Task", "entity"), ("Shot", "tasks")),
+    (("Task", "entity"), ("Asset", "tasks")),
+    (("Task", "entity"), ("Sequence", "tasks")),
+    (("Shot", "sg_sequence"), ("Sequence", "shots")),
+    (("Shot", "assets"), ("Asset", "shots")),
+    (("Asset", "parents"), ("Asset", "assets")),
+    (("Note", "note_links"), ("Shot", "notes")),
+    (("Note", "note_links"), ("Asset", "notes")),
+    (("Note", "note_links"), ("Version", "notes")),
+    (("Note", "note_links"), ("Sequence", "notes")),
+    (("Note", "tasks"), ("Task", "notes")),
+]
+#: The pair behind task templates: the template's Tasks link the new entity through this field.
+TEMPLATE_TASK_FIELD = ("Task", "entity")
 
 RETIREMENT_FIELD = "retirement_date"
 
@@ -252,6 +267,7 @@ class FakeSite:
         self._humans: dict[str, tuple[str, int]] = {}
         self._sessions: dict[str, _Caller] = {}
         self._task_templates: dict[int, tuple[str, list[dict[str, Any]]]] = {}
+        self._pairs = list(PAIRS)
         self._display_column_id = 0
         self.requests: list[tuple[str, Any]] = []
         self.request_auth: list[dict[str, Any] | None] = []
@@ -1225,85 +1241,82 @@ class FakeSite:
             raise
         return results
 
-    # ------------------------------------------------------------------ bidirectional pair
-    def _pair_active(self) -> bool:
-        t, f = PAIR_ENTITY_SIDE
-        if self.schema.get(t, {}).get(f, {}).get("data_type", {}).get("value") != "entity":
-            return False
-        return any(self.schema.get(p, {}).get(m) for p, m in PAIR_MULTI_SIDES.items())
+    # ------------------------------------------------------------------ bidirectional pairs
+    def add_pair(self, side: tuple[str, str], other: tuple[str, str]) -> None:
+        """Pair two link fields (a custom field created with a reverse field)."""
+        with self._lock:
+            self._pairs.append((side, other))
 
-    def _parent_field(self, link: dict[str, Any] | None) -> str | None:
-        if not link or link.get("type") not in PAIR_MULTI_SIDES:
-            return None
-        m = PAIR_MULTI_SIDES[link["type"]]
-        return m if m in self.schema.get(link["type"], {}) else None
+    def _reverse(self, entity_type: str, field_name: str, target_type: str) -> str | None:
+        """The field of ``target_type`` paired with ``entity_type.field_name`` (both in the schema)."""
+        for a, b in self._pairs:
+            for (t, f), (ot, of) in ((a, b), (b, a)):
+                if (t, f) == (entity_type, field_name) and ot == target_type and f in self.schema.get(t, {}) \
+                        and of in self.schema.get(ot, {}):
+                    return of
+        return None
 
     def _pair_sync(self, caller: _Caller, entity_type: str, row: dict[str, Any], field_name: str,
                    old: Any, new: Any, ev_id: int | None, in_create: bool = False) -> None:
-        """Keep Task.entity and Shot/Asset.tasks in step, writing the backref events."""
-        if not self._pair_active():
+        """After ``entity_type.field_name`` of ``row`` changed from ``old`` to ``new``: change the other
+        side of each pair for the entities unlinked and linked, with SG's backref events."""
+        if self._dtype(entity_type, field_name) not in ("entity", "multi_entity"):
             return
-        if (entity_type, field_name) == PAIR_ENTITY_SIDE:
-            trigger = f"{entity_type}.{field_name}"
-            if _key(old) != _key(new):
-                self._parent_tasks(caller, old, row, add=False, trigger=trigger, orig=ev_id, in_create=in_create)
-                self._parent_tasks(caller, new, row, add=True, trigger=trigger, orig=ev_id, in_create=in_create)
-        elif PAIR_MULTI_SIDES.get(entity_type) == field_name:
-            trigger = f"{entity_type}.{field_name}"
-            parent = {"type": entity_type, "id": row["id"]}
-            old_k = {_key(x) for x in old or []}
-            new_k = {_key(x) for x in new or []}
-            task_t = PAIR_ENTITY_SIDE[0]
-            for tkey in [k for k in (_key(x) for x in old or []) if k not in new_k]:
-                task = self._row(task_t, tkey[1], active_only=False) if tkey[0] == task_t else None
-                if task is not None and _key(task.get("entity")) == _key(parent):
-                    self._set_task_parent(caller, task, None, trigger, ev_id, parent, in_create)
-            for tkey in [k for k in (_key(x) for x in new or []) if k not in old_k]:
-                task = self._row(task_t, tkey[1], active_only=False) if tkey[0] == task_t else None
-                if task is not None and _key(task.get("entity")) != _key(parent):
-                    prev = task.get("entity")
-                    if prev is not None:
-                        self._parent_tasks(caller, prev, task, add=False, trigger=trigger, orig=ev_id,
-                                           in_create=in_create)
-                    self._set_task_parent(caller, task, parent, trigger, ev_id, parent, in_create)
+        old_l = [x for x in (old if isinstance(old, list) else [old]) if _key(x)]
+        new_l = [x for x in (new if isinstance(new, list) else [new]) if _key(x)]
+        old_k, new_k = {_key(x) for x in old_l}, {_key(x) for x in new_l}
+        trigger = {"name": f"{entity_type}.{field_name}", "orig": ev_id, "type": entity_type, "id": row["id"],
+                   "dt": self._dtype(entity_type, field_name), "in_create": in_create}
+        me = {"type": entity_type, "id": row["id"]}
+        for link in [x for x in old_l if _key(x) not in new_k]:
+            self._other_side(caller, entity_type, field_name, link, me, False, trigger)
+        for link in [x for x in new_l if _key(x) not in old_k]:
+            self._other_side(caller, entity_type, field_name, link, me, True, trigger)
+
+    def _other_side(self, caller: _Caller, entity_type: str, field_name: str, link: dict[str, Any],
+                    me: dict[str, Any], adding: bool, trigger: dict[str, Any]) -> None:
+        """Add ``me`` to (or remove it from) the paired field of the entity ``link`` names."""
+        reverse = self._reverse(entity_type, field_name, link["type"])
+        if reverse is None:
+            return
+        other = self._row(link["type"], link["id"], active_only=False)
+        if other is None:
+            return
+        dt = self._dtype(link["type"], reverse)
+        old = other.get(reverse)
+        if dt == "multi_entity":
+            cur = list(old or [])
+            if adding:
+                if _key(me) in {_key(x) for x in cur}:
+                    return
+                new: Any = cur + [dict(me)]
+            else:
+                if _key(me) not in {_key(x) for x in cur}:
+                    return
+                new = [x for x in cur if _key(x) != _key(me)]
+        else:
+            if adding:
+                if _key(old) == _key(me):
+                    return
+                if old is not None:
+                    # the other entity moves: the one it linked before loses it on its own side
+                    self._other_side(caller, link["type"], reverse, old, {"type": link["type"], "id": link["id"]},
+                                     False, trigger)
+                new = dict(me)
+            else:
+                if _key(old) != _key(me):
+                    return
+                new = None
+        other[reverse] = new
+        if trigger["orig"] is not None:
+            self._change_event(caller, link["type"], other, reverse, dt, old, new, trigger["in_create"],
+                               self._backref_extra(trigger["name"], trigger["orig"], trigger["type"], trigger["id"],
+                                                   trigger["dt"]))
 
     def _backref_extra(self, trigger: str, orig: int | None, src_type: str, src_id: int,
                        src_dt: str) -> dict[str, Any]:
         return {"actual_attribute_changed": trigger, "original_event_log_entry_id": orig,
                 "entity_type": src_type, "entity_id": src_id, "field_data_type": src_dt}
-
-    def _parent_tasks(self, caller: _Caller, parent_link: dict[str, Any] | None, task: dict[str, Any],
-                      add: bool, trigger: str, orig: int | None, in_create: bool) -> None:
-        """Add/remove ``task`` on its parent's tasks field, with the backref event on the parent."""
-        field_name = self._parent_field(parent_link)
-        if field_name is None:
-            return
-        parent = self._row(parent_link["type"], parent_link["id"], active_only=False)  # type: ignore[index]
-        if parent is None:
-            return
-        task_t = PAIR_ENTITY_SIDE[0]
-        tlink = {"type": task_t, "id": task["id"]}
-        old = list(parent.get(field_name) or [])
-        new = old + [tlink] if add and tlink not in old else [x for x in old if _key(x) != _key(tlink)]
-        if new == old:
-            return
-        parent[field_name] = new
-        src_type, src_field = trigger.split(".")
-        src_dt = self._dtype(src_type, src_field)
-        src_id = task["id"] if src_type == task_t else parent_link["id"]  # type: ignore[index]
-        if orig is not None:
-            self._change_event(caller, parent_link["type"], parent, field_name, "multi_entity", old, new,  # type: ignore[index]
-                               in_create, self._backref_extra(trigger, orig, src_type, src_id, src_dt))
-
-    def _set_task_parent(self, caller: _Caller, task: dict[str, Any], parent: dict[str, Any] | None,
-                         trigger: str, orig: int | None, source: dict[str, Any], in_create: bool) -> None:
-        """Set Task.entity because a parent's tasks field changed, with the backref event on the Task."""
-        task_t, ent_f = PAIR_ENTITY_SIDE
-        old = task.get(ent_f)
-        task[ent_f] = {"type": parent["type"], "id": parent["id"]} if parent else None
-        if orig is not None:
-            self._change_event(caller, task_t, task, ent_f, "entity", old, task[ent_f], in_create,
-                               self._backref_extra(trigger, orig, source["type"], source["id"], "multi_entity"))
 
     # ------------------------------------------------------------------ task templates
     def add_task_template(self, template_id: int, name: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1325,7 +1338,8 @@ class FakeSite:
 
     def _apply_task_template(self, caller: _Caller, entity_type: str, row: dict[str, Any]) -> None:
         link = row.get("task_template")
-        if entity_type not in PAIR_MULTI_SIDES or not isinstance(link, dict) or link.get("type") != "TaskTemplate":
+        if self._reverse(*TEMPLATE_TASK_FIELD, entity_type) is None or not isinstance(link, dict) \
+                or link.get("type") != "TaskTemplate":
             return
         template = self._task_templates.get(link["id"])
         if template is None or "Task" not in self.schema:

@@ -1,0 +1,267 @@
+"""What a write does besides the fields it sent, and how the proxy keeps the replica right about it.
+
+For each create/update/delete/revive the proxy learns, :class:`WriteEffects`
+
+- applies the other side of every known pair (``cache/pairs.py``) in the write's own
+  transaction, through the Store's write functions: ``Task.entity`` set to Shot 1 removes the
+  Task from the old Shot's ``tasks`` and appends it to Shot 1's ``tasks``; ``Sequence.shots``
+  adding Shot 2 sets Shot 2's ``sg_sequence`` and removes Shot 2 from its former Sequence;
+- returns pending-write markers (``cache/pending.py``) for what it cannot apply exactly: the
+  fields SG sets itself (``updated_at``, ``updated_by``), the reverse side of a link field whose
+  pair is not known (every cached field of a linked type that can link back), Tasks made from a
+  ``task_template``, and the links to an entity that was retired or revived.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import fieldtypes
+from .pairs import PairRegistry
+from .pending import WHOLE_TYPE, Marker
+from .store import Store
+
+log = logging.getLogger("sgcache.effects")
+
+#: Fields SG sets on every row a write changes, whatever the write sent.
+IMPLICIT_FIELDS = ("updated_at", "updated_by")
+#: A field whose value makes SG create rows (the template's Tasks) when an entity is created with it.
+TEMPLATE_FIELD = "task_template"
+TEMPLATE_ROWS = "Task"
+
+Key = tuple[str, int]
+UNKNOWN = None  # the links removed by a write, when the replica cannot tell
+
+
+def _key(link: Any) -> Key | None:
+    if isinstance(link, Mapping) and isinstance(link.get("type"), str) and isinstance(link.get("id"), int) \
+            and not isinstance(link.get("id"), bool):
+        return link["type"], int(link["id"])
+    return None
+
+
+def _links(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        return []
+    return [dict(x) for x in value if _key(x) is not None]
+
+
+class WriteEffects:
+    """Side effects of one write, applied or marked, inside the caller's transaction."""
+
+    def __init__(self, store: Store, registry: PairRegistry, conn: Connection):
+        self.store = store
+        self.schema = store.schema
+        self.registry = registry
+        self.conn = conn
+        self.markers: set[Marker] = set()
+        self._primed: dict[str, set[str]] | None = None
+
+    # -- reading the replica -----------------------------------------------------------
+    def _is_primed(self, entity_type: str, fname: str) -> bool:
+        if self._primed is None:
+            self._primed = self.store.primed_fields(self.conn)
+        return fname in self._primed.get(entity_type, set())
+
+    def _row_exists(self, entity_type: str, entity_id: int) -> bool:
+        table = self.store.tables.get(entity_type)
+        if table is None:
+            return False
+        return self.conn.execute(sa.select(table.c.id).where(table.c.id == entity_id)).first() is not None
+
+    def current(self, entity_type: str, entity_id: int, fname: str) -> list[dict[str, Any]] | None:
+        """The links ``entity_type.fname`` of one row holds in the replica; None when unknown."""
+        fschema = self.schema.field(entity_type, fname)
+        if fschema is None or not fschema.is_link or not self._is_primed(entity_type, fname):
+            return None
+        table = self.store.tables[entity_type]
+        if fieldtypes.TYPES[fschema.data_type].storage == "entity":
+            row = self.conn.execute(
+                sa.select(table.c[f"{fname}__type"], table.c[f"{fname}__id"]).where(table.c.id == entity_id)
+            ).first()
+            if row is None:
+                return None
+            return [] if row[0] is None else [{"type": row[0], "id": int(row[1])}]
+        if not self._row_exists(entity_type, entity_id):
+            return None
+        mt = self.store.multi[(entity_type, fname)]
+        rows = self.conn.execute(
+            sa.select(mt.c.child_type, mt.c.child_id).where(mt.c.parent_id == entity_id).order_by(mt.c.pos)
+        ).all()
+        return [{"type": r.child_type, "id": int(r.child_id)} for r in rows]
+
+    # -- the write's link fields ---------------------------------------------------------
+    def link_writes(self, entity_type: str, args: Mapping[str, Any]) -> list[tuple[str, str, Any, str]]:
+        """(field, kind "entity"/"multi", value, mode) for each link field a create/update sends."""
+        out = []
+        batch_mode = args.get("multi_entity_update_mode")
+        for item in args.get("fields") or []:
+            if not isinstance(item, Mapping) or not isinstance(item.get("field_name"), str):
+                continue
+            fname, value = item["field_name"], item.get("value")
+            fschema = self.schema.field(entity_type, fname)
+            if fschema is not None:
+                if not fschema.is_link:
+                    continue
+                kind = fieldtypes.TYPES[fschema.data_type].storage
+                if kind not in ("entity", "multi"):
+                    continue
+            elif isinstance(value, list) and value and all(_key(x) for x in value):
+                kind = "multi"
+            elif _key(value) is not None:
+                kind = "entity"
+            else:
+                continue
+            mode = item.get("multi_entity_update_mode") or batch_mode or "set"
+            if isinstance(mode, Mapping):
+                mode = mode.get(fname, "set")
+            out.append((fname, kind, value, mode if kind == "multi" else "set"))
+        return out
+
+    def snapshot(self, method: str, entity_type: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Before the write is stored: the old value of each link field it sends."""
+        old: dict[str, Any] = {}
+        entity_id = args.get("id")
+        for fname, _kind, _value, _mode in self.link_writes(entity_type, args):
+            if method == "create":
+                old[fname] = []
+            elif isinstance(entity_id, int):
+                old[fname] = self.current(entity_type, entity_id, fname)
+            else:
+                old[fname] = UNKNOWN
+        return old
+
+    # -- applying ----------------------------------------------------------------------
+    def after_write(self, method: str, entity_type: str, args: Mapping[str, Any], result: Any,
+                    old: Mapping[str, Any]) -> None:
+        """After the write's own row is stored: apply or mark everything else it did."""
+        if method in ("delete", "revive"):
+            self._retirement(entity_type)
+            return
+        if not isinstance(result, Mapping) or _key({"type": entity_type, "id": result.get("id")}) is None:
+            return
+        entity_id = int(result["id"])
+        me: dict[str, Any] = {"type": entity_type, "id": entity_id}
+        ident = self.schema.identifier(entity_type)
+        if ident and ident in result and (ident != "name" or isinstance(result[ident], str)):
+            me["name"] = result[ident]
+        if method == "update":
+            self._implicit(entity_type)
+        for fname, _kind, value, mode in self.link_writes(entity_type, args):
+            new = _links(result[fname] if fname in result and mode == "set" else value)
+            before = old.get(fname, UNKNOWN)
+            before_keys = None if before is UNKNOWN else {_key(x) for x in before}
+            if mode == "add":
+                added = [x for x in new if before_keys is None or _key(x) not in before_keys]
+                removed: list[dict[str, Any]] | None = []
+            elif mode == "remove":
+                added = []
+                removed = [x for x in new if before_keys is None or _key(x) in before_keys]
+            else:
+                new_keys = {_key(x) for x in new}
+                added = [x for x in new if before_keys is None or _key(x) not in before_keys]
+                removed = None if before is UNKNOWN else [x for x in before if _key(x) not in new_keys]
+            self._reverse(entity_type, fname, me, added, removed)
+            if fname == TEMPLATE_FIELD and new:
+                self._rows_appear(TEMPLATE_ROWS)
+
+    def outcome_unknown(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
+        """A write was sent but its answer was lost: mark everything it could have changed."""
+        self.markers.add((entity_type, WHOLE_TYPE))
+        if method in ("delete", "revive"):
+            self._retirement(entity_type)
+            return
+        for fname, _kind, value, _mode in self.link_writes(entity_type, args):
+            self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
+                                                         self._targets(entity_type, fname))
+            if fname == TEMPLATE_FIELD and value:
+                self._rows_appear(TEMPLATE_ROWS)
+
+    def _targets(self, entity_type: str, fname: str) -> list[str]:
+        fschema = self.schema.field(entity_type, fname)
+        if fschema is not None and fschema.links:
+            return list(fschema.links)
+        return sorted(self.schema.entities)  # not cached, or any type: every cached type may be linked
+
+    def _reverse(self, entity_type: str, fname: str, me: dict[str, Any], added: list[dict[str, Any]],
+                 removed: list[dict[str, Any]] | None) -> None:
+        """The other side of ``entity_type.fname`` for the links added to and removed from ``me``."""
+        if removed is UNKNOWN:
+            # the replica did not know the old value: whatever it linked may have changed
+            self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
+                                                         self._targets(entity_type, fname))
+            self.markers.add((entity_type, fname))  # rows of this type that lost a link (entity reverse)
+            removed = []
+        for link, adding in [(x, False) for x in removed] + [(x, True) for x in added]:
+            target, target_id = _key(link)  # type: ignore[misc]
+            reverse = self.registry.reverse(entity_type, fname, target)
+            if reverse is None:
+                self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname, [target])
+                continue
+            rschema = self.schema.field(target, reverse)
+            if rschema is None:
+                continue  # the other side is not cached: nothing to keep in step
+            self._implicit(target)
+            if not self._is_primed(target, reverse) or not self._row_exists(target, target_id):
+                self.markers.add((target, reverse))
+                continue
+            if fieldtypes.TYPES[rschema.data_type].storage == "multi":
+                self.store.change_multi(self.conn, target, target_id, reverse,
+                                        added=[me] if adding else (), removed=() if adding else [me],
+                                        source="proxy")
+            else:
+                self._set_entity_side(target, target_id, reverse, me, adding)
+
+    def _set_entity_side(self, target: str, target_id: int, fname: str, me: dict[str, Any], adding: bool) -> None:
+        """The single-entity side of a pair (``Shot.sg_sequence`` for ``Sequence.shots``)."""
+        prev = self.current(target, target_id, fname)
+        prev_link = prev[0] if prev else None
+        if adding:
+            if _key(prev_link) == _key(me):
+                return
+            self.store.write_entities(self.conn, target, [{"id": target_id, fname: me}], "proxy")
+            if prev_link is not None:
+                # it moves: the entity it linked before loses it on its side of the pair
+                self._reverse(target, fname, {"type": target, "id": target_id}, [], [prev_link])
+        elif _key(prev_link) == _key(me):
+            self.store.write_entities(self.conn, target, [{"id": target_id, fname: None}], "proxy")
+
+    def _implicit(self, entity_type: str) -> None:
+        for fname in IMPLICIT_FIELDS:
+            if self.schema.field(entity_type, fname) is not None:
+                self.markers.add((entity_type, fname))
+
+    def _rows_appear(self, entity_type: str) -> None:
+        """SG creates rows of ``entity_type`` the proxy does not see: the whole type, and the other
+        side of each of its link fields, wait for the ingester."""
+        self.markers.add((entity_type, WHOLE_TYPE))
+        entity = self.schema.entities.get(entity_type)
+        if entity is None:
+            return
+        for fschema in entity.fields.values():
+            if fschema.is_link:
+                self.markers |= self.registry.reverse_fields(self.schema, entity_type, fschema.name, fschema.links)
+
+    def _retirement(self, entity_type: str) -> None:
+        """An entity was retired or revived: links to it read right from the registry, but what SG
+        does to the rows linking it (and to rows it owns) is not modelled."""
+        self._implicit(entity_type)
+        for entity in self.schema.entities.values():
+            for fschema in entity.fields.values():
+                if fschema.is_link and entity_type in fschema.links:
+                    self.markers.add((entity.name, fschema.name))
+                    back = self.registry.reverse(entity.name, fschema.name, entity_type)
+                    if back is not None and fieldtypes.TYPES[fschema.data_type].storage == "entity":
+                        self.markers.add((entity.name, WHOLE_TYPE))  # rows it owns (a Shot's Tasks)
+
+
+def links_of(value: Any) -> Sequence[dict[str, Any]]:
+    """The links in an entity or multi_entity value (public for tests)."""
+    return _links(value)

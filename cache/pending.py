@@ -1,0 +1,154 @@
+"""Pending-write markers: reads that a recent write may have changed pass until the ingester has it.
+
+A proxy that learns a write whose effects it cannot apply exactly (a link field whose pair is
+not known, rows SG creates from a task template, a retirement others link to, the fields SG
+sets itself such as ``updated_at``) records markers ``(entity type, field)`` -- or
+``(entity type, "*")`` for the whole type -- in ``sgcache_pending``, in the same transaction
+as the write. Every read through every proxy on the database checks the markers first (one
+small query per read) and passes (``pending-write``) when it touches one.
+
+A marker holds the database's clock when the write was learned (after SG answered it). The
+ingester records the database's clock before each poll; a poll that started ``MARGIN`` seconds
+after a marker and reached the end of the event log has applied that write's events, so the
+ingester then deletes every marker older than the poll's start. Without an ingester the
+markers stay and the reads keep passing: the cache cannot be sure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import pairs
+from .errors import Passthrough
+
+log = logging.getLogger("sgcache.pending")
+
+WHOLE_TYPE = "*"
+#: sgcache_state key: the start (database clock) of the last poll that reached the end of the log.
+K_CAUGHT_UP = "pending_caught_up"
+#: Seconds a poll must start after a write for that write's events to count as seen by it.
+MARGIN = 1.0
+NAME_LEN = 64
+
+Marker = tuple[str, str]
+
+
+def define_table(metadata: sa.MetaData) -> sa.Table:
+    """``sgcache_pending``: one row per (type, field) with the newest write's time (database clock)."""
+    return sa.Table(
+        "sgcache_pending",
+        metadata,
+        sa.Column("entity_type", sa.String(NAME_LEN), primary_key=True),
+        sa.Column("field_name", sa.String(NAME_LEN), primary_key=True),
+        sa.Column("at", sa.Float, nullable=False),  # seconds since the epoch, the database's clock
+    )
+
+
+def db_clock(conn: Connection) -> float:
+    """The database server's clock now, in seconds since the epoch (sub-second resolution)."""
+    if conn.dialect.name == "postgresql":
+        expr = sa.text("SELECT extract(epoch FROM clock_timestamp())")
+    else:
+        expr = sa.text("SELECT (julianday('now') - 2440587.5) * 86400.0")
+    return float(conn.execute(expr).scalar_one())
+
+
+def mark(conn: Connection, table: sa.Table, markers: Iterable[Marker]) -> None:
+    """Record markers for a write just learned (inside the write's transaction)."""
+    rows = sorted({(t, f) for t, f in markers if t and f})
+    if not rows:
+        return
+    at = db_clock(conn)
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(table)
+    # sorted rows: concurrent writers lock the same keys in the same order (no deadlock)
+    stmt = stmt.on_conflict_do_update(index_elements=["entity_type", "field_name"],
+                                      set_={"at": sa.func.max(stmt.excluded.at, table.c.at)}
+                                      if conn.dialect.name == "sqlite" else
+                                      {"at": sa.func.greatest(stmt.excluded.at, table.c.at)})
+    conn.execute(stmt, [{"entity_type": t, "field_name": f, "at": at} for t, f in rows])
+    log.debug("pending-write markers: %s", ", ".join(f"{t}.{f}" for t, f in rows))
+
+
+def active(conn: Connection, table: sa.Table) -> frozenset[Marker]:
+    """The markers standing now (one query on a table that is empty most of the time)."""
+    return frozenset((r.entity_type, r.field_name)
+                     for r in conn.execute(sa.select(table.c.entity_type, table.c.field_name)))
+
+
+def check(touched: Collection[Marker], markers: Collection[Marker]) -> None:
+    """Raise ``pending-write`` when a read touching ``touched`` meets a marker.
+
+    ``touched`` holds (type, field) for every field a read names (return fields, filters,
+    sorts, each hop of a deep path, implicit fields) and (type, "*") for every type it reads.
+    """
+    if not markers:
+        return
+    for entity_type, fname in touched:
+        if (entity_type, fname) in markers or (entity_type, WHOLE_TYPE) in markers:
+            raise Passthrough("pending-write", f"{entity_type}.{fname}")
+
+
+def check_read(conn: Connection, table: sa.Table, touched: Collection[Marker]) -> None:
+    """:func:`check` against the markers standing now on the types a read touches (one query)."""
+    types = sorted({t for t, _f in touched})
+    stmt = _markers_of_types(table)
+    rows = conn.execute(stmt, {"types": types}).all()
+    if rows:
+        check(touched, frozenset((r[0], r[1]) for r in rows))
+
+
+def _markers_of_types(table: sa.Table) -> Any:
+    stmt = table.info.get("sgcache_of_types")
+    if stmt is None:  # built once per table: the read path pays only the execution
+        stmt = sa.select(table.c.entity_type, table.c.field_name).where(
+            table.c.entity_type.in_(sa.bindparam("types", expanding=True)))
+        table.info["sgcache_of_types"] = stmt
+    return stmt
+
+
+def poll_started(store: Any, conn: Connection) -> float:
+    """Call before an ingester poll asks SG for events (in its transaction): the time to pass to
+    :func:`poll_done`. When the fetches an earlier complete poll queued are all done, the
+    markers that poll covers clear now."""
+    now = db_clock(conn)
+    candidate = store.get_state(conn, K_CAUGHT_UP)
+    if isinstance(candidate, int | float) and _queue_empty(store, conn):
+        clear(conn, store.pending, float(candidate))
+    return now
+
+
+def _queue_empty(store: Any, conn: Connection) -> bool:
+    return conn.execute(sa.select(store.fetch_queue.c.entity_id).limit(1)).first() is None
+
+
+def clear(conn: Connection, table: sa.Table, started: float) -> int:
+    """Drop the markers of writes learned ``MARGIN`` seconds or more before ``started``."""
+    res = conn.execute(table.delete().where(table.c.at < started - MARGIN))
+    if res.rowcount:
+        log.debug("%d pending-write markers cleared", res.rowcount)
+    return int(res.rowcount or 0)
+
+
+def poll_done(store: Any, conn: Connection, started: float, events: Iterable[Mapping[str, Any]],
+              full: bool) -> None:
+    """After an ingester poll applied ``events``: learn pairs from backref events, and (when the
+    poll reached the end of the log and no fetch is queued) clear the markers it covers."""
+    with conn.begin():
+        pairs.learn_from_events(conn, store.pairs_table, events)
+        if full:
+            return
+        # Rows the poll queued for a fetch (a New) are not in the replica yet, and a proxy may
+        # know of the queue only a second later (its cached context): clear once it is empty,
+        # now or at the start of a later poll (the fetches run between polls).
+        if _queue_empty(store, conn):
+            clear(conn, store.pending, started)
+        store.set_state(conn, K_CAUGHT_UP, started)

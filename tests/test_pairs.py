@@ -1,0 +1,402 @@
+"""Unit tests of the pair registry, pending-write markers, the read engine's pending check, and the
+proxy's write effects against the fake SG as oracle (no proxy process, no HTTP)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cache import pending
+from cache.errors import Passthrough
+from cache.events import IngestConfig, Ingester
+from cache.pairs import DEFAULT_PAIRS_FILE, PairRegistry, PairsError, learn_from_events, load_pairs_file
+from cache.read import ReadContext, ReadEngine
+from cache.service import CacheService
+from cache.store import Store
+
+from .fakesg import FakeSite
+from .fakesg.site import PAIRS
+from .test_events import SiteClient, cached_schema, prime
+
+# -- the registry ----------------------------------------------------------------------
+
+
+def test_shipped_pairs_are_the_fakes() -> None:
+    assert sorted(load_pairs_file()) == sorted(PAIRS)
+
+
+@pytest.mark.parametrize("text", ["pairs: []", "sgcache_pairs: 1\npairs: [[Task.entity]]",
+                                  "sgcache_pairs: 1\npairs: [[Task, Shot.tasks]]", "sgcache_pairs: 1\npairs: x",
+                                  "sgcache_pairs: 1\npairs: [[Task.entity, Shot.tasks.x]]", ": ["])
+def test_bad_pairs_file_is_refused(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "pairs.yml"
+    path.write_text(text)
+    with pytest.raises(PairsError):
+        load_pairs_file(path)
+
+
+def test_missing_pairs_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PairsError):
+        load_pairs_file(tmp_path / "nope.yml")
+
+
+def test_reverse_fields_known_and_candidates() -> None:
+    schema = cached_schema(FakeSite.basic())
+    reg = PairRegistry.build(load_pairs_file(DEFAULT_PAIRS_FILE))
+    assert reg.reverse("Task", "entity", "Shot") == "tasks"
+    assert reg.reverse("Shot", "tasks", "Task") == "entity"
+    assert reg.reverse("Asset", "parents", "Asset") == "assets"
+    assert reg.reverse_fields(schema, "Task", "entity", ["Shot", "Asset"]) == {("Shot", "tasks"), ("Asset", "tasks")}
+    # Playlist.versions has no known pair: every cached Version field that can link a Playlist
+    assert reg.reverse_fields(schema, "Playlist", "versions", ["Version"]) == {("Version", "playlists")}
+    # Version.entity: Shot has no cached field linking Versions
+    assert reg.reverse_fields(schema, "Version", "entity", ["Shot"]) == set()
+    # a field known to be paired with another field is no candidate
+    reg.add(("Version", "playlists"), ("Playlist", "other"))
+    assert reg.reverse_fields(schema, "Playlist", "versions", ["Version"]) == set()
+
+
+# -- markers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def site() -> FakeSite:
+    site = FakeSite.basic()
+    site.add_script("pipeline", "s3cret")
+    return site
+
+
+@pytest.fixture
+def store(db_url: str, site: FakeSite) -> Iterator[Store]:
+    st = Store.open(db_url, cached_schema(site))
+    yield st
+    st.dispose()
+
+
+def markers(store: Store) -> frozenset[tuple[str, str]]:
+    with store.engine.connect() as conn:
+        return pending.active(conn, store.pending)
+
+
+def test_markers_clear_only_after_a_later_complete_poll(store: Store) -> None:
+    with store.engine.begin() as conn:
+        before = pending.poll_started(store, conn)
+        pending.mark(conn, store.pending, [("Shot", "tasks"), ("Task", "*"), ("Shot", "tasks")])
+        at = pending.db_clock(conn)
+    assert markers(store) == {("Shot", "tasks"), ("Task", "*")}
+    with store.engine.begin() as conn:
+        assert pending.clear(conn, store.pending, before) == 0  # a poll that started before the write
+        assert pending.clear(conn, store.pending, at + pending.MARGIN / 2) == 0  # too close: not safe
+    assert len(markers(store)) == 2
+    with store.engine.connect() as conn:
+        pending.poll_done(store, conn, at + 2 * pending.MARGIN, [], full=True)  # more events to read
+    assert len(markers(store)) == 2
+    with store.engine.begin() as conn:
+        store.queue_fetch(conn, [("Task", 9)], "new")
+    with store.engine.connect() as conn:
+        pending.poll_done(store, conn, at + 2 * pending.MARGIN, [], full=False)  # a fetch still queued
+    assert len(markers(store)) == 2
+    with store.engine.begin() as conn:
+        store.unqueue_fetch(conn, [("Task", 9)])
+        store.queue_fetch(conn, [("Task", 10)], "new")  # queued by a later poll
+    with store.engine.connect() as conn:
+        pending.poll_done(store, conn, at + 2 * pending.MARGIN, [], full=False)
+    assert len(markers(store)) == 2
+    with store.engine.begin() as conn:
+        store.unqueue_fetch(conn, [("Task", 10)])  # the fetches ran between two polls
+        pending.poll_started(store, conn)  # the next poll: the earlier complete poll's markers clear
+    assert markers(store) == frozenset()
+    with store.engine.begin() as conn:
+        pending.mark(conn, store.pending, [("Shot", "code")])
+        later = pending.db_clock(conn) + 2 * pending.MARGIN
+    with store.engine.connect() as conn:
+        pending.poll_done(store, conn, later, [], full=False)  # queue empty: at once
+    assert markers(store) == frozenset()
+
+
+def test_a_newer_write_keeps_the_marker(store: Store) -> None:
+    with store.engine.begin() as conn:
+        pending.mark(conn, store.pending, [("Shot", "tasks")])
+        first = pending.db_clock(conn)
+    with store.engine.begin() as conn:
+        conn.execute(store.pending.update().values(at=first + 10))  # as if written 10 s later
+        pending.mark(conn, store.pending, [("Shot", "tasks")])  # an older time never lowers it
+    with store.engine.begin() as conn:
+        assert pending.clear(conn, store.pending, first + 5) == 0
+        assert pending.clear(conn, store.pending, first + 12) == 1
+
+
+def test_clock_moves_and_has_sub_second_resolution(store: Store) -> None:
+    with store.engine.connect() as conn:
+        a = pending.db_clock(conn)
+        b = pending.db_clock(conn)
+    assert b >= a and (a != int(a) or b != int(b))
+
+
+# -- the read engine's check -------------------------------------------------------------------
+
+
+def plan_touched(store: Store, params: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    with store.engine.begin() as conn:
+        for t in store.schema.entities:
+            store.mark_primed(conn, t)
+        ctx = ReadContext(store.primed_fields(conn))
+    return ReadEngine(store).plan(params, ctx).touched
+
+
+def test_plan_touches_every_field_it_names(store: Store) -> None:
+    touched = plan_touched(store, {
+        "type": "Task", "return_fields": ["content", "entity.Shot.sg_sequence.Sequence.code"],
+        "filters": {"logical_operator": "and", "conditions": [
+            {"path": "step.Step.code", "relation": "is", "values": ["anim"]},
+            {"logical_operator": "or", "conditions": [{"path": "sg_status_list", "relation": "is", "values": ["ip"]}]},
+        ]},
+        "sorts": [{"field_name": "due_date", "direction": "asc"}],
+        "include_archived_projects": False,
+        "paging": {"entities_per_page": 10, "current_page": 1}})
+    assert touched >= {("Task", "*"), ("Task", "content"), ("Task", "entity"), ("Shot", "*"), ("Shot", "sg_sequence"),
+                       ("Sequence", "*"), ("Sequence", "code"), ("Task", "step"), ("Step", "*"), ("Step", "code"),
+                       ("Task", "sg_status_list"), ("Task", "due_date"), ("Task", "project"), ("Project", "*"),
+                       ("Project", "archived")}
+    assert ("Shot", "tasks") not in touched
+
+
+def test_read_passes_on_a_pending_field_or_type(store: Store) -> None:
+    with store.engine.begin() as conn:
+        for t in store.schema.entities:
+            store.mark_primed(conn, t)
+    engine = ReadEngine(store)
+    params = {"type": "Shot", "return_fields": ["code", "tasks"], "paging": {"entities_per_page": 10, "current_page": 1}}
+    deep = {**params, "filters": {"logical_operator": "and", "conditions": [
+        {"path": "tasks.Task.content", "relation": "is", "values": ["x"]}]}}
+
+    def read(p: dict[str, Any], *standing: tuple[str, str]) -> Any:
+        with store.engine.begin() as conn:
+            conn.execute(store.pending.delete())
+            pending.mark(conn, store.pending, standing)
+        with store.engine.connect() as conn:
+            return engine.read(conn, p, ReadContext(store.primed_fields(conn)), check_pending=True)["entities"]
+
+    assert read(params, ("Task", "entity"), ("Version", "*")) == []
+    assert read(deep, ("Task", "entity")) == []
+    with pytest.raises(Passthrough) as exc:
+        read(params, ("Shot", "tasks"))
+    assert exc.value.reason == "pending-write"
+    with pytest.raises(Passthrough):
+        read(params, ("Shot", "*"))
+    with pytest.raises(Passthrough):
+        read(deep, ("Task", "*"))
+    with pytest.raises(Passthrough):
+        read(deep, ("Task", "content"))
+
+
+# -- learning pairs from backref events ------------------------------------------------------------
+
+
+def test_pairs_are_learned_from_backref_events(site: FakeSite, store: Store) -> None:
+    site.add_pair(("Version", "playlists"), ("Playlist", "versions"))
+    p = site.create_direct("Project", {"name": "P"})
+    v = site.create_direct("Version", {"code": "v1", "project": p})
+    start = site.last_event_id()
+    site.create_direct("Playlist", {"code": "pl", "project": p, "versions": [{"type": "Version", "id": v["id"]}]})
+    with store.engine.begin() as conn:
+        assert learn_from_events(conn, store.pairs_table, site.events(start)) == 2
+        assert learn_from_events(conn, store.pairs_table, site.events(start)) == 0
+        reg = PairRegistry().with_learned(conn, store.pairs_table)
+    assert reg.reverse("Playlist", "versions", "Version") == "playlists"
+    assert reg.reverse("Version", "playlists", "Playlist") == "versions"
+
+
+def test_the_ingester_learns_pairs_and_clears_markers(site: FakeSite, store: Store) -> None:
+    site.add_pair(("Version", "playlists"), ("Playlist", "versions"))
+    client = SiteClient(site)
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01))
+    try:
+        with store.engine.begin() as conn:
+            pending.mark(conn, store.pending, [("Version", "playlists")])
+            conn.execute(store.pending.update().values(at=pending.db_clock(conn) - 2 * pending.MARGIN))
+        p = site.create_direct("Project", {"name": "P"})
+        v = site.create_direct("Version", {"code": "v1", "project": p})
+        site.create_direct("Playlist", {"code": "pl", "project": p, "versions": [{"type": "Version", "id": v["id"]}]})
+        ing.poll_once()
+        with store.engine.connect() as conn:
+            assert PairRegistry().with_learned(conn, store.pairs_table).reverse("Playlist", "versions", "Version")
+        assert markers(store) == {("Version", "playlists")}  # the poll queued fetches (the New rows)
+        ing.process_fetch_queue()
+        ing.poll_once()
+        assert markers(store) == frozenset()
+    finally:
+        ing.close()
+
+
+# -- the proxy's write effects, with the fake SG as the oracle ------------------------------------------
+
+
+@pytest.fixture
+def service(tmp_path: Path, db_url: str, site: FakeSite) -> Iterator[CacheService]:
+    schema_path = tmp_path / "schema.yml"
+    schema_path.write_text(cached_schema(site).to_yaml())
+    svc = CacheService(db_url, schema_path, max_lag=0)
+    yield svc
+    svc.close()
+
+
+def learn(site: FakeSite, service: CacheService, method: str, params: dict[str, Any]) -> Any:
+    """Send a write to the fake as the proxy would, learn its answer, complete partial rows from the fake."""
+    result = site._direct(method, params, True)
+    to_fetch = service.learn(method, params, result)
+    store = service.store
+    for entity_type, entity_id in to_fetch:
+        fields = [f for f in store.cached_field_names(entity_type) if f in site.schema[entity_type]]
+        rows = site.find_direct(entity_type, [["id", "is", entity_id]], fields)
+        with store.write_engine.begin() as conn:
+            store.write_entities(conn, entity_type, rows, "proxy", complete=True)
+            store.unqueue_fetch(conn, [(entity_type, entity_id)])
+    return result
+
+
+def assert_replica_is_sg_except_markers(site: FakeSite, service: CacheService) -> None:
+    """Every (type, field) with no pending-write marker reads in the replica as in SG."""
+    store = service.store
+    with store.engine.connect() as conn:
+        primed = store.primed_fields(conn)
+        standing = pending.active(conn, store.pending)
+        engine = ReadEngine(store)
+        ctx = ReadContext(primed)
+        for entity_type in store.schema.entities:
+            if (entity_type, "*") in standing:
+                continue
+            fields = sorted(f for f in primed.get(entity_type, ()) if f != "id" and (entity_type, f) not in standing)
+            params = {"type": entity_type, "return_fields": fields,
+                      "sorts": [{"field_name": "id", "direction": "asc"}],
+                      "paging": {"entities_per_page": 500, "current_page": 1}}
+            ours = engine.read(conn, params, ctx)["entities"]
+            theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}])
+            assert ours == theirs, f"{entity_type} differs"
+
+
+def wire(entity_type: str, entity_id: int | None, fields: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"type": entity_type, "fields": [
+        {"field_name": k, "value": v, **({"multi_entity_update_mode": mode} if mode and isinstance(v, list) else {})}
+        for k, v in fields.items()]}
+    if entity_id is not None:
+        params["id"] = entity_id
+    else:
+        params["return_fields"] = ["id"]
+    return params
+
+
+def test_random_pair_writes_leave_the_replica_right_or_marked(site: FakeSite, service: CacheService) -> None:
+    p = site.create_direct("Project", {"name": "P"})
+    proj = {"type": "Project", "id": p["id"]}
+    seqs = [site.create_direct("Sequence", {"code": f"SQ{i}", "project": proj}) for i in range(3)]
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in range(6)]
+    assets = [site.create_direct("Asset", {"code": f"a{i}", "project": proj}) for i in range(4)]
+    versions = [site.create_direct("Version", {"code": f"v{i}", "project": proj}) for i in range(2)]
+    tasks = [site.create_direct("Task", {"content": f"t{i}", "project": proj}) for i in range(4)]
+    prime(service.store, SiteClient(site))
+
+    def link(t: str, row: dict[str, Any]) -> dict[str, Any]:
+        return {"type": t, "id": row["id"]}
+
+    rnd = random.Random(7)
+    writes = [
+        lambda: ("update", wire("Task", rnd.choice(tasks)["id"], {"entity": link("Shot", rnd.choice(shots))})),
+        lambda: ("update", wire("Task", rnd.choice(tasks)["id"], {"entity": link("Asset", rnd.choice(assets))})),
+        lambda: ("update", wire("Task", rnd.choice(tasks)["id"], {"entity": None})),
+        lambda: ("update", wire("Shot", rnd.choice(shots)["id"], {"tasks": [link("Task", rnd.choice(tasks))]},
+                                rnd.choice(["add", "remove", "set"]))),
+        lambda: ("update", wire("Shot", rnd.choice(shots)["id"], {"sg_sequence": link("Sequence", rnd.choice(seqs))})),
+        lambda: ("update", wire("Sequence", rnd.choice(seqs)["id"],
+                                {"shots": [link("Shot", s) for s in rnd.sample(shots, 2)]},
+                                rnd.choice(["add", "remove", "set"]))),
+        lambda: ("update", wire("Shot", rnd.choice(shots)["id"],
+                                {"assets": [link("Asset", a) for a in rnd.sample(assets, 2)]},
+                                rnd.choice(["add", "remove", "set"]))),
+        lambda: ("update", wire("Asset", rnd.choice(assets)["id"],
+                                {"parents": [link("Asset", rnd.choice(assets))]}, rnd.choice(["add", "set"]))),
+        lambda: ("create", wire("Task", None, {"content": "new", "entity": link("Shot", rnd.choice(shots))})),
+        lambda: ("create", wire("Note", None, {"subject": "n", "project": proj,
+                                               "note_links": [link("Shot", rnd.choice(shots)),
+                                                              link("Version", rnd.choice(versions))],
+                                               "tasks": [link("Task", rnd.choice(tasks))]})),
+    ]
+    for _ in range(60):
+        method, params = rnd.choice(writes)()
+        learn(site, service, method, params)
+        assert_replica_is_sg_except_markers(site, service)
+    # the modelled pairs left no marker on the pairs' fields
+    with service.store.engine.connect() as conn:
+        standing = pending.active(conn, service.store.pending)
+    assert {f for _t, f in standing} <= {"updated_at", "updated_by"}
+
+
+def test_unmodelled_effects_are_marked(site: FakeSite, service: CacheService) -> None:
+    p = site.create_direct("Project", {"name": "P"})
+    proj = {"type": "Project", "id": p["id"]}
+    shot = site.create_direct("Shot", {"code": "sh", "project": proj})
+    v = site.create_direct("Version", {"code": "v", "project": proj})
+    pl = site.create_direct("Playlist", {"code": "pl", "project": proj})
+    site.add_task_template(3, "T", [{"content": "Layout"}])
+    prime(service.store, SiteClient(site))
+    site.add_pair(("Version", "playlists"), ("Playlist", "versions"))
+    learn(site, service, "update", wire("Playlist", pl["id"], {"versions": [{"type": "Version", "id": v["id"]}]}))
+    assert ("Version", "playlists") in markers(service.store)
+    learn(site, service, "create", wire("Shot", None, {"code": "t", "project": proj,
+                                                       "task_template": {"type": "TaskTemplate", "id": 3}}))
+    assert {("Task", "*"), ("Shot", "tasks")} <= markers(service.store)
+    learn(site, service, "delete", {"type": "Shot", "id": shot["id"]})
+    assert {("Task", "*"), ("Task", "entity"), ("Version", "entity")} <= markers(service.store)
+    assert_replica_is_sg_except_markers(site, service)
+
+
+def test_markers_need_no_proxy_state(site: FakeSite, service: CacheService, db_url: str, tmp_path: Path) -> None:
+    """A second service on the same database passes at once what the first one marked."""
+    p = site.create_direct("Project", {"name": "P"})
+    site.create_direct("Shot", {"code": "sh", "project": {"type": "Project", "id": p["id"]}})
+    prime(service.store, SiteClient(site))
+    other = CacheService(db_url, tmp_path / "schema.yml", max_lag=0)
+    try:
+        params = {"type": "Shot", "return_fields": ["code", "updated_at"],
+                  "paging": {"entities_per_page": 10, "current_page": 1}}
+        assert other.read(params)["entities"]
+        with service.store.write_engine.begin() as conn:
+            pending.mark(conn, service.store.pending, [("Shot", "updated_at")])
+        with pytest.raises(Passthrough) as exc:
+            other.read(params)
+        assert exc.value.reason == "pending-write"
+        assert other.read({**params, "return_fields": ["code"]})["entities"]
+    finally:
+        other.close()
+
+
+def test_pending_table_is_in_the_store(store: Store) -> None:
+    names = set(sa.inspect(store.engine).get_table_names())
+    assert {"sgcache_pending", "sgcache_pairs"} <= names
+
+
+def test_failed_fetch_after_a_partial_answer_marks_the_type(service: CacheService) -> None:
+    """Other proxies see the fetch queue up to a second late: the marker reaches their next read."""
+    with service.store.write_engine.begin() as conn:
+        service.store.queue_fetch(conn, [("Task", 99)], "partial create answer")
+    service.fetch_rows("http://127.0.0.1:9/api3/json", {"script_name": "x", "script_key": "y"}, [("Task", 99)], None)
+    assert ("Task", "*") in markers(service.store)
+
+
+def test_unknown_old_value_marks_both_sides(site: FakeSite, service: CacheService) -> None:
+    """A row the replica does not hold: what it linked before is unknown, so nothing is applied on the
+    other side and both the other side and the written field wait."""
+    p = site.create_direct("Project", {"name": "P"})
+    proj = {"type": "Project", "id": p["id"]}
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in range(2)]
+    prime(service.store, SiteClient(site))
+    task = site.create_direct("Task", {"content": "t", "project": proj, "entity": {"type": "Shot", "id": shots[0]["id"]}})
+    learn(site, service, "update", wire("Task", task["id"], {"entity": {"type": "Shot", "id": shots[1]["id"]}}))
+    assert {("Shot", "tasks"), ("Asset", "tasks"), ("Sequence", "tasks"), ("Task", "entity")} <= markers(service.store)
+    assert_replica_is_sg_except_markers(site, service)
