@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from . import fieldtypes
@@ -30,8 +31,22 @@ MAX_OFFSET = 5_000_000
 MAX_FILTER_DEPTH = 32
 #: Plans kept for reuse (keyed by the request's JSON).
 PLAN_CACHE_SIZE = 2000
+#: Requests whose JSON is longer than this are planned each time (a plan holds its values).
 MAX_PLAN_KEY = 8192
 MAX_CONDITIONS = 1000
+#: ``in``/``not_in`` lists longer than this are bound as ONE parameter (a JSON array read with
+#: ``json_each`` on SQLite, an array compared with ``= ANY`` on PostgreSQL) instead of one
+#: parameter per value: the statement stays small whatever the list's length.
+MAX_INLINE_VALUES = 32
+#: Filter values in one read; a read with more passes (``too-large``).
+MAX_FILTER_VALUES = 100_000
+#: Distinct entity types in one long entity ``in`` list; more passes (``too-large``).
+MAX_LINK_TYPES = 32
+#: The params shotgun_api3 always sends; a read without one of them is not the client's
+#: (SG's answer to it is not documented): it passes (``bad-params``).
+_REQUIRED_PARAMS = ("type", "return_fields", "filters", "return_only", "paging")
+#: The storage classes of values an ``in`` list may hold, as array element types (PostgreSQL).
+_ARRAY_TYPES = {"text": sa.Text, "int": sa.BigInteger, "float": sa.Float}
 
 _KNOWN_PARAMS = {
     "type",
@@ -163,6 +178,9 @@ class ReadEngine:
         unknown = set(params) - _KNOWN_PARAMS
         if unknown:
             raise Passthrough("option", ",".join(sorted(map(str, unknown)))[:60])
+        missing = [name for name in _REQUIRED_PARAMS if name not in params]
+        if missing:
+            raise Passthrough("bad-params", "missing " + ",".join(missing))
         entity_type = params.get("type")
         if not isinstance(entity_type, str) or entity_type not in self.schema:
             raise Passthrough("uncached-type", str(entity_type)[:60])
@@ -271,6 +289,7 @@ class _Planner:
         self.base = self.store.tables[entity_type].alias("t0")
         self.scope = _Scope(engine, entity_type, self.base)
         self._n_conditions = 0
+        self._n_values = 0
 
     # -- fields and paths --------------------------------------------------------------
     def _field(self, entity_type: str, fname: Any) -> FieldSchema:
@@ -464,6 +483,9 @@ class _Planner:
         path, relation, values = cond.get("path"), cond.get("relation"), cond.get("values")
         if not isinstance(relation, str) or not isinstance(values, list):
             raise Passthrough("bad-filter", "condition")
+        self._n_values += len(values)
+        if self._n_values > MAX_FILTER_VALUES:
+            raise Passthrough("too-large", f"more than {MAX_FILTER_VALUES} filter values")
         if isinstance(path, str) and path.startswith("$"):
             raise Passthrough("filter-path", path[:60])
         return self._path_condition(self.scope, self.base, self.entity_type, self._split(path), relation, values)
@@ -546,7 +568,8 @@ class _Planner:
         if relation in ("in", "not_in"):
             lits = [lit(v) for v in values]
             non_null = [v for v in lits if v is not None]
-            match = norm(col).in_(non_null) if non_null else sa.false()
+            storage = fieldtypes.TYPES[fschema.data_type].storage
+            match = self._in_list(norm(col), non_null, storage) if non_null else sa.false()
             if None in lits:
                 match = sa.or_(match, col.is_(None))
             if relation == "in":
@@ -588,6 +611,37 @@ class _Planner:
             # NULL is neither inside nor outside the range (as SQL's NOT BETWEEN; the fake SG agrees)
             return sa.and_(col.is_not(None), sa.not_(inside))
         raise Passthrough("operator", relation)
+
+    def _in_list(self, expr: Any, values: list[Any], storage: str) -> Any:
+        """``expr IN values`` (no None among them): inline for short lists, else one bound
+        parameter, so a list of 30,000 values is neither 30,000 parameters nor a deep tree."""
+        if len(values) <= MAX_INLINE_VALUES:
+            return expr.in_(values)
+        if storage not in _ARRAY_TYPES:
+            raise Passthrough("filter-value", f"long in list of {storage}")
+        if self.store.dialect == "postgresql":
+            array = sa.bindparam(None, values, type_=postgresql.ARRAY(_ARRAY_TYPES[storage]()))
+            return expr == sa.any_(array)
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            raise Passthrough("filter-value", "NUL in a long in list")
+        try:
+            text = json.dumps(values, allow_nan=False, ensure_ascii=False)
+        except ValueError:
+            raise Passthrough("filter-value", "not a finite number") from None
+        each = sa.func.json_each(sa.bindparam(None, text, type_=sa.Text)).table_valued("value")
+        return expr.in_(sa.select(each.c.value))
+
+    def _link_in(self, reg: Any, pairs: list[tuple[str, int]]) -> Any:
+        """The registry row ``reg`` is one of ``pairs`` (type, id). A long list is grouped by
+        type: one ``type = t AND id IN (...)`` per type, each id list bound as one parameter."""
+        if len(pairs) <= MAX_INLINE_VALUES:
+            return sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs])
+        by_type: dict[str, list[int]] = {}
+        for t, i in pairs:
+            by_type.setdefault(t, []).append(i)
+        if len(by_type) > MAX_LINK_TYPES:
+            raise Passthrough("too-large", f"links of more than {MAX_LINK_TYPES} types")
+        return sa.or_(*[(reg.c.type == t) & self._in_list(reg.c.id, ids, "int") for t, ids in by_type.items()])
 
     def _link_value(self, value: Any) -> tuple[str, int] | None:
         if value is None:
@@ -637,7 +691,7 @@ class _Planner:
                 raise Passthrough("filter-value", relation)
             links = [self._link_value(v) for v in values]
             pairs = [p for p in links if p is not None]
-            match = sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]) if pairs else sa.false()
+            match = self._link_in(reg, pairs) if pairs else sa.false()
             if None in links:
                 match = sa.or_(match, reg.c.id.is_(None))
             if relation in ("is", "in"):
@@ -683,7 +737,7 @@ class _Planner:
             pairs = [p for p in links if p is not None]
             parts = []
             if pairs:
-                parts.append(sa.exists(base.where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]))))
+                parts.append(sa.exists(base.where(self._link_in(reg, pairs))))
             if None in links:
                 parts.append(empty)
             hit = sa.or_(*parts) if parts else sa.false()
