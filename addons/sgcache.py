@@ -32,8 +32,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from cache import api3, upstream  # noqa: E402
 from cache.auth import CredentialCache  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
+from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
-from cache.service import CacheService  # noqa: E402
+from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 
 log = logging.getLogger("sgcache")
 
@@ -69,8 +70,14 @@ class SGCache:
         loader.add_option("sgcache_db", str, "sqlite:///sgcache.db", "Replica database URL (SQLAlchemy).")
         loader.add_option("sgcache_schema", str, DEFAULT_SCHEMA, "Cached-subset schema YAML file.")
         loader.add_option(
-            "sgcache_max_lag", int, 60,
-            "Serve reads only while the ingester's heartbeat is younger than this many seconds (0: no check).",
+            "sgcache_max_lag", int, int(DEFAULT_MAX_LAG),
+            "Serve reads only while the ingester's heartbeat is younger than this many seconds (0: no check). "
+            "The ingester beats on every poll, at least every 3 s when idle.",
+        )
+        loader.add_option(
+            "sgcache_read_budget", int, int(READ_BUDGET_SECONDS * 1000),
+            "Milliseconds one read may run in the database; a read past it is stopped and passes "
+            "(slow-read) without counting as a database failure (0: no budget).",
         )
         loader.add_option("sgcache_auth_ttl", int, 300, "Seconds SG's acceptance of a credential is trusted.")
         loader.add_option(
@@ -104,7 +111,7 @@ class SGCache:
                 allow_users=ctx.options.sgcache_allow_users,
                 scripts=ctx.options.sgcache_scripts or None,
             )
-        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag"}:
+        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget"}:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
@@ -118,7 +125,8 @@ class SGCache:
     def _open_service(self) -> CacheService | None:
         """Open the replica; when the database is down, pass everything and retry later (fail open)."""
         try:
-            self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag)
+            self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag,
+                                        max(0, ctx.options.sgcache_read_budget) / 1000)
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
@@ -294,15 +302,20 @@ class SGCache:
             return "no-replica"
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        began: list[float] = []  # set by the worker: an empty list means the read never left the queue
         try:
             body = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, _read_encoded, service, args, offline), READ_TIMEOUT
+                loop.run_in_executor(self.executor, _read_encoded, service, args, offline, began), READ_TIMEOUT
             )
         except Passthrough as exc:
             if exc.detail:
                 log.debug("pass %s: %s", exc.reason, exc.detail)
             return exc.reason
         except TimeoutError:
+            if not began:
+                # every worker busy: this request's wait, not a sign the database is down
+                log.info("no worker free for a read in %.0fs; passing through", READ_TIMEOUT)
+                return "busy"
             log.warning("replica too slow; passing through")
             service.note_timeout()
             return "db-timeout"
@@ -374,8 +387,10 @@ class SGCache:
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
 
 
-def _read_encoded(service: CacheService, args: Any, offline: bool) -> bytes:
+def _read_encoded(service: CacheService, args: Any, offline: bool, began: list[float] | None = None) -> bytes:
     """Answer a read and encode SG's envelope, in one trip to a worker thread."""
+    if began is not None:
+        began.append(time.monotonic())
     return api3.encode_results(service.read(args, offline))
 
 

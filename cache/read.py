@@ -7,11 +7,13 @@ with a reason; the caller then sends the request upstream.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import re
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,13 @@ MAX_INLINE_VALUES = 32
 MAX_FILTER_VALUES = 100_000
 #: Distinct entity types in one long entity ``in`` list; more passes (``too-large``).
 MAX_LINK_TYPES = 32
+#: What one read may cost, in seconds from its first statement to its last row (all its statements
+#: together; the addon's ``sgcache_read_budget``). A read past it is stopped by the database
+#: (PostgreSQL: ``statement_timeout``; SQLite: a progress handler) and passes (``slow-read``):
+#: that client's problem, not the database's.
+READ_BUDGET_SECONDS = 2.0
+#: SQLite: virtual-machine instructions between two looks at the clock (a hit runs far fewer).
+SQLITE_PROGRESS_STEPS = 200_000
 #: The params shotgun_api3 always sends; a read without one of them is not the client's
 #: (SG's answer to it is not documented): it passes (``bad-params``).
 _REQUIRED_PARAMS = ("type", "return_fields", "filters", "return_only", "paging")
@@ -83,6 +92,62 @@ class ReadContext:
     def fingerprint(self) -> tuple[frozenset[Any], frozenset[str]]:
         """What a plan depends on: equal fingerprints, same planning decisions."""
         return frozenset((t, frozenset(f)) for t, f in self.primed.items()), frozenset(self.pending_fetch)
+
+
+class ReadBudget:
+    """The time one read may spend in the database; see :data:`READ_BUDGET_SECONDS`.
+
+    Use ``with budget.watching(conn):`` around the read and call :meth:`before_statement`
+    before each statement. A read that overruns raises ``Passthrough("slow-read")``.
+    """
+
+    def __init__(self, seconds: float = READ_BUDGET_SECONDS):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds  # restarted by watching(): planning is not counted
+        self.spent = False
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def before_statement(self, conn: Connection) -> None:
+        """Raise slow-read when the budget is spent; on PostgreSQL, give the next statement
+        what is left (``SET LOCAL``: it ends with the read's transaction)."""
+        left = self.left()
+        if left <= 0:
+            self.spent = True
+            raise Passthrough("slow-read", f"over {self.seconds:g}s")
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
+
+    @contextlib.contextmanager
+    def watching(self, conn: Connection) -> Iterator[None]:
+        """Stop a SQLite statement that runs past the deadline; turn the database's
+        cancellation of a statement over budget into ``Passthrough("slow-read")``."""
+        raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        self.deadline = time.monotonic() + self.seconds
+
+        def _progress() -> int:
+            if time.monotonic() > self.deadline:
+                self.spent = True
+                return 1  # sqlite3 raises OperationalError("interrupted")
+            return 0
+
+        if raw is not None:
+            raw.set_progress_handler(_progress, SQLITE_PROGRESS_STEPS)
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if self.spent or getattr(exc.orig, "pgcode", None) == PG_QUERY_CANCELED:
+                self.spent = True
+                raise Passthrough("slow-read", f"over {self.seconds:g}s") from exc
+            raise
+        finally:
+            if raw is not None:
+                raw.set_progress_handler(None, 0)
+
+
+#: PostgreSQL's SQLSTATE for a statement cancelled (here: by ``statement_timeout``).
+PG_QUERY_CANCELED = "57014"
 
 
 @dataclass
@@ -143,10 +208,16 @@ class ReadEngine:
         self._plan_cache_size = plan_cache_size
 
     # -- entry point -----------------------------------------------------------------
-    def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext) -> dict[str, Any]:
-        """Answer a read; the value of ``results`` in SG's reply."""
+    def read(
+        self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext, budget: ReadBudget | None = None
+    ) -> dict[str, Any]:
+        """Answer a read; the value of ``results`` in SG's reply. With a ``budget``, a read
+        that would cost more passes (``slow-read``)."""
         plan = self.plan(params, ctx)
-        return self.execute(conn, plan)
+        if budget is None:
+            return self.execute(conn, plan)
+        with budget.watching(conn):
+            return self.execute(conn, plan, budget)
 
     def plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:
         """Check a read against the schema and build its SQL, or raise Passthrough."""
@@ -190,21 +261,27 @@ class ReadEngine:
             raise Passthrough("pending-fetch", entity_type)
         return _Planner(self, entity_type, ctx).build(params)
 
-    def execute(self, conn: Connection, plan: _Plan) -> dict[str, Any]:
+    def execute(self, conn: Connection, plan: _Plan, budget: ReadBudget | None = None) -> dict[str, Any]:
+        """Run a plan (each statement within ``budget`` when given)."""
+        if budget is not None:
+            budget.before_statement(conn)
         rows = conn.execute(plan.select).all()
         # One row past the page tells whether there is a next page.
         has_next = len(rows) > plan.limit
         rows = rows[: plan.limit]
         entities = [plan.decode(row) for row in rows]
         if plan.multi_fields and entities:
-            self._fill_multi(conn, plan, entities, rows)
+            self._fill_multi(conn, plan, entities, rows, budget)
         paging_info: dict[str, Any] = {"has_next_page": has_next}
         if plan.want_count:
+            if budget is not None:
+                budget.before_statement(conn)
             paging_info["entity_count"] = int(conn.execute(plan.count_select).scalar_one())
         return {"entities": entities, "paging_info": paging_info}
 
     def _fill_multi(
-        self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]], rows: list[Any]
+        self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]], rows: list[Any],
+        budget: ReadBudget | None = None,
     ) -> None:
         """One query per multi_entity return field, for all the rows of the page."""
         for key, owner_type, fname, label in plan.multi_fields:
@@ -212,6 +289,8 @@ class ReadEngine:
                 parents = [e["id"] for e in entities]
             else:  # the field of a linked row (deep path); no linked row reads as None
                 parents = [row._mapping[label] for row in rows]
+            if budget is not None:
+                budget.before_statement(conn)
             values = self._multi_values(conn, owner_type, fname, {p for p in parents if p is not None})
             for e, parent in zip(entities, parents, strict=True):
                 e[key] = None if parent is None else list(values.get(parent, ()))
