@@ -175,3 +175,23 @@ def test_stale_and_fresh_are_logged_once_per_change(db_url: str, caplog: pytest.
     finally:
         svc.close()
         store.dispose()
+
+
+def test_a_slow_request_repeated_passes_without_touching_the_database(service: CacheService) -> None:
+    engine = service.engine
+    with service.store.engine.connect() as conn:
+        ctx = ReadContext(service.store.primed_fields(conn))
+        with pytest.raises(Passthrough) as first:
+            engine.read(conn, args(slow_filters()), ctx, ReadBudget(BUDGET))
+        assert isinstance(first.value.__cause__, sa.exc.DBAPIError)
+        budget = ReadBudget(BUDGET)
+        with pytest.raises(Passthrough) as again:
+            engine.read(conn, args(slow_filters()), ctx, budget)
+        assert again.value.reason == "slow-read" and "recently" in again.value.detail
+        assert not budget.spent  # it never ran
+        # another request is not affected, and the memory expires
+        assert engine.read(conn, SMALL, ctx, ReadBudget(5.0))["entities"][0]["id"] == 7
+        engine._slow.clear()
+        with pytest.raises(Passthrough) as later:
+            engine.read(conn, args(slow_filters()), ctx, ReadBudget(BUDGET))
+        assert isinstance(later.value.__cause__, sa.exc.DBAPIError)
