@@ -41,6 +41,8 @@ log = logging.getLogger("sgcache")
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
+#: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
+BIG_BODY = 64 * 1024
 #: With the replica unopenable, how often the addon tries again.
 SERVICE_RETRY_SECONDS = 5.0
 #: A read the database has not answered by then goes upstream.
@@ -174,7 +176,11 @@ class SGCache:
             # shotgun_api3 never compresses a request; what SG makes of one is SG's business
             self._mark_pass(flow, "content-encoding")
             return
-        req = api3.decode_request(flow.request.raw_content or b"")
+        body = flow.request.raw_content or b""
+        if len(body) > BIG_BODY:  # decoding a huge body would stall every other client's request
+            req = await asyncio.get_running_loop().run_in_executor(self.executor, api3.decode_request, body)
+        else:
+            req = api3.decode_request(body)
         if req is None:
             self._mark_pass(flow, "not-api3")
             return
