@@ -199,8 +199,9 @@ class CacheService:
             self._ctx = None
 
     # -- reads -----------------------------------------------------------------------
-    def read(self, args: Any, allow_stale: bool = False) -> dict[str, Any]:
-        """Answer a ``read`` from the replica, or raise Passthrough."""
+    def read(self, args: Any, allow_stale: bool = False, budget: float | None = None) -> dict[str, Any]:
+        """Answer a ``read`` from the replica, or raise Passthrough. ``budget``: seconds this read
+        may run in the database (default: ``read_budget``)."""
         self._check_breaker()
         try:
             with self.store.engine.connect() as conn:
@@ -208,8 +209,8 @@ class CacheService:
                 stale = self._note_freshness()
                 if stale and not allow_stale:
                     raise Passthrough("stale", "ingester heartbeat missing or old")
-                budget = ReadBudget(self.read_budget) if self.read_budget > 0 else None
-                result = self.engine.read(conn, args, ctx, budget)
+                seconds = self.read_budget if budget is None else min(budget, self.read_budget or budget)
+                result = self.engine.read(conn, args, ctx, ReadBudget(seconds) if seconds > 0 else None)
         except Passthrough:
             self._db_ok()
             raise
