@@ -43,11 +43,13 @@ WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
 #: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
 BIG_BODY = 64 * 1024
-#: A client (address and credentials) whose read overran the read budget gets this fraction of
-#: the budget for this many seconds: repeated slow reads then cost a tenth as much, while its
-#: hits (milliseconds) are not affected.
+#: A client connection whose read overran the read budget gets this fraction of the budget (never
+#: below SLOW_CLIENT_MIN_BUDGET) for this many seconds: its repeated slow reads then cost a tenth
+#: as much, while its hits (milliseconds) are not affected. Per connection, not per host or
+#: script: the other processes of a farm node using the same script keep the whole budget.
 SLOW_CLIENT_SECONDS = 30.0
 SLOW_CLIENT_FRACTION = 0.1
+SLOW_CLIENT_MIN_BUDGET = 0.05
 #: With the replica unopenable, how often the addon tries again.
 SERVICE_RETRY_SECONDS = 5.0
 #: A read the database has not answered by then goes upstream.
@@ -72,7 +74,7 @@ class SGCache:
         self.hosts: list[str] = list(DEFAULT_HOSTS)
         self.down_until: dict[str, float] = {}
         self.last_info: dict[str, dict[str, Any]] = {}
-        self.slow_clients: dict[tuple[str, bytes], float] = {}  # (address, credentials) -> until
+        self.slow_clients: dict[str, float] = {}  # client connection id -> until
 
     def load(self, loader: Any) -> None:
         loader.add_option("sgcache_db", str, "sqlite:///sgcache.db", "Replica database URL (SQLAlchemy).")
@@ -315,10 +317,10 @@ class SGCache:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         began: list[float] = []  # set by the worker: an empty list means the read never left the queue
-        client = self._client_key(flow)
+        client = flow.client_conn.id
         budget = None
         if self.slow_clients.get(client, 0.0) > time.monotonic():
-            budget = service.read_budget * SLOW_CLIENT_FRACTION
+            budget = max(service.read_budget * SLOW_CLIENT_FRACTION, min(service.read_budget, SLOW_CLIENT_MIN_BUDGET))
         try:
             body = await asyncio.wait_for(
                 loop.run_in_executor(self.executor, _read_encoded, service, args, offline, began, budget),
@@ -349,13 +351,7 @@ class SGCache:
         )
         return None
 
-    def _client_key(self, flow: http.HTTPFlow) -> tuple[str, bytes]:
-        """Who sent a request: the client's address and its credentials."""
-        auth = flow.metadata.get("sgcache_auth")
-        peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        return peer, self.credentials.key(auth) if isinstance(auth, dict) else b""
-
-    def _note_slow_client(self, client: tuple[str, bytes]) -> None:
+    def _note_slow_client(self, client: str) -> None:
         now = time.monotonic()
         if len(self.slow_clients) > 10_000:
             self.slow_clients = {k: v for k, v in self.slow_clients.items() if v > now}

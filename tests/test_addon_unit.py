@@ -166,7 +166,7 @@ def test_only_listed_scripts_are_served(run: Any) -> None:
     run(test)
 
 
-def test_a_client_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hits(db_url: str) -> None:
+def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hits(db_url: str) -> None:
     from cache.schema import Schema
     from cache.store import Store
 
@@ -197,8 +197,10 @@ def test_a_client_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hits(db
                 flow = api3_flow(call("read", slow))
                 await addon.request(flow)
                 assert flow.response is None and flow.metadata["sgcache_pass"] == "slow-read"
-                assert len(addon.slow_clients) == 1
+                assert list(addon.slow_clients) == [flow.client_conn.id]
+                first = flow
                 flow = api3_flow(call("read", small))
+                flow.client_conn = first.client_conn  # the same client connection: a smaller budget
                 await addon.request(flow)
                 assert flow.response is not None and flow.response.headers[sgcache.HEADER] == "hit"
                 assert json.loads(flow.response.content)["results"]["entities"] == [
