@@ -146,6 +146,7 @@ class ReadBudget:
         except sa.exc.DBAPIError as exc:
             if self.spent or getattr(exc.orig, "pgcode", None) == PG_QUERY_CANCELED:
                 self.spent = True
+                conn.rollback()  # PostgreSQL: the cancelled statement aborted the transaction
                 raise Passthrough("slow-read", f"over {self.seconds:g}s") from exc
             raise
         finally:
