@@ -33,14 +33,24 @@ from cache import api3, upstream  # noqa: E402
 from cache.auth import CredentialCache  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
 from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
+from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
-from cache.service import CacheService  # noqa: E402
+from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 
 log = logging.getLogger("sgcache")
 
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
+#: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
+BIG_BODY = 64 * 1024
+#: A client connection whose read overran the read budget gets this fraction of the budget (never
+#: below SLOW_CLIENT_MIN_BUDGET) for this many seconds: its repeated slow reads then cost a tenth
+#: as much, while its hits (milliseconds) are not affected. Per connection, not per host or
+#: script: the other processes of a farm node using the same script keep the whole budget.
+SLOW_CLIENT_SECONDS = 30.0
+SLOW_CLIENT_FRACTION = 0.1
+SLOW_CLIENT_MIN_BUDGET = 0.05
 #: With the replica unopenable, how often the addon tries again.
 SERVICE_RETRY_SECONDS = 5.0
 #: A read the database has not answered by then goes upstream.
@@ -65,13 +75,20 @@ class SGCache:
         self.hosts: list[str] = list(DEFAULT_HOSTS)
         self.down_until: dict[str, float] = {}
         self.last_info: dict[str, dict[str, Any]] = {}
+        self.slow_clients: dict[str, float] = {}  # client connection id -> until
 
     def load(self, loader: Any) -> None:
         loader.add_option("sgcache_db", str, "sqlite:///sgcache.db", "Replica database URL (SQLAlchemy).")
         loader.add_option("sgcache_schema", str, DEFAULT_SCHEMA, "Cached-subset schema YAML file.")
         loader.add_option(
-            "sgcache_max_lag", int, 60,
-            "Serve reads only while the ingester's heartbeat is younger than this many seconds (0: no check).",
+            "sgcache_max_lag", int, int(DEFAULT_MAX_LAG),
+            "Serve reads only while the ingester's heartbeat is younger than this many seconds (0: no check). "
+            "The ingester beats on every poll, at least every 3 s when idle.",
+        )
+        loader.add_option(
+            "sgcache_read_budget", int, int(READ_BUDGET_SECONDS * 1000),
+            "Milliseconds one read may run in the database; a read past it is stopped and passes "
+            "(slow-read) without counting as a database failure (0: no budget).",
         )
         loader.add_option("sgcache_auth_ttl", int, 300, "Seconds SG's acceptance of a credential is trusted.")
         loader.add_option(
@@ -110,7 +127,7 @@ class SGCache:
                 allow_users=ctx.options.sgcache_allow_users,
                 scripts=ctx.options.sgcache_scripts or None,
             )
-        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_pairs"}:
+        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs"}:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
@@ -129,7 +146,8 @@ class SGCache:
         """Open the replica; when the database is down, pass everything and retry later (fail open)."""
         try:
             self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag,
-                                        ctx.options.sgcache_pairs or None)
+                                        max(0, ctx.options.sgcache_read_budget) / 1000,
+                                        pairs_path=ctx.options.sgcache_pairs or None)
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
@@ -177,7 +195,11 @@ class SGCache:
             # shotgun_api3 never compresses a request; what SG makes of one is SG's business
             self._mark_pass(flow, "content-encoding")
             return
-        req = api3.decode_request(flow.request.raw_content or b"")
+        body = flow.request.raw_content or b""
+        if len(body) > BIG_BODY:  # decoding a huge body would stall every other client's request
+            req = await asyncio.get_running_loop().run_in_executor(self.executor, api3.decode_request, body)
+        else:
+            req = api3.decode_request(body)
         if req is None:
             self._mark_pass(flow, "not-api3")
             return
@@ -308,15 +330,27 @@ class SGCache:
             return "no-replica"
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        began: list[float] = []  # set by the worker: an empty list means the read never left the queue
+        client = flow.client_conn.id
+        budget = None
+        if self.slow_clients.get(client, 0.0) > time.monotonic():
+            budget = max(service.read_budget * SLOW_CLIENT_FRACTION, min(service.read_budget, SLOW_CLIENT_MIN_BUDGET))
         try:
             body = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, _read_encoded, service, args, offline), READ_TIMEOUT
+                loop.run_in_executor(self.executor, _read_encoded, service, args, offline, began, budget),
+                READ_TIMEOUT,
             )
         except Passthrough as exc:
             if exc.detail:
                 log.debug("pass %s: %s", exc.reason, exc.detail)
+            if exc.reason == "slow-read" and "recently" not in exc.detail:
+                self._note_slow_client(client)
             return exc.reason
         except TimeoutError:
+            if not began:
+                # every worker busy: this request's wait, not a sign the database is down
+                log.info("no worker free for a read in %.0fs; passing through", READ_TIMEOUT)
+                return "busy"
             log.warning("replica too slow; passing through")
             service.note_timeout()
             return "db-timeout"
@@ -330,6 +364,12 @@ class SGCache:
             200, body, {"Content-Type": "application/json; charset=utf-8", HEADER: "hit; stale" if offline else "hit"}
         )
         return None
+
+    def _note_slow_client(self, client: str) -> None:
+        now = time.monotonic()
+        if len(self.slow_clients) > 10_000:
+            self.slow_clients = {k: v for k, v in self.slow_clients.items() if v > now}
+        self.slow_clients[client] = now + SLOW_CLIENT_SECONDS
 
     def _mark_pass(self, flow: http.HTTPFlow, reason: str) -> None:
         flow.metadata["sgcache_pass"] = reason
@@ -388,9 +428,15 @@ class SGCache:
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
 
 
-def _read_encoded(service: CacheService, args: Any, offline: bool) -> bytes:
+def _read_encoded(
+    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
+) -> bytes:
     """Answer a read and encode SG's envelope, in one trip to a worker thread."""
-    return api3.encode_results(service.read(args, offline))
+    if began is not None:
+        began.append(time.monotonic())
+    if budget is None:
+        return api3.encode_results(service.read(args, offline))
+    return api3.encode_results(service.read(args, offline, budget))
 
 
 def _upstream_ssl_context() -> ssl.SSLContext:

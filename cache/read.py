@@ -7,15 +7,19 @@ with a reason; the caller then sends the request upstream.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import hashlib
 import json
 import re
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from . import eventlog, fieldtypes, pending
@@ -30,8 +34,35 @@ MAX_OFFSET = 5_000_000
 MAX_FILTER_DEPTH = 32
 #: Plans kept for reuse (keyed by the request's JSON).
 PLAN_CACHE_SIZE = 2000
+#: Requests whose JSON is longer than this are planned each time (a plan holds its values).
 MAX_PLAN_KEY = 8192
 MAX_CONDITIONS = 1000
+#: ``in``/``not_in`` lists longer than this are bound as ONE parameter (a JSON array read with
+#: ``json_each`` on SQLite, an array compared with ``= ANY`` on PostgreSQL) instead of one
+#: parameter per value: the statement stays small whatever the list's length.
+MAX_INLINE_VALUES = 32
+#: Filter values in one read; a read with more passes (``too-large``) before any work on them.
+#: Answering a 30,000-link list costs the proxy ~0.2 s of Python (decoding, planning) that every
+#: other client feels; SG answers such a read itself.
+MAX_FILTER_VALUES = 10_000
+#: Distinct entity types in one long entity ``in`` list; more passes (``too-large``).
+MAX_LINK_TYPES = 32
+#: What one read may cost, in seconds from its first statement to its last row (all its statements
+#: together; the addon's ``sgcache_read_budget``). A read past it is stopped by the database
+#: (PostgreSQL: ``statement_timeout``; SQLite: a progress handler) and passes (``slow-read``):
+#: that client's problem, not the database's.
+READ_BUDGET_SECONDS = 2.0
+#: A request that overran its budget passes at once (``slow-read``) when it comes again within
+#: this many seconds: a client repeating a slow read costs the database nothing more.
+SLOW_MEMORY_SECONDS = 60.0
+SLOW_MEMORY_SIZE = 1000
+#: SQLite: virtual-machine instructions between two looks at the clock (a hit runs far fewer).
+SQLITE_PROGRESS_STEPS = 200_000
+#: The params shotgun_api3 always sends; a read without one of them is not the client's
+#: (SG's answer to it is not documented): it passes (``bad-params``).
+_REQUIRED_PARAMS = ("type", "return_fields", "filters", "return_only", "paging")
+#: The storage classes of values an ``in`` list may hold, as array element types (PostgreSQL).
+_ARRAY_TYPES = {"text": sa.Text, "int": sa.BigInteger, "float": sa.Float}
 
 _KNOWN_PARAMS = {
     "type",
@@ -69,6 +100,63 @@ class ReadContext:
     def fingerprint(self) -> tuple[frozenset[Any], frozenset[str]]:
         """What a plan depends on: equal fingerprints, same planning decisions."""
         return frozenset((t, frozenset(f)) for t, f in self.primed.items()), frozenset(self.pending_fetch)
+
+
+class ReadBudget:
+    """The time one read may spend in the database; see :data:`READ_BUDGET_SECONDS`.
+
+    Use ``with budget.watching(conn):`` around the read and call :meth:`before_statement`
+    before each statement. A read that overruns raises ``Passthrough("slow-read")``.
+    """
+
+    def __init__(self, seconds: float = READ_BUDGET_SECONDS):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds  # restarted by watching(): planning is not counted
+        self.spent = False
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def before_statement(self, conn: Connection) -> None:
+        """Raise slow-read when the budget is spent; on PostgreSQL, give the next statement
+        what is left (``SET LOCAL``: it ends with the read's transaction)."""
+        left = self.left()
+        if left <= 0:
+            self.spent = True
+            raise Passthrough("slow-read", f"over {self.seconds:g}s")
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(left * 1000))}")
+
+    @contextlib.contextmanager
+    def watching(self, conn: Connection) -> Iterator[None]:
+        """Stop a SQLite statement that runs past the deadline; turn the database's
+        cancellation of a statement over budget into ``Passthrough("slow-read")``."""
+        raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        self.deadline = time.monotonic() + self.seconds
+
+        def _progress() -> int:
+            if time.monotonic() > self.deadline:
+                self.spent = True
+                return 1  # sqlite3 raises OperationalError("interrupted")
+            return 0
+
+        if raw is not None:
+            raw.set_progress_handler(_progress, SQLITE_PROGRESS_STEPS)
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if self.spent or getattr(exc.orig, "pgcode", None) == PG_QUERY_CANCELED:
+                self.spent = True
+                conn.rollback()  # PostgreSQL: the cancelled statement aborted the transaction
+                raise Passthrough("slow-read", f"over {self.seconds:g}s") from exc
+            raise
+        finally:
+            if raw is not None:
+                raw.set_progress_handler(None, 0)
+
+
+#: PostgreSQL's SQLSTATE for a statement cancelled (here: by ``statement_timeout``).
+PG_QUERY_CANCELED = "57014"
 
 
 @dataclass
@@ -127,29 +215,71 @@ class ReadEngine:
         self._plans: collections.OrderedDict[str, tuple[Any, _Plan]] = collections.OrderedDict()
         self._plans_lock = threading.Lock()
         self._plan_cache_size = plan_cache_size
+        # requests that overran their budget lately (digest of the request -> until when)
+        self._slow: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     # -- entry point -----------------------------------------------------------------
-    def read(self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext,
-             check_pending: bool = False) -> dict[str, Any]:
-        """Answer a read; the value of ``results`` in SG's reply. With ``check_pending``, a read
-        touching a pending-write marker (cache/pending.py) passes."""
-        plan = self.plan(params, ctx)
+    def read(
+        self, conn: Connection, params: Mapping[str, Any], ctx: ReadContext, budget: ReadBudget | None = None,
+        check_pending: bool = False,
+    ) -> dict[str, Any]:
+        """Answer a read; the value of ``results`` in SG's reply.
+
+        With a ``budget``, a read that would cost more passes (``slow-read``), and so does the
+        same request again for :data:`SLOW_MEMORY_SECONDS` (without touching the database).
+        With ``check_pending``, a read touching a pending-write marker (cache/pending.py) passes.
+        """
+        _check_size(params)
+        key = _request_key(params)
+        digest = None
+        if budget is not None and key is not None:
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+            if self._recently_slow(digest):
+                raise Passthrough("slow-read", "overran its budget recently")
+        plan = self._plan(params, ctx, key)
         if check_pending:
             pending.check_read(conn, self.store.pending, plan.touched)
-        if plan.entity_type == eventlog.EVENT_TYPE:  # events above the ingester's cursor may be missing
-            check_page = eventlog.check_read(params, ctx.event_cursor)
+        # events above the ingester's cursor may be missing
+        check_page = plan.entity_type == eventlog.EVENT_TYPE and eventlog.check_read(params, ctx.event_cursor)
+        if budget is None:
             result = self.execute(conn, plan)
-            if check_page:
-                eventlog.check_answer(params, result, ctx.event_cursor)  # type: ignore[arg-type]
-            return result
-        return self.execute(conn, plan)
+        else:
+            try:
+                with budget.watching(conn):
+                    result = self.execute(conn, plan, budget)
+            except Passthrough as exc:
+                if exc.reason == "slow-read" and digest is not None:
+                    self._remember_slow(digest)
+                raise
+        if check_page:
+            eventlog.check_answer(params, result, ctx.event_cursor)  # type: ignore[arg-type]
+        return result
+
+    def _remember_slow(self, digest: bytes) -> None:
+        with self._plans_lock:
+            self._slow[digest] = time.monotonic() + SLOW_MEMORY_SECONDS
+            self._slow.move_to_end(digest)
+            while len(self._slow) > SLOW_MEMORY_SIZE:
+                self._slow.popitem(last=False)
+
+    def _recently_slow(self, digest: bytes) -> bool:
+        if not self._slow:
+            return False
+        with self._plans_lock:
+            until = self._slow.get(digest)
+            if until is None:
+                return False
+            if time.monotonic() < until:
+                return True
+            del self._slow[digest]
+            return False
 
     def plan(self, params: Mapping[str, Any], ctx: ReadContext) -> _Plan:
         """Check a read against the schema and build its SQL, or raise Passthrough."""
-        try:
-            key: str | None = json.dumps(params, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError, RecursionError):
-            key = None
+        _check_size(params)
+        return self._plan(params, ctx, _request_key(params))
+
+    def _plan(self, params: Mapping[str, Any], ctx: ReadContext, key: str | None) -> _Plan:
         if key is not None and len(key) > MAX_PLAN_KEY:
             key = None  # a huge request (thousands of ids): not worth keeping
         fingerprint = ctx.fingerprint if key is not None else None
@@ -174,6 +304,9 @@ class ReadEngine:
         unknown = set(params) - _KNOWN_PARAMS
         if unknown:
             raise Passthrough("option", ",".join(sorted(map(str, unknown)))[:60])
+        missing = [name for name in _REQUIRED_PARAMS if name not in params]
+        if missing:
+            raise Passthrough("bad-params", "missing " + ",".join(missing))
         entity_type = params.get("type")
         if not isinstance(entity_type, str) or entity_type not in self.schema:
             raise Passthrough("uncached-type", str(entity_type)[:60])
@@ -183,21 +316,27 @@ class ReadEngine:
             raise Passthrough("pending-fetch", entity_type)
         return _Planner(self, entity_type, ctx).build(params)
 
-    def execute(self, conn: Connection, plan: _Plan) -> dict[str, Any]:
+    def execute(self, conn: Connection, plan: _Plan, budget: ReadBudget | None = None) -> dict[str, Any]:
+        """Run a plan (each statement within ``budget`` when given)."""
+        if budget is not None:
+            budget.before_statement(conn)
         rows = conn.execute(plan.select).all()
         # One row past the page tells whether there is a next page.
         has_next = len(rows) > plan.limit
         rows = rows[: plan.limit]
         entities = [plan.decode(row) for row in rows]
         if plan.multi_fields and entities:
-            self._fill_multi(conn, plan, entities, rows)
+            self._fill_multi(conn, plan, entities, rows, budget)
         paging_info: dict[str, Any] = {"has_next_page": has_next}
         if plan.want_count:
+            if budget is not None:
+                budget.before_statement(conn)
             paging_info["entity_count"] = int(conn.execute(plan.count_select).scalar_one())
         return {"entities": entities, "paging_info": paging_info}
 
     def _fill_multi(
-        self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]], rows: list[Any]
+        self, conn: Connection, plan: _Plan, entities: list[dict[str, Any]], rows: list[Any],
+        budget: ReadBudget | None = None,
     ) -> None:
         """One query per multi_entity return field, for all the rows of the page."""
         for key, owner_type, fname, label in plan.multi_fields:
@@ -205,6 +344,8 @@ class ReadEngine:
                 parents = [e["id"] for e in entities]
             else:  # the field of a linked row (deep path); no linked row reads as None
                 parents = [row._mapping[label] for row in rows]
+            if budget is not None:
+                budget.before_statement(conn)
             values = self._multi_values(conn, owner_type, fname, {p for p in parents if p is not None})
             for e, parent in zip(entities, parents, strict=True):
                 e[key] = None if parent is None else list(values.get(parent, ()))
@@ -235,6 +376,36 @@ class ReadEngine:
                 raise Passthrough("link-name-unknown", f"{row.type} {row.id}")
             out.setdefault(row.parent_id, []).append({"type": row.type, "id": row.id, "name": row.name})
         return out
+
+
+def _check_size(params: Any) -> None:
+    """Pass a read with more than MAX_FILTER_VALUES filter values (``too-large``), cheaply:
+    before the request is serialised, planned or checked value by value."""
+    if not isinstance(params, Mapping):
+        return
+    stack, values, seen = [params.get("filters")], 0, 0
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, Mapping):
+            continue
+        conditions = node.get("conditions")
+        if isinstance(conditions, list):
+            seen += len(conditions)
+            if seen > MAX_CONDITIONS:
+                return  # the planner refuses it (filter-size)
+            stack.extend(conditions)
+        elif isinstance(node.get("values"), list):
+            values += len(node["values"])
+    if values > MAX_FILTER_VALUES:
+        raise Passthrough("too-large", f"{values} filter values (at most {MAX_FILTER_VALUES})")
+
+
+def _request_key(params: Any) -> str | None:
+    """The request as canonical JSON (None when it is not JSON-able)."""
+    try:
+        return json.dumps(params, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 @dataclass
@@ -284,6 +455,7 @@ class _Planner:
         self.base = self.store.tables[entity_type].alias("t0")
         self.scope = _Scope(engine, entity_type, self.base)
         self._n_conditions = 0
+        self._n_values = 0
         self.touched: set[tuple[str, str]] = {(entity_type, pending.WHOLE_TYPE)}
 
     # -- fields and paths --------------------------------------------------------------
@@ -481,6 +653,9 @@ class _Planner:
         path, relation, values = cond.get("path"), cond.get("relation"), cond.get("values")
         if not isinstance(relation, str) or not isinstance(values, list):
             raise Passthrough("bad-filter", "condition")
+        self._n_values += len(values)
+        if self._n_values > MAX_FILTER_VALUES:
+            raise Passthrough("too-large", f"more than {MAX_FILTER_VALUES} filter values")
         if isinstance(path, str) and path.startswith("$"):
             raise Passthrough("filter-path", path[:60])
         return self._path_condition(self.scope, self.base, self.entity_type, self._split(path), relation, values)
@@ -563,7 +738,8 @@ class _Planner:
         if relation in ("in", "not_in"):
             lits = [lit(v) for v in values]
             non_null = [v for v in lits if v is not None]
-            match = norm(col).in_(non_null) if non_null else sa.false()
+            storage = fieldtypes.TYPES[fschema.data_type].storage
+            match = self._in_list(norm(col), non_null, storage) if non_null else sa.false()
             if None in lits:
                 match = sa.or_(match, col.is_(None))
             if relation == "in":
@@ -606,7 +782,42 @@ class _Planner:
             return sa.and_(col.is_not(None), sa.not_(inside))
         raise Passthrough("operator", relation)
 
+    def _in_list(self, expr: Any, values: list[Any], storage: str) -> Any:
+        """``expr IN values`` (no None among them): inline for short lists, else one bound
+        parameter, so a list of 30,000 values is neither 30,000 parameters nor a deep tree."""
+        if len(values) <= MAX_INLINE_VALUES:
+            return expr.in_(values)
+        if storage not in _ARRAY_TYPES:
+            raise Passthrough("filter-value", f"long in list of {storage}")
+        if self.store.dialect == "postgresql":
+            array = sa.bindparam(None, values, type_=postgresql.ARRAY(_ARRAY_TYPES[storage]()))
+            return expr == sa.any_(array)
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            raise Passthrough("filter-value", "NUL in a long in list")
+        try:
+            text = json.dumps(values, allow_nan=False, ensure_ascii=False)
+        except ValueError:
+            raise Passthrough("filter-value", "not a finite number") from None
+        each = sa.func.json_each(sa.bindparam(None, text, type_=sa.Text)).table_valued("value")
+        return expr.in_(sa.select(each.c.value))
+
+    def _link_in(self, reg: Any, pairs: list[tuple[str, int]]) -> Any:
+        """The registry row ``reg`` is one of ``pairs`` (type, id). A long list is grouped by
+        type: one ``type = t AND id IN (...)`` per type, each id list bound as one parameter."""
+        if len(pairs) <= MAX_INLINE_VALUES:
+            return sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs])
+        by_type: dict[str, list[int]] = {}
+        for t, i in pairs:
+            by_type.setdefault(t, []).append(i)
+        if len(by_type) > MAX_LINK_TYPES:
+            raise Passthrough("too-large", f"links of more than {MAX_LINK_TYPES} types")
+        return sa.or_(*[(reg.c.type == t) & self._in_list(reg.c.id, ids, "int") for t, ids in by_type.items()])
+
     def _link_value(self, value: Any) -> tuple[str, int] | None:
+        if type(value) is dict:  # the common shape, checked cheaply (30,000-link lists)
+            t, i = value.get("type"), value.get("id")
+            if type(t) is str and type(i) is int:
+                return t, i
         if value is None:
             return None
         if (
@@ -654,7 +865,7 @@ class _Planner:
                 raise Passthrough("filter-value", relation)
             links = [self._link_value(v) for v in values]
             pairs = [p for p in links if p is not None]
-            match = sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]) if pairs else sa.false()
+            match = self._link_in(reg, pairs) if pairs else sa.false()
             if None in links:
                 match = sa.or_(match, reg.c.id.is_(None))
             if relation in ("is", "in"):
@@ -700,7 +911,7 @@ class _Planner:
             pairs = [p for p in links if p is not None]
             parts = []
             if pairs:
-                parts.append(sa.exists(base.where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in pairs]))))
+                parts.append(sa.exists(base.where(self._link_in(reg, pairs))))
             if None in links:
                 parts.append(empty)
             hit = sa.or_(*parts) if parts else sa.false()

@@ -25,7 +25,7 @@ from . import __version__, pending
 from .effects import WriteEffects
 from .errors import Passthrough
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
-from .read import ReadContext, ReadEngine
+from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
 
@@ -41,13 +41,21 @@ PG_CONNECT_TIMEOUT = 3
 PG_STATEMENT_TIMEOUT_MS = 10_000
 #: PostgreSQL error codes that mean the replica's tables are not what the schema says.
 _PG_MISSING = {"42P01", "42703", "3F000"}  # undefined table, undefined column, invalid schema
+#: Default ``max_lag``: the ingester's heartbeat is written on every poll, at least every 3 s when
+#: the site is idle (IngestConfig.idle_max); 10 s allows a slow poll or two and the context TTL.
+DEFAULT_MAX_LAG = 10.0
+#: Errors that say one statement was too big for the database (its limits, not its health):
+#: SQLite's messages, PostgreSQL's SQLSTATE class 54 (program limit exceeded).
+_TOO_LARGE_TEXT = ("expression tree is too large", "too many sql variables", "string or blob too big",
+                   "too many terms in compound select", "parser stack overflow", "too many columns",
+                   "too many arguments on function", "too many fts", "at most 64 tables in a join")
 
 
 class CacheService:
     """Reads and writes against one replica, with fail-open health tracking."""
 
-    def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = 60.0,
-                 pairs_path: str | Path | None = None):
+    def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = DEFAULT_MAX_LAG,
+                 read_budget: float = READ_BUDGET_SECONDS, pairs_path: str | Path | None = None):
         self.schema = Schema.load(schema_path)
         self.pairs = PairRegistry.build(load_pairs_file(pairs_path or DEFAULT_PAIRS_FILE))
         engine_kwargs: dict[str, Any] = {}
@@ -62,6 +70,7 @@ class CacheService:
         self._watch_engine()
         self.engine = ReadEngine(self.store)
         self.max_lag = max_lag
+        self.read_budget = read_budget  # seconds; 0: no budget
         self.hits = 0
         self.passes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
@@ -70,6 +79,7 @@ class CacheService:
         self._lag: float | None = None
         self._failures = 0
         self._open_until = 0.0
+        self._stale: bool | None = None  # last freshness seen (None: not yet), for the log
 
     def close(self) -> None:
         self.store.dispose()
@@ -131,6 +141,9 @@ class CacheService:
         """Record a database failure; the Passthrough to raise for it."""
         reason, trips = _classify(exc)
         if not trips:
+            if reason in ("slow-read", "too-large"):  # one request's cost: no warning per request
+                log.info("read %s, passing through: %s", reason, _short(exc))
+                return Passthrough(reason, type(exc).__name__)
             # an internal error is a bug: its traceback goes to the log (never to the client)
             log.warning("replica cannot answer (%s), passing through: %s", reason, _short(exc),
                         exc_info=reason == "internal-error")
@@ -190,16 +203,20 @@ class CacheService:
             self._ctx = None
 
     # -- reads -----------------------------------------------------------------------
-    def read(self, args: Any, allow_stale: bool = False) -> dict[str, Any]:
-        """Answer a ``read`` from the replica, or raise Passthrough."""
+    def read(self, args: Any, allow_stale: bool = False, budget: float | None = None) -> dict[str, Any]:
+        """Answer a ``read`` from the replica, or raise Passthrough. ``budget``: seconds this read
+        may run in the database (default: ``read_budget``)."""
         self._check_breaker()
         try:
             with self.store.engine.connect() as conn:
                 ctx = self._context(conn)
-                if self.max_lag > 0 and not allow_stale and (self._lag is None or self._lag > self.max_lag):
+                stale = self._note_freshness()
+                if stale and not allow_stale:
                     raise Passthrough("stale", "ingester heartbeat missing or old")
+                seconds = self.read_budget if budget is None else min(budget, self.read_budget or budget)
                 # every read checks the markers: another proxy may have written a second ago
-                result = self.engine.read(conn, args, ctx, check_pending=True)
+                result = self.engine.read(conn, args, ctx, ReadBudget(seconds) if seconds > 0 else None,
+                                          check_pending=True)
         except Passthrough:
             self._db_ok()
             raise
@@ -207,6 +224,25 @@ class CacheService:
             raise self._db_failed(exc) from exc
         self._db_ok()
         return result
+
+    def _note_freshness(self) -> bool:
+        """Whether the replica is stale (heartbeat missing or older than ``max_lag``); log each
+        change: a warning when reads start passing as stale, info when they are served again."""
+        lag = self._lag
+        stale = self.max_lag > 0 and (lag is None or lag > self.max_lag)
+        if stale == self._stale:
+            return stale
+        with self._lock:
+            if stale == self._stale:
+                return stale
+            was, self._stale = self._stale, stale
+        if stale:
+            age = "missing" if lag is None else f"{lag:.0f}s old"
+            log.warning("replica stale: ingester heartbeat %s (max lag %gs); reads pass until it is fresh",
+                        age, self.max_lag)
+        elif was is not None:
+            log.info("replica fresh again (ingester heartbeat %.1fs old); serving reads", lag or 0.0)
+        return stale
 
     def count(self, reason: str | None) -> None:
         """Count a hit (reason None) or a pass with its reason."""
@@ -409,8 +445,13 @@ def _classify(exc: BaseException) -> tuple[str, bool]:
     """(pass reason, whether it counts towards the breaker) for an exception from the replica."""
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).lower()
-    if getattr(orig, "pgcode", None) in _PG_MISSING or "no such table" in text or "no such column" in text:
+    pgcode = getattr(orig, "pgcode", None) or ""
+    if pgcode in _PG_MISSING or "no such table" in text or "no such column" in text:
         return "missing-table", False  # the replica's tables are not the schema's: passes, the database is fine
+    if pgcode == PG_QUERY_CANCELED:
+        return "slow-read", False  # a statement over its time limit: that request's cost, not the database's health
+    if pgcode.startswith("54") or any(t in text for t in _TOO_LARGE_TEXT):
+        return "too-large", False  # a statement beyond the database's size limits
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
             return "db-error", True

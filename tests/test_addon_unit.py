@@ -164,3 +164,49 @@ def test_only_listed_scripts_are_served(run: Any) -> None:
         assert flow.metadata["sgcache_pass"] == "auth-unverified"  # listed: cacheable once SG accepts it
 
     run(test)
+
+
+def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hits(db_url: str) -> None:
+    from cache.schema import Schema
+    from cache.store import Store
+
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    blank = dict.fromkeys(store.schema.entities["Shot"].fields)
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Shot", [{**blank, "id": i, "code": f"sh{i}", "description": "words " * 20}
+                                            for i in range(1, 3001)], "scan", complete=True)
+        store.mark_primed(conn, "Shot")
+    store.dispose()
+
+    def read_args(conditions: list[Any]) -> dict[str, Any]:
+        return {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+                "filters": {"logical_operator": "or", "conditions": conditions},
+                "paging": {"entities_per_page": 10, "current_page": 1}}
+
+    slow = read_args([{"path": "description", "relation": "contains", "values": [f"nowhere {i}"]}
+                      for i in range(300)])
+    small = read_args([{"path": "id", "relation": "is", "values": [7]}])
+
+    async def main() -> None:
+        addon = sgcache.SGCache()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0,
+                           sgcache_read_budget=20)
+            try:
+                addon.credentials.record(AUTH, True)
+                flow = api3_flow(call("read", slow))
+                await addon.request(flow)
+                assert flow.response is None and flow.metadata["sgcache_pass"] == "slow-read"
+                assert list(addon.slow_clients) == [flow.client_conn.id]
+                first = flow
+                flow = api3_flow(call("read", small))
+                flow.client_conn = first.client_conn  # the same client connection: a smaller budget
+                await addon.request(flow)
+                assert flow.response is not None and flow.response.headers[sgcache.HEADER] == "hit"
+                assert json.loads(flow.response.content)["results"]["entities"] == [
+                    {"type": "Shot", "id": 7, "code": "sh7"}]
+                assert addon.service is not None and addon.service._failures == 0
+            finally:
+                addon.done()
+
+    asyncio.run(main())

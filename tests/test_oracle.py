@@ -532,8 +532,42 @@ SORTS: list[Any] = [
 ]
 
 
+def pad_ids(n: int = 200) -> list[int]:
+    return list(range(10_000, 10_000 + n))
+
+
+def pad_links(*types: str, n: int = 200) -> list[Any]:
+    return [L(types[i % len(types)], 10_000 + i) for i in range(n)]
+
+
+#: in/not_in lists long enough to be bound as one parameter (cache/read.py MAX_INLINE_VALUES)
+LONG: list[Any] = [
+    case("Shot", [["id", "in", [1, 3, *pad_ids()]]]),
+    case("Shot", [["id", "not_in", [1, 3, *pad_ids()]]]),
+    case("Shot", [["sg_cut_in", "in", [1001, None, *pad_ids()]]]),
+    case("Shot", [["sg_cut_in", "not_in", [1001, *pad_ids()]]]),
+    case("Shot", [["sg_cut_in", "not_in", [1001, None, *pad_ids()]]]),
+    case("Shot", [["sg_frame_rate", "in", [24.0, 23.976, *[float(i) / 7 for i in pad_ids()]]]]),
+    case("Shot", [["code", "in", ["SH030_Ü", "sh020", *[f"pad{i}" for i in pad_ids()]]]]),
+    case("Shot", [["code", "not_in", ["SH010", None, *[f"pad{i}" for i in pad_ids()]]]]),
+    case("Shot", [["sg_status_list", "in", ["ip", *[f"s{i}" for i in pad_ids()]]]]),
+    case("Shot", [["sg_due_date", "not_in", ["2024-01-31", *[f"2000-01-{i % 28 + 1:02d}" for i in range(100)]]]]),
+    case("Shot", [["sg_sequence", "in", [L("Sequence", 1), L("Sequence", 4), *pad_links("Sequence")]]]),
+    case("Shot", [["sg_sequence", "in", [L("Sequence", 2), None, *pad_links("Sequence")]]]),
+    case("Shot", [["sg_sequence", "not_in", [L("Sequence", 1), *pad_links("Sequence")]]]),
+    case("Shot", [["sg_sequence", "not_in", [L("Sequence", 1), None, *pad_links("Sequence")]]]),
+    case("Shot", [["sg_related", "in", [L("Asset", 1), L("Sequence", 1), *pad_links("Asset", "Sequence", "Shot")]]]),
+    case("Shot", [["assets", "in", [L("Asset", 1), *pad_links("Asset")]]]),
+    case("Shot", [["assets", "in", [L("Asset", 2), None, *pad_links("Asset")]]]),
+    case("Shot", [["assets", "not_in", [L("Asset", 1), *pad_links("Asset")]]]),
+    case("Note", [["note_links", "in", [L("Shot", 1), L("Version", 1), *pad_links("Shot", "Version", "Asset")]]]),
+    case("Shot", [["sg_sequence.Sequence.code", "in", ["sq01", *[f"pad{i}" for i in pad_ids()]]]]),
+    case("Shot", [["assets.Asset.code", "not_in", ["PROP_SS", *[f"pad{i}" for i in pad_ids()]]]]),
+]
+
+
 @pytest.mark.parametrize(("entity_type", "filters", "fields", "kw", "hit"),
-                         SCALARS + ENTITIES + DEEP + GROUPS + RETURNS + SORTS)
+                         SCALARS + ENTITIES + DEEP + GROUPS + RETURNS + SORTS + LONG)
 def test_proxy_answers_as_sg(rig: Rig, clients: Any, entity_type: str, filters: Any, fields: list[str] | None,
                              kw: dict[str, Any], hit: bool) -> None:
     sg, direct = clients

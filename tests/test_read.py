@@ -240,3 +240,102 @@ def test_empty_or_passes(store: Store) -> None:
         read(store, filters={"logical_operator": "or", "conditions": []})
     assert info.value.reason == "empty-or"
     assert ids(read(store, filters={"logical_operator": "and", "conditions": []})) == [1, 2, 3, 4]
+
+
+# -- long value lists and per-read budgets ---------------------------------------------
+FAR = range(100_000, 109_900)  # ids no row has: 9,900 values around the matching ones
+
+
+def test_long_in_lists_are_one_parameter_and_answer_as_short_ones(store: Store) -> None:
+    """9,900-value lists (far beyond SQLite's expression depth limit) answer
+    exactly what the same filter with only the matching values answers."""
+    seq = [{"type": "Sequence", "id": 1}] + [{"type": "Sequence", "id": i} for i in FAR]
+    assets = [{"type": "Asset", "id": 2}] + [{"type": "Asset", "id": i} for i in FAR]
+    cases = [
+        ("sg_sequence", seq, [seq[0]]),
+        ("sg_sequence", seq + [None], [seq[0], None]),
+        ("sg_sequence", seq + [{"type": "Asset", "id": i} for i in range(50)], [seq[0]]),
+        ("assets", assets, [assets[0]]),
+        ("assets", assets + [None], [assets[0], None]),
+        ("id", [1, 3, *FAR], [1, 3]),
+        ("sg_cut_in", [1001, 990, None, *FAR], [1001, 990, None]),
+        ("code", ["SH010", "sh040_Ü", *[f"x{i}" for i in FAR]], ["SH010", "sh040_Ü"]),
+        ("sg_status_list", ["fin", *[f"s{i}" for i in FAR]], ["fin"]),
+        ("sg_sequence.Sequence.code", ["sq01", *[f"x{i}" for i in FAR]], ["sq01"]),
+        ("assets.Asset.code", ["ASSET3", *[f"x{i}" for i in FAR]], ["ASSET3"]),
+    ]
+    for path, long, short in cases:
+        for relation in ("in", "not_in"):
+            expected = ids(read(store, filters=cond(path, relation, *short)))
+            assert ids(read(store, filters=cond(path, relation, *long))) == expected, (path, relation)
+    assert ids(read(store, filters=cond("sg_sequence", "in", *seq))) == [1, 3, 4]  # not vacuous
+
+
+def test_long_lists_bind_one_parameter(store: Store) -> None:
+    """The statement's size does not grow with the list."""
+    engine = ReadEngine(store)
+    with store.engine.connect() as conn:
+        ctx = ReadContext(store.primed_fields(conn))
+
+    def params(n: int) -> dict[str, Any]:
+        return {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+                "paging": {"entities_per_page": 500, "current_page": 1},
+                "filters": cond("sg_sequence", "in", *[{"type": "Sequence", "id": i} for i in range(n)])}
+
+    small = engine.plan(params(100), ctx).select.compile(store.engine)
+    large = engine.plan(params(9_000), ctx).select.compile(store.engine)
+    assert len(large.params) == len(small.params)
+    assert len(str(large)) == len(str(small))
+
+
+def test_too_many_values_or_link_types_pass(store: Store) -> None:
+    from cache import read as read_module
+
+    with pytest.raises(Passthrough) as info:
+        read(store, filters=cond("id", "in", *range(read_module.MAX_FILTER_VALUES + 1)))
+    assert info.value.reason == "too-large"
+    links = [{"type": f"T{i}", "id": i} for i in range(read_module.MAX_INLINE_VALUES * 2)]
+    with pytest.raises(Passthrough) as info:
+        read(store, filters=cond("sg_sequence", "in", *links))
+    assert info.value.reason == "too-large"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_long_lists_of_non_finite_numbers_pass(store: Store, value: float) -> None:
+    with pytest.raises(Passthrough) as info:
+        read(store, filters=cond("sg_cut_in", "in", value, *range(100)))
+    assert info.value.reason in ("filter-value", "db-query-error")
+
+
+@pytest.mark.parametrize("missing", ["paging", "return_fields", "filters", "return_only"])
+def test_reads_the_client_never_sends_pass(store: Store, missing: str) -> None:
+    """shotgun_api3 always sends these; SG answers a read without paging with an error."""
+    params = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+              "filters": {"logical_operator": "and", "conditions": []},
+              "paging": {"entities_per_page": 500, "current_page": 1}}
+    del params[missing]
+    with store.engine.connect() as conn:
+        ctx = ReadContext(store.primed_fields(conn))
+        with pytest.raises(Passthrough) as info:
+            ReadEngine(store).read(conn, params, ctx)
+    assert info.value.reason == "bad-params" and missing in info.value.detail
+
+
+@pytest.mark.parametrize("paging", [
+    {"entities_per_page": 0, "current_page": 1}, {"entities_per_page": -5, "current_page": 1},
+    {"entities_per_page": 501, "current_page": 1}, {"entities_per_page": 10**9, "current_page": 1},
+    {"entities_per_page": 10, "current_page": 0}, {"entities_per_page": 10, "current_page": -1},
+    {"entities_per_page": "10", "current_page": 1}, {"entities_per_page": 10, "current_page": 1.5},
+    {"entities_per_page": True, "current_page": 1}, [], "all",
+])
+def test_absurd_paging_passes(store: Store, paging: Any) -> None:
+    with pytest.raises(Passthrough) as info:
+        read(store, paging=paging)
+    assert info.value.reason in ("paging", "bad-params")
+
+
+def test_return_fields_not_a_list_passes(store: Store) -> None:
+    for value in ("code", {"code": 1}, None, 5):
+        with pytest.raises(Passthrough) as info:
+            read(store, return_fields=value)
+        assert info.value.reason == "bad-params"
