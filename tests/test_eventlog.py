@@ -109,7 +109,7 @@ def ingester(store: Store, client: SiteClient, site: FakeSite) -> Iterator[Inges
 
 def read(store: Store, params: dict[str, Any]) -> dict[str, Any]:
     base = {"type": "EventLogEntry", "return_fields": EVENT_FIELDS,
-            "filters": conds(), "paging": {"entities_per_page": 500, "current_page": 1}}
+            "filters": conds(), "return_only": "active", "paging": {"entities_per_page": 500, "current_page": 1}}
     with store.engine.connect() as conn:
         ctx = ReadContext(store.primed_fields(conn), event_cursor=store.get_state(conn, K_CURSOR))
         return ReadEngine(store).read(conn, {**base, **params}, ctx)

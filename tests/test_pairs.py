@@ -157,7 +157,7 @@ def test_plan_touches_every_field_it_names(store: Store) -> None:
             {"logical_operator": "or", "conditions": [{"path": "sg_status_list", "relation": "is", "values": ["ip"]}]},
         ]},
         "sorts": [{"field_name": "due_date", "direction": "asc"}],
-        "include_archived_projects": False,
+        "include_archived_projects": False, "return_only": "active",
         "paging": {"entities_per_page": 10, "current_page": 1}})
     assert touched >= {("Task", "*"), ("Task", "content"), ("Task", "entity"), ("Shot", "*"), ("Shot", "sg_sequence"),
                        ("Sequence", "*"), ("Sequence", "code"), ("Task", "step"), ("Step", "*"), ("Step", "code"),
@@ -171,7 +171,8 @@ def test_read_passes_on_a_pending_field_or_type(store: Store) -> None:
         for t in store.schema.entities:
             store.mark_primed(conn, t)
     engine = ReadEngine(store)
-    params = {"type": "Shot", "return_fields": ["code", "tasks"], "paging": {"entities_per_page": 10, "current_page": 1}}
+    params = {"type": "Shot", "return_fields": ["code", "tasks"], "return_only": "active",
+              "filters": {"logical_operator": "and", "conditions": []}, "paging": {"entities_per_page": 10, "current_page": 1}}
     deep = {**params, "filters": {"logical_operator": "and", "conditions": [
         {"path": "tasks.Task.content", "relation": "is", "values": ["x"]}]}}
 
@@ -275,7 +276,8 @@ def assert_replica_is_sg_except_markers(site: FakeSite, service: CacheService) -
             fields = sorted(f for f in primed.get(entity_type, ()) if f != "id" and (entity_type, f) not in standing)
             params = {"type": entity_type, "return_fields": fields,
                       "sorts": [{"field_name": "id", "direction": "asc"}],
-                      "paging": {"entities_per_page": 500, "current_page": 1}}
+                      "return_only": "active",
+              "filters": {"logical_operator": "and", "conditions": []}, "paging": {"entities_per_page": 500, "current_page": 1}}
             ours = engine.read(conn, params, ctx)["entities"]
             theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}])
             assert ours == theirs, f"{entity_type} differs"
@@ -364,7 +366,8 @@ def test_markers_need_no_proxy_state(site: FakeSite, service: CacheService, db_u
     other = CacheService(db_url, tmp_path / "schema.yml", max_lag=0)
     try:
         params = {"type": "Shot", "return_fields": ["code", "updated_at"],
-                  "paging": {"entities_per_page": 10, "current_page": 1}}
+                  "return_only": "active",
+              "filters": {"logical_operator": "and", "conditions": []}, "paging": {"entities_per_page": 10, "current_page": 1}}
         assert other.read(params)["entities"]
         with service.store.write_engine.begin() as conn:
             pending.mark(conn, service.store.pending, [("Shot", "updated_at")])
