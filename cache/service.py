@@ -215,11 +215,12 @@ class CacheService:
         """Write the upstream answer of a create/update/delete/revive/batch into the replica.
 
         Returns the entities whose answer was partial: they are queued for a fetch, and
-        reads of their type pass until the rows are complete.
+        reads of their type pass until the rows are complete. Never raises: what is not
+        recorded here (database trouble, the breaker open) the ingester brings.
         """
-        self._check_breaker()
         to_fetch: list[tuple[str, int]] = []
         try:
+            self._check_breaker()
             with self.store.write_engine.begin() as conn:
                 if method == "batch":
                     if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
@@ -228,7 +229,8 @@ class CacheService:
                                 to_fetch += self._learn_one(conn, req.get("request_type"), req, res)
                 else:
                     to_fetch += self._learn_one(conn, method, args, results)
-        except Passthrough:
+        except Passthrough as exc:
+            log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
             return []
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)
