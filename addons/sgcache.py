@@ -14,6 +14,7 @@ import concurrent.futures
 import fnmatch
 import json
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -32,11 +33,14 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from cache import api3, upstream  # noqa: E402
 from cache.auth import CredentialCache, site_of  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
+from cache.private import install_redaction, redact, safe_url, url_secrets  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import CacheService  # noqa: E402
 
 log = logging.getLogger("sgcache")
 
+#: The replica's URL when ``sgcache_db`` is not given: ``SGCACHE_DB`` keeps a password off the command line.
+DEFAULT_DB = "sqlite:///sgcache.db"
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
@@ -66,7 +70,10 @@ class SGCache:
         self.last_info: dict[str, dict[str, Any]] = {}
 
     def load(self, loader: Any) -> None:
-        loader.add_option("sgcache_db", str, "sqlite:///sgcache.db", "Replica database URL (SQLAlchemy).")
+        loader.add_option(
+            "sgcache_db", str, os.environ.get("SGCACHE_DB") or DEFAULT_DB,
+            f"Replica database URL (SQLAlchemy); default: the SGCACHE_DB environment variable, else {DEFAULT_DB}.",
+        )
         loader.add_option("sgcache_schema", str, DEFAULT_SCHEMA, "Cached-subset schema YAML file.")
         loader.add_option(
             "sgcache_max_lag", int, 60,
@@ -104,6 +111,9 @@ class SGCache:
                 allow_users=ctx.options.sgcache_allow_users,
                 scripts=ctx.options.sgcache_scripts or None,
             )
+        if "sgcache_db" in updated:
+            # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
+            install_redaction(url_secrets(ctx.options.sgcache_db))
         if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag"}:
             old, self.service = self.service, None
             if old is not None:
@@ -123,7 +133,9 @@ class SGCache:
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
             log.warning("sgcache: cannot open the replica %s (%s); passing everything through, retrying in %.0fs",
-                      _safe_url(ctx.options.sgcache_db), exc, SERVICE_RETRY_SECONDS)
+                        _safe_url(ctx.options.sgcache_db),
+                        redact(f"{type(exc).__name__}: {exc}", url_secrets(ctx.options.sgcache_db)),
+                        SERVICE_RETRY_SECONDS)
             return None
         log.info("sgcache: replica %s, schema %s", _safe_url(ctx.options.sgcache_db), ctx.options.sgcache_schema)
         return self.service
@@ -435,11 +447,7 @@ def _host_regex(glob: str) -> str:
 
 def _safe_url(url: str) -> str:
     """A database URL without its password, for the log."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+    return safe_url(url)
 
 
 addons = [SGCache()]

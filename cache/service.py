@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from . import __version__
 from .errors import Passthrough
+from .private import redact, url_secrets
 from .read import ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
@@ -53,6 +54,7 @@ class CacheService:
                                  "keepalives_interval": 3, "keepalives_count": 3},
                 "pool_timeout": 5,
             }
+        self._secrets = url_secrets(db_url)  # masked in every log line about the database
         self.store = Store.open(db_url, self.schema, **engine_kwargs)
         self._sqlite_path = _sqlite_file(self.store.engine)
         self._watch_engine()
@@ -128,7 +130,7 @@ class CacheService:
         reason, trips = _classify(exc)
         if not trips:
             # an internal error is a bug: its traceback goes to the log (never to the client)
-            log.warning("replica cannot answer (%s), passing through: %s", reason, _short(exc),
+            log.warning("replica cannot answer (%s), passing through: %s", reason, redact(_short(exc), self._secrets),
                         exc_info=reason == "internal-error")
             return Passthrough(reason, type(exc).__name__)
         with self._lock:
@@ -137,7 +139,7 @@ class CacheService:
             if failures >= BREAKER_FAILURES:
                 self._open_until = time.monotonic() + BREAKER_SECONDS
             self._ctx = None
-        log.warning("database error, passing through: %s", _short(exc))
+        log.warning("database error, passing through: %s", redact(_short(exc), self._secrets))
         if failures >= BREAKER_FAILURES:
             if failures == BREAKER_FAILURES:
                 log.warning("database failing; not using it for %.0fs at a time", BREAKER_SECONDS)

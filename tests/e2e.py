@@ -17,6 +17,7 @@ from cache.schema import Schema, parse_rules
 
 from .fakesg import FakeSGServer, FakeSite
 from .proxyharness import REPO, Proxy
+from .secretscan import SCRIPT_OUTPUTS
 
 #: Distinctive secrets: tests/secretscan.py looks for them in every log and answer of the run.
 SCRIPT, KEY = "pipeline", "sk-7f3a9c1e-NeverLogMe"
@@ -75,6 +76,7 @@ def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120)
         [sys.executable, str(REPO / "scripts" / name), *args],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
+    SCRIPT_OUTPUTS.append((f"scripts/{name} {' '.join(args)}", f"{proc.stdout}\n{proc.stderr}"))
     if proc.returncode != 0:
         raise AssertionError(f"scripts/{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
