@@ -56,8 +56,10 @@ def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: Any) ->
 
 
 def secrets_of(args: Any) -> list[str | None]:
-    """The secrets among parsed script arguments: the script key and the database password."""
-    return [getattr(args, "script_key", None), *url_secrets(getattr(args, "db", None) or "")]
+    """The secrets among parsed script arguments: the script key and the passwords in the
+    database and site URLs."""
+    return [getattr(args, "script_key", None), *url_secrets(getattr(args, "db", None) or ""),
+            *url_secrets(getattr(args, "site", None) or "")]
 
 
 def connect_site(args: Any) -> Any:

@@ -134,9 +134,9 @@ class Store:
     def open(cls, url: str, schema: Schema, create: bool = True, **engine_kwargs: Any) -> Store:
         """Connect to ``url`` and (by default) create or migrate the tables.
 
-        With ``create``, a missing SQLite file is created mode 0600 (an existing one keeps its
-        mode; a warning is logged when others may read it)."""
-        if create and (path := sqlite_path(normalize_url(url))) is not None:
+        A missing SQLite file is created mode 0600 (SQLite would create it anyway, with the
+        umask's mode); an existing one keeps its mode, with a warning when others may read it."""
+        if (path := sqlite_path(normalize_url(url))) is not None:
             try:
                 ensure_private_file(path)
             except OSError as exc:  # SQLite reports the same trouble in its own words

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from cache.schema import Schema
 from cache.store import Store
 
 from . import secretscan
-from .conftest import BASIC_SCHEMA
+from .conftest import BASIC_SCHEMA, REPO
 from .test_addon_unit import sgcache
 
 SECRET = "pw-Zq81x/y@z"
@@ -156,3 +158,33 @@ def test_the_secret_scan_finds_a_logged_key(tmp_path: Path) -> None:
     assert f"{leaky}:2: script key" in found
     assert f"{tmp_path / 'b' / 'answers.log'}:1: database password" in found
     assert "scripts/scan:1: script key" in found
+
+
+@pytest.mark.parametrize("db", ["postgresql://u:pw-Zq81x@host:port/x", "postgresql://u:pw-Zq81x@127.0.0.1:1/x"])
+def test_a_script_never_prints_its_secrets(tmp_path: Path, db: str) -> None:
+    env = dict(os.environ, SGCACHE_DB=db, SGCACHE_SITE="http://127.0.0.1:1", SGCACHE_SCRIPT_NAME="s",
+               SGCACHE_SCRIPT_KEY="sk-Zq81x-key", SGCACHE_SCHEMA=str(BASIC_SCHEMA))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "scan"), "--full", "-v"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "Error" in output  # it did fail loudly, with a traceback (-v)
+    assert "Zq81x" not in output
+
+
+def test_the_scripts_logging_masks_their_key_and_database_password(tmp_path: Path) -> None:
+    code = (
+        "import argparse, logging\n"
+        "from cache.config import add_common_args, setup_logging\n"
+        "p = argparse.ArgumentParser(); add_common_args(p); args = p.parse_args()\n"
+        "setup_logging(False, args)\n"
+        "logging.getLogger('sgcache.x').error('key %s db %s', args.script_key, args.db)\n"
+        "raise RuntimeError('uncaught, with ' + args.db)\n"
+    )
+    env = dict(os.environ, SGCACHE_DB="postgresql://u:pw-Zq81x%2F@h/x", SGCACHE_SCRIPT_KEY="sk-Zq81x-key",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    output = proc.stdout + proc.stderr
+    assert "key *** db postgresql://u:***@h/x" in output and "RuntimeError: uncaught, with" in output
+    assert "Zq81x" not in output
