@@ -154,12 +154,13 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)
             record.args = ()
         masked = _mask(message, forms)
+        if record.exc_info or record.exc_text:
+            # the traceback joins the message: some formatters (mitmproxy's) format exc_info themselves
+            trace = record.exc_text or logging.Formatter().formatException(record.exc_info)  # type: ignore[arg-type]
+            masked = f"{masked}\n{_mask(trace, forms)}"
+            record.exc_info, record.exc_text = None, None
         if masked != message or record.args:
             record.msg, record.args = masked, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = _mask(record.exc_text, forms)
         if record.stack_info:
             record.stack_info = _mask(record.stack_info, forms)
         return True
