@@ -301,3 +301,24 @@ def test_learning_never_raises_into_the_addon(run: Any, caplog: pytest.LogCaptur
 
     run(test)
     assert "not recorded" in caplog.text
+
+
+def test_answers_to_bodies_the_addon_did_not_decode_never_verify(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        body = json.dumps({"method_name": "read", "params": [AUTH, {"type": "Shot"}]}).encode()
+        for headers in ({"Content-Encoding": "gzip"}, {"Content-Encoding": "br"}):
+            flow = api3_flow(body, headers=headers)
+            await addon.request(flow)
+            assert flow.metadata["sgcache_pass"] == "content-encoding"
+            respond(flow)
+            await addon.response(flow)
+        upload = api3_flow(body)
+        upload.request.path = "/upload/api_link_file"  # not API3: the addon never looks at it
+        await addon.request(upload)
+        respond(upload)
+        await addon.response(upload)
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+
+    run(test)
