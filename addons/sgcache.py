@@ -14,6 +14,7 @@ import concurrent.futures
 import fnmatch
 import json
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -30,15 +31,18 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache import api3, upstream  # noqa: E402
-from cache.auth import CredentialCache  # noqa: E402
+from cache.auth import CredentialCache, site_of  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
 from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
+from cache.private import install_redaction, redact, safe_url, url_secrets  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 
 log = logging.getLogger("sgcache")
 
+#: The replica's URL when ``sgcache_db`` is not given: ``SGCACHE_DB`` keeps a password off the command line.
+DEFAULT_DB = "sqlite:///sgcache.db"
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
 HEADER = "X-SGCache"
@@ -78,7 +82,10 @@ class SGCache:
         self.slow_clients: dict[str, float] = {}  # client connection id -> until
 
     def load(self, loader: Any) -> None:
-        loader.add_option("sgcache_db", str, "sqlite:///sgcache.db", "Replica database URL (SQLAlchemy).")
+        loader.add_option(
+            "sgcache_db", str, os.environ.get("SGCACHE_DB") or DEFAULT_DB,
+            f"Replica database URL (SQLAlchemy); default: the SGCACHE_DB environment variable, else {DEFAULT_DB}.",
+        )
         loader.add_option("sgcache_schema", str, DEFAULT_SCHEMA, "Cached-subset schema YAML file.")
         loader.add_option(
             "sgcache_max_lag", int, int(DEFAULT_MAX_LAG),
@@ -127,7 +134,10 @@ class SGCache:
                 allow_users=ctx.options.sgcache_allow_users,
                 scripts=ctx.options.sgcache_scripts or None,
             )
-        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs"}:
+        if "sgcache_db" in updated:
+            # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
+            install_redaction(url_secrets(ctx.options.sgcache_db))
+                if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs"}:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
@@ -152,7 +162,9 @@ class SGCache:
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
             log.warning("sgcache: cannot open the replica %s (%s); passing everything through, retrying in %.0fs",
-                      _safe_url(ctx.options.sgcache_db), exc, SERVICE_RETRY_SECONDS)
+                        _safe_url(ctx.options.sgcache_db),
+                        redact(f"{type(exc).__name__}: {exc}", url_secrets(ctx.options.sgcache_db)),
+                        SERVICE_RETRY_SECONDS)
             return None
         log.info("sgcache: replica %s, schema %s", _safe_url(ctx.options.sgcache_db), ctx.options.sgcache_schema)
         return self.service
@@ -215,7 +227,7 @@ class SGCache:
         if req.method != "read":
             self._mark_pass(flow, "method")
             return
-        reason = self._auth_reason(req.auth)
+        reason = self._auth_reason(flow, req.auth)
         if reason is None:
             reason = await self._answer(flow, req.args)
         if reason is not None:
@@ -257,6 +269,7 @@ class SGCache:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
         flow.response = http.Response.make(reply.status, reply.body, headers)
         flow.response.reason = reply.reason
+        flow.metadata["sgcache_from_sg"] = True  # SG's own answer, relayed by the addon
         self._mark_pass(flow, "method")  # SG's answer: the response hook learns from it
 
     def _refuse(self, flow: http.HTTPFlow, message: str, reason: str) -> None:
@@ -269,11 +282,9 @@ class SGCache:
         if self.service is not None:
             self.service.count(reason)
 
-    def _auth_reason(self, auth: Any) -> str | None:
-        reason = self.credentials.kind_reason(auth)
-        if reason is None and not self.credentials.accepted(auth or {}):
-            reason = "auth-unverified"
-        return reason
+    def _auth_reason(self, flow: http.HTTPFlow, auth: Any) -> str | None:
+        """Why this request's credentials may not be served from the cache (None: they may)."""
+        return self.credentials.reason(_site(flow), auth)
 
     # -- SG unreachable ------------------------------------------------------------------
     def _sg_down(self, flow: http.HTTPFlow) -> bool:
@@ -293,9 +304,8 @@ class SGCache:
     async def _answer_offline(self, flow: http.HTTPFlow, req: api3.Api3Request) -> None:
         """SG is down: serve what the replica can (marked stale), refuse writes in SG's envelope."""
         if req.method == "read":
-            auth = req.auth or {}
             # Offline, only credentials SG accepted before are served (the TTL still applies).
-            if self.credentials.kind_reason(auth) is None and self.credentials.accepted(auth):
+            if self._auth_reason(flow, req.auth) is None:
                 if await self._answer(flow, req.args, offline=True) is None:
                     return
         elif req.method == "info" and flow.request.host in self.last_info and self.service is not None:
@@ -386,7 +396,7 @@ class SGCache:
         if flow.response.status_code in OUTAGE_STATUSES:
             self._note_outage(flow, f"HTTP {flow.response.status_code}")
             if method == "read" and ctx.options.sgcache_offline and not self._auth_reason(
-                flow.metadata.get("sgcache_auth")
+                flow, flow.metadata.get("sgcache_auth")
             ):
                 await self._answer(flow, flow.metadata.get("sgcache_args"), offline=True)
             return
@@ -396,21 +406,30 @@ class SGCache:
             self.executor, api3.decode_response, flow.response.get_content(strict=False) or b""
         )
         auth = flow.metadata.get("sgcache_auth")
-        if auth and self.credentials.kind_reason(auth) is None and reply is not None:
-            rejected = api3.is_error(reply) and reply.get("error_code") == api3.AUTH_ERROR_CODE
-            self.credentials.record(auth, not rejected)
+        if _answered_by_sg(flow):
+            self.credentials.observe(method, _site(flow), auth, reply if _is_json(flow.response) else None)
         if method == "info" and isinstance(reply, dict) and self.service is not None:
             await self._add_info(flow, reply)
         elif method in WRITE_METHODS and isinstance(reply, dict) and "results" in reply and self.service:
-            args = flow.metadata.get("sgcache_args")
-            loop = asyncio.get_running_loop()
-            to_fetch = await loop.run_in_executor(self.executor, self.service.learn, method, args, reply["results"])
+            await self._learn(flow, self.service, method, auth, reply)
+
+    async def _learn(self, flow: http.HTTPFlow, service: CacheService, method: str, auth: Any,
+                     reply: dict[str, Any]) -> None:
+        """Write SG's answer to a write into the replica; never raises (the ingester brings what is missed)."""
+        args = flow.metadata.get("sgcache_args")
+        loop = asyncio.get_running_loop()
+        try:
+            to_fetch = await loop.run_in_executor(self.executor, service.learn, method, args, reply["results"])
             if to_fetch and auth:
                 # the answer was partial: read the whole rows now, so the writer reads its write
                 url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}{flow.request.path}"
                 await loop.run_in_executor(
-                    self.executor, self.service.fetch_rows, url, auth, to_fetch, _upstream_ssl_context()
+                    self.executor, service.fetch_rows, url, auth, to_fetch, _upstream_ssl_context()
                 )
+        except Passthrough as exc:
+            log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer
+            log.warning("%s answer not recorded (%s); the ingester will bring it", method, type(exc).__name__)
 
     async def _add_info(self, flow: http.HTTPFlow, reply: dict[str, Any]) -> None:
         assert self.service is not None
@@ -426,6 +445,24 @@ class SGCache:
             return False
         host = flow.request.host.lower()
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+
+
+def _site(flow: http.HTTPFlow) -> str:
+    """The site a request goes to (scheme, host, port): credentials are verified per site."""
+    return site_of(flow.request.scheme, flow.request.host, flow.request.port)
+
+
+def _answered_by_sg(flow: http.HTTPFlow) -> bool:
+    """Whether the flow's response is SG's own (not made by this addon, a replay or another addon)."""
+    if flow.metadata.get("sgcache_hit") or flow.is_replay is not None:
+        return False
+    return bool(flow.metadata.get("sgcache_from_sg")) or flow.server_conn.timestamp_start is not None
+
+
+def _is_json(response: http.Response) -> bool:
+    """Whether shotgun_api3 decodes this answer as JSON (its content-type test)."""
+    content_type = response.headers.get("content-type", "").strip().lower()
+    return not content_type or content_type.startswith(("application/json", "text/javascript"))
 
 
 def _read_encoded(
@@ -470,11 +507,7 @@ def _host_regex(glob: str) -> str:
 
 def _safe_url(url: str) -> str:
     """A database URL without its password, for the log."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+    return safe_url(url)
 
 
 addons = [SGCache()]

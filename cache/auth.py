@@ -1,6 +1,21 @@
-"""Which credentials may be served from the cache: only those SG itself accepted.
+"""Which credentials may be served from the cache: only those SG itself accepted, at that site.
 
-Credentials are kept only as a salted hash, in memory, for ``ttl`` seconds.
+The policy, in one place (the addon only reports what it saw):
+
+- SG authenticates every API3 method but ``info``. A credential becomes *verified* only by
+  SG's **successful** answer (HTTP 200, JSON, ``{"results": ...}`` with no error envelope) to
+  a method SG authenticates, sent with exactly that auth dict to that site. Nothing else
+  verifies: not ``info``, not any error envelope (whatever its code, also for ``batch``), not
+  an answer the proxy made itself, not a body that is not API3.
+- An authentication error (``error_code`` 102, or the other login faults 106, 108, 110)
+  forgets the credential at once; other errors change nothing.
+- A verified credential is bound to the site (scheme, host, port) and to the whole auth dict
+  (script name and key, or login and password, or session token, plus ``sudo_as_login`` and
+  any extra auth parameters); only ``session_uuid``, which merely tags events, is ignored.
+- It stays verified for ``ttl`` seconds after SG's last success. Credentials are kept only
+  as a salted hash, in memory.
+- Auth dicts of unexpected shapes (non-string credentials, nested values, huge values,
+  several login forms at once) are never served: they pass with a reason, and SG answers.
 """
 
 from __future__ import annotations
@@ -13,12 +28,54 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+#: API3 methods SG answers without authenticating the caller.
+UNAUTHENTICATED_METHODS = frozenset({"info"})
+#: SG's error codes for refused credentials (AuthenticationFault, 2FA, SSO, Oxygen).
+AUTH_ERROR_CODES = frozenset({102, 106, 108, 110})
 #: Auth keys whose answers SG may filter by the user's permission rules.
 _USER_KEYS = ("user_login", "session_token", "auth_token")
+#: Auth keys whose values must be strings.
+_STRING_KEYS = frozenset({
+    "script_name", "script_key", "user_login", "user_password", "auth_token", "session_token",
+    "sudo_as_login", "session_uuid",
+})
+#: Longest auth value (characters) and most keys the cache considers; bigger ones pass.
+MAX_VALUE_CHARS = 1024
+MAX_KEYS = 16
+#: Remembered credentials before expired ones are swept.
+_SWEEP_AT = 10_000
+
+
+def site_of(scheme: str, host: str, port: int) -> str:
+    """The site a request went to, as a credential is bound to it: ``scheme://host:port``."""
+    return f"{scheme.lower()}://{host.lower().rstrip('.')}:{int(port)}"
+
+
+def verdict(method: Any, reply: Any) -> bool | None:
+    """What SG's decoded ``reply`` to ``method`` says of the credentials it was sent with:
+    True (accepted), False (refused) or None (nothing)."""
+    if not isinstance(method, str) or method in UNAUTHENTICATED_METHODS:
+        return None
+    if not isinstance(reply, Mapping):
+        return None
+    if reply.get("exception") or "error_code" in reply:
+        refused = reply.get("exception") and reply.get("error_code") in AUTH_ERROR_CODES
+        return False if refused else None
+    if "results" not in reply:
+        return None
+    return True
+
+
+def _odd_value(key: str, value: Any) -> bool:
+    if key in _STRING_KEYS:
+        return not isinstance(value, str) or not value or len(value) > MAX_VALUE_CHARS
+    if isinstance(value, str):
+        return len(value) > MAX_VALUE_CHARS
+    return not (value is None or isinstance(value, bool | int | float))
 
 
 class CredentialCache:
-    """Remembers, per credential hash, that SG accepted or rejected it, for a while."""
+    """Remembers, per site and credential hash, that SG accepted it, for a while."""
 
     def __init__(
         self,
@@ -37,45 +94,76 @@ class CredentialCache:
         self._accepted: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
-    def key(self, auth: Mapping[str, Any]) -> bytes:
-        """A salted hash of the credential part of an auth dict (session_uuid is ignored)."""
+    def key(self, site: str, auth: Mapping[str, Any]) -> bytes:
+        """A salted hash of the site and the credential part of an auth dict (session_uuid is ignored)."""
         creds = {k: v for k, v in auth.items() if k != "session_uuid"}
-        blob = json.dumps(creds, sort_keys=True, default=str).encode("utf-8")
+        blob = json.dumps([site, creds], sort_keys=True, ensure_ascii=True).encode("ascii")
         return hashlib.sha256(self._salt + blob).digest()
 
-    def kind_reason(self, auth: Mapping[str, Any] | None) -> str | None:
-        """Why this kind of credential is never served from the cache, or None."""
-        if not auth:
+    def kind_reason(self, auth: Any) -> str | None:
+        """Why this credential is never served from the cache, or None when it may be (once verified)."""
+        if not isinstance(auth, Mapping) or not auth:
             return "no-auth"
+        if len(auth) > MAX_KEYS or any(not isinstance(k, str) or _odd_value(k, v) for k, v in auth.items()):
+            return "bad-auth"
+        forms = [("user_login" in auth or "user_password" in auth),
+                 ("script_name" in auth or "script_key" in auth), "session_token" in auth]
+        if sum(forms) > 1:
+            return "mixed-auth"  # which one SG would use is SG's business: pass
         if "sudo_as_login" in auth and not self.allow_users:
             return "sudo"
         if any(k in auth for k in _USER_KEYS):
-            return None if self.allow_users else "user-auth"
+            if not self.allow_users:
+                return "user-auth"
+            if "user_login" in auth and "user_password" not in auth:
+                return "unknown-auth"
+            return None
         if "script_name" in auth and "script_key" in auth:
             if self.scripts is not None and auth["script_name"] not in self.scripts:
                 return "script-not-listed"
             return None
         return "unknown-auth"
 
-    def accepted(self, auth: Mapping[str, Any]) -> bool:
-        key = self.key(auth)
+    def reason(self, site: str, auth: Any) -> str | None:
+        """Why a read with ``auth`` at ``site`` may not be served from the cache now, or None."""
+        reason = self.kind_reason(auth)
+        if reason is None and not self.accepted(site, auth):
+            reason = "auth-unverified"
+        return reason
+
+    def accepted(self, site: str, auth: Any) -> bool:
+        """Whether SG accepted exactly this credential at exactly this site less than ``ttl`` ago."""
+        if self.kind_reason(auth) is not None:
+            return False
+        key = self.key(site, auth)
         with self._lock:
             until = self._accepted.get(key)
             if until is None:
                 return False
-            if until < self._clock():
+            if until <= self._clock():
                 del self._accepted[key]
                 return False
             return True
 
-    def record(self, auth: Mapping[str, Any], ok: bool) -> None:
-        """Record SG's verdict on these credentials."""
-        key = self.key(auth)
+    def observe(self, method: Any, site: str, auth: Any, reply: Any) -> bool | None:
+        """Learn from SG's decoded ``reply`` to a ``method`` call made with ``auth`` at ``site``.
+
+        Call it only with answers that came from SG. Returns the verdict applied (see :func:`verdict`).
+        """
+        if self.kind_reason(auth) is not None:
+            return None
+        ok = verdict(method, reply)
+        if ok is not None:
+            self._record(site, auth, ok)
+        return ok
+
+    def _record(self, site: str, auth: Mapping[str, Any], ok: bool) -> None:
+        key = self.key(site, auth)
         with self._lock:
             if ok:
                 self._accepted[key] = self._clock() + self.ttl
             else:
                 self._accepted.pop(key, None)
-            if len(self._accepted) > 10_000:
+            if len(self._accepted) > _SWEEP_AT:
                 now = self._clock()
-                self._accepted = {k: v for k, v in self._accepted.items() if v >= now}
+                self._accepted = {k: v for k, v in self._accepted.items() if v > now}

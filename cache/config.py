@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any
+
+from .private import install_redaction, url_secrets
 
 DEFAULT_DB = "sqlite:///sgcache.db"
 DEFAULT_SCHEMA = "schema/basic.yml"
@@ -36,11 +39,27 @@ def add_common_args(parser: argparse.ArgumentParser, site: bool = True, db: bool
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, args: Any = None) -> None:
+    """Log to stderr; with the parsed ``args``, the script key and the database password given
+    there are masked in every line (also in tracebacks and in errors quoted from libraries)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args is not None:
+        install_redaction(secrets_of(args))
+        sys.excepthook = _log_uncaught  # an uncaught traceback goes through the masking too
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    logging.getLogger("sgcache").critical("uncaught %s", exc_type.__name__, exc_info=(exc_type, exc, tb))
+
+
+def secrets_of(args: Any) -> list[str | None]:
+    """The secrets among parsed script arguments: the script key and the passwords in the
+    database and site URLs."""
+    return [getattr(args, "script_key", None), *url_secrets(getattr(args, "db", None) or ""),
+            *url_secrets(getattr(args, "site", None) or "")]
 
 
 def connect_site(args: Any) -> Any:

@@ -61,6 +61,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import fieldtypes, pending
+from .private import open_private
 from .schema import Schema
 from .store import Store, now_utc
 from .writes import WriteBatch, upsert_stmt
@@ -234,7 +235,7 @@ class FileLock(LeaderLock):
         self._fd: int | None = None
 
     def acquire(self, conn: Connection) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(self.path)  # mode 0600 when created
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

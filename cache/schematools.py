@@ -85,7 +85,7 @@ def dump_parser() -> argparse.ArgumentParser:
 def dump_main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     """``scripts/schema-dump``: exit 0 on success, 1 when SG cannot be read, 2 on bad usage."""
     args = dump_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args)
     sg = connect_site(args)
     try:
         schema = read_site_schema(sg)
@@ -120,7 +120,7 @@ def filter_parser() -> argparse.ArgumentParser:
 def filter_main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     """``scripts/schema-filter``: exit 0 on success, 2 on a bad rules or schema file."""
     args = filter_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args)
     try:
         rules_text = read_text(args.rules, "rules file")
         schema = load_schema_text(read_text(args.file, "schema file"), args.file)

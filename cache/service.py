@@ -25,6 +25,7 @@ from . import __version__, pending
 from .effects import WriteEffects
 from .errors import Passthrough
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
+from .private import redact, url_secrets
 from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
@@ -65,6 +66,7 @@ class CacheService:
                                  "keepalives_interval": 3, "keepalives_count": 3},
                 "pool_timeout": 5,
             }
+        self._secrets = url_secrets(db_url)  # masked in every log line about the database
         self.store = Store.open(db_url, self.schema, **engine_kwargs)
         self._sqlite_path = _sqlite_file(self.store.engine)
         self._watch_engine()
@@ -145,7 +147,7 @@ class CacheService:
                 log.info("read %s, passing through: %s", reason, _short(exc))
                 return Passthrough(reason, type(exc).__name__)
             # an internal error is a bug: its traceback goes to the log (never to the client)
-            log.warning("replica cannot answer (%s), passing through: %s", reason, _short(exc),
+            log.warning("replica cannot answer (%s), passing through: %s", reason, redact(_short(exc), self._secrets),
                         exc_info=reason == "internal-error")
             return Passthrough(reason, type(exc).__name__)
         with self._lock:
@@ -154,7 +156,7 @@ class CacheService:
             if failures >= BREAKER_FAILURES:
                 self._open_until = time.monotonic() + BREAKER_SECONDS
             self._ctx = None
-        log.warning("database error, passing through: %s", _short(exc))
+        log.warning("database error, passing through: %s", redact(_short(exc), self._secrets))
         if failures >= BREAKER_FAILURES:
             if failures == BREAKER_FAILURES:
                 log.warning("database failing; not using it for %.0fs at a time", BREAKER_SECONDS)
@@ -257,11 +259,12 @@ class CacheService:
         """Write the upstream answer of a create/update/delete/revive/batch into the replica.
 
         Returns the entities whose answer was partial: they are queued for a fetch, and
-        reads of their type pass until the rows are complete.
+        reads of their type pass until the rows are complete. Never raises: what is not
+        recorded here (database trouble, the breaker open) the ingester brings.
         """
-        self._check_breaker()
         to_fetch: list[tuple[str, int]] = []
         try:
+            self._check_breaker()
             with self.store.write_engine.begin() as conn:
                 registry = self.pairs.with_learned(conn, self.store.pairs_table)
                 markers: set[tuple[str, str]] = set()
@@ -274,7 +277,8 @@ class CacheService:
                 else:
                     to_fetch += self._learn_one(conn, method, args, results, registry, markers)
                 pending.mark(conn, self.store.pending, markers)
-        except Passthrough:
+        except Passthrough as exc:
+            log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
             return []
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)

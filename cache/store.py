@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
 from . import fieldtypes, pairs, pending
+from .private import ensure_private_file, sqlite_path
 from .schema import FieldSchema, Schema
 from .writes import WriteBatch
 
@@ -132,7 +133,15 @@ class Store:
 
     @classmethod
     def open(cls, url: str, schema: Schema, create: bool = True, **engine_kwargs: Any) -> Store:
-        """Connect to ``url`` and (by default) create or migrate the tables."""
+        """Connect to ``url`` and (by default) create or migrate the tables.
+
+        A missing SQLite file is created mode 0600 (SQLite would create it anyway, with the
+        umask's mode); an existing one keeps its mode, with a warning when others may read it."""
+        if (path := sqlite_path(normalize_url(url))) is not None:
+            try:
+                ensure_private_file(path)
+            except OSError as exc:  # SQLite reports the same trouble in its own words
+                log.debug("cannot create %s: %s", path, exc)
         store = cls(make_engine(url, **engine_kwargs), schema)
         if create:
             store.create()

@@ -17,8 +17,11 @@ from cache.schema import Schema, parse_rules
 
 from .fakesg import FakeSGServer, FakeSite
 from .proxyharness import REPO, Proxy
+from .secretscan import SCRIPT_OUTPUTS
 
-SCRIPT, KEY = "pipeline", "s3cret"
+#: Distinctive secrets: tests/secretscan.py looks for them in every log and answer of the run.
+SCRIPT, KEY = "pipeline", "sk-7f3a9c1e-NeverLogMe"
+HUMAN, HUMAN_PASSWORD = "ann", "pw-4b8d2e6f-NeverLogMe"
 RULES = REPO / "schema" / "basic-filters.txt"
 #: Proxy options for a test rig: no ingester heartbeat needed, the fake SG's host intercepted.
 RIG_OPTIONS = ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]
@@ -41,6 +44,12 @@ def populate(site: FakeSite) -> None:
             "assets": [{"type": "Asset", "id": a["id"]} for a in assets[: i % 4]],
         }
         site.create_direct("Shot", fields)
+
+
+def populate_with_human(site: FakeSite) -> None:
+    """:func:`populate`, plus the human user ``HUMAN`` (password ``HUMAN_PASSWORD``)."""
+    populate(site)
+    site.add_human(HUMAN, HUMAN_PASSWORD, firstname="Ann", lastname="Lee")
 
 
 def site_schema_file(site: FakeSite, path: Path, extra_rules: str = "") -> Path:
@@ -68,6 +77,7 @@ def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120)
         [sys.executable, str(REPO / "scripts" / name), *args],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
+    SCRIPT_OUTPUTS.append((f"scripts/{name} {' '.join(args)}", f"{proc.stdout}\n{proc.stderr}"))
     if proc.returncode != 0:
         raise AssertionError(f"scripts/{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

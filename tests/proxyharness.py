@@ -15,6 +15,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "addons" / "sgcache.py"
+#: Test-only addon after sgcache: records every answer clients get, for the secret scan.
+CAPTURE_ADDON = Path(__file__).resolve().parent / "capture_addon.py"
 _LISTEN_RE = re.compile(r"proxy listening at \*?([\d.]+|\[?[\w:]+\]?):(\d+)")
 
 
@@ -40,6 +42,7 @@ class Proxy:
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mitmdump.log"
+        self.answers_path = workdir / "answers.log"
         self._lines: list[str] = []
         self._lock = threading.Lock()
 
@@ -65,7 +68,7 @@ class Proxy:
             "--set", f"confdir={self.confdir}",
             "--set", "flow_detail=0",
             "-s", str(ADDON),
-            "--set", f"sgcache_db={self.db_url}",
+            "-s", str(CAPTURE_ADDON),
             "--set", f"sgcache_schema={self.schema}",
         ]
         options = list(self.options)
@@ -73,7 +76,9 @@ class Proxy:
             options.append("termlog_verbosity=debug")
         for opt in options:
             cmd += ["--set", opt]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the database URL (maybe with a password) comes from the environment, never the command line
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SGCACHE_DB=self.db_url,
+                   SGCACHE_TEST_ANSWERS=str(self.answers_path))
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env
         )

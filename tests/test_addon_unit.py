@@ -12,6 +12,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
+from cache.auth import site_of
+
 from .conftest import BASIC_SCHEMA
 from .proxyharness import ADDON
 
@@ -193,7 +195,8 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
             tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0,
                            sgcache_read_budget=20)
             try:
-                addon.credentials.record(AUTH, True)
+                addon.credentials.observe("read", site_of("https", "sg.example.shotgunstudio.com", 443), AUTH,
+                                          {"results": []})
                 flow = api3_flow(call("read", slow))
                 await addon.request(flow)
                 assert flow.response is None and flow.metadata["sgcache_pass"] == "slow-read"
@@ -210,3 +213,161 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
                 addon.done()
 
     asyncio.run(main())
+
+
+def _read_flow(auth: Any, host: str = "sg.example.shotgunstudio.com") -> Any:
+    return api3_flow(json.dumps({"method_name": "read", "params": [auth, {"type": "Shot"}]}).encode(), host=host)
+
+
+async def _exchange(addon: Any, flow: Any, status: int = 200, body: bytes = b'{"results": []}') -> None:
+    await addon.request(flow)
+    if flow.response is None:
+        respond(flow, status, body)
+    await addon.response(flow)
+
+
+def test_info_never_verifies_a_credential(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        made_up = {"script_name": "eve", "script_key": "guess"}
+        info = api3_flow(json.dumps({"method_name": "info", "params": [made_up]}).encode())
+        await _exchange(addon, info, body=b'{"version": [8, 0, 0]}')
+        flow = _read_flow(made_up)
+        await addon.request(flow)
+        assert flow.response is None and flow.metadata["sgcache_pass"] == "auth-unverified"
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (200, b'{"exception": true, "error_code": 1, "message": "bad"}', "application/json"),
+        (200, b'{"exception": true, "error_code": 102, "message": "no"}', "application/json"),
+        (200, b'{"results": []}', "text/html"),
+        (200, b"<html>login</html>", "text/html"),
+        (403, b'{"results": []}', "application/json"),
+        (500, b'{"results": []}', "application/json"),
+    ],
+)
+def test_only_sg_success_envelopes_verify(run: Any, status: int, body: bytes, content_type: str) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        flow.response = http.Response.make(status, body, {"Content-Type": content_type})
+        await addon.response(flow)
+        again = _read_flow(AUTH)
+        await addon.request(again)
+        assert again.metadata["sgcache_pass"] == "auth-unverified"
+
+    run(test)
+
+
+def test_answers_not_from_sg_never_verify(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        replayed = _read_flow(AUTH)
+        await addon.request(replayed)
+        replayed.is_replay = "response"  # e.g. mitmproxy's server replay answered it
+        respond(replayed)
+        await addon.response(replayed)
+        unconnected = _read_flow(AUTH)
+        await addon.request(unconnected)
+        unconnected.server_conn.timestamp_start = None  # another addon answered: SG never saw it
+        respond(unconnected)
+        await addon.response(unconnected)
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+        # the same credential answered by SG: verified, for this site only
+        await _exchange(addon, _read_flow(AUTH))
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        assert flow.metadata.get("sgcache_pass") != "auth-unverified"
+        flow = _read_flow(AUTH, host="other.shotgunstudio.com")
+        await addon.request(flow)
+        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+
+    run(test)
+
+
+def test_offline_refusals_never_verify(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        addon.down_until["sg.example.shotgunstudio.com"] = 1e18  # SG unreachable: the addon answers itself
+        flow = api3_flow(call("schema_read", {}))
+        await addon.request(flow)
+        assert flow.response is not None and flow.response.headers["X-SGCache"] == "pass; reason=sg-unreachable"
+        flow.response = http.Response.make(200, b'{"results": {}}', {"Content-Type": "application/json"})
+        await addon.response(flow)  # even a success-looking body made here verifies nothing
+        addon.down_until.clear()
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"script_name": ["pipeline-readall"], "script_key": "k"},
+        {"script_name": {"n": 1}, "script_key": "k"},
+        {"script_name": "pipeline-readall", "script_key": ["k"]},
+        {"script_name": "pipeline-readall", "script_key": "k" * 100_000},
+        ["pipeline-readall", "k"],
+        "pipeline-readall",
+    ],
+)
+def test_odd_auth_shapes_pass_with_a_reason(run: Any, auth: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_scripts=["pipeline-readall"])
+        flow = _read_flow(auth)
+        await addon.request(flow)
+        assert flow.response is None and flow.metadata["sgcache_pass"] in ("bad-auth", "no-auth")
+        respond(flow, 200, b'{"exception": true, "error_code": 102, "message": "no"}')
+        await addon.response(flow)
+        assert flow.response.headers["X-SGCache"].startswith("pass; reason=")
+        assert json.loads(flow.response.content)["error_code"] == 102  # SG's answer, untouched
+
+    run(test)
+
+
+def test_learning_never_raises_into_the_addon(run: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        service = addon.service
+        service._failures = 99
+        service._open_until = 1e18  # the breaker is open: learn would meet db-backoff
+        assert service.learn("update", {"type": "Shot", "id": 1, "fields": []}, {"type": "Shot", "id": 1}) == []
+
+        def broken(*_args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        service.learn = broken
+        flow = api3_flow(call("update", {"type": "Shot", "id": 1, "fields": []}))
+        flow.metadata.update(sgcache_method="update", sgcache_auth=AUTH,
+                             sgcache_args={"type": "Shot", "id": 1, "fields": []}, sgcache_pass="method")
+        respond(flow, 200, b'{"results": {"type": "Shot", "id": 1}}')
+        await addon.response(flow)  # logged, not raised
+        assert flow.response.headers["X-SGCache"] == "pass; reason=method"
+
+    run(test)
+    assert "not recorded" in caplog.text
+
+
+def test_answers_to_bodies_the_addon_did_not_decode_never_verify(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        body = json.dumps({"method_name": "read", "params": [AUTH, {"type": "Shot"}]}).encode()
+        for headers in ({"Content-Encoding": "gzip"}, {"Content-Encoding": "br"}):
+            flow = api3_flow(body, headers=headers)
+            await addon.request(flow)
+            assert flow.metadata["sgcache_pass"] == "content-encoding"
+            respond(flow)
+            await addon.response(flow)
+        upload = api3_flow(body)
+        upload.request.path = "/upload/api_link_file"  # not API3: the addon never looks at it
+        await addon.request(upload)
+        respond(upload)
+        await addon.response(upload)
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+
+    run(test)

@@ -368,6 +368,9 @@ class FakeSite:
             raise SGFault("Authentication failed: no credentials", ERR_AUTH)
         session_uuid = auth.get("session_uuid")
         sudo = auth.get("sudo_as_login")
+        if any(not isinstance(auth.get(k, ""), str)
+               for k in ("script_name", "script_key", "user_login", "user_password", "session_token")):
+            raise SGFault("Authentication failed: invalid credentials", ERR_AUTH)
         if "script_name" in auth:
             script = self._scripts.get(auth.get("script_name"))
             if script is None or script.revoked or script.key != auth.get("script_key"):

@@ -1,0 +1,143 @@
+"""Nobody reads what SG would not let them read: credentials SG accepted, at that site, only.
+
+A real shotgun_api3 client and raw API3 POSTs through a real mitmdump to the fake SG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import shotgun_api3
+
+from .e2e import HUMAN, HUMAN_PASSWORD, KEY, RIG_OPTIONS, SCRIPT, Rig, populate_with_human, primed_rig
+from .fakesg import FakeSGServer
+from .proxyharness import Proxy
+
+READ_USERS = {"type": "HumanUser", "return_fields": ["login"],
+              "filters": {"logical_operator": "and", "conditions": []},
+              "paging": {"entities_per_page": 500, "current_page": 1}, "return_only": "active"}
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
+    """Every script SG accepts may be served, and human users too; a human exists at the fake SG."""
+    with primed_rig(tmp_path_factory.mktemp("rig"), module_db_url, RIG_OPTIONS + ["sgcache_allow_users=true"],
+                    populate_site=populate_with_human) as rig:
+        yield rig
+
+
+@pytest.fixture(scope="module")
+def listed(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """The same site and replica behind a second proxy that serves only the script ``SCRIPT``."""
+    options = RIG_OPTIONS + [f"sgcache_scripts={SCRIPT}"]
+    with Proxy(tmp_path_factory.mktemp("listed"), rig.db_url, rig.schema_path, options) as proxy:
+        yield dataclasses.replace(rig, proxy=proxy)
+
+
+def post(rig: Rig, method: str, auth: Any, args: Any = None, url: str | None = None) -> tuple[str, Any]:
+    """One API3 POST through the proxy: (X-SGCache header, decoded reply)."""
+    params = [auth] if args is None else [auth, args]
+    body = json.dumps({"method_name": method, "params": params}).encode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
+    req = urllib.request.Request((url or rig.server.url) + "/api3/json", data=body, method="POST",
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    with opener.open(req, timeout=30) as resp:
+        return resp.headers.get("X-SGCache", ""), json.loads(resp.read())
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"script_name": "eve", "script_key": "guess"},  # an unknown script
+        {"script_name": SCRIPT, "script_key": "guess"},  # a listed script, a wrong key
+        {"user_login": HUMAN, "user_password": "guess"},  # a real login, a wrong password
+        {"session_token": "made-up-token"},
+    ],
+    ids=["unknown-script", "listed-script-wrong-key", "wrong-password", "made-up-session"],
+)
+def test_info_then_read_with_bad_credentials_never_hits(rig: Rig, auth: dict[str, str]) -> None:
+    _info_then_read(rig, auth)
+
+
+def test_info_then_read_with_a_wrong_key_of_a_listed_script_never_hits(listed: Rig) -> None:
+    _info_then_read(listed, {"script_name": SCRIPT, "script_key": "guess"})
+
+
+def _info_then_read(rig: Rig, auth: dict[str, str]) -> None:
+    header, reply = post(rig, "info", auth)
+    assert "version" in reply and header.startswith("pass")
+    for _ in range(2):
+        before = rig.reads()
+        header, reply = post(rig, "read", auth, READ_USERS)
+        assert header == "pass; reason=auth-unverified"
+        assert reply["exception"] is True and reply["error_code"] == 102  # SG's own refusal
+        assert rig.reads() == before + 1
+
+
+@pytest.mark.parametrize("proxied", ["rig", "listed"])
+def test_a_client_with_a_wrong_key_gets_sgs_authentication_fault(proxied: str, request: pytest.FixtureRequest) -> None:
+    rig: Rig = request.getfixturevalue(proxied)
+    good = rig.client()
+    good.find_one("HumanUser", [])  # SG accepts the right key: its reads become hits
+    before = rig.reads()
+    good.find("HumanUser", [], ["login"])
+    assert rig.reads() == before
+    bad = rig.client(api_key="guess")  # connects with info first, as shotgun_api3 does
+    bad.info()
+    for _ in range(2):
+        with pytest.raises(shotgun_api3.AuthenticationFault):
+            bad.find("HumanUser", [], ["login"])
+    assert rig.reads() == before + 2
+    stranger = rig.client(script_name="eve", api_key="guess")
+    stranger.info()
+    with pytest.raises(shotgun_api3.AuthenticationFault):
+        stranger.find("HumanUser", [], ["login"])
+
+
+def test_a_human_login_is_verified_only_by_sgs_answer(rig: Rig) -> None:
+    auth = {"user_login": HUMAN, "user_password": HUMAN_PASSWORD}
+    header, reply = post(rig, "read", auth, READ_USERS)
+    assert header == "pass; reason=auth-unverified" and "results" in reply
+    before = rig.reads()
+    header, again = post(rig, "read", auth, READ_USERS)
+    assert header == "hit" and again == reply and rig.reads() == before
+
+
+def test_a_credential_accepted_at_one_site_is_not_verified_at_another(rig: Rig) -> None:
+    auth = {"script_name": SCRIPT, "script_key": KEY}
+    post(rig, "read", auth, READ_USERS)
+    header, _ = post(rig, "read", auth, READ_USERS)
+    assert header == "hit"
+    with FakeSGServer(rig.site) as second:  # the same fake SG on another port: another site
+        assert second.url != rig.server.url
+        before = rig.reads()
+        header, reply = post(rig, "read", auth, READ_USERS, url=second.url)
+        # (with one site per replica, another site's requests pass as other-site before any auth check)
+        assert header in ("pass; reason=auth-unverified", "pass; reason=other-site") and "results" in reply
+        assert rig.reads() == before + 1
+    header, _ = post(rig, "read", auth, READ_USERS)
+    assert header == "hit"
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"script_name": [SCRIPT], "script_key": KEY},
+        {"script_name": {"name": SCRIPT}, "script_key": KEY},
+        {"script_name": SCRIPT, "script_key": [KEY]},
+        {"script_name": SCRIPT, "script_key": KEY * 1000},
+    ],
+    ids=["list-name", "dict-name", "list-key", "huge-key"],
+)
+def test_odd_script_names_get_sgs_answer_with_a_pass(listed: Rig, auth: dict[str, Any]) -> None:
+    before = listed.reads()
+    header, reply = post(listed, "read", auth, READ_USERS)
+    assert header == "pass; reason=bad-auth"
+    assert reply["exception"] is True and reply["error_code"] == 102  # what SG says to such a body
+    assert listed.reads() == before + 1
+    assert "Addon error" not in listed.proxy.output() and "Traceback" not in listed.proxy.output()
