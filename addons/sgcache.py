@@ -34,8 +34,8 @@ from cache import api3, upstream  # noqa: E402
 from cache.auth import CredentialCache, site_of  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
 from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
-from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.private import install_redaction, redact, safe_url, url_secrets  # noqa: E402
+from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 
@@ -137,7 +137,7 @@ class SGCache:
         if "sgcache_db" in updated:
             # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
             install_redaction(url_secrets(ctx.options.sgcache_db))
-                if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs"}:
+        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs"}:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
