@@ -41,16 +41,17 @@ class Decision:
 
 
 def parse_allow(globs: Iterable[str]) -> list[str]:
-    """Validate ``host:port`` globs (``*`` and ``?`` allowed in both parts); lower-cased."""
+    """Validate ``host:port`` globs (``*`` and ``?`` are the wildcards; an IPv6 host in brackets,
+    ``[::1]:5432``); lower-cased, brackets made literal for :func:`fnmatch.fnmatchcase`."""
     out = []
     for raw in globs:
         glob = raw.strip().lower()
         host, sep, port = glob.rpartition(":")
         if not sep or not host or not port:
             raise ValueError(f"sgcache_allow_connect wants host:port globs, got {raw!r}")
-        if not all(c.isdigit() or c in "*?[]" for c in port):
+        if not all(c.isdigit() or c in "*?" for c in port):
             raise ValueError(f"bad port in sgcache_allow_connect glob {raw!r}")
-        out.append(glob)
+        out.append("".join({"[": "[[]", "]": "[]]"}.get(c, c) for c in glob))
     return out
 
 
@@ -135,7 +136,7 @@ class RelayPolicy:
 
     def _decide(self, host: str, port: int, ports: frozenset[int]) -> Decision:
         name = _norm_host(host)
-        target = f"{name}:{port}"
+        target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
         if any(fnmatch.fnmatchcase(target, glob) for glob in self.allow):
             return Decision(True, "named in sgcache_allow_connect")
         if port not in ports:
