@@ -247,6 +247,24 @@ class SGCache:
             quick_ack(flow.client_conn.id)
             flow.request.stream = False  # the body must be read to be answered locally
 
+    async def server_connect(self, data: Any) -> None:
+        """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
+        client, server = data.client, data.server
+        if type(getattr(client, "proxy_mode", None)).__name__ != "RegularMode" or server.address is None:
+            return
+        host, port = server.address[0], server.address[1]
+        if self.site is not None and self.site.is_host(host, port):
+            return
+        loop = asyncio.get_running_loop()
+        tunnel = await loop.run_in_executor(self.executor, self.relay.connect, host, port)
+        if tunnel.allowed:
+            return
+        plain = await loop.run_in_executor(self.executor, self.relay.request,
+                                           "https" if server.tls else "http", host, port)
+        if not plain.allowed:
+            log.warning("sgcache: refused a connection to %s: %s", _hostport(host, port), plain.reason)
+            server.error = f"sgcache: {_hostport(host, port)} refused: {plain.reason}"
+
     def _refuse_relay(self, flow: http.HTTPFlow, what: str, reason: str) -> None:
         """Answer 403 with a one-line reason, and log it."""
         peer = flow.client_conn.peername
@@ -484,9 +502,8 @@ def _is_api3(flow: http.HTTPFlow) -> bool:
 
 
 def _relaying(flow: http.HTTPFlow) -> bool:
-    """Whether the client chose the destination (regular or upstream proxy mode): the relay policy applies."""
-    mode = getattr(flow.client_conn, "proxy_mode", None)
-    return type(mode).__name__ in ("RegularMode", "UpstreamMode")
+    """Whether the client chose the destination (regular proxy mode): the relay policy applies."""
+    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__ == "RegularMode"
 
 
 def _hostport(host: str, port: int) -> str:

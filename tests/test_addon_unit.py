@@ -273,3 +273,20 @@ def test_only_listed_scripts_are_served(run: Any) -> None:
         assert flow.metadata["sgcache_pass"] == "auth-unverified"  # listed: cacheable once SG accepts it
 
     run(test)
+
+
+def test_every_upstream_connection_is_checked_before_it_opens(run: Any) -> None:
+    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_allow_connect=["db.studio.internal:5432"])
+        for address, refused in [(("127.0.0.1", 5432), True), (("127.0.0.1", 8080), True),
+                                 (("sg.example.shotgunstudio.com", 443), False), (("db.studio.internal", 5432), False),
+                                 (("files.example.test", 80), False), (("files.example.test", 8080), True)]:
+            data = ServerConnectionHookData(client=tflow.tclient_conn(), server=tflow.tserver_conn())
+            data.server.address = address
+            data.server.error = None
+            await addon.server_connect(data)
+            assert (data.server.error is not None) is refused, (address, data.server.error)
+
+    run(test)
