@@ -7,6 +7,7 @@ same proxy (allowed by ``sgcache_allow_connect``, since the fake sites listen on
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -118,6 +119,10 @@ def test_tunnels_and_plain_requests_only_where_allowed(two_sites: tuple[Rig, Fak
         status, body = connect_status(rig.proxy, target)
         assert status == 403, (target, body)
         assert b"refused" in body
+    # port 443 is allowed, but not to a name or address of this host
+    for target in ("localhost:443", "127.0.0.1:443", *([f"{own}:443"] if (own := own_address()) else [])):
+        status, body = connect_status(rig.proxy, target)
+        assert status == 403 and b"local address" in body, (target, body)
     assert connect_status(rig.proxy, f"127.0.0.1:{site_port}")[0] == 200  # the site
     assert connect_status(rig.proxy, f"127.0.0.1:{b_port}")[0] == 200  # named in sgcache_allow_connect
     for url in ("http://127.0.0.1:5432/", "http://127.0.0.1:22/", "http://127.0.0.1:47123/",
@@ -128,6 +133,17 @@ def test_tunnels_and_plain_requests_only_where_allowed(two_sites: tuple[Rig, Fak
         status, body = plain_status(rig.proxy, url)
         assert status not in (0, 403), (url, body)  # the fake SG's own answer
     assert "refused CONNECT 127.0.0.1:5432" in rig.proxy.output()
+
+
+def own_address() -> str | None:
+    """A non-loopback address of this host (the one its default route uses), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # UDP: picks the source address, sends nothing
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def run(name: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
