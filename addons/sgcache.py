@@ -265,6 +265,19 @@ class SGCache:
             log.warning("sgcache: refused a connection to %s: %s", _hostport(host, port), plain.reason)
             server.error = f"sgcache: {_hostport(host, port)} refused: {plain.reason}"
 
+    def server_connected(self, data: Any) -> None:
+        """Drop a connection whose name resolved to a local address after it was checked (DNS rebinding)."""
+        server = data.server
+        if type(getattr(data.client, "proxy_mode", None)).__name__ != "RegularMode":
+            return
+        if server.address is None or not server.peername:
+            return
+        reason = self.relay.peer_refused(server.address[0], server.address[1], str(server.peername[0]))
+        if reason is not None:
+            log.warning("sgcache: dropped the connection to %s: %s",
+                        _hostport(server.address[0], server.address[1]), reason)
+            _close_server(data.client.id, server)
+
     def _refuse_relay(self, flow: http.HTTPFlow, what: str, reason: str) -> None:
         """Answer 403 with a one-line reason, and log it."""
         peer = flow.client_conn.peername
@@ -537,6 +550,15 @@ def quick_ack(client_id: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, 1)
     except Exception:  # noqa: BLE001 - mitmproxy internals moved: only latency is lost
         log.debug("TCP_QUICKACK not set", exc_info=True)
+
+
+def _close_server(client_id: str, server: Any) -> None:
+    """Close an open upstream connection (mitmproxy has no hook result for it)."""
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+        handler.transports[server].writer.close()
+    except Exception:  # noqa: BLE001 - mitmproxy internals moved: say so loudly
+        log.error("sgcache: could not drop the connection to %s", server.address, exc_info=True)
 
 
 def _host_regex(glob: str) -> str:

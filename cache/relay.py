@@ -134,6 +134,24 @@ class RelayPolicy:
             return Decision(True, "the SG site")
         return self._decide(host, port, PLAIN_PORTS.get(scheme.lower(), frozenset()))
 
+    def peer_refused(self, host: str, port: int, peer: str) -> str | None:
+        """Why a connection opened to ``host:port`` must be dropped now that it reached ``peer``
+        (an IP): a name that resolved to a local address after it was checked (DNS rebinding).
+        None when the site or an allow glob names the destination, or the peer is not local."""
+        if self.site is not None and self.site.is_host(host, port):
+            return None
+        name = _norm_host(host)
+        target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+        if any(fnmatch.fnmatchcase(target, glob) for glob in self.allow):
+            return None
+        try:
+            addr = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return None
+        if is_local(addr, self._own):
+            return f"{name} reached a local address ({addr}); see sgcache_allow_connect"
+        return None
+
     def _decide(self, host: str, port: int, ports: frozenset[int]) -> Decision:
         name = _norm_host(host)
         target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"

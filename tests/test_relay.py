@@ -107,3 +107,13 @@ def test_local_addresses() -> None:
     assert not is_local(ipaddress.ip_address("203.0.113.5"))
     assert own_address(ipaddress.ip_address("127.0.0.1"))  # bindable: this host's
     assert not own_address(ipaddress.ip_address("203.0.113.5"))
+
+
+def test_a_connection_that_reached_a_local_address_is_dropped() -> None:
+    p = policy("http://127.0.0.1:8000", allow=("db.example.test:5432",))
+    assert p.peer_refused("sg.example.test", 443, "203.0.113.10") is None
+    assert "local address" in (p.peer_refused("sg.example.test", 443, "127.0.0.1") or "")  # rebound
+    assert p.peer_refused("sg.example.test", 443, "10.1.2.3") is not None  # this host
+    assert p.peer_refused("sg.example.test", 443, "::ffff:127.0.0.1") is not None
+    assert p.peer_refused("127.0.0.1", 8000, "127.0.0.1") is None  # the site
+    assert p.peer_refused("db.example.test", 5432, "127.0.0.1") is None  # named by the operator
