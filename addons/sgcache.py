@@ -226,6 +226,8 @@ class SGCache:
         if not _relaying(flow):
             return
         r = flow.request
+        if self.site is not None and self.site.is_host(r.host, r.port):
+            return  # the site: no trip to a worker thread
         decision = await asyncio.get_running_loop().run_in_executor(self.executor, self.relay.connect, r.host, r.port)
         if not decision.allowed:
             self._refuse_relay(flow, f"CONNECT {_hostport(r.host, r.port)}", decision.reason)
@@ -283,6 +285,8 @@ class SGCache:
         peer = flow.client_conn.peername
         log.warning("sgcache: refused %s from %s: %s", what, peer[0] if peer else "?", reason)
         flow.metadata["sgcache_refused"] = reason
+        if self.service is not None:
+            self.service.count("relay-refused")
         flow.response = http.Response.make(
             403, f"sgcache: {what} refused: {reason}\n".encode(),
             {"Content-Type": "text/plain; charset=utf-8", HEADER: "pass; reason=relay-refused"},
