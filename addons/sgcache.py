@@ -137,6 +137,7 @@ class SGCache:
             except SchemaError as exc:
                 raise exceptions.OptionsError(f"sgcache: {exc}") from exc
             self._retry_at = 0.0
+            self.site = self.configured_site  # a site learnt from the previous replica is not this one's
             try:
                 self._open_service(strict=True)
             except sitemod.SiteMismatch as exc:  # the wrong replica: refuse to start

@@ -290,3 +290,28 @@ def test_every_upstream_connection_is_checked_before_it_opens(run: Any) -> None:
             assert (data.server.error is not None) is refused, (address, data.server.error)
 
     run(test)
+
+
+def test_the_site_comes_from_the_replica_when_none_is_configured(db_url: str, tmp_path: Any) -> None:
+    from .conftest import fresh_db_url
+
+    async def main() -> None:
+        addon = sgcache.SGCache()
+        with taddons.context(addon) as tctx, fresh_db_url(tmp_path / "other") as other_db:
+            (tmp_path / "other").mkdir(exist_ok=True)
+            tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_site=SITE)
+            tctx.configure(addon, sgcache_site="")  # the replica is bound now: its site is served
+            try:
+                assert addon.site is not None and addon.site.url == SITE + ":443"
+                assert any(re.search(r, "sg.example.shotgunstudio.com:443") for r in tctx.options.allow_hosts)
+                tctx.configure(addon, sgcache_db=other_db)  # an unbound replica: no site any more
+                assert addon.site is None
+                assert not any(re.search(r, "sg.example.shotgunstudio.com:443") for r in tctx.options.allow_hosts)
+                tctx.configure(addon, sgcache_db=db_url)
+                assert addon.site is not None
+                tctx.configure(addon, sgcache_db=f"sqlite:///{tmp_path / 'no-such-dir' / 'r.db'}")  # cannot open
+                assert addon.service is None and addon.site is None  # not the previous replica's site
+            finally:
+                addon.done()
+
+    asyncio.run(main())
