@@ -156,7 +156,7 @@ def test_programs_refuse_a_replica_of_another_site(tmp_path: Path, two_sites: tu
     ours, theirs = sitemod.normalise(rig.server.url), sitemod.normalise(server_b.url)
     codes = shot_codes(rig)
     env = script_env(server_b, rig.db_url, rig.schema_path)
-    for name, args in (("scan", ("--full", "--quiet")), ("ingest-events", ("--once",))):
+    for name, args in (("scan", ("--full", "--quiet")), ("ingest-events", ("--once",)), ("reprocess", ())):
         proc = run(name, env, *args)
         assert proc.returncode != 0, (name, proc.stdout, proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if ours in line]
