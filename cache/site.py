@@ -10,6 +10,7 @@ one and refuses to run on a mismatch (:class:`SiteMismatch`, whose message names
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import urllib.parse
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .store import Store
+from .store import Store, now_utc
 
 log = logging.getLogger("sgcache.site")
 
@@ -158,14 +159,22 @@ def check(store: Store, site: Site) -> str | None:
 
 
 def bind(store: Store, site: Site) -> None:
-    """Bind the replica to ``site`` (stored once, in one transaction), or raise :class:`SiteMismatch`."""
-    with store.write_engine.begin() as conn:
-        stored = stored_site(store, conn)
-        if stored is None:
-            store.set_state(conn, SITE_KEY, site.url)
+    """Bind the replica to ``site`` (stored once), or raise :class:`SiteMismatch`.
+
+    The site is inserted, never overwritten: of two programs binding an unbound replica at the
+    same moment to different sites, the second finds the first's site and refuses."""
+    stored = stored_site(store)
+    if stored is None:
+        try:
+            with store.write_engine.begin() as conn:
+                conn.execute(sa.insert(store.state).values(
+                    key=SITE_KEY, value=json.dumps(site.url), updated_at=now_utc()))
             log.info("replica bound to the site %s", site.url)
-        elif stored != site.url:
-            raise SiteMismatch(site, stored)
+            return
+        except sa.exc.IntegrityError:
+            stored = stored_site(store)  # bound meanwhile by another program
+    if stored is not None and stored != site.url:
+        raise SiteMismatch(site, stored)
 
 
 def resolve(store: Store, configured: Site | None, *, bind_unbound: bool = True) -> Site | None:

@@ -94,3 +94,24 @@ def test_stored_site_of_a_database_without_tables(db_url: str) -> None:
         assert sitemod.check(bare, Site.parse("https://a.b")) is None
     finally:
         bare.dispose()
+
+
+def test_bind_never_overwrites_a_site_stored_meanwhile(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program that read 'unbound' and then inserts loses to the one that bound first."""
+    ours, theirs = Site.parse("https://a.shotgunstudio.com"), Site.parse("https://b.shotgunstudio.com")
+    real = sitemod.stored_site
+    calls = {"n": 0}
+
+    def first_sees_nothing(st: Store, conn=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            with st.write_engine.begin() as c:
+                st.set_state(c, sitemod.SITE_KEY, theirs.url)  # the other program binds now
+            return None
+        return real(st, conn)
+
+    monkeypatch.setattr(sitemod, "stored_site", first_sees_nothing)
+    with pytest.raises(SiteMismatch):
+        sitemod.bind(store, ours)
+    monkeypatch.undo()
+    assert sitemod.stored_site(store) == theirs.url
