@@ -75,8 +75,17 @@ def own_address(addr: Address) -> bool:
     return True
 
 
+_own_cache: tuple[float, set[Address]] = (0.0, set())
+
+
 def _hostname_addresses() -> set[Address]:
-    found: set[Address] = set()
+    """The addresses this host's name resolves to (looked up at most once a minute)."""
+    global _own_cache
+    expires, found = _own_cache
+    if time.monotonic() < expires:
+        return found
+    found = set()
+    _own_cache = (time.monotonic() + 60.0, found)
     try:
         infos = socket.getaddrinfo(socket.gethostname(), None)
     except OSError:
