@@ -15,6 +15,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import sys
@@ -31,11 +32,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache import api3, upstream  # noqa: E402
+from cache import site as sitemod  # noqa: E402
 from cache.auth import CredentialCache, site_of  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
 from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
 from cache.private import install_redaction, redact, safe_url, url_secrets  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
+from cache.relay import RelayPolicy  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 
@@ -61,7 +64,8 @@ SERVICE_RETRY_SECONDS = 5.0
 READ_TIMEOUT = 5.0
 #: After SG failed to answer, requests are served offline for this long before SG is tried again.
 OUTAGE_SECONDS = 10.0
-DEFAULT_HOSTS = ["*.shotgunstudio.com", "*.shotgrid.autodesk.com"]
+#: An allow_hosts entry that matches nothing (an empty allow_hosts would decrypt everything).
+NO_HOST = r"\A(?!)"
 #: Upstream statuses that mean the site (or its load balancer) is down, not that one request failed.
 OUTAGE_STATUSES = {502, 503, 504}
 
@@ -76,7 +80,13 @@ class SGCache:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="sgcache")
         # writes wait on SG (a big batch can take minutes): never in the replica's pool
         self.write_executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="sgcache-w")
-        self.hosts: list[str] = list(DEFAULT_HOSTS)
+        self.hosts: list[str] = []
+        #: The site named by sgcache_site / SGCACHE_SITE; ``site`` is the one served (it may
+        #: come from the replica when none is configured).
+        self.configured_site: sitemod.Site | None = None
+        self.site: sitemod.Site | None = None
+        self.relay = RelayPolicy(None)
+        self._warned_no_site = False
         self.down_until: dict[str, float] = {}
         self.last_info: dict[str, dict[str, Any]] = {}
         self.slow_clients: dict[str, float] = {}  # client connection id -> until
@@ -108,9 +118,19 @@ class SGCache:
             "SG accepts). List the scripts whose permission rule set lets them read everything.",
         )
         loader.add_option(
+            "sgcache_site", str, os.environ.get("SGCACHE_SITE", ""),
+            "The SG site this replica copies (https://studio.shotgunstudio.com; default $SGCACHE_SITE, "
+            "else the site stored in the replica). Only its requests are answered or learned from.",
+        )
+        loader.add_option(
             "sgcache_hosts", Sequence[str], [],
-            "SG hosts to intercept (globs, repeatable), besides *.shotgunstudio.com and "
-            "*.shotgrid.autodesk.com; TLS to any other host is not decrypted.",
+            "Other hosts to decrypt besides the site's (globs, repeatable); their requests pass "
+            "untouched (reason=other-site). TLS to any other host is tunnelled, not decrypted.",
+        )
+        loader.add_option(
+            "sgcache_allow_connect", Sequence[str], [],
+            "host:port globs (repeatable) the proxy may connect to besides the site and port 443 "
+            "(80 for http://) of non-local hosts, e.g. 'files.studio.internal:8443'.",
         )
         loader.add_option(
             "sgcache_pairs", str, "",
@@ -124,10 +144,13 @@ class SGCache:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "sgcache_hosts" in updated:
-            self.hosts = list(DEFAULT_HOSTS) + [h.lower() for h in ctx.options.sgcache_hosts]
-            # Only SG hosts are decrypted; other CONNECT tunnels pass through untouched.
-            ctx.options.update(allow_hosts=[_host_regex(h) for h in self.hosts])
+        if "sgcache_site" in updated:
+            try:
+                self.configured_site = (sitemod.Site.parse(ctx.options.sgcache_site)
+                                        if ctx.options.sgcache_site.strip() else None)
+            except sitemod.SiteError as exc:
+                raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
+            self.site = self.configured_site
         if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
             self.credentials = CredentialCache(
                 ttl=ctx.options.sgcache_auth_ttl,
@@ -137,7 +160,7 @@ class SGCache:
         if "sgcache_db" in updated:
             # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
             install_redaction(url_secrets(ctx.options.sgcache_db))
-        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs"}:
+        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs", "sgcache_site"}:
             old, self.service = self.service, None
             if old is not None:
                 old.close()
@@ -150,14 +173,41 @@ class SGCache:
             except PairsError as exc:
                 raise exceptions.OptionsError(f"sgcache: {exc}") from exc
             self._retry_at = 0.0
-            self._open_service()
+            self.site = self.configured_site  # a site learnt from the previous replica is not this one's
+            try:
+                self._open_service(strict=True)
+            except sitemod.SiteMismatch as exc:  # the wrong replica: refuse to start
+                raise exceptions.OptionsError(f"sgcache: {exc}") from exc
+        if updated & {"sgcache_site", "sgcache_hosts", "sgcache_allow_connect", "sgcache_db"}:
+            self._apply_site()
 
-    def _open_service(self) -> CacheService | None:
-        """Open the replica; when the database is down, pass everything and retry later (fail open)."""
+    def _apply_site(self) -> None:
+        """Decrypt the site's host plus ``sgcache_hosts``; rebuild the relay policy."""
+        site = self.site
+        self.hosts = [h.lower() for h in ctx.options.sgcache_hosts]
+        regexes = [_host_regex(h) for h in self.hosts]
+        if site is not None:
+            regexes.insert(0, f"^{re.escape(site.host)}:{site.port}$")
+        # Only these are decrypted; other CONNECT tunnels pass through untouched.
+        ctx.options.update(allow_hosts=regexes or [NO_HOST])
         try:
-            self.service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag,
-                                        max(0, ctx.options.sgcache_read_budget) / 1000,
-                                        pairs_path=ctx.options.sgcache_pairs or None)
+            self.relay = RelayPolicy(site, ctx.options.sgcache_allow_connect)
+        except ValueError as exc:
+            raise exceptions.OptionsError(str(exc)) from exc
+        if site is None and not self._warned_no_site:
+            self._warned_no_site = True
+            log.warning("sgcache: no SG site known (set sgcache_site or SGCACHE_SITE, or prime the replica "
+                        "with scripts/scan): every request passes (reason=no-site)")
+
+    def _open_service(self, strict: bool = False) -> CacheService | None:
+        """Open the replica; when the database is down, pass everything and retry later (fail open).
+
+        The replica must copy the configured site: a mismatch raises :class:`SiteMismatch` when
+        ``strict`` (start-up), else it is logged and the replica is not used."""
+        try:
+            service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag,
+                                   max(0, ctx.options.sgcache_read_budget) / 1000,
+                                   pairs_path=ctx.options.sgcache_pairs or None)
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
@@ -166,14 +216,37 @@ class SGCache:
                         redact(f"{type(exc).__name__}: {exc}", url_secrets(ctx.options.sgcache_db)),
                         SERVICE_RETRY_SECONDS)
             return None
-        log.info("sgcache: replica %s, schema %s", _safe_url(ctx.options.sgcache_db), ctx.options.sgcache_schema)
+        try:
+            site = sitemod.resolve(service.store, self.configured_site)
+        except sitemod.SiteMismatch as exc:
+            service.close()
+            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
+            if strict:
+                raise
+            log.error("sgcache: %s; passing everything through", exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - database trouble: fail open, try again later
+            service.close()
+            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
+            log.warning("sgcache: cannot read the replica's site %s (%s); passing everything through, "
+                        "retrying in %.0fs", _safe_url(ctx.options.sgcache_db), exc, SERVICE_RETRY_SECONDS)
+            return None
+        if site is not None and self.configured_site is None:
+            log.info("sgcache: no sgcache_site set: serving the site stored in the replica, %s", site)
+        self.site = site
+        self.service = service
+        log.info("sgcache: replica %s of %s, schema %s", _safe_url(ctx.options.sgcache_db),
+                 site or "no site yet", ctx.options.sgcache_schema)
         return self.service
 
     async def _current_service(self) -> CacheService | None:
         """The service, re-trying to open it (off the event loop) once its back-off has passed."""
         if self.service is None and time.monotonic() >= self._retry_at:
             self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
+            known = self.site
             await asyncio.get_running_loop().run_in_executor(self.executor, self._open_service)
+            if self.site != known:  # learnt from the replica: decrypt its host from now on
+                self._apply_site()
         return self.service
 
     def running(self) -> None:
@@ -189,18 +262,85 @@ class SGCache:
             self.service.close()
 
     # -- hooks ---------------------------------------------------------------------------
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Acknowledge the client's header segment at once.
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Tunnel only where the relay policy allows (the site, port 443 of non-local hosts, ...)."""
+        if not _relaying(flow):
+            return
+        r = flow.request
+        if self.site is not None and self.site.is_host(r.host, r.port):
+            return  # the site: no trip to a worker thread
+        decision = await asyncio.get_running_loop().run_in_executor(self.executor, self.relay.connect, r.host, r.port)
+        if not decision.allowed:
+            self._refuse_relay(flow, f"CONNECT {_hostport(r.host, r.port)}", decision.reason)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse destinations the relay policy forbids; acknowledge an API3 header segment at once.
 
         shotgun_api3 sends headers and body in separate segments with Nagle's algorithm
         on; if the proxy delays its ACK (Linux: up to 40 ms) every call pays that wait.
         """
+        r = flow.request
+        if _relaying(flow) and not (self.site is not None and self.site.matches(r.scheme, r.host, r.port)):
+            decision = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.relay.request, r.scheme, r.host, r.port)
+            if not decision.allowed:
+                self._refuse_relay(flow, f"{r.method} {r.scheme}://{_hostport(r.host, r.port)}", decision.reason)
+                return
         if self._is_sg_api3(flow):
             quick_ack(flow.client_conn.id)
             flow.request.stream = False  # the body must be read to be answered locally
 
+    async def server_connect(self, data: Any) -> None:
+        """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
+        client, server = data.client, data.server
+        if type(getattr(client, "proxy_mode", None)).__name__ != "RegularMode" or server.address is None:
+            return
+        host, port = server.address[0], server.address[1]
+        if self.site is not None and self.site.is_host(host, port):
+            return
+        loop = asyncio.get_running_loop()
+        tunnel = await loop.run_in_executor(self.executor, self.relay.connect, host, port)
+        if tunnel.allowed:
+            return
+        plain = await loop.run_in_executor(self.executor, self.relay.request,
+                                           "https" if server.tls else "http", host, port)
+        if not plain.allowed:
+            log.warning("sgcache: refused a connection to %s: %s", _hostport(host, port), plain.reason)
+            server.error = f"sgcache: {_hostport(host, port)} refused: {plain.reason}"
+
+    def server_connected(self, data: Any) -> None:
+        """Drop a connection whose name resolved to a local address after it was checked (DNS rebinding)."""
+        server = data.server
+        if type(getattr(data.client, "proxy_mode", None)).__name__ != "RegularMode":
+            return
+        if server.address is None or not server.peername:
+            return
+        reason = self.relay.peer_refused(server.address[0], server.address[1], str(server.peername[0]))
+        if reason is not None:
+            log.warning("sgcache: dropped the connection to %s: %s",
+                        _hostport(server.address[0], server.address[1]), reason)
+            _close_server(data.client.id, server)
+
+    def _refuse_relay(self, flow: http.HTTPFlow, what: str, reason: str) -> None:
+        """Answer 403 with a one-line reason, and log it."""
+        peer = flow.client_conn.peername
+        log.warning("sgcache: refused %s from %s: %s", what, peer[0] if peer else "?", reason)
+        flow.metadata["sgcache_refused"] = reason
+        if self.service is not None:
+            self.service.count("relay-refused")
+        flow.response = http.Response.make(
+            403, f"sgcache: {what} refused: {reason}\n".encode(),
+            {"Content-Type": "text/plain; charset=utf-8", HEADER: "pass; reason=relay-refused"},
+        )
+
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or not _is_api3(flow):
+            return
+        if self.site is None:
+            await self._current_service()  # a replica that opens late may name the site
         if not self._is_sg_api3(flow):
+            # another host's API3 (or no site known): SG's answer, untouched; nothing learnt
+            self._mark_pass(flow, "other-site" if self.site is not None else "no-site")
             return
         encoding = flow.request.headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
@@ -441,10 +581,23 @@ class SGCache:
 
 
     def _is_sg_api3(self, flow: http.HTTPFlow) -> bool:
-        if flow.request.method != "POST" or not flow.request.path.split("?", 1)[0].endswith("/api3/json"):
-            return False
-        host = flow.request.host.lower()
-        return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+        """An API3 call to the site this replica copies (scheme, host, port and Host header)."""
+        r = flow.request
+        return (self.site is not None and _is_api3(flow)
+                and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+
+
+def _is_api3(flow: http.HTTPFlow) -> bool:
+    return flow.request.method == "POST" and flow.request.path.split("?", 1)[0].endswith("/api3/json")
+
+
+def _relaying(flow: http.HTTPFlow) -> bool:
+    """Whether the client chose the destination (regular proxy mode): the relay policy applies."""
+    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__ == "RegularMode"
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _site(flow: http.HTTPFlow) -> str:
@@ -498,6 +651,15 @@ def quick_ack(client_id: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, 1)
     except Exception:  # noqa: BLE001 - mitmproxy internals moved: only latency is lost
         log.debug("TCP_QUICKACK not set", exc_info=True)
+
+
+def _close_server(client_id: str, server: Any) -> None:
+    """Close an open upstream connection (mitmproxy has no hook result for it)."""
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+        handler.transports[server].writer.close()
+    except Exception:  # noqa: BLE001 - mitmproxy internals moved: say so loudly
+        log.error("sgcache: could not drop the connection to %s", server.address, exc_info=True)
 
 
 def _host_regex(glob: str) -> str:

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_freshness [--n 100] [--poll-interval 1] [--pg URL | --pg '']
 
 Rig (tests/freshrig.py): the fake SG server, scripts/scan --full, a running
-scripts/ingest-events --poll-interval P and mitmdump with the addon (sgcache_hosts=127.0.0.1,
+scripts/ingest-events --poll-interval P and mitmdump with the addon (sgcache_site=<the fake's URL>,
 default sgcache_max_lag=60). N times: update a Shot's code directly at the fake, then
 ``find`` it through a real shotgun_api3 client (http_proxy) until an answer that the fake
 did not serve (a cache hit) shows the new value; the delay is from the update to that

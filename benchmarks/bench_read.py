@@ -130,7 +130,7 @@ def main() -> None:
     site.add_script("bench", "key")
     site.create_direct("Project", {"name": "Bench"})
     with FakeSGServer(site) as server:
-        proxy = Proxy(tmp, db_url, schema_path, ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1", "termlog_verbosity=info"])
+        proxy = Proxy(tmp, db_url, schema_path, ["sgcache_max_lag=0", f"sgcache_site={server.url}", "termlog_verbosity=info"])
         with proxy:
             sg = shotgun_api3.Shotgun(server.url, script_name="bench", api_key="key", http_proxy=proxy.address)
             sg.find_one("Project", [])

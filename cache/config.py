@@ -72,3 +72,29 @@ def connect_site(args: Any) -> Any:
 
     return shotgun_api3.Shotgun(args.site, script_name=args.script_name, api_key=args.script_key,
                                 connect=False)
+
+
+def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwargs: Any) -> Any:
+    """Open the replica for a script, bound to ``site_url``; exits with one line naming both sites
+    when the replica copies another site (checked before any table is created or migrated)."""
+    from .site import Site, SiteError, SiteMismatch, bind, check
+    from .store import Store
+
+    try:
+        site = Site.parse(site_url) if site_url else None
+    except SiteError as exc:
+        raise SystemExit(f"--site: {exc}") from None
+    store = Store.open(url, schema, create=False, **engine_kwargs)
+    try:
+        if site is not None:
+            check(store, site)
+        store.create()
+        if site is not None:
+            bind(store, site)
+    except SiteMismatch as exc:
+        store.dispose()
+        raise SystemExit(f"sgcache: {exc}") from None
+    except BaseException:
+        store.dispose()
+        raise
+    return store

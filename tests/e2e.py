@@ -23,8 +23,9 @@ from .secretscan import SCRIPT_OUTPUTS
 SCRIPT, KEY = "pipeline", "sk-7f3a9c1e-NeverLogMe"
 HUMAN, HUMAN_PASSWORD = "ann", "pw-4b8d2e6f-NeverLogMe"
 RULES = REPO / "schema" / "basic-filters.txt"
-#: Proxy options for a test rig: no ingester heartbeat needed, the fake SG's host intercepted.
-RIG_OPTIONS = ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]
+#: Proxy options for a test rig: no ingester heartbeat needed. :func:`primed_rig` adds
+#: ``sgcache_site=<the fake server's URL>`` unless the options name a site themselves.
+RIG_OPTIONS = ["sgcache_max_lag=0"]
 
 
 def populate(site: FakeSite) -> None:
@@ -69,6 +70,13 @@ def script_env(server: FakeSGServer, db_url: str, schema: Path) -> dict[str, str
         SGCACHE_DB=db_url,
         SGCACHE_SCHEMA=str(schema),
     )
+
+
+def with_site(options: list[str], server: FakeSGServer) -> list[str]:
+    """``options`` plus ``sgcache_site=<server url>``, unless they already name a site."""
+    if any(o.startswith("sgcache_site=") for o in options):
+        return list(options)
+    return [*options, f"sgcache_site={server.url}"]
 
 
 def run_script(name: str, *args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -132,6 +140,6 @@ def primed_rig(
         schema_path = site_schema_file(site, tmp_path / "schema.yml")
         env = script_env(server, db_url, schema_path)
         run_script("scan", "--full", "--quiet", env=env)
-        opts = RIG_OPTIONS if options is None else options
+        opts = with_site(RIG_OPTIONS if options is None else options, server)
         with Proxy(tmp_path, proxy_db_url or db_url, schema_path, opts) as proxy:
             yield Rig(site, server, proxy, schema_path, db_url)

@@ -49,7 +49,7 @@ class FreshRig:
         self.ingester = subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "ingest-events"), "--poll-interval", str(self.poll_interval),
              *self.ingest_args], env=self.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self.proxy = Proxy(self.workdir, self.db_url, self.schema_path, ["sgcache_hosts=127.0.0.1"]).start()
+        self.proxy = Proxy(self.workdir, self.db_url, self.schema_path, [f"sgcache_site={self.server.url}"]).start()
         self.sg = shotgun_api3.Shotgun(self.server.url, script_name=READER, api_key=READER_KEY,
                                        http_proxy=self.proxy.address)
         self.sg.find_one("Project", [])  # unseen credentials pass once; SG accepting them enables hits

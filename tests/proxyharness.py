@@ -97,6 +97,15 @@ class Proxy:
         self.stop()
         raise RuntimeError(f"mitmdump did not start:\n{self.output()}")
 
+    def wait_exit(self, timeout: float = 30.0) -> int | None:
+        """Wait for mitmdump to exit by itself (a refused start); its exit status, or None if it still runs."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         with open(self.log_path, "a", encoding="utf-8") as log_file:
@@ -128,3 +137,43 @@ class Proxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def connect_status(proxy: Proxy, target: str, timeout: float = 15.0) -> tuple[int, bytes]:
+    """Send ``CONNECT target`` to the proxy; (status code, response head and whatever body came)."""
+    return _raw_exchange(proxy, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode(), timeout)
+
+
+def plain_status(proxy: Proxy, url: str, timeout: float = 15.0) -> tuple[int, bytes]:
+    """Send ``GET <absolute url>`` to the proxy (plain-http proxying); (status code, response bytes)."""
+    host = url.split("://", 1)[1].split("/", 1)[0]
+    request = f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    return _raw_exchange(proxy, request, timeout)
+
+
+def _raw_exchange(proxy: Proxy, request: bytes, timeout: float) -> tuple[int, bytes]:
+    import socket
+
+    assert proxy.port is not None
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(body) < length and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, head + b"\r\n\r\n" + body

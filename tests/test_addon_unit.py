@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from mitmproxy import http
+from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from cache.auth import site_of
@@ -23,6 +24,7 @@ sgcache = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sgcache)
 
 AUTH = {"script_name": "pipeline", "script_key": "k"}
+SITE = "https://sg.example.shotgunstudio.com"
 
 
 def api3_flow(body: bytes, host: str = "sg.example.shotgunstudio.com", headers: dict[str, str] | None = None) -> Any:
@@ -44,7 +46,8 @@ def run(db_url: str) -> Iterator[Any]:
         async def main() -> Any:
             addon = sgcache.SGCache()
             with taddons.context(addon) as tctx:
-                tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0)
+                tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0,
+                               sgcache_site=SITE)
                 try:
                     return await test(addon, tctx)
                 finally:
@@ -59,14 +62,120 @@ def respond(flow: Any, status: int = 200, body: bytes = b'{"results": []}') -> N
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json; charset=utf-8"})
 
 
-def test_only_sg_hosts_are_decrypted(run: Any) -> None:
+def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
     async def test(addon: Any, tctx: Any) -> None:
+        def decrypted(hostport: str) -> bool:
+            return any(re.search(rex, hostport, re.IGNORECASE) for rex in tctx.options.allow_hosts)
+
+        assert decrypted("sg.example.shotgunstudio.com:443")
+        assert not decrypted("sg.example.shotgunstudio.com:8443")
+        assert not decrypted("other.shotgunstudio.com:443")  # no built-in tenant globs any more
         tctx.configure(addon, sgcache_hosts=["sg.studio.internal", "*.example.test"])
-        allowed = tctx.options.allow_hosts
-        assert any("shotgunstudio" in p for p in allowed) and any("studio" in p for p in allowed)
+        assert decrypted("sg.example.shotgunstudio.com:443") and decrypted("sg.studio.internal:443")
+        assert decrypted("a.example.test:8080") and not decrypted("uploads.s3.amazonaws.com:443")
         flow = api3_flow(call("read", {"type": "Shot"}), host="uploads.s3.amazonaws.com")
+        flow.request.path = "/upload"
         await addon.request(flow)
         assert "sgcache_pass" not in flow.metadata and flow.response is None  # not its business
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "scheme", "host_header"),
+    [
+        ("other.shotgunstudio.com", 443, "https", None),  # another tenant
+        ("sg.example.shotgunstudio.com", 8443, "https", None),  # another port
+        ("sg.example.shotgunstudio.com", 443, "http", None),  # another scheme
+        ("sg.example.shotgunstudio.com", 443, "https", "other.shotgunstudio.com"),  # another tenant's name
+    ],
+)
+def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, scheme: str,
+                                            host_header: str | None) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        learned: list[Any] = []
+        assert addon.service is not None
+        addon.service.learn = lambda *a: learned.append(a) or []  # type: ignore[method-assign]
+        flow = api3_flow(call("create", {"type": "Shot", "fields": [{"field_name": "code", "value": "x"}]}),
+                         host=host)
+        flow.request.port, flow.request.scheme = port, scheme
+        if host_header:
+            flow.request.headers["Host"] = host_header
+        await addon.request(flow)
+        assert flow.response is None  # not sent by the addon: mitmproxy relays it untouched
+        assert flow.metadata["sgcache_pass"] == "other-site" and "sgcache_method" not in flow.metadata
+        respond(flow, 200, b'{"results": {"type": "Shot", "id": 2, "code": "x"}}')
+        await addon.response(flow)
+        assert flow.response.headers["X-SGCache"] == "pass; reason=other-site"
+        assert learned == []
+        flow.response = None
+        flow.error = tflow.terr("Connection refused")
+        addon.error(flow)
+        assert not addon.down_until  # another site being down is not this site's outage
+
+    run(test)
+
+
+def test_without_a_site_everything_passes(db_url: str) -> None:
+    async def main() -> None:
+        addon = sgcache.SGCache()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_site="")
+            try:
+                assert addon.site is None
+                assert not any(re.search(r, "sg.example.shotgunstudio.com:443") for r in tctx.options.allow_hosts)
+                flow = api3_flow(call("read", {"type": "Shot"}))
+                await addon.request(flow)
+                assert flow.metadata["sgcache_pass"] == "no-site" and flow.response is None
+            finally:
+                addon.done()
+
+    asyncio.run(main())
+
+
+def test_a_replica_of_another_site_is_refused_at_start(db_url: str) -> None:
+    async def main() -> None:
+        addon = sgcache.SGCache()
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_site=SITE)
+            addon.done()
+            other = sgcache.SGCache()
+            with pytest.raises(exceptions.OptionsError) as exc:
+                tctx.configure(other, sgcache_site="https://other.shotgunstudio.com")
+            assert "sg.example.shotgunstudio.com:443" in str(exc.value)
+            assert "other.shotgunstudio.com:443" in str(exc.value)
+            other.done()
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(sgcache.SGCache(), sgcache_site="sg.example.shotgunstudio.com")  # no scheme
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(sgcache.SGCache(), sgcache_allow_connect=["nohostport"])
+
+    asyncio.run(main())
+
+
+def connect_flow(host: str, port: int) -> Any:
+    flow = tflow.tflow(req=tutils.treq(method=b"CONNECT", host=host, port=port, path=b"", scheme=b""))
+    return flow
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "allowed"),
+    [("127.0.0.1", 5432, False), ("127.0.0.1", 22, False), ("sg.example.test", 40000, False),
+     ("sg.example.shotgunstudio.com", 443, True), ("db.studio.internal", 5432, True)],
+)
+def test_connect_policy(run: Any, host: str, port: int, allowed: bool) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_allow_connect=["db.studio.internal:5432"])
+        flow = connect_flow(host, port)
+        await addon.http_connect(flow)
+        if allowed:
+            assert flow.response is None
+        else:
+            assert flow.response.status_code == 403
+            assert b"refused" in flow.response.content and flow.response.content.count(b"\n") == 1
+        plain = tflow.tflow(req=tutils.treq(host=host, port=port, scheme=b"http", method=b"GET", path=b"/"))
+        await addon.requestheaders(plain)
+        assert (plain.response is None) is (allowed and port != 443), plain.response
 
     run(test)
 
@@ -209,6 +318,48 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
                 assert json.loads(flow.response.content)["results"]["entities"] == [
                     {"type": "Shot", "id": 7, "code": "sh7"}]
                 assert addon.service is not None and addon.service._failures == 0
+            finally:
+                addon.done()
+
+    asyncio.run(main())
+
+
+def test_every_upstream_connection_is_checked_before_it_opens(run: Any) -> None:
+    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_allow_connect=["db.studio.internal:5432"])
+        for address, refused in [(("127.0.0.1", 5432), True), (("127.0.0.1", 8080), True),
+                                 (("sg.example.shotgunstudio.com", 443), False), (("db.studio.internal", 5432), False),
+                                 (("files.example.test", 80), False), (("files.example.test", 8080), True)]:
+            data = ServerConnectionHookData(client=tflow.tclient_conn(), server=tflow.tserver_conn())
+            data.server.address = address
+            data.server.error = None
+            await addon.server_connect(data)
+            assert (data.server.error is not None) is refused, (address, data.server.error)
+
+    run(test)
+
+
+def test_the_site_comes_from_the_replica_when_none_is_configured(db_url: str, tmp_path: Any) -> None:
+    from .conftest import fresh_db_url
+
+    async def main() -> None:
+        addon = sgcache.SGCache()
+        with taddons.context(addon) as tctx, fresh_db_url(tmp_path / "other") as other_db:
+            (tmp_path / "other").mkdir(exist_ok=True)
+            tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_site=SITE)
+            tctx.configure(addon, sgcache_site="")  # the replica is bound now: its site is served
+            try:
+                assert addon.site is not None and addon.site.url == SITE + ":443"
+                assert any(re.search(r, "sg.example.shotgunstudio.com:443") for r in tctx.options.allow_hosts)
+                tctx.configure(addon, sgcache_db=other_db)  # an unbound replica: no site any more
+                assert addon.site is None
+                assert not any(re.search(r, "sg.example.shotgunstudio.com:443") for r in tctx.options.allow_hosts)
+                tctx.configure(addon, sgcache_db=db_url)
+                assert addon.site is not None
+                tctx.configure(addon, sgcache_db=f"sqlite:///{tmp_path / 'no-such-dir' / 'r.db'}")  # cannot open
+                assert addon.service is None and addon.site is None  # not the previous replica's site
             finally:
                 addon.done()
 

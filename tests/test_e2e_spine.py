@@ -152,7 +152,7 @@ def test_stale_replica_passes(tmp_path: Path, db_url: str) -> None:
     with FakeSGServer(site) as server:
         schema_path = site_schema_file(site, tmp_path / "schema.yml")
         run_script("scan", "--full", "--quiet", env=script_env(server, db_url, schema_path))
-        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=60", "sgcache_hosts=127.0.0.1"]) as proxy:
+        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=60", f"sgcache_site={server.url}"]) as proxy:
             rig = Rig(site, server, proxy, schema_path, db_url)
             sg = rig.client()
             warm(sg)
@@ -174,7 +174,7 @@ def test_schema_dump_then_filter_gives_a_schema_the_proxy_runs_with(tmp_path: Pa
                                                             "basic-filters.txt"), str(dumped), env=env).stdout
         (tmp_path / "subset.yml").write_text(subset)
         run_script("scan", "--full", "--quiet", env=env)
-        with Proxy(tmp_path, db_url, tmp_path / "subset.yml", ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]) as proxy:
+        with Proxy(tmp_path, db_url, tmp_path / "subset.yml", ["sgcache_max_lag=0", f"sgcache_site={server.url}"]) as proxy:
             rig = Rig(site, server, proxy, tmp_path / "subset.yml", db_url)
             sg = rig.client()
             warm(sg)

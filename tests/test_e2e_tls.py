@@ -1,8 +1,10 @@
 """An https SG site through mitmproxy: CONNECT, mitmproxy's CA on the client, the site's own certificate upstream.
 
 The fake SG serves TLS with a self-signed certificate for ``localhost`` and ``127.0.0.1``; mitmdump trusts
-it upstream (``ssl_verify_upstream_trusted_ca``) and intercepts only ``sgcache_hosts=localhost``. The same
-site reached as ``127.0.0.1`` is not an SG host: its tunnel is not decrypted.
+it upstream (``ssl_verify_upstream_trusted_ca``) and serves ``sgcache_site=https://localhost:<port>``, the only
+host it decrypts. The same server reached as ``127.0.0.1`` is not the site: a loopback address on a port other
+than 443, so the proxy refuses to tunnel there unless ``sgcache_allow_connect`` names it; the rig names it,
+and that tunnel is not decrypted.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from .e2e import KEY, SCRIPT, Rig, populate, script_env, site_schema_file
 from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import Proxy
+from .proxyharness import Proxy, connect_status
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -60,9 +62,11 @@ def tls_rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Ite
         rig = Rig(site, server, None, schema_path, module_db_url)  # type: ignore[arg-type]
         from .e2e import run_script
 
-        env = dict(script_env(server, module_db_url, schema_path), SHOTGUN_API_CACERTS=str(cert))
+        site_url = f"https://localhost:{server.port}"
+        env = dict(script_env(server, module_db_url, schema_path), SHOTGUN_API_CACERTS=str(cert), SGCACHE_SITE=site_url)
         run_script("scan", "--full", "--quiet", env=env)
-        options = ["sgcache_max_lag=0", "sgcache_hosts=localhost", f"ssl_verify_upstream_trusted_ca={cert}"]
+        options = ["sgcache_max_lag=0", f"sgcache_site={site_url}", f"ssl_verify_upstream_trusted_ca={cert}",
+                   f"sgcache_allow_connect=127.0.0.1:{server.port}"]
         with Proxy(tmp_path, module_db_url, schema_path, options) as proxy:
             rig.proxy = proxy
             yield rig, cert
@@ -108,8 +112,8 @@ def test_writes_through_tls_are_learned(tls_rig: tuple[Rig, Path]) -> None:
 
 def test_other_hosts_are_not_decrypted(tls_rig: tuple[Rig, Path]) -> None:
     rig, cert = tls_rig
-    # 127.0.0.1 is not in sgcache_hosts: mitmproxy passes the tunnel through, the client sees the site's
-    # own certificate, so trusting only mitmproxy's CA fails ...
+    # 127.0.0.1 is not the site, but sgcache_allow_connect lets its tunnel through, undecrypted: the client
+    # sees the site's own certificate, so trusting only mitmproxy's CA fails ...
     with pytest.raises((ssl.SSLError, ssl.CertificateError)):
         client(rig, "127.0.0.1", rig.proxy.ca_cert).find_one("Project", [])
     # ... and trusting the site's certificate works through the proxy, without the addon seeing anything.
@@ -128,3 +132,12 @@ def counters(sg: shotgun_api3.Shotgun) -> tuple[int, int]:
     """(hits, passes) the addon has counted, through an intercepted ``info`` (which counts itself)."""
     extra = sg.info()["sgcache"]
     return extra["hits"], sum(extra["passes"].values())
+
+
+def test_tunnels_elsewhere_on_loopback_are_refused(tls_rig: tuple[Rig, Path]) -> None:
+    """Without the allow glob the same server on another name:port combination is refused (403)."""
+    rig, _cert = tls_rig
+    assert connect_status(rig.proxy, f"localhost:{rig.server.port}")[0] == 200  # the site
+    assert connect_status(rig.proxy, f"127.0.0.1:{rig.server.port}")[0] == 200  # allowed by the glob
+    status, body = connect_status(rig.proxy, f"127.0.0.1:{rig.server.port + 1}")
+    assert status == 403 and b"not allowed" in body

@@ -28,7 +28,6 @@ from .e2e import KEY, SCRIPT, Rig, populate, primed_rig, site_schema_file
 from .fakesg import FakeSGServer, FakeSite
 from .proxyharness import Proxy
 
-HOSTS = "sgcache_hosts=127.0.0.1"
 QUERIES: list[tuple[str, list[Any], list[str]]] = [
     ("Shot", [["code", "is", "sh010"]], ["code", "sg_cut_in"]),
     ("Shot", [["sg_status_list", "is", "ip"]], ["code", "sg_sequence", "assets"]),
@@ -116,7 +115,7 @@ def relayed_url(db_url: str, port: int) -> str:
 
 @contextmanager
 def make_rig(tmp_path: Path, db_url: str, options: list[str], proxy_db_url: str | None = None) -> Iterator[Rig]:
-    with primed_rig(tmp_path, db_url, [HOSTS, *options], proxy_db_url=proxy_db_url) as rig:
+    with primed_rig(tmp_path, db_url, list(options), proxy_db_url=proxy_db_url) as rig:
         yield rig
 
 
@@ -302,7 +301,7 @@ def test_proxy_starts_and_passes_when_the_database_is_down_at_start(tmp_path: Pa
         dead_url = f"sqlite:///{tmp_path / 'no-such-dir' / 'replica.db'}"
     with FakeSGServer(site) as server:
         schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        with Proxy(tmp_path, dead_url, schema_path, ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]) as proxy:
+        with Proxy(tmp_path, dead_url, schema_path, ["sgcache_max_lag=0", f"sgcache_site={server.url}"]) as proxy:
             rig = Rig(site, server, proxy, schema_path, dead_url)
             sg = rig.client()
             expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code"])

@@ -188,7 +188,7 @@ def make_rig(tmp_path: Any, db_url: str, site: FakeSite) -> Iterator[Rig]:
         schema_path = schema_file(site, tmp_path / "schema.yml")
         rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
         rig.scan("--full")
-        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]) as proxy:
+        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=0", f"sgcache_site={server.url}"]) as proxy:
             rig.proxy = proxy
             yield rig
 
