@@ -302,7 +302,7 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
         addon = sgcache.SGCache()
         with taddons.context(addon) as tctx:
             tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0,
-                           sgcache_read_budget=20)
+                           sgcache_read_budget=20, sgcache_site=SITE)
             try:
                 addon.credentials.observe("read", site_of("https", "sg.example.shotgunstudio.com", 443), AUTH,
                                           {"results": []})
@@ -435,7 +435,7 @@ def test_answers_not_from_sg_never_verify(run: Any) -> None:
         assert flow.metadata.get("sgcache_pass") != "auth-unverified"
         flow = _read_flow(AUTH, host="other.shotgunstudio.com")
         await addon.request(flow)
-        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+        assert flow.metadata["sgcache_pass"] == "other-site"  # (per-site credentials: tests/test_auth.py)
 
     run(test)
 
