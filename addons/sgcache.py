@@ -382,6 +382,9 @@ class SGCache:
         """
         r = flow.request
         context = _upstream_ssl_context() if r.scheme == "https" else None
+        if self.service is not None:  # where the ingester stood before SG saw the write (see learn)
+            flow.metadata["sgcache_write_mark"] = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.service.write_mark)
         try:
             reply = await asyncio.get_running_loop().run_in_executor(
                 self.write_executor, upstream.send_once, r.scheme, r.host, r.port, r.path,
@@ -559,7 +562,8 @@ class SGCache:
         args = flow.metadata.get("sgcache_args")
         loop = asyncio.get_running_loop()
         try:
-            to_fetch = await loop.run_in_executor(self.executor, service.learn, method, args, reply["results"])
+            to_fetch = await loop.run_in_executor(self.executor, service.learn, method, args, reply["results"],
+                                                  flow.metadata.get("sgcache_write_mark"))
             if to_fetch and auth:
                 # the answer was partial: read the whole rows now, so the writer reads its write
                 url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}{flow.request.path}"

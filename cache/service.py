@@ -24,11 +24,13 @@ import sqlalchemy as sa
 from . import __version__, pending
 from .effects import WriteEffects
 from .errors import Passthrough
+from .events import K_HIGH
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
 from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
+from .writes import WRITE_LOCK_SQL
 
 log = logging.getLogger("sgcache.service")
 
@@ -50,6 +52,10 @@ DEFAULT_MAX_LAG = 10.0
 _TOO_LARGE_TEXT = ("expression tree is too large", "too many sql variables", "string or blob too big",
                    "too many terms in compound select", "parser stack overflow", "too many columns",
                    "too many arguments on function", "too many fts", "at most 64 tables in a join")
+
+
+#: :meth:`CacheService.learn` called without a mark (no ingester check).
+UNMARKED = object()
 
 
 class CacheService:
@@ -255,12 +261,29 @@ class CacheService:
                 self.passes[reason] += 1
 
     # -- writes seen passing by --------------------------------------------------------
-    def learn(self, method: str, args: Any, results: Any) -> list[tuple[str, int]]:
+    def write_mark(self) -> int | None:
+        """The ingester's highest applied event id, read just before a write is sent to SG
+        (given back to :meth:`learn`); None when the replica cannot say."""
+        try:
+            with self.store.engine.connect() as conn:
+                return int(self.store.get_state(conn, K_HIGH) or 0)
+        except Exception as exc:  # noqa: BLE001 - learn then only marks
+            log.info("could not read the event mark before a write: %s", _short(exc))
+            return None
+
+    def learn(self, method: str, args: Any, results: Any,
+              mark: int | None | object = UNMARKED) -> list[tuple[str, int]]:
         """Write the upstream answer of a create/update/delete/revive/batch into the replica.
 
         Returns the entities whose answer was partial: they are queued for a fetch, and
         reads of their type pass until the rows are complete. Never raises: what is not
         recorded here (database trouble, the breaker open) the ingester brings.
+
+        ``mark`` is :meth:`write_mark` from before the write was sent. When the ingester has
+        applied events since then, SG's answer may be older than what the replica holds (a
+        concurrent write SG applied after this one, already brought by an event): the answer
+        is then not stored; everything the write could have changed is marked pending instead,
+        until the ingester has the write's own events.
         """
         to_fetch: list[tuple[str, int]] = []
         try:
@@ -268,6 +291,13 @@ class CacheService:
             with self.store.write_engine.begin() as conn:
                 registry = self.pairs.with_learned(conn, self.store.pairs_table)
                 markers: set[tuple[str, str]] = set()
+                if mark is not UNMARKED and self._ingester_moved(conn, mark):
+                    effects = WriteEffects(self.store, registry, conn)
+                    for kind, req in _write_requests(method, args):
+                        effects.outcome_unknown(kind, req["type"], req)
+                    pending.mark(conn, self.store.pending, effects.markers)
+                    log.debug("%s answer older than the replica may be: marked pending, not stored", method)
+                    return []
                 if method == "batch":
                     if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
                         for req, res in zip(args, results, strict=True):
@@ -288,17 +318,23 @@ class CacheService:
         self.invalidate()
         return to_fetch
 
+    def _ingester_moved(self, conn: Any, mark: Any) -> bool:
+        """Whether the ingester applied events since ``mark`` (taken before the write was sent).
+
+        Read under the write lock (PostgreSQL; SQLite write transactions are serial), so a poll
+        either committed before (seen here) or applies its events after this transaction."""
+        if self.store.dialect == "postgresql":
+            conn.exec_driver_sql(WRITE_LOCK_SQL)
+        return mark is None or int(self.store.get_state(conn, K_HIGH) or 0) != mark
+
     def outcome_unknown(self, method: str, args: Any) -> None:
         """A write was sent to SG but no answer came back: it may have been applied. Reads of
         what it could have changed pass until the ingester is past it (never raises)."""
-        requests = [(r.get("request_type"), r) for r in args if isinstance(r, Mapping)] \
-            if method == "batch" and isinstance(args, list) else [(method, args)]
         try:
             with self.store.write_engine.begin() as conn:
                 effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
-                for kind, req in requests:
-                    if isinstance(req, Mapping) and isinstance(req.get("type"), str) and isinstance(kind, str):
-                        effects.outcome_unknown(kind, req["type"], req)
+                for kind, req in _write_requests(method, args):
+                    effects.outcome_unknown(kind, req["type"], req)
                 pending.mark(conn, self.store.pending, effects.markers)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
             self._db_failed(exc)
@@ -357,8 +393,11 @@ class CacheService:
     ) -> None:
         """Read whole rows from SG with the writer's own credentials and store them.
 
-        On any failure the entities stay queued; the ingester fetches them later.
+        On any failure the entities stay queued; the ingester fetches them later. So they also
+        do when the ingester applied events while SG was read: the rows read may then be older
+        than what the replica holds (see :meth:`learn`).
         """
+        mark = self.write_mark()
         by_type: dict[str, list[int]] = collections.defaultdict(list)
         for entity_type, entity_id in items:
             by_type[entity_type].append(entity_id)
@@ -379,6 +418,11 @@ class CacheService:
                     reply = json.loads(response.read())
                 records = reply["results"]["entities"]
                 with self.store.write_engine.begin() as conn:
+                    if self._ingester_moved(conn, mark):
+                        pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
+                        log.debug("fetched %s %s older than the replica may be: left for the ingester",
+                                  entity_type, ids)
+                        continue
                     self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
                     self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
             except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
@@ -413,6 +457,15 @@ class CacheService:
                 "hits": self.hits,
                 "passes": dict(self.passes),
             }
+
+
+
+def _write_requests(method: str, args: Any) -> list[tuple[str, Mapping[str, Any]]]:
+    """(kind, request) of each entity write in a write call's args (a batch's items)."""
+    items = [(r.get("request_type"), r) for r in args if isinstance(r, Mapping)] \
+        if method == "batch" and isinstance(args, list) else [(method, args)]
+    return [(kind, req) for kind, req in items
+            if isinstance(req, Mapping) and isinstance(req.get("type"), str) and isinstance(kind, str)]
 
 
 def _age_seconds(stamp: Any) -> float | None:

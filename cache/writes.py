@@ -260,22 +260,55 @@ class WriteBatch:
 
     def replace_links(self, key: Key, fname: str, value: Sequence[Mapping[str, Any]],
                       event_id: int | None = None, log_changes: bool = True) -> bool:
-        """Set a multi_entity field to exactly ``value`` (order kept, duplicates dropped)."""
+        """Set a multi_entity field to ``value`` (order kept, duplicates dropped).
+
+        ``value`` is what SG shows, and SG leaves links to retired entities out of what it shows
+        while it keeps them (they show again on revival, with no event): a link the replica
+        holds to an entity retired now is kept, in its place after the link it followed."""
         lkey = (key[0], fname, key[1])
         if lkey not in self.links:
             self.load_links([lkey])
-        wanted: dict[Key, int] = {}
+        current = self.links[lkey]
+        shown: list[Key] = []
         for link in value:
             child = (link["type"], int(link["id"]))
-            if child not in wanted:
-                wanted[child] = len(wanted)
-        current = self.links[lkey]
+            if child not in shown:
+                shown.append(child)
+        hidden = self._retired_now([c for c in current if c not in set(shown)])
+        order = sorted(current, key=current.__getitem__)
+        after: dict[Key | None, list[Key]] = {}
+        previous: Key | None = None
+        for child in order:
+            if child in hidden:
+                after.setdefault(previous, []).append(child)
+            elif child in shown:
+                previous = child
+        merged = list(after.get(None, []))
+        for child in shown:
+            merged.append(child)
+            merged.extend(after.get(child, []))
+        wanted = {child: pos for pos, child in enumerate(merged)}
         if list(current.items()) == list(wanted.items()):
             return False
         self.links[lkey] = wanted
         if log_changes:
             self.log_change(key, fname, None, [{"type": t, "id": i} for t, i in wanted], event_id)
         return True
+
+    def _retired_now(self, children: Sequence[Key]) -> set[Key]:
+        """Which of these linked entities are retired (this batch's retirements first, then the registry)."""
+        if not children:
+            return set()
+        out = {c for c in children if self.retired.get(c)}
+        unknown = [c for c in children if c not in self.retired]
+        reg = self.store.entities
+        for chunk in _chunks(unknown, 200):
+            rows = self.conn.execute(
+                sa.select(reg.c.type, reg.c.id).where(reg.c.retired.is_(True))
+                .where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in chunk]))
+            ).all()
+            out.update((r.type, int(r.id)) for r in rows)
+        return out
 
     def change_links(self, key: Key, fname: str, added: Sequence[Mapping[str, Any]],
                      removed: Sequence[Mapping[str, Any]], event_id: int | None = None) -> bool:
@@ -288,15 +321,19 @@ class WriteBatch:
         for link in removed:
             if current.pop((link["type"], int(link["id"])), None) is not None:
                 changed = True
-        if added:
+        keys = list(dict.fromkeys((link["type"], int(link["id"])) for link in added))
+        order = sorted(current, key=current.__getitem__)
+        if keys and order[len(order) - len(keys):] != keys:
+            # SG appends added links: one already here (a proxy learned it, perhaps before a
+            # concurrent write SG applied first) moves to the end, so the events leave SG's order;
+            # an event applied again finds its links at the end already and changes nothing
             pos = max(current.values(), default=-1) + 1
-            for link in added:
-                child = (link["type"], int(link["id"]))
-                if child in current:
-                    continue
+            for child in keys:
+                current.pop(child, None)
                 current[child] = pos
                 pos += 1
-                changed = True
+            changed = True
+        if added:
             self.note(added)
         if changed:
             self.log_change(key, fname, _links_json(removed), _links_json(added), event_id)

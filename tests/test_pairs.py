@@ -403,3 +403,29 @@ def test_unknown_old_value_marks_both_sides(site: FakeSite, service: CacheServic
     learn(site, service, "update", wire("Task", task["id"], {"entity": {"type": "Shot", "id": shots[1]["id"]}}))
     assert {("Shot", "tasks"), ("Asset", "tasks"), ("Sequence", "tasks"), ("Task", "entity")} <= markers(service.store)
     assert_replica_is_sg_except_markers(site, service)
+
+
+def test_an_answer_that_arrives_after_the_ingester_moved_is_only_marked(site: FakeSite, service: CacheService) -> None:
+    """SG's answer may be older than what the replica holds once the ingester applied events while
+    the write was on its way (a concurrent write SG applied after it): it is not stored, and what
+    the write could have changed passes until the ingester has the write's own events."""
+    p = site.create_direct("Project", {"name": "P"})
+    shot = site.create_direct("Shot", {"code": "sh", "project": {"type": "Project", "id": p["id"]}})
+    prime(service.store, SiteClient(site))
+    mark = service.write_mark()
+    assert mark is not None
+    params = wire("Shot", shot["id"], {"code": "answered"})
+    result = site._direct("update", params, True)
+    with service.store.write_engine.begin() as conn:
+        service.store.set_state(conn, "event_high", mark + 5)  # the ingester applied events meanwhile
+    assert service.learn("update", params, result, mark) == []
+    with service.store.engine.connect() as conn:
+        code = conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one()
+        markers = {(r.entity_type, r.field_name) for r in conn.execute(sa.select(service.store.pending))}
+    assert code == "sh"  # not stored
+    assert ("Shot", pending.WHOLE_TYPE) in markers
+    with service.store.write_engine.begin() as conn:
+        conn.execute(service.store.pending.delete())
+    assert service.learn("update", params, result, mark + 5) == []  # the ingester did not move: stored
+    with service.store.engine.connect() as conn:
+        assert conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one() == "answered"

@@ -163,3 +163,52 @@ def test_an_older_event_never_overwrites_a_newer_proxy_write(site: FakeSite, sto
         assert row["code"] == "v2" and not rows(store, store.fetch_queue, "entity_id")
     finally:
         ing.close()
+
+
+def multi_of(store: Store, entity_type: str, entity_id: int, fname: str) -> list[tuple[str, int]]:
+    table = store.multi[(entity_type, fname)]
+    with store.engine.connect() as conn:
+        return [(r.child_type, r.child_id) for r in conn.execute(
+            sa.select(table).where(table.c.parent_id == entity_id).order_by(table.c.pos))]
+
+
+def test_a_read_that_hides_a_retired_link_keeps_it_for_the_revival(site: FakeSite, store: Store) -> None:
+    """SG leaves links to retired entities out of what it shows and shows them again on revival
+    (no event says so): a fetch or scan of the row while one is retired must not drop it."""
+    proj = make_project(site)
+    assets = [site.create_direct("Asset", {"code": f"a{i}", "project": proj}) for i in range(3)]
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj, "assets": assets})
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Asset", [site.find_direct("Asset", [["id", "is", a["id"]]],
+                                                              store.cached_field_names("Asset"))[0] for a in assets],
+                             "scan", complete=True)
+        store.write_entities(conn, "Shot", [shot_record(site, store, shot["id"])], "scan", complete=True)
+    site.delete_direct("Asset", assets[1]["id"])
+    with store.engine.begin() as conn:
+        store.set_retired(conn, "Asset", assets[1]["id"], True, "event")
+        shown = shot_record(site, store, shot["id"])
+        assert [a["id"] for a in shown["assets"]] == [assets[0]["id"], assets[2]["id"]]  # SG hides it
+        store.write_entities(conn, "Shot", [shown], "fetch", complete=True)
+    assert multi_of(store, "Shot", shot["id"], "assets") == [("Asset", a["id"]) for a in assets]  # kept, in place
+    site.revive_direct("Asset", assets[1]["id"])
+    assert [a["id"] for a in shot_record(site, store, shot["id"])["assets"]] == [a["id"] for a in assets]
+
+
+def test_an_added_event_for_a_link_already_held_leaves_sgs_order(site: FakeSite, store: Store) -> None:
+    """Two proxies learned links in the opposite order to SG's: the events, applied in SG's order,
+    move them to the end one after the other; the same event again changes nothing."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Shot", [shot_record(site, store, shot["id"])], "scan", complete=True)
+        key = ("Shot", shot["id"])
+        batch = store.batch(conn, "proxy")
+        batch.change_links(key, "assets", [{"type": "Asset", "id": 2}], [])  # learned first
+        batch.change_links(key, "assets", [{"type": "Asset", "id": 1}], [])
+        batch.flush()
+        batch = store.batch(conn, "event")
+        assert batch.change_links(key, "assets", [{"type": "Asset", "id": 1}], []) is False  # already last
+        assert batch.change_links(key, "assets", [{"type": "Asset", "id": 2}], []) is True  # SG added it later
+        assert batch.change_links(key, "assets", [{"type": "Asset", "id": 2}], []) is False
+        batch.flush()
+    assert multi_of(store, "Shot", shot["id"], "assets") == [("Asset", 1), ("Asset", 2)]
