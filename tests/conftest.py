@@ -24,6 +24,7 @@ from cache.private import url_password
 from cache.store import normalize_url
 
 from . import secretscan
+from .fakesg import FakeSite
 
 REPO = Path(__file__).resolve().parent.parent
 BASIC_SCHEMA = REPO / "schema" / "basic.yml"
@@ -99,3 +100,11 @@ def module_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def backend() -> str:
     return "postgresql" if _pg_base() else "sqlite"
+
+
+@pytest.fixture
+def site() -> FakeSite:
+    """The fake SG's basic schema with one script (modules may define their own ``site``)."""
+    site = FakeSite.basic()
+    site.add_script("pipeline", "s3cret")
+    return site

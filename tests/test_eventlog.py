@@ -79,13 +79,6 @@ def test_check_read_and_answer() -> None:
 
 # -- the ingester writes event rows -----------------------------------------------------
 @pytest.fixture
-def site() -> FakeSite:
-    site = FakeSite.basic()
-    site.add_script("pipeline", "s3cret")
-    return site
-
-
-@pytest.fixture
 def client(site: FakeSite) -> SiteClient:
     return SiteClient(site)
 

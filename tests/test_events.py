@@ -71,13 +71,6 @@ def prime(store: Store, client: SiteClient) -> None:
 
 
 @pytest.fixture
-def site() -> FakeSite:
-    site = FakeSite.basic()
-    site.add_script("pipeline", "s3cret")
-    return site
-
-
-@pytest.fixture
 def client(site: FakeSite) -> SiteClient:
     return SiteClient(site)
 

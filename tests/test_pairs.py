@@ -65,13 +65,6 @@ def test_reverse_fields_known_and_candidates() -> None:
 
 
 @pytest.fixture
-def site() -> FakeSite:
-    site = FakeSite.basic()
-    site.add_script("pipeline", "s3cret")
-    return site
-
-
-@pytest.fixture
 def store(db_url: str, site: FakeSite) -> Iterator[Store]:
     st = Store.open(db_url, cached_schema(site))
     yield st
