@@ -15,7 +15,7 @@ For each create/update/delete/revive the proxy learns, :class:`WriteEffects`
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +25,7 @@ from . import fieldtypes
 from .pairs import PairRegistry
 from .pending import WHOLE_TYPE, Marker
 from .store import Store
+from .wire import link_key, links_in
 
 log = logging.getLogger("sgcache.effects")
 
@@ -36,21 +37,6 @@ TEMPLATE_ROWS = "Task"
 
 Key = tuple[str, int]
 UNKNOWN = None  # the links removed by a write, when the replica cannot tell
-
-
-def _key(link: Any) -> Key | None:
-    if isinstance(link, Mapping) and isinstance(link.get("type"), str) and isinstance(link.get("id"), int) \
-            and not isinstance(link.get("id"), bool):
-        return link["type"], int(link["id"])
-    return None
-
-
-def _links(value: Any) -> list[dict[str, Any]]:
-    if isinstance(value, Mapping):
-        value = [value]
-    if not isinstance(value, list):
-        return []
-    return [dict(x) for x in value if _key(x) is not None]
 
 
 class WriteEffects:
@@ -113,9 +99,9 @@ class WriteEffects:
                 kind = fieldtypes.TYPES[fschema.data_type].storage
                 if kind not in ("entity", "multi"):
                     continue
-            elif isinstance(value, list) and value and all(_key(x) for x in value):
+            elif isinstance(value, list) and value and all(link_key(x) for x in value):
                 kind = "multi"
-            elif _key(value) is not None:
+            elif link_key(value) is not None:
                 kind = "entity"
             else:
                 continue
@@ -145,7 +131,7 @@ class WriteEffects:
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
-        if not isinstance(result, Mapping) or _key({"type": entity_type, "id": result.get("id")}) is None:
+        if not isinstance(result, Mapping) or link_key({"type": entity_type, "id": result.get("id")}) is None:
             return
         entity_id = int(result["id"])
         me: dict[str, Any] = {"type": entity_type, "id": entity_id}
@@ -155,19 +141,19 @@ class WriteEffects:
         if method == "update":
             self._implicit(entity_type)
         for fname, _kind, value, mode in self.link_writes(entity_type, args):
-            new = _links(result[fname] if fname in result and mode == "set" else value)
+            new = links_in(result[fname] if fname in result and mode == "set" else value)
             before = old.get(fname, UNKNOWN)
-            before_keys = None if before is UNKNOWN else {_key(x) for x in before}
+            before_keys = None if before is UNKNOWN else {link_key(x) for x in before}
             if mode == "add":
-                added = [x for x in new if before_keys is None or _key(x) not in before_keys]
+                added = [x for x in new if before_keys is None or link_key(x) not in before_keys]
                 removed: list[dict[str, Any]] | None = []
             elif mode == "remove":
                 added = []
-                removed = [x for x in new if before_keys is None or _key(x) in before_keys]
+                removed = [x for x in new if before_keys is None or link_key(x) in before_keys]
             else:
-                new_keys = {_key(x) for x in new}
-                added = [x for x in new if before_keys is None or _key(x) not in before_keys]
-                removed = None if before is UNKNOWN else [x for x in before if _key(x) not in new_keys]
+                new_keys = {link_key(x) for x in new}
+                added = [x for x in new if before_keys is None or link_key(x) not in before_keys]
+                removed = None if before is UNKNOWN else [x for x in before if link_key(x) not in new_keys]
             self._reverse(entity_type, fname, me, added, removed)
             if fname == TEMPLATE_FIELD and new:
                 self._rows_appear(TEMPLATE_ROWS)
@@ -200,7 +186,7 @@ class WriteEffects:
             self.markers.add((entity_type, fname))  # rows of this type that lost a link (entity reverse)
             removed = []
         for link, adding in [(x, False) for x in removed] + [(x, True) for x in added]:
-            target, target_id = _key(link)  # type: ignore[misc]
+            target, target_id = link_key(link)  # type: ignore[misc]
             reverse = self.registry.reverse(entity_type, fname, target)
             if reverse is None:
                 self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname, [target])
@@ -224,13 +210,13 @@ class WriteEffects:
         prev = self.current(target, target_id, fname)
         prev_link = prev[0] if prev else None
         if adding:
-            if _key(prev_link) == _key(me):
+            if link_key(prev_link) == link_key(me):
                 return
             self.store.write_entities(self.conn, target, [{"id": target_id, fname: me}], "proxy")
             if prev_link is not None:
                 # it moves: the entity it linked before loses it on its side of the pair
                 self._reverse(target, fname, {"type": target, "id": target_id}, [], [prev_link])
-        elif _key(prev_link) == _key(me):
+        elif link_key(prev_link) == link_key(me):
             self.store.write_entities(self.conn, target, [{"id": target_id, fname: None}], "proxy")
 
     def _implicit(self, entity_type: str) -> None:
@@ -261,7 +247,3 @@ class WriteEffects:
                     if back is not None and fieldtypes.TYPES[fschema.data_type].storage == "entity":
                         self.markers.add((entity.name, WHOLE_TYPE))  # rows it owns (a Shot's Tasks)
 
-
-def links_of(value: Any) -> Sequence[dict[str, Any]]:
-    """The links in an entity or multi_entity value (public for tests)."""
-    return _links(value)

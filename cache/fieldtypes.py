@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .wire import format_wire_dt
+
 #: Data types never cached, with the reason a read naming them passes through.
 UNCACHED_TYPES: dict[str, str] = {
     "image": "image-url",  # SG answers with signed URLs that expire; a stored one goes stale
@@ -106,9 +108,7 @@ def encode_scalar(data_type: str, value: Any) -> Any:
     storage = TYPES[data_type].storage
     if data_type == "date_time" and isinstance(value, datetime.datetime):
         # shotgun_api3 hands back datetimes (aware local, or naive UTC); store SG's wire form
-        if value.tzinfo is not None:
-            value = value.astimezone(datetime.UTC).replace(tzinfo=None)
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return format_wire_dt(value)
     if data_type == "date" and isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
         return value.isoformat()
     if storage == "text":

@@ -23,14 +23,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import pairs
+from . import fetchqueue, pairs
 from .errors import Passthrough
+from .statekeys import PENDING_CAUGHT_UP
 
 log = logging.getLogger("sgcache.pending")
 
 WHOLE_TYPE = "*"
-#: sgcache_state key: the start (database clock) of the last poll that reached the end of the log.
-K_CAUGHT_UP = "pending_caught_up"
 #: Seconds a poll must start after a write for that write's events to count as seen by it.
 MARGIN = 1.0
 NAME_LEN = 64
@@ -120,14 +119,10 @@ def poll_started(store: Any, conn: Connection) -> float:
     :func:`poll_done`. When the fetches an earlier complete poll queued are all done, the
     markers that poll covers clear now."""
     now = db_clock(conn)
-    candidate = store.get_state(conn, K_CAUGHT_UP)
-    if isinstance(candidate, int | float) and _queue_empty(store, conn):
+    candidate = store.get_state(conn, PENDING_CAUGHT_UP)
+    if isinstance(candidate, int | float) and fetchqueue.is_empty(conn, store.fetch_queue):
         clear(conn, store.pending, float(candidate))
     return now
-
-
-def _queue_empty(store: Any, conn: Connection) -> bool:
-    return conn.execute(sa.select(store.fetch_queue.c.entity_id).limit(1)).first() is None
 
 
 def clear(conn: Connection, table: sa.Table, started: float) -> int:
@@ -149,6 +144,6 @@ def poll_done(store: Any, conn: Connection, started: float, events: Iterable[Map
         # Rows the poll queued for a fetch (a New) are not in the replica yet, and a proxy may
         # know of the queue only a second later (its cached context): clear once it is empty,
         # now or at the start of a later poll (the fetches run between polls).
-        if _queue_empty(store, conn):
+        if fetchqueue.is_empty(conn, store.fetch_queue):
             clear(conn, store.pending, started)
-        store.set_state(conn, K_CAUGHT_UP, started)
+        store.set_state(conn, PENDING_CAUGHT_UP, started)

@@ -24,25 +24,22 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
 from . import fieldtypes
+from .statekeys import EVENT_CURSOR, EVENT_FLOOR
 from .store import Store, now_utc
+from .wire import format_wire_dt, parse_when
 
 log = logging.getLogger("sgcache.scanner")
 
-#: State key of the last EventLogEntry id whose effects are in the replica (read by the ingester).
-EVENT_CURSOR = "event_cursor"
-#: State key of the cursor the prime started from: the ingester's sweep never looks at or below it.
-EVENT_FLOOR = "event_floor"
 PAGE_SIZE = 500
 DEFAULT_OVERLAP = 120.0
 #: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
 DB_ATTEMPTS = 3
-_WIRE_DT = "%Y-%m-%dT%H:%M:%SZ"
 _ID_ORDER = [{"field_name": "id", "direction": "asc"}]
 
 
@@ -67,12 +64,6 @@ class TypeScan:
         if self.primed:
             text += ", primed"
         return text
-
-
-def parse_when(text: str) -> datetime:
-    """An ISO 8601 date or datetime as aware UTC (naive means UTC; ``Z`` accepted)."""
-    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def wire_datetime(value: Any) -> str | None:
@@ -272,7 +263,7 @@ class Scanner:
         pfilter = self.project_filter(entity_type)
         if pfilter:
             filters.insert(0, pfilter)
-        after = "the start (no watermark yet)" if start is None else start.strftime(_WIRE_DT)
+        after = "the start (no watermark yet)" if start is None else format_wire_dt(start)
         log.debug("%s: reading rows updated after %s", entity_type, after)
         with self._bar(entity_type) as bar:
             self._read_into(scan, filters, bar)

@@ -21,15 +21,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import __version__, pending
+from . import __version__, fetchqueue, pending
 from .effects import WriteEffects
 from .errors import Passthrough
-from .events import K_HIGH
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
 from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
 from .schema import Schema
+from .statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from .store import Store
+from .wire import parse_wire_dt
 from .writes import WRITE_LOCK_SQL
 
 log = logging.getLogger("sgcache.service")
@@ -191,15 +192,10 @@ class CacheService:
             return ctx
         self._check_file(conn)
         primed = self.store.primed_fields(conn)
-        pending = {
-            row.entity_type
-            for row in conn.execute(
-                self.store.fetch_queue.select().with_only_columns(self.store.fetch_queue.c.entity_type).distinct()
-            )
-        }
-        beat = self.store.get_state(conn, "ingester_heartbeat")
+        pending = fetchqueue.queued_types(conn, self.store.fetch_queue)
+        beat = self.store.get_state(conn, INGESTER_HEARTBEAT)
         self._lag = _age_seconds(beat)
-        cursor = self.store.get_state(conn, "event_cursor") if "EventLogEntry" in primed else None
+        cursor = self.store.get_state(conn, EVENT_CURSOR) if "EventLogEntry" in primed else None
         ctx = ReadContext(primed=primed, pending_fetch=pending, event_cursor=cursor)
         with self._lock:
             self._ctx, self._ctx_at = ctx, now
@@ -266,7 +262,7 @@ class CacheService:
         (given back to :meth:`learn`); None when the replica cannot say."""
         try:
             with self.store.engine.connect() as conn:
-                return int(self.store.get_state(conn, K_HIGH) or 0)
+                return int(self.store.get_state(conn, EVENT_HIGH) or 0)
         except Exception as exc:  # noqa: BLE001 - learn then only marks
             log.info("could not read the event mark before a write: %s", _short(exc))
             return None
@@ -325,7 +321,7 @@ class CacheService:
         either committed before (seen here) or applies its events after this transaction."""
         if self.store.dialect == "postgresql":
             conn.exec_driver_sql(WRITE_LOCK_SQL)
-        return mark is None or int(self.store.get_state(conn, K_HIGH) or 0) != mark
+        return mark is None or int(self.store.get_state(conn, EVENT_HIGH) or 0) != mark
 
     def outcome_unknown(self, method: str, args: Any) -> None:
         """A write was sent to SG but no answer came back: it may have been applied. Reads of
@@ -469,15 +465,10 @@ def _write_requests(method: str, args: Any) -> list[tuple[str, Mapping[str, Any]
 
 
 def _age_seconds(stamp: Any) -> float | None:
-    if not isinstance(stamp, str):
+    when = parse_wire_dt(stamp) if isinstance(stamp, str) else None
+    if when is None:
         return None
-    try:
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - when).total_seconds())
+    return max(0.0, (datetime.now(UTC).replace(tzinfo=None) - when).total_seconds())
 
 
 def _sqlite_file(engine: Any) -> str | None:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .statekeys import SITE as SITE_KEY  # the site this replica copies (normalised URL)
 from .store import Store, now_utc
 
 log = logging.getLogger("sgcache.site")
 
-#: ``sgcache_state`` key holding the normalised URL of the site this replica copies.
-SITE_KEY = "site"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

@@ -24,9 +24,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from . import fieldtypes, pairs, pending
+from . import fetchqueue, fieldtypes, pairs, pending
 from .private import ensure_private_file, sqlite_path
 from .schema import FieldSchema, Schema
+from .wire import check_link
 from .writes import WriteBatch
 
 log = logging.getLogger("sgcache.store")
@@ -235,14 +236,7 @@ class Store:
             sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
             sa.Column("first_seen", sa.DateTime, nullable=False),
         )
-        self.fetch_queue = sa.Table(
-            "sgcache_fetch",
-            md,
-            sa.Column("entity_type", sa.String(TYPE_LEN), primary_key=True),
-            sa.Column("entity_id", sa.BigInteger, primary_key=True, autoincrement=False),
-            sa.Column("reason", sa.String(64)),
-            sa.Column("queued_at", sa.DateTime, nullable=False),
-        )
+        self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/fetchqueue.py)
         self.pairs_table = pairs.define_table(md)  # learned pairs (cache/pairs.py)
         self.pending = pending.define_table(md)  # pending-write markers (cache/pending.py)
 
@@ -485,7 +479,7 @@ class Store:
                     values[f"{fname}__type"] = None
                     values[f"{fname}__id"] = None
                 else:
-                    _check_link(value)
+                    check_link(value)
                     values[f"{fname}__type"] = value["type"]
                     values[f"{fname}__id"] = int(value["id"])
                     links.append(value)
@@ -495,7 +489,7 @@ class Store:
                 if not isinstance(value, list):
                     raise ValueError(f"{fname}: multi_entity value must be a list")
                 for link in value:
-                    _check_link(link)
+                    check_link(link)
                 multis[fname] = value
                 links.extend(value)
             else:
@@ -517,7 +511,7 @@ class Store:
     ) -> bool:
         """Apply an ``added``/``removed`` change to a multi_entity field; idempotent."""
         for link in [*added, *removed]:
-            _check_link(link)
+            check_link(link)
         batch = self.batch(conn, source)
         changed = batch.change_links((entity_type, int(parent_id)), fname, added, removed, event_id)
         batch.flush()
@@ -590,12 +584,3 @@ def _column_type(storage: str) -> sa.types.TypeEngine[Any]:
         "json": sa.Text(),
     }[storage]
 
-
-def _check_link(value: Any) -> None:
-    if (
-        not isinstance(value, Mapping)
-        or not isinstance(value.get("type"), str)
-        or isinstance(value.get("id"), bool)
-        or not isinstance(value.get("id"), int)
-    ):
-        raise ValueError(f"not an entity link: {value!r}")

@@ -37,7 +37,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import fieldtypes
+from . import fetchqueue, fieldtypes
+from .wire import chunks
 
 log = logging.getLogger("sgcache.writes")
 
@@ -68,11 +69,6 @@ def _json_or_none(value: Any) -> str | None:
 
 def _links_json(links: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": link["type"], "id": link["id"]} for link in links]
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def _runs(ops: Iterable[tuple[Any, dict[str, Any]]]) -> Iterable[tuple[Any, list[dict[str, Any]]]]:
@@ -118,7 +114,7 @@ class WriteBatch:
                 wanted.setdefault(entity_type, set()).add(int(entity_id))
         for entity_type, ids in wanted.items():
             table = self.store.tables[entity_type]
-            for chunk in _chunks(sorted(ids), CHUNK):
+            for chunk in chunks(sorted(ids), CHUNK):
                 for row in self.conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
                     self.rows[(entity_type, row.id)] = dict(row._mapping)
             for entity_id in ids:
@@ -133,7 +129,7 @@ class WriteBatch:
         for (entity_type, fname), parents in wanted.items():
             table = self.store.multi[(entity_type, fname)]
             found: dict[int, dict[Key, int]] = {p: {} for p in parents}
-            for chunk in _chunks(sorted(parents), CHUNK):
+            for chunk in chunks(sorted(parents), CHUNK):
                 rows = self.conn.execute(
                     sa.select(table.c.parent_id, table.c.child_type, table.c.child_id, table.c.pos)
                     .where(table.c.parent_id.in_(chunk)).order_by(table.c.parent_id, table.c.pos))
@@ -302,7 +298,7 @@ class WriteBatch:
         out = {c for c in children if self.retired.get(c)}
         unknown = [c for c in children if c not in self.retired]
         reg = self.store.entities
-        for chunk in _chunks(unknown, 200):
+        for chunk in chunks(unknown, 200):
             rows = self.conn.execute(
                 sa.select(reg.c.type, reg.c.id).where(reg.c.retired.is_(True))
                 .where(sa.or_(*[(reg.c.type == t) & (reg.c.id == i) for t, i in chunk]))
@@ -458,7 +454,7 @@ class WriteBatch:
             by_type.setdefault(t, []).append(i)
         existing: dict[Key, Any] = {}
         for t, ids in by_type.items():
-            for chunk in _chunks(sorted(ids), CHUNK):
+            for chunk in chunks(sorted(ids), CHUNK):
                 for r in self.conn.execute(sa.select(reg).where((reg.c.type == t) & reg.c.id.in_(chunk))):
                     existing[(r.type, r.id)] = r
         ops: list[tuple[Any, dict[str, Any]]] = []
@@ -491,14 +487,7 @@ class WriteBatch:
                                   .values({c: sa.bindparam(f"p_{c}") for c in cols}), rows)
 
     def _flush_queue(self) -> None:
-        q = self.store.fetch_queue
         if self.fetch:
-            now = self.store.now()
-            rows = [{"entity_type": t, "entity_id": i, "reason": reason, "queued_at": now}
-                    for (t, i), reason in sorted(self.fetch.items())]
-            self.conn.execute(upsert_stmt(self.store.dialect, q, ["entity_type", "entity_id"],
-                                          ["reason", "queued_at"]), rows)
+            fetchqueue.put(self.conn, self.store.fetch_queue, self.fetch, self.store.now())
         if self.unfetch:
-            self.conn.execute(q.delete().where((q.c.entity_type == sa.bindparam("p_type"))
-                                               & (q.c.entity_id == sa.bindparam("p_id"))),
-                              [{"p_type": t, "p_id": i} for t, i in sorted(self.unfetch)])
+            fetchqueue.remove(self.conn, self.store.fetch_queue, self.unfetch)

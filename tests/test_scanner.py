@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.scanner import EVENT_CURSOR, Scanner, parse_when
+from cache.scanner import Scanner
 from cache.schema import Schema, parse_rules
+from cache.statekeys import EVENT_CURSOR
 from cache.store import Store
+from cache.wire import parse_when
 
 from .conftest import REPO
 from .fakesg import FakeSGServer, FakeSite

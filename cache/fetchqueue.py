@@ -1,0 +1,90 @@
+"""The fetch queue (``sgcache_fetch``): entities whose rows must be re-read whole from SG.
+
+Writers queue entities through :class:`cache.writes.WriteBatch` (``queue``/``unqueue``,
+flushed with their transaction): the ingester when an event's value cannot be applied (a New,
+a revival, a row never seen, a value in doubt), the proxy after a partial write answer. The
+ingester re-reads them after every poll (:mod:`cache.ingest.fetch`); meanwhile reads of a type
+with queued entities pass (``pending-fetch``), and pending-write markers clear only once the
+queue is empty (cache/pending.py). This module is the only one that writes SQL against the
+table; it sits beside the store, not in the ingester, because the proxy and the write path
+use it too.
+
+Rule kept here: removing the entries a fetch handled keeps any that were queued again after
+the fetch read the queue (a later ``queued_at``), so a change queued meanwhile is fetched again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .wire import Key, chunks
+
+TYPE_LEN = 64
+#: Ids per DELETE when entries are removed.
+CHUNK = 500
+
+
+def define_table(metadata: sa.MetaData) -> sa.Table:
+    """``sgcache_fetch``: one row per queued entity, with why and when it was (last) queued."""
+    return sa.Table(
+        "sgcache_fetch",
+        metadata,
+        sa.Column("entity_type", sa.String(TYPE_LEN), primary_key=True),
+        sa.Column("entity_id", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("reason", sa.String(64)),
+        sa.Column("queued_at", sa.DateTime, nullable=False),
+    )
+
+
+def put(conn: Connection, table: sa.Table, entries: Mapping[Key, str], now: dt.datetime) -> None:
+    """Queue entities (``{(type, id): reason}``); one already queued gets the new reason and time."""
+    if not entries:
+        return
+    from .writes import upsert_stmt  # the write path's upsert (imports this module)
+    rows = [{"entity_type": t, "entity_id": i, "reason": reason, "queued_at": now}
+            for (t, i), reason in sorted(entries.items())]
+    conn.execute(upsert_stmt(conn.dialect.name, table, ["entity_type", "entity_id"],
+                             ["reason", "queued_at"]), rows)
+
+
+def remove(conn: Connection, table: sa.Table, keys: Iterable[Key]) -> None:
+    """Drop entities from the queue (their rows are complete now), whenever they were queued."""
+    rows = [{"p_type": t, "p_id": i} for t, i in sorted(keys)]
+    if rows:
+        conn.execute(table.delete().where((table.c.entity_type == sa.bindparam("p_type"))
+                                          & (table.c.entity_id == sa.bindparam("p_id"))), rows)
+
+
+def entries(conn: Connection, table: sa.Table, limit: int) -> dict[str, dict[int, dt.datetime]]:
+    """Up to ``limit`` queued entities, in (type, id) order: ``{type: {id: queued_at}}``."""
+    rows = conn.execute(sa.select(table).order_by(table.c.entity_type, table.c.entity_id).limit(limit))
+    out: dict[str, dict[int, dt.datetime]] = {}
+    for row in rows:
+        out.setdefault(row.entity_type, {})[row.entity_id] = row.queued_at
+    return out
+
+
+def remove_handled(conn: Connection, table: sa.Table, entity_type: str,
+                   queued: Mapping[int, dt.datetime]) -> None:
+    """Drop the entries a fetch handled (``{id: queued_at}`` as :func:`entries` read them),
+    unless they were queued again since."""
+    if not queued:
+        return
+    read_at = max(queued.values())  # re-queued since the read: a later queued_at, kept
+    for chunk in chunks(sorted(queued), CHUNK):
+        conn.execute(table.delete().where((table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+                                          & (table.c.queued_at <= read_at)))
+
+
+def queued_types(conn: Connection, table: sa.Table) -> set[str]:
+    """The entity types with at least one queued entity (their reads pass: ``pending-fetch``)."""
+    return {row.entity_type for row in conn.execute(sa.select(table.c.entity_type).distinct())}
+
+
+def is_empty(conn: Connection, table: sa.Table) -> bool:
+    """Whether no entity waits for a fetch."""
+    return conn.execute(sa.select(table.c.entity_id).limit(1)).first() is None
