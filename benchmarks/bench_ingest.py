@@ -29,8 +29,9 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache.events import DEEP_FIELDS, K_CURSOR, IngestConfig, Ingester, NoLock, engine_options  # noqa: E402
+from cache.ingest import DEEP_FIELDS, IngestConfig, Ingester, NoLock, engine_options  # noqa: E402
 from cache.schema import Schema, parse_rules  # noqa: E402
+from cache.statekeys import EVENT_CURSOR as K_CURSOR  # noqa: E402
 from cache.store import Store, normalize_url  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 

@@ -22,8 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from . import eventlog, fieldtypes, pending
+from . import fieldtypes, pending
 from .errors import Passthrough
+from .ingest import eventlog
 from .schema import FieldSchema
 from .store import Store
 

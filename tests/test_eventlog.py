@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 
 from cache.errors import Passthrough
-from cache.eventlog import check_answer, check_read, id_upper_bound
-from cache.events import K_CURSOR, IngestConfig, Ingester
+from cache.ingest import IngestConfig, Ingester
+from cache.ingest.eventlog import check_answer, check_read, id_upper_bound
 from cache.read import ReadContext, ReadEngine
 from cache.scanner import Scanner
 from cache.schema import Schema, parse_rules
+from cache.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.store import Store
 
 from .fakesg import FakeSite

@@ -11,9 +11,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.events import K_CURSOR, K_HEARTBEAT, K_HIGH, K_SG_CLOCK, IngestConfig, Ingester, LockHeld, replay
+from cache.ingest import IngestConfig, Ingester, LockHeld, replay
 from cache.read import ReadContext, ReadEngine
 from cache.schema import Schema, parse_rules
+from cache.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.statekeys import EVENT_HIGH as K_HIGH
+from cache.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT
+from cache.statekeys import SG_CLOCK as K_SG_CLOCK
 from cache.store import Store
 
 from .conftest import REPO

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.events import K_CURSOR, K_HIGH, K_LEADER
 from cache.schema import Schema
+from cache.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.statekeys import EVENT_HIGH as K_HIGH
+from cache.statekeys import INGESTER_LEADER as K_LEADER
 from cache.store import Store
 
 from .conftest import REPO

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from cache import pending
 from cache.errors import Passthrough
-from cache.events import IngestConfig, Ingester
+from cache.ingest import IngestConfig, Ingester
 from cache.pairs import DEFAULT_PAIRS_FILE, PairRegistry, PairsError, learn_from_events, load_pairs_file
 from cache.read import ReadContext, ReadEngine
 from cache.service import CacheService

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.events import IngestConfig, Ingester
+from cache.ingest import IngestConfig, Ingester
 from cache.scanner import Scanner
 from cache.store import Store
 

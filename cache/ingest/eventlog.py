@@ -1,8 +1,8 @@
-"""EventLogEntry as a cached type: which reads of it the replica may answer.
+"""EventLogEntry as a cached type: which reads of it the replica may answer (the proxy's side).
 
 The ingester writes every event it applies as an EventLogEntry row, in the poll's transaction,
 and moves ``event_cursor`` with it: every event id at or below the cursor is in the replica
-(or was given up as a gap, see cache/events.py), ids above it may be missing. So a read of
+(or was given up as a gap, see cache/ingest/gaps.py), ids above it may be missing. So a read of
 events is answered only when its answer cannot contain an event above the cursor:
 
 - bounded: the top-level ``and`` of the filters (or an ``and`` group inside it) limits ``id``
@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import Passthrough
+from ..errors import Passthrough
+from .eventwire import EVENT_TYPE
 
-EVENT_TYPE = "EventLogEntry"
-#: The ingester's cursor key in ``sgcache_state`` (cache/events.py).
-K_CURSOR = "event_cursor"
+__all__ = ["EVENT_TYPE", "check_answer", "check_read", "id_upper_bound"]
 
 
 def _int(value: Any) -> int | None:

@@ -1,0 +1,148 @@
+"""Applying one event to the replica, through a :class:`~cache.writes.WriteBatch`.
+
+Invariants kept here (see :mod:`cache.ingest`):
+
+- Never lose an update: an entity whose values cannot be taken from the event (New, Revival,
+  a row never seen, a value in doubt, an event that filled a gap late) is queued for a fetch
+  (``sgcache_fetch``) in the poll's transaction, never skipped.
+- The old-value guard: a Change whose ``old_value`` and ``new_value`` both differ from the
+  row's value is not applied but fetched: the row holds a later write (the proxy learned it
+  before this event was polled) or missed one, and an older value must not overwrite a newer one.
+- Idempotence: applying an event twice changes nothing (upserts, set semantics for links).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from .. import fieldtypes
+from ..store import Store
+from ..wire import Key, is_link
+from ..writes import WriteBatch
+from .eventwire import (
+    ACTIONS,
+    RETIREMENT_FIELD,
+    SCHEMA_TYPE,
+    deep_values,
+    event_meta,
+    split_event_type,
+    subject_of,
+)
+from .schemarefresh import SchemaRefresh
+
+log = logging.getLogger("sgcache.events")
+
+
+class EventApplier:
+    """Turns events into writes of a batch: registry, retirements, field changes, link changes, fetches."""
+
+    def __init__(self, store: Store, schema_refresh: SchemaRefresh):
+        self.store = store
+        self.schema_refresh = schema_refresh
+        self._skipped_types: set[str] = set()
+
+    def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
+                    buf: WriteBatch | None = None) -> None:
+        """Apply one event inside the caller's transaction; applying it twice changes nothing.
+
+        With ``buf`` (a batch) some writes wait in it until it is flushed.
+        """
+        self.apply(conn, event, subject_of(event), late, buf)
+
+    def apply(self, conn: Connection, event: Mapping[str, Any], subject: Key | None, late: bool,
+              buf: WriteBatch | None = None) -> None:
+        """:meth:`apply_event` with the event's subject already known (:func:`subject_of`)."""
+        own = buf is None
+        buf = buf or WriteBatch(self.store, conn)
+        self._dispatch(conn, event, subject, late, buf)
+        if own:
+            buf.flush()
+
+    def _dispatch(self, conn: Connection, event: Mapping[str, Any], subject: Key | None, late: bool,
+                  buf: WriteBatch) -> None:
+        parsed = split_event_type(event.get("event_type"))
+        if parsed is None or parsed[1] not in ACTIONS:
+            return
+        entity_type, action = parsed
+        if entity_type == SCHEMA_TYPE:
+            self.schema_refresh.note_event(conn, event)
+            return
+        if subject is None:
+            log.debug("event %s names no entity; skipped", event.get("id"))
+            return
+        entity = event.get("entity")
+        if is_link(entity) and entity["type"] == entity_type:
+            buf.note([entity])
+        cached = entity_type in self.store.tables
+        if not cached and entity_type not in self._skipped_types:
+            self._skipped_types.add(entity_type)
+            log.info("events of uncached type %s: only the registry is kept", entity_type)
+        event_id = int(event["id"])
+        if action == "New":
+            if cached:
+                buf.queue(subject, "new")
+        elif action in ("Retirement", "Revival"):
+            self._retire(buf, subject, action == "Retirement", event_id, late)
+        else:
+            self._change(buf, event, subject, event_id, late)
+
+    def _retire(self, buf: WriteBatch, subject: Key, retired: bool, event_id: int, late: bool) -> None:
+        cached = subject[0] in self.store.tables
+        if cached and late:
+            buf.queue(subject, "late retirement/revival")
+            return
+        buf.retire(subject, retired, event_id)
+        if cached and (not retired or not buf.exists(subject)):
+            buf.queue(subject, "revival" if not retired else "unknown row")
+
+    def _change(self, buf: WriteBatch, event: Mapping[str, Any], subject: Key, event_id: int, late: bool) -> None:
+        meta = event_meta(event)
+        attr = event.get("attribute_name") or meta.get("attribute_name")
+        if attr == RETIREMENT_FIELD and "new_value" in meta:
+            self._retire(buf, subject, meta["new_value"] is not None, event_id, late)
+            return
+        if subject[0] not in self.store.tables:
+            return
+        fschema = self.store.schema.field(subject[0], attr) if isinstance(attr, str) else None
+        if fschema is None or attr == "id" or not fieldtypes.is_cached_type(fschema.data_type):
+            return
+        backref = bool(meta.get("actual_attribute_changed"))
+        exists = buf.exists(subject)
+        if meta.get("in_create") and not backref and exists:
+            return  # the New's fetch already read this value
+        if late or not exists:
+            buf.queue(subject, "late event" if late else "unknown row")
+            return
+        if not backref and meta.get("field_data_type") not in (None, fschema.data_type):
+            buf.queue(subject, "field type differs")
+            return
+        storage = fieldtypes.TYPES[fschema.data_type].storage
+        record = deep_values(event, subject)
+        if storage == "multi" and ("added" in meta or "removed" in meta):
+            self._change_multi(buf, subject, attr, meta, event_id)
+        elif "new_value" in meta and storage != "multi":
+            if (not backref and "old_value" in meta and not buf.holds(subject, attr, meta["new_value"])
+                    and not buf.holds(subject, attr, meta["old_value"])):
+                # the row is neither before nor after this event: a later write (the proxy learned
+                # it) or a missed one; an older value must not overwrite it: read SG's row instead
+                buf.queue(subject, "replica not at the event's old value")
+                return
+            record[attr] = meta["new_value"]
+        else:
+            buf.queue(subject, "change without usable value")
+            return
+        if not buf.write(subject, record, event_id):
+            buf.queue(subject, "value not applicable")
+
+    def _change_multi(self, buf: WriteBatch, subject: Key, attr: str, meta: Mapping[str, Any],
+                      event_id: int) -> None:
+        added, removed = meta.get("added") or [], meta.get("removed") or []
+        if not isinstance(added, list) or not isinstance(removed, list) or not all(
+                is_link(x) for x in [*added, *removed]):
+            buf.queue(subject, "bad multi_entity change")
+            return
+        buf.change_links(subject, attr, added, removed, event_id)

@@ -1,0 +1,128 @@
+"""One poll's events applied in one transaction, with the cursor.
+
+Invariants kept here (see :mod:`cache.ingest`):
+
+- One poll is one transaction: the new events are applied, stored raw in ``sgcache_events``,
+  the gaps updated, and the cursor and the heartbeat advanced, all together; a process killed
+  at any point leaves either the whole poll or none of it.
+- An event already in ``sgcache_events`` is not applied again (a gap's event read twice, a
+  sweep finding one applied meanwhile).
+- When EventLogEntry is a cached type, every applied event also becomes its EventLogEntry
+  row in that transaction (the proxy answers reads of events below the cursor).
+- One bad event must not stall the stream: in careful mode each event is applied in its own
+  savepoint, and an event that fails has its entity queued for a fetch instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..store import Store, now_utc
+from ..wire import Key, chunks
+from ..writes import WriteBatch
+from .apply import EventApplier
+from .config import PollResult
+from .eventwire import EVENT_TYPE, subject_of
+from .gaps import EventPosition, insert_rows
+from .sgclock import SGClock
+
+log = logging.getLogger("sgcache.events")
+
+#: Ids per ``id in [...]`` when looking for events already stored.
+CHUNK = 500
+
+Event = Mapping[str, Any]
+
+
+def stored_ids(store: Store, conn: Connection, ids: list[int]) -> set[int]:
+    """Which of these event ids are in ``sgcache_events`` already."""
+    table = store.events
+    out: set[int] = set()
+    for chunk in chunks(ids, CHUNK):
+        out.update(r.id for r in conn.execute(sa.select(table.c.id).where(table.c.id.in_(chunk))))
+    return out
+
+
+def store_raw(store: Store, conn: Connection, events: Sequence[Event]) -> None:
+    """Keep the events as SG sent them (``scripts/reprocess`` replays them); ids already kept are skipped."""
+    if not events:
+        return
+    now = now_utc()
+    rows = [{"id": int(e["id"]), "event_type": str(e.get("event_type") or "")[:128],
+             "created_at": e.get("created_at"), "body": json.dumps(e, default=str, sort_keys=True),
+             "received_at": now} for e in events]
+    insert_rows(store, conn, store.events, ["id"], rows)
+
+
+class BatchApplier:
+    """Applies a poll's events and moves the stream's position, inside the poll's transaction."""
+
+    def __init__(self, store: Store, applier: EventApplier, position: EventPosition, sg_clock: SGClock):
+        self.store = store
+        self.applier = applier
+        self.position = position
+        self.sg_clock = sg_clock
+
+    def apply_batch(self, conn: Connection, events: Sequence[Event], gaps: dict[int, dt.datetime],
+                    high: int, result: PollResult, careful: bool = False) -> None:
+        """Apply events (inside the caller's transaction), then move gaps, cursor and heartbeat."""
+        events = sorted(events, key=lambda e: int(e["id"]))
+        seen = stored_ids(self.store, conn, [int(e["id"]) for e in events])
+        fresh = [(e, subject_of(e)) for e in events if int(e["id"]) not in seen]  # each subject once
+        buf = WriteBatch(self.store, conn)
+        buf.load(subject for _e, subject in fresh if subject is not None)
+        buf.load_links(self._link_keys(fresh))
+        for event, subject in fresh:
+            late = int(event["id"]) <= high
+            if careful:
+                self._apply_guarded(conn, event, subject, late, buf)
+            else:
+                self.applier.apply(conn, event, subject, late, buf)
+        fresh_events = [e for e, _subject in fresh]
+        self._event_rows(buf, fresh_events)
+        buf.flush()
+        result.applied = len(fresh)
+        store_raw(self.store, conn, fresh_events)
+        self.sg_clock.load(conn)
+        self.sg_clock.see(conn, events)
+        new_high = max([high, *(int(e["id"]) for e in events)])
+        self.position.update_gaps(conn, gaps, events, high, new_high, result)
+        self.position.advance(conn, new_high)
+
+    def _event_rows(self, buf: WriteBatch, events: Sequence[Event]) -> None:
+        """EventLogEntry as a cached type: every applied event becomes its row, in the poll's batch."""
+        if EVENT_TYPE not in self.store.tables or not events:
+            return
+        rows = [{k: v for k, v in e.items() if "." not in k} for e in events]
+        result = buf.put(EVENT_TYPE, rows, complete=True, log_changes=False)
+        for key in result.to_fetch or []:
+            buf.queue(key, "event row not stored")
+
+    def _link_keys(self, fresh: Iterable[tuple[Event, Key | None]]) -> list[tuple[str, str, int]]:
+        """(type, multi_entity field, parent id) that the Changes among the events name."""
+        out = []
+        for event, subject in fresh:
+            attr = event.get("attribute_name")
+            if isinstance(attr, str) and subject is not None and (subject[0], attr) in self.store.multi:
+                out.append((subject[0], attr, subject[1]))
+        return out
+
+    def _apply_guarded(self, conn: Connection, event: Event, subject: Key | None, late: bool,
+                       buf: WriteBatch) -> None:
+        try:
+            with conn.begin_nested():
+                buf.flush()
+                self.applier.apply(conn, event, subject, late)  # its own buffer, flushed in the savepoint
+        except sa.exc.DBAPIError:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("event %s could not be applied; its entity will be re-read", event.get("id"))
+            if subject is not None:
+                self.store.queue_fetch(conn, [subject], "event failed")

@@ -1,0 +1,55 @@
+"""What the ingester is given (its tunables, the SG client it reads) and what one poll reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class SGClient(Protocol):
+    """The part of ``shotgun_api3.Shotgun`` the ingester uses."""
+
+    def find(self, entity_type: str, filters: Any, fields: list[str] | None = None,
+             order: list[dict[str, str]] | None = None, filter_operator: str | None = None,
+             limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]: ...
+
+    def schema_read(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class IngestConfig:
+    """Tunables of the ingester (the script's flags)."""
+
+    batch: int = 500
+    poll_interval: float = 1.0
+    # while no events come the wait grows to this ceiling (never below poll_interval); a change on
+    # an idle site is then visible within idle_max plus the apply time. None: no back-off.
+    idle_max: float | None = 3.0
+    gap_timeout: float = 300.0
+    sweep_every: int = 30  # polls between sweeps for ids that became visible after being given up; 0: never
+    sweep_window: float | None = None  # seconds of SG time a sweep looks back (default 2 x gap_timeout)
+    sweep_limit: int = 10_000
+    max_gap_span: int = 10_000
+    lock_retry: float = 1.0
+    retry_max: float = 60.0
+
+    def sweep_seconds(self) -> float:
+        return self.sweep_window if self.sweep_window is not None else 2 * self.gap_timeout
+
+    def idle_ceiling(self) -> float:
+        if self.idle_max is not None:
+            return max(self.idle_max, self.poll_interval)
+        return self.poll_interval
+
+
+@dataclass
+class PollResult:
+    """What one poll (or sweep) did."""
+
+    received: int = 0
+    applied: int = 0
+    full: bool = False
+    gaps_opened: int = 0
+    gaps_filled: int = 0
+    gaps_expired: list[int] = field(default_factory=list)
+    swept: list[int] = field(default_factory=list)

@@ -1,0 +1,146 @@
+"""Where the ingester stands in the event stream: cursor, high, floor and the open gaps.
+
+Invariants kept here (see :mod:`cache.ingest`):
+
+- ``event_cursor``: every event id at or below it is applied or given up. It moves, in the
+  poll's transaction, to just below the lowest open gap (or to ``event_high`` when none is open).
+- ``event_high``: the highest event id applied; ids between the cursor and it that were never
+  seen are open gaps (``sgcache_gaps``), looked for on every poll.
+- A gap is given up once the event that revealed it is ``gap_timeout`` seconds old by SG's
+  clock (:mod:`cache.ingest.sgclock`): its ``first_seen`` is the ``created_at`` of the first
+  visible event above it (SG's estimated now when there is none). More than ``max_gap_span``
+  missing ids at once are not waited for (the sweep may still find them).
+- ``event_floor``: the cursor the replica started from, set with the first cursor (by the prime
+  or here): events at or below it came with the scan, and the sweep never looks there.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..statekeys import EVENT_CURSOR, EVENT_FLOOR, EVENT_HIGH, INGESTER_HEARTBEAT
+from ..store import Store
+from ..wire import chunks, iso_now, parse_wire_dt
+from ..writes import upsert_stmt
+from .config import IngestConfig, PollResult, SGClient
+from .eventwire import EVENT_TYPE, id_ranges
+from .sgclock import SGClock
+
+log = logging.getLogger("sgcache.events")
+
+#: Ids per DELETE of given-up gaps.
+CHUNK = 500
+
+
+def insert_rows(store: Store, conn: Connection, table: sa.Table, keys: Sequence[str],
+                rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT many rows, skipping those whose primary key ``keys`` is already there."""
+    if rows:
+        conn.execute(upsert_stmt(store.dialect, table, keys, ()), list(rows))
+
+
+class EventPosition:
+    """The cursor, high, floor and open gaps of the replica's event stream."""
+
+    def __init__(self, store: Store, sg: SGClient | None, config: IngestConfig, sg_clock: SGClock):
+        self.store = store
+        self.sg = sg
+        self.config = config
+        self.sg_clock = sg_clock
+
+    def cursor(self, conn: Connection) -> tuple[int, int]:
+        """(cursor, high); with no cursor yet, start after the newest event (and set the floor there)."""
+        cursor = self.store.get_state(conn, EVENT_CURSOR)
+        if cursor is None:
+            cursor = self._newest_event_id()
+            log.warning("no event cursor yet: starting after the newest event, %d "
+                        "(prime the replica with scripts/scan --full)", cursor)
+            self.store.set_state(conn, EVENT_CURSOR, cursor)
+            if self.store.get_state(conn, EVENT_FLOOR) is None:
+                self.store.set_state(conn, EVENT_FLOOR, cursor)
+        high = self.store.get_state(conn, EVENT_HIGH)
+        return int(cursor), max(int(cursor), int(high or 0))
+
+    def _newest_event_id(self) -> int:
+        if self.sg is None:
+            return 0
+        rows = self.sg.find(EVENT_TYPE, [], ["id"], order=[{"field_name": "id", "direction": "desc"}],
+                            limit=1)
+        return int(rows[0]["id"]) if rows else 0
+
+    def floor(self, conn: Connection, cursor: int) -> int:
+        """The id at or below which events predate this replica's event stream (the prime's cursor):
+        their effects came with the scan, so the sweep never treats them as late. Replicas primed
+        before the floor was recorded: the id below the first event stored, else the cursor."""
+        floor = self.store.get_state(conn, EVENT_FLOOR)
+        if floor is not None:
+            return int(floor)
+        first = conn.execute(sa.select(sa.func.min(self.store.events.c.id))).scalar()
+        return int(first) - 1 if first is not None else cursor
+
+    def open_gaps(self, conn: Connection) -> dict[int, dt.datetime]:
+        """The open gaps: ``{event id: first_seen}``."""
+        table = self.store.gaps
+        return {r.id: r.first_seen for r in conn.execute(sa.select(table.c.id, table.c.first_seen))}
+
+    def advance(self, conn: Connection, new_high: int) -> None:
+        """After a poll's events are applied: the cursor to just below the lowest open gap (else
+        ``new_high``), the high mark, and the heartbeat, in the poll's transaction."""
+        still_open = self.open_gaps(conn)
+        self.store.set_state(conn, EVENT_CURSOR, (min(still_open) - 1) if still_open else new_high)
+        self.store.set_state(conn, EVENT_HIGH, new_high)
+        self.store.set_state(conn, INGESTER_HEARTBEAT, iso_now())
+
+    def update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], events: Sequence[Mapping[str, Any]],
+                    high: int, new_high: int, result: PollResult) -> None:
+        """Fill gaps that showed up, give up those revealed ``gap_timeout`` ago by SG's clock, open new ones
+        (``first_seen``: the ``created_at`` of the first event above the gap, else SG's estimated now)."""
+        table = self.store.gaps
+        ids = [int(e["id"]) for e in events]
+        filled = sorted(set(gaps) & set(ids))
+        if filled:
+            conn.execute(table.delete().where(table.c.id.in_(filled)))
+            result.gaps_filled = len(filled)
+            log.info("late events applied for gap ids %s", id_ranges(filled))
+        now = self.sg_clock.now()
+        timeout = self.config.gap_timeout
+
+        def too_old(first: dt.datetime) -> bool:
+            return (now - first).total_seconds() >= timeout
+
+        expired = sorted(i for i, first in gaps.items() if i not in filled and too_old(first))
+        if expired:
+            for chunk in chunks(expired, CHUNK):
+                conn.execute(table.delete().where(table.c.id.in_(chunk)))
+        missing = sorted(set(range(high + 1, new_high)) - set(ids))
+        if len(missing) > self.config.max_gap_span:
+            log.warning("%d event ids between %d and %d never seen: too many to wait for, skipped",
+                        len(missing), high, new_high)
+            missing = []
+        opened = []
+        if missing:
+            created = sorted((int(e["id"]), parse_wire_dt(e.get("created_at"))) for e in events)
+            created_ids = [i for i, _t in created]
+            for gap_id in missing:
+                at = bisect.bisect_right(created_ids, gap_id)  # the event that revealed it
+                after = created[at][1] if at < len(created) else None
+                first = after if after is not None else now
+                if too_old(first):
+                    expired.append(gap_id)
+                else:
+                    opened.append({"id": gap_id, "first_seen": first})
+        if opened:
+            insert_rows(self.store, conn, table, ["id"], opened)  # all above ``high``
+            result.gaps_opened = len(opened)
+            log.debug("event ids %s not visible yet: open gaps", id_ranges([r["id"] for r in opened]))
+        if expired:
+            result.gaps_expired = sorted(expired)
+            log.warning("gave up on event ids %s: not visible %ss (SG's clock) after a later event",
+                        id_ranges(result.gaps_expired), timeout)

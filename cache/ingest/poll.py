@@ -1,0 +1,258 @@
+"""The :class:`Ingester`: leads, then polls SG's event log and applies it, until stopped.
+
+A poll reads the events above ``event_high`` plus the open gaps that became visible, applies
+them in one transaction (:mod:`cache.ingest.batch`), then re-reads the fetch queue
+(:mod:`cache.ingest.fetch`) and handles schema events (:mod:`cache.ingest.schemarefresh`);
+every ``sweep_every`` polls a sweep applies late-visible events. Invariants kept here:
+
+- Never exit on trouble: SG unreachable or answering errors is retried with exponential
+  back-off (up to ``retry_max``); a database error drops the connection, which ends the
+  session and so the PostgreSQL leadership, and leadership is taken again before the next poll.
+- A batch that fails to apply is applied again event by event (careful mode), so one bad event
+  does not stall the stream.
+- The heartbeat moves on every successful poll: every ``poll_interval`` while events come,
+  backing off to ``idle_max`` while none do (the proxy's ``sgcache_max_lag`` counts on it).
+- The sweep never looks at or below ``event_floor``, and only at SG's last ``sweep_window``
+  seconds; what it applies goes through the same one-transaction batch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .. import pending
+from ..statekeys import EVENT_CURSOR, EVENT_HIGH
+from ..store import Store, now_utc
+from ..wire import chunks, to_wire
+from ..writes import WriteBatch
+from .apply import EventApplier
+from .batch import BatchApplier, store_raw, stored_ids
+from .config import IngestConfig, PollResult, SGClient
+from .eventwire import EVENT_TYPE, FETCH_CHUNK, event_fields, id_ranges
+from .fetch import Fetcher
+from .gaps import EventPosition
+from .leader import LeaderLock, LeaderSession, leader_lock_for
+from .schemarefresh import SchemaRefresh
+from .sgclock import SGClock
+
+log = logging.getLogger("sgcache.events")
+
+
+class Ingester:
+    """Polls events from ``sg`` and applies them to ``store``."""
+
+    def __init__(self, store: Store, sg: SGClient | None, config: IngestConfig | None = None,
+                 clock: Callable[[], dt.datetime] = now_utc, lock: LeaderLock | None = None):
+        self.store = store
+        self.sg = sg
+        self.config = config or IngestConfig()
+        self.clock = clock
+        self.lock = lock or leader_lock_for(store.engine)
+        self.stop_event = threading.Event()
+        self.stop_reason: str | None = None
+        self.session = LeaderSession(store, self.lock, self.stop_event, self.config.lock_retry)
+        self.sg_clock = SGClock(store, clock)
+        self.position = EventPosition(store, sg, self.config, self.sg_clock)
+        self.schema_refresh = SchemaRefresh(store, sg, self.connect)
+        self.applier = EventApplier(store, self.schema_refresh)
+        self.batch = BatchApplier(store, self.applier, self.position, self.sg_clock)
+        self.fetcher = Fetcher(store, sg, self.connect, self.schema_refresh.missing_fields)
+        self._event_fields = event_fields(store)
+        self._polls = 0
+
+    # -- connection and leadership (cache/ingest/leader.py) ----------------------------
+    @property
+    def conn(self) -> Connection | None:
+        return self.session.conn
+
+    def connect(self) -> Connection:
+        """The ingester's own connection (the one holding the leader lock on PostgreSQL)."""
+        return self.session.connect()
+
+    def close(self) -> None:
+        """Give up leadership: the session holding the advisory lock is ended, not pooled."""
+        self.session.close()
+
+    def become_leader(self, wait: bool = True) -> bool:
+        """Take the leader lock, waiting (PostgreSQL) while another ingester holds it."""
+        return self.session.become_leader(wait)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, follow: bool = True) -> None:
+        """Lead, then poll until stopped (``follow``) or caught up (once)."""
+        if not self.become_leader(wait=True):
+            return
+        delay = self.config.poll_interval
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                result = self.poll_once()
+                self._polls += 1
+                if self.config.sweep_every > 0 and self._polls % self.config.sweep_every == 0:
+                    self.sweep()
+                self.process_fetch_queue()
+                self.process_schema()
+            except sa.exc.DBAPIError as exc:
+                failures += 1
+                log.error("database error (attempt %d): %s; reconnecting", failures, exc)
+                self.session.drop_connection()
+                self.stop_event.wait(self._backoff(failures))
+                if not self.become_leader(wait=True):
+                    return
+                continue
+            except Exception as exc:  # noqa: BLE001 - SG unreachable or answering errors: retry, never exit
+                failures += 1
+                log.error("poll failed (attempt %d): %s: %s", failures, type(exc).__name__, exc,
+                          exc_info=failures == 1)
+                self.stop_event.wait(self._backoff(failures))
+                continue
+            if failures:
+                log.info("SG reachable again after %d failed attempts", failures)
+            failures = 0
+            if not follow and not result.full:
+                return
+            if result.full:
+                delay = self.config.poll_interval
+                continue
+            delay = self.config.poll_interval if result.received else min(delay * 1.5, self.config.idle_ceiling())
+            self.stop_event.wait(delay)
+
+    def _backoff(self, failures: int) -> float:
+        base = max(self.config.poll_interval, 0.1)
+        return min(self.config.retry_max, base * 2 ** min(failures - 1, 10))
+
+    def stop(self, reason: str = "asked to stop") -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.stop_event.set()
+
+    def log_shutdown(self, reason: str | None = None) -> None:
+        """Log why the ingester stops and where its cursor is (never raises)."""
+        why = reason or self.stop_reason or "done"
+        try:
+            conn = self.store.engine.connect()
+            try:
+                with conn.begin():
+                    cursor = self.store.get_state(conn, EVENT_CURSOR)
+                    high = self.store.get_state(conn, EVENT_HIGH)
+            finally:
+                conn.close()
+            where = f"event cursor {cursor}, highest event applied {high}"
+        except Exception as exc:  # noqa: BLE001 - the database may be why it stops
+            where = f"cursor unknown ({type(exc).__name__})"
+        log.info("ingester stopping (%s): %s", why, where)
+
+    # -- one poll ----------------------------------------------------------------------
+    def poll_once(self) -> PollResult:
+        """Read the next events and apply them, with the cursor, in one transaction."""
+        conn = self.connect()
+        with conn.begin():
+            _cursor, high = self.position.cursor(conn)
+            gaps = self.position.open_gaps(conn)
+            started = pending.poll_started(self.store, conn)
+        events = self.fetch_events(high, sorted(gaps)) if self.sg is not None else []
+        full = len(events) >= self.config.batch + len(gaps)
+        try:
+            result = self._apply_polled(conn, events, full, careful=False)
+        except sa.exc.DBAPIError:
+            raise
+        except Exception:  # noqa: BLE001 - one bad event must not stall the stream
+            log.exception("applying a batch failed; retrying event by event")
+            result = self._apply_polled(conn, events, full, careful=True)
+        if self.sg is not None:
+            pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
+        return result
+
+    def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
+                      careful: bool) -> PollResult:
+        result = PollResult(received=len(events), full=full)
+        with conn.begin():
+            _cursor, high = self.position.cursor(conn)
+            gaps = self.position.open_gaps(conn)
+            self.apply_batch(conn, events, gaps, high, result, careful=careful)
+        return result
+
+    def fetch_events(self, high: int, gaps: list[int]) -> list[dict[str, Any]]:
+        """Events above ``high`` plus any open gap that became visible, by id."""
+        filters: list[Any] = [["id", "greater_than", high]]
+        if gaps:
+            filters = [{"filter_operator": "any",
+                        "filters": [["id", "in", gaps], ["id", "greater_than", high]]}]
+        events = self.sg.find(EVENT_TYPE, filters, self._event_fields,  # type: ignore[union-attr]
+                              order=[{"field_name": "id", "direction": "asc"}], limit=self.config.batch + len(gaps))
+        return [to_wire(e) for e in events]
+
+    # -- the sweep ---------------------------------------------------------------------
+    def sweep(self) -> PollResult:
+        """Apply events created in the last ``sweep_window`` seconds (SG's clock) whose ids were never
+        applied: ids that became visible after their gap was given up (or was too wide to wait for)."""
+        result = PollResult()
+        if self.sg is None:
+            return result
+        conn = self.connect()
+        with conn.begin():
+            self.sg_clock.load(conn)
+            cursor, _high = self.position.cursor(conn)
+            floor = self.position.floor(conn, cursor)
+        if floor >= cursor:
+            return result
+        since = self.sg_now() - dt.timedelta(seconds=self.config.sweep_seconds())
+        rows = self.sg.find(EVENT_TYPE, [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
+                                         ["id", "greater_than", floor],
+                                         ["id", "less_than", cursor + 1]], ["id"],
+                            order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
+        ids = [int(r["id"]) for r in rows]
+        with conn.begin():
+            missing = sorted(set(ids) - stored_ids(self.store, conn, ids))
+        if not missing:
+            return result
+        events: list[dict[str, Any]] = []
+        for chunk in chunks(missing, FETCH_CHUNK):
+            events.extend(to_wire(e) for e in self.sg.find(
+                EVENT_TYPE, [["id", "in", list(chunk)]], self._event_fields,
+                order=[{"field_name": "id", "direction": "asc"}]))
+        result = self._apply_polled(conn, events, full=False, careful=False)
+        result.swept = sorted(int(e["id"]) for e in events)
+        if result.swept:
+            log.warning("sweep: applied event ids %s, visible only after their gap was given up",
+                        id_ranges(result.swept))
+        return result
+
+    # -- the parts, for scripts and tests ----------------------------------------------
+    def sg_now(self) -> dt.datetime:
+        """SG's clock as estimated from the events seen (:class:`~cache.ingest.sgclock.SGClock`)."""
+        return self.sg_clock.now()
+
+    def apply_batch(self, conn: Connection, events: Sequence[Mapping[str, Any]], gaps: dict[int, dt.datetime],
+                    high: int, result: PollResult, careful: bool = False) -> None:
+        """Apply events (inside the caller's transaction), then move gaps, cursor and heartbeat."""
+        self.batch.apply_batch(conn, events, gaps, high, result, careful=careful)
+
+    def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
+                    buf: WriteBatch | None = None) -> None:
+        """Apply one event inside the caller's transaction; applying it twice changes nothing."""
+        self.applier.apply_event(conn, event, late, buf)
+
+    def process_fetch_queue(self, limit: int = 5000) -> int:
+        """Re-read queued entities from SG, grouped per type; returns how many were handled."""
+        return self.fetcher.process(limit)
+
+    def fetch_fields(self, entity_type: str) -> list[str]:
+        return self.fetcher.fetch_fields(entity_type)
+
+    def process_schema(self) -> None:
+        """Re-read the site's schema after schema events; un-prime or re-fetch affected cached fields."""
+        self.schema_refresh.process()
+
+    @property
+    def missing_fields(self) -> set[tuple[str, str]]:
+        return self.schema_refresh.missing_fields
+
+    def _store_raw(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
+        store_raw(self.store, conn, events)  # tests/test_events.py stores events as if polled
