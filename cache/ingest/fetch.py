@@ -49,8 +49,9 @@ class Fetcher:
         with conn.begin():
             queued_by_type = fetchqueue.entries(conn, q, limit)
         for entity_type, queued in queued_by_type.items():
-            if entity_type not in self.store.tables:
-                fetchqueue.remove_handled(conn, q, entity_type, queued)
+            if entity_type not in self.store.tables:  # the schema file lost the type meanwhile
+                with conn.begin():
+                    fetchqueue.remove_handled(conn, q, entity_type, queued)
                 continue
             for chunk in chunks(sorted(queued), FETCH_CHUNK):
                 self._fetch_chunk(conn, entity_type, {i: queued[i] for i in chunk})
