@@ -11,7 +11,7 @@ import pytest
 from cache.errors import Passthrough
 from cache.eventlog import check_answer, check_read, id_upper_bound
 from cache.events import K_CURSOR, IngestConfig, Ingester
-from cache.read import ReadContext, ReadEngine
+from cache.read import Reader, ReplicaState
 from cache.scanner import Scanner
 from cache.schema import Schema, parse_rules
 from cache.store import Store
@@ -104,8 +104,8 @@ def read(store: Store, params: dict[str, Any]) -> dict[str, Any]:
     base = {"type": "EventLogEntry", "return_fields": EVENT_FIELDS,
             "filters": conds(), "return_only": "active", "paging": {"entities_per_page": 500, "current_page": 1}}
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn), event_cursor=store.get_state(conn, K_CURSOR))
-        return ReadEngine(store).read(conn, {**base, **params}, ctx)
+        replica_state = ReplicaState(store.primed_fields(conn), event_cursor=store.get_state(conn, K_CURSOR))
+        return Reader(store).read(conn, {**base, **params}, replica_state)
 
 
 def site_events(site: FakeSite, filters: list[Any] | None = None, limit: int = 0) -> list[dict[str, Any]]:
