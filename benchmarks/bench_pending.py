@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cache import pending  # noqa: E402
-from cache.read import ReadContext  # noqa: E402
+from cache.read import ReplicaState  # noqa: E402
 from cache.service import CacheService  # noqa: E402
 
 PARAMS = {"type": "Shot", "return_fields": ["code", "sg_status_list", "sg_sequence"],
@@ -55,8 +55,8 @@ def main() -> None:
 
     def read(check: bool) -> None:
         with store.engine.connect() as conn:
-            ctx: ReadContext = svc._context(conn)
-            svc.engine.read(conn, PARAMS, ctx, check_pending=check)
+            replica_state: ReplicaState = svc._replica_state(conn)
+            svc.reader.read(conn, PARAMS, replica_state, check_pending=check)
 
     with_check = timed(lambda: read(True))
     bare = timed(lambda: read(False))

@@ -21,7 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache.read import ReadContext, ReadEngine  # noqa: E402
+from cache.read import Reader, ReplicaState  # noqa: E402
 from cache.schema import Schema  # noqa: E402
 from cache.store import Store  # noqa: E402
 from tests.fakesg import FakeSGServer, FakeSite  # noqa: E402
@@ -114,17 +114,17 @@ def main() -> None:
     fill(store, args.shots)
     print(f"filled {args.shots} shots + tasks + versions in {time.perf_counter() - t0:.1f} s ({store.dialect})")
 
-    engine = ReadEngine(store)
+    reader = Reader(store)
     params = {"type": "Shot", "return_fields": FIELDS, "return_only": "active", "sorts": ORDER,
               "filters": {"logical_operator": "and", "conditions": [
                   {"path": p, "relation": r, "values": [v]} for p, r, v in FILTERS]},
               "paging": {"entities_per_page": 50, "current_page": 1}, "return_paging_info_without_counts": False}
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
-        plan = engine.plan(params, ctx)
+        replica_state = ReplicaState(store.primed_fields(conn))
+        plan = reader.plan(params, replica_state)
         sql_ms = describe("SQL only (compiled plan, SQLAlchemy execute)", timed(lambda: conn.execute(plan.select).all(), args.calls))
-        engine_ms = describe("read engine (plan + SQL + decode)", timed(lambda: engine.read(conn, params, ctx), args.calls))
-        answer = engine.read(conn, params, ctx)
+        reader_ms = describe("read engine (plan + SQL + decode)", timed(lambda: reader.read(conn, params, replica_state), args.calls))
+        answer = reader.read(conn, params, replica_state)
 
     site = FakeSite.basic()
     site.add_script("bench", "key")
@@ -165,9 +165,9 @@ def main() -> None:
             harness.ADDON = saved
     print(f"target: proxy <= 2 x SQL + constant: {proxy_ms:.1f} ms vs {2 * sql_ms + const_ms:.1f} ms")
     print(f"indexed find per call: {light_ms:.2f} ms (target < 5 ms)")
-    print(f"ratio engine / SQL:                 {engine_ms / sql_ms:5.2f}x")
-    print(f"ratio (proxy - constant) / engine:  {(proxy_ms - const_ms) / engine_ms:5.2f}x")
-    print(f"ratio proxy / (engine + constant):  {proxy_ms / (engine_ms + const_ms):5.2f}x")
+    print(f"ratio engine / SQL:                 {reader_ms / sql_ms:5.2f}x")
+    print(f"ratio (proxy - constant) / engine:  {(proxy_ms - const_ms) / reader_ms:5.2f}x")
+    print(f"ratio proxy / (engine + constant):  {proxy_ms / (reader_ms + const_ms):5.2f}x")
     store.dispose()
 
 

@@ -26,7 +26,7 @@ from .effects import WriteEffects
 from .errors import Passthrough
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
-from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
+from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
 from .schema import Schema
 from .statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from .store import Store
@@ -36,7 +36,7 @@ from .writes import WRITE_LOCK_SQL
 log = logging.getLogger("sgcache.service")
 
 #: How long the replica's state (primed types, heartbeat) is reused between reads.
-CONTEXT_TTL = 1.0
+REPLICA_STATE_TTL = 1.0
 #: Consecutive database failures that open the breaker, and how long it stays open.
 BREAKER_FAILURES = 3
 BREAKER_SECONDS = 5.0
@@ -77,14 +77,14 @@ class CacheService:
         self.store = Store.open(db_url, self.schema, **engine_kwargs)
         self._sqlite_path = _sqlite_file(self.store.engine)
         self._watch_engine()
-        self.engine = ReadEngine(self.store)
+        self.reader = Reader(self.store)
         self.max_lag = max_lag
         self.read_budget = read_budget  # seconds; 0: no budget
         self.hits = 0
         self.passes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
-        self._ctx: ReadContext | None = None
-        self._ctx_at = 0.0
+        self._cached_state: ReplicaState | None = None
+        self._cached_state_at = 0.0
         self._lag: float | None = None
         self._failures = 0
         self._open_until = 0.0
@@ -162,7 +162,7 @@ class CacheService:
             failures = self._failures
             if failures >= BREAKER_FAILURES:
                 self._open_until = time.monotonic() + BREAKER_SECONDS
-            self._ctx = None
+            self._cached_state = None
         log.warning("database error, passing through: %s", redact(_short(exc), self._secrets))
         if failures >= BREAKER_FAILURES:
             if failures == BREAKER_FAILURES:
@@ -185,26 +185,26 @@ class CacheService:
                 self._failures = 0
                 self._open_until = 0.0
 
-    def _context(self, conn: Any) -> ReadContext:
+    def _replica_state(self, conn: Any) -> ReplicaState:
         now = time.monotonic()
-        ctx = self._ctx
-        if ctx is not None and now - self._ctx_at < CONTEXT_TTL:
-            return ctx
+        replica_state = self._cached_state
+        if replica_state is not None and now - self._cached_state_at < REPLICA_STATE_TTL:
+            return replica_state
         self._check_file(conn)
         primed = self.store.primed_fields(conn)
         pending = fetchqueue.queued_types(conn, self.store.fetch_queue)
         beat = self.store.get_state(conn, INGESTER_HEARTBEAT)
         self._lag = _age_seconds(beat)
         cursor = self.store.get_state(conn, EVENT_CURSOR) if "EventLogEntry" in primed else None
-        ctx = ReadContext(primed=primed, pending_fetch=pending, event_cursor=cursor)
+        replica_state = ReplicaState(primed=primed, pending_fetch=pending, event_cursor=cursor)
         with self._lock:
-            self._ctx, self._ctx_at = ctx, now
-        return ctx
+            self._cached_state, self._cached_state_at = replica_state, now
+        return replica_state
 
     def invalidate(self) -> None:
         """Forget the cached replica state (after a write by this process)."""
         with self._lock:
-            self._ctx = None
+            self._cached_state = None
 
     # -- reads -----------------------------------------------------------------------
     def read(self, args: Any, allow_stale: bool = False, budget: float | None = None) -> dict[str, Any]:
@@ -213,13 +213,13 @@ class CacheService:
         self._check_breaker()
         try:
             with self.store.engine.connect() as conn:
-                ctx = self._context(conn)
+                replica_state = self._replica_state(conn)
                 stale = self._note_freshness()
                 if stale and not allow_stale:
                     raise Passthrough("stale", "ingester heartbeat missing or old")
                 seconds = self.read_budget if budget is None else min(budget, self.read_budget or budget)
                 # every read checks the markers: another proxy may have written a second ago
-                result = self.engine.read(conn, args, ctx, ReadBudget(seconds) if seconds > 0 else None,
+                result = self.reader.read(conn, args, replica_state, ReadBudget(seconds) if seconds > 0 else None,
                                           check_pending=True)
         except Passthrough:
             self._db_ok()
@@ -442,7 +442,7 @@ class CacheService:
         try:
             if time.monotonic() >= self._open_until:
                 with self.store.engine.connect() as conn:
-                    primed = sorted(self._context(conn).primed)
+                    primed = sorted(self._replica_state(conn).primed)
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)
         with self._lock:

@@ -17,6 +17,9 @@ import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+#: The entity type of SG's event log (read by the ingester, answered by the read engine).
+EVENT_TYPE = "EventLogEntry"
+
 #: SG's datetime wire form (always UTC).
 WIRE_DT = "%Y-%m-%dT%H:%M:%SZ"
 

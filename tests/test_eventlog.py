@@ -10,8 +10,8 @@ import pytest
 
 from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
-from cache.ingest.eventlog import check_answer, check_read, id_upper_bound
-from cache.read import ReadContext, ReadEngine
+from cache.read import Reader, ReplicaState
+from cache.read.eventlog import check_answer, check_read, id_upper_bound
 from cache.scanner import Scanner
 from cache.schema import Schema, parse_rules
 from cache.statekeys import EVENT_CURSOR as K_CURSOR
@@ -105,8 +105,8 @@ def read(store: Store, params: dict[str, Any]) -> dict[str, Any]:
     base = {"type": "EventLogEntry", "return_fields": EVENT_FIELDS,
             "filters": conds(), "return_only": "active", "paging": {"entities_per_page": 500, "current_page": 1}}
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn), event_cursor=store.get_state(conn, K_CURSOR))
-        return ReadEngine(store).read(conn, {**base, **params}, ctx)
+        replica_state = ReplicaState(store.primed_fields(conn), event_cursor=store.get_state(conn, K_CURSOR))
+        return Reader(store).read(conn, {**base, **params}, replica_state)
 
 
 def site_events(site: FakeSite, filters: list[Any] | None = None, limit: int = 0) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from cache.ingest import IngestConfig, Ingester, LockHeld, replay
-from cache.read import ReadContext, ReadEngine
+from cache.read import Reader, ReplicaState
 from cache.schema import Schema, parse_rules
 from cache.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.statekeys import EVENT_HIGH as K_HIGH
@@ -122,8 +122,8 @@ def replica_read(store: Store, entity_type: str, fields: list[str], retired: boo
               "paging": {"entities_per_page": 500, "current_page": 1},
               "return_only": "retired" if retired else "active"}
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
-        return ReadEngine(store).read(conn, params, ctx)["entities"]
+        replica_state = ReplicaState(store.primed_fields(conn))
+        return Reader(store).read(conn, params, replica_state)["entities"]
 
 
 def assert_equal_to_site(store: Store, site: FakeSite) -> None:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from cache import api3
 from cache.errors import Passthrough
-from cache.read import ReadContext, ReadEngine
+from cache.read import Reader, ReplicaState
 from cache.schema import Schema
 from cache.store import Store
 
@@ -351,24 +351,24 @@ READ_ARGS = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def planner() -> tuple[ReadEngine, ReadContext]:
+def planner() -> tuple[Reader, ReplicaState]:
     site = FakeSite.basic()
     schema = Schema.from_schema_read(site.schema)
     store = Store.open("sqlite://", schema, create=False)
     primed = {name: set(entity.fields) for name, entity in schema.entities.items()}
-    return ReadEngine(store), ReadContext(primed=primed)
+    return Reader(store), ReplicaState(primed=primed)
 
 
-def _check_plan(planner: tuple[ReadEngine, ReadContext], args: Any) -> None:
-    engine, ctx = planner
+def _check_plan(planner: tuple[Reader, ReplicaState], args: Any) -> None:
+    reader, replica_state = planner
     body = json.dumps({"method_name": "read", "params": [GOOD_AUTH, args]}).encode()
     req = api3.decode_request(body)
     assert req is not None and req.method == "read"
     try:
-        plan = engine.plan(req.args, ctx)
+        plan = reader.plan(req.args, replica_state)
     except Passthrough:
         return
-    sql = str(plan.select.compile(engine.store.engine))
+    sql = str(plan.select.compile(reader.store.engine))
     # names that are not in the schema never reach the SQL text (values are bound parameters)
     for marker in ("DROP", "zz_evil", "OR 1=1", "--", "select 1"):
         assert marker not in sql, sql
@@ -376,13 +376,13 @@ def _check_plan(planner: tuple[ReadEngine, ReadContext], args: Any) -> None:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(args=READ_ARGS)
-def test_planner_only_ever_passes(planner: tuple[ReadEngine, ReadContext], args: Any) -> None:
+def test_planner_only_ever_passes(planner: tuple[Reader, ReplicaState], args: Any) -> None:
     _check_plan(planner, args)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(args=JSON)
-def test_planner_on_arbitrary_json(planner: tuple[ReadEngine, ReadContext], args: Any) -> None:
+def test_planner_on_arbitrary_json(planner: tuple[Reader, ReplicaState], args: Any) -> None:
     _check_plan(planner, args)
 
 

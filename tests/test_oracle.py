@@ -540,7 +540,7 @@ def pad_links(*types: str, n: int = 200) -> list[Any]:
     return [L(types[i % len(types)], 10_000 + i) for i in range(n)]
 
 
-#: in/not_in lists long enough to be bound as one parameter (cache/read.py MAX_INLINE_VALUES)
+#: in/not_in lists long enough to be bound as one parameter (cache/read/limits.py MAX_INLINE_VALUES)
 LONG: list[Any] = [
     case("Shot", [["id", "in", [1, 3, *pad_ids()]]]),
     case("Shot", [["id", "not_in", [1, 3, *pad_ids()]]]),

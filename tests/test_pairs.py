@@ -15,7 +15,7 @@ from cache import pending
 from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
 from cache.pairs import DEFAULT_PAIRS_FILE, PairRegistry, PairsError, learn_from_events, load_pairs_file
-from cache.read import ReadContext, ReadEngine
+from cache.read import Reader, ReplicaState
 from cache.service import CacheService
 from cache.store import Store
 
@@ -138,8 +138,8 @@ def plan_touched(store: Store, params: dict[str, Any]) -> frozenset[tuple[str, s
     with store.engine.begin() as conn:
         for t in store.schema.entities:
             store.mark_primed(conn, t)
-        ctx = ReadContext(store.primed_fields(conn))
-    return ReadEngine(store).plan(params, ctx).touched
+        replica_state = ReplicaState(store.primed_fields(conn))
+    return Reader(store).plan(params, replica_state).touched
 
 
 def test_plan_touches_every_field_it_names(store: Store) -> None:
@@ -163,7 +163,7 @@ def test_read_passes_on_a_pending_field_or_type(store: Store) -> None:
     with store.engine.begin() as conn:
         for t in store.schema.entities:
             store.mark_primed(conn, t)
-    engine = ReadEngine(store)
+    reader = Reader(store)
     params = {"type": "Shot", "return_fields": ["code", "tasks"], "return_only": "active",
               "filters": {"logical_operator": "and", "conditions": []}, "paging": {"entities_per_page": 10, "current_page": 1}}
     deep = {**params, "filters": {"logical_operator": "and", "conditions": [
@@ -174,7 +174,7 @@ def test_read_passes_on_a_pending_field_or_type(store: Store) -> None:
             conn.execute(store.pending.delete())
             pending.mark(conn, store.pending, standing)
         with store.engine.connect() as conn:
-            return engine.read(conn, p, ReadContext(store.primed_fields(conn)), check_pending=True)["entities"]
+            return reader.read(conn, p, ReplicaState(store.primed_fields(conn)), check_pending=True)["entities"]
 
     assert read(params, ("Task", "entity"), ("Version", "*")) == []
     assert read(deep, ("Task", "entity")) == []
@@ -261,8 +261,8 @@ def assert_replica_is_sg_except_markers(site: FakeSite, service: CacheService) -
     with store.engine.connect() as conn:
         primed = store.primed_fields(conn)
         standing = pending.active(conn, store.pending)
-        engine = ReadEngine(store)
-        ctx = ReadContext(primed)
+        reader = Reader(store)
+        replica_state = ReplicaState(primed)
         for entity_type in store.schema.entities:
             if (entity_type, "*") in standing:
                 continue
@@ -271,7 +271,7 @@ def assert_replica_is_sg_except_markers(site: FakeSite, service: CacheService) -
                       "sorts": [{"field_name": "id", "direction": "asc"}],
                       "return_only": "active",
               "filters": {"logical_operator": "and", "conditions": []}, "paging": {"entities_per_page": 500, "current_page": 1}}
-            ours = engine.read(conn, params, ctx)["entities"]
+            ours = reader.read(conn, params, replica_state)["entities"]
             theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}])
             assert ours == theirs, f"{entity_type} differs"
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cache.errors import Passthrough
-from cache.read import ReadContext, ReadEngine
+from cache.read import Reader, ReplicaState
 from cache.schema import Schema
 from cache.store import Store
 
@@ -65,8 +65,8 @@ def read(store: Store, **params: Any) -> dict[str, Any]:
     params.setdefault("paging", {"entities_per_page": 500, "current_page": 1})
     params.setdefault("return_only", "active")
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
-        return ReadEngine(store).read(conn, params, ctx)
+        replica_state = ReplicaState(store.primed_fields(conn))
+        return Reader(store).read(conn, params, replica_state)
 
 
 def ids(result: dict[str, Any]) -> list[int]:
@@ -273,17 +273,17 @@ def test_long_in_lists_are_one_parameter_and_answer_as_short_ones(store: Store) 
 
 def test_long_lists_bind_one_parameter(store: Store) -> None:
     """The statement's size does not grow with the list."""
-    engine = ReadEngine(store)
+    reader = Reader(store)
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
+        replica_state = ReplicaState(store.primed_fields(conn))
 
     def params(n: int) -> dict[str, Any]:
         return {"type": "Shot", "return_fields": ["code"], "return_only": "active",
                 "paging": {"entities_per_page": 500, "current_page": 1},
                 "filters": cond("sg_sequence", "in", *[{"type": "Sequence", "id": i} for i in range(n)])}
 
-    small = engine.plan(params(100), ctx).select.compile(store.engine)
-    large = engine.plan(params(9_000), ctx).select.compile(store.engine)
+    small = reader.plan(params(100), replica_state).select.compile(store.engine)
+    large = reader.plan(params(9_000), replica_state).select.compile(store.engine)
     assert len(large.params) == len(small.params)
     assert len(str(large)) == len(str(small))
 
@@ -315,9 +315,9 @@ def test_reads_the_client_never_sends_pass(store: Store, missing: str) -> None:
               "paging": {"entities_per_page": 500, "current_page": 1}}
     del params[missing]
     with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
+        replica_state = ReplicaState(store.primed_fields(conn))
         with pytest.raises(Passthrough) as info:
-            ReadEngine(store).read(conn, params, ctx)
+            Reader(store).read(conn, params, replica_state)
     assert info.value.reason == "bad-params" and missing in info.value.detail
 
 

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from cache.errors import Passthrough
-from cache.read import ReadBudget, ReadContext, ReadEngine
+from cache.read import ReadBudget, Reader, ReplicaState
 from cache.schema import Schema
 from cache.service import BREAKER_FAILURES, CacheService, _classify
 from cache.store import Store
@@ -64,17 +64,17 @@ SMALL = args({"logical_operator": "and", "conditions": [{"path": "id", "relation
 def test_budget_stops_a_slow_statement_in_the_database(service: CacheService) -> None:
     """The database itself stops the statement (PostgreSQL statement_timeout, SQLite progress
     handler): the read passes as slow-read, caused by the database's error."""
-    engine: ReadEngine = service.engine
+    reader: Reader = service.reader
     params = args(slow_filters(), return_paging_info=True)
     with service.store.engine.connect() as conn:
-        ctx = ReadContext(service.store.primed_fields(conn))
+        replica_state = ReplicaState(service.store.primed_fields(conn))
         with pytest.raises(Passthrough) as info:
-            engine.read(conn, params, ctx, ReadBudget(BUDGET))
+            reader.read(conn, params, replica_state, ReadBudget(BUDGET))
     assert info.value.reason == "slow-read"
     assert isinstance(info.value.__cause__, sa.exc.DBAPIError), "the database should have stopped it"
     # without a budget the same read completes (it is slow, not wrong)
     with service.store.engine.connect() as conn:
-        result = engine.read(conn, params, ctx)
+        result = reader.read(conn, params, replica_state)
     assert result["entities"] == [] and result["paging_info"]["entity_count"] == 0
 
 
@@ -93,11 +93,11 @@ def test_budget_stops_raw_sql_too(service: CacheService) -> None:
 def test_connection_is_clean_after_a_stopped_read(service: CacheService) -> None:
     """The progress handler / statement_timeout of a stopped read does not stick to the pooled connection."""
     with service.store.engine.connect() as conn:
-        ctx = ReadContext(service.store.primed_fields(conn))
+        replica_state = ReplicaState(service.store.primed_fields(conn))
         with pytest.raises(Passthrough):
-            service.engine.read(conn, args(slow_filters()), ctx, ReadBudget(BUDGET))
+            service.reader.read(conn, args(slow_filters()), replica_state, ReadBudget(BUDGET))
     with service.store.engine.connect() as conn:
-        result = service.engine.read(conn, args(slow_filters()), ctx)
+        result = service.reader.read(conn, args(slow_filters()), replica_state)
     assert result["entities"] == []
 
 
@@ -156,7 +156,7 @@ def test_stale_and_fresh_are_logged_once_per_change(db_url: str, caplog: pytest.
         stamp = (datetime.now(UTC) - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
         with store.engine.begin() as conn:
             store.set_state(conn, "ingester_heartbeat", stamp)
-        svc._ctx = None  # as after CONTEXT_TTL
+        svc._cached_state = None  # as after REPLICA_STATE_TTL
 
     def lines(word: str) -> list[logging.LogRecord]:
         return [r for r in caplog.records if f"replica {word}" in r.getMessage()]
@@ -181,20 +181,20 @@ def test_stale_and_fresh_are_logged_once_per_change(db_url: str, caplog: pytest.
 
 
 def test_a_slow_request_repeated_passes_without_touching_the_database(service: CacheService) -> None:
-    engine = service.engine
+    reader = service.reader
     with service.store.engine.connect() as conn:
-        ctx = ReadContext(service.store.primed_fields(conn))
+        replica_state = ReplicaState(service.store.primed_fields(conn))
         with pytest.raises(Passthrough) as first:
-            engine.read(conn, args(slow_filters()), ctx, ReadBudget(BUDGET))
+            reader.read(conn, args(slow_filters()), replica_state, ReadBudget(BUDGET))
         assert isinstance(first.value.__cause__, sa.exc.DBAPIError)
         budget = ReadBudget(BUDGET)
         with pytest.raises(Passthrough) as again:
-            engine.read(conn, args(slow_filters()), ctx, budget)
+            reader.read(conn, args(slow_filters()), replica_state, budget)
         assert again.value.reason == "slow-read" and "recently" in again.value.detail
         assert not budget.spent  # it never ran
         # another request is not affected, and the memory expires
-        assert engine.read(conn, SMALL, ctx, ReadBudget(5.0))["entities"][0]["id"] == 7
-        engine._slow.clear()
+        assert reader.read(conn, SMALL, replica_state, ReadBudget(5.0))["entities"][0]["id"] == 7
+        reader._slow.clear()
         with pytest.raises(Passthrough) as later:
-            engine.read(conn, args(slow_filters()), ctx, ReadBudget(BUDGET))
+            reader.read(conn, args(slow_filters()), replica_state, ReadBudget(BUDGET))
         assert isinstance(later.value.__cause__, sa.exc.DBAPIError)

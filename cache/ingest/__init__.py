@@ -48,7 +48,8 @@ Modules: ``poll`` (:class:`Ingester`: the loop, a poll, the sweep), ``batch`` (a
 transaction), ``apply`` (one event), ``gaps`` (cursor, gaps, floor), ``sgclock``, ``fetch``
 (the fetch queue's reader; the queue itself is cache/fetchqueue.py), ``schemarefresh``,
 ``leader``, ``replay`` (``scripts/reprocess``), ``eventwire`` (what an event is on the
-wire), ``config``, and ``eventlog`` (the proxy's rule for reads of EventLogEntry). They all
+wire), and ``config``. (The read side of the cursor contract, which EventLogEntry reads the proxy may
+answer, is cache/read/eventlog.py.) They all
 log as ``sgcache.events``, the ingester's logger name from before it was a package.
 """
 

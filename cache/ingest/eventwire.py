@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..store import Store
-from ..wire import Key, is_link
+from ..wire import EVENT_TYPE, Key, is_link
 
 #: The event fields every poll reads (cached EventLogEntry fields are added).
 EVENT_FIELDS = ["id", "event_type", "attribute_name", "meta", "entity", "project", "user",
@@ -24,7 +24,6 @@ EVENT_FIELDS = ["id", "event_type", "attribute_name", "meta", "entity", "project
 DEEP_FIELDS = ("updated_at", "updated_by")
 ACTIONS = ("New", "Change", "Retirement", "Revival")
 SCHEMA_TYPE = "DisplayColumn"
-EVENT_TYPE = "EventLogEntry"
 RETIREMENT_FIELD = "retirement_date"
 #: Ids per ``id in [...]`` read from SG (fetches, sweeps, field re-reads).
 FETCH_CHUNK = 500

@@ -2,7 +2,7 @@
 
 The ingester writes every event it applies as an EventLogEntry row, in the poll's transaction,
 and moves ``event_cursor`` with it: every event id at or below the cursor is in the replica
-(or was given up as a gap, see cache/ingest/gaps.py), ids above it may be missing. So a read of
+(or was given up as a gap, see cache/ingest/gaps.py; this module is the read side of that contract), ids above it may be missing. So a read of
 events is answered only when its answer cannot contain an event above the cursor:
 
 - bounded: the top-level ``and`` of the filters (or an ``and`` group inside it) limits ``id``
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import Passthrough
-from .eventwire import EVENT_TYPE
+from ..wire import EVENT_TYPE
 
 __all__ = ["EVENT_TYPE", "check_answer", "check_read", "id_upper_bound"]
 

@@ -1,0 +1,110 @@
+"""The reader: the read engine's entry point, with its plan cache and its memory of slow requests."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from .. import pending
+from ..errors import Passthrough
+from ..store import Store
+from . import eventlog
+from .budget import ReadBudget, SlowRequests
+from .execute import run_plan
+from .limits import MAX_PLAN_KEY, PLAN_CACHE_SIZE, check_size
+from .plan import Plan
+from .planner import plan_read
+from .state import ReplicaState
+
+
+class Reader:
+    """Answers API3 ``read`` requests from a :class:`Store`."""
+
+    def __init__(self, store: Store, plan_cache_size: int = PLAN_CACHE_SIZE):
+        self.store = store
+        self.schema = store.schema
+        # Pipelines repeat the same reads: the same request (same JSON) reuses its plan while the
+        # replica's state (primed fields, pending fetches) is unchanged.
+        self._plans: collections.OrderedDict[str, tuple[Any, Plan]] = collections.OrderedDict()
+        self._plans_lock = threading.Lock()
+        self._plan_cache_size = plan_cache_size
+        self._slow = SlowRequests()  # requests that overran their budget lately
+
+    def read(
+        self, conn: Connection, params: Mapping[str, Any], replica_state: ReplicaState,
+        budget: ReadBudget | None = None, check_pending: bool = False,
+    ) -> dict[str, Any]:
+        """Answer a read; the value of ``results`` in SG's reply.
+
+        With a ``budget``, a read that would cost more passes (``slow-read``), and so does the
+        same request again for :data:`~cache.read.budget.SLOW_MEMORY_SECONDS` (without touching
+        the database). With ``check_pending``, a read touching a pending-write marker
+        (cache/pending.py) passes.
+        """
+        check_size(params)
+        key = _request_key(params)
+        digest = None
+        if budget is not None and key is not None:
+            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+            if self._slow.recent(digest):
+                raise Passthrough("slow-read", "overran its budget recently")
+        plan = self._plan(params, replica_state, key)
+        if check_pending:
+            pending.check_read(conn, self.store.pending, plan.touched)
+        # events above the ingester's cursor may be missing
+        check_page = plan.entity_type == eventlog.EVENT_TYPE and eventlog.check_read(params, replica_state.event_cursor)
+        if budget is None:
+            result = self.execute(conn, plan)
+        else:
+            try:
+                with budget.watching(conn):
+                    result = self.execute(conn, plan, budget)
+            except Passthrough as exc:
+                if exc.reason == "slow-read" and digest is not None:
+                    self._slow.remember(digest)
+                raise
+        if check_page:
+            eventlog.check_answer(params, result, replica_state.event_cursor)  # type: ignore[arg-type]
+        return result
+
+    def plan(self, params: Mapping[str, Any], replica_state: ReplicaState) -> Plan:
+        """Check a read against the schema and build its SQL, or raise Passthrough."""
+        check_size(params)
+        return self._plan(params, replica_state, _request_key(params))
+
+    def execute(self, conn: Connection, plan: Plan, budget: ReadBudget | None = None) -> dict[str, Any]:
+        """Run a plan (each statement within ``budget`` when given)."""
+        return run_plan(conn, self.store, plan, budget)
+
+    def _plan(self, params: Mapping[str, Any], replica_state: ReplicaState, key: str | None) -> Plan:
+        if key is not None and len(key) > MAX_PLAN_KEY:
+            key = None  # a huge request (thousands of ids): not worth keeping
+        fingerprint = replica_state.fingerprint if key is not None else None
+        if key is not None:
+            with self._plans_lock:
+                cached = self._plans.get(key)
+                if cached is not None and cached[0] == fingerprint:
+                    self._plans.move_to_end(key)
+                    return cached[1]
+        plan = plan_read(self.store, params, replica_state)
+        if key is not None:
+            with self._plans_lock:
+                self._plans[key] = (fingerprint, plan)
+                self._plans.move_to_end(key)
+                while len(self._plans) > self._plan_cache_size:
+                    self._plans.popitem(last=False)
+        return plan
+
+
+def _request_key(params: Any) -> str | None:
+    """The request as canonical JSON (None when it is not JSON-able)."""
+    try:
+        return json.dumps(params, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None

@@ -1,0 +1,103 @@
+"""Filter conditions on a field stored in a column: text, numbers, dates, checkboxes.
+
+The rules (case, NULLs, ranges) are docs/semantics.md's; the fake SG follows the same ones.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import fieldtypes
+from ..errors import Passthrough
+from ..schema import FieldSchema
+from .collation import CASE_INSENSITIVE, like_pattern, lower
+from .inlists import in_list
+
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+def filter_value(fschema: FieldSchema, value: Any) -> Any:
+    """A filter value as stored, or Passthrough when its shape is not the field's."""
+    if value is None:
+        return None
+    dt = fschema.data_type
+    if dt == "date" and not (isinstance(value, str) and _DATE_RE.match(value)):
+        raise Passthrough("filter-value", f"date {value!r}"[:60])
+    if dt == "date_time" and not (isinstance(value, str) and _DATETIME_RE.match(value)):
+        raise Passthrough("filter-value", f"date_time {value!r}"[:60])
+    try:
+        return fieldtypes.encode_scalar(dt, value)
+    except ValueError as exc:
+        raise Passthrough("filter-value", str(exc)[:60]) from None
+
+
+def scalar_condition(dialect: str, col: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
+    """``col <relation> values`` for a field of ``fschema``'s type."""
+    ci = fschema.data_type in CASE_INSENSITIVE
+
+    def norm(expr: Any) -> Any:
+        return lower(dialect, expr) if ci else expr
+
+    def lit(v: Any) -> Any:
+        v = filter_value(fschema, v)
+        return v.lower() if ci and isinstance(v, str) else v
+
+    if relation in ("is", "is_not"):
+        if len(values) != 1:
+            raise Passthrough("filter-value", f"{relation} takes one value")
+        value = lit(values[0])
+        if fschema.data_type == "checkbox":
+            if value is None:
+                raise Passthrough("filter-value", "checkbox None")
+            match = col == value
+        elif value is None:
+            match = col.is_(None)
+            return match if relation == "is" else sa.not_(match)
+        else:
+            match = norm(col) == value
+        if relation == "is":
+            return match
+        return sa.or_(col.is_(None), sa.not_(match))
+    if relation in ("in", "not_in"):
+        lits = [lit(v) for v in values]
+        non_null = [v for v in lits if v is not None]
+        storage = fieldtypes.TYPES[fschema.data_type].storage
+        match = in_list(dialect, norm(col), non_null, storage) if non_null else sa.false()
+        if None in lits:
+            match = sa.or_(match, col.is_(None))
+        if relation == "in":
+            return match
+        if None in lits:
+            return sa.not_(match)
+        return sa.or_(col.is_(None), sa.not_(match))
+    if relation in ("contains", "not_contains", "starts_with", "ends_with"):
+        if len(values) != 1 or not isinstance(values[0], str):
+            raise Passthrough("filter-value", relation)
+        match = lower(dialect, col).like(like_pattern(relation, values[0].lower()), escape="\\")
+        if relation == "not_contains":
+            return sa.or_(col.is_(None), sa.not_(match))
+        return sa.and_(col.is_not(None), match)
+    if relation in ("less_than", "greater_than"):
+        if len(values) != 1 or values[0] is None:
+            raise Passthrough("filter-value", relation)
+        value = lit(values[0])
+        return col < value if relation == "less_than" else col > value
+    if relation in ("between", "not_between"):
+        if len(values) != 2 or (values[0] is None and values[1] is None):
+            raise Passthrough("filter-value", relation)
+        lo, hi = lit(values[0]), lit(values[1])
+        parts = []
+        if lo is not None:
+            parts.append(col >= lo)
+        if hi is not None:
+            parts.append(col <= hi)
+        inside = sa.and_(*parts)
+        if relation == "between":
+            return sa.and_(col.is_not(None), inside)
+        # NULL is neither inside nor outside the range (as SQL's NOT BETWEEN; the fake SG agrees)
+        return sa.and_(col.is_not(None), sa.not_(inside))
+    raise Passthrough("operator", relation)
