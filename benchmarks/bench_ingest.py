@@ -29,10 +29,11 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cache.dialect import normalize_url  # noqa: E402
 from cache.ingest import DEEP_FIELDS, IngestConfig, Ingester, NoLock, engine_options  # noqa: E402
 from cache.schema import Schema, parse_rules  # noqa: E402
 from cache.statekeys import EVENT_CURSOR as K_CURSOR  # noqa: E402
-from cache.store import Store, normalize_url  # noqa: E402
+from cache.store import Store  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 
 RULES = REPO / "schema" / "basic-filters.txt"

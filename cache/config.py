@@ -76,7 +76,10 @@ def connect_site(args: Any) -> Any:
 
 def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwargs: Any) -> Any:
     """Open the replica for a script, bound to ``site_url``; exits with one line naming both sites
-    when the replica copies another site (checked before any table is created or migrated)."""
+    when the replica copies another site (checked before any table is created or migrated).
+
+    Every script writes: the store is a writer's (on SQLite each transaction takes the write lock
+    at BEGIN, so none fails upgrading a read lock while another process writes)."""
     from .site import Site, SiteError, SiteMismatch, bind, check
     from .store import Store
 
@@ -84,7 +87,7 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
         site = Site.parse(site_url) if site_url else None
     except SiteError as exc:
         raise SystemExit(f"--site: {exc}") from None
-    store = Store.open(url, schema, create=False, **engine_kwargs)
+    store = Store.open(url, schema, create=False, writer=True, **engine_kwargs)
     try:
         if site is not None:
             check(store, site)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .dialect import dialect_for
 from .wire import Key, chunks
 
 TYPE_LEN = 64
@@ -44,11 +45,10 @@ def put(conn: Connection, table: sa.Table, entries: Mapping[Key, str], now: dt.d
     """Queue entities (``{(type, id): reason}``); one already queued gets the new reason and time."""
     if not entries:
         return
-    from .writes import upsert_stmt  # the write path's upsert (imports this module)
     rows = [{"entity_type": t, "entity_id": i, "reason": reason, "queued_at": now}
             for (t, i), reason in sorted(entries.items())]
-    conn.execute(upsert_stmt(conn.dialect.name, table, ["entity_type", "entity_id"],
-                             ["reason", "queued_at"]), rows)
+    upsert = dialect_for(conn).upsert(table, ["entity_type", "entity_id"], ["reason", "queued_at"])
+    conn.execute(upsert, rows)
 
 
 def remove(conn: Connection, table: sa.Table, keys: Iterable[Key]) -> None:

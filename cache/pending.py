@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import fetchqueue, pairs
+from .dialect import dialect_for
 from .errors import Passthrough
 from .statekeys import PENDING_CAUGHT_UP
 
@@ -50,11 +51,7 @@ def define_table(metadata: sa.MetaData) -> sa.Table:
 
 def db_clock(conn: Connection) -> float:
     """The database server's clock now, in seconds since the epoch (sub-second resolution)."""
-    if conn.dialect.name == "postgresql":
-        expr = sa.text("SELECT extract(epoch FROM clock_timestamp())")
-    else:
-        expr = sa.text("SELECT (julianday('now') - 2440587.5) * 86400.0")
-    return float(conn.execute(expr).scalar_one())
+    return dialect_for(conn).clock(conn)
 
 
 def mark(conn: Connection, table: sa.Table, markers: Iterable[Marker]) -> None:
@@ -63,16 +60,11 @@ def mark(conn: Connection, table: sa.Table, markers: Iterable[Marker]) -> None:
     if not rows:
         return
     at = db_clock(conn)
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table)
+    dialect = dialect_for(conn)
+    stmt = dialect.insert(table)
     # sorted rows: concurrent writers lock the same keys in the same order (no deadlock)
     stmt = stmt.on_conflict_do_update(index_elements=["entity_type", "field_name"],
-                                      set_={"at": sa.func.max(stmt.excluded.at, table.c.at)}
-                                      if conn.dialect.name == "sqlite" else
-                                      {"at": sa.func.greatest(stmt.excluded.at, table.c.at)})
+                                      set_={"at": dialect.greatest(stmt.excluded.at, table.c.at)})
     conn.execute(stmt, [{"entity_type": t, "field_name": f, "at": at} for t, f in rows])
     log.debug("pending-write markers: %s", ", ".join(f"{t}.{f}" for t, f in rows))
 

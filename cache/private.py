@@ -60,20 +60,6 @@ def warn_if_readable(path: str, fd: int | None = None) -> None:
                     path, stat.S_IMODE(mode))
 
 
-def sqlite_path(url: str) -> str | None:
-    """The file of a file-backed SQLite URL, else None (memory, URI filenames, other databases)."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy understands: not ours to judge here
-        return None
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    database = parsed.database
-    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("uri"):
-        return None
-    return os.path.abspath(database)
-
-
 def url_password(url: str) -> str | None:
     """The password in a database URL, if any, as written: everything between ``user:`` and the
     last ``@`` (an unquoted ``/`` or ``@`` in a password stays part of it)."""

@@ -8,30 +8,26 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
-import sqlite3
 import ssl
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from . import __version__, fetchqueue, pending
+from .dialect import classify_error, dialect_for
 from .effects import WriteEffects
 from .errors import Passthrough
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
-from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
+from .read import READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
 from .schema import Schema
 from .statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from .store import Store
 from .wire import parse_wire_dt
-from .writes import WRITE_LOCK_SQL
 
 log = logging.getLogger("sgcache.service")
 
@@ -40,19 +36,9 @@ REPLICA_STATE_TTL = 1.0
 #: Consecutive database failures that open the breaker, and how long it stays open.
 BREAKER_FAILURES = 3
 BREAKER_SECONDS = 5.0
-#: PostgreSQL: give up connecting after this many seconds; cancel statements running longer.
-PG_CONNECT_TIMEOUT = 3
-PG_STATEMENT_TIMEOUT_MS = 10_000
-#: PostgreSQL error codes that mean the replica's tables are not what the schema says.
-_PG_MISSING = {"42P01", "42703", "3F000"}  # undefined table, undefined column, invalid schema
 #: Default ``max_lag``: the ingester's heartbeat is written on every poll, at least every 3 s when
 #: the site is idle (IngestConfig.idle_max); 10 s allows a slow poll or two and the context TTL.
 DEFAULT_MAX_LAG = 10.0
-#: Errors that say one statement was too big for the database (its limits, not its health):
-#: SQLite's messages, PostgreSQL's SQLSTATE class 54 (program limit exceeded).
-_TOO_LARGE_TEXT = ("expression tree is too large", "too many sql variables", "string or blob too big",
-                   "too many terms in compound select", "parser stack overflow", "too many columns",
-                   "too many arguments on function", "too many fts", "at most 64 tables in a join")
 
 
 #: :meth:`CacheService.learn` called without a mark (no ingester check).
@@ -66,17 +52,9 @@ class CacheService:
                  read_budget: float = READ_BUDGET_SECONDS, pairs_path: str | Path | None = None):
         self.schema = Schema.load(schema_path)
         self.pairs = PairRegistry.build(load_pairs_file(pairs_path or DEFAULT_PAIRS_FILE))
-        engine_kwargs: dict[str, Any] = {}
-        if not db_url.startswith("sqlite"):
-            engine_kwargs = {
-                "connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 10,
-                                 "keepalives_interval": 3, "keepalives_count": 3},
-                "pool_timeout": 5,
-            }
         self._secrets = url_secrets(db_url)  # masked in every log line about the database
-        self.store = Store.open(db_url, self.schema, **engine_kwargs)
-        self._sqlite_path = _sqlite_file(self.store.engine)
-        self._watch_engine()
+        self.store = Store.open(db_url, self.schema, **dialect_for(db_url).proxy_engine_options())
+        self._check_replica = self._watch_engine()
         self.reader = Reader(self.store)
         self.max_lag = max_lag
         self.read_budget = read_budget  # seconds; 0: no budget
@@ -94,46 +72,13 @@ class CacheService:
         self.store.dispose()
 
     # -- health ----------------------------------------------------------------------
-    def _watch_engine(self) -> None:
-        """Engine hooks: statement timeout on PostgreSQL; on SQLite, never create a missing replica file."""
-        engine = self.store.engine
-        path = self._sqlite_path
-        if engine.dialect.name == "postgresql":
-
-            @sa.event.listens_for(engine, "connect")
-            def _pg_setup(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute(f"SET statement_timeout = {PG_STATEMENT_TIMEOUT_MS}")
-                cur.close()
-                dbapi_conn.commit()
-
-        elif path is not None:
-
-            def _no_create(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
-                # sqlite3 would make a new empty file where the replica was (renamed, deleted)
-                if not os.path.exists(path):
-                    raise sqlite3.OperationalError(f"replica file {path} is missing")
-
-            for each in {engine, self.store.write_engine}:
-                sa.event.listen(each, "do_connect", _no_create)
-
-            @sa.event.listens_for(engine, "connect")
-            def _remember_file(_dbapi_conn: Any, record: Any) -> None:
-                record.info["sgcache_file"] = _file_id(path)
-
-        engine.dispose()  # connections made before the hooks were in place
+    def _watch_engine(self) -> Callable[[Any], None]:
+        """Engine hooks (PostgreSQL: a statement timeout; SQLite: never create a missing replica
+        file); returns the check that a read's connection still reads the configured replica."""
+        check = self.store.dialect.guard_proxy(self.store.engine, self.store.write_engine)
+        self.store.engine.dispose()  # connections made before the hooks were in place
         self.store.write_engine.dispose()
-
-    def _check_file(self, conn: Any) -> None:
-        """SQLite: an open connection keeps reading a replica file that was moved, deleted or made
-        unreadable; notice it, so the replica at the configured path is the one served."""
-        path = self._sqlite_path
-        if path is None:
-            return
-        now = _file_id(path) if os.access(path, os.R_OK) else None
-        seen = conn.connection.info.setdefault("sgcache_file", now)
-        if now is None or seen != now:
-            raise sqlite3.OperationalError(f"replica file {path} was moved, removed or made unreadable")
+        return check
 
     def _check_breaker(self) -> None:
         """Raise db-backoff while the breaker is open; once it has been open long enough, let one
@@ -148,7 +93,7 @@ class CacheService:
 
     def _db_failed(self, exc: BaseException) -> Passthrough:
         """Record a database failure; the Passthrough to raise for it."""
-        reason, trips = _classify(exc)
+        reason, trips = classify_error(exc)
         if not trips:
             if reason in ("slow-read", "too-large"):  # one request's cost: no warning per request
                 log.info("read %s, passing through: %s", reason, _short(exc))
@@ -190,7 +135,7 @@ class CacheService:
         replica_state = self._cached_state
         if replica_state is not None and now - self._cached_state_at < REPLICA_STATE_TTL:
             return replica_state
-        self._check_file(conn)
+        self._check_replica(conn)
         primed = self.store.primed_fields(conn)
         pending = fetchqueue.queued_types(conn, self.store.fetch_queue)
         beat = self.store.get_state(conn, INGESTER_HEARTBEAT)
@@ -319,8 +264,7 @@ class CacheService:
 
         Read under the write lock (PostgreSQL; SQLite write transactions are serial), so a poll
         either committed before (seen here) or applies its events after this transaction."""
-        if self.store.dialect == "postgresql":
-            conn.exec_driver_sql(WRITE_LOCK_SQL)
+        self.store.dialect.lock_writes(conn)
         return mark is None or int(self.store.get_state(conn, EVENT_HIGH) or 0) != mark
 
     def outcome_unknown(self, method: str, args: Any) -> None:
@@ -469,44 +413,6 @@ def _age_seconds(stamp: Any) -> float | None:
     if when is None:
         return None
     return max(0.0, (datetime.now(UTC).replace(tzinfo=None) - when).total_seconds())
-
-
-def _sqlite_file(engine: Any) -> str | None:
-    """The replica's file for a file-backed SQLite engine, else None."""
-    if engine.dialect.name != "sqlite":
-        return None
-    database = engine.url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return os.path.abspath(database)
-
-
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _classify(exc: BaseException) -> tuple[str, bool]:
-    """(pass reason, whether it counts towards the breaker) for an exception from the replica."""
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).lower()
-    pgcode = getattr(orig, "pgcode", None) or ""
-    if pgcode in _PG_MISSING or "no such table" in text or "no such column" in text:
-        return "missing-table", False  # the replica's tables are not the schema's: passes, the database is fine
-    if pgcode == PG_QUERY_CANCELED:
-        return "slow-read", False  # a statement over its time limit: that request's cost, not the database's health
-    if pgcode.startswith("54") or any(t in text for t in _TOO_LARGE_TEXT):
-        return "too-large", False  # a statement beyond the database's size limits
-    if isinstance(exc, sa.exc.DBAPIError):
-        if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-            return "db-error", True
-        return "db-query-error", False  # this query's trouble (a value out of range, ...), not the database's
-    if isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | sqlite3.Error | OSError | TimeoutError):
-        return "db-error", True
-    return "internal-error", False
 
 
 def _short(exc: BaseException) -> str:

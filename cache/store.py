@@ -22,10 +22,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import StaticPool
 
 from . import fetchqueue, fieldtypes, pairs, pending
-from .private import ensure_private_file, sqlite_path
+from .dialect import Dialect, dialect_for, sequence_key_type
+from .private import ensure_private_file
 from .schema import FieldSchema, Schema
 from .wire import check_link
 from .writes import WriteBatch
@@ -62,68 +62,13 @@ class WriteResult:
             self.to_fetch = (self.to_fetch or []) + other.to_fetch
 
 
-def normalize_url(url: str) -> str:
-    """Use psycopg2 for plain ``postgresql://`` URLs (SQLAlchemy 2.1 would pick psycopg 3)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
-    return url
-
-
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine tuned for the replica: WAL and a busy timeout on SQLite, pre-ping on PostgreSQL."""
-    url = normalize_url(url)
-    if url.startswith("sqlite"):
-        connect_args = {"timeout": 30, "check_same_thread": False}
-        if url in ("sqlite://", "sqlite:///:memory:"):
-            kwargs.setdefault("poolclass", StaticPool)
-        engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_setup(dbapi_conn: Any, _record: Any) -> None:
-            # SG matches text case-insensitively for all of Unicode; SQLite's lower() is ASCII only.
-            # The read engine calls sg_lower() only for values with non-ASCII characters.
-            dbapi_conn.create_function("sg_lower", 1, _py_lower, deterministic=True)
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
-    kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 10)
-    return sa.create_engine(url, **kwargs)
-
-
-def use_immediate_transactions(engine: Engine) -> None:
-    """SQLite: take the write lock at BEGIN, so a write transaction never fails upgrading a
-    read lock while another process writes (WAL gives readers their own snapshot anyway)."""
-    if engine.dialect.name != "sqlite":
-        return
-
-    @sa.event.listens_for(engine, "connect")
-    def _autocommit_driver(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()
-
-
-def _py_lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
-
-
 class Store:
     """The replica's tables for one schema, and the writes into them."""
 
-    def __init__(self, engine: Engine, schema: Schema):
+    def __init__(self, engine: Engine, schema: Schema, *, writer: bool = False):
         self.engine = engine
-        self._write_engine: Engine | None = None
+        self.dialect: Dialect = dialect_for(engine)
+        self._write_engine: Engine | None = engine if writer else None
         self.schema = schema
         self.metadata = sa.MetaData()
         self.tables: dict[str, sa.Table] = {}
@@ -133,17 +78,23 @@ class Store:
             self._build_entity_tables(entity.name, entity.fields)
 
     @classmethod
-    def open(cls, url: str, schema: Schema, create: bool = True, **engine_kwargs: Any) -> Store:
+    def open(cls, url: str, schema: Schema, create: bool = True, *, writer: bool = False,
+             **engine_kwargs: Any) -> Store:
         """Connect to ``url`` and (by default) create or migrate the tables.
+
+        ``writer``: this process writes (the scripts): every transaction of ``engine`` is a write
+        transaction (on SQLite it takes the write lock at BEGIN). The proxy, whose reads must not
+        wait for writers, reads through ``engine`` and writes through :attr:`write_engine`.
 
         A missing SQLite file is created mode 0600 (SQLite would create it anyway, with the
         umask's mode); an existing one keeps its mode, with a warning when others may read it."""
-        if (path := sqlite_path(normalize_url(url))) is not None:
+        dialect = dialect_for(url)
+        if (path := dialect.database_file(url)) is not None:
             try:
                 ensure_private_file(path)
             except OSError as exc:  # SQLite reports the same trouble in its own words
                 log.debug("cannot create %s: %s", path, exc)
-        store = cls(make_engine(url, **engine_kwargs), schema)
+        store = cls(dialect.create_engine(url, writer=writer, **engine_kwargs), schema, writer=writer)
         if create:
             store.create()
         return store
@@ -155,19 +106,11 @@ class Store:
 
     @property
     def write_engine(self) -> Engine:
-        """The engine for write transactions: on SQLite one that begins IMMEDIATE, so a
-        read-then-write transaction cannot fail on a lock upgrade; else the same engine."""
+        """The engine for write transactions (on SQLite one that begins IMMEDIATE, so a
+        read-then-write transaction cannot fail on a lock upgrade)."""
         if self._write_engine is None:
-            if self.dialect == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
-                self._write_engine = make_engine(self.engine.url.render_as_string(hide_password=False))
-                use_immediate_transactions(self._write_engine)
-            else:
-                self._write_engine = self.engine
+            self._write_engine = self.dialect.write_engine(self.engine)
         return self._write_engine
-
-    @property
-    def dialect(self) -> str:
-        return self.engine.dialect.name
 
     # -- table definitions -------------------------------------------------------------
     def _build_meta_tables(self) -> None:
@@ -218,7 +161,7 @@ class Store:
         self.changes = sa.Table(
             "sgcache_changes",
             md,
-            sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+            sa.Column("seq", sequence_key_type(), primary_key=True),
             sa.Column("at", sa.DateTime, nullable=False),
             sa.Column("source", sa.String(16), nullable=False),  # event / scan / proxy / fetch
             sa.Column("event_id", sa.BigInteger),
@@ -402,20 +345,11 @@ class Store:
         self, conn: Connection, table: sa.Table, values: Any, keys: Sequence[str], update: bool = True
     ) -> None:
         """Insert or update rows of ``table`` by primary key ``keys`` (insert-if-absent without ``update``)."""
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
         rows = values if isinstance(values, list) else [values]
         if not rows:
             return
-        stmt = insert(table)
-        update_cols = {c: stmt.excluded[c] for c in rows[0] if c not in keys} if update else {}
-        if update_cols:
-            stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=update_cols)
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-        conn.execute(stmt, rows)
+        update_cols = [c for c in rows[0] if c not in keys] if update else []
+        conn.execute(self.dialect.upsert(table, keys, update_cols), rows)
 
     def batch(self, conn: Connection, source: str = "event") -> WriteBatch:
         """A :class:`~cache.writes.WriteBatch` on ``conn``: the one write path (flush before commit)."""

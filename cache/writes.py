@@ -45,22 +45,6 @@ log = logging.getLogger("sgcache.writes")
 Key = tuple[str, int]
 LinkKey = tuple[str, str, int]  # (type, multi_entity field, parent id)
 CHUNK = 500
-#: PostgreSQL: held by a write transaction from its first flush to its end (see the module docstring).
-WRITE_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext('sgcache-write:' || current_database()"
-                  " || ':' || current_schema()))")
-
-
-def upsert_stmt(dialect: str, table: sa.Table, keys: Sequence[str], update_cols: Iterable[str]) -> Any:
-    """``INSERT .. ON CONFLICT (keys) DO UPDATE SET col = excluded.col`` (DO NOTHING without columns)."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table)
-    cols = [c for c in update_cols if c not in keys]
-    if cols:
-        return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
-    return stmt.on_conflict_do_nothing(index_elements=list(keys))
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -382,8 +366,7 @@ class WriteBatch:
         """Write everything buffered, in the fixed order of the module docstring."""
         if not self.pending():
             return
-        if self.store.dialect == "postgresql":
-            self.conn.exec_driver_sql(WRITE_LOCK_SQL)
+        self.store.dialect.lock_writes(self.conn)  # see the module docstring
         self._flush_rows()
         self._flush_links()
         if self.logs:
@@ -396,7 +379,7 @@ class WriteBatch:
         self.links_orig = {k: dict(v) for k, v in self.links.items()}
 
     def _flush_rows(self) -> None:
-        dialect = self.store.dialect
+        upsert = self.store.dialect.upsert
         keys = sorted(set(self.new) | set(self.dirty))
         for entity_type in sorted({k[0] for k in keys}):
             table = self.store.tables[entity_type]
@@ -412,13 +395,12 @@ class WriteBatch:
                                                                   **{f"p_{c}": v for c, v in cols.items()}}))
             for (kind, cols), rows in _runs(ops):
                 if kind == "upsert":
-                    self.conn.execute(upsert_stmt(dialect, table, ["id"], cols), rows)
+                    self.conn.execute(upsert(table, ["id"], cols), rows)
                 else:
                     self.conn.execute(table.update().where(table.c.id == sa.bindparam("p_id"))
                                       .values({c: sa.bindparam(f"p_{c}") for c in cols}), rows)
 
     def _flush_links(self) -> None:
-        dialect = self.store.dialect
         by_table: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
         for (entity_type, fname, parent) in sorted(self.links):
             current = self.links[(entity_type, fname, parent)]
@@ -438,7 +420,7 @@ class WriteBatch:
                     (table.c.parent_id == sa.bindparam("p_parent")) & (table.c.child_type == sa.bindparam("p_type"))
                     & (table.c.child_id == sa.bindparam("p_id"))), gone)
             if new:
-                self.conn.execute(upsert_stmt(dialect, table, ["parent_id", "child_type", "child_id"], ["pos"]),
+                self.conn.execute(self.store.dialect.upsert(table, ["parent_id", "child_type", "child_id"], ["pos"]),
                                   new)
 
     def _flush_registry(self) -> None:
@@ -480,7 +462,7 @@ class WriteBatch:
                                                               **{f"p_{c}": v for c, v in diff.items()}}))
         for (kind, cols), rows in _runs(ops):
             if kind == "upsert":
-                self.conn.execute(upsert_stmt(self.store.dialect, reg, ["type", "id"], cols), rows)
+                self.conn.execute(self.store.dialect.upsert(reg, ["type", "id"], cols), rows)
             else:
                 self.conn.execute(reg.update().where((reg.c.type == sa.bindparam("p_type"))
                                                      & (reg.c.id == sa.bindparam("p_id")))

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from cache.dialect import normalize_url
 from cache.private import url_password
-from cache.store import normalize_url
 
 from . import secretscan
 from .fakesg import FakeSite

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
+from cache.dialect import sqlite_path
 from cache.ingest import FileLock
-from cache.private import RedactingFilter, ensure_private_file, redact, safe_url, sqlite_path, url_password
+from cache.private import RedactingFilter, ensure_private_file, redact, safe_url, url_password
 from cache.schema import Schema
 from cache.store import Store
 

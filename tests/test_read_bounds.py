@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from cache.dialect import classify_error
 from cache.errors import Passthrough
 from cache.read import ReadBudget, Reader, ReplicaState
 from cache.schema import Schema
-from cache.service import BREAKER_FAILURES, CacheService, _classify
+from cache.service import BREAKER_FAILURES, CacheService
 from cache.store import Store
 
 from .conftest import BASIC_SCHEMA
@@ -80,7 +81,7 @@ def test_budget_stops_a_slow_statement_in_the_database(service: CacheService) ->
 
 def test_budget_stops_raw_sql_too(service: CacheService) -> None:
     """The mechanism alone, on a statement that would run for minutes."""
-    endless = ("SELECT pg_sleep(120)" if service.store.dialect == "postgresql" else
+    endless = ("SELECT pg_sleep(120)" if service.store.dialect.name == "postgresql" else
                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c "
                "WHERE x < 10000000000")
     budget = ReadBudget(BUDGET)
@@ -130,7 +131,7 @@ def test_slow_and_huge_reads_never_open_the_breaker(service: CacheService) -> No
 ])
 def test_classify_sqlite(error: Exception, reason: str, trips: bool) -> None:
     wrapped = sa.exc.OperationalError("SELECT 1", {}, error)
-    assert _classify(wrapped) == (reason, trips)
+    assert classify_error(wrapped) == (reason, trips)
 
 
 def test_classify_postgresql_codes() -> None:
@@ -139,9 +140,9 @@ def test_classify_postgresql_codes() -> None:
             super().__init__(f"pg error {pgcode}")
             self.pgcode = pgcode
 
-    assert _classify(sa.exc.OperationalError("q", {}, PgError("57014"))) == ("slow-read", False)
-    assert _classify(sa.exc.OperationalError("q", {}, PgError("54001"))) == ("too-large", False)
-    assert _classify(sa.exc.OperationalError("q", {}, PgError("08006"))) == ("db-error", True)
+    assert classify_error(sa.exc.OperationalError("q", {}, PgError("57014"))) == ("slow-read", False)
+    assert classify_error(sa.exc.OperationalError("q", {}, PgError("54001"))) == ("too-large", False)
+    assert classify_error(sa.exc.OperationalError("q", {}, PgError("08006"))) == ("db-error", True)
 
 
 def test_stale_and_fresh_are_logged_once_per_change(db_url: str, caplog: pytest.LogCaptureFixture) -> None:

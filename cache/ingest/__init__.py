@@ -55,9 +55,9 @@ log as ``sgcache.events``, the ingester's logger name from before it was a packa
 
 from __future__ import annotations
 
+from ..dialect import FileLock, LeaderLock, LockHeld, NoLock, PgAdvisoryLock, engine_options, leader_lock_for
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import DEEP_FIELDS, EVENT_FIELDS
-from .leader import FileLock, LeaderLock, LockHeld, NoLock, PgAdvisoryLock, engine_options, leader_lock_for
 from .poll import Ingester
 from .replay import replay
 

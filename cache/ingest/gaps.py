@@ -28,7 +28,6 @@ from sqlalchemy.engine import Connection
 from ..statekeys import EVENT_CURSOR, EVENT_FLOOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from ..store import Store
 from ..wire import chunks, iso_now, parse_wire_dt
-from ..writes import upsert_stmt
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, id_ranges
 from .sgclock import SGClock
@@ -43,7 +42,7 @@ def insert_rows(store: Store, conn: Connection, table: sa.Table, keys: Sequence[
                 rows: Sequence[Mapping[str, Any]]) -> None:
     """INSERT many rows, skipping those whose primary key ``keys`` is already there."""
     if rows:
-        conn.execute(upsert_stmt(store.dialect, table, keys, ()), list(rows))
+        conn.execute(store.dialect.upsert(table, keys), list(rows))
 
 
 class EventPosition:

@@ -5,102 +5,26 @@ lifetime, which is also the connection every write of the ingester goes through 
 that lost its session cannot write); on SQLite an OS file lock next to the database file,
 released by the kernel however the process dies; an in-memory SQLite database needs none.
 
-The lock classes and their choice (:func:`leader_lock_for`, :func:`engine_options`) are
-dialect branches; cache/dialect.py is to choose them.
+The lock itself is the database's (:meth:`cache.dialect.Dialect.leader_lock`: the classes live in
+cache/dialect/); this module holds the session that takes it and writes through it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
 import threading
-from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from ..private import open_private
+from ..dialect import LeaderLock
 from ..statekeys import INGESTER_LEADER
 from ..store import Store
 from ..wire import iso_now
 
 log = logging.getLogger("sgcache.events")
-
-
-class LockHeld(RuntimeError):
-    """Another ingester leads and this one may not wait (SQLite)."""
-
-
-class LeaderLock:
-    """Exactly one ingester per replica may write; this is its token."""
-
-    def acquire(self, conn: Connection) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def release(self) -> None:
-        pass
-
-
-class PgAdvisoryLock(LeaderLock):
-    """``pg_try_advisory_lock`` on the ingester's own connection, keyed by database and schema."""
-
-    SQL = ("SELECT pg_try_advisory_lock(hashtext('sgcache-ingest:' || current_database()"
-           " || ':' || current_schema()))")
-
-    def acquire(self, conn: Connection) -> bool:
-        with conn.begin():
-            return bool(conn.exec_driver_sql(self.SQL).scalar())
-
-
-class FileLock(LeaderLock):
-    """An exclusive ``flock`` on ``<db file>.ingest.lock``; refuses at once when taken."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, conn: Connection) -> bool:
-        fd = open_private(self.path)  # mode 0600 when created
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(self.path).read_text(encoding="utf-8", errors="replace").strip() or "?"
-            os.close(fd)
-            raise LockHeld(f"another ingester ({holder}) already runs on this SQLite replica "
-                           f"(lock {self.path}); only one may run on SQLite") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-class NoLock(LeaderLock):
-    """In-memory SQLite: nothing else can reach the database."""
-
-    def acquire(self, conn: Connection) -> bool:
-        return True
-
-
-def leader_lock_for(engine: Engine) -> LeaderLock:
-    if engine.dialect.name == "postgresql":
-        return PgAdvisoryLock()
-    database = engine.url.database
-    if engine.dialect.name == "sqlite" and database and database != ":memory:":
-        return FileLock(Path(database + ".ingest.lock"))
-    return NoLock()
-
-
-def engine_options(url: str) -> dict[str, Any]:
-    """Engine options for the ingester: on psycopg2, batch executemany UPDATEs (fewer round trips)."""
-    return {"executemany_mode": "values_plus_batch"} if url.startswith(("postgresql", "postgres")) else {}
 
 
 class LeaderSession:

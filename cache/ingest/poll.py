@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .. import pending
+from ..dialect import LeaderLock, leader_lock_for
 from ..statekeys import EVENT_CURSOR, EVENT_HIGH
 from ..store import Store, now_utc
 from ..wire import chunks, to_wire
@@ -38,7 +39,7 @@ from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, FETCH_CHUNK, event_fields, id_ranges
 from .fetch import Fetcher
 from .gaps import EventPosition
-from .leader import LeaderLock, LeaderSession, leader_lock_for
+from .leader import LeaderSession
 from .schemarefresh import SchemaRefresh
 from .sgclock import SGClock
 

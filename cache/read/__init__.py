@@ -21,7 +21,7 @@ A read's way through the package, in the order a reader meets it:
 - ``plan.py``: the compiled plan, and one small decoder per return field kind.
 """
 
-from .budget import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget
+from .budget import READ_BUDGET_SECONDS, ReadBudget
 from .limits import (
     MAX_CONDITIONS,
     MAX_FILTER_DEPTH,
@@ -43,7 +43,6 @@ __all__ = [
     "MAX_LINK_TYPES",
     "MAX_OFFSET",
     "MAX_PAGE_SIZE",
-    "PG_QUERY_CANCELED",
     "READ_BUDGET_SECONDS",
     "Plan",
     "ReadBudget",

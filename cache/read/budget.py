@@ -7,11 +7,11 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..dialect import dialect_for
 from ..errors import Passthrough
 
 #: What one read may cost, in seconds from its first statement to its last row (all its statements
@@ -23,10 +23,6 @@ READ_BUDGET_SECONDS = 2.0
 #: this many seconds: a client repeating a slow read costs the database nothing more.
 SLOW_MEMORY_SECONDS = 60.0
 SLOW_MEMORY_SIZE = 1000
-#: SQLite: virtual-machine instructions between two looks at the clock (a hit runs far fewer).
-SQLITE_PROGRESS_STEPS = 200_000
-#: PostgreSQL's SQLSTATE for a statement cancelled (here: by ``statement_timeout``).
-PG_QUERY_CANCELED = "57014"
 
 
 class ReadBudget:
@@ -45,54 +41,35 @@ class ReadBudget:
         return self.deadline - time.monotonic()
 
     def before_statement(self, conn: Connection) -> None:
-        """Raise slow-read when the budget is spent; on PostgreSQL, give the next statement
-        what is left (``SET LOCAL``: it ends with the read's transaction)."""
+        """Raise slow-read when the budget is spent; else let the database stop the next
+        statement when what is left runs out (PostgreSQL: ``SET LOCAL statement_timeout``)."""
         left = self.left()
         if left <= 0:
             self.spent = True
             raise Passthrough("slow-read", f"over {self.seconds:g}s")
-        _limit_next_statement(conn, left)
+        dialect_for(conn).limit_statement(conn, left)
 
     @contextlib.contextmanager
     def watching(self, conn: Connection) -> Iterator[None]:
-        """Stop a SQLite statement that runs past the deadline; turn the database's
-        cancellation of a statement over budget into ``Passthrough("slow-read")``."""
-        raw = _interruptible(conn)
+        """Stop a statement that runs past the deadline (SQLite: a progress handler); turn the
+        database's cancellation of a statement over budget into ``Passthrough("slow-read")``."""
+        dialect = dialect_for(conn)
         self.deadline = time.monotonic() + self.seconds
 
-        def _progress() -> int:
+        def over() -> bool:
             if time.monotonic() > self.deadline:
                 self.spent = True
-                return 1  # sqlite3 raises OperationalError("interrupted")
-            return 0
+            return self.spent
 
-        if raw is not None:
-            raw.set_progress_handler(_progress, SQLITE_PROGRESS_STEPS)
-        try:
-            yield
-        except sa.exc.DBAPIError as exc:
-            if self.spent or getattr(exc.orig, "pgcode", None) == PG_QUERY_CANCELED:
-                self.spent = True
-                conn.rollback()  # PostgreSQL: the cancelled statement aborted the transaction
-                raise Passthrough("slow-read", f"over {self.seconds:g}s") from exc
-            raise
-        finally:
-            if raw is not None:
-                raw.set_progress_handler(None, 0)
-
-
-# dialect: PostgreSQL stops a statement itself (statement_timeout, set per statement);
-# SQLite has no statement timeout: a progress handler interrupts it (see _interruptible).
-def _limit_next_statement(conn: Connection, seconds: float) -> None:
-    """Let the database cancel the next statement after ``seconds`` (PostgreSQL only)."""
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
-
-
-# dialect: only SQLite's driver connection takes a progress handler (PostgreSQL: see above).
-def _interruptible(conn: Connection) -> Any:
-    """The sqlite3 connection under ``conn`` (to install a progress handler on), else None."""
-    return conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        with dialect.interrupting(conn, over):
+            try:
+                yield
+            except sa.exc.DBAPIError as exc:
+                if self.spent or dialect.timed_out(exc):
+                    self.spent = True
+                    conn.rollback()  # PostgreSQL: the cancelled statement aborted the transaction
+                    raise Passthrough("slow-read", f"over {self.seconds:g}s") from exc
+                raise
 
 
 class SlowRequests:

@@ -11,10 +11,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..dialect import Dialect
 from ..errors import Passthrough
 from ..schema import FieldSchema
 from ..store import Store
-from .collation import like_pattern, lower
+from .collation import like_pattern
 from .inlists import link_in
 from .paths import Scope
 
@@ -120,12 +121,12 @@ def _check_names_known(store: Store, fschema: FieldSchema) -> None:
             raise Passthrough("name-filter", f"{fschema.entity_type}.{fschema.name}")
 
 
-def _name_test(dialect: str, relation: str, values: list[Any], name: Any) -> Any:
+def _name_test(dialect: Dialect, relation: str, values: list[Any], name: Any) -> Any:
     """name_* on one linked name (a link whose entity has no name counts as "")."""
     if len(values) != 1 or not isinstance(values[0], str):
         raise Passthrough("filter-value", relation)
     text = values[0].lower()
-    name = sa.func.coalesce(lower(dialect, name), "")
+    name = sa.func.coalesce(dialect.lower(name), "")
     if relation == "name_is":
         return name == text
     pattern = like_pattern(relation, text) if relation.startswith("name_") else None

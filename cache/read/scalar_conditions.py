@@ -11,9 +11,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import fieldtypes
+from ..dialect import Dialect
 from ..errors import Passthrough
 from ..schema import FieldSchema
-from .collation import CASE_INSENSITIVE, like_pattern, lower
+from .collation import CASE_INSENSITIVE, like_pattern
 from .inlists import in_list
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -35,12 +36,12 @@ def filter_value(fschema: FieldSchema, value: Any) -> Any:
         raise Passthrough("filter-value", str(exc)[:60]) from None
 
 
-def scalar_condition(dialect: str, col: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
+def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
     """``col <relation> values`` for a field of ``fschema``'s type."""
     ci = fschema.data_type in CASE_INSENSITIVE
 
     def norm(expr: Any) -> Any:
-        return lower(dialect, expr) if ci else expr
+        return dialect.lower(expr) if ci else expr
 
     def lit(v: Any) -> Any:
         v = filter_value(fschema, v)
@@ -77,7 +78,7 @@ def scalar_condition(dialect: str, col: Any, fschema: FieldSchema, relation: str
     if relation in ("contains", "not_contains", "starts_with", "ends_with"):
         if len(values) != 1 or not isinstance(values[0], str):
             raise Passthrough("filter-value", relation)
-        match = lower(dialect, col).like(like_pattern(relation, values[0].lower()), escape="\\")
+        match = dialect.lower(col).like(like_pattern(relation, values[0].lower()), escape="\\")
         if relation == "not_contains":
             return sa.or_(col.is_(None), sa.not_(match))
         return sa.and_(col.is_not(None), match)

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from .. import fieldtypes
 from ..errors import Passthrough
-from .collation import SORT_LOWER, codepoint_order, lower
+from .collation import SORT_LOWER
 from .limits import MAX_OFFSET, MAX_PAGE_SIZE
 from .paths import PathResolver, Scope
 
@@ -50,15 +50,15 @@ def sort_keys(scope: Scope, paths: PathResolver, sorts: Any) -> list[tuple[Any, 
         if info.storage == "entity":
             # by the linked entity's name, case-insensitively; a nameless entity sorts as ""
             reg = scope.link(alias, fschema.name)
-            expr = sa.case((reg.c.id.is_(None), sa.null()), else_=sa.func.coalesce(lower(dialect, reg.c.name), ""))
+            expr = sa.case((reg.c.id.is_(None), sa.null()), else_=sa.func.coalesce(dialect.lower(reg.c.name), ""))
         elif fschema.data_type in SORT_LOWER:
-            expr = lower(dialect, alias.c[fschema.name])
+            expr = dialect.lower(alias.c[fschema.name])
         elif fschema.data_type == "checkbox":
             expr = sa.func.coalesce(alias.c[fschema.name], False)  # unset (or no linked row) reads false
         else:
             expr = alias.c[fschema.name]
         if info.storage == "entity" or fschema.data_type in SORT_LOWER:
-            expr = codepoint_order(dialect, expr)
+            expr = dialect.codepoint_order(expr)
         order.append((expr, direction))
     order.append((scope.base.c.id, "asc"))
     return order

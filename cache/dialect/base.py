@@ -1,0 +1,132 @@
+"""The interface every database of the replica implements, with what they share."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import Passthrough
+
+#: The storage classes of values a long ``in`` list may hold, with their SQL types.
+BOUND_LIST_TYPES = {"text": sa.Text, "int": sa.BigInteger, "float": sa.Float}
+
+
+class Dialect:
+    """What differs between the replica's databases (one instance per kind of database)."""
+
+    name = ""
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<dialect {self.name}>"
+
+    # -- engines -------------------------------------------------------------------------
+    def create_engine(self, url: str, *, writer: bool = False, **kwargs: Any) -> Engine:
+        """An engine tuned for the replica. ``writer``: the engine of a writing process (the
+        scripts), every transaction of which is a write transaction."""
+        raise NotImplementedError
+
+    def write_engine(self, engine: Engine) -> Engine:
+        """The engine for the write transactions of a process that reads through ``engine``."""
+        return engine
+
+    def proxy_engine_options(self) -> dict[str, Any]:
+        """``create_engine`` options of the proxy, which must fail fast when the database does."""
+        return {}
+
+    def guard_proxy(self, engine: Engine, write_engine: Engine) -> Callable[[Connection], None]:
+        """Install the proxy's engine hooks; returns the check to run on a connection before the
+        replica's state is read from it (it raises when the replica is not the one configured)."""
+        return no_check
+
+    def ingester_engine_options(self) -> dict[str, Any]:
+        """``create_engine`` options for the ingester."""
+        return {}
+
+    def database_file(self, url: str | sa.URL) -> str | None:
+        """The replica's file (absolute path) when the URL names a plain file, else None."""
+        return None
+
+    def leader_lock(self, engine: Engine) -> LeaderLock:
+        """The token an ingester writing through ``engine`` holds (exactly one per replica)."""
+        raise NotImplementedError
+
+    # -- SQL -----------------------------------------------------------------------------
+    def insert(self, table: sa.Table) -> Any:
+        """An ``INSERT`` that supports ``ON CONFLICT``."""
+        raise NotImplementedError
+
+    def upsert(self, table: sa.Table, keys: Sequence[str], update_cols: Iterable[str] = ()) -> Any:
+        """``INSERT .. ON CONFLICT (keys) DO UPDATE SET col = excluded.col`` (DO NOTHING without columns)."""
+        stmt = self.insert(table)
+        cols = [c for c in update_cols if c not in keys]
+        if cols:
+            return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in cols})
+        return stmt.on_conflict_do_nothing(index_elements=list(keys))
+
+    def greatest(self, a: Any, b: Any) -> Any:
+        """The larger of two values, as an SQL expression."""
+        raise NotImplementedError
+
+    def lock_writes(self, conn: Connection) -> None:
+        """Serialize write transactions from here to the end of ``conn``'s transaction."""
+
+    def clock(self, conn: Connection) -> float:
+        """The database server's clock now, in seconds since the epoch (sub-second resolution)."""
+        raise NotImplementedError
+
+    def lower(self, expr: Any) -> Any:
+        """Lower case over all of Unicode, as SG compares text."""
+        return sa.func.lower(expr)
+
+    def codepoint_order(self, expr: Any) -> Any:
+        """``expr``, sorting by code point whatever the database's collation."""
+        return expr
+
+    def bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
+        """``expr IN values`` (no None among them) with the values bound as ONE parameter, so a
+        list of 30,000 values is neither 30,000 parameters nor a deep tree. ``storage``: the
+        values' storage class; one not in :data:`BOUND_LIST_TYPES` passes."""
+        if storage not in BOUND_LIST_TYPES:
+            raise Passthrough("filter-value", f"long in list of {storage}")
+        return self._bound_in(expr, values, storage)
+
+    def _bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
+        raise NotImplementedError
+
+    def limit_statement(self, conn: Connection, seconds: float) -> None:
+        """Have the database stop the next statement on ``conn`` after ``seconds`` (if it can)."""
+
+    @contextlib.contextmanager
+    def interrupting(self, conn: Connection, over: Callable[[], bool]) -> Iterator[None]:
+        """Stop a statement running on ``conn`` once ``over()`` is true (if the database lets a
+        client do so; else :meth:`limit_statement` does it)."""
+        yield
+
+    def timed_out(self, exc: sa.exc.DBAPIError) -> bool:
+        """Whether the database cancelled the statement for running past its time limit."""
+        return False
+
+
+def no_check(_conn: Connection) -> None:
+    """The proxy's check when there is nothing to check."""
+
+
+class LockHeld(RuntimeError):
+    """Another ingester leads and this one may not wait (SQLite)."""
+
+
+class LeaderLock:
+    """Exactly one ingester per replica may write; this is its token."""
+
+    def acquire(self, conn: Connection) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass

@@ -1,0 +1,110 @@
+"""PostgreSQL: one replica shared by several proxies and the ingester over the network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as sa_postgresql
+from sqlalchemy.engine import Connection, Engine
+
+from .base import BOUND_LIST_TYPES, Dialect, LeaderLock, no_check
+
+#: The proxy gives up connecting after this many seconds, and cancels statements running longer.
+CONNECT_TIMEOUT = 3
+STATEMENT_TIMEOUT_MS = 10_000
+#: SQLSTATE of a statement cancelled (here: by ``statement_timeout``).
+QUERY_CANCELED = "57014"
+#: Held by a write transaction from its first flush to its end (cache/writes.py says why).
+WRITE_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext('sgcache-write:' || current_database()"
+                  " || ':' || current_schema()))")
+
+
+def normalize_url(url: str) -> str:
+    """Use psycopg2 for plain ``postgresql://`` URLs (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+class PostgreSQLDialect(Dialect):
+    name = "postgresql"
+
+    def create_engine(self, url: str, *, writer: bool = False, **kwargs: Any) -> Engine:
+        """psycopg2, pre-ping, and a pool for the proxy's threads (``writer`` changes nothing:
+        write transactions serialize their flushes with :meth:`lock_writes`)."""
+        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 10)
+        return sa.create_engine(normalize_url(url), **kwargs)
+
+    def proxy_engine_options(self) -> dict[str, Any]:
+        return {
+            "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 10,
+                             "keepalives_interval": 3, "keepalives_count": 3},
+            "pool_timeout": 5,
+        }
+
+    def guard_proxy(self, engine: Engine, write_engine: Engine) -> Callable[[Connection], None]:
+        """A statement timeout on every connection of the proxy."""
+
+        @sa.event.listens_for(engine, "connect")
+        def _statement_timeout(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            cur.close()
+            dbapi_conn.commit()
+
+        return no_check
+
+    def ingester_engine_options(self) -> dict[str, Any]:
+        """On psycopg2, batch executemany UPDATEs (fewer round trips)."""
+        return {"executemany_mode": "values_plus_batch"}
+
+    def leader_lock(self, engine: Engine) -> LeaderLock:
+        return PgAdvisoryLock()
+
+    def insert(self, table: sa.Table) -> Any:
+        return sa_postgresql.insert(table)
+
+    def greatest(self, a: Any, b: Any) -> Any:
+        return sa.func.greatest(a, b)
+
+    def lock_writes(self, conn: Connection) -> None:
+        """A transaction-level advisory lock, one per database and schema (:data:`WRITE_LOCK_SQL`)."""
+        conn.exec_driver_sql(WRITE_LOCK_SQL)
+
+    def clock(self, conn: Connection) -> float:
+        return float(conn.execute(sa.text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
+
+    def codepoint_order(self, expr: Any) -> Any:
+        """COLLATE "C": a database created with a linguistic locale would order differently
+        (SQLite's collation is binary already)."""
+        return expr.collate("C")
+
+    def _bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
+        """An array compared with ``= ANY``."""
+        array = sa.bindparam(None, values, type_=sa_postgresql.ARRAY(BOUND_LIST_TYPES[storage]()))
+        return expr == sa.any_(array)
+
+    def limit_statement(self, conn: Connection, seconds: float) -> None:
+        """``SET LOCAL statement_timeout``: it ends with the transaction."""
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
+
+    def timed_out(self, exc: sa.exc.DBAPIError) -> bool:
+        return getattr(exc.orig, "pgcode", None) == QUERY_CANCELED
+
+
+class PgAdvisoryLock(LeaderLock):
+    """``pg_try_advisory_lock`` on the ingester's own connection, keyed by database and schema.
+    That session holds it for the process lifetime, and every write goes through that connection
+    (so a leader that lost its session cannot write)."""
+
+    SQL = ("SELECT pg_try_advisory_lock(hashtext('sgcache-ingest:' || current_database()"
+           " || ':' || current_schema()))")
+
+    def acquire(self, conn: Connection) -> bool:
+        with conn.begin():
+            return bool(conn.exec_driver_sql(self.SQL).scalar())

@@ -1,0 +1,332 @@
+"""cache/dialect: each operation of the SQLite/PostgreSQL interface, on the backend under test."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cache import dialect as dialects
+from cache.config import open_bound_store
+from cache.dialect import (
+    POSTGRESQL,
+    SQLITE,
+    FileLock,
+    LockHeld,
+    NoLock,
+    PgAdvisoryLock,
+    classify_error,
+    dialect_for,
+    engine_options,
+    leader_lock_for,
+    normalize_url,
+    sqlite_path,
+)
+from cache.errors import Passthrough
+from cache.schema import Schema
+from cache.store import Store
+
+from .conftest import BASIC_SCHEMA
+
+metadata = sa.MetaData()
+items = sa.Table(
+    "t_items", metadata,
+    sa.Column("k", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.Text),
+    sa.Column("n", sa.Float),
+)
+numbered = sa.Table("t_numbered", metadata, sa.Column("seq", dialects.sequence_key_type(), primary_key=True),
+                    sa.Column("v", sa.Text))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = dialect_for(db_url).create_engine(db_url)
+    metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+def _is_sqlite(backend: str) -> bool:
+    return backend == "sqlite"
+
+
+# -- choosing the dialect ------------------------------------------------------------------
+def test_dialect_for_urls_engines_and_connections(engine: Engine, backend: str) -> None:
+    assert dialect_for("sqlite:///x.db") is SQLITE and dialect_for("sqlite://") is SQLITE
+    for url in ("postgresql://u@h/d", "postgres://u@h/d", "postgresql+psycopg2://u@h/d"):
+        assert dialect_for(url) is POSTGRESQL
+    assert dialect_for(sa.engine.make_url("sqlite://")) is SQLITE
+    expected = SQLITE if _is_sqlite(backend) else POSTGRESQL
+    assert dialect_for(engine) is expected and dialect_for(expected) is expected
+    with engine.connect() as conn:
+        assert dialect_for(conn) is expected
+    with pytest.raises(ValueError, match="unsupported database 'mysql'"):
+        dialect_for("mysql://u@h/d")
+    assert str(expected) == backend and expected.name == backend
+
+
+def test_normalize_url_picks_psycopg2() -> None:
+    assert normalize_url("postgresql://u@h/d") == "postgresql+psycopg2://u@h/d"
+    assert normalize_url("postgres://u@h/d") == "postgresql+psycopg2://u@h/d"
+    assert normalize_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert normalize_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_store_dialect(db_url: str, backend: str) -> None:
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    try:
+        assert store.dialect is dialect_for(db_url) and store.dialect.name == backend
+    finally:
+        store.dispose()
+
+
+# -- engines -------------------------------------------------------------------------------
+def test_database_file_and_sqlite_path(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    assert SQLITE.database_file(f"sqlite:///{path}") == str(path)
+    assert sqlite_path("sqlite:///rel.db") == str(Path("rel.db").resolve())
+    for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file:r.db?mode=ro&uri=true",
+                f"sqlite:///{path}?uri=true", "postgresql://u@h/d", "not a url"):
+        assert sqlite_path(url) is None, url
+    assert POSTGRESQL.database_file("postgresql://u@h/d") is None
+
+
+def test_sqlite_writer_engine_takes_the_write_lock_at_begin(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    reader, writer = SQLITE.create_engine(url), SQLITE.create_engine(url, writer=True)
+    try:
+        metadata.create_all(reader)
+        with writer.connect() as held, held.begin():  # no statement yet: BEGIN IMMEDIATE alone
+            with reader.connect() as other:
+                other.exec_driver_sql("PRAGMA busy_timeout=0")
+                with pytest.raises(sa.exc.OperationalError, match="locked"):
+                    other.execute(items.insert().values(k=1))
+        with reader.connect() as plain, plain.begin():  # a reader's transaction takes no lock
+            plain.execute(sa.select(items)).all()
+            with writer.begin() as w:
+                w.execute(items.insert().values(k=2))
+    finally:
+        reader.dispose()
+        writer.dispose()
+
+
+def test_scripts_open_a_writer_store(tmp_path: Path, db_url: str, backend: str) -> None:
+    """scripts/scan, ingest-events and reprocess open the replica with open_bound_store: on SQLite
+    every transaction of the store's engine begins IMMEDIATE, whatever the script forgets."""
+    store = open_bound_store(db_url, Schema.load(BASIC_SCHEMA), None)
+    try:
+        assert store.write_engine is store.engine
+        if not _is_sqlite(backend):
+            return
+        with store.engine.connect() as held, held.begin():
+            other = SQLITE.create_engine(db_url)
+            try:
+                with other.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA busy_timeout=0")
+                    with pytest.raises(sa.exc.OperationalError, match="locked"):
+                        store.set_state(conn, "probe", 1)
+            finally:
+                other.dispose()
+    finally:
+        store.dispose()
+
+
+def test_write_engine(db_url: str, backend: str) -> None:
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    memory = SQLITE.create_engine("sqlite://")
+    try:
+        if _is_sqlite(backend):
+            assert store.write_engine is not store.engine  # readers keep a lock-free engine
+            with store.write_engine.begin() as conn:
+                store.set_state(conn, "probe", 1)
+        else:
+            assert store.write_engine is store.engine
+        assert SQLITE.write_engine(memory) is memory  # nothing else can reach it
+    finally:
+        store.dispose()
+        memory.dispose()
+
+
+def test_engine_options() -> None:
+    assert engine_options("postgresql://u@h/d") == {"executemany_mode": "values_plus_batch"}
+    assert engine_options("sqlite:///x.db") == {}
+    assert POSTGRESQL.proxy_engine_options()["connect_args"]["connect_timeout"] == 3
+    assert SQLITE.proxy_engine_options() == {}
+
+
+def test_guard_proxy(tmp_path: Path, db_url: str, backend: str) -> None:
+    if not _is_sqlite(backend):
+        engine = POSTGRESQL.create_engine(db_url)
+        try:
+            check = POSTGRESQL.guard_proxy(engine, engine)
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "10s"
+                check(conn)
+        finally:
+            engine.dispose()
+        return
+    path = tmp_path / "guarded.db"
+    url = f"sqlite:///{path}"
+    engine = SQLITE.create_engine(url)
+    write = SQLITE.write_engine(engine)
+    try:
+        metadata.create_all(engine)
+        check = SQLITE.guard_proxy(engine, write)
+        with engine.connect() as conn:
+            check(conn)
+            path.rename(tmp_path / "moved.db")
+            with pytest.raises(sqlite3.OperationalError, match="moved, removed or made unreadable"):
+                check(conn)
+        engine.dispose()
+        write.dispose()
+        for each in (engine, write):
+            with pytest.raises(sa.exc.OperationalError, match="is missing"):
+                each.connect()
+        assert not path.exists()  # never created anew
+    finally:
+        engine.dispose()
+        write.dispose()
+
+
+def test_leader_locks(tmp_path: Path, db_url: str, backend: str) -> None:
+    engine = dialect_for(db_url).create_engine(db_url)
+    try:
+        lock = leader_lock_for(engine)
+        if _is_sqlite(backend):
+            assert isinstance(lock, FileLock) and str(lock.path) == engine.url.database + ".ingest.lock"
+            assert lock.acquire(None)  # type: ignore[arg-type]
+            with pytest.raises(LockHeld, match="only one may run on SQLite"):
+                FileLock(lock.path).acquire(None)  # type: ignore[arg-type]
+            lock.release()
+            assert FileLock(lock.path).acquire(None)  # type: ignore[arg-type]
+        else:
+            assert isinstance(lock, PgAdvisoryLock)
+            with engine.connect() as first, engine.connect() as second:
+                assert lock.acquire(first)
+                assert not PgAdvisoryLock().acquire(second)
+    finally:
+        engine.dispose()
+    memory = SQLITE.create_engine("sqlite://")
+    assert isinstance(leader_lock_for(memory), NoLock)
+    memory.dispose()
+
+
+# -- SQL -----------------------------------------------------------------------------------
+def test_upsert(engine: Engine) -> None:
+    dialect = dialect_for(engine)
+    with engine.begin() as conn:
+        conn.execute(dialect.upsert(items, ["k"], ["name"]), [{"k": 1, "name": "a", "n": 1.0}])
+        conn.execute(dialect.upsert(items, ["k"], ["k", "name"]), [{"k": 1, "name": "b", "n": 2.0},
+                                                                   {"k": 2, "name": "c", "n": 3.0}])
+        conn.execute(dialect.upsert(items, ["k"]), [{"k": 2, "name": "ignored", "n": 9.0},
+                                                    {"k": 3, "name": "d", "n": 4.0}])
+        rows = conn.execute(sa.select(items).order_by(items.c.k)).all()
+    # an update sets the named columns only (n kept); without columns, existing rows stay
+    assert [tuple(r) for r in rows] == [(1, "b", 1.0), (2, "c", 3.0), (3, "d", 4.0)]
+
+
+def test_insert_and_greatest(engine: Engine) -> None:
+    dialect = dialect_for(engine)
+    stmt = dialect.insert(items)
+    stmt = stmt.on_conflict_do_update(index_elements=["k"], set_={"n": dialect.greatest(stmt.excluded.n, items.c.n)})
+    with engine.begin() as conn:
+        for n in (5.0, 3.0, 7.0):
+            conn.execute(stmt, [{"k": 1, "name": "x", "n": n}])
+        assert conn.execute(sa.select(items.c.n)).scalar_one() == 7.0
+
+
+def test_sequence_key(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(numbered.insert(), [{"v": "a"}, {"v": "b"}])
+        assert conn.execute(sa.select(numbered.c.seq).order_by(numbered.c.seq)).scalars().all() == [1, 2]
+
+
+def test_clock(engine: Engine) -> None:
+    with engine.connect() as conn:
+        first = dialect_for(conn).clock(conn)
+        second = dialect_for(conn).clock(conn)
+    assert abs(first - time.time()) < 5 and second >= first
+
+
+def test_lower_and_codepoint_order(engine: Engine) -> None:
+    dialect = dialect_for(engine)
+    words = ["b", "B", "a", "é", "Z", "École", "ÀB"]
+    with engine.begin() as conn:
+        conn.execute(items.insert(), [{"k": i, "name": w} for i, w in enumerate(words)])
+        lowered = conn.execute(sa.select(dialect.lower(items.c.name)).order_by(items.c.k)).scalars().all()
+        ordered = conn.execute(sa.select(items.c.name).order_by(dialect.codepoint_order(items.c.name))).scalars().all()
+    assert lowered == ["b", "b", "a", "é", "z", "école", "àb"]
+    assert ordered == sorted(words)
+
+
+@pytest.mark.parametrize(("storage", "values", "column"), [
+    ("int", list(range(0, 80, 2)), "k"),
+    ("text", [f"n{i}" for i in range(0, 80, 2)], "name"),
+    ("float", [i / 2 for i in range(0, 80, 2)], "n"),
+])
+def test_bound_in(engine: Engine, storage: str, values: list, column: str) -> None:
+    dialect = dialect_for(engine)
+    with engine.begin() as conn:
+        conn.execute(items.insert(), [{"k": i, "name": f"n{i}", "n": i / 2} for i in range(60)])
+        found = conn.execute(sa.select(items.c.k).where(dialect.bound_in(items.c[column], values, storage))
+                             .order_by(items.c.k)).scalars().all()
+    assert found == list(range(0, 60, 2))
+
+
+def test_bound_in_refuses(engine: Engine, backend: str) -> None:
+    dialect = dialect_for(engine)
+    with pytest.raises(Passthrough, match="long in list of json"):
+        dialect.bound_in(items.c.name, ["a"] * 40, "json")
+    if _is_sqlite(backend):
+        with pytest.raises(Passthrough, match="NUL"):
+            dialect.bound_in(items.c.name, ["a\x00"] * 40, "text")
+        with pytest.raises(Passthrough, match="finite"):
+            dialect.bound_in(items.c.n, [math.nan] * 40, "float")
+
+
+def test_lock_writes(engine: Engine, backend: str) -> None:
+    dialect = dialect_for(engine)
+    with engine.connect() as first, first.begin():
+        dialect.lock_writes(first)
+        if _is_sqlite(backend):
+            return  # nothing to take: SQLite writers are serial (BEGIN IMMEDIATE)
+        with engine.connect() as second, second.begin():
+            second.exec_driver_sql("SET LOCAL lock_timeout = '100ms'")
+            with pytest.raises(sa.exc.OperationalError, match="lock timeout"):
+                dialect.lock_writes(second)
+    with engine.connect() as again, again.begin():
+        dialect.lock_writes(again)  # released with the first transaction
+
+
+SLOW_SQL = {"sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c",
+            "postgresql": "SELECT pg_sleep(30)"}
+
+
+def test_a_slow_statement_is_stopped(engine: Engine, backend: str) -> None:
+    dialect = dialect_for(engine)
+    deadline = time.monotonic() + 0.2
+    started = time.monotonic()
+    with engine.connect() as conn:
+        with dialect.interrupting(conn, lambda: time.monotonic() > deadline):
+            conn.begin()
+            dialect.limit_statement(conn, 0.2)
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                conn.exec_driver_sql(SLOW_SQL[backend])
+        conn.rollback()
+        assert dialect.timed_out(caught.value) is (not _is_sqlite(backend))
+        assert classify_error(caught.value)[1] is (_is_sqlite(backend))  # SQLite: "interrupted" (ReadBudget.spent)
+        conn.exec_driver_sql("SELECT 1")  # the handler is gone, the connection usable
+    assert time.monotonic() - started < 10
+
+
+def test_classify_errors_of_the_backend(engine: Engine) -> None:
+    with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as caught:
+        conn.exec_driver_sql("SELECT * FROM no_such_table_here")
+    assert classify_error(caught.value) == ("missing-table", False)
