@@ -31,12 +31,13 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache import api3, upstream  # noqa: E402
+from cache import api3  # noqa: E402
 from cache import site as sitemod  # noqa: E402
 from cache.auth import CredentialCache, site_of  # noqa: E402
 from cache.errors import Passthrough  # noqa: E402
 from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
 from cache.private import install_redaction, redact, safe_url, url_secrets  # noqa: E402
+from cache.proxy import upstream  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.relay import RelayPolicy  # noqa: E402
 from cache.schema import Schema, SchemaError  # noqa: E402
@@ -635,13 +636,7 @@ def _read_encoded(
 
 def _upstream_ssl_context() -> ssl.SSLContext:
     """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
-    if ctx.options.ssl_insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    cafile = ctx.options.ssl_verify_upstream_trusted_ca or None
-    return ssl.create_default_context(cafile=cafile)
+    return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
 
 
 def quick_ack(client_id: str) -> None:

@@ -6,14 +6,12 @@ Everything here is blocking (SQL); the addon calls it from a worker thread.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import sqlite3
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +25,7 @@ from .errors import Passthrough
 from .events import K_HIGH
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
+from .proxy import upstream
 from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
@@ -403,19 +402,14 @@ class CacheService:
             by_type[entity_type].append(entity_id)
         for entity_type, ids in by_type.items():
             fields = self.store.cached_field_names(entity_type)
-            body = json.dumps({"method_name": "read", "params": [dict(auth), {
+            call = {"method_name": "read", "params": [dict(auth), {
                 "type": entity_type, "return_fields": fields, "return_only": "active",
                 "filters": {"logical_operator": "and", "conditions": [
                     {"path": "id", "relation": "in", "values": ids}]},
                 "paging": {"entities_per_page": 500, "current_page": 1},
-                "return_paging_info": False}]}).encode()
-            request = urllib.request.Request(
-                url, data=body, method="POST",
-                headers={"Content-Type": "application/json; charset=utf-8", "User-Agent": f"sgcache/{__version__}"},
-            )
+                "return_paging_info": False}]}
             try:
-                with urllib.request.urlopen(request, timeout=10, context=ssl_context) as response:
-                    reply = json.loads(response.read())
+                reply = upstream.post_json(url, call, ssl_context)
                 records = reply["results"]["entities"]
                 with self.store.write_engine.begin() as conn:
                     if self._ingester_moved(conn, mark):
