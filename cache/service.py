@@ -26,6 +26,7 @@ from .events import K_HIGH
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
 from .proxy import upstream
+from .proxy.metrics import Counters
 from .read import PG_QUERY_CANCELED, READ_BUDGET_SECONDS, ReadBudget, ReadContext, ReadEngine
 from .schema import Schema
 from .store import Store
@@ -78,8 +79,7 @@ class CacheService:
         self.engine = ReadEngine(self.store)
         self.max_lag = max_lag
         self.read_budget = read_budget  # seconds; 0: no budget
-        self.hits = 0
-        self.passes: collections.Counter[str] = collections.Counter()
+        self.counters = Counters()  # what info() reports: hits, passes per reason
         self._lock = threading.Lock()
         self._ctx: ReadContext | None = None
         self._ctx_at = 0.0
@@ -253,11 +253,7 @@ class CacheService:
 
     def count(self, reason: str | None) -> None:
         """Count a hit (reason None) or a pass with its reason."""
-        with self._lock:
-            if reason is None:
-                self.hits += 1
-            else:
-                self.passes[reason] += 1
+        self.counters.count(reason)
 
     # -- writes seen passing by --------------------------------------------------------
     def write_mark(self) -> int | None:
@@ -448,8 +444,7 @@ class CacheService:
                 "version": __version__,
                 "lag_seconds": None if self._lag is None else round(self._lag, 3),
                 "primed_types": primed,
-                "hits": self.hits,
-                "passes": dict(self.passes),
+                **self.counters.snapshot(),
             }
 
 
