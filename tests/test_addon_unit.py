@@ -524,3 +524,21 @@ def test_answers_to_bodies_the_addon_did_not_decode_never_verify(run: Any) -> No
         assert state_of(flow.metadata).pass_reason == "auth-unverified"
 
     run(test)
+
+
+def test_the_flow_state_survives_mitmproxy_saving_and_copying_the_flow(run: Any) -> None:
+    import io
+
+    from mitmproxy import io as mitmio
+
+    async def test(addon: Any, tctx: Any) -> None:
+        flow = api3_flow(call("update", {"type": "Shot", "id": 1, "fields": []}))
+        state = state_of(flow.metadata)
+        state.method, state.args, state.pass_reason, state.write_mark = "update", {"type": "Shot"}, "method", 5
+        saved = io.BytesIO()
+        mitmio.FlowWriter(saved).add(flow)  # mitmdump -w, mitmweb: metadata holds plain values only
+        saved.seek(0)
+        loaded = next(iter(mitmio.FlowReader(saved).stream()))
+        assert state_of(loaded.metadata).write_mark == 5 and state_of(flow.copy().metadata).method == "update"
+
+    run(test)
