@@ -2,24 +2,21 @@
 
     mitmdump -s addons/sgcache.py --set sgcache_db=sqlite:///sgcache.db
 
-The addon is thin: it decodes ``POST .../api3/json``, asks :mod:`cache.service` in a
-worker thread (never on mitmproxy's event loop), and marks every answer with
-``X-SGCache: hit`` or ``X-SGCache: pass; reason=...``.
+The addon is thin: its hooks decode ``POST .../api3/json``, dispatch to the policies in
+:mod:`cache.proxy` (no mitmproxy there; unit-tested without a proxy) and to the replica's
+:mod:`cache.service` in worker threads (never on mitmproxy's event loop), and answer. Every
+answer is marked ``X-SGCache: hit`` or ``X-SGCache: pass; reason=...``. What one flow's hooks
+share is its :class:`~cache.proxy.flowstate.FlowState`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import fnmatch
-import json
 import logging
 import os
-import re
 import socket
 import ssl
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,65 +28,50 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache import api3, upstream  # noqa: E402
-from cache import site as sitemod  # noqa: E402
-from cache.auth import CredentialCache, site_of  # noqa: E402
-from cache.errors import Passthrough  # noqa: E402
-from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file  # noqa: E402
-from cache.private import install_redaction, redact, safe_url, url_secrets  # noqa: E402
+from cache.auth import CredentialCache  # noqa: E402
+from cache.private import install_redaction, url_secrets  # noqa: E402
+from cache.proxy import upstream  # noqa: E402
+from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
+from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
+from cache.proxy.flowstate import state_of  # noqa: E402
+from cache.proxy.guard import RelayGuard  # noqa: E402
+from cache.proxy.outage import never_connected  # noqa: E402
+from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
+from cache.proxy.routing import decrypt_patterns, is_api3  # noqa: E402
+from cache.proxy.sending import Outgoing  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
-from cache.relay import RelayPolicy  # noqa: E402
-from cache.schema import Schema, SchemaError  # noqa: E402
 from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
+from cache.site import Site, SiteError  # noqa: E402
 
 log = logging.getLogger("sgcache")
 
 #: The replica's URL when ``sgcache_db`` is not given: ``SGCACHE_DB`` keeps a password off the command line.
 DEFAULT_DB = "sqlite:///sgcache.db"
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
-WRITE_METHODS = {"create", "update", "delete", "revive", "batch"}
-HEADER = "X-SGCache"
-#: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
-BIG_BODY = 64 * 1024
-#: A client connection whose read overran the read budget gets this fraction of the budget (never
-#: below SLOW_CLIENT_MIN_BUDGET) for this many seconds: its repeated slow reads then cost a tenth
-#: as much, while its hits (milliseconds) are not affected. Per connection, not per host or
-#: script: the other processes of a farm node using the same script keep the whole budget.
-SLOW_CLIENT_SECONDS = 30.0
-SLOW_CLIENT_FRACTION = 0.1
-SLOW_CLIENT_MIN_BUDGET = 0.05
-#: With the replica unopenable, how often the addon tries again.
-SERVICE_RETRY_SECONDS = 5.0
-#: A read the database has not answered by then goes upstream.
-READ_TIMEOUT = 5.0
-#: After SG failed to answer, requests are served offline for this long before SG is tried again.
-OUTAGE_SECONDS = 10.0
-#: An allow_hosts entry that matches nothing (an empty allow_hosts would decrypt everything).
-NO_HOST = r"\A(?!)"
-#: Upstream statuses that mean the site (or its load balancer) is down, not that one request failed.
-OUTAGE_STATUSES = {502, 503, 504}
+#: Options that re-open the replica when they change.
+REPLICA_OPTIONS = {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs",
+                   "sgcache_site"}
 
 
 class SGCache:
     """Serve cacheable API3 reads locally; learn from writes flowing past."""
 
     def __init__(self) -> None:
-        self.service: CacheService | None = None
-        self._retry_at = 0.0
-        self.credentials = CredentialCache()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="sgcache")
         # writes wait on SG (a big batch can take minutes): never in the replica's pool
         self.write_executor = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="sgcache-w")
-        self.hosts: list[str] = []
-        #: The site named by sgcache_site / SGCACHE_SITE; ``site`` is the one served (it may
-        #: come from the replica when none is configured).
-        self.configured_site: sitemod.Site | None = None
-        self.site: sitemod.Site | None = None
-        self.relay = RelayPolicy(None)
+        self.replica = Replica()  # with the site served: sgcache_site's, else the replica's own
+        self.calls = SiteCalls(self.replica, self.executor, self.write_executor, self._tls, self._apply_site)
+        self.guard = RelayGuard(self.executor, self.replica.count)
         self._warned_no_site = False
-        self.down_until: dict[str, float] = {}
-        self.last_info: dict[str, dict[str, Any]] = {}
-        self.slow_clients: dict[str, float] = {}  # client connection id -> until
+
+    @property
+    def service(self) -> CacheService | None:
+        return self.replica.service
+
+    @property
+    def site(self) -> Site | None:
+        return self.replica.site
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -144,39 +126,27 @@ class SGCache:
         )
 
     def configure(self, updated: set[str]) -> None:
+        options = ctx.options
         if "sgcache_site" in updated:
             try:
-                self.configured_site = (sitemod.Site.parse(ctx.options.sgcache_site)
-                                        if ctx.options.sgcache_site.strip() else None)
-            except sitemod.SiteError as exc:
+                self.replica.configure_site(options.sgcache_site)
+            except SiteError as exc:
                 raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
-            self.site = self.configured_site
         if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
-            self.credentials = CredentialCache(
-                ttl=ctx.options.sgcache_auth_ttl,
-                allow_users=ctx.options.sgcache_allow_users,
-                scripts=ctx.options.sgcache_scripts or None,
-            )
+            self.calls.credentials = CredentialCache(
+                ttl=options.sgcache_auth_ttl, allow_users=options.sgcache_allow_users,
+                scripts=options.sgcache_scripts or None)
+        if "sgcache_offline" in updated:
+            self.calls.offline = options.sgcache_offline
         if "sgcache_db" in updated:
             # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
-            install_redaction(url_secrets(ctx.options.sgcache_db))
-        if updated & {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs", "sgcache_site"}:
-            old, self.service = self.service, None
-            if old is not None:
-                old.close()
-            try:  # a bad schema file is the operator's mistake: refuse it
-                Schema.load(ctx.options.sgcache_schema)
-            except SchemaError as exc:
-                raise exceptions.OptionsError(f"sgcache: {exc}") from exc
+            install_redaction(url_secrets(options.sgcache_db))
+        if updated & REPLICA_OPTIONS:
+            replica_options = ReplicaOptions(options.sgcache_db, options.sgcache_schema, options.sgcache_max_lag,
+                                             max(0, options.sgcache_read_budget) / 1000, options.sgcache_pairs or None)
             try:
-                load_pairs_file(ctx.options.sgcache_pairs or DEFAULT_PAIRS_FILE)
-            except PairsError as exc:
-                raise exceptions.OptionsError(f"sgcache: {exc}") from exc
-            self._retry_at = 0.0
-            self.site = self.configured_site  # a site learnt from the previous replica is not this one's
-            try:
-                self._open_service(strict=True)
-            except sitemod.SiteMismatch as exc:  # the wrong replica: refuse to start
+                self.replica.reopen(replica_options)
+            except Refused as exc:  # a bad schema or pairs file, or the wrong replica
                 raise exceptions.OptionsError(f"sgcache: {exc}") from exc
         if updated & {"sgcache_site", "sgcache_hosts", "sgcache_allow_connect", "sgcache_db"}:
             self._apply_site()
@@ -184,70 +154,16 @@ class SGCache:
     def _apply_site(self) -> None:
         """Decrypt the site's host plus ``sgcache_hosts``; rebuild the relay policy."""
         site = self.site
-        self.hosts = [h.lower() for h in ctx.options.sgcache_hosts]
-        regexes = [_host_regex(h) for h in self.hosts]
-        if site is not None:
-            regexes.insert(0, f"^{re.escape(site.host)}:{site.port}$")
         # Only these are decrypted; other CONNECT tunnels pass through untouched.
-        ctx.options.update(allow_hosts=regexes or [NO_HOST])
+        ctx.options.update(allow_hosts=decrypt_patterns(site, ctx.options.sgcache_hosts))
         try:
-            self.relay = RelayPolicy(site, ctx.options.sgcache_allow_connect)
+            self.guard.configure(site, ctx.options.sgcache_allow_connect)
         except ValueError as exc:
             raise exceptions.OptionsError(str(exc)) from exc
         if site is None and not self._warned_no_site:
             self._warned_no_site = True
             log.warning("sgcache: no SG site known (set sgcache_site or SGCACHE_SITE, or prime the replica "
                         "with scripts/scan): every request passes (reason=no-site)")
-
-    def _open_service(self, strict: bool = False) -> CacheService | None:
-        """Open the replica; when the database is down, pass everything and retry later (fail open).
-
-        The replica must copy the configured site: a mismatch raises :class:`SiteMismatch` when
-        ``strict`` (start-up), else it is logged and the replica is not used."""
-        try:
-            service = CacheService(ctx.options.sgcache_db, ctx.options.sgcache_schema, ctx.options.sgcache_max_lag,
-                                   max(0, ctx.options.sgcache_read_budget) / 1000,
-                                   pairs_path=ctx.options.sgcache_pairs or None)
-        except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
-            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
-            # a warning, not an error: mitmdump exits on an error logged during start-up
-            log.warning("sgcache: cannot open the replica %s (%s); passing everything through, retrying in %.0fs",
-                        _safe_url(ctx.options.sgcache_db),
-                        redact(f"{type(exc).__name__}: {exc}", url_secrets(ctx.options.sgcache_db)),
-                        SERVICE_RETRY_SECONDS)
-            return None
-        try:
-            site = sitemod.resolve(service.store, self.configured_site)
-        except sitemod.SiteMismatch as exc:
-            service.close()
-            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
-            if strict:
-                raise
-            log.error("sgcache: %s; passing everything through", exc)
-            return None
-        except Exception as exc:  # noqa: BLE001 - database trouble: fail open, try again later
-            service.close()
-            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
-            log.warning("sgcache: cannot read the replica's site %s (%s); passing everything through, "
-                        "retrying in %.0fs", _safe_url(ctx.options.sgcache_db), exc, SERVICE_RETRY_SECONDS)
-            return None
-        if site is not None and self.configured_site is None:
-            log.info("sgcache: no sgcache_site set: serving the site stored in the replica, %s", site)
-        self.site = site
-        self.service = service
-        log.info("sgcache: replica %s of %s, schema %s", _safe_url(ctx.options.sgcache_db),
-                 site or "no site yet", ctx.options.sgcache_schema)
-        return self.service
-
-    async def _current_service(self) -> CacheService | None:
-        """The service, re-trying to open it (off the event loop) once its back-off has passed."""
-        if self.service is None and time.monotonic() >= self._retry_at:
-            self._retry_at = time.monotonic() + SERVICE_RETRY_SECONDS
-            known = self.site
-            await asyncio.get_running_loop().run_in_executor(self.executor, self._open_service)
-            if self.site != known:  # learnt from the replica: decrypt its host from now on
-                self._apply_site()
-        return self.service
 
     def running(self) -> None:
         # Answering locally must not need an upstream connection (eager would also fail the
@@ -258,20 +174,14 @@ class SGCache:
     def done(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.write_executor.shutdown(wait=False, cancel_futures=True)
-        if self.service is not None:
-            self.service.close()
+        self.replica.close()
 
-    # -- hooks ---------------------------------------------------------------------------
+    # -- hooks: where clients may make the proxy connect (cache/proxy/guard.py) -------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """Tunnel only where the relay policy allows (the site, port 443 of non-local hosts, ...)."""
-        if not _relaying(flow):
-            return
-        r = flow.request
-        if self.site is not None and self.site.is_host(r.host, r.port):
-            return  # the site: no trip to a worker thread
-        decision = await asyncio.get_running_loop().run_in_executor(self.executor, self.relay.connect, r.host, r.port)
-        if not decision.allowed:
-            self._refuse_relay(flow, f"CONNECT {_hostport(r.host, r.port)}", decision.reason)
+        if _client_chose_destination(flow.client_conn):
+            r = flow.request
+            self._respond(flow, await self.guard.connect(r.host, r.port, _peer(flow), state_of(flow.metadata)))
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Refuse destinations the relay policy forbids; acknowledge an API3 header segment at once.
@@ -280,400 +190,134 @@ class SGCache:
         on; if the proxy delays its ACK (Linux: up to 40 ms) every call pays that wait.
         """
         r = flow.request
-        if _relaying(flow) and not (self.site is not None and self.site.matches(r.scheme, r.host, r.port)):
-            decision = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.relay.request, r.scheme, r.host, r.port)
-            if not decision.allowed:
-                self._refuse_relay(flow, f"{r.method} {r.scheme}://{_hostport(r.host, r.port)}", decision.reason)
+        if _client_chose_destination(flow.client_conn):
+            refusal = await self.guard.request(r.method, r.scheme, r.host, r.port, _peer(flow), state_of(flow.metadata))
+            if refusal is not None:
+                self._respond(flow, refusal)
                 return
-        if self._is_sg_api3(flow):
+        if self._is_site_api3(flow):
             quick_ack(flow.client_conn.id)
             flow.request.stream = False  # the body must be read to be answered locally
 
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
-        client, server = data.client, data.server
-        if type(getattr(client, "proxy_mode", None)).__name__ != "RegularMode" or server.address is None:
-            return
-        host, port = server.address[0], server.address[1]
-        if self.site is not None and self.site.is_host(host, port):
-            return
-        loop = asyncio.get_running_loop()
-        tunnel = await loop.run_in_executor(self.executor, self.relay.connect, host, port)
-        if tunnel.allowed:
-            return
-        plain = await loop.run_in_executor(self.executor, self.relay.request,
-                                           "https" if server.tls else "http", host, port)
-        if not plain.allowed:
-            log.warning("sgcache: refused a connection to %s: %s", _hostport(host, port), plain.reason)
-            server.error = f"sgcache: {_hostport(host, port)} refused: {plain.reason}"
+        server = data.server
+        if _client_chose_destination(data.client) and server.address is not None:
+            refused = await self.guard.upstream(server.address[0], server.address[1], bool(server.tls))
+            if refused is not None:
+                server.error = refused
 
     def server_connected(self, data: Any) -> None:
         """Drop a connection whose name resolved to a local address after it was checked (DNS rebinding)."""
         server = data.server
-        if type(getattr(data.client, "proxy_mode", None)).__name__ != "RegularMode":
+        if not _client_chose_destination(data.client) or server.address is None or not server.peername:
             return
-        if server.address is None or not server.peername:
-            return
-        reason = self.relay.peer_refused(server.address[0], server.address[1], str(server.peername[0]))
-        if reason is not None:
-            log.warning("sgcache: dropped the connection to %s: %s",
-                        _hostport(server.address[0], server.address[1]), reason)
-            _close_server(data.client.id, server)
+        if self.guard.peer_refused(server.address[0], server.address[1], str(server.peername[0])):
+            try:
+                _transport_writer(data.client.id, server).close()
+            except Exception:  # noqa: BLE001 - mitmproxy internals moved: say so loudly
+                log.error("sgcache: could not drop the connection to %s", server.address, exc_info=True)
 
-    def _refuse_relay(self, flow: http.HTTPFlow, what: str, reason: str) -> None:
-        """Answer 403 with a one-line reason, and log it."""
-        peer = flow.client_conn.peername
-        log.warning("sgcache: refused %s from %s: %s", what, peer[0] if peer else "?", reason)
-        flow.metadata["sgcache_refused"] = reason
-        if self.service is not None:
-            self.service.count("relay-refused")
-        flow.response = http.Response.make(
-            403, f"sgcache: {what} refused: {reason}\n".encode(),
-            {"Content-Type": "text/plain; charset=utf-8", HEADER: "pass; reason=relay-refused"},
-        )
-
+    # -- hooks: API3 calls to the site ---------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not _is_api3(flow):
-            return
-        if self.site is None:
-            await self._current_service()  # a replica that opens late may name the site
-        if not self._is_sg_api3(flow):
-            # another host's API3 (or no site known): SG's answer, untouched; nothing learnt
-            self._mark_pass(flow, "other-site" if self.site is not None else "no-site")
-            return
-        encoding = flow.request.headers.get("content-encoding", "").strip().lower()
-        if encoding not in ("", "identity"):
-            # shotgun_api3 never compresses a request; what SG makes of one is SG's business
-            self._mark_pass(flow, "content-encoding")
-            return
-        body = flow.request.raw_content or b""
-        if len(body) > BIG_BODY:  # decoding a huge body would stall every other client's request
-            req = await asyncio.get_running_loop().run_in_executor(self.executor, api3.decode_request, body)
-        else:
-            req = api3.decode_request(body)
-        if req is None:
-            self._mark_pass(flow, "not-api3")
-            return
-        flow.metadata["sgcache_method"] = req.method
-        flow.metadata["sgcache_auth"] = req.auth
-        flow.metadata["sgcache_args"] = req.args
-        if self._sg_down(flow):
-            await self._answer_offline(flow, req)
-            return
-        if req.method in WRITE_METHODS:
-            await self._send_write(flow, req.method)
-            return
-        if req.method != "read":
-            self._mark_pass(flow, "method")
-            return
-        reason = self._auth_reason(flow, req.auth)
-        if reason is None:
-            reason = await self._answer(flow, req.args)
-        if reason is not None:
-            self._mark_pass(flow, reason)
-
-    async def _send_write(self, flow: http.HTTPFlow, method: str) -> None:
-        """Send a write to SG once, on a connection of its own.
-
-        Relayed by mitmproxy, a write whose SG connection broke after sending would get
-        mitmproxy's 502, and shotgun_api3 re-sends on 502: the write could be applied twice.
-        Here a lost answer becomes an error in SG's envelope instead, which no client re-sends.
-        """
         r = flow.request
-        context = _upstream_ssl_context() if r.scheme == "https" else None
-        if self.service is not None:  # where the ingester stood before SG saw the write (see learn)
-            flow.metadata["sgcache_write_mark"] = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.service.write_mark)
-        try:
-            reply = await asyncio.get_running_loop().run_in_executor(
-                self.write_executor, upstream.send_once, r.scheme, r.host, r.port, r.path,
-                list(r.headers.items(multi=True)), r.raw_content or b"", context,
-            )
-        except upstream.NotSent as exc:
-            self._note_outage(flow, str(exc))
-            self._refuse(flow, f"sgcache: the SG site {r.host} cannot be reached; {method} was not sent",
-                         "sg-unreachable")
+        if flow.response is not None or not is_api3(r.method, r.path):
             return
-        except Exception as exc:  # noqa: BLE001 - OutcomeUnknown, or a bug: never a re-send either way
-            if not isinstance(exc, upstream.OutcomeUnknown):
-                log.exception("unexpected error sending a %s", method)
-            log.warning("%s sent to %s but no answer came back: %s", method, r.host, exc)
-            if self.service is not None:  # it may have been applied: its effects are unknown
-                await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.service.outcome_unknown, method, flow.metadata.get("sgcache_args"))
-            self._refuse(
-                flow,
-                f"sgcache: the connection to SG broke after the {method} was sent; it may have been "
-                "applied. Check before retrying.",
-                "outcome-unknown",
-            )
+        state = state_of(flow.metadata)
+        if self.site is None:
+            await self.calls.service()  # a replica that opens late may name the site
+        if not self._is_site_api3(flow):
+            # another host's API3 (or no site known): SG's answer, untouched; nothing learnt
+            self.calls.passes(state, "other-site" if self.site is not None else "no-site")
             return
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
-        flow.response = http.Response.make(reply.status, reply.body, headers)
-        flow.response.reason = reply.reason
-        flow.metadata["sgcache_from_sg"] = True  # SG's own answer, relayed by the addon
-        self._mark_pass(flow, "method")  # SG's answer: the response hook learns from it
-
-    def _refuse(self, flow: http.HTTPFlow, message: str, reason: str) -> None:
-        """Answer with SG's error envelope (HTTP 200: the client raises it, never re-sends it)."""
-        flow.metadata["sgcache_hit"] = True  # a local answer: nothing to learn from it
-        flow.response = http.Response.make(
-            200, api3.encode_error(message),
-            {"Content-Type": "application/json; charset=utf-8", HEADER: f"pass; reason={reason}"},
-        )
-        if self.service is not None:
-            self.service.count(reason)
-
-    def _auth_reason(self, flow: http.HTTPFlow, auth: Any) -> str | None:
-        """Why this request's credentials may not be served from the cache (None: they may)."""
-        return self.credentials.reason(_site(flow), auth)
-
-    # -- SG unreachable ------------------------------------------------------------------
-    def _sg_down(self, flow: http.HTTPFlow) -> bool:
-        until = self.down_until.get(flow.request.host)
-        if until is None:
-            return False
-        if time.monotonic() < until and ctx.options.sgcache_offline:
-            return True
-        del self.down_until[flow.request.host]  # time to try SG again
-        return False
-
-    def _note_outage(self, flow: http.HTTPFlow, why: str) -> None:
-        if flow.request.host not in self.down_until:
-            log.warning("SG at %s unreachable (%s): serving offline for %.0fs", flow.request.host, why, OUTAGE_SECONDS)
-        self.down_until[flow.request.host] = time.monotonic() + OUTAGE_SECONDS
-
-    async def _answer_offline(self, flow: http.HTTPFlow, req: api3.Api3Request) -> None:
-        """SG is down: serve what the replica can (marked stale), refuse writes in SG's envelope."""
-        if req.method == "read":
-            # Offline, only credentials SG accepted before are served (the TTL still applies).
-            if self._auth_reason(flow, req.auth) is None:
-                if await self._answer(flow, req.args, offline=True) is None:
-                    return
-        elif req.method == "info" and flow.request.host in self.last_info and self.service is not None:
-            info = dict(self.last_info[flow.request.host])
-            info["sgcache"] = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.info)
-            info["sgcache"]["offline"] = True
-            flow.response = http.Response.make(
-                200, json.dumps(info).encode(), {"Content-Type": "application/json; charset=utf-8",
-                                                  HEADER: "hit; stale"})
-            flow.metadata["sgcache_hit"] = True
-            return
-        self._refuse(flow, f"sgcache: the SG site {flow.request.host} cannot be reached; {req.method} was not sent",
-                     "sg-unreachable")
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        """SG could not be reached (refused, DNS, TLS): go offline for a while.
-
-        A connection SG accepted and then dropped is that request's failure, not an outage:
-        one hostile body must not switch the proxy to offline answers for everybody.
-        """
-        if "sgcache_method" not in flow.metadata or flow.response is not None or flow.error is None:
-            return
-        server = flow.server_conn
-        if server.timestamp_tcp_setup is None or (server.tls and server.timestamp_tls_setup is None):
-            self._note_outage(flow, flow.error.msg)
-        else:
-            log.info("SG dropped a %s request: %s", flow.metadata["sgcache_method"], flow.error.msg)
-
-    async def _answer(self, flow: http.HTTPFlow, args: Any, offline: bool = False) -> str | None:
-        service = await self._current_service()
-        if service is None:
-            return "no-replica"
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        began: list[float] = []  # set by the worker: an empty list means the read never left the queue
-        client = flow.client_conn.id
-        budget = None
-        if self.slow_clients.get(client, 0.0) > time.monotonic():
-            budget = max(service.read_budget * SLOW_CLIENT_FRACTION, min(service.read_budget, SLOW_CLIENT_MIN_BUDGET))
-        try:
-            body = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, _read_encoded, service, args, offline, began, budget),
-                READ_TIMEOUT,
-            )
-        except Passthrough as exc:
-            if exc.detail:
-                log.debug("pass %s: %s", exc.reason, exc.detail)
-            if exc.reason == "slow-read" and "recently" not in exc.detail:
-                self._note_slow_client(client)
-            return exc.reason
-        except TimeoutError:
-            if not began:
-                # every worker busy: this request's wait, not a sign the database is down
-                log.info("no worker free for a read in %.0fs; passing through", READ_TIMEOUT)
-                return "busy"
-            log.warning("replica too slow; passing through")
-            service.note_timeout()
-            return "db-timeout"
-        except Exception:  # noqa: BLE001 - fail open, never a traceback to the client
-            log.exception("unexpected error answering a read; passing through")
-            return "internal-error"
-        service.count(None)
-        log.debug("hit in %.2f ms", (time.perf_counter() - started) * 1000)
-        flow.metadata["sgcache_hit"] = True
-        flow.response = http.Response.make(
-            200, body, {"Content-Type": "application/json; charset=utf-8", HEADER: "hit; stale" if offline else "hit"}
-        )
-        return None
-
-    def _note_slow_client(self, client: str) -> None:
-        now = time.monotonic()
-        if len(self.slow_clients) > 10_000:
-            self.slow_clients = {k: v for k, v in self.slow_clients.items() if v > now}
-        self.slow_clients[client] = now + SLOW_CLIENT_SECONDS
-
-    def _mark_pass(self, flow: http.HTTPFlow, reason: str) -> None:
-        flow.metadata["sgcache_pass"] = reason
-        if self.service is not None:
-            self.service.count(reason)
+        outcome = await self.calls.request(_call(flow), state)
+        if isinstance(outcome, Answer):
+            self._respond(flow, outcome)
+        elif outcome is not None:  # SG's reply to a write the proxy sent itself
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in outcome.headers]
+            flow.response = http.Response.make(outcome.status, outcome.body, headers)
+            flow.response.reason = outcome.reason
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get("sgcache_hit") or "sgcache_pass" not in flow.metadata or flow.response is None:
+        state, response = state_of(flow.metadata), flow.response
+        if state.answered_here or state.pass_reason is None or response is None:
             return
-        flow.response.headers[HEADER] = f"pass; reason={flow.metadata['sgcache_pass']}"
-        method = flow.metadata.get("sgcache_method")
-        if method is None:
+        response.headers[HEADER] = pass_header(state.pass_reason)
+        if state.method is None:  # not decoded: SG's answer is all there is
             return
-        if flow.response.status_code in OUTAGE_STATUSES:
-            self._note_outage(flow, f"HTTP {flow.response.status_code}")
-            if method == "read" and ctx.options.sgcache_offline and not self._auth_reason(
-                flow, flow.metadata.get("sgcache_auth")
-            ):
-                await self._answer(flow, flow.metadata.get("sgcache_args"), offline=True)
+        sg = SGAnswer(response.status_code, lambda: response.get_content(strict=False) or b"",
+                      response.headers.get("content-type", ""), flow.is_replay is not None,
+                      flow.server_conn.timestamp_start is not None)
+        outcome = await self.calls.answer(_call(flow), state, sg)
+        if isinstance(outcome, Answer):
+            self._respond(flow, outcome)
+        elif outcome is not None:
+            response.set_content(outcome)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """SG could not be reached (refused, DNS, TLS): go offline for a while (cache/proxy/outage.py)."""
+        if flow.response is not None or flow.error is None:
             return
-        if flow.response.status_code != 200:
-            return
-        reply = await asyncio.get_running_loop().run_in_executor(
-            self.executor, api3.decode_response, flow.response.get_content(strict=False) or b""
-        )
-        auth = flow.metadata.get("sgcache_auth")
-        if _answered_by_sg(flow):
-            self.credentials.observe(method, _site(flow), auth, reply if _is_json(flow.response) else None)
-        if method == "info" and isinstance(reply, dict) and self.service is not None:
-            await self._add_info(flow, reply)
-        elif method in WRITE_METHODS and isinstance(reply, dict) and "results" in reply and self.service:
-            await self._learn(flow, self.service, method, auth, reply)
+        server = flow.server_conn
+        self.calls.connection_failed(state_of(flow.metadata), flow.request.host, flow.error.msg,
+                                     never_connected(server.timestamp_tcp_setup, bool(server.tls),
+                                                     server.timestamp_tls_setup))
 
-    async def _learn(self, flow: http.HTTPFlow, service: CacheService, method: str, auth: Any,
-                     reply: dict[str, Any]) -> None:
-        """Write SG's answer to a write into the replica; never raises (the ingester brings what is missed)."""
-        args = flow.metadata.get("sgcache_args")
-        loop = asyncio.get_running_loop()
-        try:
-            to_fetch = await loop.run_in_executor(self.executor, service.learn, method, args, reply["results"],
-                                                  flow.metadata.get("sgcache_write_mark"))
-            if to_fetch and auth:
-                # the answer was partial: read the whole rows now, so the writer reads its write
-                url = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}{flow.request.path}"
-                await loop.run_in_executor(
-                    self.executor, service.fetch_rows, url, auth, to_fetch, _upstream_ssl_context()
-                )
-        except Passthrough as exc:
-            log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
-        except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer
-            log.warning("%s answer not recorded (%s); the ingester will bring it", method, type(exc).__name__)
+    # -- helpers ---------------------------------------------------------------------------
+    def _respond(self, flow: http.HTTPFlow, answer: Answer | None) -> None:
+        """Answer the flow with the proxy's own answer (None: no answer, the flow goes on)."""
+        if answer is not None:
+            flow.response = http.Response.make(answer.status, answer.body, answer.headers)
 
-    async def _add_info(self, flow: http.HTTPFlow, reply: dict[str, Any]) -> None:
-        assert self.service is not None
-        extra = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.info)
-        target = reply["results"] if isinstance(reply.get("results"), dict) else reply
-        self.last_info[flow.request.host] = {k: v for k, v in target.items() if k != "sgcache"}
-        target["sgcache"] = extra
-        flow.response.set_content(json.dumps(reply).encode("utf-8"))
-
-
-    def _is_sg_api3(self, flow: http.HTTPFlow) -> bool:
+    def _is_site_api3(self, flow: http.HTTPFlow) -> bool:
         """An API3 call to the site this replica copies (scheme, host, port and Host header)."""
         r = flow.request
-        return (self.site is not None and _is_api3(flow)
+        return (self.site is not None and is_api3(r.method, r.path)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
+    def _tls(self) -> ssl.SSLContext:
+        """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
+        return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
 
-def _is_api3(flow: http.HTTPFlow) -> bool:
-    return flow.request.method == "POST" and flow.request.path.split("?", 1)[0].endswith("/api3/json")
+
+def _call(flow: http.HTTPFlow) -> Call:
+    """The flow's request, as the policies in cache.proxy see it."""
+    r = flow.request
+    return Call(Outgoing(r.scheme, r.host, r.port, r.path, list(r.headers.items(multi=True)), r.raw_content or b""),
+                flow.client_conn.id)
 
 
-def _relaying(flow: http.HTTPFlow) -> bool:
+def _peer(flow: http.HTTPFlow) -> str:
+    """The client's address, for the log."""
+    peer = flow.client_conn.peername
+    return str(peer[0]) if peer else "?"
+
+
+def _client_chose_destination(client: Any) -> bool:
     """Whether the client chose the destination (regular proxy mode): the relay policy applies."""
-    return type(getattr(flow.client_conn, "proxy_mode", None)).__name__ == "RegularMode"
+    return type(getattr(client, "proxy_mode", None)).__name__ == "RegularMode"
 
 
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _transport_writer(client_id: str, server: Any = None) -> Any:
+    """The asyncio writer of a client connection (or of one of its ``server`` connections).
 
-
-def _site(flow: http.HTTPFlow) -> str:
-    """The site a request goes to (scheme, host, port): credentials are verified per site."""
-    return site_of(flow.request.scheme, flow.request.host, flow.request.port)
-
-
-def _answered_by_sg(flow: http.HTTPFlow) -> bool:
-    """Whether the flow's response is SG's own (not made by this addon, a replay or another addon)."""
-    if flow.metadata.get("sgcache_hit") or flow.is_replay is not None:
-        return False
-    return bool(flow.metadata.get("sgcache_from_sg")) or flow.server_conn.timestamp_start is not None
-
-
-def _is_json(response: http.Response) -> bool:
-    """Whether shotgun_api3 decodes this answer as JSON (its content-type test)."""
-    content_type = response.headers.get("content-type", "").strip().lower()
-    return not content_type or content_type.startswith(("application/json", "text/javascript"))
-
-
-def _read_encoded(
-    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
-) -> bytes:
-    """Answer a read and encode SG's envelope, in one trip to a worker thread."""
-    if began is not None:
-        began.append(time.monotonic())
-    if budget is None:
-        return api3.encode_results(service.read(args, offline))
-    return api3.encode_results(service.read(args, offline, budget))
-
-
-def _upstream_ssl_context() -> ssl.SSLContext:
-    """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
-    if ctx.options.ssl_insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    cafile = ctx.options.ssl_verify_upstream_trusted_ca or None
-    return ssl.create_default_context(cafile=cafile)
+    mitmproxy internals: no hook exposes the sockets, so this reaches into the proxyserver
+    addon's connection handlers. The one place that does; it raises when they moved, and
+    every caller fails soft.
+    """
+    handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
+    return handler.transports[handler.client if server is None else server].writer
 
 
 def quick_ack(client_id: str) -> None:
-    """Set TCP_QUICKACK on a client connection's socket (Linux); a pending ACK goes out now."""
+    """Set TCP_QUICKACK on a client connection's socket (Linux): a pending ACK goes out now."""
     option = getattr(socket, "TCP_QUICKACK", None)
     if option is None:
         return
     try:
-        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
-        sock = handler.transports[handler.client].writer.get_extra_info("socket")
-        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+        _transport_writer(client_id).get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, option, 1)
     except Exception:  # noqa: BLE001 - mitmproxy internals moved: only latency is lost
         log.debug("TCP_QUICKACK not set", exc_info=True)
-
-
-def _close_server(client_id: str, server: Any) -> None:
-    """Close an open upstream connection (mitmproxy has no hook result for it)."""
-    try:
-        handler = ctx.master.addons.get("proxyserver").connections.get(client_id)
-        handler.transports[server].writer.close()
-    except Exception:  # noqa: BLE001 - mitmproxy internals moved: say so loudly
-        log.error("sgcache: could not drop the connection to %s", server.address, exc_info=True)
-
-
-def _host_regex(glob: str) -> str:
-    """An allow_hosts regex (matched against ``host:port``) for a host glob."""
-    return "^" + fnmatch.translate(glob.lower()).removeprefix("(?s:").removesuffix(")\\Z") + "(:\\d+)?$"
-
-
-def _safe_url(url: str) -> str:
-    """A database URL without its password, for the log."""
-    return safe_url(url)
 
 
 addons = [SGCache()]

@@ -143,6 +143,14 @@ class RelayPolicy:
             return Decision(True, "the SG site")
         return self._decide(host, port, PLAIN_PORTS.get(scheme.lower(), frozenset()))
 
+    def upstream(self, host: str, port: int, tls: bool) -> Decision:
+        """May the proxy open a connection to ``host:port`` for a client (the last word, whatever
+        the client asked: a tunnel, else a plain request of that scheme)?"""
+        tunnel = self.connect(host, port)
+        if tunnel.allowed:
+            return tunnel
+        return self.request("https" if tls else "http", host, port)
+
     def peer_refused(self, host: str, port: int, peer: str) -> str | None:
         """Why a connection opened to ``host:port`` must be dropped now that it reached ``peer``
         (an IP): a name that resolved to a local address after it was checked (DNS rebinding).

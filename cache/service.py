@@ -6,12 +6,10 @@ Everything here is blocking (SQL); the addon calls it from a worker thread.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +21,8 @@ from .effects import WriteEffects
 from .errors import Passthrough
 from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from .private import redact, url_secrets
+from .proxy import upstream
+from .proxy.metrics import Counters
 from .read import READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
 from .schema import Schema
 from .statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
@@ -58,8 +58,7 @@ class CacheService:
         self.reader = Reader(self.store)
         self.max_lag = max_lag
         self.read_budget = read_budget  # seconds; 0: no budget
-        self.hits = 0
-        self.passes: collections.Counter[str] = collections.Counter()
+        self.counters = Counters()  # what info() reports: hits, passes per reason
         self._lock = threading.Lock()
         self._cached_state: ReplicaState | None = None
         self._cached_state_at = 0.0
@@ -195,11 +194,7 @@ class CacheService:
 
     def count(self, reason: str | None) -> None:
         """Count a hit (reason None) or a pass with its reason."""
-        with self._lock:
-            if reason is None:
-                self.hits += 1
-            else:
-                self.passes[reason] += 1
+        self.counters.count(reason)
 
     # -- writes seen passing by --------------------------------------------------------
     def write_mark(self) -> int | None:
@@ -343,19 +338,14 @@ class CacheService:
             by_type[entity_type].append(entity_id)
         for entity_type, ids in by_type.items():
             fields = self.store.cached_field_names(entity_type)
-            body = json.dumps({"method_name": "read", "params": [dict(auth), {
+            call = {"method_name": "read", "params": [dict(auth), {
                 "type": entity_type, "return_fields": fields, "return_only": "active",
                 "filters": {"logical_operator": "and", "conditions": [
                     {"path": "id", "relation": "in", "values": ids}]},
                 "paging": {"entities_per_page": 500, "current_page": 1},
-                "return_paging_info": False}]}).encode()
-            request = urllib.request.Request(
-                url, data=body, method="POST",
-                headers={"Content-Type": "application/json; charset=utf-8", "User-Agent": f"sgcache/{__version__}"},
-            )
+                "return_paging_info": False}]}
             try:
-                with urllib.request.urlopen(request, timeout=10, context=ssl_context) as response:
-                    reply = json.loads(response.read())
+                reply = upstream.post_json(url, call, ssl_context)
                 records = reply["results"]["entities"]
                 with self.store.write_engine.begin() as conn:
                     if self._ingester_moved(conn, mark):
@@ -394,8 +384,7 @@ class CacheService:
                 "version": __version__,
                 "lag_seconds": None if self._lag is None else round(self._lag, 3),
                 "primed_types": primed,
-                "hits": self.hits,
-                "passes": dict(self.passes),
+                **self.counters.snapshot(),
             }
 
 

@@ -14,6 +14,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from cache.auth import site_of
+from cache.proxy.flowstate import state_of
 
 from .conftest import BASIC_SCHEMA
 from .proxyharness import ADDON
@@ -76,7 +77,7 @@ def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
         flow = api3_flow(call("read", {"type": "Shot"}), host="uploads.s3.amazonaws.com")
         flow.request.path = "/upload"
         await addon.request(flow)
-        assert "sgcache_pass" not in flow.metadata and flow.response is None  # not its business
+        assert state_of(flow.metadata).pass_reason is None and flow.response is None  # not its business
 
     run(test)
 
@@ -103,7 +104,7 @@ def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, sche
             flow.request.headers["Host"] = host_header
         await addon.request(flow)
         assert flow.response is None  # not sent by the addon: mitmproxy relays it untouched
-        assert flow.metadata["sgcache_pass"] == "other-site" and "sgcache_method" not in flow.metadata
+        assert state_of(flow.metadata).pass_reason == "other-site" and state_of(flow.metadata).method is None
         respond(flow, 200, b'{"results": {"type": "Shot", "id": 2, "code": "x"}}')
         await addon.response(flow)
         assert flow.response.headers["X-SGCache"] == "pass; reason=other-site"
@@ -111,7 +112,7 @@ def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, sche
         flow.response = None
         flow.error = tflow.terr("Connection refused")
         addon.error(flow)
-        assert not addon.down_until  # another site being down is not this site's outage
+        assert not addon.calls.outages.down_until  # another site being down is not this site's outage
 
     run(test)
 
@@ -126,7 +127,7 @@ def test_without_a_site_everything_passes(db_url: str) -> None:
                 assert not any(re.search(r, "sg.example.shotgunstudio.com:443") for r in tctx.options.allow_hosts)
                 flow = api3_flow(call("read", {"type": "Shot"}))
                 await addon.request(flow)
-                assert flow.metadata["sgcache_pass"] == "no-site" and flow.response is None
+                assert state_of(flow.metadata).pass_reason == "no-site" and flow.response is None
             finally:
                 addon.done()
 
@@ -196,7 +197,7 @@ def test_passes_are_marked_with_their_reason(run: Any, body: bytes, headers: dic
         flow = api3_flow(body, headers=headers)
         await addon.request(flow)
         assert flow.response is None
-        assert flow.metadata["sgcache_pass"] == reason
+        assert state_of(flow.metadata).pass_reason == reason
         raw = flow.request.raw_content
         respond(flow)
         await addon.response(flow)
@@ -213,20 +214,20 @@ def test_unreachable_sg_means_offline_but_a_dropped_request_does_not(run: Any) -
         flow.server_conn.timestamp_tcp_setup = 1.0  # SG accepted the connection, then dropped this request
         flow.error = tflow.terr("server closed connection")
         addon.error(flow)
-        assert not addon.down_until
+        assert not addon.calls.outages.down_until
 
         flow = api3_flow(call("read", {"type": "Shot"}))
         await addon.request(flow)
         respond(flow, 500, b"oops")  # one request failed: SG is not down
         await addon.response(flow)
-        assert not addon.down_until
+        assert not addon.calls.outages.down_until
 
         flow = api3_flow(call("read", {"type": "Shot"}))
         await addon.request(flow)
         flow.server_conn.timestamp_tcp_setup = None  # never connected: SG is unreachable
         flow.error = tflow.terr("Connection refused")
         addon.error(flow)
-        assert "sg.example.shotgunstudio.com" in addon.down_until
+        assert "sg.example.shotgunstudio.com" in addon.calls.outages.down_until
 
         flow = api3_flow(call("create", {"type": "Shot", "fields": []}))
         await addon.request(flow)  # offline: writes are refused in SG's envelope, never sent
@@ -243,7 +244,7 @@ def test_503_means_down(run: Any) -> None:
         await addon.request(flow)
         respond(flow, 503, b"maintenance")
         await addon.response(flow)
-        assert "sg.example.shotgunstudio.com" in addon.down_until
+        assert "sg.example.shotgunstudio.com" in addon.calls.outages.down_until
 
     run(test)
 
@@ -267,12 +268,12 @@ def test_only_listed_scripts_are_served(run: Any) -> None:
         tctx.configure(addon, sgcache_scripts=["pipeline-readall"])
         flow = api3_flow(call("read", {"type": "Shot"}))  # AUTH's script is not listed
         await addon.request(flow)
-        assert flow.response is None and flow.metadata["sgcache_pass"] == "script-not-listed"
+        assert flow.response is None and state_of(flow.metadata).pass_reason == "script-not-listed"
         other = {"script_name": "pipeline-readall", "script_key": "k"}
         body = json.dumps({"method_name": "read", "params": [other, {"type": "Shot"}]}).encode()
         flow = api3_flow(body)
         await addon.request(flow)
-        assert flow.metadata["sgcache_pass"] == "auth-unverified"  # listed: cacheable once SG accepts it
+        assert state_of(flow.metadata).pass_reason == "auth-unverified"  # listed: cacheable once SG accepts it
 
     run(test)
 
@@ -304,12 +305,12 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
             tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0,
                            sgcache_read_budget=20, sgcache_site=SITE)
             try:
-                addon.credentials.observe("read", site_of("https", "sg.example.shotgunstudio.com", 443), AUTH,
+                addon.calls.credentials.observe("read", site_of("https", "sg.example.shotgunstudio.com", 443), AUTH,
                                           {"results": []})
                 flow = api3_flow(call("read", slow))
                 await addon.request(flow)
-                assert flow.response is None and flow.metadata["sgcache_pass"] == "slow-read"
-                assert list(addon.slow_clients) == [flow.client_conn.id]
+                assert flow.response is None and state_of(flow.metadata).pass_reason == "slow-read"
+                assert list(addon.calls.reads.slow_clients.until) == [flow.client_conn.id]
                 first = flow
                 flow = api3_flow(call("read", small))
                 flow.client_conn = first.client_conn  # the same client connection: a smaller budget
@@ -384,7 +385,7 @@ def test_info_never_verifies_a_credential(run: Any) -> None:
         await _exchange(addon, info, body=b'{"version": [8, 0, 0]}')
         flow = _read_flow(made_up)
         await addon.request(flow)
-        assert flow.response is None and flow.metadata["sgcache_pass"] == "auth-unverified"
+        assert flow.response is None and state_of(flow.metadata).pass_reason == "auth-unverified"
 
     run(test)
 
@@ -408,7 +409,7 @@ def test_only_sg_success_envelopes_verify(run: Any, status: int, body: bytes, co
         await addon.response(flow)
         again = _read_flow(AUTH)
         await addon.request(again)
-        assert again.metadata["sgcache_pass"] == "auth-unverified"
+        assert state_of(again.metadata).pass_reason == "auth-unverified"
 
     run(test)
 
@@ -427,31 +428,31 @@ def test_answers_not_from_sg_never_verify(run: Any) -> None:
         await addon.response(unconnected)
         flow = _read_flow(AUTH)
         await addon.request(flow)
-        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+        assert state_of(flow.metadata).pass_reason == "auth-unverified"
         # the same credential answered by SG: verified, for this site only
         await _exchange(addon, _read_flow(AUTH))
         flow = _read_flow(AUTH)
         await addon.request(flow)
-        assert flow.metadata.get("sgcache_pass") != "auth-unverified"
+        assert state_of(flow.metadata).pass_reason != "auth-unverified"
         flow = _read_flow(AUTH, host="other.shotgunstudio.com")
         await addon.request(flow)
-        assert flow.metadata["sgcache_pass"] == "other-site"  # (per-site credentials: tests/test_auth.py)
+        assert state_of(flow.metadata).pass_reason == "other-site"  # (per-site credentials: tests/test_auth.py)
 
     run(test)
 
 
 def test_offline_refusals_never_verify(run: Any) -> None:
     async def test(addon: Any, tctx: Any) -> None:
-        addon.down_until["sg.example.shotgunstudio.com"] = 1e18  # SG unreachable: the addon answers itself
+        addon.calls.outages.down_until["sg.example.shotgunstudio.com"] = 1e18  # SG unreachable: the addon answers itself
         flow = api3_flow(call("schema_read", {}))
         await addon.request(flow)
         assert flow.response is not None and flow.response.headers["X-SGCache"] == "pass; reason=sg-unreachable"
         flow.response = http.Response.make(200, b'{"results": {}}', {"Content-Type": "application/json"})
         await addon.response(flow)  # even a success-looking body made here verifies nothing
-        addon.down_until.clear()
+        addon.calls.outages.down_until.clear()
         flow = _read_flow(AUTH)
         await addon.request(flow)
-        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+        assert state_of(flow.metadata).pass_reason == "auth-unverified"
 
     run(test)
 
@@ -472,7 +473,7 @@ def test_odd_auth_shapes_pass_with_a_reason(run: Any, auth: Any) -> None:
         tctx.configure(addon, sgcache_scripts=["pipeline-readall"])
         flow = _read_flow(auth)
         await addon.request(flow)
-        assert flow.response is None and flow.metadata["sgcache_pass"] in ("bad-auth", "no-auth")
+        assert flow.response is None and state_of(flow.metadata).pass_reason in ("bad-auth", "no-auth")
         respond(flow, 200, b'{"exception": true, "error_code": 102, "message": "no"}')
         await addon.response(flow)
         assert flow.response.headers["X-SGCache"].startswith("pass; reason=")
@@ -493,8 +494,9 @@ def test_learning_never_raises_into_the_addon(run: Any, caplog: pytest.LogCaptur
 
         service.learn = broken
         flow = api3_flow(call("update", {"type": "Shot", "id": 1, "fields": []}))
-        flow.metadata.update(sgcache_method="update", sgcache_auth=AUTH,
-                             sgcache_args={"type": "Shot", "id": 1, "fields": []}, sgcache_pass="method")
+        state = state_of(flow.metadata)
+        state.method, state.auth, state.args = "update", AUTH, {"type": "Shot", "id": 1, "fields": []}
+        state.pass_reason = "method"
         respond(flow, 200, b'{"results": {"type": "Shot", "id": 1}}')
         await addon.response(flow)  # logged, not raised
         assert flow.response.headers["X-SGCache"] == "pass; reason=method"
@@ -509,7 +511,7 @@ def test_answers_to_bodies_the_addon_did_not_decode_never_verify(run: Any) -> No
         for headers in ({"Content-Encoding": "gzip"}, {"Content-Encoding": "br"}):
             flow = api3_flow(body, headers=headers)
             await addon.request(flow)
-            assert flow.metadata["sgcache_pass"] == "content-encoding"
+            assert state_of(flow.metadata).pass_reason == "content-encoding"
             respond(flow)
             await addon.response(flow)
         upload = api3_flow(body)
@@ -519,6 +521,24 @@ def test_answers_to_bodies_the_addon_did_not_decode_never_verify(run: Any) -> No
         await addon.response(upload)
         flow = _read_flow(AUTH)
         await addon.request(flow)
-        assert flow.metadata["sgcache_pass"] == "auth-unverified"
+        assert state_of(flow.metadata).pass_reason == "auth-unverified"
+
+    run(test)
+
+
+def test_the_flow_state_survives_mitmproxy_saving_and_copying_the_flow(run: Any) -> None:
+    import io
+
+    from mitmproxy import io as mitmio
+
+    async def test(addon: Any, tctx: Any) -> None:
+        flow = api3_flow(call("update", {"type": "Shot", "id": 1, "fields": []}))
+        state = state_of(flow.metadata)
+        state.method, state.args, state.pass_reason, state.write_mark = "update", {"type": "Shot"}, "method", 5
+        saved = io.BytesIO()
+        mitmio.FlowWriter(saved).add(flow)  # mitmdump -w, mitmweb: metadata holds plain values only
+        saved.seek(0)
+        loaded = next(iter(mitmio.FlowReader(saved).stream()))
+        assert state_of(loaded.metadata).write_mark == 5 and state_of(flow.copy().metadata).method == "update"
 
     run(test)

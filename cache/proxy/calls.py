@@ -1,0 +1,223 @@
+"""What the proxy does with one API3 call to its site, and what SG's answer to it teaches.
+
+A call (decoded by the addon) is, in this order:
+
+1. answered offline while SG is down (:mod:`.outage`, :mod:`.offline`);
+2. a write: sent to SG exactly once by the proxy itself (:mod:`.sending`);
+3. any other method but ``read``: passed (``method``);
+4. a read: answered from the replica when SG accepted its credentials at this site
+   (cache/auth.py) and the replica can answer it (:mod:`.reads`); else passed with the reason.
+
+SG's answer then teaches the credential cache (:mod:`.credentials`), gains the ``sgcache`` key
+when it answers ``info``, and is written into the replica when it answers a write. A 502, 503
+or 504 means SG is down: a read it failed is answered from the replica instead, marked stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cache import api3
+from cache.auth import CredentialCache, site_of
+from cache.service import CacheService
+
+from . import answers, upstream
+from .answers import Answer
+from .credentials import record_answer
+from .flowstate import FlowState
+from .offline import InfoCopies
+from .outage import Outages
+from .reads import Reads
+from .replica import Replica
+from .sending import WRITE_METHODS, Outgoing, Writes
+
+log = logging.getLogger("sgcache")
+T = TypeVar("T")
+
+#: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
+BIG_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Call:
+    """An API3 call to the site: the HTTP request as the client sent it, and its connection."""
+
+    request: Outgoing
+    client: str  # the client connection's id (a slow one gets smaller read budgets)
+
+    @property
+    def site(self) -> str:
+        """The site it goes to (scheme, host, port): credentials are verified per site."""
+        return site_of(self.request.scheme, self.request.host, self.request.port)
+
+    @property
+    def url(self) -> str:
+        r = self.request
+        return f"{r.scheme}://{r.host}:{r.port}{r.path}"
+
+
+@dataclass(frozen=True)
+class SGAnswer:
+    """SG's answer to a call as the proxy received it (or another addon or a replay made it)."""
+
+    status: int
+    body: Callable[[], bytes]  # its decoded body, read only when needed (a 200)
+    content_type: str
+    replayed: bool  # mitmproxy replayed it (from a file, or a client replay)
+    server_connected: bool  # mitmproxy opened a connection to SG for it
+
+
+class SiteCalls:
+    """API3 calls to the site: worker pools for the replica (``executor``) and for writes."""
+
+    def __init__(self, replica: Replica, executor: Executor, write_executor: Executor,
+                 tls: Callable[[], ssl.SSLContext], site_learnt: Callable[[], None]) -> None:
+        """``tls()``: how SG's certificate is checked; ``site_learnt()``: called when opening the
+        replica named the site (the addon then decrypts its host)."""
+        self.replica = replica
+        self.executor = executor
+        self.tls = tls
+        self.site_learnt = site_learnt
+        self.credentials = CredentialCache()
+        self.outages = Outages()
+        self.infos = InfoCopies()
+        self.reads = Reads(executor)
+        self.writes = Writes(executor, write_executor, self.outages)
+        #: ``sgcache_offline``: answer from the replica while SG is down.
+        self.offline = True
+
+    async def service(self) -> CacheService | None:
+        """The replica's service, re-opened once its back-off has passed (None: pass everything)."""
+        known = self.replica.site
+        service = await self.replica.current(self.executor)
+        if self.replica.site != known:
+            self.site_learnt()
+        return service
+
+    # -- the request ---------------------------------------------------------------------
+    async def request(self, call: Call, state: FlowState) -> Answer | upstream.Reply | None:
+        """Handle a call: the proxy's answer, SG's reply to a write the proxy sent, or None:
+        the call passes to SG (``state.pass_reason`` says why)."""
+        req = await self._decode(call, state)
+        if req is None:
+            return None
+        state.method, state.auth, state.args = req.method, req.auth, req.args
+        if self.outages.is_down(call.request.host, self.offline):
+            return await self._answer_offline(call, req, state)
+        if req.method in WRITE_METHODS:
+            return await self._send_write(call, state)
+        if req.method != "read":
+            self.passes(state, "method")
+            return None
+        reason = self.credentials.reason(call.site, req.auth)
+        if reason is None:
+            outcome = await self.serve_read(call, req.args)
+            if isinstance(outcome, Answer):
+                return self.answered(state, outcome)
+            reason = outcome
+        self.passes(state, reason)
+        return None
+
+    async def _decode(self, call: Call, state: FlowState) -> api3.Api3Request | None:
+        """The call's API3 request; None when it passes undecoded (the reason is marked)."""
+        encoding = ", ".join(v for k, v in call.request.headers if k.lower() == "content-encoding")
+        if encoding.strip().lower() not in ("", "identity"):
+            # shotgun_api3 never compresses a request; what SG makes of one is SG's business
+            self.passes(state, "content-encoding")
+            return None
+        body = call.request.body
+        # decoding a huge body on the event loop would stall every other client's request
+        req = await self._run(api3.decode_request, body) if len(body) > BIG_BODY else api3.decode_request(body)
+        if req is None:
+            self.passes(state, "not-api3")
+        return req
+
+    def passes(self, state: FlowState, reason: str) -> None:
+        """The request goes to SG; its answer is marked ``pass; reason=<reason>`` (counted)."""
+        state.pass_reason = reason
+        self.replica.count(reason)
+
+    def answered(self, state: FlowState, answer: Answer) -> Answer:
+        """The proxy answers itself (a hit or a refusal, counted): nothing to learn from it."""
+        state.answered_here = True
+        if answer.reason is not None:
+            self.replica.count(answer.reason)
+        return answer
+
+    async def serve_read(self, call: Call, args: object, offline: bool = False) -> Answer | str:
+        """The replica's answer to a read, or the reason it passes."""
+        service = await self.service()
+        if service is None:
+            return "no-replica"
+        return await self.reads.answer(service, args, call.client, offline)
+
+    async def _send_write(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
+        tls = self.tls() if call.request.scheme == "https" else None
+        reply = await self.writes.send(self.replica, call.request, state, tls)
+        if isinstance(reply, Answer):
+            return self.answered(state, reply)
+        state.from_sg = True  # SG's own answer, relayed by the addon
+        self.passes(state, "method")  # SG's answer: the response hook learns from it
+        return reply
+
+    async def _answer_offline(self, call: Call, req: api3.Api3Request, state: FlowState) -> Answer:
+        """SG is down: serve what the replica can (marked stale), refuse writes in SG's envelope."""
+        host = call.request.host
+        service = self.replica.service
+        if req.method == "read":
+            # Offline, only credentials SG accepted before are served (the TTL still applies).
+            if self.credentials.reason(call.site, req.auth) is None:
+                outcome = await self.serve_read(call, req.args, offline=True)
+                if isinstance(outcome, Answer):
+                    return self.answered(state, outcome)
+        elif req.method == "info" and self.infos.has(host) and service is not None:
+            sgcache = await self._run(service.info)
+            return self.answered(state, self.infos.offline_answer(host, sgcache))
+        return self.answered(state, answers.unreachable(host, req.method))
+
+    def connection_failed(self, state: FlowState, host: str, why: str, never_connected: bool) -> None:
+        """mitmproxy could not get SG's answer: SG is down when it ``never_connected``; a
+        request SG accepted and then dropped is that request's failure only."""
+        if state.method is None:
+            return
+        if never_connected:
+            self.outages.note(host, why)
+        else:
+            log.info("SG dropped a %s request: %s", state.method, why)
+
+    # -- SG's answer -----------------------------------------------------------------------
+    async def answer(self, call: Call, state: FlowState, sg: SGAnswer) -> Answer | bytes | None:
+        """Learn from SG's answer to a call that passed. Returns what replaces it: the proxy's
+        answer (SG is down: the replica's, stale), a new body (``info`` gains the ``sgcache``
+        key), or None (SG's answer stands)."""
+        if state.method is None:
+            return None
+        if self.outages.note_status(call.request.host, sg.status):
+            if state.method == "read" and self.offline and not self.credentials.reason(call.site, state.auth):
+                outcome = await self.serve_read(call, state.args, offline=True)
+                if isinstance(outcome, Answer):
+                    return self.answered(state, outcome)
+            return None
+        if sg.status != 200:
+            return None
+        reply = await self._run(api3.decode_response, sg.body())
+        record_answer(self.credentials, state, call.site, reply, replayed=sg.replayed,
+                      server_connected=sg.server_connected, content_type=sg.content_type)
+        service = self.replica.service
+        if service is None or not isinstance(reply, dict):
+            return None
+        if state.method == "info":
+            return self.infos.add_sgcache(call.request.host, reply, await self._run(service.info))
+        if state.method in WRITE_METHODS and "results" in reply:
+            await self.writes.learn(service, state, reply["results"], call.url, self.tls)
+        return None
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in the replica's worker pool (blocking work never runs on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

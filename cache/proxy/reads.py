@@ -1,0 +1,112 @@
+"""Answering one read from the replica, in a worker thread, within bounds; else a reason to pass.
+
+Reads run in a worker pool, never on mitmproxy's event loop. A read the database has not
+answered after :data:`READ_TIMEOUT` goes to SG (``db-timeout``; a read that never got a worker
+is ``busy``, which says nothing of the database). Any failure passes the read with a reason:
+the client never sees a traceback.
+
+A client connection whose read overran the read budget gets :data:`SLOW_CLIENT_FRACTION` of
+the budget (never below :data:`SLOW_CLIENT_MIN_BUDGET`) for :data:`SLOW_CLIENT_SECONDS`: its
+repeated slow reads then cost a tenth as much, while its hits (milliseconds) are not
+affected. Per connection, not per host or script: the other processes of a farm node using
+the same script keep the whole budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from cache import api3
+from cache.errors import Passthrough
+from cache.service import CacheService
+
+from .answers import Answer, hit
+
+log = logging.getLogger("sgcache")
+
+#: A read the database has not answered by then goes upstream.
+READ_TIMEOUT = 5.0
+SLOW_CLIENT_SECONDS = 30.0
+SLOW_CLIENT_FRACTION = 0.1
+SLOW_CLIENT_MIN_BUDGET = 0.05
+#: Remembered slow connections before expired ones are swept.
+_SWEEP_AT = 10_000
+
+
+class SlowClients:
+    """Client connections whose read overran the budget, each until when (monotonic clock)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.until: dict[str, float] = {}
+        self._clock = clock
+
+    def note(self, client: str) -> None:
+        """``client``'s read overran the budget: smaller budgets for :data:`SLOW_CLIENT_SECONDS`."""
+        now = self._clock()
+        if len(self.until) > _SWEEP_AT:
+            self.until = {k: v for k, v in self.until.items() if v > now}
+        self.until[client] = now + SLOW_CLIENT_SECONDS
+
+    def budget(self, client: str, read_budget: float) -> float | None:
+        """The budget for ``client``'s next read: None for the replica's own, a fraction of it
+        while the connection counts as slow."""
+        if self.until.get(client, 0.0) > self._clock():
+            return max(read_budget * SLOW_CLIENT_FRACTION, min(read_budget, SLOW_CLIENT_MIN_BUDGET))
+        return None
+
+
+class Reads:
+    """Answers reads from the replica in ``executor`` (the replica's worker pool)."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.slow_clients = SlowClients()
+
+    async def answer(self, service: CacheService, args: Any, client: str, offline: bool = False) -> Answer | str:
+        """The replica's answer to a read with ``args`` (``offline``: SG is down; stale data is
+        served, marked so), or the reason it passes. A hit is counted here."""
+        started = time.perf_counter()
+        began: list[float] = []  # set by the worker: an empty list means the read never left the queue
+        budget = self.slow_clients.budget(client, service.read_budget)
+        try:
+            body = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(
+                    self.executor, read_encoded, service, args, offline, began, budget),
+                READ_TIMEOUT,
+            )
+        except Passthrough as exc:
+            if exc.detail:
+                log.debug("pass %s: %s", exc.reason, exc.detail)
+            if exc.reason == "slow-read" and "recently" not in exc.detail:
+                self.slow_clients.note(client)
+            return exc.reason
+        except TimeoutError:
+            if not began:
+                # every worker busy: this request's wait, not a sign the database is down
+                log.info("no worker free for a read in %.0fs; passing through", READ_TIMEOUT)
+                return "busy"
+            log.warning("replica too slow; passing through")
+            service.note_timeout()
+            return "db-timeout"
+        except Exception:  # noqa: BLE001 - fail open, never a traceback to the client
+            log.exception("unexpected error answering a read; passing through")
+            return "internal-error"
+        service.count(None)
+        log.debug("hit in %.2f ms", (time.perf_counter() - started) * 1000)
+        return hit(body, stale=offline)
+
+
+def read_encoded(
+    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
+) -> bytes:
+    """Answer a read and encode SG's envelope, in one trip to a worker thread."""
+    if began is not None:
+        began.append(time.monotonic())
+    if budget is None:
+        return api3.encode_results(service.read(args, offline))
+    return api3.encode_results(service.read(args, offline, budget))

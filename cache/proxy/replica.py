@@ -1,0 +1,141 @@
+"""The replica the proxy serves from: opened at start, re-tried while its database is down (fail open).
+
+With the database unreachable the proxy still runs and passes everything (``no-replica``); it
+tries again every :data:`RETRY_SECONDS`. A replica that copies another site than the
+configured one is refused: at start-up as an error (the wrong database), later only logged.
+Without a configured site, the site stored in the replica is served (cache/site.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from cache import site as sitemod
+from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file
+from cache.private import redact, safe_url, url_secrets
+from cache.schema import Schema, SchemaError
+from cache.service import CacheService
+
+log = logging.getLogger("sgcache")
+
+#: With the replica unopenable, how often the proxy tries again.
+RETRY_SECONDS = 5.0
+
+
+class Refused(Exception):
+    """The operator's mistake, refused at start: a bad schema or pairs file, or a replica of another site."""
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """What the replica is opened with (the addon's ``sgcache_*`` options)."""
+
+    db_url: str
+    schema_path: str
+    max_lag: float
+    read_budget: float  # seconds; 0: no budget
+    pairs_path: str | None = None
+
+    def check(self) -> None:
+        """Raise SchemaError or PairsError for a bad schema or pairs file."""
+        Schema.load(self.schema_path)
+        load_pairs_file(self.pairs_path or DEFAULT_PAIRS_FILE)
+
+
+class Replica:
+    """The open :class:`CacheService` (or None), and the site it serves."""
+
+    def __init__(self, options: ReplicaOptions | None = None, configured_site: sitemod.Site | None = None) -> None:
+        self.options = options
+        self.configured_site = configured_site
+        #: The site served: the configured one, else the one stored in the replica (None: unknown).
+        self.site = configured_site
+        self.service: CacheService | None = None
+        self._retry_at = 0.0
+
+    def configure_site(self, url: str) -> None:
+        """The site named by ``sgcache_site`` (empty: none, the replica's own is served);
+        SiteError for a URL that names no SG site."""
+        self.configured_site = sitemod.Site.parse(url) if url.strip() else None
+        self.site = self.configured_site
+
+    def reopen(self, options: ReplicaOptions) -> None:
+        """Close the replica and open it with ``options`` (start-up, or options changed).
+
+        Raises :class:`Refused` for a bad schema or pairs file, or a replica of another site.
+        A database that is down is no mistake: the proxy runs and passes everything (fail open)."""
+        self.close()
+        try:
+            options.check()
+        except (SchemaError, PairsError) as exc:
+            raise Refused(str(exc)) from exc
+        self.options = options
+        self.site = self.configured_site  # a site learnt from the previous replica is not this one's
+        self._retry_at = 0.0
+        try:
+            self.open(strict=True)
+        except sitemod.SiteMismatch as exc:  # the wrong replica: refuse to start
+            raise Refused(str(exc)) from exc
+
+    def open(self, strict: bool = False) -> CacheService | None:
+        """Open the replica; when the database is down, pass everything and retry later (fail open).
+
+        The replica must copy the configured site: a mismatch raises :class:`SiteMismatch` when
+        ``strict`` (start-up), else it is logged and the replica is not used."""
+        options = self.options
+        if options is None:
+            return None
+        try:
+            service = CacheService(options.db_url, options.schema_path, options.max_lag,
+                                   options.read_budget, pairs_path=options.pairs_path)
+        except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            # a warning, not an error: mitmdump exits on an error logged during start-up
+            log.warning("sgcache: cannot open the replica %s (%s); passing everything through, retrying in %.0fs",
+                        safe_url(options.db_url), redact(f"{type(exc).__name__}: {exc}", url_secrets(options.db_url)),
+                        RETRY_SECONDS)
+            return None
+        try:
+            site = sitemod.resolve(service.store, self.configured_site)
+        except sitemod.SiteMismatch as exc:
+            service.close()
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            if strict:
+                raise
+            log.error("sgcache: %s; passing everything through", exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - database trouble: fail open, try again later
+            service.close()
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            log.warning("sgcache: cannot read the replica's site %s (%s); passing everything through, "
+                        "retrying in %.0fs", safe_url(options.db_url), exc, RETRY_SECONDS)
+            return None
+        if site is not None and self.configured_site is None:
+            log.info("sgcache: no sgcache_site set: serving the site stored in the replica, %s", site)
+        self.site = site
+        self.service = service
+        log.info("sgcache: replica %s of %s, schema %s", safe_url(options.db_url), site or "no site yet",
+                 options.schema_path)
+        return service
+
+    async def current(self, executor: Executor) -> CacheService | None:
+        """The service, re-trying to open it (in ``executor``, off the event loop) once its back-off has passed."""
+        if self.service is None and time.monotonic() >= self._retry_at:
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            await asyncio.get_running_loop().run_in_executor(executor, self.open)
+        return self.service
+
+    def count(self, reason: str | None) -> None:
+        """Count a hit (None) or a pass in the open replica's counters (none while it is closed)."""
+        if self.service is not None:
+            self.service.count(reason)
+
+    def close(self) -> None:
+        """Close the service, if open (the site is kept)."""
+        service, self.service = self.service, None
+        if service is not None:
+            service.close()

@@ -1,0 +1,107 @@
+"""A write's trip through the proxy: sent to SG exactly once, then learnt from.
+
+Relayed by mitmproxy, a write whose SG connection broke after sending would get mitmproxy's
+502, and shotgun_api3 re-sends on 502: the write could be applied twice. So the proxy sends
+writes itself (:mod:`.upstream`), on a connection of its own, and a lost answer becomes an
+error in SG's envelope instead, which no client re-sends:
+
+- not sent (SG unreachable): ``sg-unreachable``, and SG counts as down (:mod:`.outage`);
+- sent, no answer: ``outcome-unknown``; what the write could have changed is marked pending
+  in the replica (its reads pass) until the ingester is past it.
+
+SG's answer to a write is then written into the replica (:meth:`Writes.learn`), so the writer
+reads its write back; an answer that was partial is completed by reading the rows from SG
+with the writer's own credentials. Learning never fails the write: what it misses, the
+ingester brings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from cache.errors import Passthrough
+from cache.service import CacheService
+
+from . import answers, upstream
+from .answers import Answer
+from .flowstate import FlowState
+from .outage import Outages
+from .replica import Replica
+
+log = logging.getLogger("sgcache")
+
+WRITE_METHODS = frozenset({"create", "update", "delete", "revive", "batch"})
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """The client's request, as it is sent to SG."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+
+
+class Writes:
+    """Sends writes once (in ``write_executor``: a big batch can take SG minutes, never in the
+    replica's pool) and learns from SG's answers (in ``executor``)."""
+
+    def __init__(self, executor: Executor, write_executor: Executor, outages: Outages) -> None:
+        self.executor = executor
+        self.write_executor = write_executor
+        self.outages = outages
+
+    async def send(self, replica: Replica, request: Outgoing, state: FlowState,
+                   tls: ssl.SSLContext | None) -> upstream.Reply | Answer:
+        """Send the write in ``request`` (decoded in ``state``) to SG once: SG's reply, or the
+        error answer that stands in for it. ``state.write_mark`` is set for :meth:`learn`."""
+        loop = asyncio.get_running_loop()
+        method = state.method or "write"
+        if replica.service is not None:  # where the ingester stood before SG saw the write (see learn)
+            state.write_mark = await loop.run_in_executor(self.executor, replica.service.write_mark)
+        try:
+            return await loop.run_in_executor(
+                self.write_executor, upstream.send_once, request.scheme, request.host, request.port, request.path,
+                list(request.headers), request.body, tls,
+            )
+        except upstream.NotSent as exc:
+            self.outages.note(request.host, str(exc))
+            return answers.unreachable(request.host, method)
+        except Exception as exc:  # noqa: BLE001 - OutcomeUnknown, or a bug: never a re-send either way
+            if not isinstance(exc, upstream.OutcomeUnknown):
+                log.exception("unexpected error sending a %s", method)
+            log.warning("%s sent to %s but no answer came back: %s", method, request.host, exc)
+            if replica.service is not None:  # it may have been applied: its effects are unknown
+                await loop.run_in_executor(self.executor, replica.service.outcome_unknown, method, state.args)
+            return answers.refusal(
+                f"sgcache: the connection to SG broke after the {method} was sent; it may have been "
+                "applied. Check before retrying.",
+                "outcome-unknown",
+            )
+
+    async def learn(self, service: CacheService, state: FlowState, results: Any, url: str,
+                    tls: Callable[[], ssl.SSLContext]) -> None:
+        """Write SG's ``results`` for the write in ``state`` into the replica; when they were
+        partial, read the whole rows from SG at ``url`` (TLS per ``tls()``) with the writer's
+        credentials. Never raises (the ingester brings what is missed)."""
+        method = state.method
+        loop = asyncio.get_running_loop()
+        try:
+            to_fetch = await loop.run_in_executor(self.executor, service.learn, method, state.args, results,
+                                                  state.write_mark)
+            if to_fetch and state.auth:
+                # the answer was partial: read the whole rows now, so the writer reads its write
+                await loop.run_in_executor(self.executor, service.fetch_rows, url, state.auth, to_fetch, tls())
+        except Passthrough as exc:
+            log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer
+            log.warning("%s answer not recorded (%s); the ingester will bring it", method, type(exc).__name__)

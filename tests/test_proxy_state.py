@@ -1,0 +1,154 @@
+"""cache/proxy's small policies with plain objects (no mitmproxy): flow state, answers, routing,
+outages, the offline info copy, counters, which answers verify a credential."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from cache.auth import CredentialCache, site_of
+from cache.proxy import answers
+from cache.proxy.credentials import answered_by_sg, decodes_as_json, record_answer
+from cache.proxy.flowstate import KEY, FlowState, state_of
+from cache.proxy.metrics import Counters
+from cache.proxy.offline import InfoCopies
+from cache.proxy.outage import OUTAGE_SECONDS, Outages, never_connected
+from cache.proxy.routing import NO_HOST, decrypt_patterns, hostport, is_api3
+from cache.site import Site
+
+SITE = site_of("https", "sg.example.com", 443)
+AUTH = {"script_name": "pipeline", "script_key": "k"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_flow_state_is_one_plain_dict_under_one_key() -> None:
+    metadata: dict[str, object] = {"other_addon": 1}
+    state = state_of(metadata)
+    assert state.method is None and state.pass_reason is None and not state.answered_here
+    assert state.write_mark is None and not state.from_sg
+    assert metadata == {"other_addon": 1}  # reading stores nothing
+    state.method, state.args = "update", {"type": "Shot", "id": 1}
+    state.pass_reason = "method"
+    assert metadata[KEY] == {"method": "update", "args": {"type": "Shot", "id": 1}, "pass_reason": "method"}
+    again = state_of(metadata)  # another hook sees the same state
+    assert again.method == "update" and again.pass_reason == "method"
+    copied = copy.deepcopy(metadata)  # mitmproxy copies metadata with a flow, and saves it
+    assert state_of(copied).args == {"type": "Shot", "id": 1}
+    json.dumps(metadata)  # plain values only
+    assert "pass_reason" in repr(state) and isinstance(state, FlowState)
+
+
+def test_answers_carry_their_header_and_reason() -> None:
+    assert answers.hit(b"{}").headers[answers.HEADER] == "hit"
+    assert answers.hit(b"{}", stale=True).headers[answers.HEADER] == "hit; stale"
+    refusal = answers.unreachable("sg.example.com", "create")
+    assert refusal.status == 200 and refusal.reason == "sg-unreachable"  # SG's envelope: never re-sent
+    assert refusal.headers[answers.HEADER] == "pass; reason=sg-unreachable"
+    envelope = json.loads(refusal.body)
+    assert envelope["exception"] is True and "create was not sent" in envelope["message"]
+    relay = answers.relay_refusal("CONNECT 127.0.0.1:22", "port 22 is not allowed")
+    assert relay.status == 403 and relay.body.count(b"\n") == 1 and relay.reason == "relay-refused"
+
+
+def test_only_the_site_and_named_hosts_are_decrypted() -> None:
+    site = Site.parse("https://sg.example.com")
+
+    def decrypted(patterns: list[str], hostport_: str) -> bool:
+        return any(re.search(p, hostport_, re.IGNORECASE) for p in patterns)
+
+    patterns = decrypt_patterns(site, ["*.Studio.test"])
+    assert decrypted(patterns, "sg.example.com:443") and not decrypted(patterns, "sg.example.com:8443")
+    assert decrypted(patterns, "a.studio.test:8080") and not decrypted(patterns, "studio.test.evil:443")
+    assert decrypt_patterns(None, []) == [NO_HOST] and not decrypted([NO_HOST], "anything:443")
+    assert is_api3("POST", "/api3/json?x=1") and not is_api3("GET", "/api3/json")
+    assert not is_api3("POST", "/upload/api_link_file")
+    assert hostport("::1", 443) == "[::1]:443" and hostport("h", 80) == "h:80"
+
+
+def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:
+    clock = Clock()
+    outages = Outages(clock)
+    assert not outages.is_down("sg.example.com", offline=True)
+    outages.note("sg.example.com", "connection refused")
+    assert outages.is_down("sg.example.com", offline=True)
+    assert not outages.is_down("other.example.com", offline=True)
+    clock.now += OUTAGE_SECONDS + 0.1
+    assert not outages.is_down("sg.example.com", offline=True)  # time to try SG again
+    assert not outages.down_until
+    outages.note("sg.example.com", "again")
+    assert not outages.is_down("sg.example.com", offline=False)  # offline answers off: SG is tried
+    assert not outages.note_status("sg.example.com", 500) and not outages.down_until  # one request failed
+    assert outages.note_status("sg.example.com", 503) and outages.is_down("sg.example.com", offline=True)
+
+
+@pytest.mark.parametrize(
+    ("tcp", "tls", "tls_setup", "down"),
+    [(None, False, None, True), (None, True, None, True), (1.0, True, None, True),
+     (1.0, False, None, False), (1.0, True, 2.0, False)],
+)
+def test_a_connection_never_made_is_an_outage_a_dropped_request_is_not(
+        tcp: float | None, tls: bool, tls_setup: float | None, down: bool) -> None:
+    assert never_connected(tcp, tls, tls_setup) is down
+
+
+def test_the_info_copy_answers_while_sg_is_down() -> None:
+    infos = InfoCopies()
+    assert not infos.has("sg.example.com")
+    reply = {"version": [8, 0, 0], "sgcache": {"stale": "ignored"}}
+    body = json.loads(infos.add_sgcache("sg.example.com", reply, {"hits": 1}))
+    assert body == {"version": [8, 0, 0], "sgcache": {"hits": 1}}
+    nested = json.loads(infos.add_sgcache("nested.example.com", {"results": {"version": [9]}}, {"hits": 2}))
+    assert nested == {"results": {"version": [9], "sgcache": {"hits": 2}}}
+    answer = infos.offline_answer("sg.example.com", {"hits": 3})
+    assert answer.headers[answers.HEADER] == "hit; stale"
+    assert json.loads(answer.body) == {"version": [8, 0, 0], "sgcache": {"hits": 3, "offline": True}}
+    # the copy is of what SG answered (nested under results or not), never of the proxy's key
+    assert json.loads(infos.offline_answer("nested.example.com", {}).body) == {"version": [9],
+                                                                             "sgcache": {"offline": True}}
+
+
+def test_counters() -> None:
+    counters = Counters()
+    for reason in (None, None, "method", "auth-unverified", "method"):
+        counters.count(reason)
+    assert counters.snapshot() == {"hits": 2, "passes": {"method": 2, "auth-unverified": 1}}
+
+
+def test_only_sg_json_answers_teach_the_credential_cache() -> None:
+    credentials = CredentialCache()
+    state = state_of({})
+    state.method, state.auth = "read", AUTH
+    ok = {"results": []}
+    record_answer(credentials, state, SITE, ok, replayed=True, server_connected=True, content_type="application/json")
+    record_answer(credentials, state, SITE, ok, replayed=False, server_connected=False, content_type="")
+    record_answer(credentials, state, SITE, ok, replayed=False, server_connected=True, content_type="text/html")
+    assert not credentials.accepted(SITE, AUTH)
+    record_answer(credentials, state, SITE, ok, replayed=False, server_connected=True,
+                  content_type="application/json; charset=utf-8")
+    assert credentials.accepted(SITE, AUTH) and not credentials.accepted(site_of("https", "x", 443), AUTH)
+    refused = {"exception": True, "error_code": 102, "message": "bad key"}
+    sent_by_proxy = state_of({})
+    sent_by_proxy.method, sent_by_proxy.auth, sent_by_proxy.from_sg = "update", AUTH, True
+    record_answer(credentials, sent_by_proxy, SITE, refused, replayed=False, server_connected=False, content_type="")
+    assert not credentials.accepted(SITE, AUTH)  # SG's own answer to the write the proxy sent
+
+
+def test_what_counts_as_sg_answering() -> None:
+    state = state_of({})
+    assert answered_by_sg(state, replayed=False, server_connected=True)
+    assert not answered_by_sg(state, replayed=True, server_connected=True)
+    state.from_sg = True
+    assert answered_by_sg(state, replayed=False, server_connected=False)
+    state.answered_here = True
+    assert not answered_by_sg(state, replayed=False, server_connected=True)
+    assert decodes_as_json("") and decodes_as_json(" Text/Javascript ") and not decodes_as_json("text/plain")
