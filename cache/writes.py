@@ -333,6 +333,27 @@ class WriteBatch:
         self.retired[key] = retired
         return changed
 
+    def linked_from(self, key: Key) -> set[Key]:
+        """The cached entities this row links to, through its entity and multi_entity fields
+        (as the replica holds them, links to retired entities included)."""
+        if not self.exists(key):
+            return set()
+        row = self.rows[key]
+        assert row is not None
+        out: set[Key] = set()
+        for fname, fschema in self.store.schema.entities[key[0]].fields.items():
+            storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
+            if storage == "entity":
+                t, i = row.get(f"{fname}__type"), row.get(f"{fname}__id")
+                if t is not None and i is not None:
+                    out.add((t, int(i)))
+            elif storage == "multi" and (key[0], fname) in self.store.multi:
+                lkey = (key[0], fname, key[1])
+                if lkey not in self.links:
+                    self.load_links([lkey])
+                out.update(self.links[lkey])
+        return {k for k in out if k[0] in self.store.tables}
+
     def note(self, links: Iterable[Mapping[str, Any]]) -> None:
         """Registry: remember linked entities and their names (the last name wins)."""
         for link in links:

@@ -136,7 +136,13 @@ def assert_equal_to_site(store: Store, site: FakeSite) -> None:
             ours = replica_read(store, entity_type, fields, retired)
             theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}],
                                       retired_only=retired)
-            assert ours == theirs, f"{entity_type} (retired={retired}) differs"
+            if ours != theirs:
+                by_id = {r["id"]: r for r in theirs}
+                diffs = [(r["id"], k, r.get(k), by_id.get(r["id"], {}).get(k)) for r in ours
+                         for k in r if r.get(k) != by_id.get(r["id"], {}).get(k)][:10]
+                ids = sorted(set(by_id) ^ {r["id"] for r in ours})[:10]
+                raise AssertionError(f"{entity_type} (retired={retired}) differs: (id, field, ours, site) "
+                                     f"{diffs}; ids on one side only: {ids}")
 
 
 def change_rows(store: Store, **where: Any) -> list[Any]:
@@ -256,6 +262,27 @@ def test_retirement_hides_links_and_revival_restores_them(site: FakeSite, store:
     sync(ingester)
     assert_equal_to_site(store, site)
     assert [t["id"] for t in replica_read(store, "Shot", ["tasks"], False)[0]["tasks"]] == [task["id"]]
+
+
+def test_revival_restores_a_link_a_fetch_dropped_while_retired(site: FakeSite, store: Store,
+                                                               ingester: Ingester) -> None:
+    """SG hides a retired Note from Shot.notes and shows it again on revival, with no event for
+    the Shot. A fetch of the Shot between the retirement in SG and its event here drops the link
+    (SG's answer lacks it and the replica did not know the Note was retired): the revival must
+    read the Shot again (the race the 16-writer stress test found)."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    note = site.create_direct("Note", {"subject": "n", "project": proj, "note_links": [shot]})
+    sync(ingester)
+    site.delete_direct("Note", note["id"])
+    with store.engine.begin() as conn:  # the Shot's fetch runs before the Retirement is polled
+        fetched = site.find_direct("Shot", [["id", "is", shot["id"]]], ["notes"])
+        store.write_entities(conn, "Shot", fetched, "fetch")
+    assert replica_read(store, "Shot", ["notes"], False)[0]["notes"] == []
+    site.revive_direct("Note", note["id"])
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert [n["id"] for n in replica_read(store, "Shot", ["notes"], False)[0]["notes"]] == [note["id"]]
 
 
 def test_task_template_tasks_arrive_through_their_own_new_events(site: FakeSite, store: Store,

@@ -98,6 +98,12 @@ class EventApplier:
         buf.retire(subject, retired, event_id)
         if cached and (not retired or not buf.exists(subject)):
             buf.queue(subject, "revival" if not retired else "unknown row")
+        if cached and not retired:
+            # SG shows a revived entity again in the other side of every pair it is linked
+            # through, with no event for that side; a fetch of the other side while this one was
+            # retired (in SG, not yet here) may have dropped the link: read those rows again.
+            for other in buf.linked_from(subject):
+                buf.queue(other, "linked to a revived entity")
 
     def _change(self, buf: WriteBatch, event: Mapping[str, Any], subject: Key, event_id: int, late: bool) -> None:
         meta = event_meta(event)
