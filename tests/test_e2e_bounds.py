@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, populate, primed_rig
 from .fakesg import FakeSite
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig, populate
 
 N_EXTRA_SHOTS = 3000
 BUDGET_MS = 200
@@ -33,8 +33,8 @@ def populate_big(site: FakeSite) -> None:
 
 @pytest.fixture
 def rig(tmp_path: Path, db_url: str) -> Iterator[Rig]:
-    with primed_rig(tmp_path, db_url, RIG_OPTIONS + [f"sgcache_read_budget={BUDGET_MS}"],
-                    populate_site=populate_big) as rig:
+    with Rig(tmp_path, db_url, populate_site=populate_big,
+             proxy=RIG_OPTIONS + [f"sgcache_read_budget={BUDGET_MS}"]) as rig:
         yield rig
 
 

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
 
 OPTIONS = RIG_OPTIONS
 
 
 @pytest.fixture
 def rig(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> Iterator[Rig]:
-    with primed_rig(tmp_path, db_url, OPTIONS + getattr(request, "param", [])) as rig:
+    with Rig(tmp_path, db_url, proxy=OPTIONS + getattr(request, "param", [])) as rig:
         yield rig
 
 

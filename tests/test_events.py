@@ -12,33 +12,19 @@ import pytest
 import sqlalchemy as sa
 
 from cache.events import K_CURSOR, K_HEARTBEAT, K_HIGH, K_SG_CLOCK, IngestConfig, Ingester, LockHeld, replay
-from cache.read import ReadContext, ReadEngine
-from cache.schema import Schema, parse_rules
 from cache.store import Store
 
-from .conftest import REPO
 from .fakesg import FakeSite
-
-RULES = REPO / "schema" / "basic-filters.txt"
-
-
-class SiteClient:
-    """``shotgun_api3.Shotgun``'s find/schema_read, served by a FakeSite without HTTP."""
-
-    def __init__(self, site: FakeSite):
-        self.site = site
-        self.calls: list[tuple[str, Any]] = []
-
-    def find(self, entity_type: str, filters: Any, fields: list[str] | None = None,
-             order: list[dict[str, str]] | None = None, filter_operator: str | None = None,
-             limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]:
-        self.calls.append((entity_type, filters))
-        rows = self.site.find_direct(entity_type, filters, fields, order, filter_operator or "all",
-                                     retired_only=retired_only)
-        return rows[:limit] if limit else rows
-
-    def schema_read(self) -> dict[str, Any]:
-        return self.site._direct("schema_read", None, False)
+from .replica import (
+    SiteClient,
+    assert_equal_to_site,
+    cached_schema,
+    make_project,
+    prime,
+    replica_read,
+    state,
+    sync,
+)
 
 
 class Clock:
@@ -52,22 +38,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += dt.timedelta(seconds=seconds)
-
-
-def cached_schema(site: FakeSite) -> Schema:
-    return Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES.read_text()))
-
-
-def prime(store: Store, client: SiteClient) -> None:
-    """A minimal full scan: every row of every cached type, then the cursor at the newest event."""
-    with store.engine.begin() as conn:
-        store.set_state(conn, K_CURSOR, client.site.last_event_id())
-        for entity_type, entity in store.schema.entities.items():
-            fields = [f for f in entity.fields if f in client.site.schema[entity_type]]
-            for retired in (False, True):
-                rows = client.find(entity_type, [], fields, retired_only=retired)
-                store.write_entities(conn, entity_type, rows, "scan", complete=True, retired=retired)
-            store.mark_primed(conn, entity_type)
 
 
 @pytest.fixture
@@ -95,46 +65,6 @@ def ingester(store: Store, client: SiteClient, clock: Clock) -> Iterator[Ingeste
     ing.close()
 
 
-def sync(ing: Ingester, max_polls: int = 100) -> int:
-    """Poll until caught up (fetches and schema work included); returns the number of polls."""
-    for n in range(1, max_polls + 1):
-        result = ing.poll_once()
-        ing.process_fetch_queue()
-        ing.process_schema()
-        if not result.full:
-            return n
-    raise AssertionError("ingester never caught up")
-
-
-def state(store: Store, key: str) -> Any:
-    with store.engine.connect() as conn:
-        return store.get_state(conn, key)
-
-
-def replica_read(store: Store, entity_type: str, fields: list[str], retired: bool) -> list[dict[str, Any]]:
-    params = {"type": entity_type, "return_fields": fields,
-              "filters": {"logical_operator": "and", "conditions": []},
-              "sorts": [{"field_name": "id", "direction": "asc"}],
-              "paging": {"entities_per_page": 500, "current_page": 1},
-              "return_only": "retired" if retired else "active"}
-    with store.engine.connect() as conn:
-        ctx = ReadContext(store.primed_fields(conn))
-        return ReadEngine(store).read(conn, params, ctx)["entities"]
-
-
-def assert_equal_to_site(store: Store, site: FakeSite) -> None:
-    """Every cached type, active and retired rows, every primed field: the replica reads as SG."""
-    with store.engine.connect() as conn:
-        primed = store.primed_fields(conn)
-    for entity_type in store.schema.entities:
-        fields = sorted(f for f in primed.get(entity_type, ()) if f != "id")
-        for retired in (False, True):
-            ours = replica_read(store, entity_type, fields, retired)
-            theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}],
-                                      retired_only=retired)
-            assert ours == theirs, f"{entity_type} (retired={retired}) differs"
-
-
 def change_rows(store: Store, **where: Any) -> list[Any]:
     t = store.changes
     cond = [t.c[k] == v for k, v in where.items()]
@@ -149,10 +79,6 @@ def queued(store: Store) -> list[tuple[str, int]]:
 
 
 PROJECT = {"type": "Project", "id": 1}
-
-
-def make_project(site: FakeSite) -> dict[str, Any]:
-    return site.create_direct("Project", {"name": "Demo"})
 
 
 # -- each event kind -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from cache.read import ReadContext, ReadEngine
 from cache.schema import Schema
 from cache.store import Store
 
-from .conftest import BASIC_SCHEMA
+from .paths import BASIC_SCHEMA
 
 SEQ = {"type": "Sequence", "id": 1, "name": "SQ01"}
 PROJECT = {"type": "Project", "id": 1, "name": "Demo"}
