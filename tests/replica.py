@@ -87,14 +87,38 @@ def replica_read(store: Store, entity_type: str, fields: list[str], retired: boo
         return ReadEngine(store).read(conn, params, ctx)["entities"]
 
 
-def assert_equal_to_site(store: Store, site: FakeSite) -> None:
-    """Every cached type, active and retired rows, every primed field: the replica reads as SG."""
+def site_differences(store: Store, site: FakeSite) -> list[str]:
+    """Every cached type (active and retired rows, every primed field) where the replica does not read
+    as SG, each with its first differing row."""
     with store.engine.connect() as conn:
         primed = store.primed_fields(conn)
+    found = []
     for entity_type in store.schema.entities:
         fields = sorted(f for f in primed.get(entity_type, ()) if f != "id")
         for retired in (False, True):
             ours = replica_read(store, entity_type, fields, retired)
             theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}],
                                       retired_only=retired)
-            assert ours == theirs, f"{entity_type} (retired={retired}) differs"
+            if ours != theirs:
+                found.append(f"{entity_type} (retired={retired}) differs: {_first_difference(ours, theirs)}")
+    return found
+
+
+def assert_equal_to_site(store: Store, site: FakeSite) -> None:
+    """Every cached type, active and retired rows, every primed field: the replica reads as SG."""
+    differences = site_differences(store, site)
+    assert not differences, "\n".join(differences)
+
+
+def _first_difference(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
+    """The first row that differs, replica then site (by id), for a readable failure."""
+    by_id = {row["id"]: row for row in theirs}
+    for row in ours:
+        site_row = by_id.get(row["id"])
+        if site_row is None:
+            return f"{row['type']} {row['id']} is not at the site"
+        fields = {f: (row.get(f), site_row.get(f)) for f in row.keys() | site_row.keys() if row.get(f) != site_row.get(f)}
+        if fields:
+            return f"{row['type']} {row['id']}, field: (replica, site): {fields!r}"
+    missing = sorted(set(by_id) - {row["id"] for row in ours})
+    return f"rows missing from the replica: {missing[:10]}"
