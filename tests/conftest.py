@@ -1,8 +1,15 @@
 """Shared fixtures: a fresh replica database per test (or module), on SQLite or PostgreSQL
-(tests/databases.py), and the secret scan at the end of the session."""
+(tests/databases.py), and the secret scan at the end of the session.
+
+Two collection rules serve CI (.ci/run): the longest modules are collected first, so parallel
+workers (pytest-xdist, ``--dist loadfile --no-loadscope-reorder``) start them first and finish
+together; and with ``SGCACHE_TEST_DB_ONLY=1`` only the tests that use the replica database run
+(the others do not depend on the backend: CI runs them in its SQLite run of each Python).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +20,28 @@ from cache.private import url_password
 from . import secretscan
 from .databases import fresh_db_url, pg_base
 from .fakesg import FakeSite
+
+#: Modules that take longest, started first.
+LONGEST_FIRST = ("test_fuzz.py", "test_concurrent_writes_e2e.py", "test_pairs_e2e.py", "test_oracle.py",
+                 "test_e2e_bounds.py", "test_failopen.py", "test_ingest_e2e.py", "test_site_e2e.py")
+#: The fixtures through which a test uses the replica database (pytest lists them for every test
+#: that depends on them, however indirectly).
+DATABASE_FIXTURES = {"db_url", "module_db_url", "backend"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("SGCACHE_TEST_DB_ONLY") == "1":
+        used = [item for item in items if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+        if len(used) < len(items):
+            kept = set(used)
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = used
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module is kept
 
 
 def run_secrets() -> dict[str, str | None]:
