@@ -93,9 +93,10 @@ class Rig:
 
     def __init__(self, workdir: Path, db_url: str, site: FakeSite | None = None, *,
                  populate_site: Callable[[FakeSite], None] = populate, rules: str | None = None,
-                 extra_rules: str = "", schema: Path | None = None, prime: str | None = "scan", proxy: bool | Sequence[str] = True,
-                 proxy_db_url: str | None = None, ingester: bool = False, poll_interval: float = 1.0,
-                 idle_backoff: bool = False, ingest_args: Sequence[str] = (), tls: bool = False):
+                 extra_rules: str = "", schema: Path | None = None, prime: str | None = "scan",
+                 proxy: bool | Sequence[str] = True, proxy_db_url: str | None = None, ingester: bool = False,
+                 poll_interval: float = 1.0, idle_backoff: bool = False, ingest_args: Sequence[str] = (),
+                 tls: bool = False):
         if site is None:
             site = FakeSite.basic()
             site.add_script(SCRIPT, KEY)
@@ -123,6 +124,7 @@ class Rig:
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> Rig:
+        """Serve the site, write the schema file, prime, then start the ingester and the proxy as asked."""
         if not self.site.has_script(SCRIPT):
             self.site.add_script(SCRIPT, KEY)
         if self.run_ingester and not self.site.has_script(READER):
