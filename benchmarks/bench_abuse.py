@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_abuse [--shots 20000] [--db URL] [--rounds 4] [--window 8] [--clients 2] [--vary-slow]
 
-Fills a replica with N Shots (as benchmarks.bench_read does) and runs mitmdump in front of a fake SG.
+Fills a replica with N Shots (benchmarks.support.fill, as bench_read does) and runs mitmdump in front of a fake SG.
 Normal clients (each its own process, the real shotgun_api3 client) time small cached finds while one
 abusive client (another process) is switched on and off in alternate windows (so the machine's own
 load falls on both sides alike). When on, it alternates 30,000-link ``in`` reads
@@ -25,13 +25,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_read import fill  # noqa: E402
-from cache.schema import Schema  # noqa: E402
-from cache.store import Store  # noqa: E402
-from tests.fakesg import FakeSGServer, FakeSite  # noqa: E402
-from tests.proxyharness import Proxy  # noqa: E402
+from benchmarks.support import fill  # noqa: E402
+from tests.fakesg import FakeSite  # noqa: E402
+from tests.paths import BASIC_SCHEMA  # noqa: E402
+from tests.rig import KEY, SCRIPT, Rig  # noqa: E402
 
-SCRIPT, KEY = "bench", "key"
 NORMAL = ("Shot", [["sg_sequence", "is", {"type": "Sequence", "id": 7}]], ["code", "sg_status_list", "sg_cut_in"])
 HUGE = [["sg_sequence", "in", [{"type": "Sequence", "id": i} for i in range(1, 30_001)]]]
 
@@ -48,11 +46,13 @@ def _client(url: str, proxy: str | None) -> Any:
     return shotgun_api3.Shotgun(url, script_name=SCRIPT, api_key=KEY, http_proxy=proxy)
 
 
-def normal_client(url: str, proxy: str, seconds: float, out: Any) -> None:
-    """Time small cached finds for ``seconds``; put (monotonic time, latency ms) pairs on ``out``."""
+def normal_client(url: str, proxy: str, seconds: float, out: Any, ready: Any) -> None:
+    """Warm up (then say so on ``ready``), time small cached finds for ``seconds``; put (monotonic time,
+    latency ms) pairs on ``out``."""
     sg = _client(url, proxy)
     for _ in range(20):
         sg.find(*NORMAL, limit=20)
+    ready.put(True)
     times: list[tuple[float, float]] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -84,14 +84,15 @@ def run(url: str, proxy: str, n_clients: int, rounds: int, window: float, vary: 
     """Normal clients run throughout; the abusive client is on in every other window (so the
     machine's own load falls on both sides alike). Samples in a window's first second are dropped."""
     ctx = multiprocessing.get_context("spawn")
-    out, active, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+    out, ready, active, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
     abuser = ctx.Process(target=abusive_client, args=(url, None if abuse_direct else proxy, active, stop, out, vary))
     abuser.start()
     total = rounds * 2 * window + 5.0
-    workers = [ctx.Process(target=normal_client, args=(url, proxy, total, out)) for _ in range(n_clients)]
+    workers = [ctx.Process(target=normal_client, args=(url, proxy, total, out, ready)) for _ in range(n_clients)]
     for w in workers:
         w.start()
-    time.sleep(4.0)  # clients started and warmed up
+    for _ in workers:  # every client started and warmed up
+        ready.get(timeout=120)
     windows: list[tuple[float, float, bool]] = []
     for _ in range(rounds):
         for loud in (False, True):
@@ -141,22 +142,17 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="sgcache-abuse-"))
     db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
-    schema_path = REPO / "schema" / "basic.yml"
-    store = Store.open(db_url, Schema.load(schema_path))
-    fill(store, args.shots)
-    store.dispose()
-    print(f"replica: {args.shots} shots ({db_url.split(':', 1)[0]})")
-
     site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
     site.create_direct("Project", {"name": "Bench"})
-    with FakeSGServer(site) as server, Proxy(tmp, db_url, schema_path,
-                                             ["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"]) as proxy:
-        sg = _client(server.url, proxy.address)
+    with Rig(tmp, db_url, site, schema=BASIC_SCHEMA, prime=None, proxy=False) as rig:
+        fill(rig.open_store(create=True), args.shots)
+        print(f"replica: {args.shots} shots ({db_url.split(':', 1)[0]})")
+        proxy = rig.start_proxy(["sgcache_max_lag=0", "sgcache_hosts=127.0.0.1"])
+        sg = rig.client()
         sg.find_one("Project", [])  # SG accepts the script: hits from here on
         before = site.count("read")
         assert sg.find(*NORMAL, limit=20) and site.count("read") == before, "the normal read is not a hit"
-        quiet_ms, loud_ms = run(server.url, proxy.address, args.clients, args.rounds, args.window,
+        quiet_ms, loud_ms = run(rig.url, proxy.address, args.clients, args.rounds, args.window,
                                  args.vary_slow, args.abuse_direct)
         quiet = describe("others alone", quiet_ms)
         loud = describe("others beside the abusive client", loud_ms)

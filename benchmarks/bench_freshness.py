@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_freshness [--n 100] [--poll-interval 1] [--pg URL | --pg '']
 
-Rig (tests/freshrig.py): the fake SG server, scripts/scan --full, a running
+Rig (tests/rig.py, with the ingester): the fake SG server, scripts/scan --full, a running
 scripts/ingest-events --poll-interval P and mitmdump with the addon (sgcache_site=<the fake's URL>,
-default sgcache_max_lag=60). N times: update a Shot's code directly at the fake, then
+the default sgcache_max_lag). N times: update a Shot's code directly at the fake, then
 ``find`` it through a real shotgun_api3 client (http_proxy) until an answer that the fake
 did not serve (a cache hit) shows the new value; the delay is from the update to that
 answer. Prints median/p95/p99 and the ratio of p99 to the target, P + 1 s. Asserts nothing.
@@ -24,9 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_ingest import DEFAULT_PG, drop_pg, pg_url  # noqa: E402
+from benchmarks.support import DEFAULT_PG, drop_pg, pg_url  # noqa: E402
+from cache.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
-from tests.freshrig import FreshRig  # noqa: E402
+from tests.rig import Rig  # noqa: E402
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -41,17 +42,17 @@ def run(name: str, url: str, n: int, poll: float, seed: int, idle_max: float | N
     rng = random.Random(seed)
     delays: list[float] = []
     misses = 0
-    with tempfile.TemporaryDirectory() as tmp, FreshRig(Path(tmp), url, site, poll_interval=poll,
-                                                         ingest_args=() if idle_max is None else
-                                                         ("--idle-max", str(idle_max))) as rig:
-        time.sleep(2 * poll)  # first polls done
+    with tempfile.TemporaryDirectory() as tmp, Rig(Path(tmp), url, site, ingester=True, poll_interval=poll,
+                                                    ingest_args=() if idle_max is None else
+                                                    ("--idle-max", str(idle_max))) as rig:
+        rig.wait(lambda: rig.state(K_HEARTBEAT), timeout=30, what="the ingester's first poll")
         for i in range(n):
             time.sleep(rng.uniform(0, poll))  # changes land at random points of the poll cycle
             shot = rng.choice(shots)
             code = f"v{i}"
             t0 = time.monotonic()
             site.update_direct("Shot", shot["id"], {"code": code})
-            _elapsed, missed = rig.wait_hit(lambda s=shot: rig.sg.find("Shot", [["id", "is", s["id"]]], ["code"]),
+            _elapsed, missed = rig.wait_hit(lambda s=shot: rig.reader.find("Shot", [["id", "is", s["id"]]], ["code"]),
                                             lambda r, c=code: bool(r) and r[0]["code"] == c, timeout=30, pause=0.01)
             delays.append(time.monotonic() - t0)
             misses += missed

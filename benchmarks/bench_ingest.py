@@ -20,7 +20,6 @@ import random
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache.dialect import normalize_url  # noqa: E402
+from benchmarks.support import DEFAULT_PG, drop_pg, pg_url  # noqa: E402
 from cache.ingest import DEEP_FIELDS, IngestConfig, Ingester, NoLock, engine_options  # noqa: E402
 from cache.schema import Schema, parse_rules  # noqa: E402
 from cache.statekeys import EVENT_CURSOR as K_CURSOR  # noqa: E402
@@ -37,7 +36,6 @@ from cache.store import Store  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 
 RULES = REPO / "schema" / "basic-filters.txt"
-DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 class MemorySG:
@@ -155,28 +153,6 @@ def run_backend(url: str, schema: Schema, sg: MemorySG, batch: int) -> tuple[flo
     ingester.close()
     store.dispose()
     return elapsed, int(applied), int(changes)
-
-
-def pg_url(base: str) -> tuple[str, str] | None:
-    """A fresh schema on ``base`` (dropped by :func:`drop_pg`), or None if PostgreSQL is unreachable."""
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        admin.dispose()
-    except sa.exc.OperationalError as exc:
-        print(f"PostgreSQL unavailable ({exc.__class__.__name__}); skipped")
-        return None
-    sep = "&" if "?" in base else "?"
-    return f"{base}{sep}options=-csearch_path%3D{schema}", schema
-
-
-def drop_pg(base: str, schema: str) -> None:
-    admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    admin.dispose()
 
 
 def main() -> None:

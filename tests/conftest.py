@@ -1,55 +1,54 @@
-"""Shared fixtures: a fresh replica database per test, on SQLite or PostgreSQL.
+"""Shared fixtures: a fresh replica database per test (or module), on SQLite or PostgreSQL
+(tests/databases.py), and the secret scan at the end of the session.
 
-``SGCACHE_TEST_DB`` picks the backend: unset or ``sqlite`` for a temporary SQLite
-file, or a PostgreSQL URL (``postgresql://postgres@127.0.0.1:5432/test``). On
-PostgreSQL each test gets its own schema (dropped afterwards) through the URL's
-``search_path`` option, so subprocesses given the URL see the same tables. A PostgreSQL URL
-without a password gets ``DB_PASSWORD`` (trust authentication ignores it), so the secret scan
-at the end of the session (tests/secretscan.py) can check no log shows it.
+Two collection rules serve CI (.ci/run): the longest modules are collected first, so parallel
+workers (pytest-xdist, ``--dist loadfile --no-loadscope-reorder``) start them first and finish
+together; and with ``SGCACHE_TEST_DB_ONLY=1`` only the tests that use the replica database run
+(the others do not depend on the backend: CI runs them in its SQLite run of each Python).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import urllib.parse
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from cache.dialect import normalize_url
 from cache.private import url_password
 
 from . import secretscan
+from .databases import fresh_db_url, pg_base
 from .fakesg import FakeSite
 
-REPO = Path(__file__).resolve().parent.parent
-BASIC_SCHEMA = REPO / "schema" / "basic.yml"
-#: Put into a PostgreSQL test URL that has no password (a distinctive value the secret scan looks for).
-DB_PASSWORD = "dbpw-9e2c5a71-NeverLogMe"
+#: Modules that take longest, started first.
+LONGEST_FIRST = ("test_fuzz.py", "test_concurrent_writes_e2e.py", "test_pairs_e2e.py", "test_oracle.py",
+                 "test_e2e_bounds.py", "test_failopen.py", "test_ingest_e2e.py", "test_site_e2e.py")
+#: The fixtures through which a test uses the replica database (pytest lists them for every test
+#: that depends on them, however indirectly).
+DATABASE_FIXTURES = {"db_url", "module_db_url", "backend"}
 
 
-def _with_password(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is not None or not parts.hostname:
-        return url
-    user = parts.username or "postgres"
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{DB_PASSWORD}@{parts.netloc.rpartition('@')[2]}"))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("SGCACHE_TEST_DB_ONLY") == "1":
+        used = [item for item in items if DATABASE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+        if len(used) < len(items):
+            kept = set(used)
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = used
 
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
-def _pg_base() -> str | None:
-    value = os.environ.get("SGCACHE_TEST_DB", "sqlite")
-    return None if value in ("", "sqlite") else _with_password(value)
+    items.sort(key=rank)  # stable: the order within a module is kept
 
 
 def run_secrets() -> dict[str, str | None]:
     """The distinctive secrets of this test run, by name."""
-    from .e2e import HUMAN_PASSWORD, KEY
+    from .rig import HUMAN_PASSWORD, KEY
 
-    base = _pg_base()
+    base = pg_base()
     return {"script key": KEY, "human password": HUMAN_PASSWORD,
             "database password": url_password(base) if base else None}
 
@@ -61,26 +60,6 @@ def no_secret_in_logs_or_answers(tmp_path_factory: pytest.TempPathFactory) -> It
     files = secretscan.run_files(tmp_path_factory.getbasetemp())
     found = secretscan.find_secrets(run_secrets(), files, secretscan.SCRIPT_OUTPUTS)
     assert not found, "secrets leaked:\n" + "\n".join(found[:50])
-
-
-@contextlib.contextmanager
-def fresh_db_url(directory: Path) -> Iterator[str]:
-    """A database URL no other test uses, cleaned up afterwards."""
-    base = _pg_base()
-    if base is None:
-        yield f"sqlite:///{directory / 'replica.db'}"
-        return
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.dispose()
 
 
 @pytest.fixture
@@ -99,7 +78,7 @@ def module_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def backend() -> str:
-    return "postgresql" if _pg_base() else "sqlite"
+    return "postgresql" if pg_base() else "sqlite"
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,8 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-ADDON = REPO / "addons" / "sgcache.py"
+from .paths import ADDON, REPO
+from .wait import wait_until
+
 #: Test-only addon after sgcache: records every answer clients get, for the secret scan.
 CAPTURE_ADDON = Path(__file__).resolve().parent / "capture_addon.py"
 _LISTEN_RE = re.compile(r"proxy listening at \*?([\d.]+|\[?[\w:]+\]?):(\d+)")
@@ -32,13 +34,17 @@ def mitmdump_binary() -> str:
 
 
 class Proxy:
-    """mitmdump with the sgcache addon on an ephemeral loopback port."""
+    """mitmdump with the sgcache addon (or ``addon``) on an ephemeral loopback port.
 
-    def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = ()):
+    Its output goes to ``workdir/mitmdump.log`` and stays readable with :meth:`output`."""
+
+    def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = (),
+                 addon: Path = ADDON):
         self.workdir = workdir
         self.db_url = db_url
         self.schema = str(schema)
         self.options = list(options)
+        self.addon = addon
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mitmdump.log"
@@ -67,7 +73,7 @@ class Proxy:
             "--listen-port", str(self.port or 0),
             "--set", f"confdir={self.confdir}",
             "--set", "flow_detail=0",
-            "-s", str(ADDON),
+            "-s", str(self.addon),
             "-s", str(CAPTURE_ADDON),
             "--set", f"sgcache_schema={self.schema}",
         ]
@@ -83,19 +89,23 @@ class Proxy:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env
         )
         threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                for line in self._lines:
-                    m = _LISTEN_RE.search(line)
-                    if m:
-                        self.port = int(m.group(2))
-                        return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mitmdump did not start:\n{self.output()}")
+        proc = self.proc
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: self._listening_port() is not None or proc.poll() is not None, timeout,
+                       "mitmdump to listen")
+        self.port = self._listening_port()
+        if self.port is None:  # exited, or never listened
+            self.stop()
+            raise RuntimeError(f"mitmdump did not start:\n{self.output()}")
+        return self
+
+    def _listening_port(self) -> int | None:
+        with self._lock:
+            for line in self._lines:
+                m = _LISTEN_RE.search(line)
+                if m:
+                    return int(m.group(2))
+        return None
 
     def wait_exit(self, timeout: float = 30.0) -> int | None:
         """Wait for mitmdump to exit by itself (a refused start); its exit status, or None if it still runs."""
@@ -117,8 +127,14 @@ class Proxy:
                     self._lines.append(line)
 
     def output(self) -> str:
+        """Everything mitmdump printed so far."""
         with self._lock:
             return "".join(self._lines)
+
+    def lines_with(self, text: str) -> list[str]:
+        """The lines of the output that contain ``text``."""
+        with self._lock:
+            return [line.rstrip("\n") for line in self._lines if text in line]
 
     def stop(self) -> None:
         if self.proc is None:

@@ -2,7 +2,7 @@
 
 ``find_secrets`` is the scanner; ``tests/conftest.py`` runs it once at the end of the session over
 every ``*.log`` file under pytest's temporary directory (``mitmdump.log`` and ``answers.log`` of every
-proxy, the ingesters' logs) and over the output of every script run by ``tests/e2e.run_script``.
+proxy, the ingesters' logs) and over the output of every script run by ``tests/processes.run_script``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cache.private import secret_forms
 
-#: Output of the scripts the tests ran (filled by tests/e2e.run_script).
+#: Output of the scripts the tests ran (filled by tests/processes.run_script).
 SCRIPT_OUTPUTS: list[tuple[str, str]] = []
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 from collections.abc import Iterator
@@ -16,13 +15,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from cache.auth import site_of
 from cache.proxy.flowstate import state_of
 
-from .conftest import BASIC_SCHEMA
-from .proxyharness import ADDON
-
-_spec = importlib.util.spec_from_file_location("sgcache_addon_under_test", ADDON)
-assert _spec is not None and _spec.loader is not None
-sgcache = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sgcache)
+from .paths import BASIC_SCHEMA
+from .sgcache_addon import sgcache
 
 AUTH = {"script_name": "pipeline", "script_key": "k"}
 SITE = "https://sg.example.shotgunstudio.com"
@@ -343,7 +337,7 @@ def test_every_upstream_connection_is_checked_before_it_opens(run: Any) -> None:
 
 
 def test_the_site_comes_from_the_replica_when_none_is_configured(db_url: str, tmp_path: Any) -> None:
-    from .conftest import fresh_db_url
+    from .databases import fresh_db_url
 
     async def main() -> None:
         addon = sgcache.SGCache()

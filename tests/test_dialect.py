@@ -32,7 +32,7 @@ from cache.errors import Passthrough
 from cache.schema import Schema
 from cache.store import Store
 
-from .conftest import BASIC_SCHEMA
+from .paths import BASIC_SCHEMA
 
 metadata = sa.MetaData()
 items = sa.Table(

@@ -5,7 +5,6 @@ A real shotgun_api3 client and raw API3 POSTs through a real mitmdump to the fak
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -14,9 +13,8 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from .e2e import HUMAN, HUMAN_PASSWORD, KEY, RIG_OPTIONS, SCRIPT, Rig, populate_with_human, primed_rig
 from .fakesg import FakeSGServer
-from .proxyharness import Proxy
+from .rig import HUMAN, HUMAN_PASSWORD, KEY, RIG_OPTIONS, SCRIPT, Rig, populate_with_human
 
 READ_USERS = {"type": "HumanUser", "return_fields": ["login"],
               "filters": {"logical_operator": "and", "conditions": []},
@@ -26,10 +24,10 @@ READ_USERS = {"type": "HumanUser", "return_fields": ["login"],
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
     """Every script SG accepts may be served, and human users too; a human exists at the fake SG."""
-    with primed_rig(tmp_path_factory.mktemp("rig"), module_db_url, RIG_OPTIONS + ["sgcache_allow_users=true",
-                    # the second fake site of test_a_credential_accepted_at_one_site... is on loopback
-                    "sgcache_allow_connect=127.0.0.1:*"],
-                    populate_site=populate_with_human) as rig:
+    with Rig(tmp_path_factory.mktemp("rig"), module_db_url, populate_site=populate_with_human,
+             proxy=RIG_OPTIONS + ["sgcache_allow_users=true",
+                                  # the second fake site of test_a_credential_accepted_at_one_site... is on loopback
+                                  "sgcache_allow_connect=127.0.0.1:*"]) as rig:
         yield rig
 
 
@@ -37,8 +35,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterato
 def listed(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """The same site and replica behind a second proxy that serves only the script ``SCRIPT``."""
     options = RIG_OPTIONS + [f"sgcache_scripts={SCRIPT}"]
-    with Proxy(tmp_path_factory.mktemp("listed"), rig.db_url, rig.schema_path, options) as proxy:
-        yield dataclasses.replace(rig, proxy=proxy)
+    proxy = rig.start_proxy(options, workdir=tmp_path_factory.mktemp("listed"))
+    try:
+        yield rig.through(proxy)
+    finally:
+        proxy.stop()
 
 
 def post(rig: Rig, method: str, auth: Any, args: Any = None, url: str | None = None) -> tuple[str, Any]:

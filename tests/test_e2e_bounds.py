@@ -9,13 +9,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, populate, primed_rig
 from .fakesg import FakeSite
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig, populate
 
 N_EXTRA_SHOTS = 3000
 BUDGET_MS = 200
@@ -31,10 +30,11 @@ def populate_big(site: FakeSite) -> None:
         site.create_direct("Shot", {"code": f"x{i:05d}", "project": proj, "description": "a plain shot " * 10})
 
 
-@pytest.fixture
-def rig(tmp_path: Path, db_url: str) -> Iterator[Rig]:
-    with primed_rig(tmp_path, db_url, RIG_OPTIONS + [f"sgcache_read_budget={BUDGET_MS}"],
-                    populate_site=populate_big) as rig:
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
+    """One rig for the module: every test only reads (pass counts only grow, and are compared as such)."""
+    with Rig(tmp_path_factory.mktemp("bounds"), module_db_url, populate_site=populate_big,
+             proxy=RIG_OPTIONS + [f"sgcache_read_budget={BUDGET_MS}"]) as rig:
         yield rig
 
 

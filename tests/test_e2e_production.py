@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,14 +9,15 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
+from .wait import wait_until
 
 OPTIONS = RIG_OPTIONS
 
 
 @pytest.fixture
 def rig(tmp_path: Path, db_url: str, request: pytest.FixtureRequest) -> Iterator[Rig]:
-    with primed_rig(tmp_path, db_url, OPTIONS + getattr(request, "param", [])) as rig:
+    with Rig(tmp_path, db_url, proxy=OPTIONS + getattr(request, "param", [])) as rig:
         yield rig
 
 
@@ -74,11 +74,21 @@ def test_credentials_are_verified_by_sg(rig: Rig) -> None:
     assert rig.reads() == before + 1, "the first request with new credentials must go to SG"
     hit(rig, good, "Shot", [], ["code"])
     rig.site.revoke_script(SCRIPT)
-    time.sleep(1.5)
+    # the proxy keeps SG's verdict on the key for sgcache_auth_ttl (1 s), then asks SG again
+    wait_until(lambda: refused(good), 10, "the revoked key to be refused")
     with pytest.raises(shotgun_api3.AuthenticationFault):
         good.find("Shot", [], ["code"])
     with pytest.raises(shotgun_api3.AuthenticationFault):
         good.find("Shot", [], ["code"])
+
+
+def refused(sg: Any) -> bool:
+    """True if SG refuses the client's credentials on a read (False: the read was answered)."""
+    try:
+        sg.find("Shot", [], ["code"])
+    except shotgun_api3.AuthenticationFault:
+        return True
+    return False
 
 
 def test_sg_down_reads_served_stale_writes_refused(rig: Rig) -> None:

@@ -11,15 +11,14 @@ from typing import Any
 
 import pytest
 
-from .e2e import KEY, SCRIPT, Rig, populate, primed_rig, run_script, script_env, site_schema_file
-from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import Proxy
+from .paths import RULES
+from .rig import Rig
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
     """One primed replica and proxy for the module; tests that write use their own rows."""
-    with primed_rig(tmp_path_factory.mktemp("rig"), module_db_url) as rig:
+    with Rig(tmp_path_factory.mktemp("rig"), module_db_url) as rig:
         yield rig
 
 
@@ -146,39 +145,27 @@ def test_other_requests_reach_sg_unchanged(rig: Rig, method: str, path: str, bod
 
 def test_stale_replica_passes(tmp_path: Path, db_url: str) -> None:
     """Without an ingester heartbeat, sgcache_max_lag makes every read pass (and stay correct)."""
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    with FakeSGServer(site) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        run_script("scan", "--full", "--quiet", env=script_env(server, db_url, schema_path))
-        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=60", f"sgcache_site={server.url}"]) as proxy:
-            rig = Rig(site, server, proxy, schema_path, db_url)
-            sg = rig.client()
-            warm(sg)
-            before = rig.reads()
-            assert sg.find("Shot", [["code", "is", "sh010"]], ["code"]) == rig.direct().find(
-                "Shot", [["code", "is", "sh010"]], ["code"])
-            assert rig.reads() == before + 2
+    with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=60"]) as rig:
+        sg = rig.client()
+        warm(sg)
+        before = rig.reads()
+        assert sg.find("Shot", [["code", "is", "sh010"]], ["code"]) == rig.direct().find(
+            "Shot", [["code", "is", "sh010"]], ["code"])
+        assert rig.reads() == before + 2
 
 
 def test_schema_dump_then_filter_gives_a_schema_the_proxy_runs_with(tmp_path: Path, db_url: str) -> None:
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    with FakeSGServer(site) as server:
-        env = script_env(server, db_url, tmp_path / "subset.yml")
+    with Rig(tmp_path, db_url, prime=None, proxy=False) as rig:
+        rig.schema_path = tmp_path / "subset.yml"
         dumped = tmp_path / "site.yml"
-        run_script("schema-dump", "-o", str(dumped), env=env)
-        subset = run_script("schema-filter", "--rules", str(Path(__file__).parent.parent / "schema" /
-                                                            "basic-filters.txt"), str(dumped), env=env).stdout
-        (tmp_path / "subset.yml").write_text(subset)
-        run_script("scan", "--full", "--quiet", env=env)
-        with Proxy(tmp_path, db_url, tmp_path / "subset.yml", ["sgcache_max_lag=0", f"sgcache_site={server.url}"]) as proxy:
-            rig = Rig(site, server, proxy, tmp_path / "subset.yml", db_url)
-            sg = rig.client()
-            warm(sg)
-            expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code", "sg_sequence"])
-            before = rig.reads()
-            assert sg.find("Shot", [["code", "is", "sh010"]], ["code", "sg_sequence"]) == expected
-            assert rig.reads() == before
+        rig.run("schema-dump", "-o", str(dumped))
+        subset = rig.run("schema-filter", "--rules", str(RULES), str(dumped)).stdout
+        rig.schema_path.write_text(subset)
+        rig.scan("--full")
+        rig.start_proxy(["sgcache_max_lag=0"])
+        sg = rig.client()
+        warm(sg)
+        expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code", "sg_sequence"])
+        before = rig.reads()
+        assert sg.find("Shot", [["code", "is", "sh010"]], ["code", "sg_sequence"]) == expected
+        assert rig.reads() == before

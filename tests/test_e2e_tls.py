@@ -9,8 +9,6 @@ and that tunnel is not decrypted.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,58 +16,17 @@ from typing import Any
 
 import pytest
 import shotgun_api3
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from .e2e import KEY, SCRIPT, Rig, populate, script_env, site_schema_file
-from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import Proxy, connect_status
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate (and key) for localhost and 127.0.0.1, valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake SG")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "fakesg-cert.pem", directory / "fakesg-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+from .proxyharness import connect_status
+from .rig import KEY, SCRIPT, Rig
 
 
 @pytest.fixture(scope="module")
 def tls_rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[tuple[Rig, Path]]:
-    tmp_path = tmp_path_factory.mktemp("tls")
-    cert, key = self_signed(tmp_path)
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
-    with FakeSGServer(site, host="127.0.0.1", tls_cert=str(cert), tls_key=str(key)) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        rig = Rig(site, server, None, schema_path, module_db_url)  # type: ignore[arg-type]
-        from .e2e import run_script
-
-        site_url = f"https://localhost:{server.port}"
-        env = dict(script_env(server, module_db_url, schema_path), SHOTGUN_API_CACERTS=str(cert), SGCACHE_SITE=site_url)
-        run_script("scan", "--full", "--quiet", env=env)
-        options = ["sgcache_max_lag=0", f"sgcache_site={site_url}", f"ssl_verify_upstream_trusted_ca={cert}",
-                   f"sgcache_allow_connect=127.0.0.1:{server.port}"]
-        with Proxy(tmp_path, module_db_url, schema_path, options) as proxy:
-            rig.proxy = proxy
-            yield rig, cert
+    with Rig(tmp_path_factory.mktemp("tls"), module_db_url, tls=True, proxy=False) as rig:
+        assert rig.tls_cert is not None
+        rig.start_proxy(["sgcache_max_lag=0", f"sgcache_allow_connect=127.0.0.1:{rig.server.port}"])
+        yield rig, rig.tls_cert
 
 
 def client(rig: Rig, host: str, ca_certs: Path | str) -> shotgun_api3.Shotgun:

@@ -18,7 +18,8 @@ from cache.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.store import Store
 
 from .fakesg import FakeSite
-from .test_events import RULES, SiteClient, make_project, state, sync
+from .paths import RULES
+from .replica import SiteClient, make_project, state, sync
 
 EVENT_FIELDS = ["event_type", "attribute_name", "meta", "entity", "project", "user", "session_uuid",
                 "description", "created_at"]

@@ -1,6 +1,6 @@
 """EventLogEntry cached, end to end: fake SG server, scan --full, scripts/ingest-events, mitmdump, and
 a real shotgun_api3 client reading events through the proxy (its reads that reach the fake SG are
-misses; see tests/freshrig.py)."""
+misses; see tests/rig.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from collections.abc import Iterator
 import pytest
 import shotgun_api3
 
-from .e2e import KEY, SCRIPT
 from .fakesg import FakeSite
-from .freshrig import FreshRig
+from .rig import Rig
 
 WITHIN = 5.0  # seconds; the ingester polls every 0.2 s
 FIELDS = ["event_type", "attribute_name", "meta", "entity", "project", "user", "session_uuid",
@@ -22,56 +21,55 @@ ASC = [{"field_name": "id", "direction": "asc"}]
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[FreshRig]:
+def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
     site = FakeSite.basic()
     proj = site.create_direct("Project", {"name": "Events"})
     for i in range(30):
         site.create_direct("Shot", {"code": f"sh{i:03d}", "project": proj})
-    with FreshRig(tmp_path_factory.mktemp("events"), module_db_url, site, poll_interval=0.2,
-                  ingest_args=("--gap-timeout", "5"), schema_rules="+EventLogEntry.*\n") as r:
+    with Rig(tmp_path_factory.mktemp("events"), module_db_url, site, ingester=True, poll_interval=0.2,
+             ingest_args=("--gap-timeout", "5"), extra_rules="+EventLogEntry.*\n") as r:
         yield r
 
 
-def direct(rig: FreshRig) -> shotgun_api3.Shotgun:
-    assert rig.server is not None
-    return shotgun_api3.Shotgun(rig.server.url, script_name=SCRIPT, api_key=KEY)
+def direct(rig: Rig) -> shotgun_api3.Shotgun:
+    return rig.direct()
 
 
-def passes(rig: FreshRig, reason: str) -> int:
-    return int(rig.sg.info()["sgcache"]["passes"].get(reason, 0))
+def passes(rig: Rig, reason: str) -> int:
+    return int(rig.reader.info()["sgcache"]["passes"].get(reason, 0))
 
 
-def test_new_events_show_as_hits_within_seconds(rig: FreshRig) -> None:
+def test_new_events_show_as_hits_within_seconds(rig: Rig) -> None:
     proj = rig.site.find_direct("Project", [], ["id"])[0]
     shot = rig.site.create_direct("Shot", {"code": "fresh", "project": proj})
     rig.site.update_direct("Shot", shot["id"], {"code": "fresher"})
     newest = rig.site.last_event_id()
     query = [["id", "greater_than", newest - 5], ["id", "less_than", newest + 1]]
     sg_answer = direct(rig).find("EventLogEntry", query, FIELDS, order=ASC)
-    elapsed, _ = rig.wait_hit(lambda: rig.sg.find("EventLogEntry", query, FIELDS, order=ASC),
+    elapsed, _ = rig.wait_hit(lambda: rig.reader.find("EventLogEntry", query, FIELDS, order=ASC),
                               lambda r: r == sg_answer)
     assert elapsed < WITHIN
     assert sg_answer[-1]["meta"]["new_value"] == "fresher"
 
 
-def test_read_past_the_cursor_passes(rig: FreshRig) -> None:
+def test_read_past_the_cursor_passes(rig: Rig) -> None:
     before, reads = passes(rig, "events-ahead"), rig.reader_reads()
     newest = rig.site.last_event_id()
-    got = rig.sg.find("EventLogEntry", [["id", "greater_than", newest - 3]], FIELDS, order=ASC)
+    got = rig.reader.find("EventLogEntry", [["id", "greater_than", newest - 3]], FIELDS, order=ASC)
     assert rig.reader_reads() == reads + 1  # answered by SG
     assert got == direct(rig).find("EventLogEntry", [["id", "greater_than", newest - 3]], FIELDS, order=ASC)
     assert passes(rig, "events-ahead") == before + 1
 
 
-def test_read_below_the_cursor_is_a_hit_equal_to_sg(rig: FreshRig) -> None:
+def test_read_below_the_cursor_is_a_hit_equal_to_sg(rig: Rig) -> None:
     newest = rig.site.last_event_id()
     query = [["id", "between", [1, newest]], ["event_type", "is", "Shotgun_Shot_Change"]]
     sg_answer = direct(rig).find("EventLogEntry", query, FIELDS, order=ASC)
     assert sg_answer
-    rig.wait_hit(lambda: rig.sg.find("EventLogEntry", query, FIELDS, order=ASC), lambda r: r == sg_answer)
+    rig.wait_hit(lambda: rig.reader.find("EventLogEntry", query, FIELDS, order=ASC), lambda r: r == sg_answer)
 
 
-def test_poller_never_misses_an_event(rig: FreshRig) -> None:
+def test_poller_never_misses_an_event(rig: Rig) -> None:
     """A daemon polls ``id > last`` (id ascending, 7 at a time) through the proxy while events keep
     coming: it sees every event once, in order; the catching-up pages are cache hits."""
     proj = rig.site.find_direct("Project", [], ["id"])[0]
@@ -92,7 +90,7 @@ def test_poller_never_misses_an_event(rig: FreshRig) -> None:
     try:
         while time.monotonic() < deadline:
             reads = rig.reader_reads()
-            page = rig.sg.find("EventLogEntry", [["id", "greater_than", last]], ["id", "event_type"],
+            page = rig.reader.find("EventLogEntry", [["id", "greater_than", last]], ["id", "event_type"],
                                order=ASC, limit=7)
             hits += rig.reader_reads() == reads
             seen.extend(e["id"] for e in page)
@@ -106,7 +104,7 @@ def test_poller_never_misses_an_event(rig: FreshRig) -> None:
     assert hits > 0
 
 
-def test_ingester_logs_why_it_stops_and_its_cursor(rig: FreshRig) -> None:
+def test_ingester_logs_why_it_stops_and_its_cursor(rig: Rig) -> None:
     assert rig.ingester is not None
     rig.ingester.terminate()
     rig.ingester.wait(30)

@@ -12,37 +12,23 @@ import pytest
 import sqlalchemy as sa
 
 from cache.ingest import IngestConfig, Ingester, LockHeld, replay
-from cache.read import Reader, ReplicaState
-from cache.schema import Schema, parse_rules
 from cache.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.statekeys import EVENT_HIGH as K_HIGH
 from cache.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT
 from cache.statekeys import SG_CLOCK as K_SG_CLOCK
 from cache.store import Store
 
-from .conftest import REPO
 from .fakesg import FakeSite
-
-RULES = REPO / "schema" / "basic-filters.txt"
-
-
-class SiteClient:
-    """``shotgun_api3.Shotgun``'s find/schema_read, served by a FakeSite without HTTP."""
-
-    def __init__(self, site: FakeSite):
-        self.site = site
-        self.calls: list[tuple[str, Any]] = []
-
-    def find(self, entity_type: str, filters: Any, fields: list[str] | None = None,
-             order: list[dict[str, str]] | None = None, filter_operator: str | None = None,
-             limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]:
-        self.calls.append((entity_type, filters))
-        rows = self.site.find_direct(entity_type, filters, fields, order, filter_operator or "all",
-                                     retired_only=retired_only)
-        return rows[:limit] if limit else rows
-
-    def schema_read(self) -> dict[str, Any]:
-        return self.site._direct("schema_read", None, False)
+from .replica import (
+    SiteClient,
+    assert_equal_to_site,
+    cached_schema,
+    make_project,
+    prime,
+    replica_read,
+    state,
+    sync,
+)
 
 
 class Clock:
@@ -56,22 +42,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += dt.timedelta(seconds=seconds)
-
-
-def cached_schema(site: FakeSite) -> Schema:
-    return Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES.read_text()))
-
-
-def prime(store: Store, client: SiteClient) -> None:
-    """A minimal full scan: every row of every cached type, then the cursor at the newest event."""
-    with store.engine.begin() as conn:
-        store.set_state(conn, K_CURSOR, client.site.last_event_id())
-        for entity_type, entity in store.schema.entities.items():
-            fields = [f for f in entity.fields if f in client.site.schema[entity_type]]
-            for retired in (False, True):
-                rows = client.find(entity_type, [], fields, retired_only=retired)
-                store.write_entities(conn, entity_type, rows, "scan", complete=True, retired=retired)
-            store.mark_primed(conn, entity_type)
 
 
 @pytest.fixture
@@ -99,52 +69,6 @@ def ingester(store: Store, client: SiteClient, clock: Clock) -> Iterator[Ingeste
     ing.close()
 
 
-def sync(ing: Ingester, max_polls: int = 100) -> int:
-    """Poll until caught up (fetches and schema work included); returns the number of polls."""
-    for n in range(1, max_polls + 1):
-        result = ing.poll_once()
-        ing.process_fetch_queue()
-        ing.process_schema()
-        if not result.full:
-            return n
-    raise AssertionError("ingester never caught up")
-
-
-def state(store: Store, key: str) -> Any:
-    with store.engine.connect() as conn:
-        return store.get_state(conn, key)
-
-
-def replica_read(store: Store, entity_type: str, fields: list[str], retired: bool) -> list[dict[str, Any]]:
-    params = {"type": entity_type, "return_fields": fields,
-              "filters": {"logical_operator": "and", "conditions": []},
-              "sorts": [{"field_name": "id", "direction": "asc"}],
-              "paging": {"entities_per_page": 500, "current_page": 1},
-              "return_only": "retired" if retired else "active"}
-    with store.engine.connect() as conn:
-        replica_state = ReplicaState(store.primed_fields(conn))
-        return Reader(store).read(conn, params, replica_state)["entities"]
-
-
-def assert_equal_to_site(store: Store, site: FakeSite) -> None:
-    """Every cached type, active and retired rows, every primed field: the replica reads as SG."""
-    with store.engine.connect() as conn:
-        primed = store.primed_fields(conn)
-    for entity_type in store.schema.entities:
-        fields = sorted(f for f in primed.get(entity_type, ()) if f != "id")
-        for retired in (False, True):
-            ours = replica_read(store, entity_type, fields, retired)
-            theirs = site.find_direct(entity_type, [], fields, [{"field_name": "id", "direction": "asc"}],
-                                      retired_only=retired)
-            if ours != theirs:
-                by_id = {r["id"]: r for r in theirs}
-                diffs = [(r["id"], k, r.get(k), by_id.get(r["id"], {}).get(k)) for r in ours
-                         for k in r if r.get(k) != by_id.get(r["id"], {}).get(k)][:10]
-                ids = sorted(set(by_id) ^ {r["id"] for r in ours})[:10]
-                raise AssertionError(f"{entity_type} (retired={retired}) differs: (id, field, ours, site) "
-                                     f"{diffs}; ids on one side only: {ids}")
-
-
 def change_rows(store: Store, **where: Any) -> list[Any]:
     t = store.changes
     cond = [t.c[k] == v for k, v in where.items()]
@@ -159,10 +83,6 @@ def queued(store: Store) -> list[tuple[str, int]]:
 
 
 PROJECT = {"type": "Project", "id": 1}
-
-
-def make_project(site: FakeSite) -> dict[str, Any]:
-    return site.create_direct("Project", {"name": "Demo"})
 
 
 # -- each event kind -------------------------------------------------------------------

@@ -14,8 +14,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,8 @@ import pytest
 from cache.schema import Schema
 from cache.store import Store, now_utc
 
-from .e2e import KEY, SCRIPT, Rig, populate, primed_rig, site_schema_file
-from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import Proxy
+from .rig import KEY, SCRIPT, Rig
+from .wait import wait_until
 
 QUERIES: list[tuple[str, list[Any], list[str]]] = [
     ("Shot", [["code", "is", "sh010"]], ["code", "sg_cut_in"]),
@@ -113,12 +112,6 @@ def relayed_url(db_url: str, port: int) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{port}"))
 
 
-@contextmanager
-def make_rig(tmp_path: Path, db_url: str, options: list[str], proxy_db_url: str | None = None) -> Iterator[Rig]:
-    with primed_rig(tmp_path, db_url, list(options), proxy_db_url=proxy_db_url) as rig:
-        yield rig
-
-
 def raw_call(rig: Rig, method: str, args: Any, key: str = KEY) -> tuple[str, Any]:
     """One API3 POST through the proxy with urllib: (X-SGCache header, decoded reply)."""
     body = json.dumps({"method_name": method, "params": [{"script_name": SCRIPT, "script_key": key}, args]})
@@ -150,12 +143,8 @@ def is_hit(rig: Rig, sg: Any, query: tuple[str, list[Any], list[str]]) -> bool:
 
 
 def wait_for_hits(rig: Rig, sg: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if is_hit(rig, sg, QUERIES[0]):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"hits did not resume:\n{rig.proxy.output()[-3000:]}")
+    wait_until(lambda: is_hit(rig, sg, QUERIES[0]), timeout, "hits to resume", pause=0.2,
+               detail=lambda: rig.proxy.output()[-3000:])
 
 
 class ReadLoad:
@@ -228,7 +217,7 @@ def test_postgresql_stopped_under_load(tmp_path: Path, db_url: str, backend: str
     parts = urllib.parse.urlsplit(db_url)
     relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
     try:
-        with make_rig(tmp_path, db_url, ["sgcache_max_lag=0"], relayed_url(db_url, relay.port)) as rig:
+        with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
             outage_under_load(rig, relay.cut, relay.restore)
     finally:
         relay.close()
@@ -239,12 +228,12 @@ def test_sqlite_file_gone_under_load(tmp_path: Path, db_url: str, backend: str) 
         pytest.skip("SQLite variant (PostgreSQL: test_postgresql_stopped_under_load)")
     path = Path(db_url.removeprefix("sqlite:///"))
     away = path.with_name(path.name + ".away")
-    with make_rig(tmp_path, db_url, ["sgcache_max_lag=0"]) as rig:
+    with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"]) as rig:
         outage_under_load(rig, lambda: os.rename(path, away), lambda: os.rename(away, path))
 
 
 def test_missing_table_passes_with_its_reason(tmp_path: Path, db_url: str) -> None:
-    with make_rig(tmp_path, db_url, ["sgcache_max_lag=0"]) as rig:
+    with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"]) as rig:
         args = read_args("Shot", ["code"])
         raw_call(rig, "read", args)  # SG accepts the credentials
         header, reply = raw_call(rig, "read", args)
@@ -267,31 +256,29 @@ def test_missing_table_passes_with_its_reason(tmp_path: Path, db_url: str) -> No
 
 
 def test_stale_replica_passes_until_the_heartbeat_is_fresh(tmp_path: Path, db_url: str) -> None:
-    with make_rig(tmp_path, db_url, ["sgcache_max_lag=60"]) as rig:
-        store = Store.open(db_url, Schema.load(rig.schema_path), create=False)
-        try:
-            with store.engine.begin() as conn:
-                store.set_state(conn, "ingester_heartbeat", "2001-02-03T04:05:06Z")
-            args = read_args("Shot", ["code", "sg_cut_in"])
-            raw_call(rig, "read", args)  # SG accepts the credentials
-            time.sleep(1.1)  # the proxy re-reads the replica's state once a second
-            header, reply = raw_call(rig, "read", args)
-            assert header == "pass; reason=stale"
-            assert reply == direct_raw(rig, args)
-            with store.engine.begin() as conn:
-                store.set_state(conn, "ingester_heartbeat", now_utc().strftime("%Y-%m-%dT%H:%M:%SZ"))
-            time.sleep(1.1)
-            assert raw_call(rig, "read", args) == ("hit", direct_raw(rig, args))
-        finally:
-            store.dispose()
+    with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=60"]) as rig:
+        store = rig.store
+        with store.engine.begin() as conn:
+            store.set_state(conn, "ingester_heartbeat", "2001-02-03T04:05:06Z")
+        args = read_args("Shot", ["code", "sg_cut_in"])
+        raw_call(rig, "read", args)  # SG accepts the credentials
+        # the proxy re-reads the replica's state once a second: wait for it to see the old heartbeat
+        header, reply = wait_until(lambda: _answer_if(rig, args, "pass; reason=stale"), 10, "a stale pass")
+        assert reply == direct_raw(rig, args)
+        with store.engine.begin() as conn:
+            store.set_state(conn, "ingester_heartbeat", now_utc().strftime("%Y-%m-%dT%H:%M:%SZ"))
+        header, reply = wait_until(lambda: _answer_if(rig, args, "hit"), 10, "a hit after a fresh heartbeat")
+        assert reply == direct_raw(rig, args)
 
+
+def _answer_if(rig: Rig, args: dict[str, Any], header: str) -> tuple[str, Any] | None:
+    """The proxy's (header, reply) to a read when its header is ``header``, else None."""
+    got = raw_call(rig, "read", args)
+    return got if got[0] == header else None
 
 
 def test_proxy_starts_and_passes_when_the_database_is_down_at_start(tmp_path: Path, backend: str) -> None:
     """No database at start-up: the proxy still runs, every request gets SG's answer."""
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    populate(site)
     if backend == "postgresql":
         with socket.socket() as probe:  # a port nothing listens on
             probe.bind(("127.0.0.1", 0))
@@ -299,16 +286,13 @@ def test_proxy_starts_and_passes_when_the_database_is_down_at_start(tmp_path: Pa
         dead_url = f"postgresql://postgres@127.0.0.1:{port}/test"
     else:
         dead_url = f"sqlite:///{tmp_path / 'no-such-dir' / 'replica.db'}"
-    with FakeSGServer(site) as server:
-        schema_path = site_schema_file(site, tmp_path / "schema.yml")
-        with Proxy(tmp_path, dead_url, schema_path, ["sgcache_max_lag=0", f"sgcache_site={server.url}"]) as proxy:
-            rig = Rig(site, server, proxy, schema_path, dead_url)
-            sg = rig.client()
-            expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code"])
-            before = rig.reads()
-            for _ in range(3):
-                assert sg.find("Shot", [["code", "is", "sh010"]], ["code"]) == expected
-            assert rig.reads() == before + 3
-            assert sg.info()["version"] == list(site.version)
-            assert "cannot open the replica" in proxy.output()
-            assert "Traceback" not in proxy.output()
+    with Rig(tmp_path, dead_url, prime=None, proxy=["sgcache_max_lag=0"]) as rig:
+        sg = rig.client()
+        expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code"])
+        before = rig.reads()
+        for _ in range(3):
+            assert sg.find("Shot", [["code", "is", "sh010"]], ["code"]) == expected
+        assert rig.reads() == before + 3
+        assert sg.info()["version"] == list(rig.site.version)
+        assert "cannot open the replica" in rig.proxy.output()
+        assert "Traceback" not in rig.proxy.output()

@@ -13,41 +13,40 @@ from typing import Any
 
 import pytest
 
-from .e2e import run_script
 from .fakesg import FakeSite
-from .freshrig import FreshRig
+from .rig import Rig
 
 WITHIN = 5.0  # seconds; the ingester polls every 0.2 s
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[FreshRig]:
+def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
     site = FakeSite.basic()
     proj = site.create_direct("Project", {"name": "Fresh"})
     assets = [site.create_direct("Asset", {"code": f"asset{i}", "project": proj}) for i in range(3)]
     for i in range(4):
         site.create_direct("Shot", {"code": f"sh{i:03d}", "project": proj, "assets": assets[:1]})
-    with FreshRig(tmp_path_factory.mktemp("fresh"), module_db_url, site, poll_interval=0.2,
-                  ingest_args=("--gap-timeout", "5")) as r:
+    with Rig(tmp_path_factory.mktemp("fresh"), module_db_url, site, ingester=True, poll_interval=0.2,
+             ingest_args=("--gap-timeout", "5")) as r:
         yield r
 
 
-def shot(rig: FreshRig, code: str) -> dict[str, Any]:
+def shot(rig: Rig, code: str) -> dict[str, Any]:
     return rig.site.find_direct("Shot", [["code", "is", code]], ["id"])[0]
 
 
-def find_shot(rig: FreshRig, shot_id: int, fields: list[str] | None = None) -> list[dict[str, Any]]:
-    return rig.sg.find("Shot", [["id", "is", shot_id]], fields or ["code", "assets"])
+def find_shot(rig: Rig, shot_id: int, fields: list[str] | None = None) -> list[dict[str, Any]]:
+    return rig.reader.find("Shot", [["id", "is", shot_id]], fields or ["code", "assets"])
 
 
-def test_update_is_a_hit_within_seconds(rig: FreshRig) -> None:
+def test_update_is_a_hit_within_seconds(rig: Rig) -> None:
     sid = shot(rig, "sh000")["id"]
     rig.site.update_direct("Shot", sid, {"code": "sh000-v2"})
     elapsed, _ = rig.wait_hit(lambda: find_shot(rig, sid), lambda r: r and r[0]["code"] == "sh000-v2")
     assert elapsed < WITHIN
 
 
-def test_multi_entity_add_is_a_hit_within_seconds(rig: FreshRig) -> None:
+def test_multi_entity_add_is_a_hit_within_seconds(rig: Rig) -> None:
     sid = shot(rig, "sh001")["id"]
     asset = rig.site.find_direct("Asset", [["code", "is", "asset2"]], ["id"])[0]
     rig.site.update_direct("Shot", sid, {"assets": [{"type": "Asset", "id": asset["id"]}]}, modes={"assets": "add"})
@@ -56,7 +55,7 @@ def test_multi_entity_add_is_a_hit_within_seconds(rig: FreshRig) -> None:
     assert elapsed < WITHIN
 
 
-def test_retirement_then_revival_are_hits_within_seconds(rig: FreshRig) -> None:
+def test_retirement_then_revival_are_hits_within_seconds(rig: Rig) -> None:
     sid = shot(rig, "sh002")["id"]
     rig.site.delete_direct("Shot", sid)
     elapsed, _ = rig.wait_hit(lambda: find_shot(rig, sid), lambda r: r == [])
@@ -66,15 +65,15 @@ def test_retirement_then_revival_are_hits_within_seconds(rig: FreshRig) -> None:
     assert elapsed < WITHIN
 
 
-def test_create_is_a_hit_within_seconds(rig: FreshRig) -> None:
+def test_create_is_a_hit_within_seconds(rig: Rig) -> None:
     proj = rig.site.find_direct("Project", [], ["id"])[0]
     rig.site.create_direct("Shot", {"code": "brand-new", "project": {"type": "Project", "id": proj["id"]}})
-    elapsed, _ = rig.wait_hit(lambda: rig.sg.find("Shot", [["code", "is", "brand-new"]], ["code", "project"]),
+    elapsed, _ = rig.wait_hit(lambda: rig.reader.find("Shot", [["code", "is", "brand-new"]], ["code", "project"]),
                               lambda r: len(r) == 1)
     assert elapsed < WITHIN
 
 
-def test_change_without_events_is_found_by_scan_since(rig: FreshRig) -> None:
+def test_change_without_events_is_found_by_scan_since(rig: Rig) -> None:
     sid = shot(rig, "sh003")["id"]
     since = rig.site.now() - dt.timedelta(seconds=5)
     rig.site.events_enabled = False
@@ -84,6 +83,6 @@ def test_change_without_events_is_found_by_scan_since(rig: FreshRig) -> None:
         rig.site.events_enabled = True
     # the ingester sees nothing: the proxy keeps answering the old value as a hit
     rig.wait_hit(lambda: find_shot(rig, sid), lambda r: r and r[0]["code"] == "sh003")
-    run_script("scan", "--since", since.strftime("%Y-%m-%dT%H:%M:%SZ"), "--quiet", env=rig.env())
+    rig.scan("--since", since.strftime("%Y-%m-%dT%H:%M:%SZ"))
     elapsed, _ = rig.wait_hit(lambda: find_shot(rig, sid), lambda r: r and r[0]["code"] == "silent", timeout=2)
     assert elapsed < 2

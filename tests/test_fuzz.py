@@ -26,8 +26,8 @@ from cache.read import Reader, ReplicaState
 from cache.schema import Schema
 from cache.store import Store
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig
 from .fakesg import FakeSite
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
 
 N_BODIES = 10_050
 WORKERS = 8
@@ -198,7 +198,7 @@ def _requests() -> list[tuple[bytes, dict[str, str], str]]:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
-    with primed_rig(tmp_path_factory.mktemp("fuzz"), module_db_url, [*RIG_OPTIONS, "termlog_verbosity=info"]) as rig:
+    with Rig(tmp_path_factory.mktemp("fuzz"), module_db_url, proxy=[*RIG_OPTIONS, "termlog_verbosity=info"]) as rig:
         yield rig
 
 

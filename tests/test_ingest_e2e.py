@@ -8,89 +8,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from cache.schema import Schema
 from cache.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.statekeys import EVENT_HIGH as K_HIGH
 from cache.statekeys import INGESTER_LEADER as K_LEADER
 from cache.store import Store
 
-from .conftest import REPO
-from .e2e import KEY, SCRIPT, script_env, site_schema_file
-from .fakesg import FakeSGServer, FakeSite
-from .test_events import SiteClient, assert_equal_to_site, prime
+from .fakesg import FakeSite
+from .paths import REPO, SCRIPTS
+from .replica import assert_equal_to_site
+from .rig import Rig
 
-INGEST = REPO / "scripts" / "ingest-events"
-
-
-class Rig:
-    """Fake SG server, a primed replica, and ingester processes."""
-
-    def __init__(self, site: FakeSite, server: FakeSGServer, db_url: str, schema_path: Path, tmp: Path):
-        self.site, self.server, self.db_url, self.tmp = site, server, db_url, tmp
-        self.env = script_env(server, db_url, schema_path)
-        self.store = Store.open(db_url, Schema.load(schema_path))
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"ingest-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed by the process
-        proc = subprocess.Popen(
-            [sys.executable, str(INGEST), "--poll-interval", "0.05", "--gap-timeout", "1",
-             "--lock-retry", "0.2", *args],
-            env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = log.name  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        return proc
-
-    def output(self, proc: subprocess.Popen[bytes]) -> str:
-        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
-
-    def state(self, key: str) -> Any:
-        with self.store.engine.connect() as conn:
-            return self.store.get_state(conn, key)
-
-    def caught_up(self) -> bool:
-        with self.store.engine.connect() as conn:
-            cursor = self.store.get_state(conn, K_CURSOR)
-            queued = conn.execute(sa.select(sa.func.count()).select_from(self.store.fetch_queue)).scalar()
-        return cursor == self.site.last_event_id() and queued == 0
-
-    def wait(self, cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            time.sleep(0.05)
-        logs = "\n".join(self.output(p)[-3000:] for p in self.procs)
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
+INGEST = SCRIPTS / "ingest-events"
 
 
 @pytest.fixture
 def rig(db_url: str, tmp_path: Path) -> Iterator[Rig]:
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    server = FakeSGServer(site).start()
-    schema_path = site_schema_file(site, tmp_path / "schema.yml")
-    r = Rig(site, server, db_url, schema_path, tmp_path)
-    prime(r.store, SiteClient(site))
-    try:
+    """The fake SG server and a primed replica; each test starts its ingesters (quick polls, short gaps,
+    the ingester's own idle back-off)."""
+    with Rig(tmp_path, db_url, FakeSite.basic(), prime="direct", proxy=False, poll_interval=0.05,
+             idle_backoff=True, ingest_args=("--gap-timeout", "1", "--lock-retry", "0.2")) as r:
         yield r
-    finally:
-        r.stop_all()
-        r.store.dispose()
-        server.stop()
 
 
 def workload(site: FakeSite, rng: random.Random, n: int, pace: float = 0.0) -> None:
@@ -149,7 +93,7 @@ def assert_applied_once(store: Store, site: FakeSite) -> None:
 
 
 def test_follow_applies_every_kind_of_event(rig: Rig) -> None:
-    proc = rig.start()
+    proc = rig.start_ingester()
     site = rig.site
     template = site.add_task_template(7, "basic", [{"content": "layout"}, {"content": "anim"}])
     workload(site, random.Random(1), 60)
@@ -164,7 +108,7 @@ def test_follow_applies_every_kind_of_event(rig: Rig) -> None:
 def test_sigkill_at_random_points_then_restart(rig: Rig) -> None:
     rng = random.Random(42)
     writer = threading.Thread(target=workload, args=(rig.site, random.Random(7), 400, 0.005))
-    proc = rig.start()
+    proc = rig.start_ingester()
     writer.start()
     kills = 0
     while writer.is_alive() or kills < 5:
@@ -172,7 +116,7 @@ def test_sigkill_at_random_points_then_restart(rig: Rig) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         kills += 1
-        proc = rig.start()
+        proc = rig.start_ingester()
     writer.join()
     rig.wait(rig.caught_up, timeout=30, what="catch-up after kills")
     assert kills >= 5
@@ -183,10 +127,10 @@ def test_sigkill_at_random_points_then_restart(rig: Rig) -> None:
 def test_two_ingesters_on_postgresql(rig: Rig, backend: str) -> None:
     if backend != "postgresql":
         pytest.skip("the advisory-lock takeover needs PostgreSQL (SQLite refuses a second ingester)")
-    first = rig.start()
+    first = rig.start_ingester()
     rig.wait(lambda: (rig.state(K_LEADER) or {}).get("pid") == first.pid, what="first leads")
-    second = rig.start()
-    rig.wait(lambda: "waiting for the leader lock" in rig.output(second), what="second waits")
+    second = rig.start_ingester()
+    rig.wait(lambda: "waiting for the leader lock" in second.output(), what="second waits")
     workload(rig.site, random.Random(3), 40)
     rig.wait(rig.caught_up, what="catch-up by the leader")
     first.send_signal(signal.SIGKILL)
@@ -203,18 +147,18 @@ def test_two_ingesters_on_postgresql(rig: Rig, backend: str) -> None:
 def test_second_ingester_on_sqlite_refuses(rig: Rig, backend: str) -> None:
     if backend != "sqlite":
         pytest.skip("SQLite only: on PostgreSQL the second ingester waits for the lock")
-    first = rig.start()
+    first = rig.start_ingester()
     rig.wait(lambda: (rig.state(K_LEADER) or {}).get("pid") == first.pid, what="first leads")
-    second = rig.start()
+    second = rig.start_ingester()
     assert second.wait(timeout=20) == 3
-    assert "another ingester" in rig.output(second)
+    assert "another ingester" in second.output()
     assert first.poll() is None
 
 
 def test_gaps_late_and_never(rig: Rig) -> None:
     site = rig.site
     shot = site.create_direct("Shot", {"code": "sh1"})
-    rig.start()
+    rig.start_ingester()
     rig.wait(rig.caught_up, what="start")
     held = site.hold_event_ids(1)
     site.update_direct("Shot", shot["id"], {"code": "late"})
@@ -230,19 +174,19 @@ def test_gaps_late_and_never(rig: Rig) -> None:
     site.update_direct("Shot", shot["id"], {"description": "after the hole"})
     rig.wait(lambda: rig.state(K_HIGH) == site.last_event_id(), what="high mark 2")
     rig.wait(lambda: rig.state(K_CURSOR) == site.last_event_id(), timeout=10, what="gap given up")
-    assert "gave up on event ids" in rig.output(rig.procs[0])
-    assert str(lost[0]) in rig.output(rig.procs[0])
+    assert "gave up on event ids" in rig.ingesters[0].output()
+    assert str(lost[0]) in rig.ingesters[0].output()
 
 
 def test_sg_down_then_back(rig: Rig) -> None:
     site = rig.site
-    proc = rig.start()
+    proc = rig.start_ingester()
     rig.wait(rig.caught_up, what="start")
     rig.server.stop_listening()
     shot = site.create_direct("Shot", {"code": "while down"})
     # Wait until the ingester has met the outage (an idle ingester polls only every 3 s): a fixed
     # sleep raced its back-off and failed about one run in three.
-    rig.wait(lambda: "poll failed" in rig.output(proc), timeout=30, what="a poll failing while SG is down")
+    rig.wait(lambda: "poll failed" in proc.output(), timeout=30, what="a poll failing while SG is down")
     assert proc.poll() is None
     rig.server.start()
     site.update_direct("Shot", shot["id"], {"code": "back"})
@@ -256,8 +200,8 @@ def test_help_and_once(rig: Rig) -> None:
     for flag in ("--once", "--follow", "--poll-interval", "--gap-timeout", "--batch", "--db", "--site"):
         assert flag in out.stdout
     workload(rig.site, random.Random(5), 30)
-    proc = rig.start("--once", "--batch", "7")
-    assert proc.wait(timeout=30) == 0, rig.output(proc)
+    proc = rig.start_ingester("--once", "--batch", "7")
+    assert proc.wait(timeout=30) == 0, proc.output()
     assert rig.caught_up()
     assert_equal_to_site(rig.store, rig.site)
 
@@ -265,25 +209,25 @@ def test_help_and_once(rig: Rig) -> None:
 def test_reprocess_retirement(rig: Rig) -> None:
     site = rig.site
     shot = site.create_direct("Shot", {"code": "sh1"})
-    proc = rig.start()
+    proc = rig.start_ingester()
     site.delete_direct("Shot", shot["id"])
     rig.wait(rig.caught_up, what="retirement")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
     with rig.store.engine.begin() as conn:  # as if a bug had lost the retirement
         rig.store.set_retired(conn, "Shot", shot["id"], False, "scan")
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reprocess"), "--retirement", "--types", "Shot"],
-                         env=rig.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, str(SCRIPTS / "reprocess"), "--retirement", "--types", "Shot"],
+                         env=rig.env(), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "replayed 2 stored events" in out.stderr
     assert_equal_to_site(rig.store, site)
 
 
 def test_reprocess_refuses_while_an_ingester_leads(rig: Rig) -> None:
-    proc = rig.start()
+    proc = rig.start_ingester()
     rig.wait(lambda: rig.state(K_LEADER) is not None, what="leader")
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reprocess"), "--retirement"],
-                         env=rig.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, str(SCRIPTS / "reprocess"), "--retirement"],
+                         env=rig.env(), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 3, out.stderr
     assert "stop it before reprocessing" in out.stderr
     proc.send_signal(signal.SIGTERM)

@@ -16,8 +16,8 @@ from cache.schema import Schema, parse_rules
 from cache.statekeys import EVENT_CURSOR, SG_CLOCK
 from cache.store import Store
 
-from .conftest import REPO
 from .fakesg import FakeSite
+from .paths import REPO
 
 RULES = REPO / "schema" / "basic-filters.txt"
 

@@ -20,12 +20,10 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from cache.schema import Schema, parse_rules
-
-from .e2e import KEY, SCRIPT, Rig
-from .fakesg import FakeSGServer, FakeSite
+from .databases import fresh_db_url
+from .fakesg import FakeSite
 from .fakesg.schema_data import basic_schema
-from .proxyharness import Proxy
+from .rig import KEY, SCRIPT, Rig
 
 #: Everything of basic_schema() that the cache can hold (image is never cached).
 RULES = "+*\n-*.image\n-EventLogEntry\n"
@@ -177,20 +175,9 @@ def populate(site: FakeSite) -> None:
     del s3, s4, s5, s6, s7, s9, a3
 
 
-def schema_file(site: FakeSite, path: Any) -> Any:
-    schema = Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES))
-    path.write_text(schema.to_yaml(), encoding="utf-8")
-    return path
-
-
 def make_rig(tmp_path: Any, db_url: str, site: FakeSite) -> Iterator[Rig]:
-    with FakeSGServer(site) as server:
-        schema_path = schema_file(site, tmp_path / "schema.yml")
-        rig = Rig(site, server, None, schema_path, db_url)  # type: ignore[arg-type]
-        rig.scan("--full")
-        with Proxy(tmp_path, db_url, schema_path, ["sgcache_max_lag=0", f"sgcache_site={server.url}"]) as proxy:
-            rig.proxy = proxy
-            yield rig
+    with Rig(tmp_path, db_url, site, rules=RULES, proxy=["sgcache_max_lag=0"]) as rig:
+        yield rig
 
 
 @pytest.fixture(scope="module")
@@ -605,8 +592,6 @@ def big(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterato
                                     "sg_sequence": L("Sequence", seqs[i % 3]["id"]) if i % 4 else None,
                                     "project": L("Project", project["id"])}, events=False)
     # a second database for this rig: the oracle's replica must not see these rows
-    from .conftest import fresh_db_url
-
     with fresh_db_url(tmp_path_factory.mktemp("bigdb")) as url:
         yield from make_rig(tmp_path_factory.mktemp("big"), url, site)
 

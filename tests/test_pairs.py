@@ -21,7 +21,7 @@ from cache.store import Store
 
 from .fakesg import FakeSite
 from .fakesg.site import PAIRS
-from .test_events import SiteClient, cached_schema, prime
+from .replica import SiteClient, cached_schema, prime
 
 # -- the registry ----------------------------------------------------------------------
 

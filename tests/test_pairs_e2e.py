@@ -10,7 +10,6 @@ must be cache hits (with the same answers).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,10 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig, run_script
 from .fakesg import FakeSite
-from .freshrig import READER, READER_KEY, FreshRig
 from .proxyharness import Proxy
+from .rig import READER, READER_KEY, RIG_OPTIONS, Rig
+from .wait import wait_until
 
 Read = tuple[str, list[Any], list[str]]
 
@@ -44,20 +43,20 @@ def populate_pairs(site: FakeSite) -> None:
     site.add_task_template(7, "Basic shot", [{"content": "Layout"}, {"content": "Anim"}])
 
 
-class PairsRig:
-    """A primed rig (proxy A) plus proxy B on the same database, and the ingester on demand."""
+class TwoProxies:
+    """A primed rig seen through two proxies on its database (A, the rig's own, and B), and the ingester on demand."""
 
     def __init__(self, rig: Rig, proxy_b: Proxy):
         self.rig, self.proxy_b = rig, proxy_b
         self.a = rig.client()
-        self.b = shotgun_api3.Shotgun(rig.server.url, script_name=SCRIPT, api_key=KEY, http_proxy=proxy_b.address)
+        self.b = rig.client(proxy_b)
         self.direct = rig.direct()
         for sg in (self.a, self.b):
             sg.find_one("Project", [])  # unseen credentials pass once; SG accepting them enables hits
 
     def ingest(self) -> None:
         """Let the ingester catch up with everything SG logged so far."""
-        run_script("ingest-events", "--once", env=self.rig.env())
+        self.rig.run("ingest-events", "--once")
 
     def one(self, entity_type: str, code: str, field: str = "code") -> dict[str, Any]:
         return {"type": entity_type, "id": self.direct.find_one(entity_type, [[field, "is", code]])["id"]}
@@ -72,38 +71,38 @@ class PairsRig:
 
     def assert_hits_after_ingest(self, reads: list[Read], timeout: float = 60.0) -> None:
         """Once the ingester has caught up, the reads are hits through both proxies, still SG's answers."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.ingest()
+        tries = 0
+
+        def caught_up_and_hits() -> bool:
+            nonlocal tries
+            tries += 1
+            if tries > 1 or not self.rig.caught_up():  # run the ingester unless it has every event already
+                self.ingest()
             expected = [self.direct.find(t, f, fl) for t, f, fl in reads]
             before = self.rig.reads()
             got = [[sg.find(t, f, fl) for t, f, fl in reads] for sg in (self.a, self.b)]
             hits = self.rig.reads() == before
             assert got == [expected, expected]
-            if hits:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError("reads still pass after the ingester caught up:\n"
-                                     + self.rig.proxy.output()[-3000:])
+            return hits
+
+        wait_until(caught_up_and_hits, timeout, "the reads to be hits after the ingester caught up", pause=0,
+                   detail=lambda: self.rig.proxy.output()[-3000:])
 
 
 @pytest.fixture(scope="module")
-def prig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[PairsRig]:
+def prig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[TwoProxies]:
     tmp = tmp_path_factory.mktemp("pairs")
-    with primed_rig(tmp, module_db_url, populate_site=populate_pairs) as rig:
-        workdir_b = tmp / "proxy-b"
-        workdir_b.mkdir()
-        with Proxy(workdir_b, module_db_url, rig.schema_path, RIG_OPTIONS) as proxy_b:
-            pr = PairsRig(rig, proxy_b)
-            pr.ingest()  # the cursor starts where the scan left it
-            yield pr
+    with Rig(tmp, module_db_url, populate_site=populate_pairs) as rig:
+        pr = TwoProxies(rig, rig.start_proxy(RIG_OPTIONS, workdir=tmp / "proxy-b"))
+        pr.ingest()  # the cursor starts where the scan left it
+        yield pr
 
 
 def tasks_of(*shots: dict[str, Any]) -> list[Read]:
     return [("Shot", [["id", "is", s["id"]]], ["code", "tasks"]) for s in shots]
 
 
-def check(prig: PairsRig, write: Callable[[], Any], reads: list[Read], modelled: bool | None = True) -> Any:
+def check(prig: TwoProxies, write: Callable[[], Any], reads: list[Read], modelled: bool | None = True) -> Any:
     """Warm the reads (hits), write through proxy A, read at once through A and B, then catch up.
 
     ``modelled``: True, the proxy applies every effect of the write on these reads, so they are hits
@@ -123,19 +122,19 @@ def check(prig: PairsRig, write: Callable[[], Any], reads: list[Read], modelled:
     return result
 
 
-def test_create_task_shows_in_the_shots_tasks(prig: PairsRig) -> None:
+def test_create_task_shows_in_the_shots_tasks(prig: TwoProxies) -> None:
     shot5 = prig.one("Shot", "sh05")
     check(prig, lambda: prig.a.create("Task", {"content": "new", "entity": shot5}), tasks_of(shot5))
 
 
-def test_move_task_between_shots(prig: PairsRig) -> None:
+def test_move_task_between_shots(prig: TwoProxies) -> None:
     shot5, shot1 = prig.one("Shot", "sh05"), prig.one("Shot", "sh01")
     task = prig.one("Task", "task0", "content")
     reads = tasks_of(shot5, shot1) + [("Task", [["entity", "is", shot1]], ["content", "entity"])]
     check(prig, lambda: prig.a.update("Task", task["id"], {"entity": shot1}), reads)
 
 
-def test_move_task_through_the_multi_side(prig: PairsRig) -> None:
+def test_move_task_through_the_multi_side(prig: TwoProxies) -> None:
     shot1, shot3 = prig.one("Shot", "sh01"), prig.one("Shot", "sh03")
     task = prig.one("Task", "task2", "content")
     reads = tasks_of(shot1, shot3) + [("Task", [["id", "is", task["id"]]], ["entity"])]
@@ -143,32 +142,32 @@ def test_move_task_through_the_multi_side(prig: PairsRig) -> None:
                                       multi_entity_update_modes={"tasks": "add"}), reads)
 
 
-def seq_reads(prig: PairsRig, shot: dict[str, Any]) -> list[Read]:
+def seq_reads(prig: TwoProxies, shot: dict[str, Any]) -> list[Read]:
     return [("Sequence", [], ["code", "shots"]), ("Shot", [["id", "is", shot["id"]]], ["sg_sequence"]),
             ("Shot", [["sg_sequence.Sequence.code", "is", "SQ1"]], ["code"])]
 
 
-def test_shot_changes_sequence(prig: PairsRig) -> None:
+def test_shot_changes_sequence(prig: TwoProxies) -> None:
     shot2 = prig.one("Shot", "sh02")
     seq = prig.one("Sequence", "SQ2")
     check(prig, lambda: prig.a.update("Shot", shot2["id"], {"sg_sequence": seq}), seq_reads(prig, shot2))
 
 
-def test_sequence_shots_add_moves_the_shot(prig: PairsRig) -> None:
+def test_sequence_shots_add_moves_the_shot(prig: TwoProxies) -> None:
     shot2 = prig.one("Shot", "sh02")
     seq = prig.one("Sequence", "SQ1")
     check(prig, lambda: prig.a.update("Sequence", seq["id"], {"shots": [shot2]},
                                       multi_entity_update_modes={"shots": "add"}), seq_reads(prig, shot2))
 
 
-def test_sequence_shots_set_unlinks_the_others(prig: PairsRig) -> None:
+def test_sequence_shots_set_unlinks_the_others(prig: TwoProxies) -> None:
     shot4 = prig.one("Shot", "sh04")
     seq = prig.one("Sequence", "SQ2")
     check(prig, lambda: prig.a.update("Sequence", seq["id"], {"shots": [shot4]}), seq_reads(prig, shot4)
           + [("Shot", [["sg_sequence", "is", None]], ["code"])])
 
 
-def test_shot_assets_add_and_remove(prig: PairsRig) -> None:
+def test_shot_assets_add_and_remove(prig: TwoProxies) -> None:
     shot5 = prig.one("Shot", "sh05")
     a0, a2 = prig.one("Asset", "asset0"), prig.one("Asset", "asset2")
     reads: list[Read] = [("Asset", [], ["code", "shots"]), ("Shot", [["id", "is", shot5["id"]]], ["assets"])]
@@ -179,13 +178,13 @@ def test_shot_assets_add_and_remove(prig: PairsRig) -> None:
     check(prig, lambda: prig.a.update("Asset", a0["id"], {"shots": [shot5]}), reads)
 
 
-def test_asset_parents_and_children(prig: PairsRig) -> None:
+def test_asset_parents_and_children(prig: TwoProxies) -> None:
     a0, a1 = prig.one("Asset", "asset0"), prig.one("Asset", "asset1")
     reads: list[Read] = [("Asset", [], ["code", "parents", "assets"])]
     check(prig, lambda: prig.a.update("Asset", a1["id"], {"parents": [a0]}), reads)
 
 
-def test_create_shot_with_task_template(prig: PairsRig) -> None:
+def test_create_shot_with_task_template(prig: TwoProxies) -> None:
     proj = prig.one("Project", "Pairs", "name")
     tmpl = {"type": "TaskTemplate", "id": 7}
     reads: list[Read] = [("Task", [["entity.Shot.code", "is", "tmpl-shot"]], ["content", "entity"]),
@@ -195,7 +194,7 @@ def test_create_shot_with_task_template(prig: PairsRig) -> None:
     assert len(prig.direct.find("Task", [["entity", "is", {"type": "Shot", "id": made["id"]}]])) == 2
 
 
-def test_create_note_on_shot_version_and_task(prig: PairsRig) -> None:
+def test_create_note_on_shot_version_and_task(prig: TwoProxies) -> None:
     shot5, version = prig.one("Shot", "sh05"), prig.one("Version", "v001")
     task = prig.one("Task", "task1", "content")
     proj = prig.one("Project", "Pairs", "name")
@@ -206,7 +205,7 @@ def test_create_note_on_shot_version_and_task(prig: PairsRig) -> None:
                                                "tasks": [task]}), reads)
 
 
-def test_retire_and_revive_a_linked_task(prig: PairsRig) -> None:
+def test_retire_and_revive_a_linked_task(prig: TwoProxies) -> None:
     shot5 = prig.one("Shot", "sh05")
     task = prig.one("Task", "task1", "content")
     reads = tasks_of(shot5) + [("Task", [["entity", "is", shot5]], ["content"]),
@@ -215,7 +214,7 @@ def test_retire_and_revive_a_linked_task(prig: PairsRig) -> None:
     check(prig, lambda: prig.a.revive("Task", task["id"]), reads, modelled=None)
 
 
-def test_retire_and_revive_a_shot_others_link_to(prig: PairsRig) -> None:
+def test_retire_and_revive_a_shot_others_link_to(prig: TwoProxies) -> None:
     shot5 = prig.one("Shot", "sh05")
     reads: list[Read] = [("Task", [], ["content", "entity"]), ("Sequence", [], ["shots"]),
                          ("Asset", [], ["shots"]), ("Version", [], ["entity"]), ("Note", [], ["note_links"])]
@@ -223,7 +222,7 @@ def test_retire_and_revive_a_shot_others_link_to(prig: PairsRig) -> None:
     check(prig, lambda: prig.a.revive("Shot", shot5["id"]), reads, modelled=False)
 
 
-def test_batch_of_writes(prig: PairsRig) -> None:
+def test_batch_of_writes(prig: TwoProxies) -> None:
     shot1, shot6 = prig.one("Shot", "sh01"), prig.one("Shot", "sh06")
     seq = prig.one("Sequence", "SQ1")
     reads = tasks_of(shot1, shot6) + seq_reads(prig, shot6)
@@ -233,13 +232,13 @@ def test_batch_of_writes(prig: PairsRig) -> None:
     ]), reads)
 
 
-def test_updated_at_is_not_served_stale_after_an_update(prig: PairsRig) -> None:
+def test_updated_at_is_not_served_stale_after_an_update(prig: TwoProxies) -> None:
     shot3 = prig.one("Shot", "sh03")
     reads: list[Read] = [("Shot", [["id", "is", shot3["id"]]], ["code", "updated_at", "updated_by"])]
     check(prig, lambda: prig.a.update("Shot", shot3["id"], {"description": "later"}), reads, modelled=False)
 
 
-def test_lost_answer_marks_what_the_write_could_change(prig: PairsRig) -> None:
+def test_lost_answer_marks_what_the_write_could_change(prig: TwoProxies) -> None:
     """SG applies an update but its answer is lost on the way: the proxy cannot know whether it was
     applied, so what it could change passes until the ingester has SG's events."""
     shot1, shot4 = prig.one("Shot", "sh01"), prig.one("Shot", "sh04")
@@ -254,7 +253,7 @@ def test_lost_answer_marks_what_the_write_could_change(prig: PairsRig) -> None:
     prig.assert_hits_after_ingest(reads)
 
 
-def test_unknown_pair_waits_for_the_ingester(prig: PairsRig, tmp_path: Path) -> None:
+def test_unknown_pair_waits_for_the_ingester(prig: TwoProxies, tmp_path: Path) -> None:
     """A custom pair the project does not ship: the reverse side passes until the ingester has the
     write's events; the ingester learns the pair from the backref event, and the next write of it is
     applied on both sides by the proxy."""
@@ -280,41 +279,36 @@ def test_with_the_ingester_following(tmp_path: Path, db_url: str) -> None:
     is SG's answer, whoever is faster, and the reads become hits once the ingester caught up."""
     site = FakeSite.basic()
     populate_pairs(site)
-    with FreshRig(tmp_path, db_url, site, poll_interval=0.2) as fresh:
-        workdir_b = tmp_path / "proxy-b"
-        workdir_b.mkdir()
-        assert fresh.server is not None and fresh.proxy is not None
-        with Proxy(workdir_b, db_url, fresh.schema_path, RIG_OPTIONS) as proxy_b:
-            writer = shotgun_api3.Shotgun(fresh.server.url, script_name=SCRIPT, api_key=KEY,
-                                          http_proxy=fresh.proxy.address)
-            b = shotgun_api3.Shotgun(fresh.server.url, script_name=READER, api_key=READER_KEY,
-                                     http_proxy=proxy_b.address)
-            b.find_one("Project", [])
-            direct = shotgun_api3.Shotgun(fresh.server.url, script_name=SCRIPT, api_key=KEY)
+    with Rig(tmp_path, db_url, site, ingester=True, poll_interval=0.2) as fresh:
+        proxy_b = fresh.start_proxy(RIG_OPTIONS, workdir=tmp_path / "proxy-b")
+        writer = fresh.client()
+        b = fresh.client(proxy_b, script_name=READER, api_key=READER_KEY)
+        b.find_one("Project", [])
+        direct = fresh.direct()
 
-            def one(entity_type: str, code: str, field: str = "code") -> dict[str, Any]:
-                return {"type": entity_type, "id": direct.find_one(entity_type, [[field, "is", code]])["id"]}
+        def one(entity_type: str, code: str, field: str = "code") -> dict[str, Any]:
+            return {"type": entity_type, "id": direct.find_one(entity_type, [[field, "is", code]])["id"]}
 
-            shot5, shot1 = one("Shot", "sh05"), one("Shot", "sh01")
-            proj = one("Project", "Pairs", "name")
-            task = one("Task", "task0", "content")
-            reads: list[Read] = [("Shot", [["id", "in", [shot5["id"], shot1["id"]]]], ["code", "tasks"]),
-                                 ("Task", [], ["content", "entity"]), ("Shot", [], ["code", "sg_sequence", "tasks"])]
-            writes: list[Callable[[], Any]] = [
-                lambda: writer.update("Task", task["id"], {"entity": shot1}),
-                lambda: writer.create("Shot", {"code": "tmpl", "project": proj,
-                                               "task_template": {"type": "TaskTemplate", "id": 7}}),
-                lambda: writer.update("Sequence", one("Sequence", "SQ1")["id"], {"shots": [shot5]},
-                                      multi_entity_update_modes={"shots": "add"}),
-                lambda: writer.delete("Task", task["id"]),
-            ]
-            for write in writes:
-                write()
-                for entity_type, filters, fields in reads:
-                    expected = direct.find(entity_type, filters, fields)
-                    assert fresh.sg.find(entity_type, filters, fields) == expected  # proxy A
-                    assert b.find(entity_type, filters, fields) == expected  # proxy B
+        shot5, shot1 = one("Shot", "sh05"), one("Shot", "sh01")
+        proj = one("Project", "Pairs", "name")
+        task = one("Task", "task0", "content")
+        reads: list[Read] = [("Shot", [["id", "in", [shot5["id"], shot1["id"]]]], ["code", "tasks"]),
+                             ("Task", [], ["content", "entity"]), ("Shot", [], ["code", "sg_sequence", "tasks"])]
+        writes: list[Callable[[], Any]] = [
+            lambda: writer.update("Task", task["id"], {"entity": shot1}),
+            lambda: writer.create("Shot", {"code": "tmpl", "project": proj,
+                                           "task_template": {"type": "TaskTemplate", "id": 7}}),
+            lambda: writer.update("Sequence", one("Sequence", "SQ1")["id"], {"shots": [shot5]},
+                                  multi_entity_update_modes={"shots": "add"}),
+            lambda: writer.delete("Task", task["id"]),
+        ]
+        for write in writes:
+            write()
             for entity_type, filters, fields in reads:
                 expected = direct.find(entity_type, filters, fields)
-                fresh.wait_hit(lambda t=entity_type, f=filters, fl=fields: fresh.sg.find(t, f, fl),
-                               lambda got, e=expected: got == e, timeout=30)
+                assert fresh.reader.find(entity_type, filters, fields) == expected  # proxy A
+                assert b.find(entity_type, filters, fields) == expected  # proxy B
+        for entity_type, filters, fields in reads:
+            expected = direct.find(entity_type, filters, fields)
+            fresh.wait_hit(lambda t=entity_type, f=filters, fl=fields: fresh.reader.find(t, f, fl),
+                           lambda got, e=expected: got == e, timeout=30)

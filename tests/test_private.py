@@ -21,8 +21,8 @@ from cache.schema import Schema
 from cache.store import Store
 
 from . import secretscan
-from .conftest import BASIC_SCHEMA, REPO
-from .test_addon_unit import sgcache
+from .paths import BASIC_SCHEMA, REPO
+from .sgcache_addon import sgcache
 
 SECRET = "pw-Zq81x/y@z"
 

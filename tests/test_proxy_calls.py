@@ -26,7 +26,7 @@ from cache.proxy.sending import Outgoing
 from cache.relay import RelayPolicy
 from cache.site import Site
 
-from .conftest import BASIC_SCHEMA
+from .paths import BASIC_SCHEMA
 
 HOST = "sg.example.com"
 AUTH = {"script_name": "pipeline", "script_key": "k"}

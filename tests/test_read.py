@@ -12,15 +12,31 @@ from cache.read import Reader, ReplicaState
 from cache.schema import Schema
 from cache.store import Store
 
-from .conftest import BASIC_SCHEMA
+from .paths import BASIC_SCHEMA
 
 SEQ = {"type": "Sequence", "id": 1, "name": "SQ01"}
 PROJECT = {"type": "Project", "id": 1, "name": "Demo"}
 
 
+@pytest.fixture(scope="module")
+def store(module_db_url: str) -> Iterator[Store]:
+    """One filled replica for the module: its tests only read (a test that writes takes ``own_store``)."""
+    st = filled_store(module_db_url)
+    yield st
+    st.dispose()
+
+
 @pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    st = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+def own_store(db_url: str) -> Iterator[Store]:
+    """A filled replica for this test alone."""
+    st = filled_store(db_url)
+    yield st
+    st.dispose()
+
+
+def filled_store(url: str) -> Store:
+    """Projects, a sequence, assets and shots (one of them retired), every type primed."""
+    st = Store.open(url, Schema.load(BASIC_SCHEMA))
     with st.engine.begin() as conn:
         st.write_entities(conn, "Project", [_project(1, "Demo", False), _project(2, "Old", True)], "scan", complete=True)
         st.write_entities(conn, "Sequence", [_full(st, "Sequence", {"id": 1, "code": "SQ01", "project": PROJECT})],
@@ -43,8 +59,7 @@ def store(db_url: str) -> Iterator[Store]:
                           retired=True)
         for t in ("Project", "Sequence", "Asset", "Shot"):
             st.mark_primed(conn, t)
-    yield st
-    st.dispose()
+    return st
 
 
 def _project(pid: int, name: str, archived: bool) -> dict[str, Any]:
@@ -124,7 +139,8 @@ def test_multi_entity_values_and_filters(store: Store) -> None:
     assert ids(read(store, filters=cond("assets", "is", None))) == [3, 4]
 
 
-def test_retired_link_disappears(store: Store) -> None:
+def test_retired_link_disappears(own_store: Store) -> None:
+    store = own_store
     with store.engine.begin() as conn:
         store.set_retired(conn, "Asset", 3, True, "test")
     result = read(store, return_fields=["assets"], filters=cond("id", "is", 2))
@@ -187,7 +203,8 @@ def test_deeply_nested_filters_pass(store: Store) -> None:
     assert info.value.reason == "filter-depth"
 
 
-def test_rewriting_the_same_rows_changes_nothing(store: Store) -> None:
+def test_rewriting_the_same_rows_changes_nothing(own_store: Store) -> None:
+    store = own_store
     with store.engine.begin() as conn:
         before = conn.execute(store.changes.select()).all()
         result = store.write_entities(conn, "Shot", [_full(store, "Shot", {

@@ -19,7 +19,7 @@ from cache.schema import Schema
 from cache.service import BREAKER_FAILURES, CacheService
 from cache.store import Store
 
-from .conftest import BASIC_SCHEMA
+from .paths import BASIC_SCHEMA
 
 N_SHOTS = 3000
 

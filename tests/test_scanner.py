@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,42 +13,29 @@ import pytest
 import sqlalchemy as sa
 
 from cache.scanner import Scanner
-from cache.schema import Schema, parse_rules
+from cache.schema import Schema
 from cache.statekeys import EVENT_CURSOR
 from cache.store import Store
 from cache.wire import parse_when
 
-from .conftest import REPO
-from .fakesg import FakeSGServer, FakeSite
+from .fakesg import FakeSite
+from .paths import REPO
+from .rig import KEY, SCRIPT, Rig
 
-SCRIPT, KEY = "scanner", "k3y"
 T0 = dt.datetime(2024, 3, 1, 12, 0, 0)
 #: Whole types, so that uncached data types (image, ...) are in the schema and must not be read.
 RULES = "+Project\n+Sequence\n+Shot\n+Task\n+HumanUser\n-*.tags\n"
 
 
-@dataclass
-class Rig:
-    site: FakeSite
-    server: FakeSGServer
-    schema: Schema
-    schema_path: Path
-    db_url: str
+def scan(rig: Rig, *args: str, page_size: int = 2) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/scan`` (small pages, to exercise the keyset loop); fail with its output."""
+    return rig.run("scan", "--db", rig.db_url, "--schema", str(rig.schema_path), "--page-size", str(page_size),
+                   "--quiet", *args)
 
-    def scan(self, *args: str, page_size: int = 2) -> subprocess.CompletedProcess[str]:
-        """Run ``scripts/scan`` (small pages, to exercise the keyset loop); fail with its output."""
-        env = dict(os.environ, SGCACHE_SITE=self.server.url, SGCACHE_SCRIPT_NAME=SCRIPT,
-                   SGCACHE_SCRIPT_KEY=KEY)
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "scan"), "--db", self.db_url, "--schema",
-             str(self.schema_path), "--page-size", str(page_size), "--quiet", *args],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
-        )
-        assert proc.returncode == 0, f"scan {args} failed:\n{proc.stdout}\n{proc.stderr}"
-        return proc
 
-    def store(self) -> Store:
-        return Store.open(self.db_url, self.schema)
+def open_store(rig: Rig) -> Store:
+    """The replica, opened anew (the caller disposes of it)."""
+    return Store.open(rig.db_url, Schema.load(rig.schema_path))
 
 
 def populate(site: FakeSite) -> dict[str, Any]:
@@ -80,11 +65,8 @@ def rig(tmp_path: Path, db_url: str) -> Iterator[Rig]:
     site = FakeSite.basic()
     site.add_script(SCRIPT, KEY)
     populate(site)
-    schema = Schema.from_schema_read(site.schema).brief().filtered(parse_rules(RULES))
-    path = tmp_path / "schema.yml"
-    path.write_text(schema.to_yaml(), encoding="utf-8")
-    with FakeSGServer(site) as server:
-        yield Rig(site, server, schema, path, db_url)
+    with Rig(tmp_path, db_url, site, rules=RULES, prime=None, proxy=False) as rig:
+        yield rig
 
 
 def sg_rows(site: FakeSite, entity_type: str) -> dict[int, bool]:
@@ -119,13 +101,13 @@ def shot_row(store: Store, shot_id: int) -> Any:
 
 def test_full_scan_primes_every_type(rig: Rig) -> None:
     cursor = rig.site.last_event_id()
-    rig.scan("--full")
-    store = rig.store()
+    scan(rig, "--full")
+    store = open_store(rig)
     try:
-        for entity_type in rig.schema.entities:
+        for entity_type in Schema.load(rig.schema_path).entities:
             assert replica_rows(store, entity_type) == sg_rows(rig.site, entity_type), entity_type
         state = type_state(store)
-        assert set(state) == set(rig.schema.entities)
+        assert set(state) == set(Schema.load(rig.schema_path).entities)
         assert all(primed for primed, _ in state.values())
         assert state["Shot"][1] == "2024-03-01T12:00:00Z"  # SG's updated_at, not the local clock
         with store.engine.connect() as conn:
@@ -150,13 +132,13 @@ def test_full_scan_primes_every_type(rig: Rig) -> None:
 
 
 def test_rescan_changes_nothing(rig: Rig) -> None:
-    rig.scan("--full")
-    store = rig.store()
+    scan(rig, "--full")
+    store = open_store(rig)
     try:
         before = change_count(store)
         assert before > 0
-        rig.scan("--full")
-        rig.scan()  # a watermark pass re-reads the overlap: still nothing new
+        scan(rig, "--full")
+        scan(rig)  # a watermark pass re-reads the overlap: still nothing new
         assert change_count(store) == before
     finally:
         store.dispose()
@@ -164,12 +146,12 @@ def test_rescan_changes_nothing(rig: Rig) -> None:
 
 def test_rows_gone_at_sg_are_retired(rig: Rig, request: Any) -> None:
     shots = {r["code"]: r["id"] for r in rig.site.find_direct("Shot", fields=["code"])}
-    rig.scan("--full")
+    scan(rig, "--full")
     rig.site.delete_direct("Shot", shots["sh000"], events=False)  # retired at SG
     with rig.site._lock:  # no helper in the fake for a row that vanished (purged); drop it directly
         del rig.site._state.rows["Shot"][shots["sh001"]]
-    rig.scan("--full", "--types", "Shot")
-    store = rig.store()
+    scan(rig, "--full", "--types", "Shot")
+    store = open_store(rig)
     try:
         rows = replica_rows(store, "Shot")
         assert rows[shots["sh000"]] is True and rows[shots["sh001"]] is True
@@ -190,12 +172,12 @@ def test_rows_gone_at_sg_are_retired(rig: Rig, request: Any) -> None:
 
 def test_since_and_watermark_pick_up_silent_writes(rig: Rig) -> None:
     shots = {r["code"]: r["id"] for r in rig.site.find_direct("Shot", fields=["code"])}
-    rig.scan("--full")
+    scan(rig, "--full")
     rig.site.set_clock(T0 + dt.timedelta(hours=1))
     rig.site.update_direct("Shot", shots["sh002"], {"code": "renamed", "sg_cut_in": 7}, events=False)
     rig.site.reset_counts()
-    rig.scan("--since", "2024-03-01T12:30:00Z", "--types", "Shot")
-    store = rig.store()
+    scan(rig, "--since", "2024-03-01T12:30:00Z", "--types", "Shot")
+    store = open_store(rig)
     try:
         row = shot_row(store, shots["sh002"])
         assert (row.code, row.sg_cut_in) == ("renamed", 7)
@@ -205,7 +187,7 @@ def test_since_and_watermark_pick_up_silent_writes(rig: Rig) -> None:
         # a watermark pass (no flag) picks up the next silent write
         rig.site.set_clock(T0 + dt.timedelta(hours=2))
         rig.site.update_direct("Shot", shots["sh004"], {"description": "later"}, events=False)
-        rig.scan()
+        scan(rig)
         assert shot_row(store, shots["sh004"]).description == "later"
         assert type_state(store)["Shot"] == (True, "2024-03-01T14:00:00Z")
     finally:
@@ -214,8 +196,8 @@ def test_since_and_watermark_pick_up_silent_writes(rig: Rig) -> None:
 
 def test_projects_scan_is_partial(rig: Rig) -> None:
     p1 = rig.site.find_direct("Project", [["name", "is", "P1"]])[0]["id"]
-    rig.scan("--full", "--projects", str(p1))
-    store = rig.store()
+    scan(rig, "--full", "--projects", str(p1))
+    store = open_store(rig)
     try:
         state = type_state(store)
         assert "Shot" not in state and "Project" not in state  # partial: not primed
@@ -262,7 +244,7 @@ def test_keyset_pages_survive_concurrent_inserts(rig: Rig) -> None:
         if entity_type == "Shot" and not created:
             created.append(rig.site.create_direct("Shot", {"code": "late"}, events=False)["id"])
 
-    store = rig.store()
+    store = open_store(rig)
     try:
         scan = Scanner(store, DirectClient(rig.site, on_read), page_size=2).full_scan("Shot")
         assert created[0] in scan.seen

@@ -16,11 +16,11 @@ import sqlalchemy as sa
 from cache.schema import Schema, SchemaError, parse_rules
 from cache.store import Store, entity_table_name
 
-from .conftest import REPO
-from .fakesg import FakeSGServer, FakeSite
+from .fakesg import FakeSite
+from .paths import REPO
+from .rig import Rig
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
-SCRIPT, KEY = "schematool", "k3y"
 #: schema_read keys with no place in the format: ``entity_type`` repeats the type, ``visible`` is UI state.
 UNKEPT_KEYS = {"entity_type", "visible"}
 
@@ -171,20 +171,18 @@ def test_bad_rules_refused(line: str) -> None:
 
 # -- the scripts ----------------------------------------------------------------------
 @pytest.fixture
-def server() -> Iterator[FakeSGServer]:
-    site = FakeSite.basic()
-    site.add_script(SCRIPT, KEY)
-    with FakeSGServer(site) as srv:
-        yield srv
+def rig(tmp_path: Path, db_url: str) -> Iterator[Rig]:
+    with Rig(tmp_path, db_url, FakeSite.basic(), prime=None, proxy=False) as r:
+        yield r
 
 
-def test_dump_filter_load_create(server: FakeSGServer, tmp_path: Path, db_url: str) -> None:
-    env = dict(os.environ, SGCACHE_SITE=server.url, SGCACHE_SCRIPT_NAME=SCRIPT, SGCACHE_SCRIPT_KEY=KEY)
+def test_dump_filter_load_create(rig: Rig, tmp_path: Path, db_url: str) -> None:
+    env = rig.env()
     site_yml = tmp_path / "site.yml"
     dumped = run("schema-dump", "-o", str(site_yml), env=env)
     assert dumped.returncode == 0, dumped.stderr
     site = Schema.load(site_yml)
-    assert site == Schema.from_schema_read(server.site.schema, server.site.entity_schema)
+    assert site == Schema.from_schema_read(rig.site.schema, rig.site.entity_schema)
     to_stdout = run("schema-dump", env=env)
     assert to_stdout.returncode == 0 and to_stdout.stdout == site_yml.read_text()
 

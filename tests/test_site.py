@@ -9,7 +9,7 @@ from cache.schema import Schema
 from cache.site import Site, SiteError, SiteMismatch
 from cache.store import Store
 
-from .conftest import BASIC_SCHEMA
+from .paths import BASIC_SCHEMA
 
 
 @pytest.mark.parametrize(

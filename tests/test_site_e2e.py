@@ -22,9 +22,10 @@ from cache import site as sitemod
 from cache.schema import Schema
 from cache.store import Store
 
-from .e2e import KEY, RIG_OPTIONS, SCRIPT, Rig, primed_rig, script_env
 from .fakesg import FakeSGServer, FakeSite
-from .proxyharness import REPO, Proxy, connect_status, plain_status
+from .paths import REPO
+from .proxyharness import Proxy, connect_status, plain_status
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
 
 
 def populate_b(site: FakeSite) -> None:
@@ -54,7 +55,7 @@ def two_sites(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> I
     populate_b(site_b)
     with FakeSGServer(site_b) as server_b:
         options = [*RIG_OPTIONS, f"sgcache_allow_connect=127.0.0.1:{server_b.port}"]
-        with primed_rig(tmp_path_factory.mktemp("sites"), module_db_url, options) as rig:
+        with Rig(tmp_path_factory.mktemp("sites"), module_db_url, proxy=options) as rig:
             yield rig, server_b
 
 
@@ -155,7 +156,7 @@ def test_programs_refuse_a_replica_of_another_site(tmp_path: Path, two_sites: tu
     rig, server_b = two_sites
     ours, theirs = sitemod.normalise(rig.server.url), sitemod.normalise(server_b.url)
     codes = shot_codes(rig)
-    env = script_env(server_b, rig.db_url, rig.schema_path)
+    env = rig.env(SGCACHE_SITE=server_b.url)
     for name, args in (("scan", ("--full", "--quiet")), ("ingest-events", ("--once",)), ("reprocess", ())):
         proc = run(name, env, *args)
         assert proc.returncode != 0, (name, proc.stdout, proc.stderr)

@@ -16,7 +16,7 @@ from cache.scanner import Scanner
 from cache.store import Store
 
 from .fakesg import FakeSite
-from .test_events import SiteClient, cached_schema, make_project, prime
+from .replica import SiteClient, cached_schema, make_project, prime
 
 
 @pytest.fixture

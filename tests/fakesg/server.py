@@ -81,6 +81,13 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog. socketserver's default of 5 overflows when many clients open connections at
+    # once (16 writers through the proxy, each write on a fresh connection, beside the proxy's relayed
+    # reads and the ingester), all in the test process, whose accept loop competes for the GIL: Linux
+    # then drops SYNs (connect times out) and handshake ACKs, and a connection the client saw open can
+    # be reset after its request was sent ("the connection to SG broke after the update was sent").
+    # Deeper than any test's concurrent connections, it never overflows on loopback.
+    request_queue_size = 1024
 
     def __init__(self, addr: tuple[str, int], site: FakeSite, ssl_context: ssl.SSLContext | None) -> None:
         self.site = site

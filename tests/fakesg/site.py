@@ -336,6 +336,10 @@ class FakeSite:
             self._scripts[name] = _Script(name, key, generate_events, row["id"])
             return self._link("ApiUser", row["id"])  # type: ignore[return-value]
 
+    def has_script(self, name: str) -> bool:
+        with self._lock:
+            return name in self._scripts
+
     def revoke_script(self, name: str) -> None:
         """Make a script's key invalid (later calls fail with error 102)."""
         with self._lock:
@@ -408,6 +412,12 @@ class FakeSite:
                         continue
                 n += 1
             return n
+
+    def count_by_script(self, method_name: str, script_name: str) -> int:
+        """How many /api3/json calls of ``method_name`` came with the credentials of script ``script_name``."""
+        with self._lock:
+            return sum(1 for (name, _params), auth in zip(self.requests, self.request_auth, strict=True)
+                       if name == method_name and isinstance(auth, dict) and auth.get("script_name") == script_name)
 
     def reset_counts(self) -> None:
         """Forget recorded requests (both the API log and the raw HTTP log)."""

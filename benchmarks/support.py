@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmarks (which import only helper modules, never each other)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from cache.dialect import normalize_url
+from cache.store import Store
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def fill(store: Store, n: int) -> None:
+    """N shots over N/100 sequences, one Task and one Version per Shot."""
+    project = {"type": "Project", "id": 1, "name": "Bench"}
+    schema = store.schema
+
+    def full(entity_type: str, values: dict[str, Any]) -> dict[str, Any]:
+        rec = {f: None for f in schema.entities[entity_type].fields}
+        rec.update(values)
+        return rec
+
+    statuses = ["ip", "fin", "wtg", "hld"]
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Project", [full("Project", {"id": 1, "name": "Bench", "archived": False})],
+                             "scan", complete=True)
+        store.write_entities(conn, "Sequence", [full("Sequence", {"id": s, "code": f"SQ{s:04d}", "project": project})
+                                                for s in range(1, n // 100 + 2)], "scan", complete=True)
+    for start in range(1, n + 1, 5000):
+        ids = range(start, min(n + 1, start + 5000))
+        with store.engine.begin() as conn:
+            store.write_entities(conn, "Shot", [full("Shot", {
+                "id": i, "code": f"sh{i:06d}", "sg_status_list": statuses[i % 4], "sg_cut_in": 990 + i % 50,
+                "sg_cut_out": 1100 + i % 50, "description": f"shot number {i}", "project": project,
+                "sg_sequence": {"type": "Sequence", "id": i // 100 + 1, "name": f"SQ{i // 100 + 1:04d}"}})
+                for i in ids], "scan", complete=True)
+            store.write_entities(conn, "Task", [full("Task", {
+                "id": i, "content": "comp", "project": project, "sg_status_list": statuses[i % 4],
+                "entity": {"type": "Shot", "id": i, "name": f"sh{i:06d}"}}) for i in ids], "scan", complete=True)
+            store.write_entities(conn, "Version", [full("Version", {
+                "id": i, "code": f"sh{i:06d}_v001", "project": project,
+                "entity": {"type": "Shot", "id": i, "name": f"sh{i:06d}"}}) for i in ids], "scan", complete=True)
+    with store.engine.begin() as conn:
+        for entity_type in schema.entities:
+            store.mark_primed(conn, entity_type)
+
+
+def pg_url(base: str) -> tuple[str, str] | None:
+    """A fresh schema on ``base`` (dropped by :func:`drop_pg`), or None if PostgreSQL is unreachable."""
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        admin.dispose()
+    except sa.exc.OperationalError as exc:
+        print(f"PostgreSQL unavailable ({exc.__class__.__name__}); skipped")
+        return None
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}", schema
+
+
+def drop_pg(base: str, schema: str) -> None:
+    admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    admin.dispose()
