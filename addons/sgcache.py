@@ -4,7 +4,7 @@
 
 The addon is thin: its hooks decode ``POST .../api3/json``, dispatch to the policies in
 :mod:`cache.proxy` (no mitmproxy there; unit-tested without a proxy) and to the replica's
-:mod:`cache.service` in worker threads (never on mitmproxy's event loop), and answer. Every
+:mod:`cache.proxy.service` in worker threads (never on mitmproxy's event loop), and answer. Every
 answer is marked ``X-SGCache: hit`` or ``X-SGCache: pass; reason=...``. What one flow's hooks
 share is its :class:`~cache.proxy.flowstate.FlowState`.
 """
@@ -28,10 +28,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache.auth import CredentialCache  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
 from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
+from cache.proxy.auth import CredentialCache  # noqa: E402
 from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
@@ -39,9 +39,9 @@ from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
 from cache.proxy.routing import decrypt_patterns, is_api3  # noqa: E402
 from cache.proxy.sending import Outgoing  # noqa: E402
+from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
-from cache.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
-from cache.site import Site, SiteError  # noqa: E402
+from cache.replica.site import Site, SiteError  # noqa: E402
 
 log = logging.getLogger("sgcache")
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.support import DEFAULT_PG, drop_pg, pg_url  # noqa: E402
-from cache.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT  # noqa: E402
+from cache.replica.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 from tests.rig import Rig  # noqa: E402
 

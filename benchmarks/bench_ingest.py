@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.support import DEFAULT_PG, drop_pg, pg_url  # noqa: E402
 from cache.ingest import DEEP_FIELDS, IngestConfig, Ingester, NoLock, engine_options  # noqa: E402
-from cache.schema import Schema, parse_rules  # noqa: E402
-from cache.statekeys import EVENT_CURSOR as K_CURSOR  # noqa: E402
-from cache.store import Store  # noqa: E402
+from cache.replica.schema import Schema, parse_rules  # noqa: E402
+from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR  # noqa: E402
+from cache.replica.store import Store  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 
 RULES = REPO / "schema" / "basic-filters.txt"

@@ -18,9 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cache import pending  # noqa: E402
+from cache.proxy.service import CacheService  # noqa: E402
 from cache.read import ReplicaState  # noqa: E402
-from cache.service import CacheService  # noqa: E402
+from cache.replica import pending  # noqa: E402
 
 PARAMS = {"type": "Shot", "return_fields": ["code", "sg_status_list", "sg_sequence"],
           "filters": {"logical_operator": "and", "conditions": [{"path": "code", "relation": "is", "values": ["sh1"]}]},

@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.support import fill  # noqa: E402
 from cache.read import Reader, ReplicaState  # noqa: E402
-from cache.schema import Schema  # noqa: E402
-from cache.store import Store  # noqa: E402
+from cache.replica.schema import Schema  # noqa: E402
+from cache.replica.store import Store  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 from tests.paths import BASIC_SCHEMA  # noqa: E402
 from tests.rig import Rig  # noqa: E402

@@ -7,8 +7,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cache.dialect import normalize_url
-from cache.store import Store
+from cache.replica.dialect import normalize_url
+from cache.replica.store import Store
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -80,8 +80,8 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
 
     Every script writes: the store is a writer's (on SQLite each transaction takes the write lock
     at BEGIN, so none fails upgrading a read lock while another process writes)."""
-    from .site import Site, SiteError, SiteMismatch, bind, check
-    from .store import Store
+    from .replica.site import Site, SiteError, SiteMismatch, bind, check
+    from .replica.store import Store
 
     try:
         site = Site.parse(site_url) if site_url else None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from cache.dialect import normalize_url
+from cache.replica.dialect import normalize_url
 
 #: Put into a PostgreSQL test URL that has no password (a distinctive value the secret scan looks for).
 DB_PASSWORD = "dbpw-9e2c5a71-NeverLogMe"

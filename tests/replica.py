@@ -11,9 +11,9 @@ from typing import Any
 
 from cache.ingest import Ingester
 from cache.read import Reader, ReplicaState
-from cache.schema import Schema, parse_rules
-from cache.statekeys import EVENT_CURSOR as K_CURSOR
-from cache.store import Store
+from cache.replica.schema import Schema, parse_rules
+from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .paths import RULES

@@ -22,9 +22,9 @@ from typing import Any
 import shotgun_api3
 import sqlalchemy as sa
 
-from cache.schema import Schema, parse_rules
-from cache.statekeys import EVENT_CURSOR as K_CURSOR
-from cache.store import Store
+from cache.replica.schema import Schema, parse_rules
+from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.replica.store import Store
 
 from .certs import self_signed
 from .fakesg import FakeSGServer, FakeSite

@@ -12,7 +12,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from cache.auth import site_of
+from cache.proxy.auth import site_of
 from cache.proxy.flowstate import state_of
 
 from .paths import BASIC_SCHEMA
@@ -273,8 +273,8 @@ def test_only_listed_scripts_are_served(run: Any) -> None:
 
 
 def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hits(db_url: str) -> None:
-    from cache.schema import Schema
-    from cache.store import Store
+    from cache.replica.schema import Schema
+    from cache.replica.store import Store
 
     store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
     blank = dict.fromkeys(store.schema.entities["Shot"].fields)

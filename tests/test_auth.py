@@ -1,4 +1,4 @@
-"""cache/auth.py: which answers verify a credential, for which site, for how long (a fake clock)."""
+"""cache/proxy/auth.py: which answers verify a credential, for which site, for how long (a fake clock)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cache.auth import CredentialCache, site_of, verdict
+from cache.proxy.auth import CredentialCache, site_of, verdict
 
 SITE = site_of("https", "studio.shotgunstudio.com", 443)
 OTHER = site_of("https", "studio.shotgunstudio.com", 8443)

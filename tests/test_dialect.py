@@ -12,9 +12,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cache import dialect as dialects
 from cache.config import open_bound_store
-from cache.dialect import (
+from cache.errors import Passthrough
+from cache.replica import dialect as dialects
+from cache.replica.dialect import (
     POSTGRESQL,
     SQLITE,
     FileLock,
@@ -28,9 +29,8 @@ from cache.dialect import (
     normalize_url,
     sqlite_path,
 )
-from cache.errors import Passthrough
-from cache.schema import Schema
-from cache.store import Store
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 from .paths import BASIC_SCHEMA
 

@@ -12,10 +12,10 @@ from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
 from cache.read import Reader, ReplicaState
 from cache.read.eventlog import check_answer, check_read, id_upper_bound
-from cache.scanner import Scanner
-from cache.schema import Schema, parse_rules
-from cache.statekeys import EVENT_CURSOR as K_CURSOR
-from cache.store import Store
+from cache.replica.schema import Schema, parse_rules
+from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.replica.store import Store
+from cache.scan.scanner import Scanner
 
 from .fakesg import FakeSite
 from .paths import RULES

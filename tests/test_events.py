@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 
 from cache.ingest import IngestConfig, Ingester, LockHeld, replay
-from cache.statekeys import EVENT_CURSOR as K_CURSOR
-from cache.statekeys import EVENT_HIGH as K_HIGH
-from cache.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT
-from cache.statekeys import SG_CLOCK as K_SG_CLOCK
-from cache.store import Store
+from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.replica.statekeys import EVENT_HIGH as K_HIGH
+from cache.replica.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT
+from cache.replica.statekeys import SG_CLOCK as K_SG_CLOCK
+from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .replica import (

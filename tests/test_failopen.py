@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from cache.schema import Schema
-from cache.store import Store, now_utc
+from cache.replica.schema import Schema
+from cache.replica.store import Store, now_utc
 
 from .rig import KEY, SCRIPT, Rig
 from .wait import wait_until

@@ -1,4 +1,4 @@
-"""The fetch queue's API (cache/fetchqueue.py) on ``db_url``: the only SQL against ``sgcache_fetch``."""
+"""The fetch queue's API (cache/replica/fetchqueue.py) on ``db_url``: the only SQL against ``sgcache_fetch``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from cache import fetchqueue
-from cache.schema import Schema
-from cache.store import Store
+from cache.replica import fetchqueue
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0)
 

@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache import api3
 from cache.errors import Passthrough
+from cache.proxy import api3
 from cache.read import Reader, ReplicaState
-from cache.schema import Schema
-from cache.store import Store
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig

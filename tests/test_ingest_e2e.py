@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.statekeys import EVENT_CURSOR as K_CURSOR
-from cache.statekeys import EVENT_HIGH as K_HIGH
-from cache.statekeys import INGESTER_LEADER as K_LEADER
-from cache.store import Store
+from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
+from cache.replica.statekeys import EVENT_HIGH as K_HIGH
+from cache.replica.statekeys import INGESTER_LEADER as K_LEADER
+from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .paths import REPO, SCRIPTS

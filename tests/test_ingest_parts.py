@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from cache import fetchqueue
 from cache.ingest import IngestConfig, Ingester, NoLock, PollResult, batch, eventwire
 from cache.ingest.eventwire import id_ranges, split_event_type, subject_of
 from cache.ingest.sgclock import SGClock
-from cache.schema import Schema, parse_rules
-from cache.statekeys import EVENT_CURSOR, SG_CLOCK
-from cache.store import Store
+from cache.replica import fetchqueue
+from cache.replica.schema import Schema, parse_rules
+from cache.replica.statekeys import EVENT_CURSOR, SG_CLOCK
+from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .paths import REPO

@@ -11,13 +11,19 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache import pending
 from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
-from cache.pairs import DEFAULT_PAIRS_FILE, PairRegistry, PairsError, learn_from_events, load_pairs_file
+from cache.proxy.service import CacheService
 from cache.read import Reader, ReplicaState
-from cache.service import CacheService
-from cache.store import Store
+from cache.replica import pending
+from cache.replica.pairs import (
+    DEFAULT_PAIRS_FILE,
+    PairRegistry,
+    PairsError,
+    learn_from_events,
+    load_pairs_file,
+)
+from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .fakesg.site import PAIRS

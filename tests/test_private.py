@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons
 
-from cache.dialect import sqlite_path
 from cache.ingest import FileLock
 from cache.private import RedactingFilter, ensure_private_file, redact, safe_url, url_password
-from cache.schema import Schema
-from cache.store import Store
+from cache.replica.dialect import sqlite_path
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 from . import secretscan
 from .paths import BASIC_SCHEMA, REPO

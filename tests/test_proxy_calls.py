@@ -21,10 +21,10 @@ from cache.proxy.calls import BIG_BODY, Call, SGAnswer, SiteCalls
 from cache.proxy.flowstate import FlowState, state_of
 from cache.proxy.guard import RelayGuard
 from cache.proxy.reads import SLOW_CLIENT_FRACTION, Reads, SlowClients
+from cache.proxy.relay import RelayPolicy
 from cache.proxy.replica import Refused, Replica, ReplicaOptions
 from cache.proxy.sending import Outgoing
-from cache.relay import RelayPolicy
-from cache.site import Site
+from cache.replica.site import Site
 
 from .paths import BASIC_SCHEMA
 

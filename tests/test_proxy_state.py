@@ -9,15 +9,15 @@ import re
 
 import pytest
 
-from cache.auth import CredentialCache, site_of
 from cache.proxy import answers
+from cache.proxy.auth import CredentialCache, site_of
 from cache.proxy.credentials import answered_by_sg, decodes_as_json, record_answer
 from cache.proxy.flowstate import KEY, FlowState, state_of
 from cache.proxy.metrics import Counters
 from cache.proxy.offline import InfoCopies
 from cache.proxy.outage import OUTAGE_SECONDS, Outages, never_connected
 from cache.proxy.routing import NO_HOST, decrypt_patterns, hostport, is_api3
-from cache.site import Site
+from cache.replica.site import Site
 
 SITE = site_of("https", "sg.example.com", 443)
 AUTH = {"script_name": "pipeline", "script_key": "k"}

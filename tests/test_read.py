@@ -9,8 +9,8 @@ import pytest
 
 from cache.errors import Passthrough
 from cache.read import Reader, ReplicaState
-from cache.schema import Schema
-from cache.store import Store
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 from .paths import BASIC_SCHEMA
 

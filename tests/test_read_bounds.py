@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.dialect import classify_error
 from cache.errors import Passthrough
+from cache.proxy.service import BREAKER_FAILURES, CacheService
 from cache.read import ReadBudget, Reader, ReplicaState
-from cache.schema import Schema
-from cache.service import BREAKER_FAILURES, CacheService
-from cache.store import Store
+from cache.replica.dialect import classify_error
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 from .paths import BASIC_SCHEMA
 

@@ -1,4 +1,4 @@
-"""cache/relay.py: which CONNECT tunnels and plain-http destinations the proxy allows (no network)."""
+"""cache/proxy/relay.py: which CONNECT tunnels and plain-http destinations the proxy allows (no network)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from cache.relay import RelayPolicy, is_local, own_address, parse_allow
-from cache.site import Site
+from cache.proxy.relay import RelayPolicy, is_local, own_address, parse_allow
+from cache.replica.site import Site
 
 OWN = {ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("fd00::3")}
 DNS = {

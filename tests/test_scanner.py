@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.scanner import Scanner
-from cache.schema import Schema
-from cache.statekeys import EVENT_CURSOR
-from cache.store import Store
+from cache.replica.schema import Schema
+from cache.replica.statekeys import EVENT_CURSOR
+from cache.replica.store import Store
+from cache.scan.scanner import Scanner
 from cache.wire import parse_when
 
 from .fakesg import FakeSite

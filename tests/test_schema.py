@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cache.schema import Schema, SchemaError, parse_rules
-from cache.store import Store, entity_table_name
+from cache.replica.schema import Schema, SchemaError, parse_rules
+from cache.replica.store import Store, entity_table_name
 
 from .fakesg import FakeSite
 from .paths import REPO

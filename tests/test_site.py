@@ -1,13 +1,13 @@
-"""cache/site.py: site identity, and the binding of a replica to one site (SQLite and PostgreSQL)."""
+"""cache/replica/site.py: site identity, and the binding of a replica to one site (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cache import site as sitemod
-from cache.schema import Schema
-from cache.site import Site, SiteError, SiteMismatch
-from cache.store import Store
+from cache.replica import site as sitemod
+from cache.replica.schema import Schema
+from cache.replica.site import Site, SiteError, SiteMismatch
+from cache.replica.store import Store
 
 from .paths import BASIC_SCHEMA
 

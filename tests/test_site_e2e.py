@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from cache import site as sitemod
-from cache.schema import Schema
-from cache.store import Store
+from cache.replica import site as sitemod
+from cache.replica.schema import Schema
+from cache.replica.store import Store
 
 from .fakesg import FakeSGServer, FakeSite
 from .paths import REPO

@@ -1,4 +1,4 @@
-"""The one write path (cache/writes.py): upserts, so a row another writer inserted meanwhile is
+"""The one write path (cache/replica/writes.py): upserts, so a row another writer inserted meanwhile is
 updated rather than a unique-key error; only changed columns are written; the scanner's reconcile of
 a type primed empty."""
 
@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from cache.ingest import IngestConfig, Ingester
-from cache.scanner import Scanner
-from cache.store import Store
+from cache.replica.store import Store
+from cache.scan.scanner import Scanner
 
 from .fakesg import FakeSite
 from .replica import SiteClient, cached_schema, make_project, prime

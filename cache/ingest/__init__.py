@@ -7,7 +7,7 @@ The invariants (each module says which of them it keeps):
   advanced, all together; a process killed at any point leaves either the whole poll or none
   of it. When EventLogEntry is a cached type, every applied event also becomes its
   EventLogEntry row in that transaction. All replica writes go through
-  :class:`cache.writes.WriteBatch` (upserts, so the proxy writing the same rows at the same
+  :class:`cache.replica.writes.WriteBatch` (upserts, so the proxy writing the same rows at the same
   moment never collides with a poll).
 - **Never lose an update** (apply.py, fetch.py): entities whose values cannot be taken from an
   event (New, Revival, rows never seen, values in doubt, events that filled a gap late) are put
@@ -17,7 +17,7 @@ The invariants (each module says which of them it keeps):
   differ from the row's value is not applied but fetched: the row holds a later write (the
   proxy learned it before this event was polled) or missed one, and an older value must not
   overwrite a newer one.
-- **Cursor, high, floor and gaps** (gaps.py; the keys are in cache/statekeys.py):
+- **Cursor, high, floor and gaps** (gaps.py; the keys are in cache/replica/statekeys.py):
 
   - ``event_cursor``: every event id at or below it is applied or given up;
   - ``event_high``: the highest event id applied; ids between the cursor and it that were
@@ -46,7 +46,7 @@ The invariants (each module says which of them it keeps):
 
 Modules: ``poll`` (:class:`Ingester`: the loop, a poll, the sweep), ``batch`` (a poll's
 transaction), ``apply`` (one event), ``gaps`` (cursor, gaps, floor), ``sgclock``, ``fetch``
-(the fetch queue's reader; the queue itself is cache/fetchqueue.py), ``schemarefresh``,
+(the fetch queue's reader; the queue itself is cache/replica/fetchqueue.py), ``schemarefresh``,
 ``leader``, ``replay`` (``scripts/reprocess``), ``eventwire`` (what an event is on the
 wire), and ``config``. (The read side of the cursor contract, which EventLogEntry reads the proxy may
 answer, is cache/read/eventlog.py.) They all
@@ -55,7 +55,15 @@ log as ``sgcache.events``, the ingester's logger name from before it was a packa
 
 from __future__ import annotations
 
-from ..dialect import FileLock, LeaderLock, LockHeld, NoLock, PgAdvisoryLock, engine_options, leader_lock_for
+from ..replica.dialect import (
+    FileLock,
+    LeaderLock,
+    LockHeld,
+    NoLock,
+    PgAdvisoryLock,
+    engine_options,
+    leader_lock_for,
+)
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import DEEP_FIELDS, EVENT_FIELDS
 from .poll import Ingester

@@ -1,4 +1,4 @@
-"""Applying one event to the replica, through a :class:`~cache.writes.WriteBatch`.
+"""Applying one event to the replica, through a :class:`~cache.replica.writes.WriteBatch`.
 
 Invariants kept here (see :mod:`cache.ingest`):
 
@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from .. import fieldtypes
-from ..store import Store
+from ..replica import fieldtypes
+from ..replica.store import Store
+from ..replica.writes import WriteBatch
 from ..wire import Key, is_link
-from ..writes import WriteBatch
 from .eventwire import (
     ACTIONS,
     RETIREMENT_FIELD,

@@ -24,9 +24,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..store import Store, now_utc
+from ..replica.store import Store, now_utc
+from ..replica.writes import WriteBatch
 from ..wire import Key, chunks
-from ..writes import WriteBatch
 from .apply import EventApplier
 from .config import PollResult
 from .eventwire import EVENT_TYPE, subject_of

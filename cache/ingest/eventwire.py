@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..store import Store
+from ..replica.store import Store
 from ..wire import EVENT_TYPE, Key, is_link
 
 #: The event fields every poll reads (cached EventLogEntry fields are added).

@@ -1,9 +1,9 @@
-"""Re-reading queued entities from SG (the fetch queue, :mod:`cache.fetchqueue`), after each poll.
+"""Re-reading queued entities from SG (the fetch queue, :mod:`cache.replica.fetchqueue`), after each poll.
 
 Invariant kept here: never lose an update. Entities are read per type, ``id in [...]`` first
 and ``retired_only`` for the rest, and written whole (``complete`` unless the site lost a
 cached field) in one transaction with the removal of their queue entries; an entry queued
-again while SG was read is kept (:func:`cache.fetchqueue.remove_handled`). An entity SG has
+again while SG was read is kept (:func:`cache.replica.fetchqueue.remove_handled`). An entity SG has
 neither active nor retired is dropped from the queue with a warning.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from sqlalchemy.engine import Connection
 
-from .. import fetchqueue, fieldtypes
-from ..store import Store
+from ..replica import fetchqueue, fieldtypes
+from ..replica.store import Store
 from ..wire import chunks, to_wire
 from .config import SGClient
 from .eventwire import FETCH_CHUNK, id_ranges

@@ -25,8 +25,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..statekeys import EVENT_CURSOR, EVENT_FLOOR, EVENT_HIGH, INGESTER_HEARTBEAT
-from ..store import Store
+from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR, EVENT_HIGH, INGESTER_HEARTBEAT
+from ..replica.store import Store
 from ..wire import chunks, iso_now, parse_wire_dt
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, id_ranges

@@ -5,8 +5,8 @@ lifetime, which is also the connection every write of the ingester goes through 
 that lost its session cannot write); on SQLite an OS file lock next to the database file,
 released by the kernel however the process dies; an in-memory SQLite database needs none.
 
-The lock itself is the database's (:meth:`cache.dialect.Dialect.leader_lock`: the classes live in
-cache/dialect/); this module holds the session that takes it and writes through it.
+The lock itself is the database's (:meth:`cache.replica.dialect.Dialect.leader_lock`: the classes live in
+cache/replica/dialect/); this module holds the session that takes it and writes through it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import threading
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..dialect import LeaderLock
-from ..statekeys import INGESTER_LEADER
-from ..store import Store
+from ..replica.dialect import LeaderLock
+from ..replica.statekeys import INGESTER_LEADER
+from ..replica.store import Store
 from ..wire import iso_now
 
 log = logging.getLogger("sgcache.events")

@@ -27,12 +27,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .. import pending
-from ..dialect import LeaderLock, leader_lock_for
-from ..statekeys import EVENT_CURSOR, EVENT_HIGH
-from ..store import Store, now_utc
+from ..replica import pending
+from ..replica.dialect import LeaderLock, leader_lock_for
+from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH
+from ..replica.store import Store, now_utc
+from ..replica.writes import WriteBatch
 from ..wire import chunks, to_wire
-from ..writes import WriteBatch
 from .apply import EventApplier
 from .batch import BatchApplier, store_raw, stored_ids
 from .config import IngestConfig, PollResult, SGClient

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..store import Store
+from ..replica.store import Store
 from .eventwire import RETIREMENT_FIELD, split_event_type
 from .poll import Ingester
 

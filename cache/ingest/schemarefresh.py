@@ -17,10 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .. import fieldtypes
-from ..schema import Schema
-from ..statekeys import SCHEMA_PENDING
-from ..store import Store
+from ..replica import fieldtypes
+from ..replica.schema import Schema
+from ..replica.statekeys import SCHEMA_PENDING
+from ..replica.store import Store
 from ..wire import chunks, to_wire
 from .config import SGClient
 from .eventwire import FETCH_CHUNK

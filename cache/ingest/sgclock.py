@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from ..statekeys import SG_CLOCK
-from ..store import Store
+from ..replica.statekeys import SG_CLOCK
+from ..replica.store import Store
 from ..wire import format_wire_dt, parse_wire_dt
 
 

@@ -1,5 +1,9 @@
 """The proxy's policies, free of mitmproxy: ``addons/sgcache.py`` decodes a flow, dispatches here, answers.
 
+- :mod:`.api3`: decoding an API3 request body, and SG's error envelope.
+- :mod:`.service`: the replica as the proxy uses it: reads with a breaker, writes learnt.
+- :mod:`.auth`: the credentials SG accepted, per site; :mod:`.relay`: where a client may make
+  the proxy connect (no open relay).
 - :mod:`.flowstate`: what the addon knows of one flow between its hooks (one typed object).
 - :mod:`.routing`: which flows are the site's API3 calls; which hosts mitmproxy decrypts.
 - :mod:`.replica`: opening the replica, failing open while its database is down.
@@ -8,7 +12,7 @@
 - :mod:`.upstream`: the one HTTP client for SG (writes sent once, rows read back).
 - :mod:`.outage`: when SG counts as down, and for how long the proxy answers offline.
 - :mod:`.offline`: the copy of SG's ``info`` answer served while SG is down.
-- :mod:`.credentials`: which answers may teach the credential cache (:mod:`cache.auth`).
+- :mod:`.credentials`: which answers may teach the credential cache (:mod:`cache.proxy.auth`).
 - :mod:`.answers`: the answers the proxy makes itself, and their ``X-SGCache`` header.
 - :mod:`.metrics`: the hit and pass counters ``info()["sgcache"]`` reports.
 

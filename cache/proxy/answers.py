@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cache import api3
+from cache.proxy import api3
 
 HEADER = "X-SGCache"
 JSON = "application/json; charset=utf-8"

@@ -6,7 +6,7 @@ A call (decoded by the addon) is, in this order:
 2. a write: sent to SG exactly once by the proxy itself (:mod:`.sending`);
 3. any other method but ``read``: passed (``method``);
 4. a read: answered from the replica when SG accepted its credentials at this site
-   (cache/auth.py) and the replica can answer it (:mod:`.reads`); else passed with the reason.
+   (cache/proxy/auth.py) and the replica can answer it (:mod:`.reads`); else passed with the reason.
 
 SG's answer then teaches the credential cache (:mod:`.credentials`), gains the ``sgcache`` key
 when it answers ``info``, and is written into the replica when it answers a write. A 502, 503
@@ -23,9 +23,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cache import api3
-from cache.auth import CredentialCache, site_of
-from cache.service import CacheService
+from cache.proxy import api3
+from cache.proxy.auth import CredentialCache, site_of
+from cache.proxy.service import CacheService
 
 from . import answers, upstream
 from .answers import Answer

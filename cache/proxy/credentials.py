@@ -1,4 +1,4 @@
-"""Which answers may teach the credential cache what SG authenticated (the policy: cache/auth.py).
+"""Which answers may teach the credential cache what SG authenticated (the policy: cache/proxy/auth.py).
 
 Only SG's own answers count: not one the proxy made (a hit, a refusal, an offline answer),
 not a replay, not one another addon made without connecting to SG, and only a body that
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cache.auth import CredentialCache
+from cache.proxy.auth import CredentialCache
 
 from .flowstate import FlowState
 

@@ -1,4 +1,4 @@
-"""The relay policy (cache/relay.py) as the addon's hooks ask it: where a client may make the proxy connect.
+"""The relay policy (cache/proxy/relay.py) as the addon's hooks ask it: where a client may make the proxy connect.
 
 The site's own host is allowed at once; every other decision runs in a worker thread (it may
 resolve a name). A refused CONNECT or plain request gets a 403 with a one-line reason; a refused
@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
-from cache.relay import Decision, RelayPolicy
-from cache.site import Site
+from cache.proxy.relay import Decision, RelayPolicy
+from cache.replica.site import Site
 
 from .answers import Answer, relay_refusal
 from .flowstate import FlowState

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from cache import api3
 from cache.errors import Passthrough
-from cache.service import CacheService
+from cache.proxy import api3
+from cache.proxy.service import CacheService
 
 from .answers import Answer, hit
 

@@ -3,7 +3,7 @@
 With the database unreachable the proxy still runs and passes everything (``no-replica``); it
 tries again every :data:`RETRY_SECONDS`. A replica that copies another site than the
 configured one is refused: at start-up as an error (the wrong database), later only logged.
-Without a configured site, the site stored in the replica is served (cache/site.py).
+Without a configured site, the site stored in the replica is served (cache/replica/site.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from cache import site as sitemod
-from cache.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file
 from cache.private import redact, safe_url, url_secrets
-from cache.schema import Schema, SchemaError
-from cache.service import CacheService
+from cache.proxy.service import CacheService
+from cache.replica import site as sitemod
+from cache.replica.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file
+from cache.replica.schema import Schema, SchemaError
 
 log = logging.getLogger("sgcache")
 

@@ -4,7 +4,7 @@ Only the site's host (and the operator's ``sgcache_hosts``) is decrypted; every 
 connection is tunnelled untouched. Of the decrypted requests, only ``POST .../api3/json`` to
 the site itself (scheme, host, port and Host header) is answered or learnt from; another
 host's API3 passes (``other-site``), anything else is not the proxy's business.
-Where the proxy may connect at all is :mod:`cache.relay`'s decision.
+Where the proxy may connect at all is :mod:`cache.proxy.relay`'s decision.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-from cache.site import Site
+from cache.replica.site import Site
 
 #: An allow_hosts entry that matches nothing (an empty allow_hosts would decrypt everything).
 NO_HOST = r"\A(?!)"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache.errors import Passthrough
-from cache.service import CacheService
+from cache.proxy.service import CacheService
 
 from . import answers, upstream
 from .answers import Answer

@@ -9,7 +9,7 @@ A read's way through the package, in the order a reader meets it:
 - ``reader.py``: :class:`Reader`, the entry point. Checks the request's size (``limits.py``),
   reuses or builds its plan (plans are cached by the request's JSON while the
   :class:`ReplicaState` (``state.py``) is unchanged), checks the pending-write markers
-  (cache/pending.py), runs the plan (``execute.py``) within the read's time budget (``budget.py``).
+  (cache/replica/pending.py), runs the plan (``execute.py``) within the read's time budget (``budget.py``).
 - ``planner.py``: checks the request against the schema and the replica's state, and builds
   one statement: page first (filter, sort, page the rows), then decorate (join the page's rows
   to what the return fields need).

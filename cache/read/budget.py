@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..dialect import dialect_for
 from ..errors import Passthrough
+from ..replica.dialect import dialect_for
 
 #: What one read may cost, in seconds from its first statement to its last row (all its statements
 #: together; the addon's ``sgcache_read_budget``). A read past it is stopped by the database

@@ -1,5 +1,5 @@
 """How text compares and sorts, as SG does: lower case over all of Unicode and code-point order
-(both per database: :meth:`cache.dialect.Dialect.lower`, :meth:`~cache.dialect.Dialect.codepoint_order`),
+(both per database: :meth:`cache.replica.dialect.Dialect.lower`, :meth:`~cache.replica.dialect.Dialect.codepoint_order`),
 and LIKE patterns whose ``%``, ``_`` and ``\\`` are literal (see docs/semantics.md)."""
 
 from __future__ import annotations

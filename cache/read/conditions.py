@@ -14,9 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .. import fieldtypes
 from ..errors import Passthrough
-from ..store import Store
+from ..replica import fieldtypes
+from ..replica.store import Store
 from .entity_conditions import entity_condition, multi_condition
 from .limits import MAX_CONDITIONS, MAX_FILTER_DEPTH, MAX_FILTER_VALUES
 from .paths import PathResolver, Scope, split_path

@@ -11,10 +11,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..dialect import Dialect
 from ..errors import Passthrough
-from ..schema import FieldSchema
-from ..store import Store
+from ..replica.dialect import Dialect
+from ..replica.schema import FieldSchema
+from ..replica.store import Store
 from .collation import like_pattern
 from .inlists import link_in
 from .paths import Scope

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import Passthrough
-from ..store import Store
+from ..replica.store import Store
 from .budget import ReadBudget
 from .plan import Plan
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..dialect import Dialect
 from ..errors import Passthrough
+from ..replica.dialect import Dialect
 from .limits import MAX_INLINE_VALUES, MAX_LINK_TYPES
 
 

@@ -3,7 +3,7 @@
 A :class:`Scope` is one FROM clause under construction: its base table plus the LEFT JOINs its
 paths need, each made once per path. A :class:`PathResolver` checks every field and type a read
 names (cached, primed, not waiting for a fetch) and records it in ``touched``, which the reader
-compares with the pending-write markers (cache/pending.py).
+compares with the pending-write markers (cache/replica/pending.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .. import fieldtypes, pending
 from ..errors import Passthrough
-from ..schema import FieldSchema, Schema
-from ..store import Store
+from ..replica import fieldtypes, pending
+from ..replica.schema import FieldSchema, Schema
+from ..replica.store import Store
 from .state import ReplicaState
 
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import fieldtypes
 from ..errors import Passthrough
+from ..replica import fieldtypes
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .. import fieldtypes
 from ..errors import Passthrough
-from ..store import Store
+from ..replica import fieldtypes
+from ..replica.store import Store
 from .conditions import FilterCompiler
 from .paths import PathResolver, Scope
 from .plan import LinkField, MultiField, NoneField, Plan, RowField, ScalarField

@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from .. import pending
 from ..errors import Passthrough
-from ..store import Store
+from ..replica import pending
+from ..replica.store import Store
 from . import eventlog
 from .budget import ReadBudget, SlowRequests
 from .execute import run_plan
@@ -45,7 +45,7 @@ class Reader:
         With a ``budget``, a read that would cost more passes (``slow-read``), and so does the
         same request again for :data:`~cache.read.budget.SLOW_MEMORY_SECONDS` (without touching
         the database). With ``check_pending``, a read touching a pending-write marker
-        (cache/pending.py) passes.
+        (cache/replica/pending.py) passes.
         """
         check_size(params)
         key = _request_key(params)

@@ -10,10 +10,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .. import fieldtypes
-from ..dialect import Dialect
 from ..errors import Passthrough
-from ..schema import FieldSchema
+from ..replica import fieldtypes
+from ..replica.dialect import Dialect
+from ..replica.schema import FieldSchema
 from .collation import CASE_INSENSITIVE, like_pattern
 from .inlists import in_list
 

@@ -11,8 +11,8 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from .. import fieldtypes
 from ..errors import Passthrough
+from ..replica import fieldtypes
 from .collation import SORT_LOWER
 from .limits import MAX_OFFSET, MAX_PAGE_SIZE
 from .paths import PathResolver, Scope

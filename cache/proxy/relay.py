@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .site import Site, _norm_host
+from ..replica.site import Site, _norm_host
 
 log = logging.getLogger("sgcache.relay")
 

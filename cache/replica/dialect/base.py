@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import Passthrough
+from ...errors import Passthrough
 
 #: The storage classes of values a long ``in`` list may hold, with their SQL types.
 BOUND_LIST_TYPES = {"text": sa.Text, "int": sa.BigInteger, "float": sa.Float}

@@ -17,8 +17,8 @@ from sqlalchemy.dialects import sqlite as sa_sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
 
-from ..errors import Passthrough
-from ..private import open_private
+from ...errors import Passthrough
+from ...private import open_private
 from .base import Dialect, LeaderLock, LockHeld, no_check
 
 #: Virtual-machine instructions between two looks at a read's clock (a hit runs far fewer).

@@ -6,7 +6,7 @@ The rules the event keys keep are in :mod:`cache.ingest` (the package docstring)
 
 from __future__ import annotations
 
-#: The site the replica copies (cache/site.py binds it once; every program checks it).
+#: The site the replica copies (cache/replica/site.py binds it once; every program checks it).
 SITE = "site"
 
 #: Every event id at or below it is applied or given up. Set first by ``scripts/scan --full``
@@ -31,5 +31,5 @@ INGESTER_LEADER = "ingester_leader"
 SCHEMA_PENDING = "schema_pending"
 
 #: The start (database clock) of the last ingester poll that reached the end of the log: the
-#: pending-write markers older than it clear once the fetch queue is empty (cache/pending.py).
+#: pending-write markers older than it clear once the fetch queue is empty (cache/replica/pending.py).
 PENDING_CAUGHT_UP = "pending_caught_up"

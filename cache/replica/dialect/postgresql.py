@@ -16,7 +16,7 @@ CONNECT_TIMEOUT = 3
 STATEMENT_TIMEOUT_MS = 10_000
 #: SQLSTATE of a statement cancelled (here: by ``statement_timeout``).
 QUERY_CANCELED = "57014"
-#: Held by a write transaction from its first flush to its end (cache/writes.py says why).
+#: Held by a write transaction from its first flush to its end (cache/replica/writes.py says why).
 WRITE_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext('sgcache-write:' || current_database()"
                   " || ':' || current_schema()))")
 

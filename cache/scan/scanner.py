@@ -29,10 +29,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import fieldtypes
-from .statekeys import EVENT_CURSOR, EVENT_FLOOR
-from .store import Store, now_utc
-from .wire import format_wire_dt, parse_when
+from ..replica import fieldtypes
+from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
+from ..replica.store import Store, now_utc
+from ..wire import format_wire_dt, parse_when
 
 log = logging.getLogger("sgcache.scanner")
 

@@ -24,7 +24,7 @@ from .schema import Schema
 log = logging.getLogger("sgcache.pairs")
 
 #: The pairs of SG's default schema shipped with the project.
-DEFAULT_PAIRS_FILE = Path(__file__).resolve().parent.parent / "schema" / "pairs.yml"
+DEFAULT_PAIRS_FILE = Path(__file__).resolve().parents[2] / "schema" / "pairs.yml"
 NAME_LEN = 64
 
 FieldRef = tuple[str, str]  # (entity type, field name)

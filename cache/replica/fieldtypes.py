@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .wire import format_wire_dt
+from ..wire import format_wire_dt
 
 #: Data types never cached, with the reason a read naming them passes through.
 UNCACHED_TYPES: dict[str, str] = {

@@ -23,9 +23,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..errors import Passthrough
 from . import fetchqueue, pairs
 from .dialect import dialect_for
-from .errors import Passthrough
 from .statekeys import PENDING_CAUGHT_UP
 
 log = logging.getLogger("sgcache.pending")

@@ -2,11 +2,11 @@
 
 For each create/update/delete/revive the proxy learns, :class:`WriteEffects`
 
-- applies the other side of every known pair (``cache/pairs.py``) in the write's own
+- applies the other side of every known pair (``cache/replica/pairs.py``) in the write's own
   transaction, through the Store's write functions: ``Task.entity`` set to Shot 1 removes the
   Task from the old Shot's ``tasks`` and appends it to Shot 1's ``tasks``; ``Sequence.shots``
   adding Shot 2 sets Shot 2's ``sg_sequence`` and removes Shot 2 from its former Sequence;
-- returns pending-write markers (``cache/pending.py``) for what it cannot apply exactly: the
+- returns pending-write markers (``cache/replica/pending.py``) for what it cannot apply exactly: the
   fields SG sets itself (``updated_at``, ``updated_by``), the reverse side of a link field whose
   pair is not known (every cached field of a linked type that can link back), Tasks made from a
   ``task_template``, and the links to an entity that was retired or revived.
@@ -21,11 +21,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..wire import link_key, links_in
 from . import fieldtypes
 from .pairs import PairRegistry
 from .pending import WHOLE_TYPE, Marker
 from .store import Store
-from .wire import link_key, links_in
 
 log = logging.getLogger("sgcache.effects")
 

@@ -23,11 +23,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from ..private import ensure_private_file
+from ..wire import check_link
 from . import fetchqueue, fieldtypes, pairs, pending
 from .dialect import Dialect, dialect_for, sequence_key_type
-from .private import ensure_private_file
 from .schema import FieldSchema, Schema
-from .wire import check_link
 from .writes import WriteBatch
 
 log = logging.getLogger("sgcache.store")
@@ -179,9 +179,9 @@ class Store:
             sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
             sa.Column("first_seen", sa.DateTime, nullable=False),
         )
-        self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/fetchqueue.py)
-        self.pairs_table = pairs.define_table(md)  # learned pairs (cache/pairs.py)
-        self.pending = pending.define_table(md)  # pending-write markers (cache/pending.py)
+        self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/replica/fetchqueue.py)
+        self.pairs_table = pairs.define_table(md)  # learned pairs (cache/replica/pairs.py)
+        self.pending = pending.define_table(md)  # pending-write markers (cache/replica/pending.py)
 
     def _build_entity_tables(self, entity_type: str, fields: Mapping[str, FieldSchema]) -> None:
         name = entity_table_name(entity_type)
@@ -352,7 +352,7 @@ class Store:
         conn.execute(self.dialect.upsert(table, keys, update_cols), rows)
 
     def batch(self, conn: Connection, source: str = "event") -> WriteBatch:
-        """A :class:`~cache.writes.WriteBatch` on ``conn``: the one write path (flush before commit)."""
+        """A :class:`~cache.replica.writes.WriteBatch` on ``conn``: the one write path (flush before commit)."""
         return WriteBatch(self, conn, source)
 
     now = staticmethod(now_utc)

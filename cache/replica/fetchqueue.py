@@ -1,11 +1,11 @@
 """The fetch queue (``sgcache_fetch``): entities whose rows must be re-read whole from SG.
 
-Writers queue entities through :class:`cache.writes.WriteBatch` (``queue``/``unqueue``,
+Writers queue entities through :class:`cache.replica.writes.WriteBatch` (``queue``/``unqueue``,
 flushed with their transaction): the ingester when an event's value cannot be applied (a New,
 a revival, a row never seen, a value in doubt), the proxy after a partial write answer. The
 ingester re-reads them after every poll (:mod:`cache.ingest.fetch`); meanwhile reads of a type
 with queued entities pass (``pending-fetch``), and pending-write markers clear only once the
-queue is empty (cache/pending.py). This module is the only one that writes SQL against the
+queue is empty (cache/replica/pending.py). This module is the only one that writes SQL against the
 table; it sits beside the store, not in the ingester, because the proxy and the write path
 use it too.
 
@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..wire import Key, chunks
 from .dialect import dialect_for
-from .wire import Key, chunks
 
 TYPE_LEN = 64
 #: Ids per DELETE when entries are removed.

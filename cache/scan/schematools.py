@@ -1,7 +1,7 @@
 """Schema tools behind ``scripts/schema-dump`` and ``scripts/schema-filter``.
 
 ``schema-dump`` reads a site's ``schema_read``/``schema_entity_read`` and writes it as the
-YAML format of :mod:`cache.schema`; ``schema-filter`` cuts such a file down to the fields a
+YAML format of :mod:`cache.replica.schema`; ``schema-filter`` cuts such a file down to the fields a
 rules file selects (see ``docs/schema-format.md``).
 """
 
@@ -15,8 +15,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from .config import add_common_args, connect_site, setup_logging
-from .schema import Schema, SchemaError, parse_rules
+from ..config import add_common_args, connect_site, setup_logging
+from ..replica.schema import Schema, SchemaError, parse_rules
 
 log = logging.getLogger("sgcache.schematools")
 

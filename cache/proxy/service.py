@@ -15,19 +15,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__, fetchqueue, pending
-from .dialect import classify_error, dialect_for
-from .effects import WriteEffects
-from .errors import Passthrough
-from .pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
-from .private import redact, url_secrets
-from .proxy import upstream
-from .proxy.metrics import Counters
-from .read import READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
-from .schema import Schema
-from .statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
-from .store import Store
-from .wire import parse_wire_dt
+from .. import __version__
+from ..errors import Passthrough
+from ..private import redact, url_secrets
+from ..read import READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
+from ..replica import fetchqueue, pending
+from ..replica.dialect import classify_error, dialect_for
+from ..replica.effects import WriteEffects
+from ..replica.pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
+from ..replica.schema import Schema
+from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
+from ..replica.store import Store
+from ..wire import parse_wire_dt
+from . import upstream
+from .metrics import Counters
 
 log = logging.getLogger("sgcache.service")
 
@@ -278,7 +279,7 @@ class CacheService:
     def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
                    markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
         """Store one write's answer, apply the other side of its pairs, and add to ``markers``
-        what it may have changed that the replica cannot know yet (cache/effects.py)."""
+        what it may have changed that the replica cannot know yet (cache/replica/effects.py)."""
         if not isinstance(args, Mapping) or method not in ("create", "update", "delete", "revive"):
             return []
         entity_type = args.get("type")

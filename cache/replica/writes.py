@@ -37,8 +37,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..wire import chunks
 from . import fetchqueue, fieldtypes
-from .wire import chunks
 
 log = logging.getLogger("sgcache.writes")
 
