@@ -117,7 +117,7 @@ def test_huge_and_slow_clients_do_not_cost_the_others(rig: Rig) -> None:
     # the normal query is still a hit afterwards
     before = rig.reads()
     assert sg.find(*normal_query) == expected_small
-    assert rig.reads() == before, rig.proxy.output()[-3000:]
+    assert rig.reads() == before, f"{passes(sg)}\n{rig.proxy.output()[-3000:]}"
 
 
 def test_a_1100_link_in_list_is_a_hit(rig: Rig) -> None:

@@ -311,7 +311,7 @@ def test_ten_thousand_hostile_bodies(rig: Rig) -> None:
     before = rig.reads()
     assert sg.find("Shot", [["sg_cut_in", "greater_than", 1003]], fields, order=[
         {"field_name": "code", "direction": "desc"}]) == expected
-    assert rig.reads() == before
+    assert rig.reads() == before, f"not a hit; the proxy's passes: {sg.info()['sgcache']['passes']}"
     assert sg.info()["sgcache"]["version"]
 
 
