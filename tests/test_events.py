@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from cache.ingest import IngestConfig, Ingester, LockHeld, replay
+from cache.ingest.batch import store_raw
 from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.replica.statekeys import EVENT_HIGH as K_HIGH
 from cache.replica.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT
@@ -287,7 +288,7 @@ def test_applying_each_event_twice_changes_nothing(site: FakeSite, store: Store,
     assert_equal_to_site(store, site)
     # and a poll over events already stored applies none of them again
     with store.engine.begin() as conn:
-        ingester._store_raw(conn, events)
+        store_raw(store, conn, events)
     before = len(change_rows(store))
     sync(ingester)
     assert len(change_rows(store)) == before

@@ -34,7 +34,7 @@ from ..replica.store import Store, now_utc
 from ..replica.writes import WriteBatch
 from ..wire import chunks, to_wire
 from .apply import EventApplier
-from .batch import BatchApplier, store_raw, stored_ids
+from .batch import BatchApplier, stored_ids
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, FETCH_CHUNK, event_fields, id_ranges
 from .fetch import Fetcher
@@ -254,6 +254,3 @@ class Ingester:
     @property
     def missing_fields(self) -> set[tuple[str, str]]:
         return self.schema_refresh.missing_fields
-
-    def _store_raw(self, conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
-        store_raw(self.store, conn, events)  # tests/test_events.py stores events as if polled
