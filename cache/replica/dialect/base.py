@@ -77,6 +77,10 @@ class Dialect:
     def lock_writes(self, conn: Connection) -> None:
         """Serialize write transactions from here to the end of ``conn``'s transaction."""
 
+    def snapshot(self, conn: Connection) -> None:
+        """Make ``conn``'s transaction (begun, no statement run yet) read one snapshot of the
+        database to its end (a dump reads many tables and must see them at one moment)."""
+
     def clock(self, conn: Connection) -> float:
         """The database server's clock now, in seconds since the epoch (sub-second resolution)."""
         raise NotImplementedError

@@ -76,6 +76,10 @@ class PostgreSQLDialect(Dialect):
         """A transaction-level advisory lock, one per database and schema (:data:`WRITE_LOCK_SQL`)."""
         conn.exec_driver_sql(WRITE_LOCK_SQL)
 
+    def snapshot(self, conn: Connection) -> None:
+        """REPEATABLE READ, READ ONLY: one snapshot from the first query on."""
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
     def clock(self, conn: Connection) -> float:
         return float(conn.execute(sa.text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
 

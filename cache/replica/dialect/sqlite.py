@@ -98,6 +98,12 @@ class SQLiteDialect(Dialect):
     def lock_writes(self, conn: Connection) -> None:
         """Nothing: SQLite serializes writers (a write transaction begins IMMEDIATE)."""
 
+    def snapshot(self, conn: Connection) -> None:
+        """An explicit BEGIN (the driver begins none before a SELECT): in WAL mode the reads of one
+        transaction see one snapshot, and a reader takes no write lock."""
+        if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN")
+
     def clock(self, conn: Connection) -> float:
         return float(conn.execute(sa.text("SELECT (julianday('now') - 2440587.5) * 86400.0")).scalar_one())
 
