@@ -264,3 +264,38 @@ def test_a_project_dump_is_partial_and_loads_unprimed(primed: Store, schema_file
                 assert set(store.primed_fields(conn)) == {"Step"}
         finally:
             store.dispose()
+
+
+def test_links_to_retired_entities_of_types_left_out_stay_hidden(
+        site: FakeSite, schema_file: Path, tmp_path: Path) -> None:
+    """A link the replica held before its entity was retired (an event): a dump of the linking type
+    alone carries the retirement in a registry line, so the loaded replica hides the link too."""
+    schema = Schema.load(schema_file)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    with fresh_db_url(tmp_path / "a") as url_a, fresh_db_url(tmp_path / "b") as url_b:
+        source, target = Store.open(url_a, schema), Store.open(url_b, schema)
+        try:
+            def full(entity_type: str, **values: Any) -> dict[str, Any]:
+                return {**{f: None for f in source.cached_field_names(entity_type)}, **values}
+
+            with source.engine.begin() as conn:
+                source.write_entities(conn, "Asset", [full("Asset", id=i, code=f"a{i}") for i in (1, 2)], "scan",
+                                      complete=True)
+                assets = [{"type": "Asset", "id": 1, "name": "a1"}, {"type": "Asset", "id": 2, "name": "a2"}]
+                source.write_entities(conn, "Shot", [full("Shot", id=1, code="s1", assets=assets)], "scan",
+                                      complete=True)
+                source.set_retired(conn, "Asset", 2, True, source="event")
+                for t in ("Asset", "Shot"):
+                    source.mark_primed(conn, t)
+            text = dump_text(source, types=["Shot"])
+            lines = [json.loads(line) for line in text.splitlines()[1:]]
+            assert lines[0]["assets"] == assets  # the replica's links, the retired one included
+            assert lines[1:] == [{"type": "Asset", "id": 2, "name": "a2", "_retired": True, "_registry": True}]
+            assert Loader(target, complete=["Shot"]).load(io.StringIO(text)).registry == 1
+            expected = answer(ReplicaClient(source, site.info()), "Shot", [], ["assets"], {})
+            assert expected == [{"type": "Shot", "id": 1, "assets": assets[:1]}]
+            assert answer(ReplicaClient(target, site.info()), "Shot", [], ["assets"], {}) == expected
+            assert dump_text(target, types=["Shot"]) == text
+        finally:
+            source.dispose()
+            target.dispose()

@@ -96,6 +96,7 @@ class Dumper:
         self.page_size = page_size
         self.progress = progress
         self._progress_factory = progress_factory
+        self._retired_links: set[tuple[str, int]] = set()  # retired entities the dumped rows link to
 
     # -- what to read ------------------------------------------------------------------
     def _cached(self, entity_type: str) -> dict[str, str]:
@@ -210,7 +211,8 @@ class Dumper:
         return out
 
     def _names(self, conn: Connection, keys: set[tuple[str, int]]) -> dict[tuple[str, int], Any]:
-        """(type, id) -> name, for the linked entities whose name the registry knows."""
+        """(type, id) -> name, for the linked entities whose name the registry knows; the retired
+        ones are remembered for the registry lines."""
         reg = self.store.entities
         by_type: dict[str, list[int]] = {}
         for t, i in keys:
@@ -218,8 +220,13 @@ class Dumper:
         out: dict[tuple[str, int], Any] = {}
         for t, ids in by_type.items():
             for chunk in chunks(sorted(ids), PAGE_SIZE):
-                stmt = sa.select(reg.c.id, reg.c.name).where((reg.c.type == t) & reg.c.id.in_(chunk) & reg.c.name_known)
-                out.update(((t, r.id), r.name) for r in conn.execute(stmt))
+                stmt = sa.select(reg.c.id, reg.c.name, reg.c.name_known, reg.c.retired).where(
+                    (reg.c.type == t) & reg.c.id.in_(chunk))
+                for r in conn.execute(stmt):
+                    if r.name_known:
+                        out[(t, r.id)] = r.name
+                    if r.retired:
+                        self._retired_links.add((t, r.id))
         return out
 
     def _link(self, key: tuple[str, int], names: dict[tuple[str, int], Any]) -> dict[str, Any]:
@@ -229,24 +236,35 @@ class Dumper:
         return link
 
     def registry(self, conn: Connection) -> Iterator[dict[str, Any]]:
-        """Registry lines: retired entities without a row of their own in the replica."""
+        """Registry lines: the retired entities that dumped rows link to, and that have no line of
+        their own in the dump (another type's, a row outside ``projects``, or no row at all)."""
         reg = self.store.entities
-        kinds = sorted(conn.execute(sa.select(reg.c.type).where(reg.c.retired).distinct()).scalars())
-        for entity_type in kinds:
-            stmt = sa.select(reg).where(reg.c.retired & (reg.c.type == entity_type)).order_by(reg.c.id)
-            table = self.store.tables.get(entity_type)
-            if table is not None:  # a cached type: only the entities with no row
-                stmt = stmt.where(~sa.exists().where(table.c.id == reg.c.id))
-            for r in conn.execute(stmt):
-                line: dict[str, Any] = {"type": r.type, "id": r.id, RETIRED: True, REGISTRY: True}
-                if r.name_known:
-                    line["name"] = self.redactor.text(r.name) if self.redactor else r.name
-                yield line
+        by_type: dict[str, list[int]] = {}
+        for t, i in self._retired_links:
+            by_type.setdefault(t, []).append(i)
+        for entity_type in sorted(by_type):
+            dumped: set[int] = set()
+            if entity_type in self.types:
+                table = self.store.tables[entity_type]
+                condition = self.project_condition(entity_type)
+                for chunk in chunks(sorted(by_type[entity_type]), PAGE_SIZE):
+                    stmt = sa.select(table.c.id).where(table.c.id.in_(chunk))
+                    if condition is not None:
+                        stmt = stmt.where(condition)
+                    dumped.update(conn.execute(stmt).scalars())
+            for chunk in chunks(sorted(set(by_type[entity_type]) - dumped), PAGE_SIZE):
+                stmt = sa.select(reg).where((reg.c.type == entity_type) & reg.c.id.in_(chunk)).order_by(reg.c.id)
+                for r in conn.execute(stmt):
+                    line: dict[str, Any] = {"type": r.type, "id": r.id, RETIRED: True, REGISTRY: True}
+                    if r.name_known:
+                        line["name"] = self.redactor.text(r.name) if self.redactor else r.name
+                    yield line
 
     # -- writing -------------------------------------------------------------------------
     def dump(self, out: IO[str]) -> DumpStats:
         """Write the header, every row, then the registry lines, from one snapshot."""
         stats = DumpStats()
+        self._retired_links = set()
         with self.store.engine.connect() as conn, conn.begin():
             self.store.dialect.snapshot(conn)
             self.check_tables(conn)
