@@ -299,3 +299,42 @@ def test_links_to_retired_entities_of_types_left_out_stay_hidden(
         finally:
             source.dispose()
             target.dispose()
+
+
+def test_a_dump_reads_one_snapshot(schema_file: Path, tmp_path: Path) -> None:
+    """Rows written while a dump runs are not in it; its header's cursor is the one of its rows."""
+    schema = Schema.load(schema_file).filtered(parse_rules("+Shot.code\n"))
+    with fresh_db_url(tmp_path) as url:
+        store, writer = Store.open(url, schema), Store.open(url, schema, create=False, writer=True)
+        try:
+            with store.engine.begin() as conn:
+                store.write_entities(conn, "Shot", [{"id": i, "code": f"s{i}"} for i in (1, 2, 3)], "scan",
+                                     complete=True)
+                store.set_state(conn, EVENT_CURSOR, 10)
+
+            class Meanwhile:
+                """A progress bar that writes a row and moves the cursor after the first page."""
+
+                def __init__(self, **_kw: Any):
+                    pass
+
+                def __enter__(self) -> Meanwhile:
+                    return self
+
+                def __exit__(self, *exc: object) -> None:
+                    pass
+
+                def update(self, _n: int) -> None:
+                    with writer.engine.begin() as conn:
+                        writer.write_entities(conn, "Shot", [{"id": 9, "code": "new"}], "event", complete=True)
+                        writer.set_state(conn, EVENT_CURSOR, 11)
+
+            out = io.StringIO()
+            Dumper(store, page_size=2, progress_factory=Meanwhile).dump(out)
+            lines = [json.loads(line) for line in out.getvalue().splitlines()]
+            assert lines[0]["event_cursor"] == 10
+            assert [r["id"] for r in lines[1:]] == [1, 2, 3]
+            assert [r["id"] for r in map(json.loads, dump_text(store).splitlines()[1:])] == [1, 2, 3, 9]
+        finally:
+            writer.dispose()
+            store.dispose()
