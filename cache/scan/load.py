@@ -21,6 +21,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from ..replica.site import Site, SiteError, bind
+from ..replica.site import check as check_site
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store
 from .dumpformat import REGISTRY, RETIRED, DumpError, read_header, type_digest
@@ -64,13 +65,15 @@ class Loader:
 
     def check(self, header: dict[str, Any]) -> list[str]:
         """The file fits this replica (site, types and digests; no type already primed); the types
-        to prime. An unbound replica is bound to the dump's site."""
+        to prime. An unbound replica is bound to the dump's site once every check passed."""
         schema = self.store.schema
+        site = None
         if header.get("site"):
             try:
-                bind(self.store, Site.parse(header["site"]))  # SiteMismatch: another site's replica
+                site = Site.parse(header["site"])
             except SiteError as exc:
                 raise DumpError(f"the dump names a bad site: {exc}") from None
+            check_site(self.store, site)  # SiteMismatch: another site's replica
         types: dict[str, Any] = header["types"]
         unknown = sorted(t for t in types if t not in schema)
         if unknown:
@@ -83,6 +86,13 @@ class Loader:
             primed = sorted(set(types) & set(self.store.primed_fields(conn)))
         if primed:
             raise DumpError(f"already primed in this replica: {', '.join(primed)} (load into a new replica)")
+        to_prime = self._to_prime(types)
+        if site is not None:
+            bind(self.store, site)
+        return to_prime
+
+    def _to_prime(self, types: dict[str, Any]) -> list[str]:
+        """The types ``complete`` asks to prime, checked against what the file is complete for."""
         whole = [t for t, info in types.items() if info.get("complete")]
         if self.complete is True:
             partial = sorted(set(types) - set(whole))
