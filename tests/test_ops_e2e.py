@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .paths import REPO
+from .processes import ScriptProcess
 from .rig import KEY, READER, READER_KEY, Rig
 from .wait import wait_until
 
@@ -26,6 +27,7 @@ MAX_LAG = 2
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _URL_RE = re.compile(r"status page at (http://[\d.]+:\d+/)")
 _INGEST_RE = re.compile(r"ingester metrics at (http://[\d.]+:\d+/metrics)")
+_SCAN_RE = re.compile(r"scanner metrics at (http://[\d.]+:\d+/metrics)")
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,7 @@ def test_metrics_and_access_log_count_the_workload(rig: Rig, status_url: str) ->
         sum(v for (name, _), v in before.items() if name == "sgcache_passes_total")
     assert (hits, passes) == (3, 3), "nothing else was counted"
     assert _delta(after, before, "sgcache_hit_service_seconds_count") == 3
+    assert _delta(after, before, "sgcache_read_db_seconds_count") == 5  # the reads the database saw
     assert _delta(after, before, "sgcache_request_seconds_count", outcome="hit") == 3
     assert _delta(after, before, "sgcache_request_seconds_count", outcome="pass") == 3
     assert after[("sgcache_replica_fresh", ())] == 1
@@ -115,6 +118,19 @@ def test_ingester_serves_its_own_metrics(rig: Rig) -> None:
     rig.wait(lambda: _delta(_samples(url), before, "sgcache_ingester_events_applied_total") >= 1, 10,
              "the ingester to count the update's event")
     assert _delta(_samples(url), before, "sgcache_ingester_polls_total") >= 1
+
+
+def test_scanner_serves_its_own_metrics(rig: Rig) -> None:
+    proc = ScriptProcess("scan", ["--interval", "1", "--metrics", "127.0.0.1:0", "--quiet"], rig.env(),
+                         rig.workdir / "scan-metrics.log")
+    try:
+        url = wait_until(lambda: _first(_SCAN_RE, proc.output()), 20, "the scanner's metrics address",
+                         detail=proc.output)
+        wait_until(lambda: _samples(url).get(("sgcache_scan_passes_total", (("kind", "reconcile"),)), 0) >= 1, 20,
+                   "a reconcile pass counted", detail=proc.output)
+        assert _samples(url)[("sgcache_scan_last_pass_timestamp_seconds", ())] > 0
+    finally:
+        proc.stop()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
