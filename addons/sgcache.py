@@ -369,7 +369,12 @@ class SGCacheOps:
         self.ops.observer.connections(-1)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._finished(flow, "hit" if state_of(flow.metadata).hit else "pass")
+        state = state_of(flow.metadata)
+        # SG answered 502/503/504: its answer stands, or (a read) the replica's replaced it
+        if state.method is not None and ((flow.response is not None and flow.response.status_code in (502, 503, 504)
+                                          and not state.answered_here) or (state.hit and state.pass_reason)):
+            self.ops.observer.upstream_error("http-5xx")
+        self._finished(flow, "hit" if state.hit else "pass")
 
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.response is None and flow.error is not None:

@@ -128,3 +128,36 @@ def test_alert_rules_in_the_docs_are_valid(tmp_path: Path) -> None:
     for alert in ("SgcacheIngesterDown", "SgcacheLagHigh", "SgcacheHitRateFell", "SgcacheAuditDisagreement",
                   "SgcacheBreakerOpen"):
         assert f"alert: {alert}" in rules[0]
+
+
+def test_ops_addon_logs_and_counts_a_flow(caplog: pytest.LogCaptureFixture) -> None:
+    """The addon's SGCacheOps hooks, without a proxy: an SG 502 to a read that passed."""
+    from mitmproxy.test import taddons, tflow, tutils
+
+    from cache.ops.metrics import PROXY
+    from cache.proxy.flowstate import state_of
+
+    from .sgcache_addon import sgcache
+
+    def value(name: str, **labels: str) -> float:
+        return PROXY.registry.get_sample_value(name, labels) or 0.0
+
+    addon = sgcache.SGCacheOps(sgcache.SGCache())
+    before = (value("sgcache_upstream_errors_total", kind="http-5xx"),
+              value("sgcache_passes_total", reason="auth-unverified", entity_type="other"))
+    with taddons.context(addon) as tctx, caplog.at_level(logging.INFO, logger="sgcache.access"):
+        tctx.configure(addon, sgcache_access_log="json")
+        flow = tflow.tflow(resp=tutils.tresp(status_code=502))
+        state = state_of(flow.metadata)
+        state.method, state.args, state.pass_reason = "read", {"type": "Shot"}, "auth-unverified"
+        state.auth = {"script_name": "pipeline", "script_key": "sk-never"}
+        addon.response(flow)
+        addon.done()
+    after = (value("sgcache_upstream_errors_total", kind="http-5xx"),
+             value("sgcache_passes_total", reason="auth-unverified", entity_type="other"))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # no replica open: Shot is not a known type
+    [line] = [r.getMessage() for r in caplog.records if r.name == "sgcache.access"]
+    record = json.loads(line)
+    assert (record["method"], record["outcome"], record["reason"], record["status"], record["who"]) == \
+        ("read", "pass", "auth-unverified", 502, "pipeline")
+    assert "sk-never" not in line

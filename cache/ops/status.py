@@ -2,7 +2,8 @@
 
 Read from the database on demand, off mitmproxy's event loop (the status server's thread), and
 kept for :data:`TTL` seconds so a busy load balancer or a refreshing page costs one read a
-second. Row counts (one ``count(*)`` per primed type) are read only for the page.
+second. Row counts (one ``count(*)`` per primed type) are read only for the page, at most every
+:data:`COUNTS_TTL` seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ..wire import parse_wire_dt
 
 #: Seconds a status read is reused.
 TTL = 1.0
+#: Seconds row counts are reused (a ``count(*)`` of a big table takes a while).
+COUNTS_TTL = 30.0
 
 
 @dataclass
@@ -56,6 +59,8 @@ class StatusReader:
         self.replica = replica
         self._lock = threading.Lock()
         self._cached: dict[bool, ReplicaStatus] = {}
+        self._counts: dict[str, int] = {}
+        self._counts_at: float | None = None
 
     def status(self, counts: bool = False) -> ReplicaStatus:
         """The replica's status, at most :data:`TTL` seconds old (``counts``: with row counts)."""
@@ -81,9 +86,15 @@ class StatusReader:
             return out
         out.breaker_open = service.breaker_open()
         try:
+            recount = counts and (self._counts_at is None or time.monotonic() - self._counts_at >= COUNTS_TTL)
             with service.store.engine.connect() as conn:
-                _read_state(service.store, conn, out, counts)
+                _read_state(service.store, conn, out, recount)
             out.reachable = True
+            if recount:
+                self._counts = {t: n for t, n in out.primed.items() if n is not None}
+                self._counts_at = time.monotonic()
+            elif counts:
+                out.primed = {t: self._counts.get(t) for t in out.primed}
         except Exception as exc:  # noqa: BLE001 - the page and the probe say why, never raise
             text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             detail = redact(f"{type(exc).__name__}: {text[0] if text else ''}", url_secrets(options.db_url))
