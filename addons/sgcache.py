@@ -361,6 +361,7 @@ class SGCacheOps:
 
     def done(self) -> None:
         self.ops.close()
+        quiet_connections(False)
 
     def client_connected(self, client: Any) -> None:
         self.ops.observer.connections(1)
