@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cache.ops.access import FORMATS, RequestRecord, quiet_connections, who  # noqa: E402
+from cache.ops.operations import Operations  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
 from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
@@ -320,4 +323,83 @@ def quick_ack(client_id: str) -> None:
         log.debug("TCP_QUICKACK not set", exc_info=True)
 
 
-addons = [SGCache()]
+class SGCacheOps:
+    """The operator's view (cache/ops): status page, /metrics and /healthz on ``sgcache_status``,
+    one access-log line per API3 request. Runs after :class:`SGCache`: its hooks see each flow's outcome."""
+
+    def __init__(self, cache: SGCache) -> None:
+        self.ops = Operations(cache.replica)
+        self._running = False
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "sgcache_status", str, "",
+            "HOST:PORT for the status page (/), Prometheus metrics (/metrics) and the health check "
+            "(/healthz), e.g. 127.0.0.1:9180 (empty: off). Each mitmdump process needs its own port.",
+        )
+        loader.add_option(
+            "sgcache_access_log", str, "logfmt",
+            "One line per API3 request at info level (method, type, hit/pass and reason, rows, ms, client); "
+            "off, logfmt or json. When on, mitmproxy's per-connection lines move to debug.",
+            choices=FORMATS,
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "sgcache_access_log" in updated:
+            fmt = ctx.options.sgcache_access_log
+            self.ops.observer.access_format = fmt
+            quiet_connections(fmt != "off")
+            # mitmdump's default one line per flow (flow_detail=1) repeats what the access log says
+            if fmt != "off" and "flow_detail" in ctx.options and ctx.options.flow_detail == 1:
+                ctx.options.update(flow_detail=0)
+        if "sgcache_status" in updated and self._running:
+            self.ops.serve(ctx.options.sgcache_status)
+
+    def running(self) -> None:
+        self._running = True
+        self.ops.serve(ctx.options.sgcache_status)
+
+    def done(self) -> None:
+        self.ops.close()
+        quiet_connections(False)
+
+    def client_connected(self, client: Any) -> None:
+        self.ops.observer.connections(1)
+
+    def client_disconnected(self, client: Any) -> None:
+        self.ops.observer.connections(-1)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow.metadata)
+        # SG answered 502/503/504: its answer stands, or (a read) the replica's replaced it
+        if state.method is not None and ((flow.response is not None and flow.response.status_code in (502, 503, 504)
+                                          and not state.answered_here) or (state.hit and state.pass_reason)):
+            self.ops.observer.upstream_error("http-5xx")
+        self._finished(flow, "hit" if state.hit else "pass")
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None and flow.error is not None:
+            state = state_of(flow.metadata)
+            if state.method is not None:
+                connected = flow.server_conn.timestamp_tcp_setup is not None
+                self.ops.observer.upstream_error("dropped" if connected else "connect")
+            self._finished(flow, "error")
+
+    def _finished(self, flow: http.HTTPFlow, outcome: str) -> None:
+        """Count and log an API3 request the cache decided on (refused destinations are logged apart)."""
+        state = state_of(flow.metadata)
+        if state.refused is not None or not (state.hit or state.pass_reason is not None):
+            return
+        args = state.args
+        observer = self.ops.observer
+        observer.finished(RequestRecord(
+            method=state.method or "-",
+            entity_type=observer.label(args.get("type") if isinstance(args, dict) else None),
+            outcome=outcome, reason=None if outcome == "hit" else state.pass_reason, rows=state.rows,
+            ms=max(0.0, (time.time() - flow.request.timestamp_start) * 1000),
+            status=flow.response.status_code if flow.response is not None else None,
+            client=_peer(flow), who=who(state.auth), service_ms=state.service_ms))
+
+
+_cache = SGCache()
+addons = [_cache, SGCacheOps(_cache)]

@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..ops.metrics import IngestMetrics
 from ..replica import pending
 from ..replica.dialect import LeaderLock, leader_lock_for
 from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH
@@ -50,8 +51,10 @@ class Ingester:
     """Polls events from ``sg`` and applies them to ``store``."""
 
     def __init__(self, store: Store, sg: SGClient | None, config: IngestConfig | None = None,
-                 clock: Callable[[], dt.datetime] = now_utc, lock: LeaderLock | None = None):
+                 clock: Callable[[], dt.datetime] = now_utc, lock: LeaderLock | None = None,
+                 metrics: IngestMetrics | None = None):
         self.store = store
+        self.metrics = metrics or IngestMetrics()  # served by scripts/ingest-events --metrics
         self.sg = sg
         self.config = config or IngestConfig()
         self.clock = clock
@@ -90,11 +93,13 @@ class Ingester:
         """Lead, then poll until stopped (``follow``) or caught up (once)."""
         if not self.become_leader(wait=True):
             return
+        self.metrics.leader.set(1)
         delay = self.config.poll_interval
         failures = 0
         while not self.stop_event.is_set():
             try:
                 result = self.poll_once()
+                self.metrics.polled(result.applied)
                 self._polls += 1
                 if self.config.sweep_every > 0 and self._polls % self.config.sweep_every == 0:
                     self.sweep()
@@ -102,14 +107,18 @@ class Ingester:
                 self.process_schema()
             except sa.exc.DBAPIError as exc:
                 failures += 1
+                self.metrics.failed("database")
                 log.error("database error (attempt %d): %s; reconnecting", failures, exc)
                 self.session.drop_connection()
+                self.metrics.leader.set(0)
                 self.stop_event.wait(self._backoff(failures))
                 if not self.become_leader(wait=True):
                     return
+                self.metrics.leader.set(1)
                 continue
             except Exception as exc:  # noqa: BLE001 - SG unreachable or answering errors: retry, never exit
                 failures += 1
+                self.metrics.failed("sg")
                 log.error("poll failed (attempt %d): %s: %s", failures, type(exc).__name__, exc,
                           exc_info=failures == 1)
                 self.stop_event.wait(self._backoff(failures))

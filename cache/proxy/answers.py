@@ -24,6 +24,9 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
     #: The pass reason it stands in for SG's answer with (counted); None for a hit.
     reason: str | None = None
+    #: A hit's entities, and its service time in seconds (worker, SQL, encoding): for the metrics.
+    rows: int | None = None
+    seconds: float | None = None
 
 
 def pass_header(reason: str) -> str:

@@ -148,6 +148,9 @@ class SiteCalls:
         state.answered_here = True
         if answer.reason is not None:
             self.replica.count(answer.reason)
+        else:
+            state.hit, state.rows = True, answer.rows
+            state.service_ms = None if answer.seconds is None else answer.seconds * 1000
         return answer
 
     async def serve_read(self, call: Call, args: object, offline: bool = False) -> Answer | str:
@@ -210,7 +213,11 @@ class SiteCalls:
         record_answer(self.credentials, state, call.site, reply, replayed=sg.replayed,
                       server_connected=sg.server_connected, content_type=sg.content_type)
         service = self.replica.service
-        if service is None or not isinstance(reply, dict):
+        if not isinstance(reply, dict):
+            return None
+        if state.method == "read":
+            state.rows = _rows(reply)
+        if service is None:
             return None
         if state.method == "info":
             return self.infos.add_sgcache(call.request.host, reply, await self._run(service.info))
@@ -221,3 +228,10 @@ class SiteCalls:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the replica's worker pool (blocking work never runs on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def _rows(reply: dict[str, object]) -> int | None:
+    """The entities in SG's answer to a read (for the access log)."""
+    results = reply.get("results")
+    entities = results.get("entities") if isinstance(results, dict) else None
+    return len(entities) if isinstance(entities, list) else None

@@ -55,6 +55,10 @@ class FlowState:
     pass_reason = _Field[str | None](None)
     #: The proxy made this answer itself (a hit or a refusal): there is nothing to learn from it.
     answered_here = _Field[bool](False)
+    #: The answer is a hit (from the replica), with its entities and service time (ms): for the metrics.
+    hit = _Field[bool](False)
+    rows = _Field[int | None](None)
+    service_ms = _Field[float | None](None)
     #: SG's own answer, which the addon sent and relayed itself (a write sent once).
     from_sg = _Field[bool](False)
     #: The ingester's event mark taken just before a write was sent (see CacheService.learn).

@@ -19,9 +19,11 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Any
 
 from cache.errors import Passthrough
+from cache.ops.metrics import PROXY
 from cache.proxy import api3
 from cache.proxy.service import CacheService
 
@@ -74,7 +76,7 @@ class Reads:
         began: list[float] = []  # set by the worker: an empty list means the read never left the queue
         budget = self.slow_clients.budget(client, service.read_budget)
         try:
-            body = await asyncio.wait_for(
+            body, rows = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
                     self.executor, read_encoded, service, args, offline, began, budget),
                 READ_TIMEOUT,
@@ -97,16 +99,21 @@ class Reads:
             log.exception("unexpected error answering a read; passing through")
             return "internal-error"
         service.count(None)
-        log.debug("hit in %.2f ms", (time.perf_counter() - started) * 1000)
-        return hit(body, stale=offline)
+        seconds = time.perf_counter() - started
+        log.debug("hit in %.2f ms", seconds * 1000)
+        return replace(hit(body, stale=offline), rows=rows, seconds=seconds)
 
 
 def read_encoded(
     service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
-) -> bytes:
-    """Answer a read and encode SG's envelope, in one trip to a worker thread."""
+) -> tuple[bytes, int | None]:
+    """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows)."""
     if began is not None:
         began.append(time.monotonic())
-    if budget is None:
-        return api3.encode_results(service.read(args, offline))
-    return api3.encode_results(service.read(args, offline, budget))
+    started = time.perf_counter()
+    try:
+        result = service.read(args, offline) if budget is None else service.read(args, offline, budget)
+    finally:
+        PROXY.read_db_seconds.observe(time.perf_counter() - started)
+    entities = result.get("entities") if isinstance(result, dict) else None
+    return api3.encode_results(result), len(entities) if isinstance(entities, list) else None

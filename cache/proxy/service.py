@@ -118,6 +118,11 @@ class CacheService:
                 log.debug("dispose failed", exc_info=True)
         return Passthrough(reason, type(exc).__name__)
 
+    def breaker_open(self) -> bool:
+        """Whether the breaker is open: reads pass (``db-backoff``) until a probe succeeds."""
+        with self._lock:
+            return self._failures >= BREAKER_FAILURES
+
     def note_timeout(self) -> None:
         """The caller gave up waiting for a read: count it as a database failure."""
         self._db_failed(TimeoutError("the replica did not answer in time"))
