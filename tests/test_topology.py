@@ -4,6 +4,7 @@ read through the balancer on each proxy."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ def test_compose_topology_serves_cached_reads_through_the_balancer(tmp_path: Pat
     if base is None:
         pytest.skip("the deployment's database is PostgreSQL: runs with SGCACHE_TEST_DB=postgresql://...")
     workdir = tmp_path / "topology"
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "topology"), "--db", base, "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    env = dict(os.environ, SGCACHE_TEST_DB=base)  # with its password: kept off the command line
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "topology"), "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
     out = f"{proc.stdout}\n{proc.stderr}"
     SCRIPT_OUTPUTS.append(("scripts/topology", out))
     assert proc.returncode == 0, out
