@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -64,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, {"exception": True, "error_code": ERR_BAD_REQUEST,
                                  "message": f"Invalid request body: {exc}"})
                 return
+            if self.server.latency > 0:  # type: ignore[attr-defined]
+                time.sleep(self.server.latency)  # type: ignore[attr-defined] - a hosted site's round trip
             answer = self.site.call(request["method_name"], request.get("params"))
             if self.server.take_drop():  # type: ignore[attr-defined]
                 # applied, but the answer never leaves: the connection breaks (test hook)
@@ -89,8 +92,10 @@ class _Server(ThreadingHTTPServer):
     # Deeper than any test's concurrent connections, it never overflows on loopback.
     request_queue_size = 1024
 
-    def __init__(self, addr: tuple[str, int], site: FakeSite, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, addr: tuple[str, int], site: FakeSite, ssl_context: ssl.SSLContext | None,
+                 latency: float = 0.0) -> None:
         self.site = site
+        self.latency = latency
         self.ssl_context = ssl_context
         self.connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
@@ -136,11 +141,14 @@ class FakeSGServer:
 
     ``port=0`` picks a free port at the first :meth:`start`; later restarts reuse it, so a test can take
     the site down (:meth:`stop_listening`) and bring it back (:meth:`start`) at the same URL.
+    ``latency``: seconds every API3 call waits before it is answered (a hosted site's round trip; set
+    before :meth:`start`).
     """
 
     def __init__(self, site: FakeSite, host: str = "127.0.0.1", port: int = 0,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 tls_cert: str | None = None, tls_key: str | None = None, latency: float = 0.0) -> None:
         self.site = site
+        self.latency = latency
         self.host = host
         self.port = port
         self.tls_cert = tls_cert
@@ -169,7 +177,7 @@ class FakeSGServer:
         if self.tls_cert:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.tls_cert, self.tls_key)
-        self._httpd = _Server((self.host, self.port), self.site, ctx)
+        self._httpd = _Server((self.host, self.port), self.site, ctx, self.latency)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"fakesg-{self.port}",
                                         kwargs={"poll_interval": 0.05}, daemon=True)
