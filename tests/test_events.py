@@ -491,3 +491,29 @@ def test_second_ingester_on_postgresql_waits(backend: str, store: Store, client:
     finally:
         first.close()
         second.close()
+
+
+# -- the heartbeat says the replica is caught up, not only that the ingester runs ----------
+def test_heartbeat_moves_only_when_a_poll_reaches_the_end_of_the_stream(site: FakeSite, store: Store,
+                                                                      client: SiteClient, clock: Clock) -> None:
+    """A backlog (after an outage or a restore) applied a full batch at a time leaves the heartbeat as
+    it was: the proxy must not serve a replica that is behind SG because its ingester is busy."""
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=3, poll_interval=0.01, gap_timeout=300), clock=clock)
+    try:
+        ing.poll_once()
+        beat = state(store, K_HEARTBEAT)
+        assert beat, "an idle poll reached the end of the stream"
+        proj = make_project(site)
+        for i in range(7):
+            site.create_direct("Sequence", {"code": f"SQ{i:02d}", "project": proj})
+        full_polls = 0
+        while (last := ing.poll_once()).full:
+            full_polls += 1
+            assert state(store, K_HEARTBEAT) == beat
+            assert state(store, K_HIGH) < site.last_event_id() or full_polls > 3
+        assert full_polls >= 2
+        assert state(store, K_HIGH) == site.last_event_id()
+        assert state(store, K_HEARTBEAT) != beat and state(store, K_HEARTBEAT) == last.caught_up_at
+    finally:
+        ing.close()

@@ -94,7 +94,7 @@ class BatchApplier:
         self.sg_clock.see(conn, events)
         new_high = max([high, *(int(e["id"]) for e in events)])
         self.position.update_gaps(conn, gaps, events, high, new_high, result)
-        self.position.advance(conn, new_high)
+        self.position.advance(conn, new_high, result.caught_up_at)
 
     def _event_rows(self, buf: WriteBatch, events: Sequence[Event]) -> None:
         """EventLogEntry as a cached type: every applied event becomes its row, in the poll's batch."""

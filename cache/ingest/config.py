@@ -49,6 +49,9 @@ class PollResult:
     received: int = 0
     applied: int = 0
     full: bool = False
+    #: When the poll asked SG for events, if it got the end of the stream (not a full batch): the
+    #: heartbeat. A poll still working through a backlog, or a sweep, says nothing of freshness.
+    caught_up_at: str | None = None
     gaps_opened: int = 0
     gaps_filled: int = 0
     gaps_expired: list[int] = field(default_factory=list)

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from ..replica.store import Store
-from ..wire import chunks, iso_now, parse_wire_dt
+from ..wire import chunks, parse_wire_dt
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, id_ranges
 from .sgclock import SGClock
@@ -89,13 +89,18 @@ class EventPosition:
         table = self.store.gaps
         return {r.id: r.first_seen for r in conn.execute(sa.select(table.c.id, table.c.first_seen))}
 
-    def advance(self, conn: Connection, new_high: int) -> None:
+    def advance(self, conn: Connection, new_high: int, caught_up_at: str | None) -> None:
         """After a poll's events are applied: the cursor to just below the lowest open gap (else
-        ``new_high``), the high mark, and the heartbeat, in the poll's transaction."""
+        ``new_high``) and the high mark, in the poll's transaction; and the heartbeat, only when the
+        poll reached the end of the stream (``caught_up_at``: when it asked SG). A poll that took a
+        full batch leaves the heartbeat alone: while the ingester works through a backlog (after an
+        outage, a restore) the replica is behind SG, and the proxy must pass once the heartbeat is
+        older than its ``sgcache_max_lag``."""
         still_open = self.open_gaps(conn)
         self.store.set_state(conn, EVENT_CURSOR, (min(still_open) - 1) if still_open else new_high)
         self.store.set_state(conn, EVENT_HIGH, new_high)
-        self.store.set_state(conn, INGESTER_HEARTBEAT, iso_now())
+        if caught_up_at is not None:
+            self.store.set_state(conn, INGESTER_HEARTBEAT, caught_up_at)
 
     def update_gaps(self, conn: Connection, gaps: dict[int, dt.datetime], events: Sequence[Mapping[str, Any]],
                     high: int, new_high: int, result: PollResult) -> None:

@@ -33,7 +33,7 @@ from ..replica.dialect import LeaderLock, leader_lock_for
 from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH
 from ..replica.store import Store, now_utc
 from ..replica.writes import WriteBatch
-from ..wire import chunks, to_wire
+from ..wire import chunks, iso_now, to_wire
 from .apply import EventApplier
 from .batch import BatchApplier, stored_ids
 from .config import IngestConfig, PollResult, SGClient
@@ -166,22 +166,24 @@ class Ingester:
             _cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)
             started = pending.poll_started(self.store, conn)
+        asked_at = iso_now()
         events = self.fetch_events(high, sorted(gaps)) if self.sg is not None else []
         full = len(events) >= self.config.batch + len(gaps)
+        caught_up_at = None if full else asked_at
         try:
-            result = self._apply_polled(conn, events, full, careful=False)
+            result = self._apply_polled(conn, events, full, careful=False, caught_up_at=caught_up_at)
         except sa.exc.DBAPIError:
             raise
         except Exception:  # noqa: BLE001 - one bad event must not stall the stream
             log.exception("applying a batch failed; retrying event by event")
-            result = self._apply_polled(conn, events, full, careful=True)
+            result = self._apply_polled(conn, events, full, careful=True, caught_up_at=caught_up_at)
         if self.sg is not None:
             pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
         return result
 
     def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
-                      careful: bool) -> PollResult:
-        result = PollResult(received=len(events), full=full)
+                      careful: bool, caught_up_at: str | None = None) -> PollResult:
+        result = PollResult(received=len(events), full=full, caught_up_at=caught_up_at)
         with conn.begin():
             _cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)

@@ -37,8 +37,9 @@ REPLICA_STATE_TTL = 1.0
 #: Consecutive database failures that open the breaker, and how long it stays open.
 BREAKER_FAILURES = 3
 BREAKER_SECONDS = 5.0
-#: Default ``max_lag``: the ingester's heartbeat is written on every poll, at least every 3 s when
-#: the site is idle (IngestConfig.idle_max); 10 s allows a slow poll or two and the context TTL.
+#: Default ``max_lag``: the ingester's heartbeat is written on every poll that reaches the end of
+#: SG's event stream (not while it works through a backlog), at least every 3 s when the site is
+#: idle (IngestConfig.idle_max); 10 s allows a slow poll or two and the context TTL.
 DEFAULT_MAX_LAG = 10.0
 
 
