@@ -231,3 +231,34 @@ def test_filter_unreadable_files_exit_2(tmp_path: Path) -> None:
                  ["--rules", str(tmp_path / "rules.txt"), str(tmp_path / "missing.yml")]):
         proc = run("schema-filter", *args)
         assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_type_or_field_no_longer_cached_is_unprimed_by_a_writer(db_url: str) -> None:
+    """Its values stop being kept current when a writer (ingester, scanner) runs without it: if it comes
+    back later, reads of it pass until a full scan primes it again. A proxy's subset schema un-primes nothing."""
+    full = Schema.from_schema_read(FakeSite.basic().schema).brief().filtered(
+        parse_rules("+Shot.*\n+Sequence.*\n+Project.*\n"))
+    without = Schema.from_schema_read(FakeSite.basic().schema).brief().filtered(
+        parse_rules("+Shot.*\n-Shot.sg_cut_in\n+Project.*\n"))
+
+    def primed(schema: Schema, writer: bool = True) -> dict[str, set[str]]:
+        store = Store.open(db_url, schema, create=False, writer=writer)
+        try:
+            store.create()
+            with store.engine.begin() as conn:
+                return store.primed_fields(conn)
+        finally:
+            store.dispose()
+
+    store = Store.open(db_url, full, writer=True)
+    with store.engine.begin() as conn:
+        for name in ("Shot", "Sequence", "Project"):
+            store.mark_primed(conn, name)
+    store.dispose()
+    assert "sg_cut_in" in primed(full)["Shot"] and "Sequence" in primed(full)
+    primed(without, writer=False)  # a proxy with a subset schema
+    assert "sg_cut_in" in primed(full)["Shot"] and "Sequence" in primed(full)
+    primed(without)  # the ingester ran for a while without Shot.sg_cut_in and without Sequence
+    back = primed(full)
+    assert "sg_cut_in" not in back["Shot"] and "code" in back["Shot"]
+    assert "Sequence" not in back and "Project" in back

@@ -69,6 +69,7 @@ class Store:
         self.engine = engine
         self.dialect: Dialect = dialect_for(engine)
         self._write_engine: Engine | None = engine if writer else None
+        self.writer = writer  # a sidecar that keeps the replica current (not a proxy)
         self.schema = schema
         self.metadata = sa.MetaData()
         self.tables: dict[str, sa.Table] = {}
@@ -229,6 +230,8 @@ class Store:
         stored = {
             (r.entity_type, r.field_name): r for r in conn.execute(sa.select(self.fields)).all()
         }
+        if self.writer:
+            self._unprime_uncached(conn, stored)
         inspector = sa.inspect(conn)
         for entity in self.schema.entities.values():
             table = self.tables[entity.name]
@@ -261,6 +264,25 @@ class Store:
                         primed=(fname == "id"),
                     )
                 )
+
+    def _unprime_uncached(self, conn: Connection, stored: dict[tuple[str, str], Any]) -> None:
+        """A writer (ingester, scanner) opened with a schema that no longer caches a type or field stops
+        keeping it current: un-prime it, so that if it comes back its old values are not served
+        before a full scan primes it again. (A proxy's schema may be a subset: it un-primes nothing.)"""
+        gone = [key for key, row in stored.items() if row.primed and key[1] != "id"
+                and (key[0] not in self.schema.entities or key[1] not in self.schema.entities[key[0]].fields)]
+        for entity_type, fname in gone:
+            log.warning("field %s.%s is no longer cached: un-primed (a full scan primes it again if it comes back)",
+                        entity_type, fname)
+            conn.execute(self.fields.update().where((self.fields.c.entity_type == entity_type)
+                                                    & (self.fields.c.field_name == fname)).values(primed=False))
+        types = self.types
+        dropped = [r.entity_type for r in conn.execute(sa.select(types.c.entity_type).where(types.c.primed))
+                   if r.entity_type not in self.schema.entities]
+        if dropped:
+            log.warning("types no longer cached: %s: un-primed (a full scan primes them again if they come back)",
+                        ", ".join(sorted(dropped)))
+            conn.execute(types.update().where(types.c.entity_type.in_(dropped)).values(primed=False))
 
     def _add_field_storage(
         self, conn: Connection, table: sa.Table, fname: str, fschema: FieldSchema, existing: set[str]
