@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
 
 try:
     import cache  # noqa: F401
@@ -37,7 +38,7 @@ from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
-from cache.proxy.routing import decrypt_patterns, is_api3  # noqa: E402
+from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
 from cache.proxy.sending import Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
@@ -50,7 +51,7 @@ DEFAULT_DB = "sqlite:///sgcache.db"
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 #: Options that re-open the replica when they change.
 REPLICA_OPTIONS = {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs",
-                   "sgcache_site"}
+                   "sgcache_site", "mode"}
 
 
 class SGCache:
@@ -102,7 +103,8 @@ class SGCache:
         loader.add_option(
             "sgcache_site", str, os.environ.get("SGCACHE_SITE", ""),
             "The SG site this replica copies (https://studio.shotgunstudio.com; default $SGCACHE_SITE, "
-            "else the site stored in the replica). Only its requests are answered or learned from.",
+            "else the reverse-proxy target of --mode reverse:URL, else the site stored in the replica). "
+            "Only its requests are answered or learned from.",
         )
         loader.add_option(
             "sgcache_hosts", Sequence[str], [],
@@ -127,11 +129,14 @@ class SGCache:
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
-        if "sgcache_site" in updated:
+        if updated & {"sgcache_site", "mode"}:
             try:
-                self.replica.configure_site(options.sgcache_site)
+                site = served_site(options.sgcache_site, _reverse_targets(options.mode))
+                self.replica.configure_site(site)
             except SiteError as exc:
                 raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
+            if site and not options.sgcache_site.strip():
+                log.info("sgcache: serving the reverse-proxy target %s as the site", self.replica.configured_site)
         if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
             self.calls.credentials = CredentialCache(
                 ttl=options.sgcache_auth_ttl, allow_users=options.sgcache_allow_users,
@@ -148,7 +153,7 @@ class SGCache:
                 self.replica.reopen(replica_options)
             except Refused as exc:  # a bad schema or pairs file, or the wrong replica
                 raise exceptions.OptionsError(f"sgcache: {exc}") from exc
-        if updated & {"sgcache_site", "sgcache_hosts", "sgcache_allow_connect", "sgcache_db"}:
+        if updated & {"sgcache_site", "sgcache_hosts", "sgcache_allow_connect", "sgcache_db", "mode"}:
             self._apply_site()
 
     def _apply_site(self) -> None:
@@ -285,6 +290,19 @@ def _call(flow: http.HTTPFlow) -> Call:
     r = flow.request
     return Call(Outgoing(r.scheme, r.host, r.port, r.path, list(r.headers.items(multi=True)), r.raw_content or b""),
                 flow.client_conn.id)
+
+
+def _reverse_targets(modes: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(scheme, host, port) of each reverse-proxy mode (``--mode reverse:https://site``)."""
+    targets = []
+    for text in modes:
+        try:
+            spec = mode_specs.ProxyMode.parse(text)
+        except ValueError:
+            continue  # mitmproxy refuses it itself
+        if isinstance(spec, mode_specs.ReverseMode):
+            targets.append((spec.scheme, spec.address[0], spec.address[1]))
+    return targets
 
 
 def _peer(flow: http.HTTPFlow) -> str:
