@@ -32,15 +32,17 @@ MODES = ("regular", "reverse")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "regular_only: run this proxy_mode test in regular proxy mode only")
+    config.addinivalue_line("markers", "proxy_modes(*modes): run this proxy_mode test in these modes only")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A test using ``proxy_mode`` runs once per mode (module-scoped: one rig per module and mode),
-    or in regular mode only when marked ``regular_only``."""
+    """A test using ``proxy_mode`` runs once per mode (module-scoped: one rig per module and mode): in
+    the modes its ``proxy_modes`` marker names, else its module's ``PROXY_MODES``, else every mode."""
     if "proxy_mode" in metafunc.fixturenames:
-        only = metafunc.definition.get_closest_marker("regular_only") is not None
-        metafunc.parametrize("proxy_mode", ("regular",) if only else MODES, indirect=True, scope="module")
+        marker = metafunc.definition.get_closest_marker("proxy_modes")
+        modes = marker.args if marker is not None else getattr(metafunc.module, "PROXY_MODES", MODES)
+        assert set(modes) <= set(MODES), modes
+        metafunc.parametrize("proxy_mode", modes, indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
