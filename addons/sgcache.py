@@ -41,6 +41,7 @@ from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
 from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
 from cache.proxy.sending import Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
+from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
 
@@ -244,6 +245,8 @@ class SGCache:
             flow.response.reason = outcome.reason
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if self._is_site_upload(flow):
+            await self._uploaded(flow)
         state, response = state_of(flow.metadata), flow.response
         if state.answered_here or state.pass_reason is None or response is None:
             return
@@ -259,10 +262,12 @@ class SGCache:
         elif outcome is not None:
             response.set_content(outcome)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         """SG could not be reached (refused, DNS, TLS): go offline for a while (cache/proxy/outage.py)."""
         if flow.response is not None or flow.error is None:
             return
+        if self._is_site_upload(flow):  # SG may have linked it before the connection broke
+            await self._uploaded(flow)
         server = flow.server_conn
         self.calls.connection_failed(state_of(flow.metadata), flow.request.host, flow.error.msg,
                                      never_connected(server.timestamp_tcp_setup, bool(server.tls),
@@ -280,6 +285,16 @@ class SGCache:
         return (self.site is not None and is_api3(r.method, r.path)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
+    def _is_site_upload(self, flow: http.HTTPFlow) -> bool:
+        """An upload form to the site, which may change entities (cache/proxy/uploads.py)."""
+        r = flow.request
+        return (self.site is not None and is_upload(r.method, r.path)
+                and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+
+    async def _uploaded(self, flow: http.HTTPFlow) -> None:
+        """Mark what an upload form may have changed; reads of it pass until the ingester has it."""
+        await self.calls.uploaded(changed_types(_form(flow.request)))
+
     def _tls(self) -> ssl.SSLContext:
         """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
         return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
@@ -290,6 +305,18 @@ def _call(flow: http.HTTPFlow) -> Call:
     r = flow.request
     return Call(Outgoing(r.scheme, r.host, r.port, r.path, list(r.headers.items(multi=True)), r.raw_content or b""),
                 flow.client_conn.id)
+
+
+def _form(request: http.Request) -> dict[str, str]:
+    """The text fields of an urlencoded or multipart form (empty when it cannot be read)."""
+    try:
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                    for k, v in request.multipart_form.items() if len(v) <= 1024}
+        return dict(request.urlencoded_form.items())
+    except Exception:  # noqa: BLE001 - an unreadable form names no type: every type is marked
+        log.debug("upload form not readable", exc_info=True)
+        return {}
 
 
 def _reverse_targets(modes: Sequence[str]) -> list[tuple[str, str, int]]:

@@ -94,6 +94,8 @@ class Rig:
     ``mode``: ``"regular"`` (clients set ``http_proxy``) or ``"reverse"`` (mitmdump ``--mode reverse:<site>``,
     without ``sgcache_site``: the target is the site; clients name the proxy as their site, over https with
     the site's certificate given to mitmproxy as the studio's own, ``--set certs=*=...``).
+    ``s3_uploads``: the site offers direct uploads to its storage (tests/fakesg/files.py), served by the same
+    server under another host name (``127.0.0.1`` for an https site named ``localhost``, else ``localhost``).
     """
 
     def __init__(self, workdir: Path, db_url: str, site: FakeSite | None = None, *,
@@ -101,13 +103,14 @@ class Rig:
                  extra_rules: str = "", schema: Path | None = None, prime: str | None = "scan",
                  proxy: bool | Sequence[str] = True, proxy_db_url: str | None = None, ingester: bool = False,
                  poll_interval: float = 1.0, idle_backoff: bool = False, ingest_args: Sequence[str] = (),
-                 tls: bool = False, mode: str = "regular"):
+                 tls: bool = False, mode: str = "regular", s3_uploads: bool = False):
         assert mode in MODES, mode
         if site is None:
             site = FakeSite.basic()
             site.add_script(SCRIPT, KEY)
             populate_site(site)
         self.workdir, self.db_url, self.site, self.mode = workdir, db_url, site, mode
+        self.s3_uploads = s3_uploads
         self.rules, self.extra_rules, self.prime = rules, extra_rules, prime
         self.proxy_options, self.proxy_db_url = proxy, proxy_db_url
         self.run_ingester, self.poll_interval, self.ingest_args = ingester, poll_interval, list(ingest_args)
@@ -136,6 +139,7 @@ class Rig:
         if self.run_ingester and not self.site.has_script(READER):
             self.site.add_script(READER, READER_KEY)
         self.server.start()
+        self.site.files.configure(self.url, self.storage_url, self.s3_uploads)
         if self._write_schema:
             site_schema_file(self.site, self.schema_path, self.rules, self.extra_rules)
         if self.prime == "scan":
@@ -178,6 +182,12 @@ class Rig:
     def url(self) -> str:
         """The site's URL as clients and the proxy name it."""
         return f"https://localhost:{self.server.port}" if self.tls_cert else self.server.url
+
+    @property
+    def storage_url(self) -> str:
+        """The base URL of the site's storage (its S3): the same server under another host name."""
+        host = "127.0.0.1" if self.tls_cert else "localhost"
+        return f"{self.server.scheme}://{host}:{self.server.port}/storage"
 
     def reads(self) -> int:
         """How many reads the fake SG has served."""

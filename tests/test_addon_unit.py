@@ -105,7 +105,7 @@ def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, sche
         assert learned == []
         flow.response = None
         flow.error = tflow.terr("Connection refused")
-        addon.error(flow)
+        await addon.error(flow)
         assert not addon.calls.outages.down_until  # another site being down is not this site's outage
 
     run(test)
@@ -207,7 +207,7 @@ def test_unreachable_sg_means_offline_but_a_dropped_request_does_not(run: Any) -
         await addon.request(flow)
         flow.server_conn.timestamp_tcp_setup = 1.0  # SG accepted the connection, then dropped this request
         flow.error = tflow.terr("server closed connection")
-        addon.error(flow)
+        await addon.error(flow)
         assert not addon.calls.outages.down_until
 
         flow = api3_flow(call("read", {"type": "Shot"}))
@@ -220,7 +220,7 @@ def test_unreachable_sg_means_offline_but_a_dropped_request_does_not(run: Any) -
         await addon.request(flow)
         flow.server_conn.timestamp_tcp_setup = None  # never connected: SG is unreachable
         flow.error = tflow.terr("Connection refused")
-        addon.error(flow)
+        await addon.error(flow)
         assert "sg.example.shotgunstudio.com" in addon.calls.outages.down_until
 
         flow = api3_flow(call("create", {"type": "Shot", "fields": []}))

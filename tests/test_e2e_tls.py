@@ -29,7 +29,7 @@ from .rig import KEY, SCRIPT, Rig
 def tls_rig(tmp_path_factory: pytest.TempPathFactory, mode_db_url: str,
             proxy_mode: str) -> Iterator[tuple[Rig, Path]]:
     with Rig(tmp_path_factory.mktemp(f"tls-{proxy_mode}"), mode_db_url, tls=True, proxy=False,
-             mode=proxy_mode) as rig:
+             mode=proxy_mode, s3_uploads=True) as rig:
         assert rig.tls_cert is not None
         rig.start_proxy(["sgcache_max_lag=0", f"sgcache_allow_connect=127.0.0.1:{rig.server.port}"])
         yield rig, rig.tls_cert
@@ -86,6 +86,42 @@ def test_plain_http_clients_of_a_reverse_proxy_to_an_https_site(tls_rig: tuple[R
     before = rig.reads()
     assert sg.find(*QUERY) == expected
     assert rig.reads() == before, "not answered from the cache"
+
+
+def test_upload_and_download_through_the_proxy(tls_rig: tuple[Rig, Path], tmp_path: Path) -> None:
+    """An upload to the site's storage and its download. The site's requests (the upload forms, the
+    attachment's redirect) cross the proxy decrypted; the storage host (``127.0.0.1``, as S3 would be)
+    is tunnelled undecrypted in regular mode and reached directly in reverse mode. The tool then reads
+    its upload back: SG's answer, not the replica's copy from before the upload."""
+    rig, cert = tls_rig
+    assert rig.proxy is not None
+    if rig.proxy.reverse:
+        sg = rig.client()
+    else:  # the storage's own certificate comes through the tunnel: trust it beside mitmproxy's CA
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(rig.proxy.ca_cert.read_bytes() + cert.read_bytes())
+        sg = rig.client(ca_certs=str(bundle))
+    sg.find_one("Project", [])
+    assert {k: v for k, v in sg.info().items() if k.startswith("s3_")} == rig.site.files.info_keys()
+    version = sg.create("Version", {"code": f"upload-{rig.mode}", "project": {"type": "Project", "id": 1}})
+    fields = ["code", "sg_uploaded_movie"]
+    assert sg.find("Version", [["id", "is", version["id"]]], fields)[0]["sg_uploaded_movie"] is None
+    movie = tmp_path / "take1.mov"
+    movie.write_bytes(b"\x00movie\xff" * 1000)
+    attachment_id = sg.upload("Version", version["id"], str(movie), field_name="sg_uploaded_movie")
+    assert movie.read_bytes() in rig.site.files.bucket.values()
+    got = sg.find("Version", [["id", "is", version["id"]]], fields)
+    assert got == oracle(rig, cert).find("Version", [["id", "is", version["id"]]], fields)
+    assert got[0]["sg_uploaded_movie"]["id"] == attachment_id
+    # reverse mode: the attachment's URL names the site itself; by id the download crosses the proxy
+    link = {"type": "Attachment", "id": attachment_id} if rig.proxy.reverse else got[0]["sg_uploaded_movie"]
+    assert sg.download_attachment(link) == movie.read_bytes()
+    # the requests the proxy decrypted ("--- METHOD URL -> status" in the capture addon's file)
+    seen = [line for line in rig.proxy.answers_path.read_text().splitlines() if line.startswith("--- ")]
+    assert any("POST" in line and "/upload/api_link_file" in line for line in seen)
+    assert any(f"GET https://localhost:{rig.server.port}/file_serve/attachment/{attachment_id}" in line
+               for line in seen)
+    assert not [line for line in seen if "/storage/" in line], "the storage host was decrypted"
 
 
 @pytest.mark.proxy_modes("regular")
