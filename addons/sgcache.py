@@ -205,6 +205,11 @@ class SGCache:
             quick_ack(flow.client_conn.id)
             flow.request.stream = False  # the body must be read to be answered locally
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """SG's answer to the site's API3 is read whole (learnt from), even with ``stream_large_bodies``."""
+        if flow.response is not None and self._is_site_api3(flow):
+            flow.response.stream = False
+
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
         server = data.server
