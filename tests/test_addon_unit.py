@@ -57,6 +57,20 @@ def respond(flow: Any, status: int = 200, body: bytes = b'{"results": []}') -> N
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json; charset=utf-8"})
 
 
+def test_the_reverse_proxy_target_is_the_site(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_site="", mode=["regular", f"reverse:{SITE}@8443"])
+        assert addon.site is not None and addon.site.url == f"{SITE}:443"
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        assert addon._is_site_api3(flow)
+        with pytest.raises(exceptions.OptionsError, match="not the site"):
+            tctx.configure(addon, sgcache_site=SITE, mode=["reverse:https://other.shotgunstudio.com"])
+        with pytest.raises(exceptions.OptionsError, match="several"):
+            tctx.configure(addon, sgcache_site="", mode=[f"reverse:{SITE}", "reverse:https://other.shotgunstudio.com@81"])
+
+    run(test)
+
+
 def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
     async def test(addon: Any, tctx: Any) -> None:
         def decrypted(hostport: str) -> bool:
