@@ -11,6 +11,7 @@ share is its :class:`~cache.proxy.flowstate.FlowState`.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -297,8 +298,11 @@ class SGCache:
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
     async def _uploaded(self, flow: http.HTTPFlow) -> None:
-        """Mark what an upload form may have changed; reads of it pass until the ingester has it."""
-        await self.calls.uploaded(changed_types(_form(flow.request)))
+        """Mark what an upload form may have changed; reads of it pass until the ingester has it.
+        Done before the client has SG's answer; the form (maybe a large file) is parsed off the loop."""
+        request = flow.request
+        types = await asyncio.get_running_loop().run_in_executor(self.executor, lambda: changed_types(_form(request)))
+        await self.calls.uploaded(types)
 
     def _tls(self) -> ssl.SSLContext:
         """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from cache.proxy.auth import site_of
 from cache.proxy.flowstate import state_of
+from cache.replica import pending
 
 from .paths import BASIC_SCHEMA
 from .sgcache_addon import sgcache
@@ -67,6 +68,23 @@ def test_the_reverse_proxy_target_is_the_site(run: Any) -> None:
             tctx.configure(addon, sgcache_site=SITE, mode=["reverse:https://other.shotgunstudio.com"])
         with pytest.raises(exceptions.OptionsError, match="several"):
             tctx.configure(addon, sgcache_site="", mode=[f"reverse:{SITE}", "reverse:https://other.shotgunstudio.com@81"])
+
+    run(test)
+
+
+def test_an_upload_form_marks_the_type_it_names_pending(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        service = await addon.calls.service()
+        flow = api3_flow(b"entity_type=Shot&entity_id=1&field_name=sg_link&script_name=pipeline&script_key=k")
+        flow.request.path = "/upload/api_link_file"
+        flow.request.headers["content-type"] = "application/x-www-form-urlencoded"
+        await addon.request(flow)
+        assert flow.response is None  # not API3: SG answers it
+        respond(flow, 200, b"1:7\n")
+        await addon.response(flow)
+        with service.store.engine.connect() as conn:
+            markers = pending.active(conn, service.store.pending)
+        assert ("Shot", pending.WHOLE_TYPE) in markers and ("Asset", pending.WHOLE_TYPE) not in markers
 
     run(test)
 
