@@ -11,6 +11,7 @@ share is its :class:`~cache.proxy.flowstate.FlowState`.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
 
 try:
     import cache  # noqa: F401
@@ -40,9 +42,10 @@ from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
-from cache.proxy.routing import decrypt_patterns, is_api3  # noqa: E402
+from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
 from cache.proxy.sending import Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
+from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
 
@@ -53,7 +56,7 @@ DEFAULT_DB = "sqlite:///sgcache.db"
 DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
 #: Options that re-open the replica when they change.
 REPLICA_OPTIONS = {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs",
-                   "sgcache_site"}
+                   "sgcache_site", "mode"}
 
 
 class SGCache:
@@ -105,7 +108,8 @@ class SGCache:
         loader.add_option(
             "sgcache_site", str, os.environ.get("SGCACHE_SITE", ""),
             "The SG site this replica copies (https://studio.shotgunstudio.com; default $SGCACHE_SITE, "
-            "else the site stored in the replica). Only its requests are answered or learned from.",
+            "else the reverse-proxy target of --mode reverse:URL, else the site stored in the replica). "
+            "Only its requests are answered or learned from.",
         )
         loader.add_option(
             "sgcache_hosts", Sequence[str], [],
@@ -130,11 +134,14 @@ class SGCache:
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
-        if "sgcache_site" in updated:
+        if updated & {"sgcache_site", "mode"}:
             try:
-                self.replica.configure_site(options.sgcache_site)
+                site = served_site(options.sgcache_site, _reverse_targets(options.mode))
+                self.replica.configure_site(site)
             except SiteError as exc:
                 raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
+            if site and not options.sgcache_site.strip():
+                log.info("sgcache: serving the reverse-proxy target %s as the site", self.replica.configured_site)
         if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
             self.calls.credentials = CredentialCache(
                 ttl=options.sgcache_auth_ttl, allow_users=options.sgcache_allow_users,
@@ -151,7 +158,7 @@ class SGCache:
                 self.replica.reopen(replica_options)
             except Refused as exc:  # a bad schema or pairs file, or the wrong replica
                 raise exceptions.OptionsError(f"sgcache: {exc}") from exc
-        if updated & {"sgcache_site", "sgcache_hosts", "sgcache_allow_connect", "sgcache_db"}:
+        if updated & {"sgcache_site", "sgcache_hosts", "sgcache_allow_connect", "sgcache_db", "mode"}:
             self._apply_site()
 
     def _apply_site(self) -> None:
@@ -202,6 +209,11 @@ class SGCache:
             quick_ack(flow.client_conn.id)
             flow.request.stream = False  # the body must be read to be answered locally
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """SG's answer to the site's API3 is read whole (learnt from), even with ``stream_large_bodies``."""
+        if flow.response is not None and self._is_site_api3(flow):
+            flow.response.stream = False
+
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
         server = data.server
@@ -242,6 +254,8 @@ class SGCache:
             flow.response.reason = outcome.reason
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        if self._is_site_upload(flow):
+            await self._uploaded(flow)
         state, response = state_of(flow.metadata), flow.response
         if state.answered_here or state.pass_reason is None or response is None:
             return
@@ -257,10 +271,12 @@ class SGCache:
         elif outcome is not None:
             response.set_content(outcome)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         """SG could not be reached (refused, DNS, TLS): go offline for a while (cache/proxy/outage.py)."""
         if flow.response is not None or flow.error is None:
             return
+        if self._is_site_upload(flow):  # SG may have linked it before the connection broke
+            await self._uploaded(flow)
         server = flow.server_conn
         self.calls.connection_failed(state_of(flow.metadata), flow.request.host, flow.error.msg,
                                      never_connected(server.timestamp_tcp_setup, bool(server.tls),
@@ -278,6 +294,19 @@ class SGCache:
         return (self.site is not None and is_api3(r.method, r.path)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
+    def _is_site_upload(self, flow: http.HTTPFlow) -> bool:
+        """An upload form to the site, which may change entities (cache/proxy/uploads.py)."""
+        r = flow.request
+        return (self.site is not None and is_upload(r.method, r.path)
+                and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+
+    async def _uploaded(self, flow: http.HTTPFlow) -> None:
+        """Mark what an upload form may have changed; reads of it pass until the ingester has it.
+        Done before the client has SG's answer; the form (maybe a large file) is parsed off the loop."""
+        request = flow.request
+        types = await asyncio.get_running_loop().run_in_executor(self.executor, lambda: changed_types(_form(request)))
+        await self.calls.uploaded(types)
+
     def _tls(self) -> ssl.SSLContext:
         """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
         return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
@@ -288,6 +317,31 @@ def _call(flow: http.HTTPFlow) -> Call:
     r = flow.request
     return Call(Outgoing(r.scheme, r.host, r.port, r.path, list(r.headers.items(multi=True)), r.raw_content or b""),
                 flow.client_conn.id)
+
+
+def _form(request: http.Request) -> dict[str, str]:
+    """The text fields of an urlencoded or multipart form (empty when it cannot be read)."""
+    try:
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                    for k, v in request.multipart_form.items() if len(v) <= 1024}
+        return dict(request.urlencoded_form.items())
+    except Exception:  # noqa: BLE001 - an unreadable form names no type: every type is marked
+        log.debug("upload form not readable", exc_info=True)
+        return {}
+
+
+def _reverse_targets(modes: Sequence[str]) -> list[tuple[str, str, int]]:
+    """(scheme, host, port) of each reverse-proxy mode (``--mode reverse:https://site``)."""
+    targets = []
+    for text in modes:
+        try:
+            spec = mode_specs.ProxyMode.parse(text)
+        except ValueError:
+            continue  # mitmproxy refuses it itself
+        if isinstance(spec, mode_specs.ReverseMode):
+            targets.append((spec.scheme, spec.address[0], spec.address[1]))
+    return targets
 
 
 def _peer(flow: http.HTTPFlow) -> str:

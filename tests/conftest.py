@@ -26,7 +26,23 @@ LONGEST_FIRST = ("test_fuzz.py", "test_concurrent_writes_e2e.py", "test_pairs_e2
                  "test_e2e_bounds.py", "test_failopen.py", "test_ingest_e2e.py", "test_site_e2e.py")
 #: The fixtures through which a test uses the replica database (pytest lists them for every test
 #: that depends on them, however indirectly).
-DATABASE_FIXTURES = {"db_url", "module_db_url", "backend"}
+DATABASE_FIXTURES = {"db_url", "module_db_url", "mode_db_url", "backend"}
+#: mitmproxy's modes the end-to-end modules run their proxy in (tests/rig.py).
+MODES = ("regular", "reverse")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "proxy_modes(*modes): run this proxy_mode test in these modes only")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test using ``proxy_mode`` runs once per mode (module-scoped: one rig per module and mode): in
+    the modes its ``proxy_modes`` marker names, else its module's ``PROXY_MODES``, else every mode."""
+    if "proxy_mode" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("proxy_modes")
+        modes = marker.args if marker is not None else getattr(metafunc.module, "PROXY_MODES", MODES)
+        assert set(modes) <= set(MODES), modes
+        metafunc.parametrize("proxy_mode", modes, indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -73,6 +89,19 @@ def db_url(tmp_path: Path) -> Iterator[str]:
 def module_db_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A database URL shared by the tests of one module (for expensive set-ups)."""
     with fresh_db_url(tmp_path_factory.mktemp("db")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy_mode(request: pytest.FixtureRequest) -> str:
+    """The mode of the module's rig: ``regular`` (http_proxy) or ``reverse`` (clients name the proxy)."""
+    return str(getattr(request, "param", "regular"))
+
+
+@pytest.fixture(scope="module")
+def mode_db_url(proxy_mode: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database URL shared by the tests of one module in one proxy mode."""
+    with fresh_db_url(tmp_path_factory.mktemp(f"db-{proxy_mode}")) as url:
         yield url
 
 

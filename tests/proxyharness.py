@@ -19,7 +19,8 @@ from .wait import wait_until
 
 #: Test-only addon after sgcache: records every answer clients get, for the secret scan.
 CAPTURE_ADDON = Path(__file__).resolve().parent / "capture_addon.py"
-_LISTEN_RE = re.compile(r"proxy listening at \*?([\d.]+|\[?[\w:]+\]?):(\d+)")
+#: mitmproxy's start line: "HTTP(S) proxy listening at *:8080." or "reverse proxy to URL listening at ...".
+_LISTEN_RE = re.compile(r"proxy (?:to \S+ )?listening at \*?([\d.]+|\[?[\w:]+\]?):(\d+)")
 
 
 def mitmdump_binary() -> str:
@@ -34,13 +35,15 @@ def mitmdump_binary() -> str:
 
 
 class Proxy:
-    """mitmdump with the sgcache addon (or ``addon``) on an ephemeral loopback port.
+    """mitmdump with the sgcache addon (or ``addon``) on an ephemeral loopback port, in mitmproxy's
+    ``mode`` (``regular``, or ``reverse:URL``: clients then name the proxy as their site).
 
     Its output goes to ``workdir/mitmdump.log`` and stays readable with :meth:`output`."""
 
     def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = (),
-                 addon: Path = ADDON):
+                 addon: Path = ADDON, mode: str = "regular"):
         self.workdir = workdir
+        self.mode = mode
         self.db_url = db_url
         self.schema = str(schema)
         self.options = list(options)
@@ -61,6 +64,10 @@ class Proxy:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     @property
+    def reverse(self) -> bool:
+        return self.mode.startswith("reverse:")
+
+    @property
     def address(self) -> str:
         """The ``http_proxy`` value for shotgun_api3 (``host:port``, not a URL)."""
         return f"127.0.0.1:{self.port}"
@@ -71,6 +78,7 @@ class Proxy:
             mitmdump_binary(),
             "--listen-host", "127.0.0.1",
             "--listen-port", str(self.port or 0),
+            "--mode", self.mode,
             "--set", f"confdir={self.confdir}",
             "--set", "flow_detail=0",
             "-s", str(self.addon),

@@ -42,6 +42,8 @@ HUMAN, HUMAN_PASSWORD = "ann", "pw-4b8d2e6f-NeverLogMe"
 READER, READER_KEY = "reader", "r3ader"
 #: Proxy options of a rig without an ingester: no heartbeat needed.
 RIG_OPTIONS = ["sgcache_max_lag=0"]
+#: The proxy modes a rig runs mitmdump in.
+MODES = ("regular", "reverse")
 
 
 def populate(site: FakeSite) -> None:
@@ -89,6 +91,11 @@ class Rig:
     ``proxy``: True for mitmdump with the default options (``RIG_OPTIONS``, or none beside an ingester:
     then the heartbeat counts), a list for those options, False for none; ``sgcache_site`` is added.
     ``tls``: serve the site over https as ``https://localhost:<port>`` with a self-signed certificate.
+    ``mode``: ``"regular"`` (clients set ``http_proxy``) or ``"reverse"`` (mitmdump ``--mode reverse:<site>``,
+    without ``sgcache_site``: the target is the site; clients name the proxy as their site, over https with
+    the site's certificate given to mitmproxy as the studio's own, ``--set certs=*=...``).
+    ``s3_uploads``: the site offers direct uploads to its storage (tests/fakesg/files.py), served by the same
+    server under another host name (``127.0.0.1`` for an https site named ``localhost``, else ``localhost``).
     """
 
     def __init__(self, workdir: Path, db_url: str, site: FakeSite | None = None, *,
@@ -96,12 +103,14 @@ class Rig:
                  extra_rules: str = "", schema: Path | None = None, prime: str | None = "scan",
                  proxy: bool | Sequence[str] = True, proxy_db_url: str | None = None, ingester: bool = False,
                  poll_interval: float = 1.0, idle_backoff: bool = False, ingest_args: Sequence[str] = (),
-                 tls: bool = False):
+                 tls: bool = False, mode: str = "regular", s3_uploads: bool = False):
+        assert mode in MODES, mode
         if site is None:
             site = FakeSite.basic()
             site.add_script(SCRIPT, KEY)
             populate_site(site)
-        self.workdir, self.db_url, self.site = workdir, db_url, site
+        self.workdir, self.db_url, self.site, self.mode = workdir, db_url, site, mode
+        self.s3_uploads = s3_uploads
         self.rules, self.extra_rules, self.prime = rules, extra_rules, prime
         self.proxy_options, self.proxy_db_url = proxy, proxy_db_url
         self.run_ingester, self.poll_interval, self.ingest_args = ingester, poll_interval, list(ingest_args)
@@ -130,6 +139,7 @@ class Rig:
         if self.run_ingester and not self.site.has_script(READER):
             self.site.add_script(READER, READER_KEY)
         self.server.start()
+        self.site.files.configure(self.url, self.storage_url, self.s3_uploads)
         if self._write_schema:
             site_schema_file(self.site, self.schema_path, self.rules, self.extra_rules)
         if self.prime == "scan":
@@ -173,6 +183,12 @@ class Rig:
         """The site's URL as clients and the proxy name it."""
         return f"https://localhost:{self.server.port}" if self.tls_cert else self.server.url
 
+    @property
+    def storage_url(self) -> str:
+        """The base URL of the site's storage (its S3): the same server under another host name."""
+        host = "127.0.0.1" if self.tls_cert else "localhost"
+        return f"{self.server.scheme}://{host}:{self.server.port}/storage"
+
     def reads(self) -> int:
         """How many reads the fake SG has served."""
         return self.site.count("read")
@@ -214,18 +230,31 @@ class Rig:
         """mitmdump in front of the site (``sgcache_site`` added unless named) on this replica (or ``db_url``),
         running ``addon`` (default: the project's)."""
         options = list(options)
-        if not any(o.startswith("sgcache_site=") for o in options):
+        reverse = self.mode == "reverse"
+        if not reverse and not any(o.startswith("sgcache_site=") for o in options):
             options.append(f"sgcache_site={self.url}")
         if self.tls_cert is not None and not any(o.startswith("ssl_verify_upstream_trusted_ca=") for o in options):
             options.append(f"ssl_verify_upstream_trusted_ca={self.tls_cert}")
         if workdir is None:
             workdir = self.workdir if not self.proxies else self.workdir / f"proxy-{len(self.proxies)}"
         workdir.mkdir(parents=True, exist_ok=True)
-        proxy = Proxy(workdir, db_url or self.db_url, self.schema_path, options, addon=addon)
+        if reverse and self.tls_cert is not None:
+            options.append(f"certs=*={self._studio_pem()}")
+        proxy = Proxy(workdir, db_url or self.db_url, self.schema_path, options, addon=addon,
+                      mode=f"reverse:{self.url}" if reverse else "regular")
         self.proxies.append(proxy)
         proxy.start()
         self.proxy = self.proxy or proxy
         return proxy
+
+    def _studio_pem(self) -> Path:
+        """The site's certificate and key in one file: the studio certificate a reverse proxy serves."""
+        pem = self.workdir / "studio-cert-and-key.pem"
+        if not pem.exists():
+            assert self.tls_cert is not None
+            key = self.tls_cert.with_name("fakesg-key.pem")
+            pem.write_bytes(self.tls_cert.read_bytes() + key.read_bytes())
+        return pem
 
     def through(self, proxy: Proxy) -> Rig:
         """This rig seen through another of its proxies (a view: stop the rig, not the view)."""
@@ -234,12 +263,26 @@ class Rig:
         return view
 
     # -- clients ---------------------------------------------------------------------------
+    def proxy_url(self, proxy: Proxy | None = None) -> str:
+        """The site URL a client of ``proxy`` uses: the site's own (regular mode), or the proxy's (reverse)."""
+        proxy = proxy or self.proxy
+        assert proxy is not None, "the rig runs no proxy"
+        if not proxy.reverse:
+            return self.url
+        return f"https://localhost:{proxy.port}" if self.tls_cert else f"http://127.0.0.1:{proxy.port}"
+
     def client(self, proxy: Proxy | None = None, **kwargs: Any) -> shotgun_api3.Shotgun:
-        """A real shotgun_api3 client going through the proxy (trusting mitmproxy's CA on https)."""
+        """A real shotgun_api3 client going through the proxy: with ``http_proxy`` and trusting mitmproxy's
+        CA on https (regular mode), or naming the proxy as its site and trusting the studio certificate
+        (reverse mode)."""
         proxy = proxy or self.proxy
         assert proxy is not None, "the rig runs no proxy"
         kwargs.setdefault("script_name", SCRIPT)
         kwargs.setdefault("api_key", KEY)
+        if proxy.reverse:
+            if self.tls_cert is not None:
+                kwargs.setdefault("ca_certs", str(self.tls_cert))
+            return shotgun_api3.Shotgun(self.proxy_url(proxy), **kwargs)
         if self.tls_cert is not None:
             kwargs.setdefault("ca_certs", str(proxy.ca_cert))
         return shotgun_api3.Shotgun(self.url, http_proxy=proxy.address, **kwargs)

@@ -14,6 +14,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from cache.proxy.auth import site_of
 from cache.proxy.flowstate import state_of
+from cache.replica import pending
 
 from .paths import BASIC_SCHEMA
 from .sgcache_addon import sgcache
@@ -55,6 +56,37 @@ def run(db_url: str) -> Iterator[Any]:
 
 def respond(flow: Any, status: int = 200, body: bytes = b'{"results": []}') -> None:
     flow.response = http.Response.make(status, body, {"Content-Type": "application/json; charset=utf-8"})
+
+
+def test_the_reverse_proxy_target_is_the_site(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_site="", mode=["regular", f"reverse:{SITE}@8443"])
+        assert addon.site is not None and addon.site.url == f"{SITE}:443"
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        assert addon._is_site_api3(flow)
+        with pytest.raises(exceptions.OptionsError, match="not the site"):
+            tctx.configure(addon, sgcache_site=SITE, mode=["reverse:https://other.shotgunstudio.com"])
+        with pytest.raises(exceptions.OptionsError, match="several"):
+            tctx.configure(addon, sgcache_site="", mode=[f"reverse:{SITE}", "reverse:https://other.shotgunstudio.com@81"])
+
+    run(test)
+
+
+def test_an_upload_form_marks_the_type_it_names_pending(run: Any) -> None:
+    async def test(addon: Any, tctx: Any) -> None:
+        service = await addon.calls.service()
+        flow = api3_flow(b"entity_type=Shot&entity_id=1&field_name=sg_link&script_name=pipeline&script_key=k")
+        flow.request.path = "/upload/api_link_file"
+        flow.request.headers["content-type"] = "application/x-www-form-urlencoded"
+        await addon.request(flow)
+        assert flow.response is None  # not API3: SG answers it
+        respond(flow, 200, b"1:7\n")
+        await addon.response(flow)
+        with service.store.engine.connect() as conn:
+            markers = pending.active(conn, service.store.pending)
+        assert ("Shot", pending.WHOLE_TYPE) in markers and ("Asset", pending.WHOLE_TYPE) not in markers
+
+    run(test)
 
 
 def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
@@ -105,7 +137,7 @@ def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, sche
         assert learned == []
         flow.response = None
         flow.error = tflow.terr("Connection refused")
-        addon.error(flow)
+        await addon.error(flow)
         assert not addon.calls.outages.down_until  # another site being down is not this site's outage
 
     run(test)
@@ -207,7 +239,7 @@ def test_unreachable_sg_means_offline_but_a_dropped_request_does_not(run: Any) -
         await addon.request(flow)
         flow.server_conn.timestamp_tcp_setup = 1.0  # SG accepted the connection, then dropped this request
         flow.error = tflow.terr("server closed connection")
-        addon.error(flow)
+        await addon.error(flow)
         assert not addon.calls.outages.down_until
 
         flow = api3_flow(call("read", {"type": "Shot"}))
@@ -220,7 +252,7 @@ def test_unreachable_sg_means_offline_but_a_dropped_request_does_not(run: Any) -
         await addon.request(flow)
         flow.server_conn.timestamp_tcp_setup = None  # never connected: SG is unreachable
         flow.error = tflow.terr("Connection refused")
-        addon.error(flow)
+        await addon.error(flow)
         assert "sg.example.shotgunstudio.com" in addon.calls.outages.down_until
 
         flow = api3_flow(call("create", {"type": "Shot", "fields": []}))

@@ -1,4 +1,5 @@
-"""The spine, end to end: shotgun_api3 -> mitmdump + sgcache -> fake SG, on SQLite and PostgreSQL."""
+"""The spine, end to end: shotgun_api3 -> mitmdump + sgcache -> fake SG, on SQLite and PostgreSQL, with the
+proxy in regular mode (clients set http_proxy) and in reverse mode (clients name the proxy as their site)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from typing import Any
 import pytest
 
 from .paths import RULES
-from .rig import Rig
+from .rig import KEY, SCRIPT, Rig
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
-    """One primed replica and proxy for the module; tests that write use their own rows."""
-    with Rig(tmp_path_factory.mktemp("rig"), module_db_url) as rig:
+def rig(tmp_path_factory: pytest.TempPathFactory, mode_db_url: str, proxy_mode: str) -> Iterator[Rig]:
+    """One primed replica and proxy for the module and mode; tests that write use their own rows."""
+    with Rig(tmp_path_factory.mktemp(f"rig-{proxy_mode}"), mode_db_url, mode=proxy_mode) as rig:
         yield rig
 
 
@@ -118,12 +119,39 @@ def test_wrong_key_is_never_served(rig: Rig) -> None:
             bad.find("Shot", [], ["code"])
 
 
-def _through_proxy(rig: Rig, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
-    req = urllib.request.Request(rig.server.url + path, data=body, method=method,
+def test_answers_carry_the_header_and_info_the_counters(rig: Rig) -> None:
+    warm(rig.client())
+    auth = {"script_name": SCRIPT, "script_key": KEY}
+
+    def read(fields: list[str]) -> tuple[str, Any]:
+        args = {"type": "Shot", "return_fields": fields, "return_only": "active",
+                "filters": {"logical_operator": "and",
+                            "conditions": [{"path": "code", "relation": "is", "values": ["sh010"]}]},
+                "paging": {"entities_per_page": 500, "current_page": 1}}
+        body = json.dumps({"method_name": "read", "params": [auth, args]}).encode()
+        _status, headers, reply = _through_proxy(rig, "POST", "/api3/json", body)
+        return headers.get("X-SGCache", ""), json.loads(reply)["results"]["entities"]
+
+    expected = rig.direct().find("Shot", [["code", "is", "sh010"]], ["code", "image"])
+    before = rig.reads()
+    assert read(["code"]) == ("hit", [{k: v for k, v in e.items() if k != "image"} for e in expected])
+    assert rig.reads() == before
+    header, got = read(["code", "image"])  # a field the cache does not hold
+    assert header.startswith("pass; reason=") and got == expected
+    assert rig.reads() == before + 1
+    extra = rig.client().info()["sgcache"]
+    assert extra["hits"] >= 1 and extra["passes"][header.split("reason=", 1)[1]] >= 1
+
+
+def _through_proxy(rig: Rig, method: str, path: str, body: bytes | None) -> tuple[int, Any, bytes]:
+    """A plain request through the proxy: to the site with the proxy set, or to the reverse proxy itself."""
+    assert rig.proxy is not None
+    proxies = {} if rig.proxy.reverse else {"http": f"http://{rig.proxy.address}"}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+    req = urllib.request.Request(rig.proxy_url() + path, data=body, method=method,
                                  headers={"Content-Type": "application/json"})
     with opener.open(req, timeout=10) as resp:
-        return resp.status, resp.read()
+        return resp.status, resp.headers, resp.read()
 
 
 @pytest.mark.parametrize(
@@ -136,6 +164,7 @@ def _through_proxy(rig: Rig, method: str, path: str, body: bytes | None) -> tupl
     ],
 )
 def test_other_requests_reach_sg_unchanged(rig: Rig, method: str, path: str, body: bytes | None) -> None:
+    """Bodies that are not API3, uploads and downloads go to SG as they came, in either mode."""
     before = len(rig.site.raw_requests)
     _through_proxy(rig, method, path, body)
     seen = rig.site.raw_requests[before:]

@@ -6,6 +6,9 @@ Processes: the fake SG (which keeps every standard pair in step and makes templa
 the reads that its side effects change are made at once through proxy A and proxy B and
 compared with a direct client to the fake. Then the ingester catches up and the same reads
 must be cache hits (with the same answers).
+
+The module runs in regular proxy mode; a representative subset (a create learned with its pair, a
+template's pending Tasks, a batch, a lost answer) runs in reverse mode too, on a rig of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from .rig import READER, READER_KEY, RIG_OPTIONS, Rig
 from .wait import wait_until
 
 Read = tuple[str, list[Any], list[str]]
+
+PROXY_MODES = ("regular",)
+#: The tests that run in reverse mode too.
+both_modes = pytest.mark.proxy_modes("regular", "reverse")
 
 
 def populate_pairs(site: FakeSite) -> None:
@@ -90,9 +97,9 @@ class TwoProxies:
 
 
 @pytest.fixture(scope="module")
-def prig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[TwoProxies]:
-    tmp = tmp_path_factory.mktemp("pairs")
-    with Rig(tmp, module_db_url, populate_site=populate_pairs) as rig:
+def prig(tmp_path_factory: pytest.TempPathFactory, mode_db_url: str, proxy_mode: str) -> Iterator[TwoProxies]:
+    tmp = tmp_path_factory.mktemp(f"pairs-{proxy_mode}")
+    with Rig(tmp, mode_db_url, populate_site=populate_pairs, mode=proxy_mode) as rig:
         pr = TwoProxies(rig, rig.start_proxy(RIG_OPTIONS, workdir=tmp / "proxy-b"))
         pr.ingest()  # the cursor starts where the scan left it
         yield pr
@@ -122,6 +129,7 @@ def check(prig: TwoProxies, write: Callable[[], Any], reads: list[Read], modelle
     return result
 
 
+@both_modes
 def test_create_task_shows_in_the_shots_tasks(prig: TwoProxies) -> None:
     shot5 = prig.one("Shot", "sh05")
     check(prig, lambda: prig.a.create("Task", {"content": "new", "entity": shot5}), tasks_of(shot5))
@@ -184,6 +192,7 @@ def test_asset_parents_and_children(prig: TwoProxies) -> None:
     check(prig, lambda: prig.a.update("Asset", a1["id"], {"parents": [a0]}), reads)
 
 
+@both_modes
 def test_create_shot_with_task_template(prig: TwoProxies) -> None:
     proj = prig.one("Project", "Pairs", "name")
     tmpl = {"type": "TaskTemplate", "id": 7}
@@ -222,6 +231,7 @@ def test_retire_and_revive_a_shot_others_link_to(prig: TwoProxies) -> None:
     check(prig, lambda: prig.a.revive("Shot", shot5["id"]), reads, modelled=False)
 
 
+@both_modes
 def test_batch_of_writes(prig: TwoProxies) -> None:
     shot1, shot6 = prig.one("Shot", "sh01"), prig.one("Shot", "sh06")
     seq = prig.one("Sequence", "SQ1")
@@ -238,6 +248,7 @@ def test_updated_at_is_not_served_stale_after_an_update(prig: TwoProxies) -> Non
     check(prig, lambda: prig.a.update("Shot", shot3["id"], {"description": "later"}), reads, modelled=False)
 
 
+@both_modes
 def test_lost_answer_marks_what_the_write_could_change(prig: TwoProxies) -> None:
     """SG applies an update but its answer is lost on the way: the proxy cannot know whether it was
     applied, so what it could change passes until the ingester has SG's events."""

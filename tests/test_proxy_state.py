@@ -16,8 +16,9 @@ from cache.proxy.flowstate import KEY, FlowState, state_of
 from cache.proxy.metrics import Counters
 from cache.proxy.offline import InfoCopies
 from cache.proxy.outage import OUTAGE_SECONDS, Outages, never_connected
-from cache.proxy.routing import NO_HOST, decrypt_patterns, hostport, is_api3
-from cache.replica.site import Site
+from cache.proxy.routing import NO_HOST, decrypt_patterns, hostport, is_api3, served_site
+from cache.proxy.uploads import changed_types, is_upload
+from cache.replica.site import Site, SiteError
 
 SITE = site_of("https", "sg.example.com", 443)
 AUTH = {"script_name": "pipeline", "script_key": "k"}
@@ -73,6 +74,31 @@ def test_only_the_site_and_named_hosts_are_decrypted() -> None:
     assert is_api3("POST", "/api3/json?x=1") and not is_api3("GET", "/api3/json")
     assert not is_api3("POST", "/upload/api_link_file")
     assert hostport("::1", 443) == "[::1]:443" and hostport("h", 80) == "h:80"
+
+
+def test_the_reverse_proxy_target_is_the_site() -> None:
+    site = "https://studio.shotgunstudio.com"
+    reverse = [("https", "Studio.ShotgunStudio.com", 443)]
+    assert served_site(site, []) == site
+    assert served_site("", []) == ""
+    assert served_site("", reverse) == "https://studio.shotgunstudio.com:443"  # the target names the site
+    assert served_site(site, reverse + reverse) == site  # the same target twice, the same site
+    assert served_site("", [("tcp", "db", 5432), ("http", "sg.lan", 8080)]) == "http://sg.lan:8080"
+    for configured, targets in [(site, [("http", "studio.shotgunstudio.com", 443)]),  # another scheme
+                                (site, [("https", "other.shotgunstudio.com", 443)]),
+                                ("", reverse + [("https", "other.shotgunstudio.com", 443)])]:
+        with pytest.raises(SiteError):
+            served_site(configured, targets)
+
+
+def test_upload_forms_name_the_types_they_may_change() -> None:
+    assert is_upload("POST", "/upload/upload_file") and is_upload("POST", "/upload/api_link_file?x=1")
+    assert is_upload("POST", "/upload/publish_thumbnail") and is_upload("POST", "/upload/share_thumbnail")
+    assert not is_upload("POST", "/upload/api_get_upload_link_info")  # hands out a storage URL only
+    assert not is_upload("GET", "/upload/upload_file") and not is_upload("POST", "/api3/json")
+    assert changed_types({"entity_type": "Version", "field_name": "sg_uploaded_movie"}) == {"Version", "Attachment"}
+    assert changed_types({"entities": "Shot_12, Asset_3", "thumbnail_id": "7"}) == {"Shot", "Asset", "Attachment"}
+    assert changed_types({}) is None and changed_types({"entity_type": " "}) is None  # any type may have changed
 
 
 def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -224,6 +224,12 @@ class SiteCalls:
         if state.method in WRITE_METHODS and "results" in reply:
             await self.writes.learn(service, state, reply["results"], call.url, self.tls)
         return None
+
+    async def uploaded(self, entity_types: Collection[str] | None) -> None:
+        """An upload form to the site was answered (or failed): mark what it may have changed."""
+        service = self.replica.service
+        if service is not None:
+            await self._run(service.uploaded, entity_types)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the replica's worker pool (blocking work never runs on the event loop)."""

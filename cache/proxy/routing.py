@@ -5,6 +5,12 @@ connection is tunnelled untouched. Of the decrypted requests, only ``POST .../ap
 the site itself (scheme, host, port and Host header) is answered or learnt from; another
 host's API3 passes (``other-site``), anything else is not the proxy's business.
 Where the proxy may connect at all is :mod:`cache.proxy.relay`'s decision.
+
+In reverse-proxy mode (``mitmdump --mode reverse:https://site``) clients name the proxy, not SG;
+mitmproxy gives each request the reverse target's scheme, host and port (and, unless
+``keep_host_header`` is set, its ``Host`` header), so the same test decides. The reverse target
+is the site: :func:`served_site` takes it when ``sgcache_site`` is not given, and refuses a target
+that is another site.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-from cache.replica.site import Site
+from cache.replica.site import Site, SiteError
 
 #: An allow_hosts entry that matches nothing (an empty allow_hosts would decrypt everything).
 NO_HOST = r"\A(?!)"
@@ -26,6 +32,31 @@ def decrypt_patterns(site: Site | None, host_globs: Iterable[str]) -> list[str]:
     if site is not None:
         patterns.insert(0, f"^{re.escape(site.host)}:{site.port}$")
     return patterns or [NO_HOST]
+
+
+def served_site(configured: str, reverse_targets: Iterable[tuple[str, str, int]]) -> str:
+    """The site URL the proxy serves: ``configured`` (``sgcache_site``), else the one http(s)
+    reverse-proxy target (``(scheme, host, port)`` of each ``--mode reverse:...``); "" for neither.
+
+    Raises :class:`SiteError` when a reverse target is not the configured site, or when several
+    different targets leave the site unnamed: a replica copies one site."""
+    targets: list[Site] = []
+    for scheme, host, port in reverse_targets:
+        if scheme in ("http", "https"):  # tcp, tls, dns, ... targets carry no API3 the addon sees
+            site = Site(scheme, host.rstrip(".").lower().strip("[]"), port)
+            if site not in targets:
+                targets.append(site)
+    if configured.strip():
+        site = Site.parse(configured)
+        for target in targets:
+            if target != site:
+                raise SiteError(f"the reverse-proxy target {target.url} is not the site {site.url}: "
+                                "a replica copies one site (point --mode reverse: at it)")
+        return configured
+    if len(targets) > 1:
+        raise SiteError("several reverse-proxy targets (" + ", ".join(t.url for t in targets)
+                        + "): name the one site with sgcache_site")
+    return targets[0].url if targets else ""
 
 
 def host_regex(glob: str) -> str:

@@ -10,7 +10,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -366,6 +366,20 @@ class CacheService:
                 log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
                 self._mark_type_pending(entity_type)
         self.invalidate()
+
+    def uploaded(self, entity_types: Collection[str] | None) -> None:
+        """An upload form reached SG (answered or not): the rows of ``entity_types`` (None: every
+        cached type) may have changed; their reads pass until the ingester has the upload's events
+        (cache/proxy/uploads.py)."""
+        cached = self.store.schema.entities  # the replica answers nothing of another type
+        types = sorted(cached if entity_types is None else [t for t in entity_types if t in cached])
+        if not types:
+            return
+        try:
+            with self.store.write_engine.begin() as conn:
+                pending.mark(conn, self.store.pending, [(t, pending.WHOLE_TYPE) for t in types])
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+            log.warning("could not mark %s pending after an upload: %s", ", ".join(types), _short(exc))
 
     def _mark_type_pending(self, entity_type: str) -> None:
         """Rows of ``entity_type`` stay queued for a fetch: other proxies learn of the queue up to a

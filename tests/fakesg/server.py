@@ -1,4 +1,5 @@
-"""HTTP front end of the fake SG site: ``POST /api3/json`` plus an echo for every other request.
+"""HTTP front end of the fake SG site: ``POST /api3/json``, the file endpoints (uploads, storage,
+downloads: tests/fakesg/files.py), and an echo for every other request.
 
 Malformed JSON bodies on /api3/json get HTTP 200 with an SG error envelope (error_code 103): the client only
 reads envelopes from 200 replies, so this surfaces as ``shotgun_api3.Fault`` with a readable message rather
@@ -74,6 +75,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             self._send(200, answer)
+            return
+        files = self.site.files.handle(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body)
+        if files is not None:
+            status, headers, data = files
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
             return
         self._send(200, {"fake_sg_echo": {"method": self.command, "path": path,
                                           "body_sha256": hashlib.sha256(body).hexdigest()}})

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from .files import FakeFiles
 from .schema_data import basic_schema, field_schema, make_entity_schema
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ class FakeSite:
         self.requests: list[tuple[str, Any]] = []
         self.request_auth: list[dict[str, Any] | None] = []
         self.raw_requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.files = FakeFiles(self)  # uploads, storage, downloads (tests/fakesg/files.py)
         for t in self.schema:
             self._table(t)
 
@@ -393,6 +395,13 @@ class FakeSite:
             return _Caller(caller.user, caller.generate_events, session_uuid, sudo, caller.label)
         raise SGFault("Authentication failed: no credentials", ERR_AUTH)
 
+    def authenticate_form(self, form: dict[str, Any]) -> None:
+        """Check the credentials an upload form carries (its auth fields); raises SGFault."""
+        auth = {k: v for k, v in form.items()
+                if k in ("script_name", "script_key", "user_login", "user_password", "session_token")}
+        with self._lock:
+            self._authenticate(auth)
+
     # ------------------------------------------------------------------ request log
     def record_raw(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         """Record one HTTP request (called by the server for every request)."""
@@ -434,8 +443,8 @@ class FakeSite:
             "version": [major, minor, patch],
             "full_version": [major, minor, patch, 0],
             "api_max_entities_per_page": self.page_size,
-            "s3_uploads_enabled": False,
             "user_authentication_method": "default",
+            **self.files.info_keys(),
         }
 
     def call(self, method_name: str, params: Any) -> dict[str, Any]:
