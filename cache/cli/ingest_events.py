@@ -16,7 +16,6 @@ from ..config import (
     open_bound_store,
     setup_logging,
 )
-from ..ingest import IngestConfig, Ingester, LockHeld, engine_options
 
 log = logging.getLogger("sgcache.ingest")
 
@@ -61,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     """``sgcache-ingest-events``: exit 0, 2 on a configuration error, 3 when an ingester leads already."""
     args = parse_args(argv)
     setup_logging(args.verbose, args)
+    from ..ingest import (  # here: --help and --version need not load SQLAlchemy
+        IngestConfig,
+        Ingester,
+        LockHeld,
+        engine_options,
+    )
+
     schema = load_schema(args.schema)
     check_db_url(args.db)
     sg = make_client(args)

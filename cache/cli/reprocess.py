@@ -21,7 +21,6 @@ from ..config import (
     open_bound_store,
     setup_logging,
 )
-from ..ingest import Ingester, LockHeld, replay
 
 log = logging.getLogger("sgcache.reprocess")
 
@@ -44,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     """``sgcache-reprocess``: exit 0, 2 on a configuration error, 3 when an ingester leads already."""
     args = parse_args(argv)
     setup_logging(args.verbose, args)
+    from ..ingest import Ingester, LockHeld, replay  # here: --help and --version need not load SQLAlchemy
+
     schema = load_schema(args.schema)
     check_db_url(args.db)
     sg = None

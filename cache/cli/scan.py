@@ -26,7 +26,7 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import (
     ConfigError,
@@ -38,10 +38,13 @@ from ..config import (
     open_bound_store,
     setup_logging,
 )
-from ..replica.schema import Schema
+from ..scan import DEFAULT_OVERLAP, PAGE_SIZE
 from ..scan.progress import DEFAULT_LOG_EVERY
-from ..scan.scanner import DEFAULT_OVERLAP, PAGE_SIZE, Scanner
 from ..wire import parse_when
+
+if TYPE_CHECKING:
+    from ..replica.schema import Schema
+    from ..scan.scanner import Scanner
 
 log = logging.getLogger("sgcache.scan")
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     sg: Any = connect_site(args)
     store = open_bound_store(args.db, schema, args.site)
     progress = "off" if args.quiet else ("bar" if sys.stderr.isatty() else "log")
+    from ..scan.scanner import Scanner  # here: --help and --version need not load SQLAlchemy
+
     scanner = Scanner(store, sg, page_size=args.page_size, projects=args.project_ids,
                       progress=progress, log_every=args.progress_every)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

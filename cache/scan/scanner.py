@@ -33,12 +33,11 @@ from ..replica import fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
 from ..wire import format_wire_dt, parse_when
+from . import DEFAULT_OVERLAP, PAGE_SIZE
 from .progress import DEFAULT_LOG_EVERY, TypeProgress, format_duration
 
 log = logging.getLogger("sgcache.scanner")
 
-PAGE_SIZE = 500
-DEFAULT_OVERLAP = 120.0
 #: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
 DB_ATTEMPTS = 3
 _ID_ORDER = [{"field_name": "id", "direction": "asc"}]
