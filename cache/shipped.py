@@ -43,6 +43,11 @@ def pairs_file() -> Path:
     return shipped("schema/pairs.yml")
 
 
+def basic_rules() -> Path:
+    """The project's rules for the default cached subset, ``schema/basic-filters.txt``."""
+    return shipped("schema/basic-filters.txt")
+
+
 def addon_script() -> Path:
     """The mitmproxy addon, ``addons/sgcache.py``."""
     return shipped("addons/sgcache.py")

@@ -158,13 +158,15 @@ def test_every_console_command_answers_help_and_version(installed: Installed) ->
 
 def test_a_configuration_error_is_one_line_from_any_directory(installed: Installed, tmp_path: Path) -> None:
     # the default schema (read first) comes from the package: the error is about --db, not --schema
-    proc = sh([str(installed.bin / "sgcache-scan"), "--db", "sgcache.db"], installed.elsewhere, check=False)
+    where = tmp_path / "empty"
+    where.mkdir()
+    proc = sh([str(installed.bin / "sgcache-scan"), "--db", "sgcache.db"], where, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("sgcache-scan: error: --db (SGCACHE_DB): 'sgcache.db' is not a database URL")
-    assert len(proc.stderr.splitlines()) == 1 and list(installed.elsewhere.iterdir()) == []
+    assert len(proc.stderr.splitlines()) == 1 and list(where.iterdir()) == []
     proxy = sh([str(installed.bin / "sgcache-proxy"), "--listen-host", "127.0.0.1", "--listen-port", "0",
                 "--set", f"confdir={tmp_path / 'mitm'}", "--set", "sgcache_db=mysql://cache@dbhost/sg"],
-               installed.elsewhere, check=False)
+               where, check=False)
     output = proxy.stdout + proxy.stderr
     assert proxy.returncode != 0 and "Traceback" not in output, output
     refusals = [line for line in output.splitlines() if "sgcache_db" in line]
@@ -185,18 +187,36 @@ def test_scripts_find_the_checkouts_venv(installed: Installed, tmp_path: Path) -
     assert proc.stdout.startswith("sgcache-scan (sgcache) "), proc.stdout + proc.stderr
 
 
+def readme_command(prefix: str) -> str:
+    """The README's command line starting with ``prefix``, without its comment."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith(f"    {prefix}"):
+            return line.split("  #", 1)[0].strip()
+    raise AssertionError(f"the README has no command line starting with {prefix!r}")
+
+
 def test_the_readme_commands_against_a_site(installed: Installed) -> None:
-    """Build a cached subset, prime, follow: the README's commands, from a directory of their own."""
+    """Build a cached subset, prime, follow: the README's lines, in a shell whose PATH has the
+    venv (as the README says), from a directory of their own."""
     site = FakeSite.basic()
     site.add_script(SCRIPT, KEY)
     populate(site)
+    where = installed.elsewhere
     with FakeSGServer(site) as server:
-        env = clean_env(SGCACHE_SITE=server.url, SGCACHE_SCRIPT_NAME=SCRIPT, SGCACHE_SCRIPT_KEY=KEY,
-                        SGCACHE_DB="sqlite:///replica.db", SGCACHE_SCHEMA="mine.yml")
-        where, rules = installed.elsewhere, installed.clone / "schema" / "basic-filters.txt"
-        sh(f"{installed.bin}/sgcache-schema-dump -o site.yml", where, env)
-        sh(f"{installed.bin}/sgcache-schema-filter --rules {rules} site.yml > mine.yml", where, env)
-        primed = sh(f"{installed.bin}/sgcache-scan --full --progress-every 0.001", where, env)
-        assert "rows by SG's count" in primed.stderr and "rows/s" in primed.stderr, primed.stderr
-        sh(f"{installed.bin}/sgcache-ingest-events --once", where, env)
-    assert (where / "replica.db").is_file()
+        script = "\n".join([
+            "set -e",
+            f"cd {shlex.quote(str(installed.clone))}",
+            'export PATH="$PWD/.venv/bin:$PATH"',
+            f"cd {shlex.quote(str(where))}",
+            f"export SGCACHE_SITE={server.url} SGCACHE_SCRIPT_NAME={SCRIPT} SGCACHE_SCRIPT_KEY={KEY}",
+            readme_command("export SGCACHE_DB="),
+            readme_command("sgcache-schema-dump -o site.yml"),
+            readme_command("sgcache-schema-filter site.yml > mine.yml"),
+            "export SGCACHE_SCHEMA=$PWD/mine.yml",
+            readme_command("sgcache-scan --full") + " --progress-every 0.001",
+            "sgcache-ingest-events --once",
+        ])
+        proc = sh(["bash", "-c", script], where)
+    assert "rows by SG's count" in proc.stderr and "rows/s" in proc.stderr, proc.stderr
+    assert "caught up (--once)" in proc.stderr, proc.stderr
+    assert {"site.yml", "mine.yml", "sgcache.db"} <= {p.name for p in where.iterdir()}

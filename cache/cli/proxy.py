@@ -23,7 +23,7 @@ sgcache options (--set NAME=VALUE; see the README's "Running it"):
   sgcache_hosts, sgcache_allow_connect, sgcache_pairs, sgcache_offline
 
 Common mitmdump options: --listen-host HOST, --listen-port PORT (default 8080),
---set confdir=DIR (the CA), --set proxyauth=user:password. Every option: sgcache-proxy --options.
+--set confdir=DIR (the CA), --set proxyauth=user:password. Every mitmproxy option: mitmdump --help.
 
   -h, --help     this help
   --version      sgcache's and mitmproxy's versions

@@ -17,6 +17,7 @@ import yaml
 
 from ..config import ConfigError, add_common_args, add_version, command, connect_site, setup_logging
 from ..replica.schema import Schema, SchemaError, parse_rules
+from ..shipped import basic_rules
 
 log = logging.getLogger("sgcache.schematools")
 
@@ -74,9 +75,7 @@ def dump_parser() -> argparse.ArgumentParser:
         prog="sgcache-schema-dump",
         description="Write the SG site's whole schema (schema_read + schema_entity_read) as sgcache "
         "schema YAML. See docs/schema-format.md.",
-        epilog="Typical use: sgcache-schema-dump -o site.yml && "
-        "sgcache-schema-filter --rules RULES site.yml > my.yml (schema/basic-filters.txt is the "
-        "project's rules file)",
+        epilog="Typical use: sgcache-schema-dump -o site.yml && sgcache-schema-filter site.yml > mine.yml",
     )
     parser.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (default: stdout)")
     add_common_args(parser, site=True, db=False)
@@ -111,7 +110,9 @@ def filter_parser() -> argparse.ArgumentParser:
         "to stdout. A rules line is '+Type.field' or '-Type.field' (shell globs; '+Type' means "
         "'+Type.*'; '#' starts a comment); later lines win. A kept type always keeps 'id'.",
     )
-    parser.add_argument("--rules", required=True, metavar="RULES", help="rules file")
+    parser.add_argument("--rules", default=str(basic_rules()), metavar="RULES",
+                        help="rules file (default: the project's schema/basic-filters.txt, which made "
+                             "schema/basic.yml)")
     parser.add_argument("--brief", action="store_true",
                         help="keep only each field's type, links and values (drop labels, descriptions...)")
     parser.add_argument("file", metavar="FILE", help="schema YAML, as written by schema-dump ('-': stdin)")
