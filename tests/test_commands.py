@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Callable
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
 
 import cache
 from cache import config, shipped
 from cache.cli import ingest_events, proxy, reprocess, scan
-from cache.proxy.replica import Refused, ReplicaOptions
+from cache.proxy.replica import OneLineRefusal, Refused, ReplicaOptions
 from cache.replica.dialect import url_problem
 from cache.replica.schema import Schema
 from cache.replica.store import Store
@@ -27,6 +30,7 @@ from cache.scan.scanner import Scanner
 from .fakesg import FakeSite
 from .paths import BASIC_SCHEMA, REPO
 from .rig import site_schema_file
+from .sgcache_addon import sgcache
 
 SITE = "https://studio.shotgunstudio.com"
 CREDENTIALS = ["--site", SITE, "--script-name", "sgcache", "--script-key", "k3y"]
@@ -247,3 +251,41 @@ def test_a_full_scan_counts_first_and_logs_its_position(counts: bool, caplog: py
         assert "full scan of 2 types, 0 rows by SG's count (Project ?, Shot ?)" in lines
     assert any(line.startswith("Shot: 5 rows, 5 new, 0 changed, primed (") and "rows/s)" in line
                for line in lines), lines
+
+
+def test_the_addon_refuses_a_bad_db_option_and_keeps_its_replica(tmp_path: Path) -> None:
+    """Changed while the proxy runs, a URL that cannot work is refused; the replica stays in use."""
+    addon = sgcache.SGCache()
+    good = f"sqlite:///{tmp_path / 'replica.db'}"
+
+    async def main() -> None:
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, sgcache_db=good, sgcache_schema=str(BASIC_SCHEMA), sgcache_site=SITE)
+            assert addon.service is not None
+            for bad in ("sgcache.db", "mysql://cache@dbhost/sg"):
+                with pytest.raises(exceptions.OptionsError, match="^sgcache: sgcache_db: "):
+                    tctx.configure(addon, sgcache_db=bad)
+                # mitmproxy rolls the option back (and configures the addon with it again)
+                assert tctx.options.sgcache_db == good and addon.replica.options.db_url == good
+                assert addon.service is not None
+            addon.done()
+
+    asyncio.run(main())
+    assert not (tmp_path / "sgcache.db").exists()
+
+
+def test_a_refused_option_is_one_line_in_mitmdumps_log() -> None:
+    try:
+        raise exceptions.OptionsError("sgcache: sgcache_db: unsupported database 'mysql'")
+    except exceptions.OptionsError:
+        record = logging.LogRecord("mitmproxy.addons.script", logging.ERROR, __file__, 1,
+                                   "error in script %s", ("addons/sgcache.py",), sys.exc_info())
+    assert OneLineRefusal().filter(record) and record.exc_info is None
+    assert logging.Formatter().format(record) == (
+        "error in script addons/sgcache.py: OptionsError: sgcache: sgcache_db: unsupported database 'mysql'")
+    try:
+        raise ValueError("a bug")
+    except ValueError:
+        other = logging.LogRecord("mitmproxy.addons.script", logging.ERROR, __file__, 1, "error", None,
+                                  sys.exc_info())
+    assert OneLineRefusal().filter(other) and other.exc_info is not None  # a bug keeps its traceback

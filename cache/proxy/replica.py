@@ -96,8 +96,8 @@ class Replica:
         Raises :class:`Refused` for a database URL that cannot work, a bad schema or pairs file,
         or a replica of another site. A correctly named database that is down is no mistake: the
         proxy runs and passes everything (fail open)."""
+        options.check()  # before closing anything: a refused option leaves the replica as it was
         self.close()
-        options.check()
         self.options = options
         self.site = self.configured_site  # a site learnt from the previous replica is not this one's
         self._retry_at = 0.0
