@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import package_version
-from .private import install_redaction, url_secrets
+from .private import install_redaction, redact, url_secrets
 from .shipped import basic_schema
 
 DEFAULT_DB = "sqlite:///sgcache.db"
@@ -91,6 +91,18 @@ def load_schema(path: str) -> Any:
                                                    f"{DEFAULT_SCHEMA})") from None
 
 
+def check_site_url(url: str) -> Any:
+    """The :class:`~cache.replica.site.Site` of ``url``; ConfigError naming ``--site`` when it names
+    none (the message never quotes a password the URL carries)."""
+    from .replica.site import Site, SiteError
+
+    try:
+        return Site.parse(url)
+    except SiteError as exc:
+        raise ConfigError(option_name("--site"), redact(f"{exc} (e.g. https://studio.shotgunstudio.com)",
+                                                        url_secrets(url))) from None
+
+
 def add_common_args(parser: argparse.ArgumentParser, site: bool = True, db: bool = True) -> None:
     """Add ``--db``/``--schema`` and (with ``site``) ``--site``/``--script-name``/``--script-key``;
     always ``-v`` and ``--version``."""
@@ -98,7 +110,8 @@ def add_common_args(parser: argparse.ArgumentParser, site: bool = True, db: bool
         parser.add_argument("--db", default=os.environ.get(ENV["db"], DEFAULT_DB),
                             help=f"replica database URL (env {ENV['db']}; default {DEFAULT_DB})")
         parser.add_argument("--schema", default=os.environ.get(ENV["schema"], DEFAULT_SCHEMA),
-                            help=f"cached-subset schema YAML (env {ENV['schema']})")
+                            help=f"cached-subset schema YAML (env {ENV['schema']}; default: the shipped "
+                                 "schema/basic.yml)")
     if site:
         parser.add_argument("--site", default=os.environ.get(ENV["site"]),
                             help=f"SG site URL, e.g. https://studio.shotgunstudio.com (env {ENV['site']})")
@@ -136,17 +149,12 @@ def secrets_of(args: Any) -> list[str | None]:
 def connect_site(args: Any) -> Any:
     """A ``shotgun_api3.Shotgun`` for the site named by the args; ConfigError when one is missing
     or the site URL is not one."""
-    from .replica.site import Site, SiteError
-
     missing = [flag for flag, value in (("--site", args.site), ("--script-name", args.script_name),
                                         ("--script-key", args.script_key)) if not value]
     if missing:
         raise ConfigError(", ".join(option_name(flag) for flag in missing),
                           "missing; give the SG site and the API script that reads it")
-    try:
-        Site.parse(args.site)
-    except SiteError as exc:
-        raise ConfigError(option_name("--site"), f"{exc} (e.g. https://studio.shotgunstudio.com)") from None
+    check_site_url(args.site)
     import shotgun_api3
 
     return shotgun_api3.Shotgun(args.site, script_name=args.script_name, api_key=args.script_key,
@@ -159,14 +167,11 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
 
     Every script writes: the store is a writer's (on SQLite each transaction takes the write lock
     at BEGIN, so none fails upgrading a read lock while another process writes)."""
-    from .replica.site import Site, SiteError, SiteMismatch, bind, check
+    from .replica.site import SiteMismatch, bind, check
     from .replica.store import Store
 
     check_db_url(url)
-    try:
-        site = Site.parse(site_url) if site_url else None
-    except SiteError as exc:
-        raise ConfigError(option_name("--site"), f"{exc} (e.g. https://studio.shotgunstudio.com)") from None
+    site = check_site_url(site_url) if site_url else None
     store = Store.open(url, schema, create=False, writer=True, **engine_kwargs)
     try:
         if site is not None:

@@ -64,6 +64,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], prog: str) -> str:
     (["--db", "postgresql+asyncpg://dbhost/sg"], "--db", "use postgresql://"),
     (["--schema", "no-such-schema.yml"], "--schema", "give a schema YAML file"),
     (["--site", "studio.shotgunstudio.com"], "--site", "https://studio.shotgunstudio.com"),
+    (["--site", "ftp://u:s3cret-pw@studio.shotgunstudio.com"], "--site", "must start with http"),
 ])
 def test_a_configuration_error_is_one_line_and_exit_2(prog: str, args: list[str], option: str, fix: str,
                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str],
