@@ -167,7 +167,7 @@ class SGCache:
         if site is None and not self._warned_no_site:
             self._warned_no_site = True
             log.warning("sgcache: no SG site known (set sgcache_site or SGCACHE_SITE, or prime the replica "
-                        "with scripts/scan): every request passes (reason=no-site)")
+                        "with sgcache-scan --full): every request passes (reason=no-site)")
 
     def running(self) -> None:
         # Answering locally must not need an upstream connection (eager would also fail the

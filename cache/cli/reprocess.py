@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if sg is not None:
             log.info("re-read %d queued entities from SG", ingester.process_fetch_queue())
         else:
-            log.info("queued fetches (if any) are left to scripts/ingest-events")
+            log.info("queued fetches (if any) are left to sgcache-ingest-events")
     finally:
         ingester.close()
         store.dispose()

@@ -6,7 +6,7 @@ Modes (one run may combine --full with --interval):
                     transaction; rows the replica holds that SG no longer has are marked retired;
                     a type is marked primed (reads of it may be answered) when its scan completes.
                     Before the first prime, the newest EventLogEntry id is stored as the event
-                    cursor, so scripts/ingest-events resumes from there without a hole.
+                    cursor, so sgcache-ingest-events resumes from there without a hole.
   --since ISO8601   read rows of primed types updated after that time (SG's clock, UTC unless
                     an offset is given), once.
   --interval SECS   repeat forever: read rows of primed types updated after their watermark
