@@ -1,4 +1,4 @@
-"""``sgcache-scan``: prime the replica from SG and reconcile it by updated_at (see cache/scan/scanner.py).
+"""Prime the replica from SG and reconcile it by updated_at (sgcache-scan; see cache/scan/scanner.py).
 
 Modes (one run may combine --full with --interval):
 
@@ -17,6 +17,9 @@ Modes (one run may combine --full with --interval):
 --projects limits types that have a project field (and Project itself) to those projects; such
 a scan is partial, so those types are NOT marked primed and no row is marked retired for them.
 Types without a project field are read whole and primed as usual.
+
+Progress: --full first logs SG's count of each type's rows; then a bar per type on a terminal,
+or a line (rows, rows/s, ETA) every --progress-every seconds in a log; --quiet for neither.
 """
 
 from __future__ import annotations
