@@ -43,9 +43,15 @@ class ConfigError(Exception):
         self.option = option
 
 
+class Unavailable(Exception):
+    """A correctly named replica that cannot be opened now (database down, refused, no such
+    database): the command logs one line (a traceback with ``-v``) and exits 1."""
+
+
 def command(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorate a command's ``main``: a :class:`ConfigError` becomes one line on stderr
-    (``prog: error: --db (SGCACHE_DB): ...``) and exit status 2."""
+    (``prog: error: --db (SGCACHE_DB): ...``) and exit status 2; :class:`Unavailable` one log
+    line and exit status 1."""
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -55,6 +61,10 @@ def command(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
             except ConfigError as exc:
                 sys.stderr.write(f"{prog}: error: {exc}\n")
                 return CONFIG_ERROR
+            except Unavailable as exc:
+                log = logging.getLogger("sgcache")
+                log.error("%s", exc, exc_info=exc.__cause__ if log.isEnabledFor(logging.DEBUG) else None)
+                return 1
         return run
 
     return wrap
@@ -167,13 +177,17 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
 
     Every script writes: the store is a writer's (on SQLite each transaction takes the write lock
     at BEGIN, so none fails upgrading a read lock while another process writes)."""
+    import sqlalchemy as sa
+
+    from .private import safe_url
     from .replica.site import SiteMismatch, bind, check
     from .replica.store import Store
 
     check_db_url(url)
     site = check_site_url(site_url) if site_url else None
-    store = Store.open(url, schema, create=False, writer=True, **engine_kwargs)
+    store = None
     try:
+        store = Store.open(url, schema, create=False, writer=True, **engine_kwargs)
         if site is not None:
             check(store, site)
         store.create()
@@ -182,7 +196,13 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
     except SiteMismatch as exc:
         store.dispose()
         raise ConfigError(option_name("--site"), f"{exc}") from None
+    except sa.exc.DBAPIError as exc:
+        if store is not None:
+            store.dispose()
+        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        raise Unavailable(f"cannot open the replica {safe_url(url)}: {first}") from exc
     except BaseException:
-        store.dispose()
+        if store is not None:
+            store.dispose()
         raise
     return store

@@ -79,6 +79,20 @@ def test_a_configuration_error_is_one_line_and_exit_2(prog: str, args: list[str]
     assert list(tmp_path.iterdir()) == []  # refused before any database or file was made
 
 
+@pytest.mark.parametrize("prog", sorted(REPLICA_COMMANDS))
+def test_a_database_that_is_down_is_one_log_line_and_exit_1(prog: str, caplog: pytest.LogCaptureFixture,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A correct URL whose server refuses: no configuration error, no traceback, no password."""
+    argv = [*CREDENTIALS, "--db", "postgresql://cache:s3cret-pw@127.0.0.1:1/sg"]
+    if prog == "sgcache-ingest-events":
+        argv.append("--once")
+    assert REPLICA_COMMANDS[prog](argv) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, caplog.text
+    assert errors[0].getMessage().startswith("cannot open the replica postgresql://cache:***@127.0.0.1:1/sg: ")
+    assert "s3cret" not in caplog.text + "".join(capsys.readouterr())
+
+
 def test_missing_credentials_name_every_missing_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert scan.main(["--db", "sqlite://", "--site", SITE]) == 2
     line = one_error_line(capsys, "sgcache-scan")
