@@ -232,6 +232,7 @@ class CountingClient:
     def __init__(self, site: FakeSite, counts: bool = True):
         self.site = site
         self.counts = counts
+        self.summarized: list[str] = []
 
     def find(self, entity_type: str, filters: Any, fields: list[str] | None = None, order: Any = None,
              limit: int = 0, retired_only: bool = False) -> list[dict[str, Any]]:
@@ -239,6 +240,7 @@ class CountingClient:
         return rows[:limit] if limit else rows
 
     def summarize(self, entity_type: str, filters: Any, summary_fields: list[dict[str, str]]) -> dict[str, Any]:
+        self.summarized.append(entity_type)
         if not self.counts:
             raise RuntimeError("no summarize here")
         return {"summaries": {"id": len(self.site.find_direct(entity_type, filters))}, "groups": []}
@@ -254,10 +256,12 @@ def test_a_full_scan_counts_first_and_logs_its_position(counts: bool, caplog: py
         site.create_direct("Shot", {"code": f"s{i}", "project": {"type": "Project", "id": project["id"]}})
     store = Store.open("sqlite://", Schema.load(site_schema_file(site, tmp_path / "schema.yml", "+Project\n+Shot\n")))
     try:
-        scans = Scanner(store, CountingClient(site, counts), page_size=2, progress="log").prime(["Project", "Shot"])
+        client = CountingClient(site, counts)
+        scans = Scanner(store, client, page_size=2, progress="log").prime(["Project", "Shot"])
     finally:
         store.dispose()
     assert [s.rows for s in scans] == [1, 5]
+    assert client.summarized == ["Project", "Shot"]  # one count per type, answered or not
     lines = [r.getMessage() for r in caplog.records]
     if counts:
         assert "full scan of 2 types, 6 rows by SG's count (Project 1, Shot 5)" in lines

@@ -215,10 +215,13 @@ class Scanner:
     def full_scan(self, entity_type: str, total: int | None = None) -> TypeScan:
         """Read every row of the type; prime it unless ``--projects`` made the scan partial.
         ``total``: SG's count of its rows, for progress (counted here when progress is shown)."""
+        if total is None and self.progress != "off":
+            total = self.count(entity_type, self.full_filters(entity_type))
+        return self._full_scan(entity_type, total)
+
+    def _full_scan(self, entity_type: str, total: int | None) -> TypeScan:
         scan = TypeScan(entity_type)
         filters = self.full_filters(entity_type)
-        if total is None and self.progress != "off":
-            total = self.count(entity_type, filters)
         with self._progress(entity_type, total) as progress:
             self._read_into(scan, filters, progress)
         if not filters:
@@ -253,7 +256,7 @@ class Scanner:
                  ", ".join(f"{t} {'?' if n is None else n}" for t, n in totals.items()))
         started, done, out = time.monotonic(), 0, []
         for number, entity_type in enumerate(types, 1):
-            out.append(self.full_scan(entity_type, totals[entity_type]))
+            out.append(self._full_scan(entity_type, totals[entity_type]))
             done += out[-1].rows
             if number < len(types):
                 elapsed = time.monotonic() - started
