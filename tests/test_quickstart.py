@@ -118,8 +118,12 @@ def stand_in(path: Path, code: str) -> None:
 def borrow_packages(venv: Path) -> None:
     """Let the fresh venv import the test interpreter's packages (after its own)."""
     site = next((venv / "lib").glob("python3*/site-packages"))
-    paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (site / "_sgcache_test_borrowed.pth").write_text("".join(f"{p}\n" for p in paths))
+    # every package directory the test interpreter imports from (its venv's, and any it borrows
+    # itself), never the checkout: the copy's own sgcache must be the one imported
+    paths = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    paths += [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    lines = [p for p in dict.fromkeys(paths) if Path(p).is_dir() and Path(p).resolve() != REPO]
+    (site / "_sgcache_test_borrowed.pth").write_text("".join(f"{p}\n" for p in lines))
 
 
 def test_the_quickstart_proxy_listens(installed: Installed, tmp_path: Path) -> None:
