@@ -1401,6 +1401,8 @@ class FakeSite:
         if not isinstance(params, dict) or params.get("grouping"):
             raise SGFault("API summarize(): only ungrouped summaries are faked")
         entity_type = params.get("type")
+        if not isinstance(entity_type, str):
+            raise SGFault("API summarize(): type must be an entity type name")
         self._fields(entity_type)
         pred = self._compile(entity_type, params.get("filters"))
         retired = self._state.retired.get(entity_type, {})
