@@ -6,7 +6,7 @@ interpreter, not the virtual environment the README's install made. When the dep
 missing there (or the interpreter is older than 3.11), the command is run again with the
 checkout's ``.venv`` (or the active ``$VIRTUAL_ENV``); with neither, one line says what to do.
 
-Keep this module importable by any Python 3: no imports from the rest of sgcache, no new syntax.
+Keep this module importable by any Python 3.6+: no imports from the rest of sgcache, no newer syntax.
 """
 
 import importlib
