@@ -41,19 +41,20 @@ from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
-from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
+from cache.proxy.replica import OneLineRefusal, Refused, Replica, ReplicaOptions  # noqa: E402
 from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
 from cache.proxy.sending import Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
+from cache.shipped import basic_schema  # noqa: E402
 
 log = logging.getLogger("sgcache")
 
 #: The replica's URL when ``sgcache_db`` is not given: ``SGCACHE_DB`` keeps a password off the command line.
 DEFAULT_DB = "sqlite:///sgcache.db"
-DEFAULT_SCHEMA = str(Path(__file__).resolve().parent.parent / "schema" / "basic.yml")
+DEFAULT_SCHEMA = str(basic_schema())
 #: Options that re-open the replica when they change.
 REPLICA_OPTIONS = {"sgcache_db", "sgcache_schema", "sgcache_max_lag", "sgcache_read_budget", "sgcache_pairs",
                    "sgcache_site", "mode"}
@@ -80,11 +81,14 @@ class SGCache:
         return self.replica.site
 
     def load(self, loader: Any) -> None:
+        _one_line_refusals()
         loader.add_option(
             "sgcache_db", str, os.environ.get("SGCACHE_DB") or DEFAULT_DB,
             f"Replica database URL (SQLAlchemy); default: the SGCACHE_DB environment variable, else {DEFAULT_DB}.",
         )
-        loader.add_option("sgcache_schema", str, DEFAULT_SCHEMA, "Cached-subset schema YAML file.")
+        loader.add_option("sgcache_schema", str, os.environ.get("SGCACHE_SCHEMA") or DEFAULT_SCHEMA,
+                          "Cached-subset schema YAML file; default: the SGCACHE_SCHEMA environment variable, "
+                          "else the shipped schema/basic.yml.")
         loader.add_option(
             "sgcache_max_lag", int, int(DEFAULT_MAX_LAG),
             "Serve reads only while the ingester's heartbeat is younger than this many seconds (0: no check). "
@@ -173,7 +177,7 @@ class SGCache:
         if site is None and not self._warned_no_site:
             self._warned_no_site = True
             log.warning("sgcache: no SG site known (set sgcache_site or SGCACHE_SITE, or prime the replica "
-                        "with scripts/scan): every request passes (reason=no-site)")
+                        "with sgcache-scan --full): every request passes (reason=no-site)")
 
     def running(self) -> None:
         # Answering locally must not need an upstream connection (eager would also fail the
@@ -310,6 +314,14 @@ class SGCache:
     def _tls(self) -> ssl.SSLContext:
         """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
         return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
+
+
+def _one_line_refusals() -> None:
+    """A refused option (a bad sgcache_db, schema, site...) is one line in mitmdump's output, not a
+    traceback: the script loader logs it through ``mitmproxy.addons.script``."""
+    script_log = logging.getLogger("mitmproxy.addons.script")
+    if not any(isinstance(f, OneLineRefusal) for f in script_log.filters):
+        script_log.addFilter(OneLineRefusal())
 
 
 def _call(flow: http.HTTPFlow) -> Call:

@@ -1,17 +1,30 @@
-"""Settings shared by the scripts: the ``SGCACHE_*`` environment, overridable by flags."""
+"""Settings shared by the commands: the ``SGCACHE_*`` environment, overridable by flags.
+
+A configuration error (a bad ``--db`` URL, a missing schema file, a bad site URL, missing
+credentials, a replica of another site) is a :class:`ConfigError`: the command prints one line
+naming the option and the fix and exits 2 (:func:`command`). Only an outage of a correctly
+configured database or site is something else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from .private import install_redaction, url_secrets
+from . import package_version
+from .private import install_redaction, redact, url_secrets
+from .shipped import basic_schema
 
 DEFAULT_DB = "sqlite:///sgcache.db"
-DEFAULT_SCHEMA = "schema/basic.yml"
+#: Resolved from the package (a checkout's or an installed ``schema/basic.yml``), never the cwd.
+DEFAULT_SCHEMA = str(basic_schema())
+#: Exit status of a configuration error.
+CONFIG_ERROR = 2
 
 ENV = {
     "db": "SGCACHE_DB",
@@ -22,13 +35,93 @@ ENV = {
 }
 
 
+class ConfigError(Exception):
+    """A setting that cannot work as given: ``option`` names it, the message says what to do."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+class Unavailable(Exception):
+    """A correctly named replica that cannot be opened now (database down, refused, no such
+    database): the command logs one line (a traceback with ``-v``) and exits 1."""
+
+
+def command(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a command's ``main``: a :class:`ConfigError` becomes one line on stderr
+    (``prog: error: --db (SGCACHE_DB): ...``) and exit status 2; :class:`Unavailable` one log
+    line and exit status 1."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except ConfigError as exc:
+                sys.stderr.write(f"{prog}: error: {exc}\n")
+                return CONFIG_ERROR
+            except Unavailable as exc:
+                log = logging.getLogger("sgcache")
+                log.error("%s", exc, exc_info=exc.__cause__ if log.isEnabledFor(logging.DEBUG) else None)
+                return 1
+        return run
+
+    return wrap
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the installed sgcache's version."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s (sgcache) {package_version()}")
+
+
+def option_name(flag: str) -> str:
+    """A flag with the environment variable it defaults from: ``--db (SGCACHE_DB)``."""
+    env = ENV.get(flag.lstrip("-").replace("-", "_"))
+    return f"{flag} ({env})" if env else flag
+
+
+def check_db_url(url: str) -> None:
+    """ConfigError naming ``--db`` when the URL cannot name a replica sgcache runs on."""
+    from .replica.dialect import url_problem
+
+    problem = url_problem(url)
+    if problem is not None:
+        raise ConfigError(option_name("--db"), problem)
+
+
+def load_schema(path: str) -> Any:
+    """The schema file ``path``; ConfigError naming ``--schema`` when it cannot be used."""
+    from .replica.schema import Schema, SchemaError
+
+    try:
+        return Schema.load(path)
+    except SchemaError as exc:
+        raise ConfigError(option_name("--schema"), f"{exc} (give a schema YAML file; the default is "
+                                                   f"{DEFAULT_SCHEMA})") from None
+
+
+def check_site_url(url: str) -> Any:
+    """The :class:`~cache.replica.site.Site` of ``url``; ConfigError naming ``--site`` when it names
+    none (the message never quotes a password the URL carries)."""
+    from .replica.site import Site, SiteError
+
+    try:
+        return Site.parse(url)
+    except SiteError as exc:
+        raise ConfigError(option_name("--site"), redact(f"{exc} (e.g. https://studio.shotgunstudio.com)",
+                                                        url_secrets(url))) from None
+
+
 def add_common_args(parser: argparse.ArgumentParser, site: bool = True, db: bool = True) -> None:
-    """Add ``--db``/``--schema`` and (with ``site``) ``--site``/``--script-name``/``--script-key``."""
+    """Add ``--db``/``--schema`` and (with ``site``) ``--site``/``--script-name``/``--script-key``;
+    always ``-v`` and ``--version``."""
     if db:
         parser.add_argument("--db", default=os.environ.get(ENV["db"], DEFAULT_DB),
                             help=f"replica database URL (env {ENV['db']}; default {DEFAULT_DB})")
         parser.add_argument("--schema", default=os.environ.get(ENV["schema"], DEFAULT_SCHEMA),
-                            help=f"cached-subset schema YAML (env {ENV['schema']})")
+                            help=f"cached-subset schema YAML (env {ENV['schema']}; default: the shipped "
+                                 "schema/basic.yml)")
     if site:
         parser.add_argument("--site", default=os.environ.get(ENV["site"]),
                             help=f"SG site URL, e.g. https://studio.shotgunstudio.com (env {ENV['site']})")
@@ -37,6 +130,7 @@ def add_common_args(parser: argparse.ArgumentParser, site: bool = True, db: bool
         parser.add_argument("--script-key", default=os.environ.get(ENV["script_key"]),
                             help=f"API script key (env {ENV['script_key']})")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(parser)
 
 
 def setup_logging(verbose: bool, args: Any = None) -> None:
@@ -63,11 +157,14 @@ def secrets_of(args: Any) -> list[str | None]:
 
 
 def connect_site(args: Any) -> Any:
-    """A ``shotgun_api3.Shotgun`` for the site named by the args; exits with a clear message if unset."""
+    """A ``shotgun_api3.Shotgun`` for the site named by the args; ConfigError when one is missing
+    or the site URL is not one."""
     missing = [flag for flag, value in (("--site", args.site), ("--script-name", args.script_name),
                                         ("--script-key", args.script_key)) if not value]
     if missing:
-        raise SystemExit(f"missing {', '.join(missing)} (or the SGCACHE_* environment)")
+        raise ConfigError(", ".join(option_name(flag) for flag in missing),
+                          "missing; give the SG site and the API script that reads it")
+    check_site_url(args.site)
     import shotgun_api3
 
     return shotgun_api3.Shotgun(args.site, script_name=args.script_name, api_key=args.script_key,
@@ -75,20 +172,22 @@ def connect_site(args: Any) -> Any:
 
 
 def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwargs: Any) -> Any:
-    """Open the replica for a script, bound to ``site_url``; exits with one line naming both sites
-    when the replica copies another site (checked before any table is created or migrated).
+    """Open the replica for a script, bound to ``site_url``; ConfigError for a bad URL, and (naming
+    both sites) when the replica copies another site (checked before any table is created or migrated).
 
     Every script writes: the store is a writer's (on SQLite each transaction takes the write lock
     at BEGIN, so none fails upgrading a read lock while another process writes)."""
-    from .replica.site import Site, SiteError, SiteMismatch, bind, check
+    import sqlalchemy as sa
+
+    from .private import safe_url
+    from .replica.site import SiteMismatch, bind, check
     from .replica.store import Store
 
+    check_db_url(url)
+    site = check_site_url(site_url) if site_url else None
+    store = None
     try:
-        site = Site.parse(site_url) if site_url else None
-    except SiteError as exc:
-        raise SystemExit(f"--site: {exc}") from None
-    store = Store.open(url, schema, create=False, writer=True, **engine_kwargs)
-    try:
+        store = Store.open(url, schema, create=False, writer=True, **engine_kwargs)
         if site is not None:
             check(store, site)
         store.create()
@@ -96,8 +195,14 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
             bind(store, site)
     except SiteMismatch as exc:
         store.dispose()
-        raise SystemExit(f"sgcache: {exc}") from None
+        raise ConfigError(option_name("--site"), f"{exc}") from None
+    except sa.exc.DBAPIError as exc:
+        if store is not None:
+            store.dispose()
+        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        raise Unavailable(f"cannot open the replica {safe_url(url)}: {first}") from exc
     except BaseException:
-        store.dispose()
+        if store is not None:
+            store.dispose()
         raise
     return store

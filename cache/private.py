@@ -14,8 +14,6 @@ import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
-import sqlalchemy as sa
-
 log = logging.getLogger("sgcache.private")
 
 MASK = "***"
@@ -73,6 +71,8 @@ def url_password(url: str) -> str | None:
 
 def url_secrets(url: str) -> list[str]:
     """Every form of a database URL's password a library may quote in an error (for :func:`redact`)."""
+    import sqlalchemy as sa  # here: a command's --help need not load SQLAlchemy
+
     found = [url_password(url)]
     try:
         found.append(sa.engine.make_url(url).password)  # SQLAlchemy's own reading of an odd URL

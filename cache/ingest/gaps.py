@@ -60,7 +60,7 @@ class EventPosition:
         if cursor is None:
             cursor = self._newest_event_id()
             log.warning("no event cursor yet: starting after the newest event, %d "
-                        "(prime the replica with scripts/scan --full)", cursor)
+                        "(prime the replica with sgcache-scan --full)", cursor)
             self.store.set_state(conn, EVENT_CURSOR, cursor)
             if self.store.get_state(conn, EVENT_FLOOR) is None:
                 self.store.set_state(conn, EVENT_FLOOR, cursor)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cache.private import redact, safe_url, url_secrets
 from cache.proxy.service import CacheService
 from cache.replica import site as sitemod
+from cache.replica.dialect import url_problem
 from cache.replica.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file
 from cache.replica.schema import Schema, SchemaError
 
@@ -27,7 +28,23 @@ RETRY_SECONDS = 5.0
 
 
 class Refused(Exception):
-    """The operator's mistake, refused at start: a bad schema or pairs file, or a replica of another site."""
+    """The operator's mistake, refused at start: a database URL that cannot work, a bad schema or pairs
+    file, or a replica of another site."""
+
+
+class OneLineRefusal(logging.Filter):
+    """For mitmproxy's script loader (logger ``mitmproxy.addons.script``): the addon's refusal of an
+    option (an ``OptionsError`` whose message starts with ``sgcache``) is logged as one line, not a
+    traceback. Other errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "OptionsError" and str(exc).startswith("sgcache"):
+            record.msg = f"{record.getMessage()}: OptionsError: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 @dataclass(frozen=True)
@@ -41,9 +58,19 @@ class ReplicaOptions:
     pairs_path: str | None = None
 
     def check(self) -> None:
-        """Raise SchemaError or PairsError for a bad schema or pairs file."""
-        Schema.load(self.schema_path)
-        load_pairs_file(self.pairs_path or DEFAULT_PAIRS_FILE)
+        """Raise :class:`Refused`, naming the option, for a database URL that cannot name a replica
+        (unparseable, another database, a driver not installed) or a bad schema or pairs file."""
+        problem = url_problem(self.db_url)
+        if problem is not None:
+            raise Refused(f"sgcache_db: {problem}")
+        try:
+            Schema.load(self.schema_path)
+        except SchemaError as exc:
+            raise Refused(f"sgcache_schema: {exc}") from exc
+        try:
+            load_pairs_file(self.pairs_path or DEFAULT_PAIRS_FILE)
+        except PairsError as exc:
+            raise Refused(f"sgcache_pairs: {exc}") from exc
 
 
 class Replica:
@@ -66,13 +93,11 @@ class Replica:
     def reopen(self, options: ReplicaOptions) -> None:
         """Close the replica and open it with ``options`` (start-up, or options changed).
 
-        Raises :class:`Refused` for a bad schema or pairs file, or a replica of another site.
-        A database that is down is no mistake: the proxy runs and passes everything (fail open)."""
+        Raises :class:`Refused` for a database URL that cannot work, a bad schema or pairs file,
+        or a replica of another site. A correctly named database that is down is no mistake: the
+        proxy runs and passes everything (fail open)."""
+        options.check()  # before closing anything: a refused option leaves the replica as it was
         self.close()
-        try:
-            options.check()
-        except (SchemaError, PairsError) as exc:
-            raise Refused(str(exc)) from exc
         self.options = options
         self.site = self.configured_site  # a site learnt from the previous replica is not this one's
         self._retry_at = 0.0

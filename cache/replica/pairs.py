@@ -19,12 +19,13 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.engine import Connection
 
+from ..shipped import pairs_file
 from .schema import Schema
 
 log = logging.getLogger("sgcache.pairs")
 
 #: The pairs of SG's default schema shipped with the project.
-DEFAULT_PAIRS_FILE = Path(__file__).resolve().parents[2] / "schema" / "pairs.yml"
+DEFAULT_PAIRS_FILE = pairs_file()
 NAME_LEN = 64
 
 FieldRef = tuple[str, str]  # (entity type, field name)

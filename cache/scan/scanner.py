@@ -33,11 +33,11 @@ from ..replica import fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
 from ..wire import format_wire_dt, parse_when
+from . import DEFAULT_OVERLAP, PAGE_SIZE
+from .progress import DEFAULT_LOG_EVERY, TypeProgress, format_duration
 
 log = logging.getLogger("sgcache.scanner")
 
-PAGE_SIZE = 500
-DEFAULT_OVERLAP = 120.0
 #: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
 DB_ATTEMPTS = 3
 _ID_ORDER = [{"field_name": "id", "direction": "asc"}]
@@ -90,14 +90,18 @@ class Scanner:
         *,
         page_size: int = PAGE_SIZE,
         projects: Sequence[int] | None = None,
-        progress: bool = False,
+        progress: bool | str = False,
+        log_every: float = DEFAULT_LOG_EVERY,
         progress_factory: Callable[..., Any] | None = None,
     ):
+        """``progress``: ``"bar"`` (a tqdm bar per type; True), ``"log"`` (a line every ``log_every``
+        seconds) or ``"off"`` (False); with progress, a full scan counts each type's rows first."""
         self.store = store
         self.sg = sg
         self.page_size = page_size
         self.projects = list(projects) if projects else None
-        self.progress = progress
+        self.progress = ("bar" if progress else "off") if isinstance(progress, bool) else progress
+        self.log_every = log_every
         self._progress_factory = progress_factory
 
     # -- what to read ----------------------------------------------------------------
@@ -136,6 +140,16 @@ class Scanner:
             if len(rows) < self.page_size:
                 return
 
+    def count(self, entity_type: str, filters: list[Any]) -> int | None:
+        """SG's count of the active rows matching ``filters`` (``summarize``); None when SG (or
+        the client) cannot say: the count only feeds progress figures."""
+        try:
+            result = self.sg.summarize(entity_type, filters, [{"field": "id", "type": "count"}])
+            return int(result["summaries"]["id"])
+        except Exception as exc:  # noqa: BLE001 - any failure: progress without a total
+            log.debug("%s: no count from SG (%s)", entity_type, exc)
+            return None
+
     def newest_event_id(self) -> int:
         """The id of the newest EventLogEntry (0 when there is none)."""
         rows = self.sg.find("EventLogEntry", [], fields=["id"],
@@ -169,18 +183,16 @@ class Scanner:
             scan.max_id = max(scan.max_id, eid)
             scan.watermark = later(scan.watermark, wire_datetime(row.get("updated_at")))
 
-    def _read_into(self, scan: TypeScan, filters: list[Any], bar: Any) -> None:
+    def _read_into(self, scan: TypeScan, filters: list[Any], progress: TypeProgress) -> None:
         """Read active then retired rows matching ``filters`` into the replica."""
         for retired in (False, True):
             for rows in self.pages(scan.entity_type, filters, retired):
                 self._write_page(scan, rows, retired)
-                bar.update(len(rows))
+                progress.update(len(rows))
 
-    def _bar(self, entity_type: str) -> Any:
-        factory = self._progress_factory
-        if factory is None:
-            from tqdm import tqdm as factory
-        return factory(desc=entity_type, unit=" rows", disable=not self.progress, leave=False)
+    def _progress(self, entity_type: str, total: int | None = None) -> TypeProgress:
+        return TypeProgress(entity_type, total, self.progress, log_every=self.log_every,
+                            bar_factory=self._progress_factory)
 
     # -- full scans --------------------------------------------------------------------
     def record_event_cursor(self) -> None:
@@ -195,16 +207,26 @@ class Scanner:
                 self.store.set_state(conn, EVENT_FLOOR, newest)
                 log.info("event cursor set to %d (the newest event before the prime)", newest)
 
-    def full_scan(self, entity_type: str) -> TypeScan:
-        """Read every row of the type; prime it unless ``--projects`` made the scan partial."""
-        scan = TypeScan(entity_type)
+    def full_filters(self, entity_type: str) -> list[Any]:
+        """What a full scan of the type reads: every row, or the ``--projects`` rows."""
         pfilter = self.project_filter(entity_type)
-        filters = [pfilter] if pfilter else []
-        with self._bar(entity_type) as bar:
-            self._read_into(scan, filters, bar)
-        if pfilter is None:
+        return [pfilter] if pfilter else []
+
+    def full_scan(self, entity_type: str, total: int | None = None) -> TypeScan:
+        """Read every row of the type; prime it unless ``--projects`` made the scan partial.
+        ``total``: SG's count of its rows, for progress (counted here when progress is shown)."""
+        if total is None and self.progress != "off":
+            total = self.count(entity_type, self.full_filters(entity_type))
+        return self._full_scan(entity_type, total)
+
+    def _full_scan(self, entity_type: str, total: int | None) -> TypeScan:
+        scan = TypeScan(entity_type)
+        filters = self.full_filters(entity_type)
+        with self._progress(entity_type, total) as progress:
+            self._read_into(scan, filters, progress)
+        if not filters:
             self._finish_full(scan)
-        log.info("%s", scan.summary())
+        log.info("%s (%s)", scan.summary(), progress.elapsed())
         return scan
 
     def _finish_full(self, scan: TypeScan) -> None:
@@ -223,9 +245,24 @@ class Scanner:
         scan.primed = True
 
     def prime(self, types: Sequence[str]) -> list[TypeScan]:
-        """Full scans of ``types``, after recording the event cursor."""
+        """Full scans of ``types``, after recording the event cursor. With progress, SG's count of
+        every type comes first, and the run's position after each type."""
         self.record_event_cursor()
-        return [self.full_scan(t) for t in types]
+        if self.progress == "off":
+            return [self.full_scan(t) for t in types]
+        totals = {t: self.count(t, self.full_filters(t)) for t in types}
+        known = sum(n for n in totals.values() if n is not None)
+        log.info("full scan of %d types, %d rows by SG's count (%s)", len(types), known,
+                 ", ".join(f"{t} {'?' if n is None else n}" for t, n in totals.items()))
+        started, done, out = time.monotonic(), 0, []
+        for number, entity_type in enumerate(types, 1):
+            out.append(self._full_scan(entity_type, totals[entity_type]))
+            done += out[-1].rows
+            if number < len(types):
+                elapsed = time.monotonic() - started
+                eta = f", ETA {format_duration((known - done) * elapsed / done)}" if 0 < done < known else ""
+                log.info("%d/%d types, %d/%d rows%s", number, len(types), done, known, eta)
+        return out
 
     # -- reconcile -----------------------------------------------------------------------
     def primed_types(self) -> dict[str, str | None]:
@@ -265,8 +302,8 @@ class Scanner:
             filters.insert(0, pfilter)
         after = "the start (no watermark yet)" if start is None else format_wire_dt(start)
         log.debug("%s: reading rows updated after %s", entity_type, after)
-        with self._bar(entity_type) as bar:
-            self._read_into(scan, filters, bar)
+        with self._progress(entity_type) as progress:
+            self._read_into(scan, filters, progress)
         types = self.store.types
         with self.store.engine.begin() as conn:
             conn.execute(

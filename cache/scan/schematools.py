@@ -1,4 +1,4 @@
-"""Schema tools behind ``scripts/schema-dump`` and ``scripts/schema-filter``.
+"""Schema tools behind ``sgcache-schema-dump`` and ``sgcache-schema-filter`` (``scripts/schema-*``).
 
 ``schema-dump`` reads a site's ``schema_read``/``schema_entity_read`` and writes it as the
 YAML format of :mod:`cache.replica.schema`; ``schema-filter`` cuts such a file down to the fields a
@@ -15,8 +15,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from ..config import add_common_args, connect_site, setup_logging
+from ..config import ConfigError, add_common_args, add_version, command, connect_site, setup_logging
 from ..replica.schema import Schema, SchemaError, parse_rules
+from ..shipped import basic_rules
 
 log = logging.getLogger("sgcache.schematools")
 
@@ -71,19 +72,19 @@ def write_output(text: str, path: str | None, stdout: TextIO) -> None:
 # -- command lines -------------------------------------------------------------------
 def dump_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="schema-dump",
+        prog="sgcache-schema-dump",
         description="Write the SG site's whole schema (schema_read + schema_entity_read) as sgcache "
         "schema YAML. See docs/schema-format.md.",
-        epilog="Typical use: scripts/schema-dump -o site.yml && "
-        "scripts/schema-filter --rules schema/basic-filters.txt site.yml > my.yml",
+        epilog="Typical use: sgcache-schema-dump -o site.yml && sgcache-schema-filter site.yml > mine.yml",
     )
     parser.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (default: stdout)")
     add_common_args(parser, site=True, db=False)
     return parser
 
 
+@command("sgcache-schema-dump")
 def dump_main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
-    """``scripts/schema-dump``: exit 0 on success, 1 when SG cannot be read, 2 on bad usage."""
+    """``sgcache-schema-dump``: exit 0 on success, 1 when SG cannot be read, 2 on bad usage."""
     args = dump_parser().parse_args(argv)
     setup_logging(args.verbose, args)
     sg = connect_site(args)
@@ -104,30 +105,39 @@ def dump_main(argv: list[str] | None = None, stdout: TextIO | None = None) -> in
 
 def filter_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="schema-filter",
+        prog="sgcache-schema-filter",
         description="Write the subset of a schema YAML FILE that a rules file selects, as YAML, "
         "to stdout. A rules line is '+Type.field' or '-Type.field' (shell globs; '+Type' means "
         "'+Type.*'; '#' starts a comment); later lines win. A kept type always keeps 'id'.",
     )
-    parser.add_argument("--rules", required=True, metavar="RULES", help="rules file")
+    parser.add_argument("--rules", default=str(basic_rules()), metavar="RULES",
+                        help="rules file (default: the project's schema/basic-filters.txt, which made "
+                             "schema/basic.yml)")
     parser.add_argument("--brief", action="store_true",
                         help="keep only each field's type, links and values (drop labels, descriptions...)")
     parser.add_argument("file", metavar="FILE", help="schema YAML, as written by schema-dump ('-': stdin)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_version(parser)
     return parser
 
 
+@command("sgcache-schema-filter")
 def filter_main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
-    """``scripts/schema-filter``: exit 0 on success, 2 on a bad rules or schema file."""
+    """``sgcache-schema-filter``: exit 0 on success, 2 on a bad rules or schema file."""
     args = filter_parser().parse_args(argv)
     setup_logging(args.verbose, args)
     try:
         rules_text = read_text(args.rules, "rules file")
+    except SchemaError as exc:
+        raise ConfigError("--rules", str(exc)) from None
+    try:
         schema = load_schema_text(read_text(args.file, "schema file"), args.file)
+    except SchemaError as exc:
+        raise ConfigError("FILE", f"{exc} (give a schema YAML file written by sgcache-schema-dump)") from None
+    try:
         subset = filter_schema(schema, rules_text, brief=args.brief, source=args.rules)
     except SchemaError as exc:
-        sys.stderr.write(f"schema-filter: error: {exc}\n")
-        return 2
+        raise ConfigError("--rules", f"{exc} (see docs/schema-format.md)") from None
     if not subset.entities:
         log.warning("the rules select no field of %s", args.file)
     (stdout or sys.stdout).write(subset.to_yaml())

@@ -1405,6 +1405,25 @@ class FakeSite:
         self._remove_field(params.get("type"), params.get("field_name"))
         return True
 
+    def _summarize(self, params: dict[str, Any], caller: _Caller) -> dict[str, Any]:
+        """A count of the active rows matching the filters (the one summary the scanner asks for)."""
+        if not isinstance(params, dict) or params.get("grouping"):
+            raise SGFault("API summarize(): only ungrouped summaries are faked")
+        entity_type = params.get("type")
+        if not isinstance(entity_type, str):
+            raise SGFault("API summarize(): type must be an entity type name")
+        self._fields(entity_type)
+        pred = self._compile(entity_type, params.get("filters"))
+        retired = self._state.retired.get(entity_type, {})
+        count = sum(1 for row in self._state.rows.get(entity_type, {}).values()
+                    if row["id"] not in retired and pred(row))
+        wanted = params.get("summaries") or []
+        if not isinstance(wanted, list) or not all(isinstance(w, dict) and w.get("type") == "count"
+                                                   and isinstance(w.get("field"), str) for w in wanted):
+            raise SGFault("API summarize(): only count summaries of named fields are faked")
+        summaries = {w["field"]: count for w in wanted}
+        return {"summaries": summaries, "groups": []}
+
     def _get_session_token(self, params: Any, caller: _Caller) -> dict[str, Any]:
         token = uuidlib.uuid4().hex
         self._sessions[token] = caller
@@ -1417,6 +1436,7 @@ class FakeSite:
         "delete": _delete,
         "revive": _revive,
         "batch": _batch,
+        "summarize": _summarize,
         "schema_read": _schema_read,
         "schema_entity_read": _schema_entity_read,
         "schema_field_read": _schema_field_read,

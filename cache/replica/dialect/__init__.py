@@ -28,7 +28,7 @@ from .sqlite import FileLock, NoLock, SQLiteDialect
 __all__ = [
     "BOUND_LIST_TYPES", "POSTGRESQL", "PG_QUERY_CANCELED", "SQLITE", "Dialect", "FileLock", "LeaderLock",
     "LockHeld", "NoLock", "PgAdvisoryLock", "classify_error", "dialect_for", "engine_options",
-    "leader_lock_for", "normalize_url", "sequence_key_type", "sqlite_path",
+    "leader_lock_for", "normalize_url", "sequence_key_type", "sqlite_path", "url_problem",
 ]
 
 SQLITE = SQLiteDialect()
@@ -49,6 +49,40 @@ def dialect_for(source: str | sa.URL | Engine | Connection | Dialect) -> Dialect
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"unsupported database {name!r}: sgcache runs on SQLite or PostgreSQL") from None
+
+
+#: The drivers sgcache runs on, per database.
+_DRIVERS = {"sqlite": ("pysqlite",), "postgresql": ("psycopg2",)}
+_EXAMPLES = "sqlite:///sgcache.db (a file here), sqlite:////var/lib/sgcache/replica.db or postgresql://user@host/db"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a replica URL as written (one line, with the fix), or None when it names a
+    database sgcache runs on with an installed driver. Never quotes the URL's password."""
+    if not url.strip():
+        return f"no database URL given; give one such as {_EXAMPLES}"
+    if "://" not in url:
+        file = "FILE" if "@" in url else url  # never a password
+        return (f"{'it' if '@' in url else repr(url)} is not a database URL (no scheme): give sqlite:///{file} "
+                f"for a SQLite file (sqlite:////abs/path for an absolute path) or postgresql://user@host/db")
+    name = url.split("://", 1)[0].split("+", 1)[0].lower()
+    name = "postgresql" if name == "postgres" else name
+    if name not in _DRIVERS:
+        return f"unsupported database {name!r}: sgcache runs on SQLite or PostgreSQL; give {_EXAMPLES}"
+    try:
+        parsed = sa.engine.make_url(normalize_url(url))
+        driver = parsed.get_driver_name()
+    except Exception:  # noqa: BLE001 - SQLAlchemy's words may quote the password: say it in ours
+        return (f"cannot parse the {name} URL (check the host, that the port is a number, and %-escape "
+                f"special characters in the password); e.g. {_EXAMPLES}")
+    if driver not in _DRIVERS[name]:
+        return f"unsupported driver {driver!r} for {name}: use {name}:// (driver {_DRIVERS[name][0]})"
+    try:
+        parsed.get_dialect().import_dbapi()
+    except ImportError:
+        return (f"the {name} driver {driver} is not installed: pip install 'sgcache[postgres]'"
+                if name == "postgresql" else f"the {name} driver {driver} is not installed")
+    return None
 
 
 def sqlite_path(url: str) -> str | None:
