@@ -35,7 +35,7 @@ log = logging.getLogger("sgcache.dump")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dump-data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sgcache-dump-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, site=False)
     parser.add_argument("-o", "--output", default="-", metavar="FILE",

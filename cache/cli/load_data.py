@@ -33,7 +33,7 @@ log = logging.getLogger("sgcache.load")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="load-data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sgcache-load-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, site=False)
     parser.add_argument("--site", default=os.environ.get(ENV["site"]),
