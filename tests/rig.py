@@ -39,7 +39,7 @@ SCRIPT, KEY = "pipeline", "sk-7f3a9c1e-NeverLogMe"
 HUMAN, HUMAN_PASSWORD = "ann", "pw-4b8d2e6f-NeverLogMe"
 #: A second script for the reading client of an ingester rig: the fake's request log tells its reads
 #: (a proxy miss) from the ingester's polls and fetches.
-READER, READER_KEY = "reader", "r3ader"
+READER, READER_KEY = "reader", "rk-5d1e8b2c-NeverLogMe"
 #: Proxy options of a rig without an ingester: no heartbeat needed.
 RIG_OPTIONS = ["sgcache_max_lag=0"]
 
