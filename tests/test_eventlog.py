@@ -145,6 +145,34 @@ def test_reads_past_the_cursor_pass(site: FakeSite, store: Store, ingester: Inge
     assert got == site_events(site, [["id", "between", [1, cursor]], ["event_type", "is", "Shotgun_Shot_New"]])
 
 
+def test_reads_across_an_open_gap_pass(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """An event id SG has not shown yet (a transaction still open) holds the cursor below it: reads of
+    events above it pass, even below the highest event applied; once it shows, they are hits with it."""
+    sync(ingester)
+    proj = site.find_direct("Project", [], ["id"])[0]
+    [held] = site.hold_event_ids(1)
+    site.create_direct("Shot", {"code": "late", "project": proj})  # its event takes the held id, unseen
+    site.create_direct("Shot", {"code": "after", "project": proj})  # seen at once, above the gap
+    sync(ingester)
+    high = site.last_event_id()
+    assert state(store, K_CURSOR) == held - 1 and high > held
+    for filters in (conds(cond("between", 1, high)), conds(cond("is", high)), conds(cond("less_than", held + 1))):
+        with pytest.raises(Passthrough) as exc:
+            read(store, {"filters": filters})
+        assert exc.value.reason == "events-ahead"
+    poller = {"filters": conds(cond("greater_than", held - 3)), "sorts": [{"field_name": "id", "direction": "asc"}],
+              "paging": {"entities_per_page": 4, "current_page": 1}}
+    with pytest.raises(Passthrough):
+        read(store, poller)  # the page would skip the held event: SG shows it once it commits
+    below = read(store, {"filters": conds(cond("less_than", held)), "sorts": [{"field_name": "id", "direction": "asc"}]})
+    assert below["entities"] == site_events(site, [["id", "less_than", held]])
+    site.release_held()
+    sync(ingester)
+    got = read(store, {"filters": conds(cond("between", 1, high)), "sorts": [{"field_name": "id", "direction": "asc"}]})
+    assert got["entities"] == site_events(site, [["id", "between", [1, high]]])
+    assert held in [e["id"] for e in got["entities"]]
+
+
 def test_poller_pattern_never_misses_an_event(site: FakeSite, store: Store, ingester: Ingester) -> None:
     """A daemon polling ``id > last`` (id ascending, a page of 3) through the replica, falling back to
     SG when the replica passes, sees every event exactly once, in order, while events keep coming."""
