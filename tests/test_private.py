@@ -167,7 +167,7 @@ def test_the_scan_looks_for_every_secret_the_rig_hands_out() -> None:
     from .conftest import run_secrets
 
     looked_for = set(run_secrets().values())
-    handed_out = {rig.KEY, rig.READER_KEY, rig.HUMAN_PASSWORD}
+    handed_out = {rig.KEY, rig.READER_KEY, rig.HUMAN_PASSWORD, rig.PROXY_PASSWORD}
     assert handed_out <= looked_for
     assert all(len(secret) >= 16 for secret in handed_out)  # distinctive: no chance match in a log
 
