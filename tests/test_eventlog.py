@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
@@ -128,6 +129,31 @@ def test_every_event_becomes_a_row_equal_to_sg(site: FakeSite, store: Store, ing
                         "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
     assert ours == site_events(site)
     assert any(e["entity"] is None and e["event_type"] == "Shotgun_Shot_Change" for e in ours)
+
+
+def test_event_rows_commit_with_the_poll_or_not_at_all(site: FakeSite, store: Store, ingester: Ingester,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll that fails after applying its events (here: moving the cursor) leaves no EventLogEntry row."""
+    sync(ingester)
+    cursor = state(store, K_CURSOR)
+    proj = site.find_direct("Project", [], ["id"])[0]
+    site.create_direct("Shot", {"code": "doomed poll", "project": proj})
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("killed before the cursor moved")
+
+    monkeypatch.setattr(ingester.position, "advance", broken)
+    with pytest.raises(RuntimeError):
+        ingester.poll_once()
+    with store.engine.connect() as conn:
+        table = store.tables["EventLogEntry"]
+        assert conn.execute(sa.select(sa.func.max(table.c.id))).scalar() == cursor
+    assert state(store, K_CURSOR) == cursor
+    monkeypatch.undo()
+    sync(ingester)
+    below = read(store, {"filters": conds(cond("less_than", state(store, K_CURSOR) + 1)),
+                         "sorts": [{"field_name": "id", "direction": "asc"}]})
+    assert below["entities"] == site_events(site)
 
 
 def test_reads_past_the_cursor_pass(site: FakeSite, store: Store, ingester: Ingester) -> None:
