@@ -210,7 +210,11 @@ class SiteCalls:
         record_answer(self.credentials, state, call.site, reply, replayed=sg.replayed,
                       server_connected=sg.server_connected, content_type=sg.content_type)
         service = self.replica.service
-        if service is None or not isinstance(reply, dict):
+        if not isinstance(reply, dict):
+            return None
+        if service is None:  # SG took a write no replica could learn: marked once one opens
+            if state.method in WRITE_METHODS and "results" in reply:
+                self.replica.defer(state.method, state.args)
             return None
         if state.method == "info":
             return self.infos.add_sgcache(call.request.host, reply, await self._run(service.info))

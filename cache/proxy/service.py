@@ -255,12 +255,12 @@ class CacheService:
                 pending.mark(conn, self.store.pending, markers)
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
-            self._defer(method, args)
+            self.defer(method, args)
             return []
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)
             log.warning("could not record a %s answer; the ingester will bring it", method)
-            self._defer(method, args)
+            self.defer(method, args)
             return []
         self._db_ok()
         self.invalidate()
@@ -286,11 +286,11 @@ class CacheService:
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
             self._db_failed(exc)
             log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
-            self._defer(method, args)
+            self.defer(method, args)
 
-    def _defer(self, method: str, args: Any) -> None:
-        """Remember a write whose effects the database did not take: this proxy's reads pass
-        until :meth:`_record_unrecorded` has marked them pending for every proxy."""
+    def defer(self, method: str, args: Any) -> None:
+        """Remember a write SG answered whose effects the database did not take: this proxy's
+        reads pass until :meth:`_record_unrecorded` has marked them pending for every proxy."""
         with self._lock:
             self._deferred += 1
             if self._unrecorded is not None:
