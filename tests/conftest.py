@@ -62,10 +62,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def run_secrets() -> dict[str, str | None]:
     """The distinctive secrets of this test run, by name."""
-    from .rig import HUMAN_PASSWORD, KEY
+    from .rig import HUMAN_PASSWORD, KEY, PROXY_PASSWORD, READER_KEY
 
     base = pg_base()
-    return {"script key": KEY, "human password": HUMAN_PASSWORD,
+    return {"script key": KEY, "reader script key": READER_KEY, "human password": HUMAN_PASSWORD,
+            "proxy password": PROXY_PASSWORD,
             "database password": url_password(base) if base else None}
 
 

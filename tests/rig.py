@@ -37,9 +37,11 @@ from .wait import wait_until
 #: Distinctive secrets: tests/secretscan.py looks for them in every log and answer of the run.
 SCRIPT, KEY = "pipeline", "sk-7f3a9c1e-NeverLogMe"
 HUMAN, HUMAN_PASSWORD = "ann", "pw-4b8d2e6f-NeverLogMe"
+#: Client credentials for a proxy run with mitmproxy's ``proxyauth``.
+PROXY_USER, PROXY_PASSWORD = "studio", "pp-3c7a1f90-NeverLogMe"
 #: A second script for the reading client of an ingester rig: the fake's request log tells its reads
 #: (a proxy miss) from the ingester's polls and fetches.
-READER, READER_KEY = "reader", "r3ader"
+READER, READER_KEY = "reader", "rk-5d1e8b2c-NeverLogMe"
 #: Proxy options of a rig without an ingester: no heartbeat needed.
 RIG_OPTIONS = ["sgcache_max_lag=0"]
 #: The proxy modes a rig runs mitmdump in.

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
@@ -130,6 +131,31 @@ def test_every_event_becomes_a_row_equal_to_sg(site: FakeSite, store: Store, ing
     assert any(e["entity"] is None and e["event_type"] == "Shotgun_Shot_Change" for e in ours)
 
 
+def test_event_rows_commit_with_the_poll_or_not_at_all(site: FakeSite, store: Store, ingester: Ingester,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll that fails after applying its events (here: moving the cursor) leaves no EventLogEntry row."""
+    sync(ingester)
+    cursor = state(store, K_CURSOR)
+    proj = site.find_direct("Project", [], ["id"])[0]
+    site.create_direct("Shot", {"code": "doomed poll", "project": proj})
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("killed before the cursor moved")
+
+    monkeypatch.setattr(ingester.position, "advance", broken)
+    with pytest.raises(RuntimeError):
+        ingester.poll_once()
+    with store.engine.connect() as conn:
+        table = store.tables["EventLogEntry"]
+        assert conn.execute(sa.select(sa.func.max(table.c.id))).scalar() == cursor
+    assert state(store, K_CURSOR) == cursor
+    monkeypatch.undo()
+    sync(ingester)
+    below = read(store, {"filters": conds(cond("less_than", state(store, K_CURSOR) + 1)),
+                         "sorts": [{"field_name": "id", "direction": "asc"}]})
+    assert below["entities"] == site_events(site)
+
+
 def test_reads_past_the_cursor_pass(site: FakeSite, store: Store, ingester: Ingester) -> None:
     sync(ingester)
     cursor = state(store, K_CURSOR)
@@ -143,6 +169,34 @@ def test_reads_past_the_cursor_pass(site: FakeSite, store: Store, ingester: Inge
     got = read(store, {"filters": conds(cond("between", 1, cursor),
                                         cond("is", "Shotgun_Shot_New", path="event_type"))})["entities"]
     assert got == site_events(site, [["id", "between", [1, cursor]], ["event_type", "is", "Shotgun_Shot_New"]])
+
+
+def test_reads_across_an_open_gap_pass(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """An event id SG has not shown yet (a transaction still open) holds the cursor below it: reads of
+    events above it pass, even below the highest event applied; once it shows, they are hits with it."""
+    sync(ingester)
+    proj = site.find_direct("Project", [], ["id"])[0]
+    [held] = site.hold_event_ids(1)
+    site.create_direct("Shot", {"code": "late", "project": proj})  # its event takes the held id, unseen
+    site.create_direct("Shot", {"code": "after", "project": proj})  # seen at once, above the gap
+    sync(ingester)
+    high = site.last_event_id()
+    assert state(store, K_CURSOR) == held - 1 and high > held
+    for filters in (conds(cond("between", 1, high)), conds(cond("is", high)), conds(cond("less_than", held + 1))):
+        with pytest.raises(Passthrough) as exc:
+            read(store, {"filters": filters})
+        assert exc.value.reason == "events-ahead"
+    poller = {"filters": conds(cond("greater_than", held - 3)), "sorts": [{"field_name": "id", "direction": "asc"}],
+              "paging": {"entities_per_page": 4, "current_page": 1}}
+    with pytest.raises(Passthrough):
+        read(store, poller)  # the page would skip the held event: SG shows it once it commits
+    below = read(store, {"filters": conds(cond("less_than", held)), "sorts": [{"field_name": "id", "direction": "asc"}]})
+    assert below["entities"] == site_events(site, [["id", "less_than", held]])
+    site.release_held()
+    sync(ingester)
+    got = read(store, {"filters": conds(cond("between", 1, high)), "sorts": [{"field_name": "id", "direction": "asc"}]})
+    assert got["entities"] == site_events(site, [["id", "between", [1, high]]])
+    assert held in [e["id"] for e in got["entities"]]
 
 
 def test_poller_pattern_never_misses_an_event(site: FakeSite, store: Store, ingester: Ingester) -> None:

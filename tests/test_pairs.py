@@ -428,3 +428,55 @@ def test_an_answer_that_arrives_after_the_ingester_moved_is_only_marked(site: Fa
     assert service.learn("update", params, result, mark + 5) == []  # the ingester did not move: stored
     with service.store.engine.connect() as conn:
         assert conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one() == "answered"
+
+
+def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
+        site: FakeSite, service: CacheService, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SG took the write but the replica did not (the breaker was open, or the database failed):
+    once the database answers again, the reads the write could change pass, through this proxy and
+    through any other, instead of serving the row as it was before the write."""
+    p = site.create_direct("Project", {"name": "P"})
+    proj = {"type": "Project", "id": p["id"]}
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in range(2)]
+    prime(service.store, SiteClient(site))
+    shot_codes = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+                  "filters": {"logical_operator": "and", "conditions": []},
+                  "paging": {"entities_per_page": 10, "current_page": 1}}
+    projects = {**shot_codes, "type": "Project", "return_fields": ["name"]}
+    assert [e["code"] for e in service.read(shot_codes)["entities"]] == ["sh0", "sh1"]
+
+    def reason(svc: CacheService, params: dict[str, Any]) -> str:
+        with pytest.raises(Passthrough) as exc:
+            svc.read(params)
+        return exc.value.reason
+
+    # 1. the breaker is open while SG answers the write: learning meets db-backoff
+    service._failures, service._open_until = 99, 1e18
+    params = wire("Shot", shots[0]["id"], {"code": "renamed"})
+    assert service.learn("update", params, site._direct("update", params, True)) == []
+    service._open_until = 0.0  # the back-off is over: the next request probes the database
+    assert reason(service, shot_codes) == "pending-write"
+    other = CacheService(db_url, tmp_path / "schema.yml", max_lag=0)
+    try:
+        assert reason(other, shot_codes) == "pending-write"  # the markers are in the database
+        assert other.read(projects)["entities"] == [{"type": "Project", "id": p["id"], "name": "P"}]
+    finally:
+        other.close()
+
+    # 2. the database fails while learning, and still when the next read comes
+    with service.store.write_engine.begin() as conn:
+        conn.execute(service.store.pending.delete())
+    registry = service.pairs
+
+    class Failing:
+        def with_learned(self, *_args: Any) -> Any:
+            raise sa.exc.OperationalError("SELECT", {}, Exception("database gone"))
+
+    monkeypatch.setattr(service, "pairs", Failing())
+    params = wire("Shot", shots[1]["id"], {"code": "renamed too"})
+    assert service.learn("update", params, site._direct("update", params, True)) == []
+    assert reason(service, shot_codes) == "db-error"  # cannot mark: passes anyway
+    monkeypatch.setattr(service, "pairs", registry)
+    assert reason(service, shot_codes) == "pending-write"
+    assert ("Shot", pending.WHOLE_TYPE) in markers(service.store)
+    assert service.read(projects)["entities"]  # recorded once: reads of other types are served again

@@ -167,6 +167,17 @@ def test_the_secret_scan_finds_a_logged_key(tmp_path: Path) -> None:
     assert "scripts/scan:1: script key" in found
 
 
+def test_the_scan_looks_for_every_secret_the_rig_hands_out() -> None:
+    """Every script key and password the e2e rig gives a client or a script is one the scan looks for."""
+    from . import rig
+    from .conftest import run_secrets
+
+    looked_for = set(run_secrets().values())
+    handed_out = {rig.KEY, rig.READER_KEY, rig.HUMAN_PASSWORD, rig.PROXY_PASSWORD}
+    assert handed_out <= looked_for
+    assert all(len(secret) >= 16 for secret in handed_out)  # distinctive: no chance match in a log
+
+
 @pytest.mark.parametrize("db", ["postgresql://u:pw-Zq81x@host:port/x", "postgresql://u:pw-Zq81x@127.0.0.1:1/x"])
 def test_a_script_never_prints_its_secrets(tmp_path: Path, db: str) -> None:
     env = dict(os.environ, SGCACHE_DB=db, SGCACHE_SITE="http://127.0.0.1:1", SGCACHE_SCRIPT_NAME="s",

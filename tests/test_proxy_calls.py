@@ -24,6 +24,7 @@ from cache.proxy.reads import SLOW_CLIENT_FRACTION, Reads, SlowClients
 from cache.proxy.relay import RelayPolicy
 from cache.proxy.replica import Refused, Replica, ReplicaOptions
 from cache.proxy.sending import Outgoing
+from cache.replica import pending
 from cache.replica.site import Site
 
 from .paths import BASIC_SCHEMA
@@ -331,6 +332,33 @@ def test_the_replica_fails_open_and_refuses_the_operator_s_mistakes(sqlite_url: 
     with pytest.raises(Refused, match="sg.example.com"):
         replica.reopen(good)
     assert replica.service is None
+    replica.close()
+
+
+def test_a_write_answered_while_no_replica_is_open_is_marked_once_one_opens(tmp_path: Path) -> None:
+    """SG took a write while the replica's database could not be opened: the service that opens
+    later marks what the write could have changed before it serves a read."""
+    replica = Replica()
+    replica.configure_site(f"https://{HOST}")
+    url = f"sqlite:///{tmp_path / 'replica.db'}"
+    replica.reopen(ReplicaOptions(f"sqlite:///{tmp_path / 'no-such-dir' / 'r.db'}", str(BASIC_SCHEMA), 0, 0))
+    assert replica.service is None
+    write = passed("update", {"type": "Shot", "id": 1, "fields": [{"field_name": "code", "value": "new"}]})
+
+    async def main() -> Any:
+        with ThreadPoolExecutor(1) as executor:
+            calls = SiteCalls(replica, executor, executor, lambda: None, lambda: None)  # type: ignore[arg-type,return-value]
+            return await calls.answer(call("update"), write, sg_answer(200, b'{"results": {"type": "Shot", "id": 1}}'))
+
+    assert asyncio.run(main()) is None
+    replica.reopen(ReplicaOptions(url, str(BASIC_SCHEMA), 0, 0))  # the database is back
+    service = replica.service
+    assert service is not None
+    with pytest.raises(Passthrough):
+        service.read({"type": "Shot", "return_fields": ["code"], "filters": {"logical_operator": "and", "conditions": []},
+                      "return_only": "active", "paging": {"entities_per_page": 1, "current_page": 1}})
+    with service.store.engine.connect() as conn:
+        assert ("Shot", pending.WHOLE_TYPE) in pending.active(conn, service.store.pending)
     replica.close()
 
 

@@ -204,6 +204,15 @@ def test_a_lost_answer_is_an_error_no_client_resends(server: tuple[str, int]) ->
     assert not outages.down_until  # SG took the write: it is not down
 
 
+    closed = Replica()  # no replica open: the write is kept for the one that opens next
+
+    async def unopened(writes: Writes, outages: Outages) -> Any:
+        return await writes.send(closed, Outgoing("http", *server, "/drop", [], b"{}"), state, None)
+
+    assert run_writes(unopened).reason == "outcome-unknown"
+    assert closed._unrecorded == [("update", state.args)]
+
+
 def test_learning_reads_back_a_partial_answer_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     service = FakeService()
     service.to_fetch = [("Shot", 1)]

@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from cache.replica.store import Store
 from .fakesg import FakeSGServer, FakeSite
 from .paths import REPO
 from .proxyharness import Proxy, connect_status, plain_status
-from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
+from .rig import KEY, PROXY_PASSWORD, PROXY_USER, RIG_OPTIONS, SCRIPT, Rig
 
 
 def populate_b(site: FakeSite) -> None:
@@ -35,13 +36,16 @@ def populate_b(site: FakeSite) -> None:
         site.create_direct("Shot", {"code": f"other{i:02d}", "project": {"type": "Project", "id": project["id"]}})
 
 
-def raw_read(server_url: str, proxy: Proxy, entity_type: str, fields: list[str]) -> tuple[str, Any]:
-    """One API3 read of ``server_url`` through the proxy: (X-SGCache header, decoded reply)."""
+def raw_read(server_url: str, proxy: Proxy, entity_type: str, fields: list[str],
+             proxy_user: str | None = None) -> tuple[str, Any]:
+    """One API3 read of ``server_url`` through the proxy (as ``proxy_user``, "name:password", when
+    given): (X-SGCache header, decoded reply)."""
     args = {"type": entity_type, "return_fields": fields, "return_only": "active",
             "filters": {"logical_operator": "and", "conditions": []},
             "paging": {"entities_per_page": 500, "current_page": 1}, "return_paging_info": False}
     body = json.dumps({"method_name": "read", "params": [{"script_name": SCRIPT, "script_key": KEY}, args]})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{proxy.address}"}))
+    via = f"{proxy_user}@{proxy.address}" if proxy_user else proxy.address
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{via}"}))
     req = urllib.request.Request(server_url + "/api3/json", data=body.encode(), method="POST",
                                  headers={"Content-Type": "application/json; charset=utf-8"})
     with opener.open(req, timeout=30) as resp:
@@ -134,6 +138,30 @@ def test_tunnels_and_plain_requests_only_where_allowed(two_sites: tuple[Rig, Fak
         status, body = plain_status(rig.proxy, url)
         assert status not in (0, 403), (url, body)  # the fake SG's own answer
     assert "refused CONNECT 127.0.0.1:5432" in rig.proxy.output()
+
+
+def test_client_authentication_comes_before_any_cached_answer(two_sites: tuple[Rig, FakeSGServer],
+                                                               tmp_path: Path) -> None:
+    """With mitmproxy's ``proxyauth`` (README, "Network exposure"), a client without the proxy's
+    credentials gets 407 and nothing else: no cached answer, no request to SG; with them, hits."""
+    rig, _ = two_sites
+    proxy = rig.start_proxy([*RIG_OPTIONS, f"proxyauth={PROXY_USER}:{PROXY_PASSWORD}"], workdir=tmp_path)
+    try:
+        sg = shotgun_api3.Shotgun(rig.server.url, script_name=SCRIPT, api_key=KEY,
+                                  http_proxy=f"{PROXY_USER}:{PROXY_PASSWORD}@{proxy.address}")
+        sg.find_one("Project", [])  # SG accepts the script through this proxy: its reads are hits
+        before = rig.reads()
+        assert sg.find("Shot", [], ["code"])
+        assert rig.reads() == before
+        for user in (None, f"{PROXY_USER}:wrong"):
+            before = rig.reads()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                raw_read(rig.server.url, proxy, "Shot", ["code"], proxy_user=user)
+            assert refused.value.code == 407 and "X-SGCache" not in refused.value.headers
+            assert rig.reads() == before
+        assert connect_status(proxy, f"127.0.0.1:{rig.server.port}")[0] == 407
+    finally:
+        proxy.stop()
 
 
 def own_address() -> str | None:

@@ -217,7 +217,9 @@ class SiteCalls:
             return None
         if state.method == "read":
             state.rows = _rows(reply)
-        if service is None:
+        if service is None:  # SG took a write no replica could learn: marked once one opens
+            if state.method in WRITE_METHODS and "results" in reply:
+                self.replica.defer(state.method, state.args)
             return None
         if state.method == "info":
             return self.infos.add_sgcache(call.request.host, reply, await self._run(service.info))

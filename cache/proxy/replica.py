@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 from cache.private import redact, safe_url, url_secrets
-from cache.proxy.service import CacheService
+from cache.proxy.service import MAX_UNRECORDED, CacheService
 from cache.replica import site as sitemod
 from cache.replica.dialect import url_problem
 from cache.replica.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file
@@ -83,6 +85,9 @@ class Replica:
         self.site = configured_site
         self.service: CacheService | None = None
         self._retry_at = 0.0
+        #: Writes SG answered while no service was open: (method, args), handed to the next one.
+        self._unrecorded: list[tuple[str, Any]] = []
+        self._handover = threading.Lock()
 
     def configure_site(self, url: str) -> None:
         """The site named by ``sgcache_site`` (empty: none, the replica's own is served);
@@ -142,7 +147,11 @@ class Replica:
         if site is not None and self.configured_site is None:
             log.info("sgcache: no sgcache_site set: serving the site stored in the replica, %s", site)
         self.site = site
-        self.service = service
+        with self._handover:
+            self.service = service
+            deferred, self._unrecorded = self._unrecorded, []
+        for method, args in deferred:
+            service.defer(method, args)
         log.info("sgcache: replica %s of %s, schema %s", safe_url(options.db_url), site or "no site yet",
                  options.schema_path)
         return service
@@ -153,6 +162,17 @@ class Replica:
             self._retry_at = time.monotonic() + RETRY_SECONDS
             await asyncio.get_running_loop().run_in_executor(executor, self.open)
         return self.service
+
+    def defer(self, method: str, args: Any) -> None:
+        """A write SG answered that was not learned (no replica open, or it failed): the open
+        service, or the next one to open, marks what it could have changed before its next read."""
+        with self._handover:
+            service = self.service
+            if service is None:
+                if len(self._unrecorded) <= MAX_UNRECORDED:  # past it, every type is marked anyway
+                    self._unrecorded.append((method, args))
+                return
+        service.defer(method, args)
 
     def count(self, reason: str | None) -> None:
         """Count a hit (None) or a pass in the open replica's counters (none while it is closed)."""

@@ -82,6 +82,8 @@ class Writes:
             log.warning("%s sent to %s but no answer came back: %s", method, request.host, exc)
             if replica.service is not None:  # it may have been applied: its effects are unknown
                 await loop.run_in_executor(self.executor, replica.service.outcome_unknown, method, state.args)
+            else:
+                replica.defer(method, state.args)
             return answers.refusal(
                 f"sgcache: the connection to SG broke after the {method} was sent; it may have been "
                 "applied. Check before retrying.",

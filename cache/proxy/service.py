@@ -45,6 +45,9 @@ DEFAULT_MAX_LAG = 10.0
 
 #: :meth:`CacheService.learn` called without a mark (no ingester check).
 UNMARKED = object()
+#: Writes whose effects could not be recorded, kept in memory until they are (then every type is
+#: marked at once past this many).
+MAX_UNRECORDED = 1000
 
 
 class CacheService:
@@ -68,6 +71,10 @@ class CacheService:
         self._failures = 0
         self._open_until = 0.0
         self._stale: bool | None = None  # last freshness seen (None: not yet), for the log
+        # writes SG answered whose effects the database did not take (it failed, or the breaker
+        # was open): (method, args); None past MAX_UNRECORDED. Reads pass until they are marked.
+        self._unrecorded: list[tuple[str, Any]] | None = []
+        self._deferred = 0  # writes deferred so far (tells a flush whether more came meanwhile)
 
     def close(self) -> None:
         self.store.dispose()
@@ -162,6 +169,8 @@ class CacheService:
         """Answer a ``read`` from the replica, or raise Passthrough. ``budget``: seconds this read
         may run in the database (default: ``read_budget``)."""
         self._check_breaker()
+        if self._unrecorded != []:
+            self._record_unrecorded()
         try:
             with self.store.engine.connect() as conn:
                 replica_state = self._replica_state(conn)
@@ -252,10 +261,12 @@ class CacheService:
                 pending.mark(conn, self.store.pending, markers)
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
+            self.defer(method, args)
             return []
         except Exception as exc:  # noqa: BLE001
             self._db_failed(exc)
             log.warning("could not record a %s answer; the ingester will bring it", method)
+            self.defer(method, args)
             return []
         self._db_ok()
         self.invalidate()
@@ -281,6 +292,46 @@ class CacheService:
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
             self._db_failed(exc)
             log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
+            self.defer(method, args)
+
+    def defer(self, method: str, args: Any) -> None:
+        """Remember a write SG answered whose effects the database did not take: this proxy's
+        reads pass until :meth:`_record_unrecorded` has marked them pending for every proxy."""
+        with self._lock:
+            self._deferred += 1
+            if self._unrecorded is not None:
+                self._unrecorded.append((method, args))
+                if len(self._unrecorded) > MAX_UNRECORDED:
+                    self._unrecorded = None  # too many to tell apart: every type will be marked
+
+    def _record_unrecorded(self) -> None:
+        """Mark pending everything the deferred writes could have changed (the markers' time is
+        now, after those writes, so they clear only once the ingester is past them); raise
+        the database's pass reason while it does not take them."""
+        with self._lock:
+            deferred = None if self._unrecorded is None else list(self._unrecorded)
+            count = self._deferred
+        try:
+            with self.store.write_engine.begin() as conn:
+                if deferred is None:
+                    markers = {(t, pending.WHOLE_TYPE) for t in self.schema.entities}
+                else:
+                    effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                    for method, args in deferred:
+                        for kind, req in _write_requests(method, args):
+                            effects.outcome_unknown(kind, req["type"], req)
+                    markers = effects.markers
+                pending.mark(conn, self.store.pending, markers)
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
+            raise self._db_failed(exc) from exc
+        with self._lock:
+            if self._deferred == count:
+                self._unrecorded = []
+            elif deferred is not None and self._unrecorded is not None:
+                del self._unrecorded[:len(deferred)]  # those deferred meanwhile wait for the next read
+        self.invalidate()
+        log.info("recorded the effects of %s write(s) learned while the database failed",
+                 "many" if deferred is None else len(deferred))
 
     def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
                    markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
