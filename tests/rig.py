@@ -210,9 +210,10 @@ class Rig:
         return "\n".join(proc.output() for proc in self.ingesters)
 
     def start_proxy(self, options: Sequence[str] = RIG_OPTIONS, *, db_url: str | None = None,
-                    workdir: Path | None = None, addon: Path = ADDON) -> Proxy:
+                    workdir: Path | None = None, addon: Path = ADDON, capture: bool = True,
+                    prefix: Sequence[str] = ()) -> Proxy:
         """mitmdump in front of the site (``sgcache_site`` added unless named) on this replica (or ``db_url``),
-        running ``addon`` (default: the project's)."""
+        running ``addon`` (default: the project's); ``capture``, ``prefix``: see :class:`Proxy`."""
         options = list(options)
         if not any(o.startswith("sgcache_site=") for o in options):
             options.append(f"sgcache_site={self.url}")
@@ -221,7 +222,8 @@ class Rig:
         if workdir is None:
             workdir = self.workdir if not self.proxies else self.workdir / f"proxy-{len(self.proxies)}"
         workdir.mkdir(parents=True, exist_ok=True)
-        proxy = Proxy(workdir, db_url or self.db_url, self.schema_path, options, addon=addon)
+        proxy = Proxy(workdir, db_url or self.db_url, self.schema_path, options, addon=addon, capture=capture,
+                      prefix=prefix)
         self.proxies.append(proxy)
         proxy.start()
         self.proxy = self.proxy or proxy
