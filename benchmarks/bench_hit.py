@@ -91,15 +91,18 @@ def nodelay(sg: Any) -> Any:
     return sg
 
 
-def p50(fn: Callable[[], Any], calls: int) -> float:
+def p50(fn: Callable[[], Any], calls: int, pid: int | None = None) -> tuple[float, float]:
+    """(p50 ms of ``calls`` calls of ``fn``, CPU-ms process ``pid`` spent per call)."""
     for _ in range(max(5, calls // 10)):
         fn()
     out = []
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     for _ in range(calls):
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(out)
+    cpu = 1000 * (cpu_seconds(pid) - cpu0) / calls if pid else 0.0
+    return statistics.median(out), cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -174,16 +177,22 @@ def main() -> None:
                 raise AssertionError(f"{label}: never a hit")
             call(via_floor)
 
-        print(f"\n{'query (p50 ms, client Nagle off)':<32} {'direct':>8} {'floor':>8} {'sgcache':>8} {'hit/floor':>9}")
-        ratios, hits, floors = [], [], []
+        print(f"\n{'query (p50 ms, client Nagle off)':<32} {'direct':>8} {'floor':>8} {'sgcache':>8} {'hit/floor':>9}"
+              f"   CPU-ms/call: {'floor':>6} {'sgcache':>7}")
+        ratios, hits, floors, cpu_floor, cpu_hit = [], [], [], [], []
         for label, call in query_set:
-            d, f, h = (p50(lambda sg=sg, call=call: call(sg), args.calls) for sg in (direct, via_floor, via_sgcache))
+            d, _ = p50(lambda call=call: call(direct), args.calls)
+            f, fc = p50(lambda call=call: call(via_floor), args.calls, floor.proc.pid)
+            h, hc = p50(lambda call=call: call(via_sgcache), args.calls, proxy.proc.pid)
             ratios.append(h / f)
             hits.append(h)
             floors.append(f)
-            print(f"{label:<32} {d:8.2f} {f:8.2f} {h:8.2f} {h / f:9.2f}")
+            cpu_floor.append(fc)
+            cpu_hit.append(hc)
+            print(f"{label:<32} {d:8.2f} {f:8.2f} {h:8.2f} {h / f:9.2f}                {fc:6.2f} {hc:7.2f}")
         print(f"{'median of the set':<32} {'':8} {statistics.median(floors):8.2f} {statistics.median(hits):8.2f} "
-              f"{statistics.median(ratios):9.2f}")
+              f"{statistics.median(ratios):9.2f}                {statistics.median(cpu_floor):6.2f} "
+              f"{statistics.median(cpu_hit):7.2f}")
 
         # the real client as shipped (Nagle on)
         plain = rig.client(proxy)
@@ -192,8 +201,8 @@ def main() -> None:
         fifty = lambda sg: sg.find("Shot", [["sg_status_list", "in", ["ip", "wtg", "fin"]]],  # noqa: E731
                                    ["code", "sg_status_list", "sg_cut_in", "sg_cut_out", "sg_sequence", "project",
                                     "description", "sg_sequence.Sequence.code"], limit=50)
-        print(f"\nreal client (Nagle on): one-row hit p50 {p50(lambda: one(plain), args.calls):.2f} ms, "
-              f"50-row 8-field hit p50 {p50(lambda: fifty(plain), args.calls):.2f} ms")
+        print(f"\nreal client (Nagle on): one-row hit p50 {p50(lambda: one(plain), args.calls)[0]:.2f} ms, "
+              f"50-row 8-field hit p50 {p50(lambda: fifty(plain), args.calls)[0]:.2f} ms")
 
         # CPU of each mitmdump per call, and throughput
         calls = [call for _, call in query_set]
