@@ -64,6 +64,7 @@ class SGCache:
         self.calls = SiteCalls(self.replica, self.executor, self.write_executor, self._tls, self._apply_site)
         self.guard = RelayGuard(self.executor, self.replica.count)
         self._warned_no_site = False
+        self._tls_context: tuple[tuple[bool, str | None], ssl.SSLContext] | None = None
 
     @property
     def service(self) -> CacheService | None:
@@ -174,6 +175,7 @@ class SGCache:
     def done(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.write_executor.shutdown(wait=False, cancel_futures=True)
+        self.calls.writes.pool.close()
         self.replica.close()
 
     # -- hooks: where clients may make the proxy connect (cache/proxy/guard.py) -------------
@@ -276,8 +278,12 @@ class SGCache:
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
     def _tls(self) -> ssl.SSLContext:
-        """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
-        return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
+        """Verify SG as mitmproxy does: its trusted CA option, or the default roots (one context
+        while the options stay: kept connections are reused under the context that made them)."""
+        key = (ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
+        if self._tls_context is None or self._tls_context[0] != key:
+            self._tls_context = (key, upstream.tls_context(*key))
+        return self._tls_context[1]
 
 
 def _call(flow: http.HTTPFlow) -> Call:
