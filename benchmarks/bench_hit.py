@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -220,11 +221,46 @@ def main() -> None:
                 if name == "sgcache":
                     line += f" misses {client_reads(rig) - before}"
             print(f"{line}  sgcache/floor {rates['sgcache'] / rates['floor']:.2f}x")
-        t_stop = time.perf_counter()
-        proxy.stop()
-        print(f"\nsgcache mitmdump exited {time.perf_counter() - t_stop:.2f} s after SIGTERM")
+        print(f"\nSIGTERM under load (16 clients): {sigterm_under_load(rig, proxy, calls, 16)}")
     if args.profile:
         print(f"profile: {args.profile / 'sgcache.prof'}")
+
+
+def sigterm_under_load(rig: Rig, proxy: Any, calls: list[Callable[[Any], Any]], threads: int) -> str:
+    """Send SIGTERM to mitmdump while ``threads`` clients read; how long it took to exit, how many
+    calls that had started before it failed (cut off), and how many started after it failed."""
+    clients = [rig.client(proxy) for _ in range(threads)]
+    for sg in clients:
+        calls[0](sg)
+    failed: list[float] = []  # when each failed call started
+    signalled = [float("inf")]
+    stop = threading.Event()
+
+    def work(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                calls[i % len(calls)](clients[n])
+            except Exception:  # noqa: BLE001 - the proxy is going away: count how calls end
+                failed.append(started)
+                return
+            i += 1
+
+    workers = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(threads)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    t0 = signalled[0] = time.perf_counter()
+    proxy.proc.send_signal(signal.SIGTERM)
+    code = proxy.proc.wait(30)
+    took = time.perf_counter() - t0
+    stop.set()
+    for w in workers:
+        w.join(10)
+    cut = sum(1 for started in failed if started < signalled[0])
+    return (f"exited {took:.2f} s after SIGTERM with status {code}; calls in flight at SIGTERM cut off: {cut}; "
+            f"calls started after it that failed: {len(failed) - cut}")
 
 
 def client_reads(rig: Rig) -> int:
