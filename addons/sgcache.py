@@ -38,12 +38,13 @@ from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
 from cache.proxy.auth import CredentialCache  # noqa: E402
 from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
+from cache.proxy.drain import InFlight  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import OneLineRefusal, Refused, Replica, ReplicaOptions  # noqa: E402
 from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
-from cache.proxy.sending import Outgoing  # noqa: E402
+from cache.proxy.sending import WRITE_METHODS, Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
@@ -71,6 +72,8 @@ class SGCache:
         self.calls = SiteCalls(self.replica, self.executor, self.write_executor, self._tls, self._apply_site)
         self.guard = RelayGuard(self.executor, self.replica.count)
         self._warned_no_site = False
+        self.in_flight = InFlight()
+        self._tls_context: tuple[tuple[bool, str | None], ssl.SSLContext] | None = None
 
     @property
     def service(self) -> CacheService | None:
@@ -185,10 +188,18 @@ class SGCache:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        """Stopping (SIGTERM): answer the requests in flight first (cache/proxy/drain.py)."""
+        await self.in_flight.drain()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.write_executor.shutdown(wait=False, cancel_futures=True)
+        self.calls.writes.pool.close()
         self.replica.close()
+
+    def client_connected(self, client: Any) -> None:
+        """Stopping: no new connections (cache/proxy/drain.py)."""
+        if self.in_flight.draining:
+            client.error = "sgcache is stopping"
 
     # -- hooks: where clients may make the proxy connect (cache/proxy/guard.py) -------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -203,6 +214,8 @@ class SGCache:
         shotgun_api3 sends headers and body in separate segments with Nagle's algorithm
         on; if the proxy delays its ACK (Linux: up to 40 ms) every call pays that wait.
         """
+        state = state_of(flow.metadata)  # until its response or error hook:
+        self.in_flight.start(flow.id, lambda: state.method in WRITE_METHODS)
         r = flow.request
         if _client_chose_destination(flow.client_conn):
             refusal = await self.guard.request(r.method, r.scheme, r.host, r.port, _peer(flow), state_of(flow.metadata))
@@ -258,8 +271,17 @@ class SGCache:
             flow.response.reason = outcome.reason
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        if self._is_site_upload(flow):
-            await self._uploaded(flow)
+        try:
+            if self._is_site_upload(flow):
+                await self._uploaded(flow)
+            await self._learn(flow)
+        finally:
+            if self.in_flight.draining and flow.response is not None:
+                flow.response.headers["Connection"] = "close"  # stopping: the client goes elsewhere
+            self.in_flight.end(flow.id)
+
+    async def _learn(self, flow: http.HTTPFlow) -> None:
+        """Mark SG's answer (pass) and learn from it; it may be replaced (cache/proxy/calls.py)."""
         state, response = state_of(flow.metadata), flow.response
         if state.answered_here or state.pass_reason is None or response is None:
             return
@@ -277,6 +299,7 @@ class SGCache:
 
     async def error(self, flow: http.HTTPFlow) -> None:
         """SG could not be reached (refused, DNS, TLS): go offline for a while (cache/proxy/outage.py)."""
+        self.in_flight.end(flow.id)
         if flow.response is not None or flow.error is None:
             return
         if self._is_site_upload(flow):  # SG may have linked it before the connection broke
@@ -312,8 +335,12 @@ class SGCache:
         await self.calls.uploaded(types)
 
     def _tls(self) -> ssl.SSLContext:
-        """Verify SG as mitmproxy does: its trusted CA option, or the default roots."""
-        return upstream.tls_context(ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
+        """Verify SG as mitmproxy does: its trusted CA option, or the default roots (one context
+        while the options stay: kept connections are reused under the context that made them)."""
+        key = (ctx.options.ssl_insecure, ctx.options.ssl_verify_upstream_trusted_ca or None)
+        if self._tls_context is None or self._tls_context[0] != key:
+            self._tls_context = (key, upstream.tls_context(*key))
+        return self._tls_context[1]
 
 
 def _one_line_refusals() -> None:

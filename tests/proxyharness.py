@@ -38,16 +38,21 @@ class Proxy:
     """mitmdump with the sgcache addon (or ``addon``) on an ephemeral loopback port, in mitmproxy's
     ``mode`` (``regular``, or ``reverse:URL``: clients then name the proxy as their site).
 
-    Its output goes to ``workdir/mitmdump.log`` and stays readable with :meth:`output`."""
+    Its output goes to ``workdir/mitmdump.log`` and stays readable with :meth:`output`. ``capture``:
+    load the test-only addon that records every answer (benchmarks turn it off); ``prefix``: run
+    mitmdump under this command (a profiler: ``python -m cProfile -o FILE``)."""
 
     def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = (),
-                 addon: Path = ADDON, mode: str = "regular"):
+                 addon: Path = ADDON, mode: str = "regular", capture: bool = True,
+                 prefix: Sequence[str] = ()):
         self.workdir = workdir
         self.mode = mode
         self.db_url = db_url
         self.schema = str(schema)
         self.options = list(options)
         self.addon = addon
+        self.capture = capture
+        self.prefix = list(prefix)
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mitmdump.log"
@@ -75,14 +80,14 @@ class Proxy:
     def start(self, timeout: float = 30.0) -> Proxy:
         self.confdir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            mitmdump_binary(),
+            *self.prefix, mitmdump_binary(),
             "--listen-host", "127.0.0.1",
             "--listen-port", str(self.port or 0),
             "--mode", self.mode,
             "--set", f"confdir={self.confdir}",
             "--set", "flow_detail=0",
             "-s", str(self.addon),
-            "-s", str(CAPTURE_ADDON),
+            *(["-s", str(CAPTURE_ADDON)] if self.capture else []),
             "--set", f"sgcache_schema={self.schema}",
         ]
         options = list(self.options)

@@ -228,9 +228,10 @@ class Rig:
         return "\n".join(proc.output() for proc in self.ingesters)
 
     def start_proxy(self, options: Sequence[str] = RIG_OPTIONS, *, db_url: str | None = None,
-                    workdir: Path | None = None, addon: Path = ADDON) -> Proxy:
+                    workdir: Path | None = None, addon: Path = ADDON, capture: bool = True,
+                    prefix: Sequence[str] = ()) -> Proxy:
         """mitmdump in front of the site (``sgcache_site`` added unless named) on this replica (or ``db_url``),
-        running ``addon`` (default: the project's)."""
+        running ``addon`` (default: the project's); ``capture``, ``prefix``: see :class:`Proxy`."""
         options = list(options)
         reverse = self.mode == "reverse"
         if not reverse and not any(o.startswith("sgcache_site=") for o in options):
@@ -243,7 +244,8 @@ class Rig:
         if reverse and self.tls_cert is not None:
             options.append(f"certs=*={self._studio_pem()}")
         proxy = Proxy(workdir, db_url or self.db_url, self.schema_path, options, addon=addon,
-                      mode=f"reverse:{self.url}" if reverse else "regular")
+                      mode=f"reverse:{self.url}" if reverse else "regular", capture=capture,
+                      prefix=prefix)
         self.proxies.append(proxy)
         proxy.start()
         self.proxy = self.proxy or proxy

@@ -47,7 +47,7 @@ def run(db_url: str) -> Iterator[Any]:
                 try:
                     return await test(addon, tctx)
                 finally:
-                    addon.done()
+                    await addon.done()
 
         return asyncio.run(main())
 
@@ -155,7 +155,7 @@ def test_without_a_site_everything_passes(db_url: str) -> None:
                 await addon.request(flow)
                 assert state_of(flow.metadata).pass_reason == "no-site" and flow.response is None
             finally:
-                addon.done()
+                await addon.done()
 
     asyncio.run(main())
 
@@ -165,13 +165,13 @@ def test_a_replica_of_another_site_is_refused_at_start(db_url: str) -> None:
         addon = sgcache.SGCache()
         with taddons.context(addon) as tctx:
             tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_site=SITE)
-            addon.done()
+            await addon.done()
             other = sgcache.SGCache()
             with pytest.raises(exceptions.OptionsError) as exc:
                 tctx.configure(other, sgcache_site="https://other.shotgunstudio.com")
             assert "sg.example.shotgunstudio.com:443" in str(exc.value)
             assert "other.shotgunstudio.com:443" in str(exc.value)
-            other.done()
+            await other.done()
             with pytest.raises(exceptions.OptionsError):
                 tctx.configure(sgcache.SGCache(), sgcache_site="sg.example.shotgunstudio.com")  # no scheme
             with pytest.raises(exceptions.OptionsError):
@@ -346,7 +346,7 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
                     {"type": "Shot", "id": 7, "code": "sh7"}]
                 assert addon.service is not None and addon.service._failures == 0
             finally:
-                addon.done()
+                await addon.done()
 
     asyncio.run(main())
 
@@ -388,7 +388,7 @@ def test_the_site_comes_from_the_replica_when_none_is_configured(db_url: str, tm
                 tctx.configure(addon, sgcache_db=f"sqlite:///{tmp_path / 'no-such-dir' / 'r.db'}")  # cannot open
                 assert addon.service is None and addon.site is None  # not the previous replica's site
             finally:
-                addon.done()
+                await addon.done()
 
     asyncio.run(main())
 

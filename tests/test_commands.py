@@ -287,7 +287,7 @@ def test_the_addon_refuses_a_bad_db_option_and_keeps_its_replica(tmp_path: Path)
                 # mitmproxy rolls the option back (and configures the addon with it again)
                 assert tctx.options.sgcache_db == good and addon.replica.options.db_url == good
                 assert addon.service is not None
-            addon.done()
+            await addon.done()
 
     asyncio.run(main())
     assert not (tmp_path / "sgcache.db").exists()

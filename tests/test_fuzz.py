@@ -359,7 +359,7 @@ def test_ten_thousand_hostile_bodies_through_the_addon(rig: Rig) -> None:
                     if problem:
                         failures.append(f"#{n} {kind}: {problem}\n  body {body[:300]!r} {headers}")
             finally:
-                addon.done()
+                await addon.done()
                 direct.close()
 
     asyncio.run(main())

@@ -122,7 +122,7 @@ def test_the_addon_takes_its_database_from_sgcache_db(tmp_path: Path, monkeypatc
         assert tctx.options.sgcache_db == url
         tctx.configure(addon, sgcache_schema=str(BASIC_SCHEMA))
         assert addon.service is not None and (tmp_path / "from-env.db").exists()
-        addon.done()
+        asyncio.run(addon.done())
     monkeypatch.delenv("SGCACHE_DB")
     with taddons.context(sgcache.SGCache()) as tctx:
         assert tctx.options.sgcache_db == "sqlite:///sgcache.db"
@@ -144,7 +144,7 @@ def test_a_database_error_never_logs_its_password(caplog: pytest.LogCaptureFixtu
                 with pytest.raises(exceptions.OptionsError) as refused:
                     tctx.configure(addon, sgcache_db=url, sgcache_schema=str(BASIC_SCHEMA))
                 assert "sgcache_db" in str(refused.value) and "Zq81x" not in str(refused.value)
-            addon.done()
+            await addon.done()
 
     asyncio.run(main())
     assert "cannot open the replica" in caplog.text

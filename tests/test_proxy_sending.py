@@ -29,9 +29,18 @@ AUTH = {"script_name": "pipeline", "script_key": "k"}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """/ok answers JSON, /error HTTP 500, /slow after a second, /drop closes without an answer."""
+    """/ok answers JSON, /error HTTP 500, /slow after a second, /drop closes without an answer;
+    /keep answers and keeps the connection, /keep-then-close answers then closes it (as a server
+    closes an idle connection, without saying so in the answer)."""
 
+    protocol_version = "HTTP/1.1"
     seen: list[tuple[str, dict[str, str], bytes]] = []
+    connections = 0
+    closed = threading.Event()
+
+    def setup(self) -> None:
+        Handler.connections += 1
+        super().setup()
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -39,6 +48,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/drop"):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if self.path.startswith("/keep"):
+            payload = json.dumps({"results": {"type": "Shot", "id": 1}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+            if self.path.startswith("/keep-then-close"):
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                Handler.closed.set()
             return
         if self.path.startswith("/slow"):
             time.sleep(1.0)
@@ -57,7 +78,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, int]]:
-    Handler.seen = []
+    Handler.seen, Handler.connections = [], 0
+    Handler.closed = threading.Event()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -92,6 +114,52 @@ def test_not_sent_and_outcome_unknown_are_told_apart(server: tuple[str, int]) ->
     with pytest.raises(upstream.OutcomeUnknown):
         upstream.send_once("http", *server, "/drop", [], b"{}")
     assert Handler.seen[-1][0] == "/drop"  # it was sent: it may have been applied
+
+
+def test_writes_reuse_kept_connections_and_never_resend(server: tuple[str, int]) -> None:
+    pool = upstream.Pool()
+    for _ in range(3):
+        assert upstream.send_once("http", *server, "/keep", [], b"{}", pool=pool).status == 200
+    assert Handler.connections == 1 and pool.made == 1 and len(Handler.seen) == 3
+    # a kept connection lost after the request was written: outcome unknown, sent once, not retried
+    with pytest.raises(upstream.OutcomeUnknown):
+        upstream.send_once("http", *server, "/drop", [], b"{}", pool=pool)
+    assert [path for path, _h, _b in Handler.seen].count("/drop") == 1 and Handler.connections == 1
+    # an answer that closes the connection leaves nothing kept: the next write opens a new one
+    upstream.send_once("http", *server, "/ok", [], b"{}", pool=pool)
+    upstream.send_once("http", *server, "/keep", [], b"{}", pool=pool)
+    assert Handler.connections == 3 and pool.made == 3
+
+
+def test_a_kept_connection_the_server_closed_is_not_written_on(server: tuple[str, int]) -> None:
+    pool = upstream.Pool()
+    upstream.send_once("http", *server, "/keep-then-close", [], b"{}", pool=pool)
+    assert Handler.closed.wait(10)  # on loopback the close has reached the kept socket
+    reply = upstream.send_once("http", *server, "/keep", [], b'{"n": 2}', pool=pool)
+    assert reply.status == 200 and pool.made == 2 and Handler.connections == 2
+    assert [body for _p, _h, body in Handler.seen].count(b'{"n": 2}') == 1
+
+
+def test_kept_connections_expire_and_are_bounded() -> None:
+    now = [0.0]
+    pool = upstream.Pool(size=1, idle_seconds=5.0, clock=lambda: now[0])
+    a, b = FakeConnection(), FakeConnection()
+    pool.give(("http", "sg", 80, None), a)
+    pool.give(("http", "sg", 80, None), b)  # over the size: closed
+    assert b.closed and not a.closed
+    assert pool.take(("http", "other", 80, None)) is None
+    now[0] = 5.0  # too old: closed, not used
+    assert pool.take(("http", "sg", 80, None)) is None and a.closed
+
+
+class FakeConnection:
+    sock = None
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def test_post_json_reads_with_the_same_client(server: tuple[str, int]) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cache import fastjson
+
 #: Largest body the proxy will parse; bigger ones pass through untouched.
 MAX_BODY = 32 * 1024 * 1024
 #: SG's error code for a failed authentication (the client raises AuthenticationFault).
@@ -28,7 +30,7 @@ def decode_request(body: bytes) -> Api3Request | None:
         return None
     try:
         # UTF-8 only (shotgun_api3 sends UTF-8; json.loads would also guess UTF-16/32)
-        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        data = fastjson.loads(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("method_name"), str):
@@ -41,14 +43,9 @@ def decode_request(body: bytes) -> Api3Request | None:
     return Api3Request(data["method_name"], auth, args)
 
 
-def _reject_constant(name: str) -> Any:
-    """NaN and Infinity are not JSON; SG's parser refuses them, so such a body passes."""
-    raise ValueError(f"{name} is not JSON")
-
-
 def encode_results(results: Any) -> bytes:
-    """SG's success envelope."""
-    return json.dumps({"results": results}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """SG's success envelope (NaN and infinities refused upstream, cache/fastjson.py)."""
+    return fastjson.dumps({"results": results})
 
 
 def encode_error(message: str, code: int = 1) -> bytes:

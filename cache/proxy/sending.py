@@ -2,8 +2,8 @@
 
 Relayed by mitmproxy, a write whose SG connection broke after sending would get mitmproxy's
 502, and shotgun_api3 re-sends on 502: the write could be applied twice. So the proxy sends
-writes itself (:mod:`.upstream`), on a connection of its own, and a lost answer becomes an
-error in SG's envelope instead, which no client re-sends:
+writes itself (:mod:`.upstream`), on connections of its own (kept alive between writes), and a
+lost answer becomes an error in SG's envelope instead, which no client re-sends:
 
 - not sent (SG unreachable): ``sg-unreachable``, and SG counts as down (:mod:`.outage`);
 - sent, no answer: ``outcome-unknown``; what the write could have changed is marked pending
@@ -59,6 +59,7 @@ class Writes:
         self.executor = executor
         self.write_executor = write_executor
         self.outages = outages
+        self.pool = upstream.Pool()  # connections to SG kept alive between writes
 
     async def send(self, replica: Replica, request: Outgoing, state: FlowState,
                    tls: ssl.SSLContext | None) -> upstream.Reply | Answer:
@@ -71,7 +72,7 @@ class Writes:
         try:
             return await loop.run_in_executor(
                 self.write_executor, upstream.send_once, request.scheme, request.host, request.port, request.path,
-                list(request.headers), request.body, tls,
+                list(request.headers), request.body, tls, upstream.RESPONSE_TIMEOUT, self.pool,
             )
         except upstream.NotSent as exc:
             self.outages.note(request.host, str(exc))

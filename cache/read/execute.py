@@ -17,11 +17,13 @@ def run_plan(conn: Connection, store: Store, plan: Plan, budget: ReadBudget | No
     """Run a plan (each statement within ``budget`` when given); the value of ``results``."""
     if budget is not None:
         budget.before_statement(conn)
-    rows = conn.execute(plan.select).all()
+    result = conn.execute(plan.select)
+    decode = plan.decoder(tuple(result.keys()))
+    rows = result.all()
     # One row past the page tells whether there is a next page.
     has_next = len(rows) > plan.limit
     rows = rows[: plan.limit]
-    entities = [plan.decode(row) for row in rows]
+    entities = [decode(row) for row in rows]
     if plan.multi_fields and entities:
         _fill_multi(conn, store, plan, entities, rows, budget)
     paging_info: dict[str, Any] = {"has_next_page": has_next}

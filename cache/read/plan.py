@@ -7,8 +7,8 @@ afterwards by one query per field for the whole page (cache/read/execute.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Passthrough
@@ -24,6 +24,13 @@ class NoneField:
 
     def decode(self, row: Mapping[str, Any]) -> Any:
         return None
+
+    def compiled(self, index: Mapping[str, int]) -> Callable[[Any], Any]:
+        return _none
+
+
+def _none(row: Any) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,19 @@ class ScalarField:
         if self.deep and row[f"{self.label}_pid"] is None:
             return None  # a deep path whose link is empty or of another type
         return fieldtypes.decode_scalar(self.data_type, row[self.label])
+
+    def compiled(self, index: Mapping[str, int]) -> Callable[[Any], Any]:
+        """:meth:`decode` for a row as a tuple whose columns are at ``index``."""
+        at = index[self.label]
+        convert = fieldtypes.scalar_decoder(self.data_type)
+        if self.deep:
+            pid = index[f"{self.label}_pid"]
+            if convert is None:
+                return lambda row: None if row[pid] is None else row[at]
+            return lambda row: None if row[pid] is None else convert(row[at])
+        if convert is None:
+            return lambda row: row[at]
+        return lambda row: convert(row[at])
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,19 @@ class LinkField:
         if not row[f"{self.label}_known"]:
             raise Passthrough("link-name-unknown", f"{row[f'{self.label}_type']} {link_id}")
         return {"type": row[f"{self.label}_type"], "id": link_id, "name": row[f"{self.label}_name"]}
+
+    def compiled(self, index: Mapping[str, int]) -> Callable[[Any], Any]:
+        """:meth:`decode` for a row as a tuple whose columns are at ``index``."""
+        t, i, n, k = (index[f"{self.label}_{part}"] for part in ("type", "id", "name", "known"))
+
+        def decode(row: Any) -> Any:
+            link_id = row[i]
+            if link_id is None:
+                return None
+            if not row[k]:
+                raise Passthrough("link-name-unknown", f"{row[t]} {link_id}")
+            return {"type": row[t], "id": link_id, "name": row[n]}
+        return decode
 
 
 #: A return field decoded from the row itself.
@@ -101,9 +134,30 @@ class Plan:
     #: (type, field) of every field the read names, and (type, "*") of every type it reads
     touched: frozenset[tuple[str, str]] = frozenset()
 
+    #: The row decoder for the columns it was built for (built at the first row: plans are cached).
+    _decoder: tuple[tuple[str, ...], Callable[[Any], dict[str, Any]]] | None = field(
+        default=None, repr=False, compare=False)
+
     def decode(self, row: Any) -> dict[str, Any]:
-        m = row._mapping
-        out: dict[str, Any] = {"type": self.entity_type, "id": m["c_id"]}
-        for returned in self.fields:
-            out[returned.key] = returned.decode(m)
-        return out
+        """A row of :attr:`select` as SG's entity dict."""
+        return self.decoder(tuple(row._fields))(row)
+
+    def decoder(self, columns: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+        """:meth:`decode` for rows with these ``columns`` (a result's keys), built once per plan."""
+        built = self._decoder
+        if built is None or built[0] != columns:
+            built = self._decoder = (columns, self._build_decoder(columns))
+        return built[1]
+
+    def _build_decoder(self, columns: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+        """Decoding by column position: no per-row lookup of labels or data types."""
+        index = {name: i for i, name in enumerate(columns)}
+        entity_type, id_at = self.entity_type, index["c_id"]
+        parts = [(returned.key, returned.compiled(index)) for returned in self.fields]
+
+        def decode(row: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {"type": entity_type, "id": row[id_at]}
+            for key, part in parts:
+                out[key] = part(row)
+            return out
+        return decode

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,15 +134,43 @@ def encode_scalar(data_type: str, value: Any) -> Any:
     raise ValueError(f"{data_type} is not a scalar type")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} in the replica: not JSON")
+
+
+def _json_or_none(value: Any) -> Any:
+    return None if value is None else json.loads(value, parse_constant=_not_json)
+
+
+def _bool_or_false(value: Any) -> Any:
+    return bool(value) if value is not None else False
+
+
+def _float_or_none(value: Any) -> Any:
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):  # PostgreSQL keeps NaN and infinities; SG's JSON has none
+        raise ValueError(f"{value} in the replica: not JSON")
+    return value
+
+
+def _int_or_none(value: Any) -> Any:
+    return None if value is None else int(value)
+
+
+#: Per storage: how a column value decodes (no entry: as it is).
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "json": _json_or_none, "bool": _bool_or_false, "float": _float_or_none, "int": _int_or_none,
+}
+
+
+def scalar_decoder(data_type: str) -> Callable[[Any], Any] | None:
+    """:func:`decode_scalar` for one data type, as a function of the value (None: the value as it is)."""
+    return _DECODERS.get(TYPES[data_type].storage)
+
+
 def decode_scalar(data_type: str, value: Any) -> Any:
     """Column value -> the JSON value SG sends."""
-    storage = TYPES[data_type].storage
-    if storage == "json":
-        return None if value is None else json.loads(value)
-    if storage == "bool":
-        return bool(value) if value is not None else False
-    if storage == "float":
-        return None if value is None else float(value)
-    if storage == "int":
-        return None if value is None else int(value)
-    return value
+    convert = scalar_decoder(data_type)
+    return value if convert is None else convert(value)

@@ -89,21 +89,24 @@ def check(touched: Collection[Marker], markers: Collection[Marker]) -> None:
 
 
 def check_read(conn: Connection, table: sa.Table, touched: Collection[Marker]) -> None:
-    """:func:`check` against the markers standing now on the types a read touches (one query)."""
-    types = sorted({t for t, _f in touched})
-    stmt = _markers_of_types(table)
-    rows = conn.execute(stmt, {"types": types}).all()
+    """:func:`check` against the markers standing now (one query, on every read).
+
+    All the markers are read (at most one per cached field; none most of the time), in plain
+    SQL built once per table: the cheapest statement the driver can run, no expanding list."""
+    rows = conn.exec_driver_sql(_all_markers_sql(conn, table)).all()
     if rows:
         check(touched, frozenset((r[0], r[1]) for r in rows))
 
 
-def _markers_of_types(table: sa.Table) -> Any:
-    stmt = table.info.get("sgcache_of_types")
-    if stmt is None:  # built once per table: the read path pays only the execution
-        stmt = sa.select(table.c.entity_type, table.c.field_name).where(
-            table.c.entity_type.in_(sa.bindparam("types", expanding=True)))
-        table.info["sgcache_of_types"] = stmt
-    return stmt
+def _all_markers_sql(conn: Connection, table: sa.Table) -> str:
+    key = f"sgcache_all_markers_{conn.dialect.name}"
+    sql = table.info.get(key)
+    if sql is None:  # quoted as the dialect quotes (a schema-qualified table too)
+        quote = conn.dialect.identifier_preparer
+        sql = (f"SELECT {quote.quote(table.c.entity_type.name)}, {quote.quote(table.c.field_name.name)} "
+               f"FROM {quote.format_table(table)}")
+        table.info[key] = sql
+    return sql
 
 
 def poll_started(store: Any, conn: Connection) -> float:

@@ -1,0 +1,277 @@
+"""Hit benchmark: sgcache hits against the floor (an addon replaying answers from memory) and SG direct.
+
+    python -m benchmarks.bench_hit [--calls 200] [--seconds 5] [--db URL] [--no-ingester] [--profile DIR]
+
+A fake SG site with about 2,000 rows (Shots, Tasks, Versions, Assets, Steps), primed by
+``scripts/scan --full``, the ingester running; two mitmdump processes side by side: sgcache
+(``addons/sgcache.py``) and the floor (``benchmarks/floor_addon.py``). For the query set of
+issue 11, with the real ``shotgun_api3`` client, prints the p50 of each query direct / floor /
+sgcache and the ratio hit / floor (client Nagle off, as in the issue's table), the real client
+as shipped (Nagle on), the calls/s with 4 and 16 client threads, and the CPU milliseconds each
+mitmdump spends per call (from /proc: a figure that does not depend on how busy the machine is).
+Latency figures on a shared machine are noisy: compare the ratios measured in one run.
+``--profile DIR`` runs sgcache's mitmdump under cProfile (DIR/sgcache.prof at exit).
+Asserts only that sgcache's answers are hits and equal SG's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.fakesg import FakeSite  # noqa: E402
+from tests.rig import SCRIPT, Rig  # noqa: E402
+
+FLOOR = REPO / "benchmarks" / "floor_addon.py"
+STATUSES = ["wtg", "ip", "fin", "hld"]
+
+
+def build_site(site: FakeSite) -> None:
+    """About 2,000 rows: 1 project, 4 steps, 20 assets, 10 sequences, 200 shots, 1,000 tasks, 600 versions."""
+    proj = {"type": "Project", "id": site.create_direct("Project", {"name": "Bench"})["id"]}
+    steps = [site.create_direct("Step", {"code": c, "short_name": c[:3]}) for c in ("Layout", "Anim", "Light", "Comp")]
+    assets = [site.create_direct("Asset", {"code": f"asset{i:02d}", "project": proj, "sg_asset_type": "Prop"})
+              for i in range(20)]
+    seqs = [site.create_direct("Sequence", {"code": f"SQ{i:02d}", "project": proj}) for i in range(10)]
+    for i in range(200):
+        shot = site.create_direct("Shot", {
+            "code": f"sh{i:04d}", "project": proj, "sg_sequence": {"type": "Sequence", "id": seqs[i % 10]["id"]},
+            "sg_status_list": STATUSES[i % 4], "sg_cut_in": 1001 + i % 7, "sg_cut_out": 1100 + i % 13,
+            "description": f"shot {i}", "assets": [{"type": "Asset", "id": a["id"]} for a in assets[i % 5: i % 5 + i % 3]],
+        }, events=False)
+        link = {"type": "Shot", "id": shot["id"]}
+        for t in range(5):
+            task = site.create_direct("Task", {
+                "content": f"task{t}", "project": proj, "entity": link, "step": {"type": "Step", "id": steps[t % 4]["id"]},
+                "sg_status_list": STATUSES[(i + t) % 4]}, events=False)
+            if t < 3:
+                site.create_direct("Version", {
+                    "code": f"sh{i:04d}_t{t}_v001", "project": proj, "entity": link,
+                    "sg_task": {"type": "Task", "id": task["id"]}, "sg_status_list": STATUSES[t]}, events=False)
+
+
+def queries(direct: Any) -> list[tuple[str, Callable[[Any], Any]]]:
+    """The query set of issue 11: (label, call on a client)."""
+    shot = direct.find_one("Shot", [["code", "is", "sh0042"]])
+    asset = direct.find_one("Asset", [["code", "is", "asset03"]])
+    tfields = ["content", "sg_status_list", "entity", "step", "project"]
+    return [
+        ("one Shot by id", lambda sg: sg.find_one("Shot", [["id", "is", shot["id"]]], ["code", "sg_status_list"])),
+        ("Tasks with status in [...]", lambda sg: sg.find(
+            "Task", [["sg_status_list", "in", ["ip", "wtg"]]], tfields, limit=200)),
+        ("Tasks of an entity", lambda sg: sg.find("Task", [["entity", "is", shot]], tfields)),
+        ("two-hop deep filter", lambda sg: sg.find(
+            "Version", [["entity.Shot.sg_sequence.Sequence.code", "is", "SQ03"]], ["code", "entity", "sg_task"])),
+        ("multi-key order", lambda sg: sg.find(
+            "Task", [["sg_status_list", "is_not", "hld"]], tfields, limit=200,
+            order=[{"field_name": "sg_status_list", "direction": "asc"}, {"field_name": "content", "direction": "desc"},
+                   {"field_name": "id", "direction": "asc"}])),
+        ("multi_entity `in`", lambda sg: sg.find("Shot", [["assets", "in", [asset]]], ["code", "assets"])),
+        ("all Versions", lambda sg: sg.find("Version", [], ["code", "entity", "sg_task", "sg_status_list"])),
+    ]
+
+
+def nodelay(sg: Any) -> Any:
+    """Turn Nagle off on the client's open connections (call after a first request)."""
+    for conn in sg._connection.connections.values():
+        if conn.sock is not None:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sg
+
+
+def p50(fn: Callable[[], Any], calls: int, pid: int | None = None) -> tuple[float, float]:
+    """(p50 ms of ``calls`` calls of ``fn``, CPU-ms process ``pid`` spent per call)."""
+    for _ in range(max(5, calls // 10)):
+        fn()
+    out = []
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    cpu = 1000 * (cpu_seconds(pid) - cpu0) / calls if pid else 0.0
+    return statistics.median(out), cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its waited children, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(make_client: Callable[[], Any], calls: list[Callable[[Any], Any]], threads: int,
+               seconds: float) -> float:
+    """Calls per second from ``threads`` clients each cycling through ``calls`` for ``seconds``."""
+    clients = [make_client() for _ in range(threads)]
+    for sg in clients:
+        calls[0](sg)
+        nodelay(sg)
+    done = [0] * threads
+    stop = threading.Event()
+
+    def work(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            calls[i % len(calls)](clients[n])
+            i += 1
+            done[n] += 1
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=200, help="timed calls per query and path")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
+    parser.add_argument("--db", help="replica URL (default: a temporary SQLite file)")
+    parser.add_argument("--no-ingester", action="store_true", help="no ingester (sgcache_max_lag=0)")
+    parser.add_argument("--profile", type=Path, help="run sgcache's mitmdump under cProfile, output in this dir")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-hit-"))
+    db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
+    t0 = time.perf_counter()
+    rig = Rig(tmp, db_url, populate_site=build_site, proxy=False, ingester=not args.no_ingester, poll_interval=1.0)
+    with rig:
+        print(f"site built and primed in {time.perf_counter() - t0:.1f} s; replica {db_url.split(':')[0]}")
+        verbosity = os.environ.get("BENCH_VERBOSITY", "info")
+        options = [f"termlog_verbosity={verbosity}"] + (["sgcache_max_lag=0"] if args.no_ingester else [])
+        prefix: list[str] = []
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            prefix = [sys.executable, "-m", "cProfile", "-o", str(args.profile / "sgcache.prof")]
+        proxy = rig.start_proxy(options, capture=False, prefix=prefix)
+        floor = rig.start_proxy(["termlog_verbosity=info"], addon=FLOOR, workdir=tmp / "floor", capture=False)
+        direct, via_floor = nodelay_after(rig.direct()), nodelay_after(rig.client(floor))
+        query_set = queries(direct)
+        via_sgcache = nodelay_after(rig.client(proxy))
+        # SG accepts the credentials once (a pass), then every read of the set must be a hit equal to SG's
+        for label, call in query_set:
+            expected = call(direct)
+            for _ in range(20):  # a read may pass while the replica's state is refreshed: then again
+                before = client_reads(rig)
+                assert call(via_sgcache) == expected, f"{label}: sgcache's answer differs from SG's"
+                if client_reads(rig) == before:
+                    break
+            else:
+                raise AssertionError(f"{label}: never a hit")
+            call(via_floor)
+
+        print(f"\n{'query (p50 ms, client Nagle off)':<32} {'direct':>8} {'floor':>8} {'sgcache':>8} {'hit/floor':>9}"
+              f"   CPU-ms/call: {'floor':>6} {'sgcache':>7}")
+        ratios, hits, floors, cpu_floor, cpu_hit = [], [], [], [], []
+        for label, call in query_set:
+            d, _ = p50(lambda call=call: call(direct), args.calls)
+            f, fc = p50(lambda call=call: call(via_floor), args.calls, floor.proc.pid)
+            h, hc = p50(lambda call=call: call(via_sgcache), args.calls, proxy.proc.pid)
+            ratios.append(h / f)
+            hits.append(h)
+            floors.append(f)
+            cpu_floor.append(fc)
+            cpu_hit.append(hc)
+            print(f"{label:<32} {d:8.2f} {f:8.2f} {h:8.2f} {h / f:9.2f}                {fc:6.2f} {hc:7.2f}")
+        print(f"{'median of the set':<32} {'':8} {statistics.median(floors):8.2f} {statistics.median(hits):8.2f} "
+              f"{statistics.median(ratios):9.2f}                {statistics.median(cpu_floor):6.2f} "
+              f"{statistics.median(cpu_hit):7.2f}")
+
+        # the real client as shipped (Nagle on)
+        plain = rig.client(proxy)
+        plain.find_one("Project", [])
+        one = query_set[0][1]
+        fifty = lambda sg: sg.find("Shot", [["sg_status_list", "in", ["ip", "wtg", "fin"]]],  # noqa: E731
+                                   ["code", "sg_status_list", "sg_cut_in", "sg_cut_out", "sg_sequence", "project",
+                                    "description", "sg_sequence.Sequence.code"], limit=50)
+        print(f"\nreal client (Nagle on): one-row hit p50 {p50(lambda: one(plain), args.calls)[0]:.2f} ms, "
+              f"50-row 8-field hit p50 {p50(lambda: fifty(plain), args.calls)[0]:.2f} ms")
+
+        # CPU of each mitmdump per call, and throughput
+        calls = [call for _, call in query_set]
+        for threads in (4, 16):
+            line = f"{threads:>2} client threads:"
+            rates = {}
+            for name, px in (("floor", floor), ("sgcache", proxy)):
+                cpu0 = cpu_seconds(px.proc.pid)
+                before = client_reads(rig)
+                rate = throughput(lambda px=px: rig.client(px), calls, threads, args.seconds)
+                cpu = cpu_seconds(px.proc.pid) - cpu0
+                n = rate * args.seconds
+                rates[name] = rate
+                line += f"  {name} {rate:6.1f} calls/s ({1000 * cpu / n:5.2f} CPU-ms/call)"
+                if name == "sgcache":
+                    line += f" misses {client_reads(rig) - before}"
+            print(f"{line}  sgcache/floor {rates['sgcache'] / rates['floor']:.2f}x")
+        print(f"\nSIGTERM under load (16 clients): {sigterm_under_load(rig, proxy, calls, 16)}")
+    if args.profile:
+        print(f"profile: {args.profile / 'sgcache.prof'}")
+
+
+def sigterm_under_load(rig: Rig, proxy: Any, calls: list[Callable[[Any], Any]], threads: int) -> str:
+    """Send SIGTERM to mitmdump while ``threads`` clients read; how long it took to exit, how many
+    calls that had started before it failed (cut off), and how many started after it failed."""
+    clients = [rig.client(proxy) for _ in range(threads)]
+    for sg in clients:
+        calls[0](sg)
+    failed: list[float] = []  # when each failed call started
+    signalled = [float("inf")]
+    stop = threading.Event()
+
+    def work(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                calls[i % len(calls)](clients[n])
+            except Exception:  # noqa: BLE001 - the proxy is going away: count how calls end
+                failed.append(started)
+                return
+            i += 1
+
+    workers = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(threads)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    t0 = signalled[0] = time.perf_counter()
+    proxy.proc.send_signal(signal.SIGTERM)
+    code = proxy.proc.wait(30)
+    took = time.perf_counter() - t0
+    stop.set()
+    for w in workers:
+        w.join(10)
+    cut = sum(1 for started in failed if started < signalled[0])
+    return (f"exited {took:.2f} s after SIGTERM with status {code}; calls in flight at SIGTERM cut off: {cut}; "
+            f"calls started after it that failed: {len(failed) - cut}")
+
+
+def client_reads(rig: Rig) -> int:
+    """Reads SG served to the benchmark's clients (not the ingester's polls)."""
+    return rig.site.count_by_script("read", SCRIPT)
+
+
+def nodelay_after(sg: Any) -> Any:
+    sg.find_one("Project", [])
+    return nodelay(sg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Stopping without cutting requests off: on SIGTERM the proxy waits for the requests in flight.
+
+mitmproxy cancels every connection once the addons' ``done`` hooks return. A client whose
+request is cut off re-sends it (httplib2 re-sends once on a connection closed without an
+answer), and a write the proxy had already sent to SG would then be applied twice. So the
+addon's ``done`` hook waits, up to :data:`DRAIN_SECONDS`, until every request it has seen
+has had its answer, and past that for the writes it has sent to SG (as long as SG takes: a
+write cut off could be applied twice; reads cut off are re-sent by the client, harmlessly). Meanwhile new connections are
+refused and every answer closes its connection, so busy clients move elsewhere (another
+proxy behind the balancer, or this one restarted) instead of keeping the proxy busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("sgcache")
+
+#: How long ``done`` waits for the requests in flight (mitmproxy's own shutdown takes about
+#: half a second more: under the two seconds a service manager usually allows before SIGKILL).
+DRAIN_SECONDS = 1.2
+#: After the last answer, a moment for mitmproxy to write it to the client.
+FLUSH_SECONDS = 0.05
+
+
+class InFlight:
+    """The requests between their headers and their answer (or error), by flow id."""
+
+    def __init__(self) -> None:
+        #: flow id -> whether it is (by now) a write the proxy sends to SG
+        self.flows: dict[str, Callable[[], bool]] = {}
+        #: Stopping: refuse new connections, close each connection after its answer.
+        self.draining = False
+        self._changed: asyncio.Event | None = None
+
+    def start(self, flow_id: str, is_write: Callable[[], bool]) -> None:
+        self.flows[flow_id] = is_write
+
+    def end(self, flow_id: str) -> None:
+        self.flows.pop(flow_id, None)
+        if self._changed is not None:
+            self._changed.set()
+
+    def writes(self) -> int:
+        """How many of the requests in flight are writes (never cut off)."""
+        return sum(1 for is_write in list(self.flows.values()) if is_write())
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> int:
+        """Wait until no request is in flight (at most ``timeout`` seconds, then as long as
+        writes are); how many requests are still in flight."""
+        self.draining = True
+        if not self.flows:
+            return 0
+        started = time.monotonic()
+        log.info("sgcache: stopping; waiting for %d requests in flight", len(self.flows))
+        if not await self._until(lambda: not self.flows, timeout) and self.writes():
+            log.warning("sgcache: stopping; waiting for SG's answer to %d writes", self.writes())
+            await self._until(lambda: not self.writes(), None)
+        if self.flows:
+            log.warning("sgcache: stopping with %d reads still in flight after %.1fs",
+                        len(self.flows), time.monotonic() - started)
+        await asyncio.sleep(FLUSH_SECONDS)  # the last answers reach their clients
+        return len(self.flows)
+
+    async def _until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait for ``done()`` (re-checked as flows end), at most ``timeout`` seconds (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            self._changed = asyncio.Event()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return done()
+        return True
