@@ -314,7 +314,7 @@ def test_ten_thousand_hostile_bodies_through_the_addon(rig: Rig) -> None:
             sg_answer = direct.send(body, headers)
             if sg_answer is None:  # the fake dropped the connection: mitmproxy's error hook, a 502
                 flow.error = tflow.terr("server disconnected")
-                addon.error(flow)
+                await addon.error(flow)
                 return None, None
             status, sg_headers, sg_body = sg_answer
             flow.response = mhttp.Response(b"HTTP/1.1", status, b"OK", mhttp.Headers(
