@@ -130,6 +130,10 @@ class SGCache:
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
+        if "termlog_verbosity" in updated and hasattr(options, "termlog_verbosity"):
+            # mitmproxy sets the root logger to DEBUG and turns every record into an add_log event
+            # for all its addons (on the event loop): records nobody shows are not made at all
+            logging.getLogger("sgcache").setLevel(options.termlog_verbosity.upper())
         if "sgcache_site" in updated:
             try:
                 self.replica.configure_site(options.sgcache_site)
