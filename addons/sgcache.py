@@ -141,6 +141,10 @@ class SGCache:
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
+        if "termlog_verbosity" in updated and hasattr(options, "termlog_verbosity"):
+            # mitmproxy sets the root logger to DEBUG and turns every record into an add_log event
+            # for all its addons (on the event loop): records nobody shows are not made at all
+            logging.getLogger("sgcache").setLevel(options.termlog_verbosity.upper())
         if updated & {"sgcache_site", "mode"}:
             try:
                 site = served_site(options.sgcache_site, _reverse_targets(options.mode))

@@ -205,6 +205,18 @@ def main() -> None:
         print(f"\nreal client (Nagle on): one-row hit p50 {p50(lambda: one(plain), args.calls)[0]:.2f} ms, "
               f"50-row 8-field hit p50 {p50(lambda: fifty(plain), args.calls)[0]:.2f} ms")
 
+        # a write (update of one field): direct, and through sgcache (sent by the proxy itself)
+        shot_id = direct.find_one("Shot", [["code", "is", "sh0001"]])["id"]
+        n = [0]
+
+        def update(sg: Any) -> Any:
+            n[0] += 1
+            return sg.update("Shot", shot_id, {"description": f"write {n[0]}"})
+
+        wd, _ = p50(lambda: update(direct), max(20, args.calls // 4))
+        wp, wc = p50(lambda: update(via_sgcache), max(20, args.calls // 4), proxy.proc.pid)
+        print(f"write p50: direct {wd:.2f} ms, through sgcache {wp:.2f} ms (+{wp - wd:.2f} ms; {wc:.2f} CPU-ms/write)")
+
         # CPU of each mitmdump per call, and throughput
         calls = [call for _, call in query_set]
         for threads in (4, 16):

@@ -22,8 +22,9 @@ log = logging.getLogger("sgcache")
 #: How long ``done`` waits for the requests in flight (mitmproxy's own shutdown takes about
 #: half a second more: under the two seconds a service manager usually allows before SIGKILL).
 DRAIN_SECONDS = 1.2
-#: After the last answer, a moment for mitmproxy to write it to the client.
-FLUSH_SECONDS = 0.05
+#: Quiet time that ends the wait: the last answers reach their clients, and a request already
+#: on its way on a kept-alive connection arrives (and is answered) instead of being cut off.
+QUIET_SECONDS = 0.2
 
 
 class InFlight:
@@ -52,17 +53,23 @@ class InFlight:
         """Wait until no request is in flight (at most ``timeout`` seconds, then as long as
         writes are); how many requests are still in flight."""
         self.draining = True
-        if not self.flows:
-            return 0
         started = time.monotonic()
-        log.info("sgcache: stopping; waiting for %d requests in flight", len(self.flows))
-        if not await self._until(lambda: not self.flows, timeout) and self.writes():
+        deadline = started + timeout
+        if self.flows:
+            log.info("sgcache: stopping; waiting for %d requests in flight", len(self.flows))
+        while True:
+            idle = await self._until(lambda: not self.flows, deadline - time.monotonic())
+            if idle:
+                await asyncio.sleep(min(QUIET_SECONDS, max(0.0, deadline - time.monotonic())))
+            if (idle and not self.flows) or time.monotonic() >= deadline:
+                break
+        if self.writes():
             log.warning("sgcache: stopping; waiting for SG's answer to %d writes", self.writes())
             await self._until(lambda: not self.writes(), None)
+            await asyncio.sleep(QUIET_SECONDS)
         if self.flows:
             log.warning("sgcache: stopping with %d reads still in flight after %.1fs",
                         len(self.flows), time.monotonic() - started)
-        await asyncio.sleep(FLUSH_SECONDS)  # the last answers reach their clients
         return len(self.flows)
 
     async def _until(self, done: Callable[[], bool], timeout: float | None) -> bool:
