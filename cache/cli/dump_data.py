@@ -27,8 +27,8 @@ import logging
 import sys
 
 from ..config import add_common_args, setup_logging
-from ..replica.schema import Schema, SchemaError
-from ..scan.dump import PAGE_SIZE, Dumper, open_replica, select_types
+from ..replica.schema import Schema, SchemaError, select_types
+from ..scan.dump import PAGE_SIZE, Dumper, open_replica
 from ..scan.dumpformat import DumpError, Redactor, open_output
 
 log = logging.getLogger("sgcache.dump")

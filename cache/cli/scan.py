@@ -91,14 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def select_types(schema: Schema, types: str | None) -> list[str]:
     """The types named by ``--types`` (all cached types by default); unknown names are an error."""
-    if not types:
-        return sorted(schema.entities)
-    names = [t.strip() for t in types.split(",") if t.strip()]
-    unknown = [t for t in names if t not in schema]
-    if unknown:
-        raise ConfigError("--types", f"not cached types: {', '.join(unknown)} (the schema's types: "
-                                     f"{', '.join(sorted(schema.entities))})")
-    return names
+    from ..replica.schema import SchemaError
+    from ..replica.schema import select_types as select
+
+    try:
+        return select(schema, types)
+    except SchemaError as exc:
+        raise ConfigError("--types", str(exc)) from None
 
 
 def run(args: argparse.Namespace, scanner: Scanner, types: list[str], metrics: ScanMetrics) -> None:

@@ -330,3 +330,16 @@ def _field_from_schema_read(type_name: str, fname: str, fspec: Mapping[str, Any]
         values=tuple(values) if values is not None else None,
         extra=extra,
     )
+
+
+def select_types(schema: Schema, types: str | None) -> list[str]:
+    """The types named by a ``--types`` list (``Shot,Task``; all cached types when empty); a name the
+    schema does not cache raises SchemaError naming it and the schema's types."""
+    if not types:
+        return sorted(schema.entities)
+    names = [t.strip() for t in types.split(",") if t.strip()]
+    unknown = [t for t in names if t not in schema]
+    if unknown:
+        raise SchemaError(f"not cached types: {', '.join(unknown)} (the schema's types: "
+                          f"{', '.join(sorted(schema.entities))})")
+    return names

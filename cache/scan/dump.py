@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from ..replica import fieldtypes
 from ..replica.dialect import dialect_for
-from ..replica.schema import Schema, SchemaError
+from ..replica.schema import Schema
 from ..replica.site import stored_site
 from ..replica.statekeys import EVENT_CURSOR
 from ..replica.store import Store
@@ -70,15 +70,6 @@ def open_replica(url: str, schema: Schema) -> Store:
     return store
 
 
-def select_types(schema: Schema, types: str | None) -> list[str]:
-    """The types named by a ``--types`` list (all cached types when empty); unknown names are an error."""
-    if not types:
-        return sorted(schema.entities)
-    names = [t.strip() for t in types.split(",") if t.strip()]
-    unknown = [t for t in names if t not in schema]
-    if unknown:
-        raise SchemaError(f"not cached types: {', '.join(unknown)}")
-    return names
 
 
 class Dumper:
