@@ -48,6 +48,7 @@ from cache.proxy.sending import WRITE_METHODS, Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
+from cache.read.relative import RelativeDates, fixed_clock, system_now, zone_named  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
 from cache.shipped import basic_schema  # noqa: E402
 
@@ -138,6 +139,34 @@ class SGCache:
             "When SG cannot be reached, answer cacheable reads from the replica (marked stale) "
             "and give writes an error naming the outage.",
         )
+        self._load_relative_dates(loader)
+
+    def _load_relative_dates(self, loader: Any) -> None:
+        """Relative-date filters (cache/read/relative.py, docs/semantics.md)."""
+        loader.add_option(
+            "sgcache_timezone", str, "",
+            "IANA time zone (e.g. Europe/London) in which relative-date filters (in_last, in_next, "
+            "in_calendar_*) are served; set it to the site's time zone. Empty: they pass to SG.",
+        )
+        loader.add_option(
+            "sgcache_clock", str, "",
+            "For tests and replays only: the proxy's time for relative-date filters, stopped at this "
+            "ISO 8601 instant (e.g. 2026-03-08T03:30:00Z). Empty: the system clock.",
+        )
+
+    def _configure_relative_dates(self, updated: set[str]) -> None:
+        if not updated & {"sgcache_timezone", "sgcache_clock"}:
+            return
+        options = ctx.options
+        try:
+            clock = fixed_clock(options.sgcache_clock) if options.sgcache_clock.strip() else system_now
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"sgcache_clock: not an ISO 8601 time: {options.sgcache_clock!r}") from exc
+        name = options.sgcache_timezone.strip()
+        try:
+            self.replica.serve_relative(RelativeDates(zone_named(name), clock) if name else None)
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"sgcache_timezone: {exc}") from exc
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -155,6 +184,7 @@ class SGCache:
                 scripts=options.sgcache_scripts or None)
         if "sgcache_offline" in updated:
             self.calls.offline = options.sgcache_offline
+        self._configure_relative_dates(updated)
         if "sgcache_db" in updated:
             # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
             install_redaction(url_secrets(options.sgcache_db))
