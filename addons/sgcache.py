@@ -31,6 +31,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cache.audit.shadow import Audit, AuditOptions  # noqa: E402
 from cache.ops.access import FORMATS, RequestRecord, quiet_connections, who  # noqa: E402
 from cache.ops.operations import Operations  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
@@ -453,6 +454,9 @@ class SGCacheOps:
     def __init__(self, cache: SGCache) -> None:
         self.ops = Operations(cache.replica)
         self._running = False
+        self.audit = Audit(lambda: cache.replica.service, self.ops.metrics.registry, self.ops.observer.label)
+        cache.calls.audit = self.audit
+        self.ops.audit = self.audit.rows
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -466,8 +470,31 @@ class SGCacheOps:
             "off, logfmt or json. When on, mitmproxy's per-connection lines move to debug.",
             choices=FORMATS,
         )
+        self._load_audit(loader)
+
+    def _load_audit(self, loader: Any) -> None:
+        """The audit (shadow reads, cache/audit/)."""
+        loader.add_option(
+            "sgcache_audit", int, 1,
+            "Percent of hits (0-100) also read from SG in the background and compared (0: off). "
+            "Relative-date hits are all sampled until 100 of them agreed.",
+        )
+        loader.add_option("sgcache_audit_rate", int, 5,
+                          "At most this many audit reads per second are sent to SG (0: no limit).")
+        loader.add_option(
+            "sgcache_audit_enforce", bool, False,
+            "A disagreement switches off the rules the read relied on (their reads pass with reason "
+            "audit-disabled) until an operator clears them (sgcache-audit --clear).",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if updated & {"sgcache_audit", "sgcache_audit_rate", "sgcache_audit_enforce"}:
+            o = ctx.options
+            if not 0 <= o.sgcache_audit <= 100:
+                raise exceptions.OptionsError("sgcache_audit: a percent, 0 to 100")
+            if o.sgcache_audit_rate < 0:
+                raise exceptions.OptionsError("sgcache_audit_rate: 0 or more")
+            self.audit.configure(AuditOptions(o.sgcache_audit, o.sgcache_audit_rate, o.sgcache_audit_enforce))
         if "sgcache_access_log" in updated:
             fmt = ctx.options.sgcache_access_log
             self.ops.observer.access_format = fmt
@@ -483,6 +510,7 @@ class SGCacheOps:
         self.ops.serve(ctx.options.sgcache_status)
 
     def done(self) -> None:
+        self.audit.close()
         self.ops.close()
         quiet_connections(False)
 

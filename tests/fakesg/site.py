@@ -268,6 +268,9 @@ class FakeSite:
         self._clock: datetime | None = None
         #: the zone relative-date filters are read in (what SG uses for a script: see docs/semantics.md)
         self.timezone = "UTC"
+        #: test hooks making the site answer one rule otherwise (tests/test_audit.py):
+        #: "is_not-drops-null": a scalar ``is_not`` leaves out empty values
+        self.deviations: set[str] = set()
         self._scripts: dict[str, _Script] = {}
         self._humans: dict[str, tuple[str, int]] = {}
         self._sessions: dict[str, _Caller] = {}
@@ -706,6 +709,8 @@ class FakeSite:
             want = norm[0]
             if relation == "is":
                 return lambda v: key(v) == want
+            if "is_not-drops-null" in self.deviations:  # a test hook: a site that reads one rule otherwise
+                return lambda v: v is not None and key(v) != want
             return lambda v: key(v) != want
         if relation in ("in", "not_in"):
             wanted = norm
