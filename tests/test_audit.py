@@ -9,6 +9,7 @@ on the rule pass ``audit-disabled`` until the rule is cleared.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -167,3 +168,56 @@ def test_the_audit_table_keeps_the_newest(rig: Rig) -> None:
             table.record(conn, "Shot", ["is plain"], {"params": i}, {}, {}, keep=3)
         kept = conn.execute(sa.select(table.audit.c.request).order_by(table.audit.c.id)).scalars().all()
     assert kept[-3:] == ['{"params": 2}', '{"params": 3}', '{"params": 4}'] and len(kept) == 3
+
+
+class _Service:
+    """A CacheService stand-in: a schema and a replica answer that can change."""
+
+    def __init__(self, schema: Schema, results: dict[str, Any]) -> None:
+        self.schema, self.results = schema, results
+
+    def read(self, args: Any) -> dict[str, Any]:
+        return self.results
+
+
+def test_a_write_between_hit_and_shadow_is_not_a_disagreement(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cache.audit import shadow
+
+    old = {"entities": [{"type": "Shot", "id": 1, "code": "a"}], "paging_info": {"has_next_page": False}}
+    new = {"entities": [{"type": "Shot", "id": 1, "code": "b"}], "paging_info": {"has_next_page": False}}
+    service = _Service(Schema.load(rig.schema_path), new)  # the replica has the write by the recheck
+    monkeypatch.setattr(shadow.upstream, "post_json", lambda url, payload, tls: {"results": new})
+    audit = shadow.Audit(lambda: service, CollectorRegistry(), sleep=lambda s: None)
+    args = {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}}
+    item = shadow.Shadow("http://sg/api3/json", {"script_name": "s", "script_key": KEY}, args,
+                         json.dumps({"results": old}).encode(), None)
+    audit.audit(item)
+    assert audit.metrics.reads.labels(entity_type="Shot", outcome="changed")._value.get() == 1
+    assert audit.metrics.reads.labels(entity_type="Shot", outcome="disagree")._value.get() == 0
+
+
+def test_sampling_is_rate_limited_and_bounded() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cache.audit import shadow
+
+    now = [0.0]
+    audit = shadow.Audit(lambda: None, CollectorRegistry(), draw=lambda: 0.5, clock=lambda: now[0])
+    audit.options = shadow.AuditOptions(percent=60, rate=2)  # no worker thread: the queue only fills
+    args = {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}}
+    now[0] = 10.0
+    for _ in range(5):
+        audit.offer("http://sg/api3/json", {}, args, b"{}", None)
+    assert audit._queue.qsize() == 2  # the bucket holds 2 (rate 2/s)
+    assert audit.metrics.dropped.labels(why="rate")._value.get() == 3
+    audit.options = shadow.AuditOptions(percent=40, rate=0)
+    audit.offer("http://sg/api3/json", {}, args, b"{}", None)  # drawn 50 >= 40: not sampled
+    assert audit._queue.qsize() == 2
+    relative = {**args, "filters": {"conditions": [{"path": "sg_due_date", "relation": "in_last", "values": [1, "DAY"]}]}}
+    audit.offer("http://sg/api3/json", {}, relative, b"{}", None)  # relative dates: always, until 100 agreed
+    assert audit._queue.qsize() == 3
+    for _ in range(shadow.QUEUE_SIZE):
+        audit.offer("http://sg/api3/json", {}, relative, b"{}", None)
+    assert audit._queue.qsize() == shadow.QUEUE_SIZE and audit.metrics.dropped.labels(why="queue-full")._value.get() == 3

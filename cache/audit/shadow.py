@@ -37,6 +37,9 @@ QUEUE_SIZE = 100
 REFRESH_SECONDS = 1.0
 #: Relative-date hits are all sampled (within the rate) until this many of them agreed.
 RELATIVE_AGREEMENTS = 100
+#: A disagreement is checked again this much later (both sides read anew): when they agree then,
+#: the data changed between the hit and its shadow read (outcome ``changed``, not a disagreement).
+RECHECK_SECONDS = 1.5
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class AuditMetrics:
                                   "condition kind (operator, rule) the read relied on", labels, registry=registry)
         self.disagreements = Counter("sgcache_audit_disagreements", "Audited hits SG answered differently, per "
                                      "condition kind (operator, rule) the read relied on", labels, registry=registry)
-        self.reads = Counter("sgcache_audit_reads", "Audited hits, by outcome (agree, disagree, error)",
+        self.reads = Counter("sgcache_audit_reads", "Audited hits, by outcome (agree, disagree, changed: "
+                             "the data changed in between, error: SG's answer could not be had)",
                              ["entity_type", "outcome"], registry=registry)
         self.dropped = Counter("sgcache_audit_dropped", "Sampled hits not audited: queue full, or over "
                                "sgcache_audit_rate", ["why"], registry=registry)
@@ -86,8 +90,9 @@ class Audit:
 
     def __init__(self, service: Callable[[], Any], registry: CollectorRegistry,
                  label: Callable[[object], str] = str, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.service = service
+        self._sleep = sleep
         self.metrics = audit_metrics(registry)
         self.label = label
         self.options = AuditOptions()
@@ -96,7 +101,7 @@ class Audit:
         self._queue: queue.Queue[Shadow | None] = queue.Queue(QUEUE_SIZE)
         self._tokens, self._tokens_at = 0.0, clock()
         self._relative_agreed = 0
-        self._counts = {"agree": 0, "disagree": 0, "error": 0, "dropped": 0}
+        self._counts = {"agree": 0, "disagree": 0, "changed": 0, "error": 0, "dropped": 0}
         self._latest: list[tuple[str, str, str]] = []
         self._thread: threading.Thread | None = None
         self._tables_for: Any = None
@@ -221,6 +226,11 @@ class Audit:
             self._count("error")
             return
         same = agree(cache_results, sg_results, args)
+        if not same and self._changed_meanwhile(item, service):
+            log.info("audit: a %s read differed from SG's, then agreed: the data changed in between", entity_type)
+            self.metrics.reads.labels(entity_type=entity_type, outcome="changed").inc()
+            self._count("changed")
+            return
         counter = self.metrics.agreements if same else self.metrics.disagreements
         for operator, rule in sorted(pairs):
             counter.labels(entity_type=entity_type, operator=operator, rule=rule).inc()
@@ -250,6 +260,20 @@ class Audit:
             self.disabled = self.disabled | frozenset(rules)
         self._refresh()
 
+    def _changed_meanwhile(self, item: Shadow, service: Any) -> bool:
+        """Whether both sides, read again a moment later, agree (a write landed between the hit
+        and its shadow read); False when either cannot be read again."""
+        if service is None:
+            return False
+        self._sleep(RECHECK_SECONDS)
+        try:
+            sg_again = upstream.post_json(item.url, {"method_name": "read", "params": [item.auth, item.args]},
+                                          item.tls)["results"]
+            cache_again = service.read(item.args)
+        except Exception:  # noqa: BLE001 - a pass (pending write, stale) or SG failing: it stands
+            return False
+        return agree(cache_again, sg_again, item.args)
+
     def _count(self, what: str) -> None:
         with self._lock:
             self._counts[what] += 1
@@ -265,7 +289,8 @@ class Audit:
         out = [("sampled", f"{o.percent:g}% of hits, at most {o.rate:g}/s"
                 + ("; enforcing" if o.enforce else "")),
                ("compared", str(c["agree"] + c["disagree"])), ("agreements", str(c["agree"])),
-               ("disagreements", str(c["disagree"])), ("errors (SG)", str(c["error"])),
+               ("disagreements", str(c["disagree"])), ("changed in between", str(c["changed"])),
+               ("errors (SG)", str(c["error"])),
                ("dropped", str(c["dropped"])),
                ("rules switched off", ", ".join(sorted(self.disabled)) or "none")]
         out += [(f"disagreement {at}", f"{t}: {rules}") for at, t, rules in self._latest]
