@@ -19,28 +19,34 @@ KEEP = 200
 #: An answer kept longer than this (characters of JSON) is cut.
 MAX_ANSWER = 64 * 1024
 
+def define(md: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    """The two tables in ``md`` (the replica's own metadata defines them too: writers create them)."""
+    kept = sa.Table(
+        "sgcache_audit", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("at", sa.String(32), nullable=False),
+        sa.Column("entity_type", sa.String(255), nullable=False),
+        sa.Column("rules", sa.Text, nullable=False),  # JSON list of "operator rule"
+        sa.Column("request", sa.Text, nullable=False),  # JSON: {"who": ..., "method": "read", "params": args}
+        sa.Column("cache_answer", sa.Text, nullable=False),
+        sa.Column("sg_answer", sa.Text, nullable=False),
+    )
+    off = sa.Table(
+        "sgcache_audit_disabled", md,
+        sa.Column("rule", sa.String(64), primary_key=True),
+        sa.Column("at", sa.String(32), nullable=False),
+        sa.Column("entity_type", sa.String(255), nullable=False),
+        sa.Column("audit_id", sa.Integer),
+    )
+    return kept, off
+
+
 metadata = sa.MetaData()
-audit = sa.Table(
-    "sgcache_audit", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", sa.String(32), nullable=False),
-    sa.Column("entity_type", sa.String(255), nullable=False),
-    sa.Column("rules", sa.Text, nullable=False),  # JSON list of "operator rule"
-    sa.Column("request", sa.Text, nullable=False),  # JSON: {"who": ..., "params": args}
-    sa.Column("cache_answer", sa.Text, nullable=False),
-    sa.Column("sg_answer", sa.Text, nullable=False),
-)
-disabled = sa.Table(
-    "sgcache_audit_disabled", metadata,
-    sa.Column("rule", sa.String(64), primary_key=True),
-    sa.Column("at", sa.String(32), nullable=False),
-    sa.Column("entity_type", sa.String(255), nullable=False),
-    sa.Column("audit_id", sa.Integer),
-)
+audit, disabled = define(metadata)
 
 
 def create(engine: Any) -> None:
-    """Create the tables when missing."""
+    """Create the tables when missing (a replica made before the audit existed)."""
     metadata.create_all(engine, checkfirst=True)
 
 
