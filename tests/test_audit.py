@@ -76,7 +76,7 @@ def test_the_oracle_corpus_agrees(rig: Rig) -> None:
         run_case(sg, entity_type, filters, fields, dict(kw))
     hits = total(rig, 0, "sgcache_hits_total") - before_hits
     assert hits >= len(cases)
-    wait_until(lambda: total(rig, 0, "sgcache_audit_reads_total") >= hits, 30, "every hit audited")
+    wait_until(lambda: total(rig, 0, "sgcache_audit_reads_total") >= hits, 30, "every hit audited", pause=0.2)
     assert total(rig, 0, "sgcache_audit_reads_total", outcome="disagree") == 0
     assert total(rig, 0, "sgcache_audit_reads_total", outcome="error") == 0
     assert total(rig, 0, "sgcache_audit_disagreements_total") == 0
@@ -98,7 +98,7 @@ def test_a_rule_sg_reads_otherwise_is_counted_kept_and_switched_off(rig: Rig) ->
         with_nulls = plain.find("Shot", query, ["description"])  # the cache keeps empty descriptions
         assert with_nulls != rig.direct().find("Shot", query, ["description"]), "the data shows no difference"
         wait_until(lambda: total(rig, 0, "sgcache_audit_disagreements_total", rule="null-negation",
-                                 operator="is_not", entity_type="Shot") >= 1, 20, "the disagreement counted")
+                                 operator="is_not", entity_type="Shot") >= 1, 20, "the disagreement counted", pause=0.2)
         assert total(rig, 0, "sgcache_audit_disagreements_total", rule="range") == 0
         page = get(status_url(rig, 0))
         assert re.search(r"<th>disagreements</th><td>[1-9]", page)
@@ -106,7 +106,7 @@ def test_a_rule_sg_reads_otherwise_is_counted_kept_and_switched_off(rig: Rig) ->
         # the enforcing proxy: its disagreement switches the rules off for every read relying on them
         enforcing.find("Shot", query, ["description"])
         wait_until(lambda: _passes(rig, 1, "audit-disabled", lambda: enforcing.find("Shot", other, ["code"])),
-                   20, "reads relying on null-negation pass")
+                   20, "reads relying on null-negation pass", pause=0.2)
         hits = total(rig, 1, "sgcache_hits_total")
         enforcing.find("Shot", unrelated, ["code"])
         assert total(rig, 1, "sgcache_hits_total") == hits + 1  # a rule not switched off is served
@@ -126,7 +126,7 @@ def test_a_rule_sg_reads_otherwise_is_counted_kept_and_switched_off(rig: Rig) ->
     with store.engine.connect() as conn:
         assert table.disabled_rules(conn) == set()
     wait_until(lambda: not _passes(rig, 1, "audit-disabled", lambda: enforcing.find("Shot", other, ["code"])),
-               20, "the rule served again")
+               20, "the rule served again", pause=0.2)
 
 
 def _passes(rig: Rig, n: int, reason: str, read: Any) -> bool:

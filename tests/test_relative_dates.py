@@ -43,8 +43,9 @@ INSTANTS = [
 ]
 
 
-def filters() -> list[tuple[str, list[Any]]]:
-    out = [(op, [n, unit]) for op in SPANS for unit in UNITS for n in (1, 2)]
+def filters(counts: tuple[int, ...] = (1, 2)) -> list[tuple[str, list[Any]]]:
+    """Every operator and unit, ``counts`` of each unit, calendar offsets -1, 0 and 1."""
+    out = [(op, [n, unit]) for op in SPANS for unit in UNITS for n in counts]
     return out + [(op, [k]) for op in CALENDAR for k in (-1, 0, 1)]
 
 
@@ -129,7 +130,7 @@ def test_proxied_answers_equal_the_fake_sites(rig: Rig, zone: str) -> None:
     sg.find_one("Project", [])  # new credentials pass once; SG accepting them enables hits
     rig.site.timezone = zone
     seen = 0
-    for relation, vals in filters():
+    for relation, vals in filters((1,)):  # the unit test above covers more counts
         for path in ("sg_last_review", "sg_due_date"):
             query = [[path, relation, *vals]]
             expected = direct.find("Shot", query, ["code"], order=[{"field_name": "id", "direction": "asc"}])
@@ -138,7 +139,7 @@ def test_proxied_answers_equal_the_fake_sites(rig: Rig, zone: str) -> None:
             assert got == expected, (zone, query)
             assert rig.reads() == before, f"not a hit: {query}"
             seen += bool(expected)
-    assert seen > len(filters())  # most filters keep some rows: the comparison is not of empty lists
+    assert seen > len(filters((1,)))  # most filters keep some rows: the comparison is not of empty lists
 
 
 def test_value_grid_spans_the_windows() -> None:

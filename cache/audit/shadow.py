@@ -136,8 +136,9 @@ class Audit:
             return None
         return "audit-disabled" if rule_names(read_rules(schema, args)) & self.disabled else None
 
-    def offer(self, url: str, auth: Any, args: Any, body: bytes, tls: ssl.SSLContext | None) -> None:
-        """A hit was answered: audit it when drawn (never blocks)."""
+    def offer(self, url: str, auth: Any, args: Any, body: bytes, tls: Callable[[], ssl.SSLContext] | None) -> None:
+        """A hit was answered: audit it when drawn (never blocks). ``tls()``: how SG's certificate
+        is checked (None: http), asked only for a hit drawn."""
         percent = self.options.percent
         if percent <= 0:
             return
@@ -148,7 +149,7 @@ class Audit:
             self._drop("rate")
             return
         try:
-            self._queue.put_nowait(Shadow(url, auth, args, body, tls))
+            self._queue.put_nowait(Shadow(url, auth, args, body, tls() if tls is not None else None))
         except queue.Full:
             self._drop("queue-full")
 

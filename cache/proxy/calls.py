@@ -125,8 +125,8 @@ class SiteCalls:
             outcome = await self.serve_read(call, req.args)
             if isinstance(outcome, Answer):
                 if self.audit is not None:
-                    self.audit.offer(call.url, req.auth, req.args, outcome.body,
-                                     self.tls() if call.request.scheme == "https" else None)
+                    https = call.request.scheme == "https"
+                    self.audit.offer(call.url, req.auth, req.args, outcome.body, self.tls if https else None)
                 return self.answered(state, outcome)
             reason = outcome
         self.passes(state, reason)
