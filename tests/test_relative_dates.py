@@ -93,7 +93,7 @@ def test_the_rule_in_numbers() -> None:
     # months keep the day, or take the month's last
     eom = RelativeDates(zone_named("UTC"), fixed_clock("2026-03-31T12:00:00Z"))
     assert eom.window("in_last", [1, "MONTH"], "date").lo == "2026-02-28"
-    for bad in ([1, "day"], [1], ["1", "DAY"], [True, "DAY"]):
+    for bad in ([1, "day"], [1], ["1", "DAY"], [True, "DAY"], [-1, "DAY"]):
         with pytest.raises(Passthrough):
             ny.window("in_last", bad, "date_time")
     with pytest.raises(ValueError, match="unknown time zone"):

@@ -84,7 +84,7 @@ class RelativeDates:
             if data_type == "date":
                 return Window(start.date().isoformat(), end.date().isoformat(), False, False)
             return Window(_stored(self._instant(start)), _stored(self._instant(end)), False, False)
-        if len(values) != 2 or type(values[0]) is not int or values[1] not in UNITS:
+        if len(values) != 2 or type(values[0]) is not int or values[0] < 0 or values[1] not in UNITS:
             raise Passthrough("filter-value", f"{relation} {values!r}"[:60])
         n, unit = values
         sign = -1 if relation.endswith("_last") else 1
