@@ -181,7 +181,9 @@ class Audit:
                 item = False  # type: ignore[assignment]
             if item is None:
                 return
-            if time.monotonic() - refreshed >= REFRESH_SECONDS:
+            # enforcing: the rules another proxy switched off count within a second; else only the
+            # status page's newest disagreements are re-read, now and then
+            if time.monotonic() - refreshed >= REFRESH_SECONDS * (1 if self.options.enforce else 10):
                 refreshed = time.monotonic()
                 self._refresh()
             if item:
