@@ -31,6 +31,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cache.audit.shadow import Audit, AuditOptions  # noqa: E402
 from cache.ops.access import FORMATS, RequestRecord, quiet_connections, who  # noqa: E402
 from cache.ops.operations import Operations  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
@@ -48,6 +49,7 @@ from cache.proxy.sending import WRITE_METHODS, Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
+from cache.read.relative import RelativeDates, fixed_clock, system_now, zone_named  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
 from cache.shipped import basic_schema  # noqa: E402
 
@@ -138,6 +140,34 @@ class SGCache:
             "When SG cannot be reached, answer cacheable reads from the replica (marked stale) "
             "and give writes an error naming the outage.",
         )
+        self._load_relative_dates(loader)
+
+    def _load_relative_dates(self, loader: Any) -> None:
+        """Relative-date filters (cache/read/relative.py, docs/semantics.md)."""
+        loader.add_option(
+            "sgcache_timezone", str, "",
+            "IANA time zone (e.g. Europe/London) in which relative-date filters (in_last, in_next, "
+            "in_calendar_*) are served; set it to the site's time zone. Empty: they pass to SG.",
+        )
+        loader.add_option(
+            "sgcache_clock", str, "",
+            "For tests and replays only: the proxy's time for relative-date filters, stopped at this "
+            "ISO 8601 instant (e.g. 2026-03-08T03:30:00Z). Empty: the system clock.",
+        )
+
+    def _configure_relative_dates(self, updated: set[str]) -> None:
+        if not updated & {"sgcache_timezone", "sgcache_clock"}:
+            return
+        options = ctx.options
+        try:
+            clock = fixed_clock(options.sgcache_clock) if options.sgcache_clock.strip() else system_now
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"sgcache_clock: not an ISO 8601 time: {options.sgcache_clock!r}") from exc
+        name = options.sgcache_timezone.strip()
+        try:
+            self.replica.serve_relative(RelativeDates(zone_named(name), clock) if name else None)
+        except ValueError as exc:
+            raise exceptions.OptionsError(f"sgcache_timezone: {exc}") from exc
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -159,6 +189,7 @@ class SGCache:
                 scripts=options.sgcache_scripts or None)
         if "sgcache_offline" in updated:
             self.calls.offline = options.sgcache_offline
+        self._configure_relative_dates(updated)
         if "sgcache_db" in updated:
             # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
             install_redaction(url_secrets(options.sgcache_db))
@@ -427,6 +458,9 @@ class SGCacheOps:
     def __init__(self, cache: SGCache) -> None:
         self.ops = Operations(cache.replica)
         self._running = False
+        self.audit = Audit(lambda: cache.replica.service, self.ops.metrics.registry, self.ops.observer.label)
+        cache.calls.audit = self.audit
+        self.ops.audit = self.audit.rows
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -440,8 +474,31 @@ class SGCacheOps:
             "off, logfmt or json. When on, mitmproxy's per-connection lines move to debug.",
             choices=FORMATS,
         )
+        self._load_audit(loader)
+
+    def _load_audit(self, loader: Any) -> None:
+        """The audit (shadow reads, cache/audit/)."""
+        loader.add_option(
+            "sgcache_audit", int, 1,
+            "Percent of hits (0-100) also read from SG in the background and compared (0: off). "
+            "Relative-date hits are all sampled until 100 of them agreed.",
+        )
+        loader.add_option("sgcache_audit_rate", int, 5,
+                          "At most this many audit reads per second are sent to SG (0: no limit).")
+        loader.add_option(
+            "sgcache_audit_enforce", bool, False,
+            "A disagreement switches off the rules the read relied on (their reads pass with reason "
+            "audit-disabled) until an operator clears them (sgcache-audit --clear).",
+        )
 
     def configure(self, updated: set[str]) -> None:
+        if updated & {"sgcache_audit", "sgcache_audit_rate", "sgcache_audit_enforce"}:
+            o = ctx.options
+            if not 0 <= o.sgcache_audit <= 100:
+                raise exceptions.OptionsError("sgcache_audit: a percent, 0 to 100")
+            if o.sgcache_audit_rate < 0:
+                raise exceptions.OptionsError("sgcache_audit_rate: 0 or more")
+            self.audit.configure(AuditOptions(o.sgcache_audit, o.sgcache_audit_rate, o.sgcache_audit_enforce))
         if "sgcache_access_log" in updated:
             fmt = ctx.options.sgcache_access_log
             self.ops.observer.access_format = fmt
@@ -457,6 +514,7 @@ class SGCacheOps:
         self.ops.serve(ctx.options.sgcache_status)
 
     def done(self) -> None:
+        self.audit.close()
         self.ops.close()
         quiet_connections(False)
 

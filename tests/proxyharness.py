@@ -93,6 +93,10 @@ class Proxy:
         options = list(self.options)
         if not any(o.startswith("termlog_verbosity=") for o in options):
             options.append("termlog_verbosity=debug")
+        if not any(o.startswith("sgcache_audit=") for o in options):
+            # the audit's shadow reads would reach the fake SG at random: tests that count SG's
+            # reads turn it on themselves (tests/test_audit.py)
+            options.append("sgcache_audit=0")
         for opt in options:
             cmd += ["--set", opt]
         # the database URL (maybe with a password) comes from the environment, never the command line

@@ -18,7 +18,7 @@ from mitmproxy.test import taddons
 
 import cache
 from cache import config, shipped
-from cache.cli import ingest_events, proxy, reprocess, scan
+from cache.cli import audit, ingest_events, proxy, reprocess, scan
 from cache.proxy.replica import OneLineRefusal, Refused, ReplicaOptions
 from cache.replica.dialect import url_problem
 from cache.replica.schema import Schema
@@ -115,6 +115,7 @@ def test_schema_tools_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     (scan.main, "sgcache-scan"), (ingest_events.main, "sgcache-ingest-events"),
     (reprocess.main, "sgcache-reprocess"), (schematools.dump_main, "sgcache-schema-dump"),
     (schematools.filter_main, "sgcache-schema-filter"), (proxy.main, "sgcache-proxy"),
+    (audit.main, "sgcache-audit"),
 ])
 def test_every_command_has_version_and_help(main: Callable[[list[str]], Any], prog: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cache.proxy import api3
 from cache.proxy.auth import CredentialCache, site_of
@@ -36,6 +36,9 @@ from .outage import Outages
 from .reads import Reads
 from .replica import Replica
 from .sending import WRITE_METHODS, Outgoing, Writes
+
+if TYPE_CHECKING:
+    from cache.audit.shadow import Audit
 
 log = logging.getLogger("sgcache")
 T = TypeVar("T")
@@ -91,6 +94,8 @@ class SiteCalls:
         self.writes = Writes(executor, write_executor, self.outages)
         #: ``sgcache_offline``: answer from the replica while SG is down.
         self.offline = True
+        #: The audit (cache/audit/shadow.py), set by the addon: samples hits, refuses switched-off rules.
+        self.audit: Audit | None = None
 
     async def service(self) -> CacheService | None:
         """The replica's service, re-opened once its back-off has passed (None: pass everything)."""
@@ -119,6 +124,9 @@ class SiteCalls:
         if reason is None:
             outcome = await self.serve_read(call, req.args)
             if isinstance(outcome, Answer):
+                if self.audit is not None:
+                    https = call.request.scheme == "https"
+                    self.audit.offer(call.url, req.auth, req.args, outcome.body, self.tls if https else None)
                 return self.answered(state, outcome)
             reason = outcome
         self.passes(state, reason)
@@ -158,6 +166,9 @@ class SiteCalls:
         service = await self.service()
         if service is None:
             return "no-replica"
+        refused = self.audit.refused(service.schema, args) if self.audit is not None else None
+        if refused is not None:
+            return refused
         return await self.reads.answer(service, args, call.client, offline)
 
     async def _send_write(self, call: Call, state: FlowState) -> Answer | upstream.Reply:

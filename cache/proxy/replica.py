@@ -18,6 +18,7 @@ from typing import Any
 
 from cache.private import redact, safe_url, url_secrets
 from cache.proxy.service import MAX_UNRECORDED, CacheService
+from cache.read.relative import RelativeDates
 from cache.replica import site as sitemod
 from cache.replica.dialect import url_problem
 from cache.replica.pairs import DEFAULT_PAIRS_FILE, PairsError, load_pairs_file
@@ -88,6 +89,14 @@ class Replica:
         #: Writes SG answered while no service was open: (method, args), handed to the next one.
         self._unrecorded: list[tuple[str, Any]] = []
         self._handover = threading.Lock()
+        #: relative-date filters: their zone and clock (``sgcache_timezone``; None: they pass)
+        self.relative: RelativeDates | None = None
+
+    def serve_relative(self, relative: RelativeDates | None) -> None:
+        """Serve relative-date filters with ``relative`` from now on (None: they pass)."""
+        self.relative = relative
+        if self.service is not None:
+            self.service.reader.relative = relative
 
     def configure_site(self, url: str) -> None:
         """The site named by ``sgcache_site`` (empty: none, the replica's own is served);
@@ -122,6 +131,7 @@ class Replica:
         try:
             service = CacheService(options.db_url, options.schema_path, options.max_lag,
                                    options.read_budget, pairs_path=options.pairs_path)
+            service.reader.relative = self.relative
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up

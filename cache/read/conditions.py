@@ -20,15 +20,19 @@ from ..replica.store import Store
 from .entity_conditions import entity_condition, multi_condition
 from .limits import MAX_CONDITIONS, MAX_FILTER_DEPTH, MAX_FILTER_VALUES
 from .paths import PathResolver, Scope, split_path
+from .relative import RelativeDates
 from .scalar_conditions import scalar_condition
 
 
 class FilterCompiler:
     """Compiles the filters of one read, counting its conditions and values against the limits."""
 
-    def __init__(self, store: Store, paths: PathResolver):
+    def __init__(self, store: Store, paths: PathResolver, relative: RelativeDates | None = None):
         self.store = store
         self.paths = paths
+        self.relative = relative
+        #: the relations the filters use (a plan with a relative date holds the time it was built at)
+        self.relations: set[str] = set()
         self._n_conditions = 0
         self._n_values = 0
 
@@ -86,11 +90,13 @@ class FilterCompiler:
         if len(parts) == 1:
             if relation not in info.operators:
                 raise Passthrough("operator", f"{relation} on {fschema.data_type}")
+            self.relations.add(relation)
             if info.storage == "entity":
                 return entity_condition(self.store, scope, alias, fschema, relation, values)
             if info.storage == "multi":
                 return multi_condition(self.store, alias, fschema, relation, values)
-            return scalar_condition(self.store.dialect, alias.c[fschema.name], fschema, relation, values)
+            return scalar_condition(self.store.dialect, alias.c[fschema.name], fschema, relation, values,
+                                    self.relative)
         target = parts[1]
         self.paths.target(target)
         if info.storage == "entity":

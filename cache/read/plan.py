@@ -133,6 +133,10 @@ class Plan:
     want_count: bool
     #: (type, field) of every field the read names, and (type, "*") of every type it reads
     touched: frozenset[tuple[str, str]] = frozenset()
+    #: the filter relations it uses (the rules the audit names, docs/semantics.md)
+    relations: frozenset[str] = frozenset()
+    #: built for one instant (relative dates): never reused from the plan cache
+    timed: bool = False
 
     #: The row decoder for the columns it was built for (built at the first row: plans are cached).
     _decoder: tuple[tuple[str, ...], Callable[[Any], dict[str, Any]]] | None = field(

@@ -20,6 +20,7 @@ from ..replica.store import Store
 from .conditions import FilterCompiler
 from .paths import PathResolver, Scope
 from .plan import LinkField, MultiField, NoneField, Plan, RowField, ScalarField
+from .relative import RELATIVE, RelativeDates
 from .sorting import ordered, page_of, sort_keys
 from .state import ReplicaState
 
@@ -45,7 +46,8 @@ _PROJECTLESS = {
 }
 
 
-def plan_read(store: Store, params: Mapping[str, Any], replica_state: ReplicaState) -> Plan:
+def plan_read(store: Store, params: Mapping[str, Any], replica_state: ReplicaState,
+              relative: RelativeDates | None = None) -> Plan:
     """Check a read's params, type and the type's state, and build its plan; or Passthrough."""
     if not isinstance(params, Mapping):
         raise Passthrough("bad-params", "read params are not an object")
@@ -62,18 +64,19 @@ def plan_read(store: Store, params: Mapping[str, Any], replica_state: ReplicaSta
         raise Passthrough("not-primed", entity_type)
     if entity_type in replica_state.pending_fetch:
         raise Passthrough("pending-fetch", entity_type)
-    return Planner(store, entity_type, replica_state).build(params)
+    return Planner(store, entity_type, replica_state, relative).build(params)
 
 
 class Planner:
     """Builds the SQL for one read of ``entity_type``."""
 
-    def __init__(self, store: Store, entity_type: str, replica_state: ReplicaState):
+    def __init__(self, store: Store, entity_type: str, replica_state: ReplicaState,
+                 relative: RelativeDates | None = None):
         self.store = store
         self.schema = store.schema
         self.entity_type = entity_type
         self.paths = PathResolver(self.schema, replica_state, entity_type)
-        self.filters = FilterCompiler(store, self.paths)
+        self.filters = FilterCompiler(store, self.paths, relative)
 
     def build(self, params: Mapping[str, Any]) -> Plan:
         """Page first, then decorate: one statement whose inner query filters, sorts and
@@ -112,7 +115,8 @@ class Planner:
             .order_by(*[ordered(page.c[f"o{i}"], direction) for i, (_, direction) in enumerate(order)])
         )
         return Plan(self.entity_type, select, count_select, fields, multi_fields, page_wanted.limit,
-                    page_wanted.want_count, frozenset(self.paths.touched))
+                    page_wanted.want_count, frozenset(self.paths.touched), frozenset(self.filters.relations),
+                    timed=bool(self.filters.relations & RELATIVE))
 
     def _return_fields(self, output: Scope, return_fields: Any) -> tuple[list[Any], list[RowField], list[MultiField]]:
         """The output's columns, and how each return field decodes (``id`` and ``type`` always come)."""

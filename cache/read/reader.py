@@ -20,6 +20,7 @@ from .execute import run_plan
 from .limits import MAX_PLAN_KEY, PLAN_CACHE_SIZE, check_size
 from .plan import Plan
 from .planner import plan_read
+from .relative import RelativeDates
 from .state import ReplicaState
 
 
@@ -35,6 +36,8 @@ class Reader:
         self._plans_lock = threading.Lock()
         self._plan_cache_size = plan_cache_size
         self._slow = SlowRequests()  # requests that overran their budget lately
+        #: relative-date filters are served in this zone (None: they pass)
+        self.relative: RelativeDates | None = None
 
     def read(
         self, conn: Connection, params: Mapping[str, Any], replica_state: ReplicaState,
@@ -92,8 +95,8 @@ class Reader:
                 if cached is not None and cached[0] == fingerprint:
                     self._plans.move_to_end(key)
                     return cached[1]
-        plan = plan_read(self.store, params, replica_state)
-        if key is not None:
+        plan = plan_read(self.store, params, replica_state, self.relative)
+        if key is not None and not plan.timed:
             with self._plans_lock:
                 self._plans[key] = (fingerprint, plan)
                 self._plans.move_to_end(key)

@@ -16,6 +16,7 @@ from ..replica.dialect import Dialect
 from ..replica.schema import FieldSchema
 from .collation import CASE_INSENSITIVE, like_pattern
 from .inlists import in_list
+from .relative import RELATIVE, RelativeDates
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
@@ -36,8 +37,14 @@ def filter_value(fschema: FieldSchema, value: Any) -> Any:
         raise Passthrough("filter-value", str(exc)[:60]) from None
 
 
-def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation: str, values: list[Any]) -> Any:
-    """``col <relation> values`` for a field of ``fschema``'s type."""
+def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation: str, values: list[Any],
+                     relative: RelativeDates | None = None) -> Any:
+    """``col <relation> values`` for a field of ``fschema``'s type (relative dates need ``relative``:
+    without a time zone they pass, ``operator``)."""
+    if relation in RELATIVE:
+        if relative is None:
+            raise Passthrough("operator", f"{relation} (no sgcache_timezone)")
+        return relative_condition(col, relative, fschema, relation, values)
     ci = fschema.data_type in CASE_INSENSITIVE
 
     def norm(expr: Any) -> Any:
@@ -102,3 +109,16 @@ def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation:
         # NULL is neither inside nor outside the range (as SQL's NOT BETWEEN; the fake SG agrees)
         return sa.and_(col.is_not(None), sa.not_(inside))
     raise Passthrough("operator", relation)
+
+
+def relative_condition(col: Any, relative: RelativeDates, fschema: FieldSchema, relation: str,
+                       values: list[Any]) -> Any:
+    """A relative-date filter as a range of the stored text (cache/read/relative.py)."""
+    try:
+        w = relative.window(relation, values, fschema.data_type)
+    except (ValueError, OverflowError) as exc:  # a window past year 9999
+        raise Passthrough("filter-value", f"{relation}: {exc}"[:60]) from None
+    inside = sa.and_(col >= w.lo, col <= w.hi if w.hi_included else col < w.hi)
+    if w.negate:
+        return sa.and_(col.is_not(None), sa.not_(inside))
+    return sa.and_(col.is_not(None), inside)

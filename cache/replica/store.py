@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from ..audit import table as audit_table
 from ..private import ensure_private_file
 from ..wire import check_link
 from . import fetchqueue, fieldtypes, pairs, pending
@@ -183,6 +184,7 @@ class Store:
         self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/replica/fetchqueue.py)
         self.pairs_table = pairs.define_table(md)  # learned pairs (cache/replica/pairs.py)
         self.pending = pending.define_table(md)  # pending-write markers (cache/replica/pending.py)
+        audit_table.define(md)  # the audit's disagreements and rules switched off (cache/audit/table.py)
 
     def _build_entity_tables(self, entity_type: str, fields: Mapping[str, FieldSchema]) -> None:
         name = entity_table_name(entity_type)

@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .files import FakeFiles
+from .relative import relative_predicate
 from .schema_data import basic_schema, field_schema, make_entity_schema
 
 log = logging.getLogger(__name__)
@@ -264,6 +266,11 @@ class FakeSite:
         self.events_enabled = True
         self._state = _State()
         self._clock: datetime | None = None
+        #: the zone relative-date filters are read in (what SG uses for a script: see docs/semantics.md)
+        self.timezone = "UTC"
+        #: test hooks making the site answer one rule otherwise (tests/test_audit.py):
+        #: "is_not-drops-null": a scalar ``is_not`` leaves out empty values
+        self.deviations: set[str] = set()
         self._scripts: dict[str, _Script] = {}
         self._humans: dict[str, tuple[str, int]] = {}
         self._sessions: dict[str, _Caller] = {}
@@ -702,6 +709,8 @@ class FakeSite:
             want = norm[0]
             if relation == "is":
                 return lambda v: key(v) == want
+            if "is_not-drops-null" in self.deviations:  # a test hook: a site that reads one rule otherwise
+                return lambda v: v is not None and key(v) != want
             return lambda v: key(v) != want
         if relation in ("in", "not_in"):
             wanted = norm
@@ -748,53 +757,13 @@ class FakeSite:
         raise SGFault(f"Invalid filter on {where}: unknown relation {relation!r}")
 
     def _relative_matcher(self, dt: str, relation: str, values: list[Any], where: str) -> Callable[[Any], bool]:
-        now = self.now()
-        today = now.date()
-        if relation.startswith("in_calendar_"):
-            if len(values) != 1 or not isinstance(values[0], int):
-                raise SGFault(f"Invalid filter on {where}: {relation} expects [offset]")
-            k = values[0]
-            unit = relation.rsplit("_", 1)[1]
-            if unit == "day":
-                start = datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=k)
-                end = start + timedelta(days=1)
-            elif unit == "week":  # weeks start on Monday (ISO)
-                monday = today - timedelta(days=today.weekday())
-                start = datetime(monday.year, monday.month, monday.day, tzinfo=UTC) + timedelta(weeks=k)
-                end = start + timedelta(weeks=1)
-            elif unit == "month":
-                start = _shift(datetime(today.year, today.month, 1, tzinfo=UTC), k, "MONTH")
-                end = _shift(start, 1, "MONTH")
-            else:
-                start = datetime(today.year + k, 1, 1, tzinfo=UTC)
-                end = datetime(today.year + k + 1, 1, 1, tzinfo=UTC)
-
-            def in_cal(v: Any) -> bool:
-                d = parse_dt(v)
-                return d is not None and start <= d < end
-            return in_cal
-        if len(values) != 2 or not isinstance(values[0], int) or not isinstance(values[1], str):
-            raise SGFault(f"Invalid filter on {where}: {relation} expects [n, unit]")
-        n, unit = values
-        if relation.endswith("last"):
-            lo, hi = _shift(now, -n, unit), now
-        else:
-            lo, hi = now, _shift(now, n, unit)
-        negate = relation.startswith("not_")
-        if dt == "date":
-            lo_d, hi_d = lo.date(), hi.date()
-
-            def in_window(v: Any) -> bool:
-                d = parse_date(v)
-                return d is not None and lo_d <= d <= hi_d
-        else:
-            def in_window(v: Any) -> bool:
-                d = parse_dt(v)
-                return d is not None and lo <= d <= hi
-
-        if negate:
-            return lambda v: v is not None and not in_window(v)
-        return in_window
+        """Relative dates in the site's time zone (tests/fakesg/relative.py)."""
+        predicate = relative_predicate(self.now(), ZoneInfo(self.timezone), dt, relation, values,
+                                       _shift, parse_dt, parse_date)
+        if predicate is None:
+            raise SGFault(f"Invalid filter on {where}: {relation} expects "
+                          + ("[offset]" if relation.startswith("in_calendar_") else "[n, unit]"))
+        return predicate
 
     def _link_name(self, stored: dict[str, Any]) -> str | None:
         link = self._render_link(stored)
