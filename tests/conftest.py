@@ -23,7 +23,10 @@ from .fakesg import FakeSite
 
 #: Modules that take longest, started first.
 LONGEST_FIRST = ("test_fuzz.py", "test_concurrent_writes_e2e.py", "test_pairs_e2e.py", "test_oracle.py",
-                 "test_e2e_bounds.py", "test_failopen.py", "test_ingest_e2e.py", "test_site_e2e.py")
+                 "test_topology.py", "test_e2e_bounds.py", "test_failopen.py", "test_ingest_e2e.py",
+                 "test_e2e_production.py", "test_site_e2e.py", "test_e2e_spine.py", "test_addon_unit.py",
+                 "test_quickstart.py", "test_audit.py", "test_relative_dates.py", "test_events.py",
+                 "test_ops_e2e.py", "test_eventlog_e2e.py", "test_dumpload.py", "test_demo.py")
 #: The fixtures through which a test uses the replica database (pytest lists them for every test
 #: that depends on them, however indirectly).
 DATABASE_FIXTURES = {"db_url", "module_db_url", "mode_db_url", "backend"}
