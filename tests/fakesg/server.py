@@ -58,13 +58,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path
         self.site.record_raw(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body)
         if self.command == "POST" and path.split("?", 1)[0] == API_PATH:
-            try:
-                request = json.loads(body.decode("utf-8"))
-                if not isinstance(request, dict) or not isinstance(request.get("method_name"), str):
-                    raise ValueError("expected an object with method_name")
-            except (ValueError, UnicodeDecodeError) as exc:
-                self._send(200, {"exception": True, "error_code": ERR_BAD_REQUEST,
-                                 "message": f"Invalid request body: {exc}"})
+            request, answer = decode_call(body)
+            if request is None:
+                self._send(200, answer)
                 return
             if self.server.latency > 0:  # type: ignore[attr-defined]
                 time.sleep(self.server.latency)  # type: ignore[attr-defined] - a hosted site's round trip
@@ -91,6 +87,31 @@ class _Handler(BaseHTTPRequestHandler):
                                           "body_sha256": hashlib.sha256(body).hexdigest()}})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+
+
+def decode_call(body: bytes) -> tuple[dict[str, Any] | None, Any]:
+    """An API3 body as (request, None), or (None, SG's error envelope for a body it cannot read)."""
+    try:
+        request = json.loads(body.decode("utf-8"))
+        if not isinstance(request, dict) or not isinstance(request.get("method_name"), str):
+            raise ValueError("expected an object with method_name")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, {"exception": True, "error_code": ERR_BAD_REQUEST, "message": f"Invalid request body: {exc}"}
+    return request, None
+
+
+def answer_in_process(site: FakeSite, body: bytes) -> bytes | None:
+    """What the server would send for an API3 ``body`` (the JSON bytes), without HTTP; None where its
+    handler would fail and drop the connection (a body the fake cannot answer: nested too deep, a
+    value of the wrong type where it does not check)."""
+    site.record_raw("POST", API_PATH, {}, body)
+    try:
+        request, answer = decode_call(body)
+        if request is not None:
+            answer = site.call(request["method_name"], request.get("params"))
+        return json.dumps(answer, ensure_ascii=False).encode("utf-8")
+    except Exception:  # noqa: BLE001 - over HTTP the handler's thread dies and the connection drops
+        return None
 
 
 class _Server(ThreadingHTTPServer):
