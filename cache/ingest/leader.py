@@ -50,6 +50,8 @@ class LeaderSession:
     def close(self) -> None:
         """Give up leadership: the session holding the advisory lock is ended, not pooled."""
         self.lock.release()
+        if self.conn is not None:
+            self.lock.release_session(self.conn)
         self.drop_connection()
 
     def become_leader(self, wait: bool = True) -> bool:

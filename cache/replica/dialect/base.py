@@ -134,3 +134,8 @@ class LeaderLock:
 
     def release(self) -> None:
         pass
+
+    def release_session(self, conn: Connection) -> None:
+        """Give the lock up on ``conn``, the session that holds it, before that session ends (a
+        closed session's locks are freed only when its server process has exited: a successor
+        asking at once could find the lock still held)."""

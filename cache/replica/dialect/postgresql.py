@@ -112,3 +112,10 @@ class PgAdvisoryLock(LeaderLock):
     def acquire(self, conn: Connection) -> bool:
         with conn.begin():
             return bool(conn.exec_driver_sql(self.SQL).scalar())
+
+    def release_session(self, conn: Connection) -> None:
+        try:
+            with conn.begin():
+                conn.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+        except sa.exc.SQLAlchemyError:
+            pass  # the session is gone (or busy): its lock goes with it, once its process has exited
