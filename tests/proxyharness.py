@@ -34,6 +34,10 @@ def mitmdump_binary() -> str:
     return found
 
 
+#: The read budget of a test's mitmdump unless the test names one (milliseconds).
+TEST_READ_BUDGET_MS = 60_000
+
+
 class Proxy:
     """mitmdump with the sgcache addon (or ``addon``) on an ephemeral loopback port, in mitmproxy's
     ``mode`` (``regular``, or ``reverse:URL``: clients then name the proxy as their site).
@@ -97,6 +101,11 @@ class Proxy:
             # the audit's shadow reads would reach the fake SG at random: tests that count SG's
             # reads turn it on themselves (tests/test_audit.py)
             options.append("sgcache_audit=0")
+        if not any(o.startswith("sgcache_read_budget=") for o in options):
+            # the production budget (2 s) makes a read that a loaded machine (CI runs many test
+            # processes on two cores) slows down pass as slow-read, as it should; a test that counts
+            # hits must not depend on the machine's load. Tests of the budget set their own.
+            options.append(f"sgcache_read_budget={TEST_READ_BUDGET_MS}")
         for opt in options:
             cmd += ["--set", opt]
         # the database URL (maybe with a password) comes from the environment, never the command line

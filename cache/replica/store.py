@@ -224,20 +224,24 @@ class Store:
     # -- creation and schema diffs -----------------------------------------------------
     def create(self) -> None:
         """Create missing tables and columns; un-prime fields whose definition changed."""
+        with self.engine.connect() as conn:
+            existed = set(sa.inspect(conn).get_table_names())
         self.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
-            self._sync_fields(conn)
+            self._sync_fields(conn, existed)
 
-    def _sync_fields(self, conn: Connection) -> None:
+    def _sync_fields(self, conn: Connection, existed: set[str]) -> None:
+        """Record each cached field's definition; add the storage of new ones, re-create changed ones.
+        ``existed``: the tables there before this start (the others have just been made whole)."""
         stored = {
             (r.entity_type, r.field_name): r for r in conn.execute(sa.select(self.fields)).all()
         }
         if self.writer:
             self._unprime_uncached(conn, stored)
-        inspector = sa.inspect(conn)
+        new_rows: list[dict[str, Any]] = []
         for entity in self.schema.entities.values():
             table = self.tables[entity.name]
-            existing_cols = {c["name"] for c in inspector.get_columns(table.name)}
+            existing_cols: set[str] | None = None if table.name in existed else set(table.c.keys())
             for fname, fschema in entity.fields.items():
                 if not fieldtypes.is_cached_type(fschema.data_type):
                     continue
@@ -255,17 +259,14 @@ class Store:
                             (self.fields.c.entity_type == entity.name) & (self.fields.c.field_name == fname)
                         )
                     )
+                    existing_cols = None
+                if existing_cols is None:  # read only when a field of an older table needs storage
                     existing_cols = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
                 self._add_field_storage(conn, table, fname, fschema, existing_cols)
-                conn.execute(
-                    self.fields.insert().values(
-                        entity_type=entity.name,
-                        field_name=fname,
-                        data_type=fschema.data_type,
-                        spec=spec,
-                        primed=(fname == "id"),
-                    )
-                )
+                new_rows.append({"entity_type": entity.name, "field_name": fname, "data_type": fschema.data_type,
+                                 "spec": spec, "primed": fname == "id"})
+        if new_rows:  # one statement (executemany), not one per field
+            conn.execute(self.fields.insert(), new_rows)
 
     def _unprime_uncached(self, conn: Connection, stored: dict[tuple[str, str], Any]) -> None:
         """A writer (ingester, scanner) opened with a schema that no longer caches a type or field stops
