@@ -179,7 +179,6 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
     at BEGIN, so none fails upgrading a read lock while another process writes)."""
     import sqlalchemy as sa
 
-    from .private import safe_url
     from .replica.site import SiteMismatch, bind, check
     from .replica.store import Store
 
@@ -199,10 +198,30 @@ def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwarg
     except sa.exc.DBAPIError as exc:
         if store is not None:
             store.dispose()
-        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
-        raise Unavailable(f"cannot open the replica {safe_url(url)}: {first}") from exc
+        raise unavailable(url, exc) from exc
     except BaseException:
         if store is not None:
             store.dispose()
         raise
     return store
+
+
+def unavailable(url: str, exc: Exception) -> Unavailable:
+    """The one-line :class:`Unavailable` for a database error met opening the replica at ``url``
+    (its first line; the URL without its password)."""
+    from .private import safe_url
+
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return Unavailable(f"cannot open the replica {safe_url(url)}: {first}")
+
+
+def select_cached_types(schema: Any, types: str | None) -> list[str]:
+    """The types named by ``--types`` (all cached types by default); ConfigError naming ``--types``
+    for a type the schema does not cache."""
+    from .replica.schema import SchemaError, select_types
+
+    try:
+        return select_types(schema, types)
+    except SchemaError as exc:
+        raise ConfigError("--types", str(exc)) from None

@@ -18,7 +18,7 @@ from mitmproxy.test import taddons
 
 import cache
 from cache import config, shipped
-from cache.cli import audit, ingest_events, proxy, reprocess, scan
+from cache.cli import audit, dump_data, ingest_events, load_data, proxy, reprocess, scan
 from cache.proxy.replica import OneLineRefusal, Refused, ReplicaOptions
 from cache.replica.dialect import url_problem
 from cache.replica.schema import Schema
@@ -102,6 +102,49 @@ def test_missing_credentials_name_every_missing_option(capsys: pytest.CaptureFix
     assert "--types: not cached types: Nope" in one_error_line(capsys, "sgcache-scan")
 
 
+@pytest.mark.parametrize("args, option, fix", [
+    (["--db", "sgcache.db"], "--db", "sqlite:///sgcache.db"),
+    (["--db", "postgresql://cache:s3cret-pw@dbhost:port/sg"], "--db", "port is a number"),
+    (["--schema", "no-such-schema.yml"], "--schema", "give a schema YAML file"),
+    (["--types", "Shot,Nope"], "--types", "not cached types: Nope"),
+    (["--db", "sqlite:///nothing-here.db"], "--db", "no replica at"),
+])
+def test_dump_data_configuration_errors_are_one_line_and_exit_2(args: list[str], option: str, fix: str,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert dump_data.main(["-o", str(tmp_path / "out.jsonl"), *args]) == 2
+    line = one_error_line(capsys, "sgcache-dump-data")
+    assert f"error: {option}" in line and fix in line and "s3cret" not in line
+    assert list(tmp_path.iterdir()) == []  # refused before any database or output file was made
+
+
+@pytest.mark.parametrize("args, option, fix", [
+    (["--db", "sgcache.db"], "--db", "sqlite:///sgcache.db"),
+    (["--schema", "no-such-schema.yml"], "--schema", "give a schema YAML file"),
+    (["--site", "ftp://u:s3cret-pw@studio.shotgunstudio.com"], "--site", "must start with http"),
+])
+def test_load_data_configuration_errors_are_one_line_and_exit_2(args: list[str], option: str, fix: str,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    dump = tmp_path / "in.jsonl"
+    dump.write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert load_data.main([str(dump), *args]) == 2
+    line = one_error_line(capsys, "sgcache-load-data")
+    assert f"error: {option}" in line and fix in line and "s3cret" not in line
+    assert list(tmp_path.iterdir()) == [dump]
+
+
+def test_dump_data_from_a_database_that_is_down_is_one_log_line_and_exit_1(
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    assert dump_data.main(["--db", "postgresql://cache:s3cret-pw@127.0.0.1:1/sg", "-o", "-"]) == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, caplog.text
+    assert errors[0].getMessage().startswith("cannot open the replica postgresql://cache:***@127.0.0.1:1/sg: ")
+    assert "s3cret" not in caplog.text + "".join(capsys.readouterr())
+
+
 def test_schema_tools_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert schematools.dump_main(["--site", "ftp://sg", "--script-name", "s", "--script-key", "k"]) == 2
     assert "--site (SGCACHE_SITE): " in one_error_line(capsys, "sgcache-schema-dump")
@@ -115,7 +158,7 @@ def test_schema_tools_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     (scan.main, "sgcache-scan"), (ingest_events.main, "sgcache-ingest-events"),
     (reprocess.main, "sgcache-reprocess"), (schematools.dump_main, "sgcache-schema-dump"),
     (schematools.filter_main, "sgcache-schema-filter"), (proxy.main, "sgcache-proxy"),
-    (audit.main, "sgcache-audit"),
+    (audit.main, "sgcache-audit"), (dump_data.main, "sgcache-dump-data"), (load_data.main, "sgcache-load-data"),
 ])
 def test_every_command_has_version_and_help(main: Callable[[list[str]], Any], prog: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:

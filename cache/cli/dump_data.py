@@ -26,8 +26,16 @@ import argparse
 import logging
 import sys
 
-from ..config import add_common_args, setup_logging
-from ..replica.schema import Schema, SchemaError, select_types
+from ..config import (
+    ConfigError,
+    add_common_args,
+    check_db_url,
+    command,
+    load_schema,
+    select_cached_types,
+    setup_logging,
+    unavailable,
+)
 from ..scan.dump import PAGE_SIZE, Dumper, open_replica
 from ..scan.dumpformat import DumpError, Redactor, open_output
 
@@ -59,16 +67,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@command("sgcache-dump-data")
 def main(argv: list[str] | None = None) -> int:
+    """``sgcache-dump-data``: exit 0, 1 when the dump failed, 2 on a configuration error, 130 when interrupted."""
     args = parse_args(argv)
     setup_logging(args.verbose, args)
+    schema = load_schema(args.schema)
+    check_db_url(args.db)
+    types = select_cached_types(schema, args.types)
+    import sqlalchemy as sa  # here: --help and --version need not load SQLAlchemy
+
     try:
-        schema = Schema.load(args.schema)
-        types = select_types(schema, args.types)
         store = open_replica(args.db, schema)
-    except (SchemaError, DumpError) as exc:
-        log.error("%s", exc)
-        return 2
+    except DumpError as exc:  # no replica there
+        raise ConfigError("--db", str(exc)) from None
+    except sa.exc.DBAPIError as exc:
+        raise unavailable(args.db, exc) from exc
     dumper = Dumper(store, types=types, projects=args.project_ids,
                     redactor=Redactor() if args.redact else None, page_size=args.page_size,
                     progress=not args.quiet and sys.stderr.isatty())

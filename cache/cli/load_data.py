@@ -23,8 +23,18 @@ import logging
 import os
 import sys
 
-from ..config import ENV, add_common_args, open_bound_store, setup_logging
-from ..replica.schema import Schema, SchemaError
+from ..config import (
+    ENV,
+    ConfigError,
+    Unavailable,
+    add_common_args,
+    check_db_url,
+    check_site_url,
+    command,
+    load_schema,
+    open_bound_store,
+    setup_logging,
+)
 from ..replica.site import SiteError, SiteMismatch, normalise
 from ..scan.dumpformat import DumpError, open_input, read_header
 from ..scan.load import PAGE_SIZE, Loader
@@ -60,14 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@command("sgcache-load-data")
 def main(argv: list[str] | None = None) -> int:
+    """``sgcache-load-data``: exit 0, 1 when the load failed, 2 on a configuration error, 130 when interrupted."""
     args = parse_args(argv)
     setup_logging(args.verbose, args)
-    try:
-        schema = Schema.load(args.schema)
-    except SchemaError as exc:
-        log.error("%s", exc)
-        return 2
+    schema = load_schema(args.schema)
+    check_db_url(args.db)
+    if args.site:
+        check_site_url(args.site)
     try:
         with open_input(args.file) as stream:
             header = read_header(stream)
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 loader.load(stream, header)
             finally:
                 store.dispose()
+    except (ConfigError, Unavailable):
+        raise  # one line and exit 2 (1) by @command
     except KeyboardInterrupt:
         log.info("interrupted")
         return 130

@@ -32,13 +32,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..config import (
-    ConfigError,
     add_common_args,
     check_db_url,
     command,
     connect_site,
     load_schema,
     open_bound_store,
+    select_cached_types,
     setup_logging,
 )
 from ..scan import DEFAULT_OVERLAP, PAGE_SIZE
@@ -47,7 +47,6 @@ from ..wire import parse_when
 
 if TYPE_CHECKING:
     from ..ops.metrics import ScanMetrics
-    from ..replica.schema import Schema
     from ..scan.scanner import Scanner
 
 log = logging.getLogger("sgcache.scan")
@@ -89,17 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def select_types(schema: Schema, types: str | None) -> list[str]:
-    """The types named by ``--types`` (all cached types by default); unknown names are an error."""
-    from ..replica.schema import SchemaError
-    from ..replica.schema import select_types as select
-
-    try:
-        return select(schema, types)
-    except SchemaError as exc:
-        raise ConfigError("--types", str(exc)) from None
-
-
 def run(args: argparse.Namespace, scanner: Scanner, types: list[str], metrics: ScanMetrics) -> None:
     """The passes the flags ask for."""
     if args.full:
@@ -135,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args)
     schema = load_schema(args.schema)
     check_db_url(args.db)
-    types = select_types(schema, args.types)
+    types = select_cached_types(schema, args.types)
     sg: Any = connect_site(args)
     store = open_bound_store(args.db, schema, args.site)
     progress = "off" if args.quiet else ("bar" if sys.stderr.isatty() else "log")
