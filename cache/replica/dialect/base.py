@@ -36,6 +36,12 @@ class Dialect:
         """The engine for the write transactions of a process that reads through ``engine``."""
         return engine
 
+    def inline_engine(self, engine: Engine) -> Engine | None:
+        """An engine for the proxy's reads on its event loop (cache/proxy/inline.py): one
+        connection that never waits (no lock wait, no network), or None: every read goes to a
+        worker thread."""
+        return None
+
     def proxy_engine_options(self) -> dict[str, Any]:
         """``create_engine`` options of the proxy, which must fail fast when the database does."""
         return {}
