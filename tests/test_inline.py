@@ -4,6 +4,7 @@ that never waits, the same answers and pass reasons as a worker's, and a worker 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from cache.errors import Passthrough
 from cache.ops import access
 from cache.proxy import inline
 from cache.proxy.inline import NotInline
-from cache.proxy.reads import Reads
+from cache.proxy.reads import Reads, _encoded, read_encoded
 from cache.proxy.service import CacheService
 from cache.read import reader
 from cache.replica import pending
@@ -51,7 +52,8 @@ def generous(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def inline_read(service: CacheService, args: Any = SMALL) -> Any:
-    return service.inline.read(service, args, False)
+    """The ``results`` of a read answered inline (NotInline when it goes to a worker)."""
+    return json.loads(service.inline.answer(service, args, False, _encoded)[0])["results"]
 
 
 def test_only_a_read_seen_fast_runs_inline_with_the_workers_answer(service: CacheService, generous: None) -> None:
@@ -78,9 +80,38 @@ def test_a_marker_committed_by_this_proxy_is_seen_by_its_next_inline_read(servic
     inline_read(service)
     with service.store.write_engine.begin() as conn:
         pending.mark(conn, service.store.pending, [("Shot", "code")])
-    with pytest.raises(Passthrough) as info:
+    with pytest.raises(Passthrough) as info:  # the kept answer is not reused: a marker was committed
         inline_read(service)
     assert info.value.reason == "pending-write"
+
+
+def test_a_kept_answer_is_reused_until_anything_is_committed(service: CacheService, generous: None) -> None:
+    if service.inline.engine is None:
+        pytest.skip("no inline reads on PostgreSQL")
+    service.read(SMALL)
+    assert [e["code"] for e in inline_read(service)["entities"]] == ["sh007"]
+    assert len(service.inline.answers) == 1
+    service.reader._fast.clear()  # no read is fast now: only a kept answer is inline
+    assert [e["code"] for e in inline_read(service)["entities"]] == ["sh007"]
+    store = service.store
+    blank = dict.fromkeys(store.schema.entities["Shot"].fields)
+    with store.write_engine.begin() as conn:  # another connection commits (the ingester, a scan, a write)
+        store.write_entities(conn, "Shot", [{**blank, "id": 7, "code": "renamed"}], "scan", complete=True)
+    with pytest.raises(NotInline):  # changed since: not reused, and not fast: a worker reads it
+        inline_read(service)
+    assert len(service.inline.answers) == 0
+    assert [e["code"] for e in service.read(SMALL)["entities"]] == ["renamed"]
+    assert [e["code"] for e in inline_read(service)["entities"]] == ["renamed"]  # fast again
+
+
+def test_a_workers_answer_is_kept_when_nothing_changed_while_it_was_read(service: CacheService,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)  # never fast: only a kept answer can be inline
+    body, rows = read_encoded(service, SMALL, False)
+    if service.inline.engine is None:
+        assert len(service.inline.answers) == 0
+        return
+    assert service.inline.answer(service, SMALL, False, _encoded) == (body, rows)
 
 
 def test_a_read_over_the_inline_budget_goes_to_a_worker_with_the_whole_budget(
@@ -116,11 +147,11 @@ def test_reads_answer_the_same_hit_from_a_worker_then_inline(service: CacheServi
     answered = []
 
     def read(*a: Any) -> Any:
-        result = inline.InlineReads.read(service.inline, *a)
+        result = inline.InlineReads.answer(service.inline, *a)
         answered.append(1)
         return result
 
-    monkeypatch.setattr(service.inline, "read", read)
+    monkeypatch.setattr(service.inline, "answer", read)
 
     async def twice() -> list[Any]:
         with ThreadPoolExecutor(2) as pool:

@@ -114,12 +114,11 @@ def read_inline(service: CacheService, args: Any, offline: bool) -> tuple[bytes,
     rows), None when it goes to a worker thread; raises Passthrough when it passes."""
     started = time.perf_counter()
     try:
-        result = service.inline.read(service, args, offline)
+        return service.inline.answer(service, args, offline, _encoded)
     except NotInline:
         return None
     finally:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
-    return _encoded(result)
 
 
 def read_encoded(
@@ -129,11 +128,14 @@ def read_encoded(
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
+    before = service.inline.version_now(service)  # the answer is kept if nothing changed meanwhile
     try:
         result = service.read(args, offline) if budget is None else service.read(args, offline, budget)
     finally:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
-    return _encoded(result)
+    encoded = _encoded(result)
+    service.inline.keep(service, args, before, encoded)
+    return encoded
 
 
 def _encoded(result: Any) -> tuple[bytes, int | None]:

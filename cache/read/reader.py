@@ -90,6 +90,12 @@ class Reader:
             eventlog.check_answer(params, result, replica_state.event_cursor)  # type: ignore[arg-type]
         return result
 
+    def reusable(self, params: Mapping[str, Any], replica_state: ReplicaState, key: str) -> bool:
+        """Whether this read's answer depends on nothing but the database (and the request): not
+        on the clock (relative dates) nor on the ingester's cursor (EventLogEntry pages)."""
+        plan = self._plan(params, replica_state, key)
+        return not plan.timed and plan.entity_type != eventlog.EVENT_TYPE
+
     def fast(self, key: str) -> bool:
         """Whether the request with this key took less than :data:`FAST_READ_SECONDS` in the
         database when it last ran (a request not seen lately is not fast)."""

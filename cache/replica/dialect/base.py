@@ -42,6 +42,11 @@ class Dialect:
         worker thread."""
         return None
 
+    def data_version(self, conn: Connection) -> Any:
+        """A value that changes whenever another connection commits to the database, as this
+        connection sees it (cache/proxy/answercache.py); None: the database cannot tell."""
+        return None
+
     def proxy_engine_options(self) -> dict[str, Any]:
         """``create_engine`` options of the proxy, which must fail fast when the database does."""
         return {}

@@ -62,6 +62,10 @@ class SQLiteDialect(Dialect):
 
         return inline
 
+    def data_version(self, conn: Connection) -> Any:
+        """``PRAGMA data_version``: changes when any other connection or process commits."""
+        return conn.connection.driver_connection.execute("PRAGMA data_version").fetchone()[0]
+
     def guard_proxy(self, engine: Engine, write_engine: Engine) -> Callable[[Connection], None]:
         """Never create a missing replica file; notice one moved, deleted or made unreadable."""
         path = self.database_file(engine.url)
