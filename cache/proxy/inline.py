@@ -27,10 +27,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import Passthrough
 from ..read import ReadBudget
+from ..read.limits import MAX_PLAN_KEY
 from ..read.reader import request_key
 from .answercache import AnswerCache, Version
 
@@ -72,6 +74,7 @@ class InlineReads:
         reader = service.reader
         try:
             with self.engine.connect() as conn:
+                service.check_replica(conn)  # the file at the configured path is the one read
                 version = self._version(conn, service)
                 kept = self.answers.get(key, version)
                 if kept is not None:
@@ -81,7 +84,7 @@ class InlineReads:
                 result = reader.read(conn, args, state, ReadBudget(INLINE_BUDGET_SECONDS), check_pending=True,
                                      key=key, remember_slow=False)
                 encoded = encode(result)
-                if reader.reusable(args, state, key):
+                if len(key) <= MAX_PLAN_KEY and reader.reusable(args, state, key):
                     self.answers.put(key, version, *encoded)
                 return encoded
         except (Passthrough, NotInline) as exc:
@@ -90,6 +93,8 @@ class InlineReads:
             raise NotInline from exc
         except Exception as exc:  # noqa: BLE001 - locked, interrupted, anything: the worker decides
             log.debug("inline read failed (%s); read in a worker", type(exc).__name__)
+            if not isinstance(exc, sa.exc.TimeoutError):  # (a worker is asking its version: no matter)
+                self.engine.dispose()  # a new connection next time (the file may have been replaced)
             raise NotInline from exc
 
     def version_now(self, service: CacheService) -> Version | None:
@@ -109,7 +114,7 @@ class InlineReads:
             return
         key = request_key(args)
         state = service.fresh_state()
-        if key is None or state is None or self.version_now(service) != before:
+        if key is None or len(key) > MAX_PLAN_KEY or state is None or self.version_now(service) != before:
             return
         try:
             reusable = service.reader.reusable(args, state, key)

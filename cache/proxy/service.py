@@ -178,6 +178,10 @@ class CacheService:
             return None
         return replica_state
 
+    def check_replica(self, conn: Any) -> None:
+        """Raise when ``conn`` no longer reads the configured replica (SQLite: the file was moved)."""
+        self._check_replica(conn)
+
     def stale(self) -> bool:
         """Whether the replica is stale (see :meth:`_note_freshness`)."""
         return self._note_freshness()
