@@ -547,13 +547,18 @@ class SGCacheOps:
             return
         args = state.args
         observer = self.ops.observer
-        observer.finished(RequestRecord(
+        record = RequestRecord(
             method=state.method or "-",
             entity_type=observer.label(args.get("type") if isinstance(args, dict) else None),
             outcome=outcome, reason=None if outcome == "hit" else state.pass_reason, rows=state.rows,
             ms=max(0.0, (time.time() - flow.request.timestamp_start) * 1000),
             status=flow.response.status_code if flow.response is not None else None,
-            client=_peer(flow), who=who(state.auth), service_ms=state.service_ms))
+            client=_peer(flow), who=who(state.auth), service_ms=state.service_ms)
+        observer.count(record)
+        try:  # logged once the answer is on its way (mitmproxy sends it when this hook returns)
+            asyncio.get_running_loop().call_soon(observer.log, record)
+        except RuntimeError:  # no event loop running (unit tests): now
+            observer.log(record)
 
 
 _cache = SGCache()

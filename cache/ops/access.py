@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("sgcache.access")
@@ -42,8 +42,10 @@ class RequestRecord:
 
 def format_line(record: RequestRecord, fmt: str) -> str:
     """The record as one logfmt or JSON line."""
-    fields: dict[str, Any] = {k: v for k, v in asdict(record).items() if k != "service_ms"}
-    fields["ms"] = round(record.ms, 1)
+    fields: dict[str, Any] = {  # by hand: dataclasses.asdict deep-copies every value
+        "method": record.method, "entity_type": record.entity_type, "outcome": record.outcome,
+        "reason": record.reason, "rows": record.rows, "ms": round(record.ms, 1), "status": record.status,
+        "client": record.client, "who": record.who}
     if fmt == "json":
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
     return " ".join(f"{k}={_logfmt_value(v)}" for k, v in fields.items() if v is not None)
@@ -80,9 +82,29 @@ _noise = ConnectionNoise()
 
 
 def quiet_connections(on: bool) -> None:
-    """Demote (``on``) or restore mitmproxy's connection lines."""
+    """Demote (``on``) or restore mitmproxy's connection lines; keep (``on``) or let again the
+    access lines out of mitmproxy's deprecated ``add_log`` event (:class:`NoLegacyEvent`)."""
     logger = logging.getLogger(MITM_SERVER_LOGGER)
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == LEGACY_HANDLER:
+            (handler.addFilter if on else handler.removeFilter)(_no_legacy)
     if on:
         logger.addFilter(_noise)
     else:
         logger.removeFilter(_noise)
+
+
+#: mitmproxy's root log handler that turns every record into an ``add_log`` event for all addons.
+LEGACY_HANDLER = "LegacyLogEvents"
+
+
+class NoLegacyEvent(logging.Filter):
+    """Access lines skip mitmproxy's deprecated ``add_log`` event: each would be dispatched to
+    every addon on the event loop (a wake-up and ~40 hook calls per request). mitmdump's
+    terminal, mitmweb's event log and any standard ``logging`` handler still get them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != log.name
+
+
+_no_legacy = NoLegacyEvent()

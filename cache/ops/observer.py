@@ -35,6 +35,11 @@ class Observer:
 
     def finished(self, record: RequestRecord) -> None:
         """Count, time and log one finished request."""
+        self.count(record)
+        self.log(record)
+
+    def count(self, record: RequestRecord) -> None:
+        """Count and time one finished request (the metrics and the status page's window)."""
         m = self.metrics
         entity_type = record.entity_type
         if record.outcome == "hit":
@@ -46,6 +51,9 @@ class Observer:
         m.request_seconds.labels(outcome=record.outcome).observe(record.ms / 1000)
         if record.outcome == "hit" or record.reason is not None:
             self.recent.add(entity_type, None if record.outcome == "hit" else record.reason)
+
+    def log(self, record: RequestRecord) -> None:
+        """The request's access-log line (when the access log is on)."""
         if self.access_format != "off":
             access_log.info("%s", format_line(record, self.access_format))
 

@@ -127,14 +127,15 @@ class CredentialCache:
     def reason(self, site: str, auth: Any) -> str | None:
         """Why a read with ``auth`` at ``site`` may not be served from the cache now, or None."""
         reason = self.kind_reason(auth)
-        if reason is None and not self.accepted(site, auth):
+        if reason is None and not self._accepted_now(site, auth):
             reason = "auth-unverified"
         return reason
 
     def accepted(self, site: str, auth: Any) -> bool:
         """Whether SG accepted exactly this credential at exactly this site less than ``ttl`` ago."""
-        if self.kind_reason(auth) is not None:
-            return False
+        return self.kind_reason(auth) is None and self._accepted_now(site, auth)
+
+    def _accepted_now(self, site: str, auth: Mapping[str, Any]) -> bool:
         key = self.key(site, auth)
         with self._lock:
             until = self._accepted.get(key)

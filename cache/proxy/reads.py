@@ -28,6 +28,7 @@ from cache.proxy import api3
 from cache.proxy.service import CacheService
 
 from .answers import Answer, hit
+from .inline import NotInline
 
 log = logging.getLogger("sgcache")
 
@@ -76,11 +77,15 @@ class Reads:
         began: list[float] = []  # set by the worker: an empty list means the read never left the queue
         budget = self.slow_clients.budget(client, service.read_budget)
         try:
-            body, rows = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(
-                    self.executor, read_encoded, service, args, offline, began, budget),
-                READ_TIMEOUT,
-            )
+            answered = read_inline(service, args, offline) if budget is None else None
+            if answered is not None:
+                body, rows = answered
+            else:
+                body, rows = await asyncio.wait_for(
+                    asyncio.get_running_loop().run_in_executor(
+                        self.executor, read_encoded, service, args, offline, began, budget),
+                    READ_TIMEOUT,
+                )
         except Passthrough as exc:
             if exc.detail:
                 log.debug("pass %s: %s", exc.reason, exc.detail)
@@ -104,6 +109,18 @@ class Reads:
         return replace(hit(body, stale=offline), rows=rows, seconds=seconds)
 
 
+def read_inline(service: CacheService, args: Any, offline: bool) -> tuple[bytes, int | None] | None:
+    """Answer a read on the event loop when it is cheap and safe (cache/proxy/inline.py): (body,
+    rows), None when it goes to a worker thread; raises Passthrough when it passes."""
+    started = time.perf_counter()
+    try:
+        return service.inline.answer(service, args, offline, _encoded)
+    except NotInline:
+        return None
+    finally:
+        PROXY.read_db_seconds.observe(time.perf_counter() - started)
+
+
 def read_encoded(
     service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
 ) -> tuple[bytes, int | None]:
@@ -111,9 +128,17 @@ def read_encoded(
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
+    before = service.inline.version_now(service)  # the answer is kept if nothing changed meanwhile
     try:
         result = service.read(args, offline) if budget is None else service.read(args, offline, budget)
     finally:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
+    encoded = _encoded(result)
+    service.inline.keep(service, args, before, encoded)
+    return encoded
+
+
+def _encoded(result: Any) -> tuple[bytes, int | None]:
+    """SG's envelope of a read's ``results``, and its rows."""
     entities = result.get("entities") if isinstance(result, dict) else None
     return api3.encode_results(result), len(entities) if isinstance(entities, list) else None

@@ -28,6 +28,7 @@ from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from ..replica.store import Store
 from ..wire import parse_wire_dt
 from . import upstream
+from .inline import InlineReads
 from .metrics import Counters
 
 log = logging.getLogger("sgcache.service")
@@ -61,6 +62,7 @@ class CacheService:
         self.store = Store.open(db_url, self.schema, **dialect_for(db_url).proxy_engine_options())
         self._check_replica = self._watch_engine()
         self.reader = Reader(self.store)
+        self.inline = self._inline_reads()
         self.max_lag = max_lag
         self.read_budget = read_budget  # seconds; 0: no budget
         self.counters = Counters()  # what info() reports: hits, passes per reason
@@ -77,7 +79,15 @@ class CacheService:
         self._deferred = 0  # writes deferred so far (tells a flush whether more came meanwhile)
 
     def close(self) -> None:
+        self.inline.close()
         self.store.dispose()
+
+    def _inline_reads(self) -> InlineReads:
+        """Reads on the event loop (cache/proxy/inline.py), with the same engine hooks as the pool's."""
+        engine = self.store.dialect.inline_engine(self.store.engine)
+        if engine is not None:
+            self.store.dialect.guard_proxy(engine, engine)
+        return InlineReads(engine)
 
     # -- health ----------------------------------------------------------------------
     def _watch_engine(self) -> Callable[[Any], None]:
@@ -158,6 +168,23 @@ class CacheService:
         with self._lock:
             self._cached_state, self._cached_state_at = replica_state, now
         return replica_state
+
+    def fresh_state(self) -> ReplicaState | None:
+        """The cached replica state while it is fresh, the breaker closed and no write left
+        unrecorded; else None (a worker's read refreshes it or deals with the rest)."""
+        replica_state = self._cached_state
+        if (replica_state is None or self._failures or self._unrecorded != []
+                or time.monotonic() - self._cached_state_at >= REPLICA_STATE_TTL):
+            return None
+        return replica_state
+
+    def check_replica(self, conn: Any) -> None:
+        """Raise when ``conn`` no longer reads the configured replica (SQLite: the file was moved)."""
+        self._check_replica(conn)
+
+    def stale(self) -> bool:
+        """Whether the replica is stale (see :meth:`_note_freshness`)."""
+        return self._note_freshness()
 
     def invalidate(self) -> None:
         """Forget the cached replica state (after a write by this process)."""

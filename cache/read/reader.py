@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,9 @@ from .planner import plan_read
 from .relative import RelativeDates
 from .state import ReplicaState
 
+#: A request whose last run (pending check, statements, rows) took less than this is "fast".
+FAST_READ_SECONDS = 0.001
+
 
 class Reader:
     """Answers API3 ``read`` requests from a :class:`Store`."""
@@ -36,28 +40,34 @@ class Reader:
         self._plans_lock = threading.Lock()
         self._plan_cache_size = plan_cache_size
         self._slow = SlowRequests()  # requests that overran their budget lately
+        # requests (by key) whose last run took less than FAST_READ_SECONDS (cache/proxy/inline.py)
+        self._fast: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: relative-date filters are served in this zone (None: they pass)
         self.relative: RelativeDates | None = None
 
     def read(
         self, conn: Connection, params: Mapping[str, Any], replica_state: ReplicaState,
-        budget: ReadBudget | None = None, check_pending: bool = False,
+        budget: ReadBudget | None = None, check_pending: bool = False, key: str | None = None,
+        remember_slow: bool = True,
     ) -> dict[str, Any]:
         """Answer a read; the value of ``results`` in SG's reply.
 
         With a ``budget``, a read that would cost more passes (``slow-read``), and so does the
         same request again for :data:`~cache.read.budget.SLOW_MEMORY_SECONDS` (without touching
-        the database). With ``check_pending``, a read touching a pending-write marker
-        (cache/replica/pending.py) passes.
+        the database) unless not ``remember_slow``. With ``check_pending``, a read touching a
+        pending-write marker (cache/replica/pending.py) passes. ``key``: :func:`request_key`
+        of ``params`` when the caller has it.
         """
         check_size(params)
-        key = _request_key(params)
+        if key is None:
+            key = request_key(params)
         digest = None
         if budget is not None and key is not None:
             digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
             if self._slow.recent(digest):
                 raise Passthrough("slow-read", "overran its budget recently")
         plan = self._plan(params, replica_state, key)
+        started = time.perf_counter()
         if check_pending:
             pending.check_read(conn, self.store.pending, plan.touched)
         # events above the ingester's cursor may be missing
@@ -69,17 +79,44 @@ class Reader:
                 with budget.watching(conn):
                     result = self.execute(conn, plan, budget)
             except Passthrough as exc:
-                if exc.reason == "slow-read" and digest is not None:
+                if exc.reason == "slow-read" and digest is not None and remember_slow:
                     self._slow.remember(digest)
+                if key is not None:
+                    self._note_speed(key, FAST_READ_SECONDS)
                 raise
+        if key is not None:
+            self._note_speed(key, time.perf_counter() - started)
         if check_page:
             eventlog.check_answer(params, result, replica_state.event_cursor)  # type: ignore[arg-type]
         return result
 
+    def reusable(self, params: Mapping[str, Any], replica_state: ReplicaState, key: str) -> bool:
+        """Whether this read's answer depends on nothing but the database (and the request): not
+        on the clock (relative dates) nor on the ingester's cursor (EventLogEntry pages)."""
+        plan = self._plan(params, replica_state, key)
+        return not plan.timed and plan.entity_type != eventlog.EVENT_TYPE
+
+    def fast(self, key: str) -> bool:
+        """Whether the request with this key took less than :data:`FAST_READ_SECONDS` in the
+        database when it last ran (a request not seen lately is not fast)."""
+        return key in self._fast
+
+    def _note_speed(self, key: str, seconds: float) -> None:
+        if len(key) > MAX_PLAN_KEY:
+            return
+        with self._plans_lock:
+            if seconds < FAST_READ_SECONDS:
+                self._fast[key] = None
+                self._fast.move_to_end(key)
+                while len(self._fast) > self._plan_cache_size:
+                    self._fast.popitem(last=False)
+            else:
+                self._fast.pop(key, None)
+
     def plan(self, params: Mapping[str, Any], replica_state: ReplicaState) -> Plan:
         """Check a read against the schema and build its SQL, or raise Passthrough."""
         check_size(params)
-        return self._plan(params, replica_state, _request_key(params))
+        return self._plan(params, replica_state, request_key(params))
 
     def execute(self, conn: Connection, plan: Plan, budget: ReadBudget | None = None) -> dict[str, Any]:
         """Run a plan (each statement within ``budget`` when given)."""
@@ -105,7 +142,7 @@ class Reader:
         return plan
 
 
-def _request_key(params: Any) -> str | None:
+def request_key(params: Any) -> str | None:
     """The request as canonical JSON (None when it is not JSON-able)."""
     try:
         return json.dumps(params, sort_keys=True, allow_nan=False)

@@ -13,7 +13,7 @@ import ipaddress
 import json
 import logging
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -24,6 +24,10 @@ from .store import Store, now_utc
 log = logging.getLogger("sgcache.site")
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+#: Distinct (scheme, host, port, Host header) answers a Site remembers.
+MATCH_MEMORY = 256
 
 
 class SiteError(ValueError):
@@ -49,6 +53,9 @@ class Site:
     scheme: str
     host: str
     port: int
+    #: answers of :meth:`matches` by its arguments (every request asks it several times)
+    _matched: dict[tuple[str, str, int, str | None], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def parse(cls, url: str) -> Site:
@@ -93,6 +100,15 @@ class Site:
         The Host header counts too: SG's front ends route by it, so a request sent to the site's
         address for another tenant's name is another site's request.
         """
+        key = (scheme, host, port, host_header)
+        known = self._matched.get(key)
+        if known is None:
+            if len(self._matched) >= MATCH_MEMORY:
+                self._matched.clear()
+            known = self._matched[key] = self._matches(scheme, host, port, host_header)
+        return known
+
+    def _matches(self, scheme: str, host: str, port: int, host_header: str | None) -> bool:
         if scheme.lower() != self.scheme or not self.is_host(host, port):
             return False
         if host_header is None:

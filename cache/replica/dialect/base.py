@@ -36,6 +36,17 @@ class Dialect:
         """The engine for the write transactions of a process that reads through ``engine``."""
         return engine
 
+    def inline_engine(self, engine: Engine) -> Engine | None:
+        """An engine for the proxy's reads on its event loop (cache/proxy/inline.py): one
+        connection that never waits (no lock wait, no network), or None: every read goes to a
+        worker thread."""
+        return None
+
+    def data_version(self, conn: Connection) -> Any:
+        """A value that changes whenever another connection commits to the database, as this
+        connection sees it (cache/proxy/answercache.py); None: the database cannot tell."""
+        return None
+
     def proxy_engine_options(self) -> dict[str, Any]:
         """``create_engine`` options of the proxy, which must fail fast when the database does."""
         return {}

@@ -47,6 +47,25 @@ class SQLiteDialect(Dialect):
             return engine
         return self.create_engine(engine.url.render_as_string(hide_password=False), writer=True)
 
+    def inline_engine(self, engine: Engine) -> Engine | None:
+        """A file's replica: one connection that never waits for a lock (``busy_timeout`` 0: a
+        locked file is an error at once, and the read goes to a worker thread)."""
+        if not _on_disk(engine.url):
+            return None  # an in-memory database is one connection's: no second one
+        inline = sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0,
+                                  pool_timeout=0, connect_args={"timeout": 0, "check_same_thread": False})
+        sa.event.listen(inline, "connect", _setup_connection)
+
+        @sa.event.listens_for(inline, "connect")
+        def _never_wait(dbapi_conn: Any, _record: Any) -> None:  # after _setup_connection's 30 s
+            dbapi_conn.execute("PRAGMA busy_timeout=0")
+
+        return inline
+
+    def data_version(self, conn: Connection) -> Any:
+        """``PRAGMA data_version``: changes when any other connection or process commits."""
+        return conn.connection.driver_connection.execute("PRAGMA data_version").fetchone()[0]
+
     def guard_proxy(self, engine: Engine, write_engine: Engine) -> Callable[[Connection], None]:
         """Never create a missing replica file; notice one moved, deleted or made unreadable."""
         path = self.database_file(engine.url)

@@ -1,0 +1,189 @@
+"""Reads answered on the event loop (cache/proxy/inline.py): only fast, known reads on a connection
+that never waits, the same answers and pass reasons as a worker's, and a worker whenever unsure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from cache.errors import Passthrough
+from cache.ops import access
+from cache.proxy import inline
+from cache.proxy.inline import NotInline
+from cache.proxy.reads import Reads, _encoded, read_encoded
+from cache.proxy.service import CacheService
+from cache.read import reader
+from cache.replica import pending
+from cache.replica.schema import Schema
+from cache.replica.store import Store
+
+from .paths import BASIC_SCHEMA
+
+SMALL = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+         "filters": {"logical_operator": "and", "conditions": [{"path": "id", "relation": "is", "values": [7]}]},
+         "paging": {"entities_per_page": 50, "current_page": 1}, "return_paging_info": False}
+
+
+@pytest.fixture
+def service(db_url: str) -> Iterator[CacheService]:
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    blank = dict.fromkeys(store.schema.entities["Shot"].fields)
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Shot", [{**blank, "id": i, "code": f"sh{i:03d}"} for i in range(1, 21)],
+                             "scan", complete=True)
+        store.mark_primed(conn, "Shot")
+    store.dispose()
+    svc = CacheService(db_url, BASIC_SCHEMA, max_lag=0)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def generous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read counts as fast and the inline budget is ample: no test depends on a busy machine's speed."""
+    monkeypatch.setattr(reader, "FAST_READ_SECONDS", 60.0)
+    monkeypatch.setattr(inline, "INLINE_BUDGET_SECONDS", 60.0)
+
+
+def inline_read(service: CacheService, args: Any = SMALL) -> Any:
+    """The ``results`` of a read answered inline (NotInline when it goes to a worker)."""
+    return json.loads(service.inline.answer(service, args, False, _encoded)[0])["results"]
+
+
+def test_only_a_read_seen_fast_runs_inline_with_the_workers_answer(service: CacheService, generous: None) -> None:
+    with pytest.raises(NotInline):  # never run yet: a worker reads it (and refreshes the replica state)
+        inline_read(service)
+    expected = service.read(SMALL)
+    assert [e["code"] for e in expected["entities"]] == ["sh007"]
+    if service.inline.engine is None:  # PostgreSQL: the network may wait, every read goes to a worker
+        assert service.store.dialect.name == "postgresql"
+        with pytest.raises(NotInline):
+            inline_read(service)
+        return
+    assert inline_read(service) == expected
+    service.invalidate()  # the replica state is no longer known fresh: a worker refreshes it
+    with pytest.raises(NotInline):
+        inline_read(service)
+
+
+def test_a_marker_committed_by_this_proxy_is_seen_by_its_next_inline_read(service: CacheService,
+                                                                         generous: None) -> None:
+    service.read(SMALL)
+    if service.inline.engine is None:
+        pytest.skip("no inline reads on PostgreSQL")
+    inline_read(service)
+    with service.store.write_engine.begin() as conn:
+        pending.mark(conn, service.store.pending, [("Shot", "code")])
+    with pytest.raises(Passthrough) as info:  # the kept answer is not reused: a marker was committed
+        inline_read(service)
+    assert info.value.reason == "pending-write"
+
+
+def test_a_kept_answer_is_reused_until_anything_is_committed(service: CacheService, generous: None) -> None:
+    if service.inline.engine is None:
+        pytest.skip("no inline reads on PostgreSQL")
+    service.read(SMALL)
+    assert [e["code"] for e in inline_read(service)["entities"]] == ["sh007"]
+    assert len(service.inline.answers) == 1
+    service.reader._fast.clear()  # no read is fast now: only a kept answer is inline
+    assert [e["code"] for e in inline_read(service)["entities"]] == ["sh007"]
+    store = service.store
+    blank = dict.fromkeys(store.schema.entities["Shot"].fields)
+    with store.write_engine.begin() as conn:  # another connection commits (the ingester, a scan, a write)
+        store.write_entities(conn, "Shot", [{**blank, "id": 7, "code": "renamed"}], "scan", complete=True)
+    with pytest.raises(NotInline):  # changed since: not reused, and not fast: a worker reads it
+        inline_read(service)
+    assert len(service.inline.answers) == 0
+    assert [e["code"] for e in service.read(SMALL)["entities"]] == ["renamed"]
+    assert [e["code"] for e in inline_read(service)["entities"]] == ["renamed"]  # fast again
+
+
+def test_a_workers_answer_is_kept_when_nothing_changed_while_it_was_read(service: CacheService,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)  # never fast: only a kept answer can be inline
+    body, rows = read_encoded(service, SMALL, False)
+    if service.inline.engine is None:
+        assert len(service.inline.answers) == 0
+        return
+    assert service.inline.answer(service, SMALL, False, _encoded) == (body, rows)
+
+
+def test_a_read_over_the_inline_budget_goes_to_a_worker_with_the_whole_budget(
+        service: CacheService, generous: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = service.read(SMALL)
+    if service.inline.engine is None:
+        pytest.skip("no inline reads on PostgreSQL")
+    monkeypatch.setattr(inline, "INLINE_BUDGET_SECONDS", 0.0)
+    with pytest.raises(NotInline):
+        inline_read(service)
+    # not remembered as slow: the worker answers it (and it is fast again for the next one)
+    assert service.read(SMALL, budget=1.0) == expected
+
+
+def test_a_read_that_was_not_fast_goes_to_a_worker(service: CacheService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)
+    service.read(SMALL)
+    with pytest.raises(NotInline):
+        inline_read(service)
+
+
+def test_the_inline_connection_never_waits_for_a_lock(service: CacheService) -> None:
+    if service.inline.engine is None:
+        pytest.skip("no inline reads on PostgreSQL")
+    with service.inline.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0
+    with service.store.engine.connect() as conn:  # the workers' connections still wait
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_reads_answer_the_same_hit_from_a_worker_then_inline(service: CacheService, generous: None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    answered = []
+
+    def read(*a: Any) -> Any:
+        result = inline.InlineReads.answer(service.inline, *a)
+        answered.append(1)
+        return result
+
+    monkeypatch.setattr(service.inline, "answer", read)
+
+    async def twice() -> list[Any]:
+        with ThreadPoolExecutor(2) as pool:
+            reads = Reads(pool)
+            return [await reads.answer(service, SMALL, "client-1") for _ in range(2)]
+
+    first, second = asyncio.run(twice())
+    assert not isinstance(first, str) and not isinstance(second, str)
+    assert first.body == second.body and first.rows == second.rows == 1
+    assert first.headers == second.headers
+    # the first went to a worker (never seen yet), the second was answered on the loop (SQLite)
+    assert len(answered) == (0 if service.inline.engine is None else 1)
+
+
+def test_access_lines_skip_mitmproxys_legacy_log_event() -> None:
+    class LegacyLogEvents(logging.Handler):  # mitmproxy's handler, by name
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append(record.name)
+
+    handler = LegacyLogEvents()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        access.quiet_connections(True)
+        for name in ("sgcache.access", "sgcache"):
+            root.handle(logging.LogRecord(name, logging.INFO, __file__, 1, "line", None, None))
+        access.quiet_connections(False)
+        root.handle(logging.LogRecord("sgcache.access", logging.INFO, __file__, 1, "line", None, None))
+    finally:
+        root.removeHandler(handler)
+    assert handler.seen == ["sgcache", "sgcache.access"]
