@@ -28,6 +28,7 @@ from cache.proxy import api3
 from cache.proxy.service import CacheService
 
 from .answers import Answer, hit
+from .memory import MAX_ANSWER_MB
 
 log = logging.getLogger("sgcache")
 
@@ -68,6 +69,8 @@ class Reads:
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
         self.slow_clients = SlowClients()
+        #: Largest answer served, bytes (``sgcache_max_answer``; 0: no bound); a larger one passes.
+        self.max_answer = MAX_ANSWER_MB * 1024 * 1024
 
     async def answer(self, service: CacheService, args: Any, client: str, offline: bool = False) -> Answer | str:
         """The replica's answer to a read with ``args`` (``offline``: SG is down; stale data is
@@ -78,7 +81,7 @@ class Reads:
         try:
             body, rows = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
-                    self.executor, read_encoded, service, args, offline, began, budget),
+                    self.executor, read_encoded, service, args, offline, began, budget, self.max_answer),
                 READ_TIMEOUT,
             )
         except Passthrough as exc:
@@ -105,9 +108,11 @@ class Reads:
 
 
 def read_encoded(
-    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
+    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None,
+    max_answer: int = 0,
 ) -> tuple[bytes, int | None]:
-    """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows)."""
+    """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows).
+    An answer of more than ``max_answer`` bytes (0: no bound) passes (``large-answer``)."""
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
@@ -116,4 +121,7 @@ def read_encoded(
     finally:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
     entities = result.get("entities") if isinstance(result, dict) else None
-    return api3.encode_results(result), len(entities) if isinstance(entities, list) else None
+    body = api3.encode_results(result)
+    if max_answer and len(body) > max_answer:
+        raise Passthrough("large-answer", f"{len(body)} bytes (sgcache_max_answer {max_answer})")
+    return body, len(entities) if isinstance(entities, list) else None
