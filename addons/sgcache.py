@@ -37,7 +37,7 @@ from cache.ops.operations import Operations  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
 from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
-from cache.proxy.auth import CredentialCache  # noqa: E402
+from cache.proxy.auth import MAX_CREDENTIALS, CredentialCache  # noqa: E402
 from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
 from cache.proxy.drain import InFlight  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
@@ -108,6 +108,11 @@ class SGCache:
             "(slow-read) without counting as a database failure (0: no budget).",
         )
         loader.add_option("sgcache_auth_ttl", int, 300, "Seconds SG's acceptance of a credential is trusted.")
+        loader.add_option(
+            "sgcache_auth_cache", int, MAX_CREDENTIALS,
+            "Credentials SG accepted remembered at most; past it the closest to expiry are forgotten "
+            "(their next read passes once).",
+        )
         loader.add_option(
             "sgcache_allow_users", bool, False,
             "Also serve human-user sessions and sudo_as_login (SG filters those by permission rules).",
@@ -200,10 +205,12 @@ class SGCache:
                 raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
             if site and not options.sgcache_site.strip():
                 log.info("sgcache: serving the reverse-proxy target %s as the site", self.replica.configured_site)
-        if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
+        if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts", "sgcache_auth_cache"}:
+            if options.sgcache_auth_cache < 1:
+                raise exceptions.OptionsError("sgcache_auth_cache: 1 or more")
             self.calls.credentials = CredentialCache(
                 ttl=options.sgcache_auth_ttl, allow_users=options.sgcache_allow_users,
-                scripts=options.sgcache_scripts or None)
+                scripts=options.sgcache_scripts or None, max_entries=options.sgcache_auth_cache)
         if "sgcache_offline" in updated:
             self.calls.offline = options.sgcache_offline
         if "sgcache_plan_cache" in updated:

@@ -1,5 +1,5 @@
 """What the proxy keeps in memory is bounded by its options: the plan cache (``sgcache_plan_cache``),
-the answers (``sgcache_max_answer``); freed memory goes back to the system after large bodies."""
+the answers (``sgcache_max_answer``), the credentials (``sgcache_auth_cache``); freed memory goes back to the system after large bodies."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cache.errors import Passthrough
+from cache.proxy.auth import CredentialCache
 from cache.proxy.memory import Trimmer
 from cache.proxy.reads import Reads, read_encoded
 from cache.read import Reader, ReplicaState
@@ -108,3 +109,24 @@ def test_memory_is_trimmed_after_a_large_body_once_at_a_time() -> None:
         trimmer = Trimmer(executor, threshold=1000, delay=0.0, trim=lambda: trims.append(1))
         asyncio.run(asyncio.wait_for(flows(trimmer), 30))
     assert trims == [1, 1]
+
+
+def test_the_credential_cache_forgets_the_closest_to_expiry_past_its_size() -> None:
+    now = [0.0]
+    creds = CredentialCache(ttl=300, clock=lambda: now[0], max_entries=3)
+    site = "https://sg.example.com:443"
+    scripts = [{"script_name": f"s{i}", "script_key": f"k{i}"} for i in range(5)]
+
+    def accept(i: int, at: float) -> None:
+        now[0] = at
+        creds.observe("read", site, scripts[i], {"results": []})
+
+    for i, at in enumerate((0, 100, 200)):
+        accept(i, at)
+    accept(3, 250)  # a fourth, none expired: the closest to expiry is forgotten
+    assert len(creds._accepted) == 3
+    assert not creds.accepted(site, scripts[0])
+    assert all(creds.accepted(site, auth) for auth in scripts[1:4])
+    accept(4, 450)  # s1 expired at 400: swept, the others kept
+    assert len(creds._accepted) == 3
+    assert all(creds.accepted(site, auth) for auth in scripts[2:5])
