@@ -298,7 +298,11 @@ class SGCache:
         but one larger than ``sgcache_max_answer`` (not learnt from) is streamed to the client."""
         if flow.response is not None and self._is_site_api3(flow):
             limit = self.calls.reads.max_answer
-            flow.response.stream = bool(limit) and not self._answered_here(flow) and _declared_size(flow.response) > limit
+            streamed = bool(limit) and not self._answered_here(flow) and _declared_size(flow.response) > limit
+            flow.response.stream = streamed
+            reason = state_of(flow.metadata).pass_reason
+            if streamed and reason is not None:  # its headers leave now: marked here, not in the response hook
+                flow.response.headers[HEADER] = pass_header(reason)
 
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""

@@ -4,11 +4,14 @@ reads its write back right (SG answers the reads the replica cannot be sure of).
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from cache.proxy import api3
 
-from .rig import Rig
+from .rig import KEY, SCRIPT, Rig
 
 
 def test_large_writes_and_answers_go_through_and_read_back_right(tmp_path: Path, db_url: str) -> None:
@@ -29,3 +32,18 @@ def test_large_writes_and_answers_go_through_and_read_back_right(tmp_path: Path,
             assert sg.find_one("Shot", [["id", "is", shot["id"]]], ["description"])["description"] == big
             assert rig.reads() == served + 1  # SG's answer, streamed through
         assert rig.site.count("update") == 2  # each sent once
+        header, reply = raw_read(rig, shot["id"])  # SG's streamed answer is marked too
+        assert header == "pass; reason=pending-write" and len(reply["results"]["entities"][0]["description"]) == size
+
+
+def raw_read(rig: Rig, shot_id: int) -> tuple[str, Any]:
+    """A read of the Shot's description through the proxy: (X-SGCache header, decoded reply)."""
+    args = {"type": "Shot", "return_fields": ["description"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": [{"path": "id", "relation": "is", "values": [shot_id]}]},
+            "paging": {"entities_per_page": 1, "current_page": 1}}
+    body = json.dumps({"method_name": "read", "params": [{"script_name": SCRIPT, "script_key": KEY}, args]}).encode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
+    req = urllib.request.Request(rig.server.url + "/api3/json", data=body, method="POST",
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    with opener.open(req, timeout=60) as resp:
+        return resp.headers.get("X-SGCache", ""), json.loads(resp.read())
