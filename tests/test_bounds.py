@@ -90,10 +90,10 @@ def test_an_answer_larger_than_the_bound_passes_with_its_reason() -> None:
     assert service.counted == [None]  # the hit only; the pass is counted by its caller
 
 
-def test_memory_is_trimmed_after_a_large_body_once_at_a_time() -> None:
+def test_memory_is_trimmed_after_a_large_body_at_most_once_per_interval() -> None:
     trims: list[int] = []
 
-    async def flows(trimmer: Trimmer) -> None:
+    async def flows(trimmer: Trimmer, then: int) -> None:
         trimmer.after(999)  # small: nothing
         await asyncio.sleep(0.05)
         assert trims == []
@@ -102,13 +102,16 @@ def test_memory_is_trimmed_after_a_large_body_once_at_a_time() -> None:
         while trimmer.trims < 1:
             await asyncio.sleep(0.01)
         trimmer.after(1000)
-        while trimmer.trims < 2:
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert len(trims) == then
 
     with ThreadPoolExecutor(1) as executor:
-        trimmer = Trimmer(executor, threshold=1000, delay=0.0, trim=lambda: trims.append(1))
-        asyncio.run(asyncio.wait_for(flows(trimmer), 30))
-    assert trims == [1, 1]
+        often = Trimmer(executor, threshold=1000, delay=0.0, interval=0.0, trim=lambda: trims.append(1))
+        asyncio.run(asyncio.wait_for(flows(often, then=2), 30))
+        trims.clear()
+        seldom = Trimmer(executor, threshold=1000, delay=0.0, interval=3600, trim=lambda: trims.append(1),
+                         clock=lambda: 0.0)
+        asyncio.run(asyncio.wait_for(flows(seldom, then=1), 30))  # the second waits an hour
 
 
 def test_the_credential_cache_forgets_the_closest_to_expiry_past_its_size() -> None:
