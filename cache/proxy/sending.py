@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from .replica import Replica
 log = logging.getLogger("sgcache")
 
 WRITE_METHODS = frozenset({"create", "update", "delete", "revive", "batch"})
+#: Answers learnt at once (each a write transaction on a connection of the replica's pool, which
+#: the reads share: writers waiting on the write lock must not hold every connection).
+LEARNERS = 4
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,14 @@ class Outgoing:
 class Writes:
     """Sends writes once and learns from SG's answers, both in ``write_executor`` (a big batch
     can take SG minutes: never in the replica's pool, ``executor``, which reads keep busy; one
-    thread hop each way)."""
+    thread hop each way), at most :data:`LEARNERS` answers learnt at once."""
 
     def __init__(self, executor: Executor, write_executor: Executor, outages: Outages) -> None:
         self.executor = executor
         self.write_executor = write_executor
         self.outages = outages
         self.pool = upstream.Pool()  # connections to SG kept alive between writes
+        self._learners = threading.BoundedSemaphore(LEARNERS)
 
     async def send(self, replica: Replica, request: Outgoing, state: FlowState,
                    tls: ssl.SSLContext | None) -> upstream.Reply | Answer:
@@ -107,8 +112,9 @@ class Writes:
         auth = state.auth
 
         def learn() -> None:
-            # one thread hop, in the write pool: the replica's pool may be busy with reads
-            to_fetch = service.learn(method, state.args, results, state.write_mark)
+            # one thread hop, in the write pool: the replica's worker pool may be busy with reads
+            with self._learners:
+                to_fetch = service.learn(method, state.args, results, state.write_mark)
             if to_fetch and auth:
                 # the answer was partial: read the whole rows now, so the writer reads its write
                 service.fetch_rows(url, auth, to_fetch, context)
