@@ -37,11 +37,12 @@ from cache.ops.operations import Operations  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
 from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
-from cache.proxy.auth import CredentialCache  # noqa: E402
+from cache.proxy.auth import MAX_CREDENTIALS, CredentialCache  # noqa: E402
 from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
 from cache.proxy.drain import InFlight  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
+from cache.proxy.memory import MAX_ANSWER_MB, Trimmer  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import OneLineRefusal, Refused, Replica, ReplicaOptions  # noqa: E402
 from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
@@ -49,6 +50,7 @@ from cache.proxy.sending import WRITE_METHODS, Outgoing  # noqa: E402
 from cache.proxy.service import DEFAULT_MAX_LAG, CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
 from cache.read import READ_BUDGET_SECONDS  # noqa: E402
+from cache.read.limits import PLAN_CACHE_SIZE  # noqa: E402
 from cache.read.relative import RelativeDates, fixed_clock, system_now, zone_named  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
 from cache.shipped import basic_schema  # noqa: E402
@@ -75,6 +77,7 @@ class SGCache:
         self.guard = RelayGuard(self.executor, self.replica.count)
         self._warned_no_site = False
         self.in_flight = InFlight()
+        self.trimmer = Trimmer(self.executor)  # memory back to the system after large bodies
         self._tls_context: tuple[tuple[bool, str | None], ssl.SSLContext] | None = None
 
     @property
@@ -105,6 +108,11 @@ class SGCache:
             "(slow-read) without counting as a database failure (0: no budget).",
         )
         loader.add_option("sgcache_auth_ttl", int, 300, "Seconds SG's acceptance of a credential is trusted.")
+        loader.add_option(
+            "sgcache_auth_cache", int, MAX_CREDENTIALS,
+            "Credentials SG accepted remembered at most; past it the closest to expiry are forgotten "
+            "(their next read passes once).",
+        )
         loader.add_option(
             "sgcache_allow_users", bool, False,
             "Also serve human-user sessions and sudo_as_login (SG filters those by permission rules).",
@@ -141,6 +149,20 @@ class SGCache:
             "and give writes an error naming the outage.",
         )
         self._load_relative_dates(loader)
+        self._load_bounds(loader)
+
+    def _load_bounds(self, loader: Any) -> None:
+        """What the proxy keeps in memory (cache/proxy/memory.py)."""
+        loader.add_option(
+            "sgcache_plan_cache", int, PLAN_CACHE_SIZE,
+            "Read plans kept for reuse (the least recently used go first; 0: none). Each costs "
+            "tens of kB: this bounds most of the proxy's memory.",
+        )
+        loader.add_option(
+            "sgcache_max_answer", int, MAX_ANSWER_MB,
+            "MB: a cached answer larger than this passes (large-answer); SG's answers larger than "
+            "this are relayed without being read (0: no bound).",
+        )
 
     def _load_relative_dates(self, loader: Any) -> None:
         """Relative-date filters (cache/read/relative.py, docs/semantics.md)."""
@@ -183,12 +205,22 @@ class SGCache:
                 raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
             if site and not options.sgcache_site.strip():
                 log.info("sgcache: serving the reverse-proxy target %s as the site", self.replica.configured_site)
-        if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts"}:
+        if updated & {"sgcache_auth_ttl", "sgcache_allow_users", "sgcache_scripts", "sgcache_auth_cache"}:
+            if options.sgcache_auth_cache < 1:
+                raise exceptions.OptionsError("sgcache_auth_cache: 1 or more")
             self.calls.credentials = CredentialCache(
                 ttl=options.sgcache_auth_ttl, allow_users=options.sgcache_allow_users,
-                scripts=options.sgcache_scripts or None)
+                scripts=options.sgcache_scripts or None, max_entries=options.sgcache_auth_cache)
         if "sgcache_offline" in updated:
             self.calls.offline = options.sgcache_offline
+        if "sgcache_plan_cache" in updated:
+            if options.sgcache_plan_cache < 0:
+                raise exceptions.OptionsError("sgcache_plan_cache: 0 or more")
+            self.replica.keep_plans(options.sgcache_plan_cache)
+        if "sgcache_max_answer" in updated:
+            if options.sgcache_max_answer < 0:
+                raise exceptions.OptionsError("sgcache_max_answer: 0 or more")
+            self.calls.reads.max_answer = options.sgcache_max_answer * 1024 * 1024
         self._configure_relative_dates(updated)
         if "sgcache_db" in updated:
             # whatever logs an error about the database (here, SQLAlchemy, mitmproxy) never shows its password
@@ -262,9 +294,15 @@ class SGCache:
             flow.request.stream = False  # the body must be read to be answered locally
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """SG's answer to the site's API3 is read whole (learnt from), even with ``stream_large_bodies``."""
+        """SG's answer to the site's API3 is read whole (learnt from), even with ``stream_large_bodies``;
+        but one larger than ``sgcache_max_answer`` (not learnt from) is streamed to the client."""
         if flow.response is not None and self._is_site_api3(flow):
-            flow.response.stream = False
+            limit = self.calls.reads.max_answer
+            streamed = bool(limit) and not self._answered_here(flow) and _declared_size(flow.response) > limit
+            flow.response.stream = streamed
+            reason = state_of(flow.metadata).pass_reason
+            if streamed and reason is not None:  # its headers leave now: marked here, not in the response hook
+                flow.response.headers[HEADER] = pass_header(reason)
 
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
@@ -314,6 +352,7 @@ class SGCache:
             if self.in_flight.draining and flow.response is not None:
                 flow.response.headers["Connection"] = "close"  # stopping: the client goes elsewhere
             self.in_flight.end(flow.id)
+            self.trimmer.after(_body_size(flow))
 
     async def _learn(self, flow: http.HTTPFlow) -> None:
         """Mark SG's answer (pass) and learn from it; it may be replaced (cache/proxy/calls.py)."""
@@ -335,6 +374,7 @@ class SGCache:
     async def error(self, flow: http.HTTPFlow) -> None:
         """SG could not be reached (refused, DNS, TLS): go offline for a while (cache/proxy/outage.py)."""
         self.in_flight.end(flow.id)
+        self.trimmer.after(_body_size(flow))
         if flow.response is not None or flow.error is None:
             return
         if self._is_site_upload(flow):  # SG may have linked it before the connection broke
@@ -355,6 +395,12 @@ class SGCache:
         r = flow.request
         return (self.site is not None and is_api3(r.method, r.path)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+
+    @staticmethod
+    def _answered_here(flow: http.HTTPFlow) -> bool:
+        """The proxy made the flow's answer itself (a hit, a refusal, SG's reply to a write it sent)."""
+        state = state_of(flow.metadata)
+        return state.answered_here or state.from_sg
 
     def _is_site_upload(self, flow: http.HTTPFlow) -> bool:
         """An upload form to the site, which may change entities (cache/proxy/uploads.py)."""
@@ -391,6 +437,20 @@ def _call(flow: http.HTTPFlow) -> Call:
     r = flow.request
     return Call(Outgoing(r.scheme, r.host, r.port, r.path, list(r.headers.items(multi=True)), r.raw_content or b""),
                 flow.client_conn.id)
+
+
+def _body_size(flow: http.HTTPFlow) -> int:
+    """The bytes of the flow's request and answer held in memory (streamed ones are not)."""
+    size = len(flow.request.raw_content or b"")
+    return size + (len(flow.response.raw_content or b"") if flow.response is not None else 0)
+
+
+def _declared_size(response: http.Response) -> int:
+    """The answer's Content-Length (0 when it declares none)."""
+    try:
+        return int(response.headers.get("content-length", "0"))
+    except ValueError:
+        return 0
 
 
 def _form(request: http.Request) -> dict[str, str]:

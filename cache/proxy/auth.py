@@ -42,8 +42,9 @@ _STRING_KEYS = frozenset({
 #: Longest auth value (characters) and most keys the cache considers; bigger ones pass.
 MAX_VALUE_CHARS = 1024
 MAX_KEYS = 16
-#: Remembered credentials before expired ones are swept.
-_SWEEP_AT = 10_000
+#: Credentials remembered at most (``sgcache_auth_cache``): past it the expired ones are swept,
+#: then those closest to expiry forgotten (their next read passes once, and SG accepts them again).
+MAX_CREDENTIALS = 10_000
 
 
 def site_of(scheme: str, host: str, port: int) -> str:
@@ -83,10 +84,13 @@ class CredentialCache:
         allow_users: bool = False,
         clock: Callable[[], float] = time.monotonic,
         scripts: Iterable[str] | None = None,
+        max_entries: int = MAX_CREDENTIALS,
     ):
         """``scripts``: when given, only these script names are served from the cache (SG may
-        restrict a script by a permission rule set; list the ones that may read everything)."""
+        restrict a script by a permission rule set; list the ones that may read everything).
+        ``max_entries``: credentials remembered at most."""
         self.ttl = ttl
+        self.max_entries = max(1, max_entries)
         self.allow_users = allow_users
         self.scripts = None if scripts is None else frozenset(scripts)
         self._clock = clock
@@ -165,6 +169,9 @@ class CredentialCache:
                 self._accepted[key] = self._clock() + self.ttl
             else:
                 self._accepted.pop(key, None)
-            if len(self._accepted) > _SWEEP_AT:
+            if len(self._accepted) > self.max_entries:
                 now = self._clock()
-                self._accepted = {k: v for k, v in self._accepted.items() if v > now}
+                kept = {k: v for k, v in self._accepted.items() if v > now}
+                if len(kept) > self.max_entries:  # all still valid: keep the longest-lived
+                    kept = dict(sorted(kept.items(), key=lambda item: item[1])[-self.max_entries:])
+                self._accepted = kept

@@ -109,6 +109,8 @@ class SiteCalls:
     async def request(self, call: Call, state: FlowState) -> Answer | upstream.Reply | None:
         """Handle a call: the proxy's answer, SG's reply to a write the proxy sent, or None:
         the call passes to SG (``state.pass_reason`` says why)."""
+        if len(call.request.body) > api3.MAX_BODY:
+            return await self._send_large(call, state)
         req = await self._decode(call, state)
         if req is None:
             return None
@@ -180,6 +182,23 @@ class SiteCalls:
         self.passes(state, "method")  # SG's answer: the response hook learns from it
         return reply
 
+    async def _send_large(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
+        """A body too large to decode (``api3.MAX_BODY``) may be a write: every cached type is
+        marked pending (reads pass until the ingester is past it), then it is sent once, as a
+        write is; SG's answer is relayed, not decoded."""
+        if self.outages.is_down(call.request.host, self.offline):
+            return self.answered(state, answers.unreachable(call.request.host, "request"))
+        service = await self.service()
+        if service is not None:
+            await self._run(service.uploaded, None)
+        reply = await self.writes.send(self.replica, call.request, state, self.tls() if call.request.scheme == "https"
+                                       else None)
+        if isinstance(reply, Answer):
+            return self.answered(state, reply)
+        state.from_sg = True
+        self.passes(state, "large-body")
+        return reply
+
     async def _answer_offline(self, call: Call, req: api3.Api3Request, state: FlowState) -> Answer:
         """SG is down: serve what the replica can (marked stale), refuse writes in SG's envelope."""
         host = call.request.host
@@ -220,7 +239,15 @@ class SiteCalls:
             return None
         if sg.status != 200:
             return None
-        reply = await self._run(api3.decode_response, sg.body())
+        body = sg.body()
+        if self.reads.max_answer and len(body) > self.reads.max_answer:
+            # not decoded (sgcache_max_answer): nothing learnt; a write's effects wait for the ingester
+            log.info("SG's answer to a %s is %d bytes: not decoded (sgcache_max_answer)", state.method, len(body))
+            if state.method in WRITE_METHODS:  # marked pending before the writer has SG's answer
+                await self._unlearnt(state.method, state.args)
+            return None
+        # a write's answer is small: decoded here (a thread hop costs more); a big one off the loop
+        reply = await self._run(api3.decode_response, body) if len(body) > BIG_BODY else api3.decode_response(body)
         record_answer(self.credentials, state, call.site, reply, replayed=sg.replayed,
                       server_connected=sg.server_connected, content_type=sg.content_type)
         service = self.replica.service
@@ -237,6 +264,14 @@ class SiteCalls:
         if state.method in WRITE_METHODS and "results" in reply:
             await self.writes.learn(service, state, reply["results"], call.url, self.tls)
         return None
+
+    async def _unlearnt(self, method: str, args: object) -> None:
+        """A write SG answered that is not learnt from: what it could have changed is marked pending."""
+        service = self.replica.service
+        if service is None:
+            self.replica.defer(method, args)
+        else:
+            await self._run(service.outcome_unknown, method, args)
 
     async def uploaded(self, entity_types: Collection[str] | None) -> None:
         """An upload form to the site was answered (or failed): mark what it may have changed."""

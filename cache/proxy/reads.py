@@ -29,6 +29,7 @@ from cache.proxy.service import CacheService
 
 from .answers import Answer, hit
 from .inline import NotInline
+from .memory import MAX_ANSWER_MB
 
 log = logging.getLogger("sgcache")
 
@@ -69,6 +70,8 @@ class Reads:
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
         self.slow_clients = SlowClients()
+        #: Largest answer served, bytes (``sgcache_max_answer``; 0: no bound); a larger one passes.
+        self.max_answer = MAX_ANSWER_MB * 1024 * 1024
 
     async def answer(self, service: CacheService, args: Any, client: str, offline: bool = False) -> Answer | str:
         """The replica's answer to a read with ``args`` (``offline``: SG is down; stale data is
@@ -77,13 +80,13 @@ class Reads:
         began: list[float] = []  # set by the worker: an empty list means the read never left the queue
         budget = self.slow_clients.budget(client, service.read_budget)
         try:
-            answered = read_inline(service, args, offline) if budget is None else None
+            answered = read_inline(service, args, offline, self.max_answer) if budget is None else None
             if answered is not None:
                 body, rows = answered
             else:
                 body, rows = await asyncio.wait_for(
                     asyncio.get_running_loop().run_in_executor(
-                        self.executor, read_encoded, service, args, offline, began, budget),
+                        self.executor, read_encoded, service, args, offline, began, budget, self.max_answer),
                     READ_TIMEOUT,
                 )
         except Passthrough as exc:
@@ -109,12 +112,12 @@ class Reads:
         return replace(hit(body, stale=offline), rows=rows, seconds=seconds)
 
 
-def read_inline(service: CacheService, args: Any, offline: bool) -> tuple[bytes, int | None] | None:
+def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int = 0) -> tuple[bytes, int | None] | None:
     """Answer a read on the event loop when it is cheap and safe (cache/proxy/inline.py): (body,
     rows), None when it goes to a worker thread; raises Passthrough when it passes."""
     started = time.perf_counter()
     try:
-        return service.inline.answer(service, args, offline, _encoded)
+        return service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
     except NotInline:
         return None
     finally:
@@ -122,9 +125,11 @@ def read_inline(service: CacheService, args: Any, offline: bool) -> tuple[bytes,
 
 
 def read_encoded(
-    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None
+    service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None,
+    max_answer: int = 0,
 ) -> tuple[bytes, int | None]:
-    """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows)."""
+    """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows).
+    An answer of more than ``max_answer`` bytes (0: no bound) passes (``large-answer``)."""
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
@@ -133,12 +138,16 @@ def read_encoded(
         result = service.read(args, offline) if budget is None else service.read(args, offline, budget)
     finally:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
-    encoded = _encoded(result)
+    encoded = _encoded(result, max_answer)
     service.inline.keep(service, args, before, encoded)
     return encoded
 
 
-def _encoded(result: Any) -> tuple[bytes, int | None]:
-    """SG's envelope of a read's ``results``, and its rows."""
+def _encoded(result: Any, max_answer: int = 0) -> tuple[bytes, int | None]:
+    """SG's envelope of a read's ``results``, and its rows; an answer of more than ``max_answer``
+    bytes (0: no bound) passes (``large-answer``)."""
     entities = result.get("entities") if isinstance(result, dict) else None
-    return api3.encode_results(result), len(entities) if isinstance(entities, list) else None
+    body = api3.encode_results(result)
+    if max_answer and len(body) > max_answer:
+        raise Passthrough("large-answer", f"{len(body)} bytes (sgcache_max_answer {max_answer})")
+    return body, len(entities) if isinstance(entities, list) else None

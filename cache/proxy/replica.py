@@ -18,6 +18,7 @@ from typing import Any
 
 from cache.private import redact, safe_url, url_secrets
 from cache.proxy.service import MAX_UNRECORDED, CacheService
+from cache.read.limits import PLAN_CACHE_SIZE
 from cache.read.relative import RelativeDates
 from cache.replica import site as sitemod
 from cache.replica.dialect import url_problem
@@ -91,12 +92,20 @@ class Replica:
         self._handover = threading.Lock()
         #: relative-date filters: their zone and clock (``sgcache_timezone``; None: they pass)
         self.relative: RelativeDates | None = None
+        #: plans each service keeps for reuse (``sgcache_plan_cache``)
+        self.plan_cache_size = PLAN_CACHE_SIZE
 
     def serve_relative(self, relative: RelativeDates | None) -> None:
         """Serve relative-date filters with ``relative`` from now on (None: they pass)."""
         self.relative = relative
         if self.service is not None:
             self.service.reader.relative = relative
+
+    def keep_plans(self, size: int) -> None:
+        """Keep at most ``size`` plans for reuse from now on (0: none)."""
+        self.plan_cache_size = size
+        if self.service is not None:
+            self.service.reader.plan_cache_size = size
 
     def configure_site(self, url: str) -> None:
         """The site named by ``sgcache_site`` (empty: none, the replica's own is served);
@@ -132,6 +141,7 @@ class Replica:
             service = CacheService(options.db_url, options.schema_path, options.max_lag,
                                    options.read_budget, pairs_path=options.pairs_path)
             service.reader.relative = self.relative
+            service.reader.plan_cache_size = self.plan_cache_size
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ from .replica import Replica
 log = logging.getLogger("sgcache")
 
 WRITE_METHODS = frozenset({"create", "update", "delete", "revive", "batch"})
+#: Answers learnt at once (each a write transaction on a connection of the replica's pool, which
+#: the reads share: writers waiting on the write lock must not hold every connection).
+LEARNERS = 4
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,16 @@ class Outgoing:
 
 
 class Writes:
-    """Sends writes once (in ``write_executor``: a big batch can take SG minutes, never in the
-    replica's pool) and learns from SG's answers (in ``executor``)."""
+    """Sends writes once and learns from SG's answers, both in ``write_executor`` (a big batch
+    can take SG minutes: never in the replica's pool, ``executor``, which reads keep busy; one
+    thread hop each way), at most :data:`LEARNERS` answers learnt at once."""
 
     def __init__(self, executor: Executor, write_executor: Executor, outages: Outages) -> None:
         self.executor = executor
         self.write_executor = write_executor
         self.outages = outages
         self.pool = upstream.Pool()  # connections to SG kept alive between writes
+        self._learners = threading.BoundedSemaphore(LEARNERS)
 
     async def send(self, replica: Replica, request: Outgoing, state: FlowState,
                    tls: ssl.SSLContext | None) -> upstream.Reply | Answer:
@@ -67,13 +73,18 @@ class Writes:
         error answer that stands in for it. ``state.write_mark`` is set for :meth:`learn`."""
         loop = asyncio.get_running_loop()
         method = state.method or "write"
-        if replica.service is not None:  # where the ingester stood before SG saw the write (see learn)
-            state.write_mark = await loop.run_in_executor(self.executor, replica.service.write_mark)
+        service = replica.service
+
+        def mark_and_send() -> upstream.Reply:
+            # one thread hop, in the write pool (a busy replica pool never delays a write):
+            # where the ingester stood before SG saw the write (see learn), then the write
+            if service is not None:
+                state.write_mark = service.write_mark()
+            return upstream.send_once(request.scheme, request.host, request.port, request.path,
+                                      list(request.headers), request.body, tls, upstream.RESPONSE_TIMEOUT, self.pool)
+
         try:
-            return await loop.run_in_executor(
-                self.write_executor, upstream.send_once, request.scheme, request.host, request.port, request.path,
-                list(request.headers), request.body, tls, upstream.RESPONSE_TIMEOUT, self.pool,
-            )
+            return await loop.run_in_executor(self.write_executor, mark_and_send)
         except upstream.NotSent as exc:
             self.outages.note(request.host, str(exc))
             return answers.unreachable(request.host, method)
@@ -98,12 +109,19 @@ class Writes:
         credentials. Never raises (the ingester brings what is missed)."""
         method = state.method
         loop = asyncio.get_running_loop()
-        try:
-            to_fetch = await loop.run_in_executor(self.executor, service.learn, method, state.args, results,
-                                                  state.write_mark)
-            if to_fetch and state.auth:
+        auth = state.auth
+
+        def learn() -> None:
+            # one thread hop, in the write pool: the replica's worker pool may be busy with reads
+            with self._learners:
+                to_fetch = service.learn(method, state.args, results, state.write_mark)
+            if to_fetch and auth:
                 # the answer was partial: read the whole rows now, so the writer reads its write
-                await loop.run_in_executor(self.executor, service.fetch_rows, url, state.auth, to_fetch, tls())
+                service.fetch_rows(url, auth, to_fetch, context)
+
+        try:
+            context = tls()
+            await loop.run_in_executor(self.write_executor, learn)
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
         except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer

@@ -16,8 +16,9 @@ MAX_PAGE_SIZE = 500
 #: Deeper pages than this are passed rather than run as huge OFFSETs.
 MAX_OFFSET = 5_000_000
 MAX_FILTER_DEPTH = 32
-#: Plans kept for reuse (keyed by the request's JSON).
-PLAN_CACHE_SIZE = 2000
+#: Plans kept for reuse (keyed by the request's JSON; ``sgcache_plan_cache``). A plan holds its
+#: SQLAlchemy statement, aliases of wide tables included: about 100 kB each (500: ~60 MB).
+PLAN_CACHE_SIZE = 500
 #: Requests whose JSON is longer than this are planned each time (a plan holds its values).
 MAX_PLAN_KEY = 8192
 MAX_CONDITIONS = 1000

@@ -118,6 +118,22 @@ class Reader:
         check_size(params)
         return self._plan(params, replica_state, request_key(params))
 
+    @property
+    def plan_cache_size(self) -> int:
+        """Plans kept for reuse (``sgcache_plan_cache``); the least recently used go first."""
+        return self._plan_cache_size
+
+    @plan_cache_size.setter
+    def plan_cache_size(self, size: int) -> None:
+        with self._plans_lock:
+            self._plan_cache_size = max(0, size)
+            while len(self._plans) > self._plan_cache_size:
+                self._plans.popitem(last=False)
+
+    def plans_cached(self) -> int:
+        """How many plans the cache holds."""
+        return len(self._plans)
+
     def execute(self, conn: Connection, plan: Plan, budget: ReadBudget | None = None) -> dict[str, Any]:
         """Run a plan (each statement within ``budget`` when given)."""
         return run_plan(conn, self.store, plan, budget)
@@ -133,7 +149,7 @@ class Reader:
                     self._plans.move_to_end(key)
                     return cached[1]
         plan = plan_read(self.store, params, replica_state, self.relative)
-        if key is not None and not plan.timed:
+        if key is not None and not plan.timed and self._plan_cache_size > 0:
             with self._plans_lock:
                 self._plans[key] = (fingerprint, plan)
                 self._plans.move_to_end(key)
