@@ -12,6 +12,7 @@ import pytest
 
 from cache.errors import Passthrough
 from cache.proxy.auth import CredentialCache
+from cache.proxy.inline import InlineReads
 from cache.proxy.memory import Trimmer
 from cache.proxy.reads import Reads, read_encoded
 from cache.read import Reader, ReplicaState
@@ -57,6 +58,7 @@ class AnsweringService:
     """The part of CacheService a read uses: answers every read with ``rows`` Shots."""
 
     read_budget = 0.0
+    inline = InlineReads(None)  # no inline reads: every read goes to a worker
 
     def __init__(self, rows: int) -> None:
         self.rows = rows

@@ -20,6 +20,7 @@ from cache.proxy.answers import HEADER, Answer
 from cache.proxy.calls import BIG_BODY, Call, SGAnswer, SiteCalls
 from cache.proxy.flowstate import FlowState, state_of
 from cache.proxy.guard import RelayGuard
+from cache.proxy.inline import InlineReads
 from cache.proxy.reads import SLOW_CLIENT_FRACTION, Reads, SlowClients
 from cache.proxy.relay import RelayPolicy
 from cache.proxy.replica import Refused, Replica, ReplicaOptions
@@ -38,6 +39,7 @@ class FakeService:
     """The replica service as SiteCalls and Reads use it."""
 
     read_budget = 1.0
+    inline = InlineReads(None)  # no inline reads: every read goes to a worker
 
     def __init__(self) -> None:
         self.reads: list[tuple[Any, bool, float | None]] = []
