@@ -36,6 +36,7 @@ from cache.ops.access import FORMATS, RequestRecord, quiet_connections, who  # n
 from cache.ops.operations import Operations  # noqa: E402
 from cache.private import install_redaction, url_secrets  # noqa: E402
 from cache.proxy import upstream  # noqa: E402
+from cache.proxy.answercache import ANSWER_CACHE_MB  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
 from cache.proxy.auth import MAX_CREDENTIALS, CredentialCache  # noqa: E402
 from cache.proxy.calls import Call, SGAnswer, SiteCalls  # noqa: E402
@@ -159,6 +160,10 @@ class SGCache:
             "tens of kB: this bounds most of the proxy's memory.",
         )
         loader.add_option(
+            "sgcache_answer_cache", int, ANSWER_CACHE_MB,
+            "MB of encoded answers kept for reuse while the replica is unchanged (SQLite; 0: none).",
+        )
+        loader.add_option(
             "sgcache_max_answer", int, MAX_ANSWER_MB,
             "MB: a cached answer larger than this passes (large-answer); SG's answers larger than "
             "this are relayed without being read (0: no bound).",
@@ -217,6 +222,10 @@ class SGCache:
             if options.sgcache_plan_cache < 0:
                 raise exceptions.OptionsError("sgcache_plan_cache: 0 or more")
             self.replica.keep_plans(options.sgcache_plan_cache)
+        if "sgcache_answer_cache" in updated:
+            if options.sgcache_answer_cache < 0:
+                raise exceptions.OptionsError("sgcache_answer_cache: 0 or more")
+            self.replica.keep_answers(options.sgcache_answer_cache * 1024 * 1024)
         if "sgcache_max_answer" in updated:
             if options.sgcache_max_answer < 0:
                 raise exceptions.OptionsError("sgcache_max_answer: 0 or more")

@@ -135,3 +135,19 @@ def test_the_credential_cache_forgets_the_closest_to_expiry_past_its_size() -> N
     accept(4, 450)  # s1 expired at 400: swept, the others kept
     assert len(creds._accepted) == 3
     assert all(creds.accepted(site, auth) for auth in scripts[2:5])
+
+
+def test_kept_answers_are_bounded_by_their_option() -> None:
+    from cache.proxy.answercache import AnswerCache
+
+    version = (object(), 1)
+    kept = AnswerCache(max_bytes=300)
+    for i in range(5):
+        kept.put(f"k{i}", version, b"x" * 100, 1)
+    assert len(kept) == 3 and kept.get("k0", version) is None and kept.get("k4", version) == (b"x" * 100, 1)
+    kept.resize(150)  # sgcache_answer_cache lowered while running: the oldest go
+    assert len(kept) == 1 and kept.get("k4", version) is not None
+    kept.resize(0)  # 0: none kept, none taken
+    kept.put("k5", version, b"y", 1)
+    assert len(kept) == 0 and kept.get("k5", version) is None
+    assert AnswerCache().get("k", version) is None

@@ -18,9 +18,11 @@ import collections
 import threading
 from typing import Any
 
-#: Answers kept, and their total bytes; a bigger answer is not kept.
+#: Answers kept at most; their total bytes by default (``sgcache_answer_cache``, in MB); a bigger
+#: answer than MAX_ANSWER_BYTES is not kept.
 MAX_ANSWERS = 256
-MAX_BYTES = 32 * 1024 * 1024
+ANSWER_CACHE_MB = 32
+MAX_BYTES = ANSWER_CACHE_MB * 1024 * 1024
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 #: (connection token, data version): comparable only for the same connection.
@@ -49,15 +51,24 @@ class AnswerCache:
             return kept[1], kept[2]
 
     def put(self, key: str, version: Version, body: bytes, rows: int | None) -> None:
-        if len(body) > MAX_ANSWER_BYTES:
+        if len(body) > min(MAX_ANSWER_BYTES, self.max_bytes):
             return
         with self._lock:
             if key in self._answers:
                 self._drop(key)
             self._answers[key] = (version, body, rows)
             self._bytes += len(body)
-            while self._answers and (len(self._answers) > self.max_answers or self._bytes > self.max_bytes):
-                self._drop(next(iter(self._answers)))
+            self._evict()
+
+    def resize(self, max_bytes: int) -> None:
+        """Keep at most ``max_bytes`` of answers from now on (0: none)."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._answers and (len(self._answers) > self.max_answers or self._bytes > self.max_bytes):
+            self._drop(next(iter(self._answers)))
 
     def _drop(self, key: str) -> None:
         self._bytes -= len(self._answers.pop(key)[1])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache.private import redact, safe_url, url_secrets
+from cache.proxy.answercache import ANSWER_CACHE_MB
 from cache.proxy.service import MAX_UNRECORDED, CacheService
 from cache.read.limits import PLAN_CACHE_SIZE
 from cache.read.relative import RelativeDates
@@ -94,6 +95,8 @@ class Replica:
         self.relative: RelativeDates | None = None
         #: plans each service keeps for reuse (``sgcache_plan_cache``)
         self.plan_cache_size = PLAN_CACHE_SIZE
+        #: bytes of answers each service keeps for reuse (``sgcache_answer_cache``)
+        self.answer_cache_bytes = ANSWER_CACHE_MB * 1024 * 1024
 
     def serve_relative(self, relative: RelativeDates | None) -> None:
         """Serve relative-date filters with ``relative`` from now on (None: they pass)."""
@@ -106,6 +109,12 @@ class Replica:
         self.plan_cache_size = size
         if self.service is not None:
             self.service.reader.plan_cache_size = size
+
+    def keep_answers(self, max_bytes: int) -> None:
+        """Keep at most ``max_bytes`` of answers for reuse from now on (0: none; cache/proxy/answercache.py)."""
+        self.answer_cache_bytes = max_bytes
+        if self.service is not None:
+            self.service.inline.answers.resize(max_bytes)
 
     def configure_site(self, url: str) -> None:
         """The site named by ``sgcache_site`` (empty: none, the replica's own is served);
@@ -142,6 +151,7 @@ class Replica:
                                    options.read_budget, pairs_path=options.pairs_path)
             service.reader.relative = self.relative
             service.reader.plan_cache_size = self.plan_cache_size
+            service.inline.answers.resize(self.answer_cache_bytes)
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
