@@ -117,11 +117,14 @@ def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int
     rows), None when it goes to a worker thread; raises Passthrough when it passes."""
     started = time.perf_counter()
     try:
-        return service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
+        answered = service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
     except NotInline:
-        return None
-    finally:
+        return None  # the worker's read is the one observed
+    except Passthrough:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
+        raise
+    PROXY.read_db_seconds.observe(time.perf_counter() - started)
+    return answered
 
 
 def read_encoded(
