@@ -4,8 +4,10 @@ and LIKE patterns whose ``%``, ``_`` and ``\\`` are literal (see docs/semantics.
 
 from __future__ import annotations
 
+from ..replica.fieldtypes import LOWER_SORTED
+
 #: Types whose sort key is the lower-cased text (the rule the fake SG shares; docs/semantics.md).
-SORT_LOWER = {"text", "entity_type", "color", "uuid", "list", "status_list", "footage"}
+SORT_LOWER = LOWER_SORTED
 #: Types matched case-insensitively by filters (the other text-like types match exactly).
 CASE_INSENSITIVE = {"text"}
 #: The LIKE pattern of each text-matching relation, around the escaped value.

@@ -48,7 +48,9 @@ def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation:
     ci = fschema.data_type in CASE_INSENSITIVE
 
     def norm(expr: Any) -> Any:
-        return dialect.lower(expr) if ci else expr
+        # text_key: lower() in code-point order, the expression the key index holds (equality
+        # is the same in every deterministic collation, the only kind a database default can be)
+        return dialect.text_key(expr) if ci else expr
 
     def lit(v: Any) -> Any:
         v = filter_value(fschema, v)
@@ -88,6 +90,8 @@ def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation:
         match = dialect.lower(col).like(like_pattern(relation, values[0].lower()), escape="\\")
         if relation == "not_contains":
             return sa.or_(col.is_(None), sa.not_(match))
+        if relation == "starts_with":
+            match = sa.and_(*prefix_range(dialect.text_key(col), values[0].lower()), match)
         return sa.and_(col.is_not(None), match)
     if relation in ("less_than", "greater_than"):
         if len(values) != 1 or values[0] is None:
@@ -109,6 +113,22 @@ def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation:
         # NULL is neither inside nor outside the range (as SQL's NOT BETWEEN; the fake SG agrees)
         return sa.and_(col.is_not(None), sa.not_(inside))
     raise Passthrough("operator", relation)
+
+
+def prefix_range(key: Any, prefix: str) -> list[Any]:
+    """``key`` between ``prefix`` and the next prefix in code-point order: implied by ``LIKE
+    'prefix%'`` (so adding it changes no answer) and, unlike LIKE, a range an index on ``key`` serves."""
+    if not prefix:
+        return []
+    bounds = [key >= prefix]
+    head = prefix
+    while head and ord(head[-1]) == 0x10FFFF:
+        head = head[:-1]  # nothing follows U+10FFFF: carry to the character before
+    if head:
+        nxt = ord(head[-1]) + 1
+        nxt = 0xE000 if 0xD800 <= nxt <= 0xDFFF else nxt  # surrogates are not characters
+        bounds.append(key < head[:-1] + chr(nxt))
+    return bounds
 
 
 def relative_condition(col: Any, relative: RelativeDates, fschema: FieldSchema, relation: str,

@@ -52,12 +52,12 @@ def sort_keys(scope: Scope, paths: PathResolver, sorts: Any) -> list[tuple[Any, 
             reg = scope.link(alias, fschema.name)
             expr = sa.case((reg.c.id.is_(None), sa.null()), else_=sa.func.coalesce(dialect.lower(reg.c.name), ""))
         elif fschema.data_type in SORT_LOWER:
-            expr = dialect.lower(alias.c[fschema.name])
+            expr = dialect.text_key(alias.c[fschema.name])  # what the name field's key index holds
         elif fschema.data_type == "checkbox":
             expr = sa.func.coalesce(alias.c[fschema.name], False)  # unset (or no linked row) reads false
         else:
             expr = alias.c[fschema.name]
-        if info.storage == "entity" or fschema.data_type in SORT_LOWER:
+        if info.storage == "entity":
             expr = dialect.codepoint_order(expr)
         order.append((expr, direction))
     order.append((scope.base.c.id, "asc"))

@@ -25,6 +25,9 @@ UNCACHED_TYPES: dict[str, str] = {
     "system_task_type": "unknown-type",
 }
 
+#: Types whose sort key is the lower-cased text (the rule the fake SG shares; docs/semantics.md).
+LOWER_SORTED = frozenset({"text", "entity_type", "color", "uuid", "list", "status_list", "footage"})
+
 _TEXT_OPS = frozenset(
     {"is", "is_not", "in", "not_in", "contains", "not_contains", "starts_with", "ends_with"}
 )

@@ -48,6 +48,11 @@ def multi_table_name(entity_type: str, field_name: str) -> str:
     return f"sg_{entity_type.lower()}__{field_name}"
 
 
+def text_key_index_name(entity_type: str, field_name: str) -> str:
+    """The index on a text field's sort key (lower case, code-point order) and id."""
+    return f"ix_{entity_table_name(entity_type)}_{field_name}__key"
+
+
 @dataclass
 class WriteResult:
     """What a write did: rows inserted/changed, and entities that need a full fetch."""
@@ -219,6 +224,11 @@ class Store:
         table = sa.Table(name, self.metadata, *cols)
         for col in indexed:
             sa.Index(f"ix_{name}_{col}", table.c[col])
+        keyed = fields.get(identifier) if identifier else None
+        if keyed is not None and keyed.data_type in fieldtypes.LOWER_SORTED:
+            # the name field's sorts and case-insensitive matches (cache/read/sorting.py, scalar_conditions.py)
+            self.dialect.text_key_index(text_key_index_name(entity_type, identifier), table.c[identifier],
+                                        table.c.id)
         self.tables[entity_type] = table
 
     # -- creation and schema diffs -----------------------------------------------------
@@ -229,6 +239,17 @@ class Store:
         self.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             self._sync_fields(conn, existed)
+            self._add_indexes(conn)
+
+    def _add_indexes(self, conn: Connection) -> None:
+        """Create the indexes a replica made by an older version lacks (create_all adds none to a
+        table that exists); on a big replica the first start after an upgrade builds them once."""
+        for table in self.metadata.sorted_tables:
+            have = self.dialect.index_names(conn, table.name)
+            for index in table.indexes:
+                if index.name not in have:
+                    log.info("creating index %s on %s", index.name, table.name)
+                    index.create(conn)
 
     def _sync_fields(self, conn: Connection, existed: set[str]) -> None:
         """Record each cached field's definition; add the storage of new ones, re-create changed ones.
@@ -310,6 +331,8 @@ class Store:
             return
         names = [f"{fname}__type", f"{fname}__id"] if data_type == "entity" else [fname]
         existing = {c["name"] for c in sa.inspect(conn).get_columns(entity_table_name(entity_type))}
+        # the text-key index is an expression on the column: SQLite refuses to drop a column one uses
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {quote(text_key_index_name(entity_type, fname))}")
         for col_name in names:
             if col_name in existing:
                 for idx in sa.inspect(conn).get_indexes(entity_table_name(entity_type)):

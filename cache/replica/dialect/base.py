@@ -104,6 +104,22 @@ class Dialect:
         """``expr``, sorting by code point whatever the database's collation."""
         return expr
 
+    def index_names(self, conn: Connection, table: str) -> set[str]:
+        """The names of the indexes on ``table`` (expression indexes too: SQLAlchemy's reflection
+        skips those on some databases)."""
+        raise NotImplementedError
+
+    def text_key(self, expr: Any) -> Any:
+        """The lower-cased text in code-point order: what text sorts by, and what case-insensitive
+        matches compare. The replica's text-key indexes (:meth:`text_key_index`) hold exactly this
+        expression, so a sort or a match written with it can use them."""
+        return self.codepoint_order(self.lower(expr))
+
+    def text_key_index(self, name: str, column: Any, id_column: Any) -> Any:
+        """An index on :meth:`text_key` of ``column`` then ``id``, in the order a read sorts
+        (NULL first ascending, ties by id: docs/semantics.md)."""
+        return sa.Index(name, self.text_key(column), id_column)
+
     def bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
         """``expr IN values`` (no None among them) with the values bound as ONE parameter, so a
         list of 30,000 values is neither 30,000 parameters nor a deep tree. ``storage``: the

@@ -88,6 +88,15 @@ class PostgreSQLDialect(Dialect):
         (SQLite's collation is binary already)."""
         return expr.collate("C")
 
+    def index_names(self, conn: Connection, table: str) -> set[str]:
+        rows = conn.exec_driver_sql("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+                                    " AND tablename = %(t)s", {"t": table})
+        return {r[0] for r in rows}
+
+    def text_key_index(self, name: str, column: Any, id_column: Any) -> Any:
+        """NULLS FIRST: the order of an ascending sort (a btree index is NULLS LAST by default)."""
+        return sa.Index(name, self.text_key(column).asc().nulls_first(), id_column)
+
     def _bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
         """An array compared with ``= ANY``."""
         array = sa.bindparam(None, values, type_=sa_postgresql.ARRAY(BOUND_LIST_TYPES[storage]()))

@@ -132,6 +132,10 @@ class SQLiteDialect(Dialect):
         non_ascii = sa.func.length(sa.cast(expr, sa.LargeBinary)) != sa.func.length(expr)  # bytes vs chars
         return sa.case((non_ascii, sa.func.sg_lower(expr)), else_=sa.func.lower(expr))
 
+    def index_names(self, conn: Connection, table: str) -> set[str]:
+        rows = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,))
+        return {r[0] for r in rows}
+
     def _bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
         """A JSON array read with ``json_each``."""
         if any(isinstance(v, str) and "\x00" in v for v in values):

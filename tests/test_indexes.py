@@ -1,0 +1,118 @@
+"""The replica's text-key indexes: present on both databases, added to an older replica on open,
+and used by the SQL the read engine emits for text sorts, case-insensitive ``is`` and ``starts_with``.
+(The answers' correctness is test_read.py's and test_oracle.py's.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from cache.read import Reader, ReplicaState
+from cache.read.scalar_conditions import prefix_range
+from cache.replica.schema import Schema
+from cache.replica.store import Store, text_key_index_name
+
+from .paths import BASIC_SCHEMA
+
+SHOT_KEY = text_key_index_name("Shot", "code")
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    st = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    rows = [{"id": i, "code": f"SH{i:04d}" if i % 7 else None, "_retired": False} for i in range(1, 301)]
+    with st.engine.begin() as conn:
+        conn.execute(st.tables["Shot"].insert(), rows)
+        st.mark_primed(conn, "Shot")
+    yield st
+    st.dispose()
+
+
+def index_names(st: Store, table: str) -> set[str]:
+    with st.engine.connect() as conn:
+        return st.dialect.index_names(conn, table)
+
+
+def test_name_fields_have_a_text_key_index(store: Store) -> None:
+    """Every type whose name field is text gets one; a number or link field does not."""
+    assert SHOT_KEY in index_names(store, "sg_shot")
+    assert text_key_index_name("Task", "content") in index_names(store, "sg_task")
+    assert text_key_index_name("Version", "code") in index_names(store, "sg_version")
+    assert not any(n.endswith("__key") for n in index_names(store, "sgcache_state"))
+
+
+def test_an_older_replica_gets_the_index_on_open(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP INDEX {SHOT_KEY}")
+    assert SHOT_KEY not in index_names(store, "sg_shot")
+    again = Store.open(store.engine.url.render_as_string(hide_password=False), store.schema)
+    try:
+        assert SHOT_KEY in index_names(again, "sg_shot")
+    finally:
+        again.dispose()
+
+
+def test_a_changed_name_field_drops_its_index_with_its_column(store: Store) -> None:
+    """SQLite refuses to drop a column an index expression uses: the key index goes first."""
+    data = store.schema.to_dict()
+    data["entities"]["Shot"]["fields"]["code"] = "number"
+    changed = Store.open(store.engine.url.render_as_string(hide_password=False), Schema.from_dict(data))
+    try:
+        assert SHOT_KEY not in index_names(changed, "sg_shot")
+        with changed.engine.connect() as conn:
+            assert "code" in {c["name"] for c in sa.inspect(conn).get_columns("sg_shot")}
+    finally:
+        changed.dispose()
+
+
+def plan_text(st: Store, params: dict[str, Any]) -> str:
+    """The database's plan for the read's SQL (PostgreSQL: with scans and sorts made costly, as
+    a small table would otherwise not be worth an index)."""
+    params = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+              "filters": {"logical_operator": "and", "conditions": []},
+              "paging": {"entities_per_page": 50, "current_page": 1}, **params}
+    with st.engine.connect() as conn:
+        plan = Reader(st).plan(params, ReplicaState(st.primed_fields(conn)))
+        sql = plan.select.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+        text = str(sql).replace("%", "%%")
+        if st.dialect.name == "sqlite":
+            return "\n".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + text))
+        conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        conn.exec_driver_sql("SET LOCAL enable_sort = off")
+        return "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + text))
+
+
+def conds(relation: str, value: Any) -> dict[str, Any]:
+    return {"filters": {"logical_operator": "and",
+                        "conditions": [{"path": "code", "relation": relation, "values": [value]}]}}
+
+
+@pytest.mark.parametrize("params", [
+    {"sorts": [{"field_name": "code", "direction": "asc"}]},
+    {"sorts": [{"field_name": "code", "direction": "desc"}]},
+    conds("starts_with", "sh01"),
+    conds("is", "sh0042"),
+], ids=["sort-asc", "sort-desc", "starts_with", "is"])
+def test_text_reads_use_the_key_index(store: Store, params: dict[str, Any]) -> None:
+    assert SHOT_KEY in plan_text(store, params)
+
+
+@pytest.mark.parametrize(("prefix", "low", "high"), [
+    ("sh01", "sh01", "sh02"),
+    ("a\U0010ffff", "a\U0010ffff", "b"),
+    ("\U0010ffff", "\U0010ffff", None),
+    ("x\ud7ff", "x\ud7ff", "x\ue000"),
+])
+def test_prefix_range_bounds_every_string_with_the_prefix(prefix: str, low: str, high: str | None) -> None:
+    bounds = prefix_range(sa.column("k"), prefix)
+    values = [b.right.value for b in bounds]
+    assert values == [low] + ([high] if high is not None else [])
+    for s in (prefix, prefix + "\U0010ffff", prefix + "z"):  # code-point order: Python's own
+        assert s >= low and (high is None or s < high)
+
+
+def test_an_empty_prefix_has_no_range() -> None:
+    assert prefix_range(sa.column("k"), "") == []
