@@ -116,3 +116,35 @@ def test_prefix_range_bounds_every_string_with_the_prefix(prefix: str, low: str,
 
 def test_an_empty_prefix_has_no_range() -> None:
     assert prefix_range(sa.column("k"), "") == []
+
+
+class ShotsSG:
+    """``find`` as a full scan calls it: ``id greater_than`` keyset pages of 30 Shots."""
+
+    def find(self, entity_type: str, filters: list[Any], fields: list[str] | None = None, order: Any = None,
+             limit: int = 0, retired_only: bool = False, **_: Any) -> list[dict[str, Any]]:
+        if retired_only or entity_type != "Shot":
+            return []
+        after = next(f[2] for f in filters if f[:2] == ["id", "greater_than"])
+        return [{"type": "Shot", "id": i, **{f: None for f in fields or [] if f != "id"}, "code": f"s{i}"}
+                for i in range(after + 1, min(31, after + 1 + limit))]
+
+
+def test_a_full_scan_refreshes_the_planner_statistics(db_url: str) -> None:
+    """PostgreSQL: ANALYZE of the type's tables (a never-analyzed table has reltuples -1, and plans
+    with guesses); SQLite: none (its planner does better here without statistics)."""
+    from cache.scan.scanner import Scanner
+
+    st = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    try:
+        assert Scanner(st, ShotsSG(), page_size=30).full_scan("Shot").primed
+        with st.engine.connect() as conn:
+            if st.dialect.name == "postgresql":
+                tuples = dict(conn.exec_driver_sql(
+                    "SELECT relname, reltuples FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
+                    " AND relname IN ('sg_shot', 'sgcache_entities', 'sg_task')").all())
+                assert tuples == {"sg_shot": 30, "sgcache_entities": 30, "sg_task": -1}
+            else:
+                assert not conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'").all()
+    finally:
+        st.dispose()

@@ -243,13 +243,14 @@ class Store:
 
     def _add_indexes(self, conn: Connection) -> None:
         """Create the indexes a replica made by an older version lacks (create_all adds none to a
-        table that exists); on a big replica the first start after an upgrade builds them once."""
+        table that exists): the first process to open it after an upgrade builds them, once (on a
+        million-row replica, seconds; writers wait meanwhile, docs/scale.md)."""
         for table in self.metadata.sorted_tables:
             have = self.dialect.index_names(conn, table.name)
             for index in table.indexes:
                 if index.name not in have:
                     log.info("creating index %s on %s", index.name, table.name)
-                    index.create(conn)
+                    conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))  # another process may too
 
     def _sync_fields(self, conn: Connection, existed: set[str]) -> None:
         """Record each cached field's definition; add the storage of new ones, re-create changed ones.
@@ -523,6 +524,11 @@ class Store:
         for key in items:
             batch.queue(key, reason)
         batch.flush()
+
+    def type_tables(self, entity_type: str) -> list[str]:
+        """The tables holding a type's rows: its own, its multi_entity fields', and the registry."""
+        multi = [t.name for (owner, _f), t in sorted(self.multi.items()) if owner == entity_type]
+        return [self.tables[entity_type].name, *multi, self.entities.name]
 
     def cached_field_names(self, entity_type: str) -> list[str]:
         """The fields of a type the replica stores (what a full fetch must ask for)."""

@@ -243,6 +243,9 @@ class Scanner:
                     scan.retired_missing += 1
             self.store.mark_primed(conn, scan.entity_type, watermark=scan.watermark)
         scan.primed = True
+        if scan.inserted:  # new rows: the planner's statistics of the type's tables are out of date
+            with self.store.engine.begin() as conn:
+                self.store.dialect.analyze(conn, self.store.type_tables(scan.entity_type))
 
     def prime(self, types: Sequence[str]) -> list[TypeScan]:
         """Full scans of ``types``, after recording the event cursor. With progress, SG's count of

@@ -109,6 +109,9 @@ class Dialect:
         skips those on some databases)."""
         raise NotImplementedError
 
+    def analyze(self, conn: Connection, tables: Sequence[str]) -> None:
+        """Refresh the planner's statistics of ``tables`` (after a full scan wrote them)."""
+
     def text_key(self, expr: Any) -> Any:
         """The lower-cased text in code-point order: what text sorts by, and what case-insensitive
         matches compare. The replica's text-key indexes (:meth:`text_key_index`) hold exactly this
