@@ -71,7 +71,7 @@ def test_a_changed_name_field_drops_its_index_with_its_column(store: Store) -> N
 def plan_text(st: Store, params: dict[str, Any]) -> str:
     """The database's plan for the read's SQL (PostgreSQL: with scans and sorts made costly, as
     a small table would otherwise not be worth an index)."""
-    params = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+    params = {"type": "Shot", "return_fields": ["id"], "return_only": "active",
               "filters": {"logical_operator": "and", "conditions": []},
               "paging": {"entities_per_page": 50, "current_page": 1}, **params}
     with st.engine.connect() as conn:
@@ -112,6 +112,17 @@ def test_prefix_range_bounds_every_string_with_the_prefix(prefix: str, low: str,
     assert values == [low] + ([high] if high is not None else [])
     for s in (prefix, prefix + "\U0010ffff", prefix + "z"):  # code-point order: Python's own
         assert s >= low and (high is None or s < high)
+
+
+def test_a_deep_link_filter_starts_from_the_link_index(store: Store) -> None:
+    """``entity.Shot.sg_sequence is X`` on Tasks: the Shots of X by their link index (the test on
+    the hop's own link columns makes its LEFT JOIN inner: SQLite does not infer it), not every Task."""
+    with store.engine.begin() as conn:
+        store.mark_primed(conn, "Task")
+        store.mark_primed(conn, "Sequence")
+    params = {"type": "Task", "filters": {"logical_operator": "and", "conditions": [
+        {"path": "entity.Shot.sg_sequence", "relation": "is", "values": [{"type": "Sequence", "id": 3}]}]}}
+    assert "ix_sg_shot_sg_sequence__id" in plan_text(store, params)
 
 
 def test_an_empty_prefix_has_no_range() -> None:

@@ -35,6 +35,12 @@ def entity_condition(
         match = link_in(dialect, reg, pairs) if pairs else sa.false()
         if None in links:
             match = sa.or_(match, reg.c.id.is_(None))
+        elif relation in ("is", "in") and len(pairs) == 1:
+            # the same test on the row's own link columns: implied by the registry join (so no
+            # answer changes; the read engine never negates an is/in condition it returns), it lets
+            # the planner start from the link's index, and turns a deep path's LEFT JOIN inner
+            (t, i), = pairs
+            match = sa.and_(alias.c[f"{fschema.name}__type"] == t, alias.c[f"{fschema.name}__id"] == i, match)
         if relation in ("is", "in"):
             return match
         return sa.or_(reg.c.id.is_(None), sa.not_(match)) if None not in links else sa.not_(match)
