@@ -110,7 +110,13 @@ class Dialect:
         raise NotImplementedError
 
     def analyze(self, conn: Connection, tables: Sequence[str]) -> None:
-        """Refresh the planner's statistics of ``tables`` (after a full scan wrote them)."""
+        """Refresh the planner's statistics of ``tables`` (after a full scan filled them). Without,
+        at a million rows, PostgreSQL (a table autovacuum has not analyzed yet) planned sequential
+        scans and sorts, and SQLite took a status index over a link's for a deep filter
+        (benchmarks/bench_scale.py, docs/scale.md)."""
+        quote = conn.dialect.identifier_preparer.quote
+        for table in tables:
+            conn.exec_driver_sql(f"ANALYZE {quote(table)}")
 
     def text_key(self, expr: Any) -> Any:
         """The lower-cased text in code-point order: what text sorts by, and what case-insensitive

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -87,14 +87,6 @@ class PostgreSQLDialect(Dialect):
         """COLLATE "C": a database created with a linguistic locale would order differently
         (SQLite's collation is binary already)."""
         return expr.collate("C")
-
-    def analyze(self, conn: Connection, tables: Sequence[str]) -> None:
-        """ANALYZE: a table just filled has no statistics until autovacuum comes by, and the
-        planner then picks sequential scans and sorts over its indexes (measured at a million rows:
-        benchmarks/bench_scale.py)."""
-        quote = conn.dialect.identifier_preparer.quote
-        for table in tables:
-            conn.exec_driver_sql(f"ANALYZE {quote(table)}")
 
     def index_names(self, conn: Connection, table: str) -> set[str]:
         rows = conn.exec_driver_sql("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"

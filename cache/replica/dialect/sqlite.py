@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +131,6 @@ class SQLiteDialect(Dialect):
         bytes as characters), the registered Python sg_lower() for the others."""
         non_ascii = sa.func.length(sa.cast(expr, sa.LargeBinary)) != sa.func.length(expr)  # bytes vs chars
         return sa.case((non_ascii, sa.func.sg_lower(expr)), else_=sa.func.lower(expr))
-
-    def analyze(self, conn: Connection, tables: Sequence[str]) -> None:
-        """Nothing: SQLite's planner without statistics picks the replica's indexes; with them (ANALYZE)
-        it chose a slower plan for a deep filter at a million rows (benchmarks/bench_scale.py)."""
 
     def index_names(self, conn: Connection, table: str) -> set[str]:
         rows = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,))
