@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from cache.read import Reader, ReplicaState
 from cache.read.scalar_conditions import prefix_range
 from cache.replica.schema import Schema
-from cache.replica.store import Store, text_key_index_name
+from cache.replica.store import Store, sort_index_name, text_key_index_name
 
 from .paths import BASIC_SCHEMA
 
@@ -51,6 +51,20 @@ def test_an_older_replica_gets_the_index_on_open(store: Store) -> None:
     again = Store.open(store.engine.url.render_as_string(hide_password=False), store.schema)
     try:
         assert SHOT_KEY in index_names(again, "sg_shot")
+    finally:
+        again.dispose()
+
+
+def test_date_fields_have_a_sort_index_that_replaces_the_old_one(store: Store) -> None:
+    """(field, id) in a read's order; an older replica's single-column index goes on open."""
+    new, old = sort_index_name("Shot", "created_at"), "ix_sg_shot_created_at"
+    assert new in index_names(store, "sg_shot") and old not in index_names(store, "sg_shot")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP INDEX {new}")
+        conn.exec_driver_sql(f"CREATE INDEX {old} ON sg_shot (created_at)")
+    again = Store.open(store.engine.url.render_as_string(hide_password=False), store.schema)
+    try:
+        assert new in index_names(again, "sg_shot") and old not in index_names(again, "sg_shot")
     finally:
         again.dispose()
 
@@ -98,6 +112,13 @@ def conds(relation: str, value: Any) -> dict[str, Any]:
 ], ids=["sort-asc", "sort-desc", "starts_with", "is"])
 def test_text_reads_use_the_key_index(store: Store, params: dict[str, Any]) -> None:
     assert SHOT_KEY in plan_text(store, params)
+
+
+@pytest.mark.parametrize("direction", ["asc", "desc"])
+def test_date_sorts_use_the_sort_index(store: Store, direction: str) -> None:
+    """Both directions (PostgreSQL: only an index NULLS FIRST gives SG's NULL order either way)."""
+    plan = plan_text(store, {"sorts": [{"field_name": "created_at", "direction": direction}]})
+    assert sort_index_name("Shot", "created_at") in plan
 
 
 @pytest.mark.parametrize(("prefix", "low", "high"), [

@@ -48,6 +48,11 @@ def multi_table_name(entity_type: str, field_name: str) -> str:
     return f"sg_{entity_type.lower()}__{field_name}"
 
 
+def sort_index_name(entity_type: str, field_name: str) -> str:
+    """The index on a date field then id (it replaces an older release's ``ix_<table>_<field>``)."""
+    return f"ix_{entity_table_name(entity_type)}_{field_name}__sort"
+
+
 def text_key_index_name(entity_type: str, field_name: str) -> str:
     """The index on a text field's sort key (lower case, code-point order) and id."""
     return f"ix_{entity_table_name(entity_type)}_{field_name}__key"
@@ -198,6 +203,7 @@ class Store:
             sa.Column("_retired", sa.Boolean, nullable=False, default=False),
         ]
         indexed: list[str] = []
+        sorted_by: list[str] = []
         identifier = self.schema.identifier(entity_type)
         for fname, fschema in sorted(fields.items()):
             if fname == "id" or not fieldtypes.is_cached_type(fschema.data_type):
@@ -219,11 +225,15 @@ class Store:
                 indexed.append(f"{fname}__id")
             else:
                 cols.append(sa.Column(fname, _column_type(storage)))
-                if fschema.data_type in ("status_list", "date", "date_time") or fname == identifier:
+                if fschema.data_type in ("date", "date_time"):
+                    sorted_by.append(fname)
+                elif fschema.data_type == "status_list" or fname == identifier:
                     indexed.append(fname)
         table = sa.Table(name, self.metadata, *cols)
         for col in indexed:
             sa.Index(f"ix_{name}_{col}", table.c[col])
+        for col in sorted_by:  # in a read's order, ties by id: a sorted page stops at its last row
+            self.dialect.sort_index(sort_index_name(entity_type, col), table.c[col], table.c.id)
         keyed = fields.get(identifier) if identifier else None
         if keyed is not None and keyed.data_type in fieldtypes.LOWER_SORTED:
             # the name field's sorts and case-insensitive matches (cache/read/sorting.py, scalar_conditions.py)
@@ -251,6 +261,9 @@ class Store:
                 if index.name not in have:
                     log.info("creating index %s on %s", index.name, table.name)
                     conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))  # another process may too
+                old = index.name.removesuffix("__sort") if index.name.endswith("__sort") else None
+                if old in have:  # the single-column index an older release made: the new one leads with it
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {conn.dialect.identifier_preparer.quote(old)}")
 
     def _sync_fields(self, conn: Connection, existed: set[str]) -> None:
         """Record each cached field's definition; add the storage of new ones, re-create changed ones.

@@ -124,6 +124,10 @@ class Dialect:
         expression, so a sort or a match written with it can use them."""
         return self.codepoint_order(self.lower(expr))
 
+    def sort_index(self, name: str, column: Any, id_column: Any) -> Any:
+        """An index on ``column`` then ``id`` in the order a read sorts (NULL first ascending)."""
+        return sa.Index(name, column, id_column)
+
     def text_key_index(self, name: str, column: Any, id_column: Any) -> Any:
         """An index on :meth:`text_key` of ``column`` then ``id``, in the order a read sorts
         (NULL first ascending, ties by id: docs/semantics.md)."""

@@ -93,6 +93,11 @@ class PostgreSQLDialect(Dialect):
                                     " AND tablename = %(t)s", {"t": table})
         return {r[0] for r in rows}
 
+    def sort_index(self, name: str, column: Any, id_column: Any) -> Any:
+        """NULLS FIRST (a btree index is NULLS LAST: read backwards, NULLS FIRST descending, the
+        reverse of SG's order, and PostgreSQL then sorts the whole table for a page)."""
+        return sa.Index(name, column.asc().nulls_first(), id_column)
+
     def text_key_index(self, name: str, column: Any, id_column: Any) -> Any:
         """NULLS FIRST: the order of an ascending sort (a btree index is NULLS LAST by default)."""
         return sa.Index(name, self.text_key(column).asc().nulls_first(), id_column)
