@@ -249,13 +249,15 @@ class Store:
         self.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             self._sync_fields(conn, existed)
-            self._add_indexes(conn)
+            self._add_indexes(conn, existed)
 
-    def _add_indexes(self, conn: Connection) -> None:
+    def _add_indexes(self, conn: Connection, existed: set[str]) -> None:
         """Create the indexes a replica made by an older version lacks (create_all adds none to a
         table that exists): the first process to open it after an upgrade builds them, once (on a
         million-row replica, seconds; writers wait meanwhile, docs/scale.md)."""
         for table in self.metadata.sorted_tables:
+            if table.name not in existed:
+                continue  # made whole by create_all just now
             have = self.dialect.index_names(conn, table.name)
             for index in table.indexes:
                 if index.name not in have:
