@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # the site and the reads of the hit benchmark (the one benchmark that imports another)
-from benchmarks.bench_hit import build_site, queries  # noqa: E402
+from benchmarks.hitset import build_site, queries  # noqa: E402
 from tests.rig import Rig  # noqa: E402
 
 
