@@ -1,6 +1,6 @@
 """Ingest benchmark: events applied per second on SQLite and PostgreSQL.
 
-    python -m benchmarks.bench_ingest [--events 10000] [--pg URL] [--batch 500]
+    python -m benchmarks.bench_ingest [--events 10000] [--pg URL] [--batch 500] [--catch-up-batch 2000]
 
 A fake SG site (in-process) is driven through a mixed workload until it has written
 the requested number of EventLogEntry rows (creates with their in_create Changes,
@@ -138,12 +138,12 @@ def add_deep_fields(events: list[dict[str, Any]], rows: dict[str, dict[int, dict
                 event[f"entity.{entity['type']}.{fname}"] = row[fname]
 
 
-def run_backend(url: str, schema: Schema, sg: MemorySG, batch: int) -> tuple[float, int, int]:
+def run_backend(url: str, schema: Schema, sg: MemorySG, batch: int, catch_up: int) -> tuple[float, int, int]:
     """Time one ingest of the whole stream; returns (seconds, events, change-log rows)."""
     store = Store.open(url, schema, **engine_options(url))
     with store.engine.begin() as conn:
         store.set_state(conn, K_CURSOR, 0)
-    ingester = Ingester(store, sg, IngestConfig(batch=batch, poll_interval=0.0, sweep_every=0), lock=NoLock())
+    ingester = Ingester(store, sg, IngestConfig(batch=batch, catch_up_batch=catch_up, poll_interval=0.0, sweep_every=0), lock=NoLock())
     start = time.perf_counter()
     ingester.run(follow=False)
     elapsed = time.perf_counter() - start
@@ -158,7 +158,9 @@ def run_backend(url: str, schema: Schema, sg: MemorySG, batch: int) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=IngestConfig.batch)
+    parser.add_argument("--catch-up-batch", type=int, default=IngestConfig.catch_up_batch,
+                        help="events per poll after a full poll (the ingester's default; --batch to turn it off)")
     parser.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL base URL ('' to skip)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -182,9 +184,9 @@ def main() -> None:
         for name, url, pg_schema in backends:
             try:
                 sg = MemorySG(events, active, retired)
-                elapsed, applied, changes = run_backend(url, schema, sg, args.batch)
+                elapsed, applied, changes = run_backend(url, schema, sg, args.batch, args.catch_up_batch)
                 print(f"{name:<10} {applied} events in {elapsed:.2f}s = {applied / elapsed:,.0f} events/s "
-                      f"({changes} change-log rows, {sg.calls} SG calls, batch {args.batch})")
+                      f"({changes} change-log rows, {sg.calls} SG calls, batch {args.batch}, catch-up {args.catch_up_batch})")
             finally:
                 if pg_schema:
                     drop_pg(args.pg, pg_schema)

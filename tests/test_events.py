@@ -499,7 +499,8 @@ def test_heartbeat_moves_only_when_a_poll_reaches_the_end_of_the_stream(site: Fa
     """A backlog (after an outage or a restore) applied a full batch at a time leaves the heartbeat as
     it was: the proxy must not serve a replica that is behind SG because its ingester is busy."""
     prime(store, client)
-    ing = Ingester(store, client, IngestConfig(batch=3, poll_interval=0.01, gap_timeout=300), clock=clock)
+    ing = Ingester(store, client, IngestConfig(batch=3, catch_up_batch=4, poll_interval=0.01, gap_timeout=300),
+                   clock=clock)
     try:
         ing.poll_once()
         beat = state(store, K_HEARTBEAT)
@@ -517,3 +518,37 @@ def test_heartbeat_moves_only_when_a_poll_reaches_the_end_of_the_stream(site: Fa
         assert state(store, K_HEARTBEAT) != beat and state(store, K_HEARTBEAT) == last.caught_up_at
     finally:
         ing.close()
+
+
+def test_a_backlog_is_read_in_catch_up_batches_until_the_end(site: FakeSite, store: Store,
+                                                               client: SiteClient, clock: Clock) -> None:
+    """After a full poll the ingester asks for catch_up_batch events a poll (fewer, larger transactions
+    while behind); once a poll reaches the end of the stream it asks for batch again."""
+    limits: list[int] = []
+    find = client.find
+
+    def recording_find(entity_type: str, filters: Any, fields: list[str] | None = None, **kwargs: Any) -> Any:
+        if entity_type == "EventLogEntry" and kwargs.get("limit"):
+            limits.append(kwargs["limit"])
+        return find(entity_type, filters, fields, **kwargs)
+
+    client.find = recording_find  # type: ignore[method-assign]
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=2, catch_up_batch=5, poll_interval=0.01, gap_timeout=300),
+                   clock=clock)
+    try:
+        proj = make_project(site)
+        for i in range(11):
+            site.create_direct("Sequence", {"code": f"SQ{i:02d}", "project": proj})
+        results = [ing.poll_once()]
+        while results[-1].full:
+            results.append(ing.poll_once())
+        ing.poll_once()  # at the end: a normal poll again
+        ing.process_fetch_queue()  # the new rows (as the run loop does after each poll)
+        assert limits[0] == 2 and set(limits[1:len(results)]) == {5} and limits[-1] == 2, limits
+        assert [r.received for r in results[1:-1]] == [5] * (len(results) - 2)
+        assert state(store, K_HIGH) == site.last_event_id()
+        assert_equal_to_site(store, site)
+    finally:
+        ing.close()
+    assert IngestConfig(batch=800, catch_up_batch=300).catch_up_batch == 800  # never below batch

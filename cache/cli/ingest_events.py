@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-timeout", type=float, default=300.0,
                         help="seconds to wait for a missing event id before giving up on it (default 300)")
     parser.add_argument("--batch", type=int, default=500, help="events per poll (default 500)")
+    parser.add_argument("--catch-up-batch", type=int, default=2000,
+                        help="events per poll after a full poll, until the end of the stream (a backlog: "
+                             "fewer, larger transactions; default 2000)")
     parser.add_argument("--sweep-every", type=int, default=30,
                         help="polls between sweeps for event ids that became visible after their gap was "
                              "given up (default 30; 0: never)")
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     check_db_url(args.db)
     sg = make_client(args)
     store = open_bound_store(args.db, schema, args.site, **engine_options(args.db))
-    config = IngestConfig(batch=args.batch, poll_interval=args.poll_interval,
+    config = IngestConfig(batch=args.batch, catch_up_batch=args.catch_up_batch,
+                          poll_interval=args.poll_interval,
                           gap_timeout=args.gap_timeout, lock_retry=args.lock_retry,
                           sweep_every=args.sweep_every, sweep_window=args.sweep_window,
                           idle_max=args.idle_max)

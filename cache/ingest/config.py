@@ -21,6 +21,9 @@ class IngestConfig:
     """Tunables of the ingester (the script's flags)."""
 
     batch: int = 500
+    # events per poll after a full one, until the end of the stream (shotgun_api3 reads them in
+    # pages of SG's 500; they are applied in one transaction)
+    catch_up_batch: int = 2000
     poll_interval: float = 1.0
     # while no events come the wait grows to this ceiling (never below poll_interval); a change on
     # an idle site is then visible within idle_max plus the apply time. None: no back-off.
@@ -32,6 +35,9 @@ class IngestConfig:
     max_gap_span: int = 10_000
     lock_retry: float = 1.0
     retry_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.catch_up_batch = max(self.catch_up_batch, self.batch)  # never smaller than a normal poll
 
     def sweep_seconds(self) -> float:
         return self.sweep_window if self.sweep_window is not None else 2 * self.gap_timeout

@@ -10,8 +10,12 @@ every ``sweep_every`` polls a sweep applies late-visible events. Invariants kept
   session and so the PostgreSQL leadership, and leadership is taken again before the next poll.
 - A batch that fails to apply is applied again event by event (careful mode), so one bad event
   does not stall the stream.
-- The heartbeat moves on every successful poll: every ``poll_interval`` while events come,
-  backing off to ``idle_max`` while none do (the proxy's ``sgcache_max_lag`` counts on it).
+- The heartbeat moves only with a poll that reached the end of the stream (the time it asked
+  SG): every ``poll_interval`` while events come, backing off to ``idle_max`` while none do (the
+  proxy's ``sgcache_max_lag`` counts on it); a poll working through a backlog says nothing of freshness.
+- A poll asks for ``batch`` events; after a full one (a backlog: a restart, an outage, a burst)
+  it asks for ``catch_up_batch`` until it reaches the end, so catching up costs fewer
+  transactions and folds repeated fetches of the same entity.
 - The sweep never looks at or below ``event_floor``, and only at SG's last ``sweep_window``
   seconds; what it applies goes through the same one-transaction batch.
 """
@@ -70,6 +74,7 @@ class Ingester:
         self.fetcher = Fetcher(store, sg, self.connect, self.schema_refresh.missing_fields)
         self._event_fields = event_fields(store)
         self._polls = 0
+        self._behind = False  # the last poll was full: the next asks for catch_up_batch events
 
     # -- connection and leadership (cache/ingest/leader.py) ----------------------------
     @property
@@ -167,8 +172,10 @@ class Ingester:
             gaps = self.position.open_gaps(conn)
             started = pending.poll_started(self.store, conn)
         asked_at = iso_now()
-        events = self.fetch_events(high, sorted(gaps)) if self.sg is not None else []
-        full = len(events) >= self.config.batch + len(gaps)
+        limit = self.config.catch_up_batch if self._behind else self.config.batch
+        events = self.fetch_events(high, sorted(gaps), limit) if self.sg is not None else []
+        full = len(events) >= limit + len(gaps)
+        self._behind = full
         caught_up_at = None if full else asked_at
         try:
             result = self._apply_polled(conn, events, full, careful=False, caught_up_at=caught_up_at)
@@ -190,14 +197,16 @@ class Ingester:
             self.apply_batch(conn, events, gaps, high, result, careful=careful)
         return result
 
-    def fetch_events(self, high: int, gaps: list[int]) -> list[dict[str, Any]]:
-        """Events above ``high`` plus any open gap that became visible, by id."""
+    def fetch_events(self, high: int, gaps: list[int], limit: int | None = None) -> list[dict[str, Any]]:
+        """Events above ``high`` plus any open gap that became visible, by id: ``limit`` of them
+        (default ``batch``) plus the gaps."""
+        limit = self.config.batch if limit is None else limit
         filters: list[Any] = [["id", "greater_than", high]]
         if gaps:
             filters = [{"filter_operator": "any",
                         "filters": [["id", "in", gaps], ["id", "greater_than", high]]}]
         events = self.sg.find(EVENT_TYPE, filters, self._event_fields,  # type: ignore[union-attr]
-                              order=[{"field_name": "id", "direction": "asc"}], limit=self.config.batch + len(gaps))
+                              order=[{"field_name": "id", "direction": "asc"}], limit=limit + len(gaps))
         return [to_wire(e) for e in events]
 
     # -- the sweep ---------------------------------------------------------------------
