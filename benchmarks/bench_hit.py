@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +29,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.hitset import build_site, cpu_seconds, nodelay, queries, throughput  # noqa: E402
+from benchmarks.hitset import (  # noqa: E402
+    build_site,
+    cpu_seconds,
+    nodelay_after,
+    queries,
+    sigterm_under_load,
+    throughput,
+)
 from tests.rig import SCRIPT, Rig  # noqa: E402
 
 FLOOR = REPO / "benchmarks" / "floor_addon.py"
@@ -149,51 +154,9 @@ def main() -> None:
         print(f"profile: {args.profile / 'sgcache.prof'}")
 
 
-def sigterm_under_load(rig: Rig, proxy: Any, calls: list[Callable[[Any], Any]], threads: int) -> str:
-    """Send SIGTERM to mitmdump while ``threads`` clients read; how long it took to exit, how many
-    calls that had started before it failed (cut off), and how many started after it failed."""
-    clients = [rig.client(proxy) for _ in range(threads)]
-    for sg in clients:
-        calls[0](sg)
-    failed: list[float] = []  # when each failed call started
-    signalled = [float("inf")]
-    stop = threading.Event()
-
-    def work(n: int) -> None:
-        i = n
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                calls[i % len(calls)](clients[n])
-            except Exception:  # noqa: BLE001 - the proxy is going away: count how calls end
-                failed.append(started)
-                return
-            i += 1
-
-    workers = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(threads)]
-    for w in workers:
-        w.start()
-    time.sleep(1.0)
-    t0 = signalled[0] = time.perf_counter()
-    proxy.proc.send_signal(signal.SIGTERM)
-    code = proxy.proc.wait(30)
-    took = time.perf_counter() - t0
-    stop.set()
-    for w in workers:
-        w.join(10)
-    cut = sum(1 for started in failed if started < signalled[0])
-    return (f"exited {took:.2f} s after SIGTERM with status {code}; calls in flight at SIGTERM cut off: {cut}; "
-            f"calls started after it that failed: {len(failed) - cut}")
-
-
 def client_reads(rig: Rig) -> int:
     """Reads SG served to the benchmark's clients (not the ingester's polls)."""
     return rig.site.count_by_script("read", SCRIPT)
-
-
-def nodelay_after(sg: Any) -> Any:
-    sg.find_one("Project", [])
-    return nodelay(sg)
 
 
 if __name__ == "__main__":

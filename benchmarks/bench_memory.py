@@ -16,7 +16,6 @@ calls failed. ``--set`` passes mitmdump options (e.g. ``--set sgcache_plan_cache
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.hitset import sigterm_under_load  # noqa: E402
 from tests.rig import Rig  # noqa: E402
 
 
@@ -85,41 +85,11 @@ def big_bodies(rig: Rig, proxy: Any, times: int, mb: int) -> None:
     print(f"  2 s after the large bodies: RSS {rss_mb(proxy.proc.pid):.1f} MB")
 
 
-def sigterm_under_load(rig: Rig, proxy: Any, threads: int = 16) -> str:
-    """SIGTERM while ``threads`` clients read: seconds to exit; calls in flight at SIGTERM that
-    failed (cut off), and calls started after it that failed (refused: the proxy is stopping)."""
-    clients = [rig.client(proxy) for _ in range(threads)]
-    for sg in clients:
-        sg.find_one("Project", [])
-    failed: list[float] = []  # when each failed call started
-    signalled = [float("inf")]
-    stop = threading.Event()
-
-    def work(k: int) -> None:
-        sg, i = clients[k], k
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                sg.find("Shot", [["sg_cut_in", "greater_than", i % 50]], ["code"])
-            except Exception:  # noqa: BLE001 - the proxy is going away: count how calls end
-                failed.append(started)
-                return
-            i += 1
-
-    workers = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(threads)]
-    for w in workers:
-        w.start()
-    time.sleep(1.0)
-    t0 = signalled[0] = time.perf_counter()
-    proxy.proc.send_signal(signal.SIGTERM)
-    code = proxy.proc.wait(30)
-    took = time.perf_counter() - t0
-    stop.set()
-    for w in workers:
-        w.join(10)
-    cut = sum(1 for started in failed if started < signalled[0])
-    return (f"exited {took:.2f} s after SIGTERM with status {code}; calls in flight at SIGTERM cut off: {cut}; "
-            f"calls started after it that failed: {len(failed) - cut}")
+def sigterm_under_load_reads(rig: Rig, proxy: Any, threads: int = 16) -> str:
+    """SIGTERM while ``threads`` clients read (benchmarks/hitset.py's sigterm_under_load)."""
+    calls = [lambda sg: sg.find_one("Project", [])] + [
+        lambda sg, n=n: sg.find("Shot", [["sg_cut_in", "greater_than", n]], ["code"]) for n in range(50)]
+    return sigterm_under_load(rig, proxy, calls, threads)
 
 
 def main() -> None:
@@ -140,7 +110,7 @@ def main() -> None:
         distinct_reads(rig, proxy, args.reads, args.threads)
         if args.big:
             big_bodies(rig, proxy, args.big, args.big_mb)
-        print(f"SIGTERM under load (16 clients): {sigterm_under_load(rig, proxy)}")
+        print(f"SIGTERM under load (16 clients): {sigterm_under_load_reads(rig, proxy)}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -32,23 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # the site and the reads of the hit benchmark (the one benchmark that imports another)
-from benchmarks.hitset import build_site, queries  # noqa: E402
+from benchmarks.hitset import build_site, cpu_seconds, nodelay_after, queries, run_threads  # noqa: E402
 from tests.rig import Rig  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its waited children, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def nodelay_after(sg: Any) -> Any:
-    """A client after a first call, with Nagle off on its connections."""
-    sg.find_one("Project", [])
-    for conn in sg._connection.connections.values():
-        if conn.sock is not None:
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sg
 
 
 def write_p50(direct: Any, proxied: Any, shot_id: int, writes: int, pid: int) -> tuple[float, float, float]:
@@ -100,15 +84,8 @@ def mixed(make_client: Callable[[], Any], shot_ids: list[int], reads_set: list[C
             i += 1
             done[k] += 1
 
-    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    t0 = time.perf_counter()
-    for w in workers:
-        w.start()
-    time.sleep(seconds)
-    stop.set()
-    for w in workers:
-        w.join()
-    rate = sum(done) / (time.perf_counter() - t0)
+    elapsed = run_threads(work, threads, seconds, stop)  # before counting what was done
+    rate = sum(done) / elapsed
     return rate, statistics.median(writes) if writes else float("nan"), statistics.median(reads)
 
 

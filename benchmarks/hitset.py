@@ -1,11 +1,13 @@
-"""The hit benchmarks' shared parts: the site, the query set of issue 11, CPU from /proc, throughput.
+"""The proxy benchmarks' shared parts: the site, the query set of issue 11, CPU from /proc, client
+threads run for a while (throughput), SIGTERM under load.
 
-Used by benchmarks/bench_hit.py and benchmarks/bench_processes.py.
+Used by benchmarks/bench_hit.py, bench_processes.py, bench_writes.py and bench_memory.py.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -73,6 +75,20 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
+def run_threads(work: Callable[[int], None], threads: int, seconds: float, stop: threading.Event) -> float:
+    """Run ``work(n)`` in ``threads`` threads for ``seconds`` (they stop when ``stop`` is set);
+    the seconds they ran."""
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - t0
+
+
 def throughput(make_client: Callable[[], Any], calls: list[Callable[[Any], Any]], threads: int,
                seconds: float) -> float:
     """Calls per second from ``threads`` clients each cycling through ``calls`` for ``seconds``."""
@@ -90,12 +106,48 @@ def throughput(make_client: Callable[[], Any], calls: list[Callable[[Any], Any]]
             i += 1
             done[n] += 1
 
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    t0 = time.perf_counter()
+    elapsed = run_threads(work, threads, seconds, stop)  # before counting what was done
+    return sum(done) / elapsed
+
+
+def nodelay_after(sg: Any) -> Any:
+    """A first request (the connection opens), then Nagle off."""
+    sg.find_one("Project", [])
+    return nodelay(sg)
+
+
+def sigterm_under_load(rig: Any, proxy: Any, calls: list[Callable[[Any], Any]], threads: int) -> str:
+    """Send SIGTERM to mitmdump while ``threads`` clients read; how long it took to exit, how many
+    calls that had started before it failed (cut off), and how many started after it failed."""
+    clients = [rig.client(proxy) for _ in range(threads)]
+    for sg in clients:
+        calls[0](sg)
+    failed: list[float] = []  # when each failed call started
+    signalled = [float("inf")]
+    stop = threading.Event()
+
+    def work(n: int) -> None:
+        i = n
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                calls[i % len(calls)](clients[n])
+            except Exception:  # noqa: BLE001 - the proxy is going away: count how calls end
+                failed.append(started)
+                return
+            i += 1
+
+    workers = [threading.Thread(target=work, args=(n,), daemon=True) for n in range(threads)]
     for w in workers:
         w.start()
-    time.sleep(seconds)
+    time.sleep(1.0)
+    t0 = signalled[0] = time.perf_counter()
+    proxy.proc.send_signal(signal.SIGTERM)
+    code = proxy.proc.wait(30)
+    took = time.perf_counter() - t0
     stop.set()
     for w in workers:
-        w.join()
-    return sum(done) / (time.perf_counter() - t0)
+        w.join(10)
+    cut = sum(1 for started in failed if started < signalled[0])
+    return (f"exited {took:.2f} s after SIGTERM with status {code}; calls in flight at SIGTERM cut off: {cut}; "
+            f"calls started after it that failed: {len(failed) - cut}")
