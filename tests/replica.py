@@ -7,6 +7,7 @@ caught up; :func:`assert_equal_to_site` compares every cached type of the replic
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from cache.ingest import Ingester
@@ -76,16 +77,28 @@ def state(store: Store, key: str) -> Any:
         return store.get_state(conn, key)
 
 
+#: Rows per page of :func:`replica_read` (SG's largest page).
+PAGE = 500
+
+
 def replica_read(store: Store, entity_type: str, fields: list[str], retired: bool) -> list[dict[str, Any]]:
-    """Every active (or retired) row of a type, id ascending, as the read engine answers it."""
-    params = {"type": entity_type, "return_fields": fields,
-              "filters": {"logical_operator": "and", "conditions": []},
-              "sorts": [{"field_name": "id", "direction": "asc"}],
-              "paging": {"entities_per_page": 500, "current_page": 1},
-              "return_only": "retired" if retired else "active"}
-    with store.engine.connect() as conn:
+    """Every active (or retired) row of a type, id ascending, as the read engine answers it, page by
+    page as a client pages (in one snapshot)."""
+    rows: list[dict[str, Any]] = []
+    reader = Reader(store)
+    with store.engine.connect() as conn, conn.begin():
         replica_state = ReplicaState(store.primed_fields(conn))
-        return Reader(store).read(conn, params, replica_state)["entities"]
+        for page in itertools.count(1):
+            params = {"type": entity_type, "return_fields": fields,
+                      "filters": {"logical_operator": "and", "conditions": []},
+                      "sorts": [{"field_name": "id", "direction": "asc"}],
+                      "paging": {"entities_per_page": PAGE, "current_page": page},
+                      "return_only": "retired" if retired else "active"}
+            entities = reader.read(conn, params, replica_state)["entities"]
+            rows.extend(entities)
+            if len(entities) < PAGE:
+                return rows
+    raise AssertionError("unreachable")
 
 
 def site_differences(store: Store, site: FakeSite) -> list[str]:
