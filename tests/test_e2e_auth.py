@@ -144,3 +144,28 @@ def test_odd_script_names_get_sgs_answer_with_a_pass(listed: Rig, auth: dict[str
     assert reply["exception"] is True and reply["error_code"] == 102  # what SG says to such a body
     assert listed.reads() == before + 1
     assert "Addon error" not in listed.proxy.output() and "Traceback" not in listed.proxy.output()
+
+
+def test_a_kept_answer_goes_only_to_verified_credentials_and_never_outlives_a_write(rig: Rig) -> None:
+    """The answers kept by exact request (cache/proxy/answercache.py) are still served only to
+    credentials SG accepted: a forged key sending the very body of a kept answer gets SG's refusal;
+    and a write through the proxy ends the kept answer at once (the writer reads its write)."""
+    good = {"script_name": SCRIPT, "script_key": KEY}
+    shots = {"type": "Shot", "return_fields": ["code"],
+             "filters": {"logical_operator": "and", "conditions": []},
+             "sorts": [{"field_name": "id", "direction": "asc"}],
+             "paging": {"entities_per_page": 500, "current_page": 1}, "return_only": "active"}
+    post(rig, "info", good)
+    post(rig, "read", good, shots)  # SG verifies the credentials (a pass), then hits
+    headers = [post(rig, "read", good, shots)[0] for _ in range(4)]
+    assert headers == ["hit"] * 4, headers  # seen fast, then kept: answered on the event loop
+    first = post(rig, "read", good, shots)[1]["results"]["entities"][0]
+    for forged in ({"script_name": SCRIPT, "script_key": "guess"}, {"script_name": "eve", "script_key": KEY}):
+        before = rig.reads()
+        header, reply = post(rig, "read", forged, shots)
+        assert header == "pass; reason=auth-unverified" and reply["error_code"] == 102, (header, reply)
+        assert rig.reads() == before + 1
+    renamed = f"{first['code']}-renamed"
+    post(rig, "update", good, {"type": "Shot", "id": first["id"], "fields": [{"field_name": "code", "value": renamed}]})
+    header, reply = post(rig, "read", good, shots)
+    assert reply["results"]["entities"][0]["code"] == renamed, (header, reply["results"]["entities"][0])
