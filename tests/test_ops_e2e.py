@@ -75,16 +75,27 @@ def _access_records(rig: Rig) -> list[dict]:
     return [json.loads(line[line.index("{"):]) for line in rig.proxy.lines_with('{"method":')]
 
 
+def _settled(rig: Rig, url: str) -> tuple[dict, int]:
+    """The metrics and the number of access lines once every request counted has its line (a line is
+    written after its answer is sent, and reaches the test through mitmdump's output)."""
+    def agree() -> tuple[dict, int] | None:
+        samples, logged = _samples(url), len(_access_records(rig))
+        counted = sum(v for (name, _), v in samples.items() if name == "sgcache_request_seconds_count")
+        return (samples, logged) if logged == counted else None
+
+    return wait_until(agree, 10, "every request counted to have its access line")
+
+
 def test_metrics_and_access_log_count_the_workload(rig: Rig, status_url: str) -> None:
     reader = rig.reader
     assert reader is not None
-    before, logged = _samples(status_url + "metrics"), len(_access_records(rig))
+    before, logged = _settled(rig, status_url + "metrics")
     for _ in range(3):
         assert len(reader.find("Shot", [], ["code"])) == 12  # hits
     for _ in range(2):
         assert reader.find("Shot", [], ["code"], filter_operator="any") == []  # pass: empty-or
     reader.schema_field_read("Shot")  # pass: method
-    after = _samples(status_url + "metrics")
+    after, _ = _settled(rig, status_url + "metrics")
 
     assert _delta(after, before, "sgcache_hits_total", entity_type="Shot") == 3
     assert _delta(after, before, "sgcache_passes_total", reason="empty-or", entity_type="Shot") == 2
