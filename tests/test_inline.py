@@ -187,3 +187,78 @@ def test_access_lines_skip_mitmproxys_legacy_log_event() -> None:
     finally:
         root.removeHandler(handler)
     assert handler.seen == ["sgcache", "sgcache.access"]
+
+
+def test_identical_reads_arriving_together_take_one_workers_answer(service: CacheService,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many clients asking the same thing once every kept answer is old: one worker reads it."""
+    if service.inline.engine is None:
+        pytest.skip("answers are kept on SQLite only")
+    monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)  # never inline: only a kept answer is
+    service.read(SMALL)  # the replica state is known fresh
+    reads_made = []
+    real_read = service.read
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        reads_made.append(1)
+        return real_read(*a, **kw)
+
+    monkeypatch.setattr(service, "read", counted)
+
+    async def together() -> list[Any]:
+        with ThreadPoolExecutor(4) as pool:
+            reads = Reads(pool)
+            return await asyncio.gather(*(reads.answer(service, SMALL, f"client-{n}") for n in range(8)))
+
+    answers = asyncio.run(together())
+    assert all(not isinstance(a, str) and a.body == answers[0].body for a in answers)
+    assert [e["code"] for e in json.loads(answers[0].body)["results"]["entities"]] == ["sh007"]
+    assert len(reads_made) == 1
+
+
+def test_a_read_arriving_after_a_commit_never_takes_the_answer_read_before_it(service: CacheService,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first read's answer is kept as of the version it saw; a read that arrives while it is
+    still on its way back, but after a commit (its client's write), reads for itself."""
+    if service.inline.engine is None:
+        pytest.skip("answers are kept on SQLite only")
+    import threading
+
+    from cache.proxy import reads as reads_module
+
+    monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)
+    service.read(SMALL)
+    committed, release = threading.Event(), threading.Event()
+    calls = []
+    real = reads_module.read_encoded
+
+    def first_then_commit(*a: Any) -> Any:
+        answer = real(*a)
+        calls.append(1)
+        if len(calls) == 1:  # kept as of the old version; then another connection commits
+            store = service.store
+            blank = dict.fromkeys(store.schema.entities["Shot"].fields)
+            with store.write_engine.begin() as conn:
+                store.write_entities(conn, "Shot", [{**blank, "id": 7, "code": "renamed"}], "proxy", complete=True)
+            committed.set()
+            release.wait(10)
+        return answer
+
+    monkeypatch.setattr(reads_module, "read_encoded", first_then_commit)
+
+    async def race() -> list[Any]:
+        with ThreadPoolExecutor(4) as pool:
+            reads = Reads(pool)
+            loop = asyncio.get_running_loop()
+            first = asyncio.ensure_future(reads.answer(service, SMALL, "client-1"))
+            await loop.run_in_executor(None, committed.wait, 10)
+            second = asyncio.ensure_future(reads.answer(service, SMALL, "client-2"))
+            for _ in range(20):  # the second is now waiting for the first one's read
+                await asyncio.sleep(0)
+            release.set()
+            return [await first, await second]
+
+    first, second = asyncio.run(race())
+    assert [e["code"] for e in json.loads(first.body)["results"]["entities"]] == ["sh007"]
+    assert [e["code"] for e in json.loads(second.body)["results"]["entities"]] == ["renamed"]
+    assert len(calls) == 2

@@ -24,11 +24,11 @@ its next read; a kept answer is reused only while no marker, or anything else, w
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from ..errors import Passthrough
 from ..read import ReadBudget
@@ -50,14 +50,24 @@ Encoded = tuple[bytes, int | None]
 
 
 class NotInline(Exception):
-    """This read goes to a worker thread."""
+    """This read goes to a worker thread. ``key`` and ``version``, when known: the request's key and
+    the database version seen for it (cache/proxy/reads.py shares one worker's
+    read among identical requests that saw the same version)."""
+
+    def __init__(self, key: str | None = None, version: Version | None = None) -> None:
+        super().__init__()
+        self.key, self.version = key, version
 
 
 class InlineReads:
-    """Reads on the event loop through ``engine`` (None: never), and the answers kept."""
+    """Reads on the event loop through ``engine`` (None: never), and the answers kept, each with
+    the database's version as ``versions`` (one connection, used in turns by the event loop and
+    the workers: asking it takes microseconds) sees it."""
 
-    def __init__(self, engine: Engine | None) -> None:
+    def __init__(self, engine: Engine | None, versions: Engine | None = None) -> None:
         self.engine = engine
+        self.versions = versions if engine is not None else None
+        self._versions_lock = threading.Lock()
         self.answers = AnswerCache()
 
     def answer(self, service: CacheService, args: Any, offline: bool,
@@ -75,44 +85,48 @@ class InlineReads:
         try:
             with self.engine.connect() as conn:
                 service.check_replica(conn)  # the file at the configured path is the one read
-                version = self._version(conn, service)
+                version = self._version(service)
                 kept = self.answers.get(key, version)
                 if kept is not None:
                     return kept
                 if not reader.fast(key):
-                    raise NotInline
+                    raise NotInline(key, version)
                 result = reader.read(conn, args, state, ReadBudget(INLINE_BUDGET_SECONDS), check_pending=True,
                                      key=key, remember_slow=False)
                 encoded = encode(result)
                 if len(key) <= MAX_PLAN_KEY and reader.reusable(args, state, key):
                     self.answers.put(key, version, *encoded)
                 return encoded
-        except (Passthrough, NotInline) as exc:
-            if isinstance(exc, Passthrough) and exc.reason != "slow-read":
+        except NotInline:
+            raise
+        except Passthrough as exc:
+            if exc.reason != "slow-read":
                 raise
             raise NotInline from exc
         except Exception as exc:  # noqa: BLE001 - locked, interrupted, anything: the worker decides
             log.debug("inline read failed (%s); read in a worker", type(exc).__name__)
-            if not isinstance(exc, sa.exc.TimeoutError):  # (a worker is asking its version: no matter)
-                self.engine.dispose()  # a new connection next time (the file may have been replaced)
+            self.engine.dispose()  # new connections next time (the file may have been replaced)
+            if self.versions is not None:
+                self.versions.dispose()
             raise NotInline from exc
 
     def version_now(self, service: CacheService) -> Version | None:
-        """The database's version as the inline connection sees it (for a worker's read; None
-        when the connection is busy on the event loop, or there is none)."""
-        if self.engine is None:
+        """The database's version now (for a worker's read; None when it cannot be told: the
+        answer is then not kept)."""
+        if self.versions is None:
             return None
         try:
-            with self.engine.connect() as conn:
-                return self._version(conn, service)
-        except Exception:  # noqa: BLE001 - in use, locked: the answer is just not kept
+            return self._version(service)
+        except Exception:  # noqa: BLE001 - locked, gone: the answer is just not kept
             return None
 
-    def keep(self, service: CacheService, args: Any, before: Version | None, encoded: Encoded) -> None:
-        """Keep a worker's answer when the database did not change while it was read."""
+    def keep(self, service: CacheService, args: Any, before: Version | None, encoded: Encoded,
+             key: str | None = None) -> None:
+        """Keep a worker's answer when the database did not change while it was read (``key``: the
+        request's, when the caller has it)."""
         if before is None:
             return
-        key = request_key(args)
+        key = key or request_key(args)
         state = service.fresh_state()
         if key is None or len(key) > MAX_PLAN_KEY or state is None or self.version_now(service) != before:
             return
@@ -123,15 +137,19 @@ class InlineReads:
         if reusable:
             self.answers.put(key, before, *encoded)
 
-    @staticmethod
-    def _version(conn: Connection, service: CacheService) -> Version:
-        token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
-        version = service.store.dialect.data_version(conn)
+    def _version(self, service: CacheService) -> Version:
+        """(the connection's token, its data version): raises NotInline when there is none."""
+        if self.versions is None:
+            raise NotInline
+        with self._versions_lock, self.versions.connect() as conn:
+            token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
+            version = service.store.dialect.data_version(conn)
         if version is None:
             raise NotInline
         return token, version
 
     def close(self) -> None:
         self.answers.clear()
-        if self.engine is not None:
-            self.engine.dispose()
+        for engine in (self.engine, self.versions):
+            if engine is not None:
+                engine.dispose()

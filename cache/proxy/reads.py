@@ -10,6 +10,13 @@ the budget (never below :data:`SLOW_CLIENT_MIN_BUDGET`) for :data:`SLOW_CLIENT_S
 repeated slow reads then cost a tenth as much, while its hits (milliseconds) are not
 affected. Per connection, not per host or script: the other processes of a farm node using
 the same script keep the whole budget.
+
+Identical reads that arrive while one of them is being read in a worker (many clients asking the
+same thing just after a commit made every kept answer old) wait for that read instead of each
+taking a worker: the first one's answer is kept (cache/proxy/answercache.py) when the database did
+not change while it was read, and each waiting read takes it only if the database is still at the
+version that read saw when it arrived (the same test as any kept answer: a write its client made
+before it asked is in that version); otherwise it is read in a worker of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from cache.errors import Passthrough
 from cache.ops.metrics import PROXY
 from cache.proxy import api3
 from cache.proxy.service import CacheService
+from cache.read.limits import MAX_PLAN_KEY
 
 from .answers import Answer, hit
 from .inline import NotInline
@@ -70,6 +78,8 @@ class Reads:
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
         self.slow_clients = SlowClients()
+        #: Reads in a worker, by request key: done when that read is (identical reads wait for it).
+        self._flights: dict[str, asyncio.Future[None]] = {}
         #: Largest answer served, bytes (``sgcache_max_answer``; 0: no bound); a larger one passes.
         self.max_answer = MAX_ANSWER_MB * 1024 * 1024
 
@@ -80,15 +90,12 @@ class Reads:
         began: list[float] = []  # set by the worker: an empty list means the read never left the queue
         budget = self.slow_clients.budget(client, service.read_budget)
         try:
-            answered = read_inline(service, args, offline, self.max_answer) if budget is None else None
-            if answered is not None:
-                body, rows = answered
-            else:
-                body, rows = await asyncio.wait_for(
-                    asyncio.get_running_loop().run_in_executor(
-                        self.executor, read_encoded, service, args, offline, began, budget, self.max_answer),
-                    READ_TIMEOUT,
-                )
+            try:
+                if budget is not None:
+                    raise NotInline
+                body, rows = read_inline(service, args, offline, self.max_answer)
+            except NotInline as wanted:
+                body, rows = await self._in_worker(service, args, offline, began, budget, wanted)
         except Passthrough as exc:
             if exc.detail:
                 log.debug("pass %s: %s", exc.reason, exc.detail)
@@ -111,15 +118,45 @@ class Reads:
         log.debug("hit in %.2f ms", seconds * 1000)
         return replace(hit(body, stale=offline), rows=rows, seconds=seconds)
 
+    async def _in_worker(self, service: CacheService, args: Any, offline: bool, began: list[float],
+                         budget: float | None, wanted: NotInline) -> tuple[bytes, int | None]:
+        """Read in a worker thread, or take the answer of an identical read already there when the
+        database is still at the version ``wanted`` saw (see the module's docstring)."""
+        key, version = wanted.key, wanted.version
+        if key is not None and len(key) > MAX_PLAN_KEY:  # never kept: nothing to share
+            key = None
+        flight = self._flights.get(key) if key is not None and version is not None else None
+        if flight is not None:
+            await asyncio.wait_for(asyncio.shield(flight), READ_TIMEOUT)
+            assert key is not None and version is not None
+            kept = service.inline.answers.get(key, version)
+            if kept is not None:
+                began.append(time.monotonic())
+                return kept
+        leads = key is not None and version is not None and key not in self._flights
+        if leads:
+            assert key is not None
+            self._flights[key] = asyncio.get_running_loop().create_future()
+        try:
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(
+                    self.executor, read_encoded, service, args, offline, began, budget, self.max_answer, key),
+                READ_TIMEOUT,
+            )
+        finally:
+            if leads:
+                assert key is not None
+                self._flights.pop(key).set_result(None)
 
-def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int = 0) -> tuple[bytes, int | None] | None:
+
+def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int = 0) -> tuple[bytes, int | None]:
     """Answer a read on the event loop when it is cheap and safe (cache/proxy/inline.py): (body,
-    rows), None when it goes to a worker thread; raises Passthrough when it passes."""
+    rows); raises NotInline when it goes to a worker thread, Passthrough when it passes."""
     started = time.perf_counter()
     try:
         answered = service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
     except NotInline:
-        return None  # the worker's read is the one observed
+        raise  # the worker's read is the one observed
     except Passthrough:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
         raise
@@ -129,10 +166,11 @@ def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int
 
 def read_encoded(
     service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None,
-    max_answer: int = 0,
+    max_answer: int = 0, key: str | None = None,
 ) -> tuple[bytes, int | None]:
     """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows).
-    An answer of more than ``max_answer`` bytes (0: no bound) passes (``large-answer``)."""
+    An answer of more than ``max_answer`` bytes (0: no bound) passes (``large-answer``). ``key``:
+    the request's key, when known (the answer is kept under it)."""
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
@@ -142,7 +180,7 @@ def read_encoded(
     finally:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
     encoded = _encoded(result, max_answer)
-    service.inline.keep(service, args, before, encoded)
+    service.inline.keep(service, args, before, encoded, key)
     return encoded
 
 

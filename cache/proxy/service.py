@@ -83,11 +83,13 @@ class CacheService:
         self.store.dispose()
 
     def _inline_reads(self) -> InlineReads:
-        """Reads on the event loop (cache/proxy/inline.py), with the same engine hooks as the pool's."""
-        engine = self.store.dialect.inline_engine(self.store.engine)
-        if engine is not None:
-            self.store.dialect.guard_proxy(engine, engine)
-        return InlineReads(engine)
+        """Reads on the event loop (cache/proxy/inline.py), with the same engine hooks as the pool's;
+        the database's version is asked on a connection of its own (a worker asks it too)."""
+        engines = [self.store.dialect.inline_engine(self.store.engine) for _ in range(2)]
+        for engine in engines:
+            if engine is not None:
+                self.store.dialect.guard_proxy(engine, engine)
+        return InlineReads(*engines)
 
     # -- health ----------------------------------------------------------------------
     def _watch_engine(self) -> Callable[[Any], None]:
