@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable, Collection
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cache.proxy import api3
 from cache.proxy.auth import CredentialCache, site_of
@@ -175,11 +175,29 @@ class SiteCalls:
 
     async def _send_write(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
         tls = self.tls() if call.request.scheme == "https" else None
-        reply = await self.writes.send(self.replica, call.request, state, tls)
+        context = self.tls()  # for reading back the rows of a partial answer (cache/proxy/sending.py)
+        decoded: list[Any] = []
+
+        def learn(service: CacheService, reply: upstream.Reply) -> None:
+            # in the worker that sent the write, before the client has SG's answer
+            body = reply.body
+            if reply.status != 200 or (self.reads.max_answer and len(body) > self.reads.max_answer):
+                return  # the response hook deals with it, as with any answer that passed
+            answer = api3.decode_response(body)
+            decoded.append(answer)
+            if isinstance(answer, dict) and "results" in answer:
+                self.writes.learn_now(service, state, answer["results"], call.url, context)
+                state.learnt = True
+
+        reply = await self.writes.send(self.replica, call.request, state, tls, learn)
         if isinstance(reply, Answer):
             return self.answered(state, reply)
         state.from_sg = True  # SG's own answer, relayed by the addon
-        self.passes(state, "method")  # SG's answer: the response hook learns from it
+        self.passes(state, "method")  # SG's answer: the response hook learns from what was not learnt here
+        if decoded:
+            content_type = ", ".join(v for k, v in reply.headers if k.lower() == "content-type")
+            record_answer(self.credentials, state, call.site, decoded[0], replayed=False, server_connected=False,
+                          content_type=content_type)
         return reply
 
     async def _send_large(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
@@ -237,7 +255,7 @@ class SiteCalls:
                 if isinstance(outcome, Answer):
                     return self.answered(state, outcome)
             return None
-        if sg.status != 200:
+        if sg.status != 200 or state.learnt:  # (a write learnt in the trip that sent it)
             return None
         body = sg.body()
         if self.reads.max_answer and len(body) > self.reads.max_answer:

@@ -63,6 +63,9 @@ class FlowState:
     from_sg = _Field[bool](False)
     #: The ingester's event mark taken just before a write was sent (see CacheService.learn).
     write_mark = _Field[int | None](None)
+    #: SG's answer to the write the addon sent was learnt in the trip that sent it (and the
+    #: credentials' outcome recorded): the response hook has nothing left to learn.
+    learnt = _Field[bool](False)
     #: Why the relay policy refused the destination (for whoever inspects the flow).
     refused = _Field[str | None](None)
 

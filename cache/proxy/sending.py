@@ -12,7 +12,9 @@ lost answer becomes an error in SG's envelope instead, which no client re-sends:
 SG's answer to a write is then written into the replica (:meth:`Writes.learn`), so the writer
 reads its write back; an answer that was partial is completed by reading the rows from SG
 with the writer's own credentials. Learning never fails the write: what it misses, the
-ingester brings.
+ingester brings. A write's answer is learnt in the same worker trip that sent it, before the
+client has it (:meth:`Writes.send` with ``learn``); one that is not (SG's error, an answer too
+large to decode, no replica open) is left to the response hook, as any answer that passed.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ class Writes:
         self.pool = upstream.Pool()  # connections to SG kept alive between writes
         self._learners = threading.BoundedSemaphore(LEARNERS)
 
-    async def send(self, replica: Replica, request: Outgoing, state: FlowState,
-                   tls: ssl.SSLContext | None) -> upstream.Reply | Answer:
+    async def send(self, replica: Replica, request: Outgoing, state: FlowState, tls: ssl.SSLContext | None,
+                   learn: Callable[[CacheService, upstream.Reply], None] | None = None) -> upstream.Reply | Answer:
         """Send the write in ``request`` (decoded in ``state``) to SG once: SG's reply, or the
-        error answer that stands in for it. ``state.write_mark`` is set for :meth:`learn`."""
+        error answer that stands in for it. ``state.write_mark`` is set for :meth:`learn`;
+        ``learn(service, reply)``, when given, runs in the same worker trip once SG has answered
+        (never raises: see :meth:`learn_now`)."""
         loop = asyncio.get_running_loop()
         method = state.method or "write"
         service = replica.service
@@ -80,8 +84,14 @@ class Writes:
             # where the ingester stood before SG saw the write (see learn), then the write
             if service is not None:
                 state.write_mark = service.write_mark()
-            return upstream.send_once(request.scheme, request.host, request.port, request.path,
-                                      list(request.headers), request.body, tls, upstream.RESPONSE_TIMEOUT, self.pool)
+            reply = upstream.send_once(request.scheme, request.host, request.port, request.path,
+                                       list(request.headers), request.body, tls, upstream.RESPONSE_TIMEOUT, self.pool)
+            if learn is not None and service is not None:
+                try:
+                    learn(service, reply)
+                except Exception:  # noqa: BLE001 - a bug: SG's answer still goes back (the response hook learns)
+                    log.exception("could not learn from SG's answer to a %s in the trip that sent it", method)
+            return reply
 
         try:
             return await loop.run_in_executor(self.write_executor, mark_and_send)
@@ -107,21 +117,25 @@ class Writes:
         """Write SG's ``results`` for the write in ``state`` into the replica; when they were
         partial, read the whole rows from SG at ``url`` (TLS per ``tls()``) with the writer's
         credentials. Never raises (the ingester brings what is missed)."""
-        method = state.method
-        loop = asyncio.get_running_loop()
-        auth = state.auth
-
-        def learn() -> None:
-            # one thread hop, in the write pool: the replica's worker pool may be busy with reads
-            with self._learners:
-                to_fetch = service.learn(method, state.args, results, state.write_mark)
-            if to_fetch and auth:
-                # the answer was partial: read the whole rows now, so the writer reads its write
-                service.fetch_rows(url, auth, to_fetch, context)
-
         try:
             context = tls()
-            await loop.run_in_executor(self.write_executor, learn)
+        except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer
+            log.warning("%s answer not recorded (%s); the ingester will bring it", state.method, type(exc).__name__)
+            return
+        # one thread hop, in the write pool: the replica's worker pool may be busy with reads
+        await asyncio.get_running_loop().run_in_executor(
+            self.write_executor, self.learn_now, service, state, results, url, context)
+
+    def learn_now(self, service: CacheService, state: FlowState, results: Any, url: str,
+                  context: ssl.SSLContext | None) -> None:
+        """:meth:`learn` in this thread (a worker's): at most :data:`LEARNERS` at once; never raises."""
+        method = state.method
+        try:
+            with self._learners:
+                to_fetch = service.learn(method, state.args, results, state.write_mark)
+            if to_fetch and state.auth:
+                # the answer was partial: read the whole rows now, so the writer reads its write
+                service.fetch_rows(url, state.auth, to_fetch, context)
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
         except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer

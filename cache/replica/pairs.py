@@ -9,6 +9,7 @@ from backref events (``meta.actual_attribute_changed``), kept in the ``sgcache_p
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -108,8 +109,7 @@ class PairRegistry:
     def with_learned(self, conn: Connection, table: sa.Table) -> PairRegistry:
         """This registry plus the pairs stored in ``sgcache_pairs``."""
         reg = self.copy()
-        for row in conn.execute(sa.select(table.c.entity_type, table.c.field_name, table.c.other_type,
-                                          table.c.other_field)):
+        for row in conn.execute(_learned_pairs(table)):
             reg.add((row.entity_type, row.field_name), (row.other_type, row.other_field))
         return reg
 
@@ -187,3 +187,9 @@ def learn_from_events(conn: Connection, table: sa.Table, events: Iterable[Mappin
         new += 1
         log.info("learned pair %s.%s <-> %s.%s from event %s", key[0], key[1], key[2], other_field, event_id)
     return new
+
+
+@functools.lru_cache(maxsize=8)
+def _learned_pairs(table: sa.Table) -> sa.Select[Any]:
+    """The select of every learned pair (built once per table: it runs on every learnt write)."""
+    return sa.select(table.c.entity_type, table.c.field_name, table.c.other_type, table.c.other_field)

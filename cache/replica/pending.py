@@ -16,6 +16,7 @@ markers stay and the reads keep passing: the cache cannot be sure.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
@@ -60,13 +61,19 @@ def mark(conn: Connection, table: sa.Table, markers: Iterable[Marker]) -> None:
     if not rows:
         return
     at = db_clock(conn)
-    dialect = dialect_for(conn)
-    stmt = dialect.insert(table)
     # sorted rows: concurrent writers lock the same keys in the same order (no deadlock)
-    stmt = stmt.on_conflict_do_update(index_elements=["entity_type", "field_name"],
-                                      set_={"at": dialect.greatest(stmt.excluded.at, table.c.at)})
-    conn.execute(stmt, [{"entity_type": t, "field_name": f, "at": at} for t, f in rows])
+    conn.execute(_upsert_markers(dialect_for(conn), table),
+                 [{"entity_type": t, "field_name": f, "at": at} for t, f in rows])
     log.debug("pending-write markers: %s", ", ".join(f"{t}.{f}" for t, f in rows))
+
+
+@functools.lru_cache(maxsize=8)
+def _upsert_markers(dialect: Any, table: sa.Table) -> Any:
+    """Insert markers, keeping the newer time of a marker already there (built once: every learnt
+    write runs it)."""
+    stmt = dialect.insert(table)
+    return stmt.on_conflict_do_update(index_elements=["entity_type", "field_name"],
+                                      set_={"at": dialect.greatest(stmt.excluded.at, table.c.at)})
 
 
 def active(conn: Connection, table: sa.Table) -> frozenset[Marker]:

@@ -134,6 +134,8 @@ class Store:
             sa.Column("value", sa.Text),
             sa.Column("updated_at", sa.DateTime, nullable=False),
         )
+        # built once: get_state runs on every write and replica-state refresh
+        self._get_state = sa.select(self.state.c.value).where(self.state.c.key == sa.bindparam("key"))
         self.types = sa.Table(
             "sgcache_types",
             md,
@@ -363,7 +365,7 @@ class Store:
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self, conn: Connection, key: str) -> Any:
-        row = conn.execute(sa.select(self.state.c.value).where(self.state.c.key == key)).first()
+        row = conn.execute(self._get_state, {"key": key}).first()
         return None if row is None or row.value is None else json.loads(row.value)
 
     def set_state(self, conn: Connection, key: str, value: Any) -> None:

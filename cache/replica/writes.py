@@ -29,6 +29,7 @@ The lock is held only from the flush to the commit; SQLite serializes writers an
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -99,7 +100,7 @@ class WriteBatch:
         for entity_type, ids in wanted.items():
             table = self.store.tables[entity_type]
             for chunk in chunks(sorted(ids), CHUNK):
-                for row in self.conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
+                for row in self.conn.execute(_rows_by_id(table), {"ids": chunk}):
                     self.rows[(entity_type, row.id)] = dict(row._mapping)
             for entity_id in ids:
                 self.rows.setdefault((entity_type, entity_id), None)
@@ -418,8 +419,7 @@ class WriteBatch:
                 if kind == "upsert":
                     self.conn.execute(upsert(table, ["id"], cols), rows)
                 else:
-                    self.conn.execute(table.update().where(table.c.id == sa.bindparam("p_id"))
-                                      .values({c: sa.bindparam(f"p_{c}") for c in cols}), rows)
+                    self.conn.execute(_update_by_id(table, cols), rows)
 
     def _flush_links(self) -> None:
         by_table: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
@@ -494,3 +494,17 @@ class WriteBatch:
             fetchqueue.put(self.conn, self.store.fetch_queue, self.fetch, self.store.now())
         if self.unfetch:
             fetchqueue.remove(self.conn, self.store.fetch_queue, self.unfetch)
+
+
+# Statements built once per table (and columns): a proxy's learnt write runs them every time, and
+# building one costs more than running it on SQLite.
+@functools.lru_cache(maxsize=512)
+def _rows_by_id(table: sa.Table) -> Any:
+    """The rows of ``table`` whose id is in the list bound as ``ids``."""
+    return sa.select(table).where(table.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+
+@functools.lru_cache(maxsize=512)
+def _update_by_id(table: sa.Table, cols: tuple[str, ...]) -> Any:
+    """Set ``cols`` (bound as ``p_<col>``) of the row whose id is bound as ``p_id``."""
+    return table.update().where(table.c.id == sa.bindparam("p_id")).values({c: sa.bindparam(f"p_{c}") for c in cols})

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,9 @@ class SQLiteDialect(Dialect):
             conn.exec_driver_sql("BEGIN")
 
     def clock(self, conn: Connection) -> float:
-        return float(conn.execute(sa.text("SELECT (julianday('now') - 2440587.5) * 86400.0")).scalar_one())
+        """SQLite's clock is this machine's (its ``'now'`` reads the system time, as ``time.time()``
+        does): no statement needed."""
+        return time.time()
 
     def lower(self, expr: Any) -> Any:
         """SQLite's own lower() is ASCII-only but runs in C: it is used for ASCII values (as many
