@@ -61,13 +61,18 @@ class NotInline(Exception):
 
 class InlineReads:
     """Reads on the event loop through ``engine`` (None: never), and the answers kept, each with
-    the database's version as ``versions`` (one connection, used in turns by the event loop and
-    the workers: asking it takes microseconds) sees it."""
+    the database's version as ``versions`` tells it (None: no answer is kept). ``shared``: a
+    version means the same on every connection (PostgreSQL's snapshot: ``versions`` is a pool,
+    asked by workers only); else it is one connection's (SQLite's ``data_version``: ``versions``
+    is one connection, which the event loop and the workers take in turns, asking takes
+    microseconds)."""
 
-    def __init__(self, engine: Engine | None, versions: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None, versions: Engine | None = None, shared: bool = False) -> None:
         self.engine = engine
-        self.versions = versions if engine is not None else None
+        self.versions = versions
+        self.shared = shared
         self._versions_lock = threading.Lock()
+        self._shared_token = object()  # the token of every shared version
         self.answers = AnswerCache()
 
     def answer(self, service: CacheService, args: Any, offline: bool,
@@ -106,7 +111,7 @@ class InlineReads:
         except Exception as exc:  # noqa: BLE001 - locked, interrupted, anything: the worker decides
             log.debug("inline read failed (%s); read in a worker", type(exc).__name__)
             self.engine.dispose()  # new connections next time (the file may have been replaced)
-            if self.versions is not None:
+            if self.versions is not None and not self.shared:
                 self.versions.dispose()
             raise NotInline from exc
 
@@ -137,13 +142,30 @@ class InlineReads:
         if reusable:
             self.answers.put(key, before, *encoded)
 
+    def kept(self, service: CacheService, key: str, version: Version, offline: bool) -> Encoded | None:
+        """The answer kept for ``key`` while the database is at ``version``, when the checks that
+        are not in the database allow it (the replica state fresh, the breaker closed, no write
+        left unrecorded, the heartbeat fresh unless ``offline``); a worker asks before reading."""
+        if service.fresh_state() is None or (service.stale() and not offline):
+            return None
+        return self.answers.get(key, version)
+
     def _version(self, service: CacheService) -> Version:
-        """(the connection's token, its data version): raises NotInline when there is none."""
+        """(the connection's token, its data version): raises NotInline when there is none. Any
+        failure forgets every kept answer (a database restored or replaced: versions start over)."""
         if self.versions is None:
             raise NotInline
-        with self._versions_lock, self.versions.connect() as conn:
-            token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
-            version = service.store.dialect.data_version(conn)
+        try:
+            if self.shared:
+                with self.versions.connect() as conn:
+                    token, version = self._shared_token, service.store.dialect.data_version(conn)
+            else:
+                with self._versions_lock, self.versions.connect() as conn:
+                    token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
+                    version = service.store.dialect.data_version(conn)
+        except Exception:
+            self.answers.clear()
+            raise
         if version is None:
             raise NotInline
         return token, version

@@ -34,6 +34,7 @@ from cache.ops.metrics import PROXY
 from cache.proxy import api3
 from cache.proxy.service import CacheService
 from cache.read.limits import MAX_PLAN_KEY
+from cache.read.reader import request_key
 
 from .answers import Answer, hit
 from .inline import NotInline
@@ -170,11 +171,19 @@ def read_encoded(
 ) -> tuple[bytes, int | None]:
     """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows).
     An answer of more than ``max_answer`` bytes (0: no bound) passes (``large-answer``). ``key``:
-    the request's key, when known (the answer is kept under it)."""
+    the request's key, when known. An answer kept for the request is given while the database is
+    at its version (on PostgreSQL, where no read runs on the event loop, this is where kept
+    answers are given); else the read runs, and its answer is kept if nothing changed meanwhile."""
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
-    before = service.inline.version_now(service)  # the answer is kept if nothing changed meanwhile
+    before = service.inline.version_now(service)
+    if before is not None:
+        key = key or request_key(args)
+        kept = service.inline.kept(service, key, before, offline) if key is not None else None
+        if kept is not None:
+            PROXY.read_db_seconds.observe(time.perf_counter() - started)
+            return kept
     try:
         result = service.read(args, offline) if budget is None else service.read(args, offline, budget)
     finally:

@@ -83,13 +83,14 @@ class CacheService:
         self.store.dispose()
 
     def _inline_reads(self) -> InlineReads:
-        """Reads on the event loop (cache/proxy/inline.py), with the same engine hooks as the pool's;
-        the database's version is asked on a connection of its own (a worker asks it too)."""
-        engines = [self.store.dialect.inline_engine(self.store.engine) for _ in range(2)]
-        for engine in engines:
-            if engine is not None:
-                self.store.dialect.guard_proxy(engine, engine)
-        return InlineReads(*engines)
+        """Reads on the event loop (cache/proxy/inline.py) and the database's versions (the answers
+        kept), each on connections of their own with the same engine hooks as the pool's."""
+        dialect = self.store.dialect
+        engine, versions = dialect.inline_engine(self.store.engine), dialect.versions_engine(self.store.engine)
+        for each in (engine, versions):
+            if each is not None:
+                dialect.guard_proxy(each, each)
+        return InlineReads(engine, versions, dialect.shared_versions)
 
     # -- health ----------------------------------------------------------------------
     def _watch_engine(self) -> Callable[[Any], None]:

@@ -42,6 +42,14 @@ class Dialect:
         worker thread."""
         return None
 
+    #: Whether :meth:`data_version` means the same on every connection (else only on one).
+    shared_versions = False
+
+    def versions_engine(self, engine: Engine) -> Engine | None:
+        """An engine to ask :meth:`data_version` on (cache/proxy/inline.py), or None: the
+        database cannot tell, and no answer is kept."""
+        return None
+
     def data_version(self, conn: Connection) -> Any:
         """A value that changes whenever another connection commits to the database, as this
         connection sees it (cache/proxy/answercache.py); None: the database cannot tell."""

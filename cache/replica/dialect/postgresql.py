@@ -47,6 +47,20 @@ class PostgreSQLDialect(Dialect):
             "pool_timeout": 5,
         }
 
+    #: A snapshot (xmin:xmax:in-progress ids) is the whole cluster's: the same on every connection.
+    shared_versions = True
+
+    def versions_engine(self, engine: Engine) -> Engine | None:
+        """A small pool of its own (asked by the workers only: it is a network round trip)."""
+        return sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=2, max_overflow=6,
+                                **self.proxy_engine_options())
+
+    def data_version(self, conn: Connection) -> Any:
+        """The current snapshot (``xmin:xmax:xip``): it stays the same exactly while no transaction
+        that writes (here or in another database of the cluster) commits, aborts or starts; a
+        change of it is often not a change of the replica, which only costs a read."""
+        return conn.exec_driver_sql("SELECT txid_current_snapshot()::text").scalar()
+
     def guard_proxy(self, engine: Engine, write_engine: Engine) -> Callable[[Connection], None]:
         """A statement timeout on every connection of the proxy."""
 

@@ -63,6 +63,10 @@ class SQLiteDialect(Dialect):
 
         return inline
 
+    def versions_engine(self, engine: Engine) -> Engine | None:
+        """One connection of its own, which never waits (``PRAGMA data_version`` is one connection's)."""
+        return self.inline_engine(engine)
+
     def data_version(self, conn: Connection) -> Any:
         """``PRAGMA data_version``: changes when any other connection or process commits."""
         return conn.connection.driver_connection.execute("PRAGMA data_version").fetchone()[0]
