@@ -50,7 +50,7 @@ from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
 from cache.proxy.auth import CredentialCache  # noqa: E402
 from cache.proxy.calls import SGAnswer, SiteCalls  # noqa: E402
-from cache.proxy.drain import InFlight  # noqa: E402
+from cache.proxy.drain import InFlight, next_page_expected  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.memory import Trimmer  # noqa: E402
@@ -269,7 +269,9 @@ class SGCache:
                 await self._uploaded(flow)
             await self._learn(flow)
         finally:
-            if self.in_flight.draining and flow.response is not None:
+            state = state_of(flow.metadata)
+            if (self.in_flight.draining and flow.response is not None
+                    and not next_page_expected(state.method, state.args, state.rows)):
                 flow.response.headers["Connection"] = "close"  # stopping: the client goes elsewhere
             self.in_flight.end(flow.id)
             self.trimmer.after(body_size(flow))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cache.proxy.drain import InFlight
+from cache.proxy.drain import InFlight, next_page_expected
 
 
 def test_an_idle_proxy_stops_at_once_and_refuses_new_connections() -> None:
@@ -59,3 +59,14 @@ def test_a_read_past_the_bound_is_left_but_a_write_never_is() -> None:
     stuck_read, left, released = asyncio.run(main())
     assert stuck_read == 1
     assert left == 0 and released  # drain returned only after SG's answer to the write
+
+
+def test_an_answer_that_fills_its_page_expects_the_next_page() -> None:
+    paging = {"paging": {"entities_per_page": 2, "current_page": 1}}
+    assert next_page_expected("read", paging, 2)
+    assert not next_page_expected("read", paging, 1)  # the last page
+    assert not next_page_expected("read", paging, None)  # not decoded, no rows known
+    assert not next_page_expected("update", paging, 2)
+    assert not next_page_expected("read", {"paging": {"entities_per_page": True}}, 2)
+    assert not next_page_expected("read", {"paging": "odd"}, 2)
+    assert not next_page_expected("read", None, 2)

@@ -7,7 +7,10 @@ addon's ``done`` hook waits, up to :data:`DRAIN_SECONDS`, until every request it
 has had its answer, and past that for the writes it has sent to SG (as long as SG takes: a
 write cut off could be applied twice; reads cut off are re-sent by the client, harmlessly). Meanwhile new connections are
 refused and every answer closes its connection, so busy clients move elsewhere (another
-proxy behind the balancer, or this one restarted) instead of keeping the proxy busy.
+proxy behind the balancer, or this one restarted) instead of keeping the proxy busy, except
+an answer to a read that filled its page (:func:`next_page_expected`): shotgun_api3's
+``find()`` asks for the next page at once, on the same connection, and the call would fail
+halfway on a refused new one; that request arrives within the quiet time and is answered too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("sgcache")
 
@@ -55,8 +59,7 @@ class InFlight:
         self.draining = True
         started = time.monotonic()
         deadline = started + timeout
-        if self.flows:
-            log.info("sgcache: stopping; waiting for %d requests in flight", len(self.flows))
+        log.info("sgcache: stopping; waiting for %d requests in flight", len(self.flows))
         while True:
             idle = await self._until(lambda: not self.flows, deadline - time.monotonic())
             if idle:
@@ -85,3 +88,14 @@ class InFlight:
             except TimeoutError:
                 return done()
         return True
+
+
+def next_page_expected(method: str | None, args: Any, rows: int | None) -> bool:
+    """Whether a call's answer filled the page it asked for: a ``read`` answered with
+    ``entities_per_page`` rows, after which ``find()`` asks for the next page (unless its limit is
+    reached, which the request does not say)."""
+    if method != "read" or not isinstance(args, dict) or rows is None:
+        return False
+    paging = args.get("paging")
+    per_page = paging.get("entities_per_page") if isinstance(paging, dict) else None
+    return isinstance(per_page, int) and not isinstance(per_page, bool) and 0 < per_page <= rows
