@@ -344,7 +344,7 @@ def test_a_connection_whose_read_overran_gets_a_smaller_budget_and_keeps_its_hit
                 assert flow.response is not None and flow.response.headers[sgcache.HEADER] == "hit"
                 assert json.loads(flow.response.content)["results"]["entities"] == [
                     {"type": "Shot", "id": 7, "code": "sh7"}]
-                assert addon.service is not None and addon.service._failures == 0
+                assert addon.service is not None and addon.service.breaker.failures == 0
             finally:
                 await addon.done()
 
@@ -511,8 +511,8 @@ def test_odd_auth_shapes_pass_with_a_reason(run: Any, auth: Any) -> None:
 def test_learning_never_raises_into_the_addon(run: Any, caplog: pytest.LogCaptureFixture) -> None:
     async def test(addon: Any, tctx: Any) -> None:
         service = addon.service
-        service._failures = 99
-        service._open_until = 1e18  # the breaker is open: learn would meet db-backoff
+        service.breaker.failures = 99
+        service.breaker.open_until = 1e18  # the breaker is open: learn would meet db-backoff
         assert service.learn("update", {"type": "Shot", "id": 1, "fields": []}, {"type": "Shot", "id": 1}) == []
 
         def broken(*_args: Any) -> Any:

@@ -451,10 +451,10 @@ def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
         return exc.value.reason
 
     # 1. the breaker is open while SG answers the write: learning meets db-backoff
-    service._failures, service._open_until = 99, 1e18
+    service.breaker.failures, service.breaker.open_until = 99, 1e18
     params = wire("Shot", shots[0]["id"], {"code": "renamed"})
     assert service.learn("update", params, site._direct("update", params, True)) == []
-    service._open_until = 0.0  # the back-off is over: the next request probes the database
+    service.breaker.open_until = 0.0  # the back-off is over: the next request probes the database
     assert reason(service, shot_codes) == "pending-write"
     other = CacheService(db_url, tmp_path / "schema.yml", max_lag=0)
     try:
@@ -466,17 +466,17 @@ def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
     # 2. the database fails while learning, and still when the next read comes
     with service.store.write_engine.begin() as conn:
         conn.execute(service.store.pending.delete())
-    registry = service.pairs
+    registry = service.learner.pairs
 
     class Failing:
         def with_learned(self, *_args: Any) -> Any:
             raise sa.exc.OperationalError("SELECT", {}, Exception("database gone"))
 
-    monkeypatch.setattr(service, "pairs", Failing())
+    monkeypatch.setattr(service.learner, "pairs", Failing())
     params = wire("Shot", shots[1]["id"], {"code": "renamed too"})
     assert service.learn("update", params, site._direct("update", params, True)) == []
     assert reason(service, shot_codes) == "db-error"  # cannot mark: passes anyway
-    monkeypatch.setattr(service, "pairs", registry)
+    monkeypatch.setattr(service.learner, "pairs", registry)
     assert reason(service, shot_codes) == "pending-write"
     assert ("Shot", pending.WHOLE_TYPE) in markers(service.store)
     assert service.read(projects)["entities"]  # recorded once: reads of other types are served again

@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from cache.errors import Passthrough
-from cache.proxy.service import BREAKER_FAILURES, CacheService
+from cache.proxy.breaker import BREAKER_FAILURES
+from cache.proxy.service import CacheService
 from cache.read import ReadBudget, Reader, ReplicaState
 from cache.replica.dialect import classify_error
 from cache.replica.schema import Schema
@@ -118,7 +119,7 @@ def test_slow_and_huge_reads_never_open_the_breaker(service: CacheService) -> No
                 {"path": "id", "relation": "in", "values": list(range(30_000))}]}))
         service.read_budget = BUDGET
     assert reasons == ["slow-read"] * (BREAKER_FAILURES + 2)
-    assert service._failures == 0
+    assert service.breaker.failures == 0
     assert service.read(SMALL)["entities"] == [{"type": "Shot", "id": 7, "code": "sh00007"}]
 
 

@@ -1,7 +1,9 @@
 """The proxy's policies, free of mitmproxy: ``addons/sgcache.py`` decodes a flow, dispatches here, answers.
 
 - :mod:`.api3`: decoding an API3 request body, and SG's error envelope.
-- :mod:`.service`: the replica as the proxy uses it: reads with a breaker, writes learnt.
+- :mod:`.service`: the replica as the proxy uses it: reads, and the facade for the two below.
+- :mod:`.breaker`: the database circuit breaker (repeated failures: requests pass ``db-backoff``).
+- :mod:`.learning`: what the proxy writes into the replica after a write (SG's answer, or markers).
 - :mod:`.auth`: the credentials SG accepted, per site; :mod:`.relay`: where a client may make
   the proxy connect (no open relay).
 - :mod:`.flowstate`: what the addon knows of one flow between its hooks (one typed object).

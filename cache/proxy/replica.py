@@ -18,7 +18,8 @@ from typing import Any
 
 from cache.private import redact, safe_url, url_secrets
 from cache.proxy.answercache import ANSWER_CACHE_MB
-from cache.proxy.service import MAX_UNRECORDED, CacheService
+from cache.proxy.learning import MAX_UNRECORDED
+from cache.proxy.service import CacheService
 from cache.read.limits import PLAN_CACHE_SIZE
 from cache.read.relative import RelativeDates
 from cache.replica import site as sitemod

@@ -1,0 +1,296 @@
+"""What the proxy writes into the replica after a write it sent: SG's answer, or the markers that stand in for it.
+
+- :meth:`Learner.learn` stores SG's answer to a create/update/delete/revive/batch (and the other
+  side of its pairs), unless the ingester applied events since :meth:`Learner.write_mark`;
+- :meth:`Learner.fetch_rows` reads back from SG the rows of a partial answer;
+- :meth:`Learner.outcome_unknown` and :meth:`Learner.uploaded` mark pending what a write of
+  unknown outcome or an upload could have changed;
+- :meth:`Learner.defer` keeps in memory the writes the database did not take, and
+  :meth:`Learner.record_unrecorded` marks them pending before the next read is served.
+
+Everything here is blocking (SQL, HTTP); the addon calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import threading
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from ..errors import Passthrough
+from ..replica import pending
+from ..replica.effects import WriteEffects
+from ..replica.pairs import PairRegistry
+from ..replica.schema import Schema
+from ..replica.statekeys import EVENT_HIGH
+from ..replica.store import Store
+from . import upstream
+from .breaker import Breaker, short_error
+
+log = logging.getLogger("sgcache.service")
+
+#: :meth:`Learner.learn` called without a mark (no ingester check).
+UNMARKED = object()
+#: Writes whose effects could not be recorded, kept in memory until they are (then every type is
+#: marked at once past this many).
+MAX_UNRECORDED = 1000
+
+
+class Learner:
+    """Learns from the writes sent through the proxy into one replica."""
+
+    def __init__(self, store: Store, schema: Schema, pairs: PairRegistry, breaker: Breaker,
+                 invalidate: Callable[[], None]) -> None:
+        self.store = store
+        self.schema = schema
+        self.pairs = pairs
+        self.breaker = breaker
+        self._invalidate = invalidate  # forgets the service's cached replica state after a write
+        self._lock = threading.Lock()
+        # writes SG answered whose effects the database did not take (it failed, or the breaker
+        # was open): (method, args); None past MAX_UNRECORDED. Reads pass until they are marked.
+        self._unrecorded: list[tuple[str, Any]] | None = []
+        self._deferred = 0  # writes deferred so far (tells a flush whether more came meanwhile)
+
+    def all_recorded(self) -> bool:
+        """Whether no write is left whose effects the database has not taken."""
+        return self._unrecorded == []
+
+    def write_mark(self) -> int | None:
+        """The ingester's highest applied event id, read just before a write is sent to SG
+        (given back to :meth:`learn`); None when the replica cannot say."""
+        try:
+            with self.store.engine.connect() as conn:
+                return int(self.store.get_state(conn, EVENT_HIGH) or 0)
+        except Exception as exc:  # noqa: BLE001 - learn then only marks
+            log.info("could not read the event mark before a write: %s", short_error(exc))
+            return None
+
+    def learn(self, method: str, args: Any, results: Any,
+              mark: int | None | object = UNMARKED) -> list[tuple[str, int]]:
+        """Write the upstream answer of a create/update/delete/revive/batch into the replica.
+
+        Returns the entities whose answer was partial: they are queued for a fetch, and
+        reads of their type pass until the rows are complete. Never raises: what is not
+        recorded here (database trouble, the breaker open) the ingester brings.
+
+        ``mark`` is :meth:`write_mark` from before the write was sent. When the ingester has
+        applied events since then, SG's answer may be older than what the replica holds (a
+        concurrent write SG applied after this one, already brought by an event): the answer
+        is then not stored; everything the write could have changed is marked pending instead,
+        until the ingester has the write's own events.
+        """
+        to_fetch: list[tuple[str, int]] = []
+        try:
+            self.breaker.check()
+            with self.store.write_engine.begin() as conn:
+                registry = self.pairs.with_learned(conn, self.store.pairs_table)
+                markers: set[tuple[str, str]] = set()
+                if mark is not UNMARKED and self._ingester_moved(conn, mark):
+                    effects = WriteEffects(self.store, registry, conn)
+                    for kind, req in _write_requests(method, args):
+                        effects.outcome_unknown(kind, req["type"], req)
+                    pending.mark(conn, self.store.pending, effects.markers)
+                    log.debug("%s answer older than the replica may be: marked pending, not stored", method)
+                    return []
+                if method == "batch":
+                    if isinstance(args, list) and isinstance(results, list) and len(args) == len(results):
+                        for req, res in zip(args, results, strict=True):
+                            if isinstance(req, Mapping):
+                                to_fetch += self._learn_one(conn, req.get("request_type"), req, res,
+                                                            registry, markers)
+                else:
+                    to_fetch += self._learn_one(conn, method, args, results, registry, markers)
+                pending.mark(conn, self.store.pending, markers)
+        except Passthrough as exc:
+            log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
+            self.defer(method, args)
+            return []
+        except Exception as exc:  # noqa: BLE001
+            self.breaker.failed(exc)
+            log.warning("could not record a %s answer; the ingester will bring it", method)
+            self.defer(method, args)
+            return []
+        self.breaker.ok()
+        self._invalidate()
+        return to_fetch
+
+    def _ingester_moved(self, conn: Any, mark: Any) -> bool:
+        """Whether the ingester applied events since ``mark`` (taken before the write was sent).
+
+        Read under the write lock (PostgreSQL; SQLite write transactions are serial), so a poll
+        either committed before (seen here) or applies its events after this transaction."""
+        self.store.dialect.lock_writes(conn)
+        return mark is None or int(self.store.get_state(conn, EVENT_HIGH) or 0) != mark
+
+    def outcome_unknown(self, method: str, args: Any) -> None:
+        """A write was sent to SG but no answer came back: it may have been applied. Reads of
+        what it could have changed pass until the ingester is past it (never raises)."""
+        try:
+            with self.store.write_engine.begin() as conn:
+                effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                for kind, req in _write_requests(method, args):
+                    effects.outcome_unknown(kind, req["type"], req)
+                pending.mark(conn, self.store.pending, effects.markers)
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
+            self.breaker.failed(exc)
+            log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
+            self.defer(method, args)
+
+    def defer(self, method: str, args: Any) -> None:
+        """Remember a write SG answered whose effects the database did not take: this proxy's
+        reads pass until :meth:`record_unrecorded` has marked them pending for every proxy."""
+        with self._lock:
+            self._deferred += 1
+            if self._unrecorded is not None:
+                self._unrecorded.append((method, args))
+                if len(self._unrecorded) > MAX_UNRECORDED:
+                    self._unrecorded = None  # too many to tell apart: every type will be marked
+
+    def record_unrecorded(self) -> None:
+        """Mark pending everything the deferred writes could have changed (the markers' time is
+        now, after those writes, so they clear only once the ingester is past them); raise
+        the database's pass reason while it does not take them."""
+        with self._lock:
+            deferred = None if self._unrecorded is None else list(self._unrecorded)
+            count = self._deferred
+        try:
+            with self.store.write_engine.begin() as conn:
+                if deferred is None:
+                    markers = {(t, pending.WHOLE_TYPE) for t in self.schema.entities}
+                else:
+                    effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                    for method, args in deferred:
+                        for kind, req in _write_requests(method, args):
+                            effects.outcome_unknown(kind, req["type"], req)
+                    markers = effects.markers
+                pending.mark(conn, self.store.pending, markers)
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
+            raise self.breaker.failed(exc) from exc
+        with self._lock:
+            if self._deferred == count:
+                self._unrecorded = []
+            elif deferred is not None and self._unrecorded is not None:
+                del self._unrecorded[:len(deferred)]  # those deferred meanwhile wait for the next read
+        self._invalidate()
+        log.info("recorded the effects of %s write(s) learned while the database failed",
+                 "many" if deferred is None else len(deferred))
+
+    def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
+                   markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
+        """Store one write's answer, apply the other side of its pairs, and add to ``markers``
+        what it may have changed that the replica cannot know yet (cache/replica/effects.py)."""
+        if not isinstance(args, Mapping) or method not in ("create", "update", "delete", "revive"):
+            return []
+        entity_type = args.get("type")
+        if not isinstance(entity_type, str):
+            return []
+        if isinstance(result, list) and result and method in ("create", "update"):
+            result = result[0]
+        effects = WriteEffects(self.store, registry or self.pairs, conn)
+        old = effects.snapshot(method, entity_type, args)
+        to_fetch = self._store_answer(conn, method, entity_type, args, result)
+        if method in ("create", "update") or result is True:
+            effects.after_write(method, entity_type, args, result, old)
+        if markers is not None:
+            markers |= effects.markers
+        return to_fetch
+
+    def _store_answer(self, conn: Any, method: Any, entity_type: str, args: Mapping[str, Any],
+                      result: Any) -> list[tuple[str, int]]:
+        """Write the answer's own row into the replica; the entities to fetch when it was partial."""
+        if entity_type not in self.schema:
+            return []
+        if method in ("create", "update"):
+            if not isinstance(result, Mapping) or not isinstance(result.get("id"), int):
+                return []
+            record = {k: v for k, v in result.items() if k != "type"}
+            # After an add/remove, whether SG answers with the whole list is not documented:
+            # do not store that field from the answer; read the row back instead.
+            legacy_mode = args.get("multi_entity_update_mode") in ("add", "remove")  # old batch form
+            partial = [
+                f.get("field_name") for f in args.get("fields") or []
+                if isinstance(f, Mapping) and (legacy_mode or f.get("multi_entity_update_mode") in ("add", "remove"))
+            ]
+            for fname in partial:
+                record.pop(fname, None)
+            outcome = self.store.write_entities(conn, entity_type, [record], "proxy")
+            if partial and not outcome.to_fetch:
+                outcome.to_fetch = [(entity_type, int(result["id"]))]
+            if outcome.to_fetch:
+                self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
+                return list(outcome.to_fetch)
+        elif method in ("delete", "revive") and result is True and isinstance(args.get("id"), int):
+            self.store.set_retired(conn, entity_type, args["id"], method == "delete", "proxy")
+        return []
+
+    def fetch_rows(
+        self, url: str, auth: Mapping[str, Any], items: list[tuple[str, int]], ssl_context: ssl.SSLContext | None
+    ) -> None:
+        """Read whole rows from SG with the writer's own credentials and store them.
+
+        On any failure the entities stay queued; the ingester fetches them later. So they also
+        do when the ingester applied events while SG was read: the rows read may then be older
+        than what the replica holds (see :meth:`learn`).
+        """
+        mark = self.write_mark()
+        by_type: dict[str, list[int]] = collections.defaultdict(list)
+        for entity_type, entity_id in items:
+            by_type[entity_type].append(entity_id)
+        for entity_type, ids in by_type.items():
+            fields = self.store.cached_field_names(entity_type)
+            call = {"method_name": "read", "params": [dict(auth), {
+                "type": entity_type, "return_fields": fields, "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": [
+                    {"path": "id", "relation": "in", "values": ids}]},
+                "paging": {"entities_per_page": 500, "current_page": 1},
+                "return_paging_info": False}]}
+            try:
+                reply = upstream.post_json(url, call, ssl_context)
+                records = reply["results"]["entities"]
+                with self.store.write_engine.begin() as conn:
+                    if self._ingester_moved(conn, mark):
+                        pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
+                        log.debug("fetched %s %s older than the replica may be: left for the ingester",
+                                  entity_type, ids)
+                        continue
+                    self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
+                    self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
+            except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
+                log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+                self._mark_type_pending(entity_type)
+        self._invalidate()
+
+    def uploaded(self, entity_types: Collection[str] | None) -> None:
+        """An upload form reached SG (answered or not): the rows of ``entity_types`` (None: every
+        cached type) may have changed; their reads pass until the ingester has the upload's events
+        (cache/proxy/uploads.py)."""
+        cached = self.store.schema.entities  # the replica answers nothing of another type
+        types = sorted(cached if entity_types is None else [t for t in entity_types if t in cached])
+        if not types:
+            return
+        try:
+            with self.store.write_engine.begin() as conn:
+                pending.mark(conn, self.store.pending, [(t, pending.WHOLE_TYPE) for t in types])
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+            log.warning("could not mark %s pending after an upload: %s", ", ".join(types), short_error(exc))
+
+    def _mark_type_pending(self, entity_type: str) -> None:
+        """Rows of ``entity_type`` stay queued for a fetch: other proxies learn of the queue up to a
+        second late (their cached replica state), the marker reaches their very next read."""
+        try:
+            with self.store.write_engine.begin() as conn:
+                pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+            log.warning("could not mark %s pending: %s", entity_type, short_error(exc))
+
+
+def _write_requests(method: str, args: Any) -> list[tuple[str, Mapping[str, Any]]]:
+    """(kind, request) of each entity write in a write call's args (a batch's items)."""
+    items = [(r.get("request_type"), r) for r in args if isinstance(r, Mapping)] \
+        if method == "batch" and isinstance(args, list) else [(method, args)]
+    return [(kind, req) for kind, req in items
+            if isinstance(req, Mapping) and isinstance(req.get("type"), str) and isinstance(kind, str)]
