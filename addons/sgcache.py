@@ -251,7 +251,8 @@ class SGCache:
         state = state_of(flow.metadata)
         if self.site is None:
             await self.calls.service()  # a replica that opens late may name the site
-        if not self._is_site_api3(flow):
+        state.site_api3 = self._site_api3_now(flow)  # decided here, for the flow's later hooks
+        if not state.site_api3:
             # another host's API3 (or no site known): SG's answer, untouched; nothing learnt
             self.calls.passes(state, "other-site" if self.site is not None else "no-site")
             return
@@ -313,7 +314,12 @@ class SGCache:
             flow.response = http.Response.make(answer.status, answer.body, answer.headers)
 
     def _is_site_api3(self, flow: http.HTTPFlow) -> bool:
-        """An API3 call to the site this replica copies (scheme, host, port and Host header)."""
+        """An API3 call to the site this replica copies (scheme, host, port and Host header); the
+        request hook's decision once it made one (the later hooks of the flow follow it)."""
+        decided = state_of(flow.metadata).site_api3
+        return decided if decided is not None else self._site_api3_now(flow)
+
+    def _site_api3_now(self, flow: http.HTTPFlow) -> bool:
         r = flow.request
         return (self.site is not None and is_api3(r.method, r.path)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))

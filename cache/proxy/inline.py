@@ -88,14 +88,14 @@ class InlineReads:
             raise Passthrough("stale", "ingester heartbeat missing or old")
         reader = service.reader
         try:
+            version = self._version(service, check=True)  # (the versions connection reads the configured file)
+            kept = self.answers.get(key, version)
+            if kept is not None:
+                return kept
+            if not reader.fast(key):
+                raise NotInline(key, version)
             with self.engine.connect() as conn:
                 service.check_replica(conn)  # the file at the configured path is the one read
-                version = self._version(service)
-                kept = self.answers.get(key, version)
-                if kept is not None:
-                    return kept
-                if not reader.fast(key):
-                    raise NotInline(key, version)
                 result = reader.read(conn, args, state, ReadBudget(INLINE_BUDGET_SECONDS), check_pending=True,
                                      key=key, remember_slow=False)
                 encoded = encode(result)
@@ -150,17 +150,22 @@ class InlineReads:
             return None
         return self.answers.get(key, version)
 
-    def _version(self, service: CacheService) -> Version:
+    def _version(self, service: CacheService, check: bool = False) -> Version:
         """(the connection's token, its data version): raises NotInline when there is none. Any
-        failure forgets every kept answer (a database restored or replaced: versions start over)."""
+        failure forgets every kept answer (a database restored or replaced: versions start over).
+        ``check``: first check that the connection reads the configured replica."""
         if self.versions is None:
             raise NotInline
         try:
             if self.shared:
                 with self.versions.connect() as conn:
+                    if check:
+                        service.check_replica(conn)
                     token, version = self._shared_token, service.store.dialect.data_version(conn)
             else:
                 with self._versions_lock, self.versions.connect() as conn:
+                    if check:
+                        service.check_replica(conn)
                     token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
                     version = service.store.dialect.data_version(conn)
         except Exception:
