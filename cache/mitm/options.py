@@ -96,7 +96,7 @@ def declare_bounds(loader: Any) -> None:
     )
     loader.add_option(
         "sgcache_answer_cache", int, ANSWER_CACHE_MB,
-        "MB of encoded answers kept for reuse while the replica is unchanged (SQLite; 0: none).",
+        "MB of encoded answers kept for reuse while the replica is unchanged (0: none).",
     )
     loader.add_option(
         "sgcache_max_answer", int, MAX_ANSWER_MB,
