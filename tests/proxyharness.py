@@ -43,8 +43,10 @@ class Proxy:
     ``mode`` (``regular``, or ``reverse:URL``: clients then name the proxy as their site).
 
     Its output goes to ``workdir/mitmdump.log`` and stays readable with :meth:`output`. ``capture``:
-    load the test-only addon that records every answer (benchmarks turn it off); ``prefix``: run
-    mitmdump under this command (a profiler: ``python -m cProfile -o FILE``)."""
+    load the test-only addon that records every answer, and read the output through a pipe as it
+    comes (benchmarks turn both off: the output then goes straight to the file, so a busy
+    benchmark process never makes mitmdump wait to print); ``prefix``: run mitmdump under this
+    command (a profiler: ``python -m cProfile -o FILE``)."""
 
     def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = (),
                  addon: Path = ADDON, mode: str = "regular", capture: bool = True,
@@ -111,10 +113,12 @@ class Proxy:
         # the database URL (maybe with a password) comes from the environment, never the command line
         env = dict(os.environ, PYTHONUNBUFFERED="1", SGCACHE_DB=self.db_url,
                    SGCACHE_TEST_ANSWERS=str(self.answers_path))
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env
-        )
-        threading.Thread(target=self._drain, daemon=True).start()
+        if self.capture:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            threading.Thread(target=self._drain, daemon=True).start()
+        else:
+            with open(self.log_path, "ab") as log_file:
+                self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         proc = self.proc
         with contextlib.suppress(AssertionError):
             wait_until(lambda: self._listening_port() is not None or proc.poll() is not None, timeout,
@@ -126,11 +130,10 @@ class Proxy:
         return self
 
     def _listening_port(self) -> int | None:
-        with self._lock:
-            for line in self._lines:
-                m = _LISTEN_RE.search(line)
-                if m:
-                    return int(m.group(2))
+        for line in self.output().splitlines():
+            m = _LISTEN_RE.search(line)
+            if m:
+                return int(m.group(2))
         return None
 
     def wait_exit(self, timeout: float = 30.0) -> int | None:
@@ -154,13 +157,14 @@ class Proxy:
 
     def output(self) -> str:
         """Everything mitmdump printed so far."""
+        if not self.capture:
+            return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
         with self._lock:
             return "".join(self._lines)
 
     def lines_with(self, text: str) -> list[str]:
         """The lines of the output that contain ``text``."""
-        with self._lock:
-            return [line.rstrip("\n") for line in self._lines if text in line]
+        return [line for line in self.output().splitlines() if text in line]
 
     def stop(self) -> None:
         if self.proc is None:
