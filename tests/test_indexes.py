@@ -141,6 +141,20 @@ def test_date_fields_have_a_descending_index_added_on_open(store: Store) -> None
         again.dispose()
 
 
+@pytest.mark.filterwarnings("ignore:Skipped unsupported reflection")  # the text key index, on SQLite
+def test_a_changed_date_field_drops_its_descending_index(store: Store) -> None:
+    """A field whose type changes is re-created: its indexes go with its column (and a text
+    field gets no descending index)."""
+    data = store.schema.to_dict()
+    data["entities"]["Task"]["fields"]["due_date"] = "text"
+    changed = Store.open(store.engine.url.render_as_string(hide_password=False), Schema.from_dict(data))
+    try:
+        assert desc_sort_index_name("Task", "due_date") not in index_names(changed, "sg_task")
+        assert desc_sort_index_name("Task", "start_date") in index_names(changed, "sg_task")
+    finally:
+        changed.dispose()
+
+
 def test_a_descending_date_sort_uses_the_descending_index(store: Store) -> None:
     with store.engine.begin() as conn:
         store.mark_primed(conn, "Task")
