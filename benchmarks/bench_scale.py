@@ -1,23 +1,27 @@
 """Scale benchmark: a pipeline workload's p50 on a replica of 10,000 and of 1,000,000 entities.
 
     python -m benchmarks.bench_scale [--entities 10000 1000000] [--db sqlite|postgresql|URL]
-                                     [--calls 30] [--keep DIR] [--explain]
+                                     [--calls 30] [--keep DIR] [--reuse] [--explain]
 
 Each size is built by the scanner itself (``Scanner.full_scan``, the write path ``scan --full``
 uses) from an in-memory SG client serving pre-generated rows by keyset pages: 10% Shots (100 per
 Sequence), 50% Tasks (5 per Shot, one per Step, with assignees: a multi_entity field) and 40%
 Versions (4 per Shot, linked to a Task and a user), on the shipped schema (schema/basic.yml). The
 scan's time and rows/s are printed. Then each query of the workload runs through the read engine
-in-process (``Reader.read``: the code the proxy runs for a hit) and its p50 / CPU-time p50 is
-printed per size, with the ratio to the smallest size. ``--explain`` prints each query's plan.
+in-process (``Reader.read``: the code the proxy runs for a hit), the sizes taking turns call by
+call (so a shared machine's load weighs on them alike), and its p50 / CPU-time p50 is printed per
+size, with the ratio to the smallest size. ``--explain`` prints each query's plan.
 The in-memory client stands in for tests/fakesg, whose query engine scans every row for each
-keyset page (quadratic: too slow to serve a million rows). Asserts nothing.
+keyset page (quadratic: too slow to serve a million rows). ``--reuse`` keeps each size's replica
+(SQLite: the file in ``--keep DIR``; PostgreSQL: the schema ``bench_scale_<size>``) and, when it
+is already there, opens it instead of building it (opening adds any index it lacks). Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import logging
 import statistics
 import sys
@@ -33,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.support import DEFAULT_PG, drop_pg, pg_url  # noqa: E402
+from benchmarks.support import DEFAULT_PG, drop_pg, kept_pg, pg_url  # noqa: E402
 from cache.read import Reader, ReplicaState  # noqa: E402
 from cache.replica.schema import Schema  # noqa: E402
 from cache.replica.store import Store  # noqa: E402
@@ -113,9 +117,18 @@ class MemorySG:
         return [{"type": entity_type, "id": r["id"], **{f: r.get(f) for f in names if f != "id"}} for r in page]
 
 
-def build(url: str, entities: int) -> tuple[Store, dict[str, Any]]:
-    """A replica of ``entities`` rows, primed by full scans; returns it and the scan's figures."""
+def build(url: str, entities: int, reuse: bool = False) -> tuple[Store, dict[str, Any] | None]:
+    """A replica of ``entities`` rows, primed by full scans; returns it and the scan's figures.
+
+    With ``reuse``, a replica whose Versions (scanned last) are primed already is opened as it is (figures None).
+    """
     schema = Schema.load(BASIC_SCHEMA)
+    if reuse:
+        store = Store.open(url, schema, writer=True)
+        with store.engine.connect() as conn:
+            if "Version" in store.primed_fields(conn):
+                return store, None
+        store.dispose()
     rows = generate(entities)
     sg = MemorySG(rows)
     store = Store.open(url, schema, writer=True)
@@ -169,17 +182,11 @@ def workload(rows_per_type: dict[str, int]) -> dict[str, dict[str, Any]]:
     }
 
 
-def cpu_ms(fn: Callable[[], Any], calls: int) -> tuple[float, float, int]:
-    """(wall p50 ms, CPU p50 ms, rows of the last answer) over ``calls`` calls after 3 warm-ups."""
-    for _ in range(3):
-        result = fn()
-    walls, cpus = [], []
-    for _ in range(calls):
-        w, c = time.perf_counter(), time.process_time()
-        result = fn()
-        cpus.append((time.process_time() - c) * 1000)
-        walls.append((time.perf_counter() - w) * 1000)
-    return statistics.median(walls), statistics.median(cpus), len(result["entities"])
+def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall ms, CPU ms, result) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    result = fn()
+    return (time.perf_counter() - w) * 1000, (time.process_time() - c) * 1000, result
 
 
 def explain(store: Store, conn: sa.Connection, reader: Reader, params: dict[str, Any], state: ReplicaState) -> str:
@@ -190,22 +197,47 @@ def explain(store: Store, conn: sa.Connection, reader: Reader, params: dict[str,
     return "\n".join("    " + str(r[-1]) for r in lines)
 
 
-def measure(store: Store, calls: int, show_plans: bool) -> dict[str, tuple[float, float, int]]:
-    reader = Reader(store)
-    with store.engine.connect() as conn:
-        state = ReplicaState(store.primed_fields(conn))
-        sizes = {t: conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
-                 for t, tbl in store.tables.items() if t in ("Shot", "Task", "Version")}
-        out = {}
-        for name, params in workload(sizes).items():
-            if show_plans:
-                print(f"  {name}:\n{explain(store, conn, reader, params, state)}")
-            out[name] = cpu_ms(lambda p=params: reader.read(conn, p, state), calls)
+def measure(stores: dict[int, Store], calls: int, show_plans: bool,
+            only: list[str] | None = None) -> dict[int, dict[str, tuple[float, float, int]]]:
+    """Each query's (wall p50 ms, CPU p50 ms, rows) per size: the sizes take turns call by call
+    (after 3 warm-ups each), so a shared machine's load weighs on them alike."""
+    with contextlib.ExitStack() as stack:
+        runs: dict[int, dict[str, Callable[[], Any]]] = {}
+        conns: list[sa.Connection] = []
+        for n, store in stores.items():
+            reader, conn = Reader(store), stack.enter_context(store.engine.connect())
+            conns.append(conn)
+            state = ReplicaState(store.primed_fields(conn))
+            sizes = {t: conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one()
+                     for t, tbl in store.tables.items() if t in ("Shot", "Task", "Version")}
             conn.rollback()
+            runs[n] = {}
+            for name, params in workload(sizes).items():
+                if only and not any(o.lower() in name.lower() for o in only):
+                    continue
+                if show_plans:
+                    print(f"  {n:,} {name}:\n{explain(store, conn, reader, params, state)}")
+                    conn.rollback()
+                runs[n][name] = lambda p=params, c=conn, r=reader, s=state: r.read(c, p, s)
+        out: dict[int, dict[str, tuple[float, float, int]]] = {n: {} for n in stores}
+        for name in next(iter(runs.values())):
+            for n in stores:
+                for _ in range(3):
+                    runs[n][name]()
+            samples: dict[int, list[tuple[float, float, Any]]] = {n: [] for n in stores}
+            for _ in range(calls):
+                for n in stores:
+                    samples[n].append(timed(runs[n][name]))
+            for n, got in samples.items():
+                out[n][name] = (statistics.median(g[0] for g in got), statistics.median(g[1] for g in got),
+                                len(got[-1][2]["entities"]))
+            for conn in conns:
+                conn.rollback()
     return out
 
 
-def backends(spec: str, tmp: Path) -> Iterator[tuple[str, Callable[[int], str], Callable[[], None]]]:
+def backends(spec: str, tmp: Path, reuse: bool = False) -> Iterator[tuple[str, Callable[[int], str],
+                                                                            Callable[[], None]]]:
     """(name, URL for a size, cleanup) of the requested database."""
     if spec == "sqlite" or spec.startswith("sqlite"):
         keep = spec if spec.startswith("sqlite:") else None
@@ -214,7 +246,9 @@ def backends(spec: str, tmp: Path) -> Iterator[tuple[str, Callable[[int], str], 
     base = DEFAULT_PG if spec == "postgresql" else spec
     made: list[str] = []
 
-    def url(_n: int) -> str:
+    def url(n: int) -> str:
+        if reuse:
+            return kept_pg(base, f"bench_scale_{n}")
         got = pg_url(base)
         if got is None:
             raise SystemExit("PostgreSQL unavailable")
@@ -231,19 +265,28 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--explain", action="store_true", help="print each query's plan at each size")
     parser.add_argument("--keep", type=Path, help="SQLite: keep the replica files in this directory")
+    parser.add_argument("--only", nargs="+", help="only the queries whose names contain one of these")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep each size's replica and open it if there (SQLite: needs --keep; "
+                             "PostgreSQL: schema bench_scale_<size>, never dropped)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    results: dict[int, dict[str, tuple[float, float, int]]] = {}
     with tempfile.TemporaryDirectory(prefix="sgcache-scale-") as tmp:
-        for name, url_for, cleanup in backends(args.db, args.keep or Path(tmp)):
+        for name, url_for, cleanup in backends(args.db, args.keep or Path(tmp), args.reuse):
+            stores: dict[int, Store] = {}
             try:
                 for n in args.entities:
-                    store, scan = build(url_for(n), n)
-                    print(f"{name} {n:,} entities: scan --full of {scan['rows']:,} rows in {scan['wall']:.1f} s "
-                          f"= {scan['rows'] / scan['wall']:,.0f} rows/s (CPU of this process {scan['cpu']:.1f} s)")
-                    results[n] = measure(store, args.calls, args.explain)
-                    store.dispose()
+                    store, scan = build(url_for(n), n, args.reuse)
+                    stores[n] = store
+                    if scan is None:
+                        print(f"{name} {n:,} entities: the kept replica")
+                    else:
+                        print(f"{name} {n:,} entities: scan --full of {scan['rows']:,} rows in {scan['wall']:.1f} s "
+                              f"= {scan['rows'] / scan['wall']:,.0f} rows/s (CPU of this process {scan['cpu']:.1f} s)")
+                results = measure(stores, args.calls, args.explain, args.only)
             finally:
+                for store in stores.values():
+                    store.dispose()
                 cleanup()
             base = args.entities[0]
             head = " | ".join(f"p50 {n:,} (wall / CPU ms)" for n in args.entities)

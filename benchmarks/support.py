@@ -63,6 +63,16 @@ def pg_url(base: str) -> tuple[str, str] | None:
     return f"{base}{sep}options=-csearch_path%3D{schema}", schema
 
 
+def kept_pg(base: str, schema: str) -> str:
+    """The URL of schema ``schema`` on ``base``, made if missing and never dropped here."""
+    admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    admin.dispose()
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
 def drop_pg(base: str, schema: str) -> None:
     admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -98,6 +98,24 @@ def test_database_file_and_sqlite_path(tmp_path: Path) -> None:
     assert POSTGRESQL.database_file("postgresql://u@h/d") is None
 
 
+def test_sqlite_connections_have_a_larger_page_cache(tmp_path: Path) -> None:
+    """Reader, writer and inline engines alike (docs/scale.md: a page read at a million rows)."""
+    from cache.replica.dialect.sqlite import CACHE_KIB
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reader = SQLITE.create_engine(url)
+    engines = [reader, SQLITE.write_engine(reader), SQLITE.inline_engine(reader)]
+    try:
+        for engine in engines:
+            assert engine is not None
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -CACHE_KIB
+    finally:
+        for engine in engines:
+            if engine is not None:
+                engine.dispose()
+
+
 def test_sqlite_writer_engine_takes_the_write_lock_at_begin(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'w.db'}"
     reader, writer = SQLITE.create_engine(url), SQLITE.create_engine(url, writer=True)

@@ -33,6 +33,8 @@ class FilterCompiler:
         self.relative = relative
         #: the relations the filters use (a plan with a relative date holds the time it was built at)
         self.relations: set[str] = set()
+        #: a condition on a multi_entity field (a correlated EXISTS per row: see Plan.serial)
+        self.multi = False
         self._n_conditions = 0
         self._n_values = 0
 
@@ -94,6 +96,7 @@ class FilterCompiler:
             if info.storage == "entity":
                 return entity_condition(self.store, scope, alias, fschema, relation, values)
             if info.storage == "multi":
+                self.multi = True
                 return multi_condition(self.store, alias, fschema, relation, values)
             return scalar_condition(self.store.dialect, alias.c[fschema.name], fschema, relation, values,
                                     self.relative)

@@ -17,6 +17,8 @@ def run_plan(conn: Connection, store: Store, plan: Plan, budget: ReadBudget | No
     """Run a plan (each statement within ``budget`` when given); the value of ``results``."""
     if budget is not None:
         budget.before_statement(conn)
+    if plan.serial:
+        store.dialect.serial_plans(conn)
     result = conn.execute(plan.select)
     decode = plan.decoder(tuple(result.keys()))
     rows = result.all()

@@ -137,6 +137,10 @@ class Plan:
     relations: frozenset[str] = frozenset()
     #: built for one instant (relative dates): never reused from the plan cache
     timed: bool = False
+    #: run without parallel workers (PostgreSQL): a page walked in index order with an EXISTS
+    #: probe per row was planned as a parallel walk whose workers took longer to start than the
+    #: walk itself (docs/scale.md)
+    serial: bool = False
 
     #: The row decoder for the columns it was built for (built at the first row: plans are cached).
     _decoder: tuple[tuple[str, ...], Callable[[Any], dict[str, Any]]] | None = field(

@@ -116,7 +116,7 @@ class Planner:
         )
         return Plan(self.entity_type, select, count_select, fields, multi_fields, page_wanted.limit,
                     page_wanted.want_count, frozenset(self.paths.touched), frozenset(self.filters.relations),
-                    timed=bool(self.filters.relations & RELATIVE))
+                    timed=bool(self.filters.relations & RELATIVE), serial=self.filters.multi)
 
     def _return_fields(self, output: Scope, return_fields: Any) -> tuple[list[Any], list[RowField], list[MultiField]]:
         """The output's columns, and how each return field decodes (``id`` and ``type`` always come)."""

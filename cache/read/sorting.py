@@ -27,7 +27,8 @@ class Page(NamedTuple):
 
 
 def sort_keys(scope: Scope, paths: PathResolver, sorts: Any) -> list[tuple[Any, str]]:
-    """The sort keys of ``scope``'s rows as (expression, direction), ending with id ascending."""
+    """The sort keys of ``scope``'s rows as (expression, direction), ending with id ascending
+    (direction :data:`KEY`)."""
     dialect = scope.store.dialect
     order: list[tuple[Any, str]] = []
     if sorts is None:
@@ -60,12 +61,20 @@ def sort_keys(scope: Scope, paths: PathResolver, sorts: Any) -> list[tuple[Any, 
         if info.storage == "entity":
             expr = dialect.codepoint_order(expr)
         order.append((expr, direction))
-    order.append((scope.base.c.id, "asc"))
+    order.append((scope.base.c.id, KEY))
     return order
+
+
+#: The direction of the last key, the row's id: ascending, and never NULL, so it carries no NULLS
+#: clause (PostgreSQL matches an ORDER BY with an index only when the NULLS order agrees, and
+#: indexes end with a plain ``id``: ``id NULLS FIRST`` left a sort of every tie over the index).
+KEY = "key"
 
 
 def ordered(expr: Any, direction: str) -> Any:
     """NULL is the smallest value: first ascending, last descending (see docs/semantics.md)."""
+    if direction == KEY:
+        return expr.asc()
     return expr.asc().nulls_first() if direction == "asc" else expr.desc().nulls_last()
 
 

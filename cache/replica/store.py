@@ -53,6 +53,13 @@ def sort_index_name(entity_type: str, field_name: str) -> str:
     return f"ix_{entity_table_name(entity_type)}_{field_name}__sort"
 
 
+def desc_sort_index_name(entity_type: str, field_name: str) -> str:
+    """The index on a date field descending then ``id`` ascending: SG's order of a descending
+    sort (ties by id ascending in both directions), which the ``__sort`` index read backwards
+    cannot give (docs/scale.md)."""
+    return f"ix_{entity_table_name(entity_type)}_{field_name}__desc"
+
+
 def text_key_index_name(entity_type: str, field_name: str) -> str:
     """The index on a text field's sort key (lower case, code-point order) and id."""
     return f"ix_{entity_table_name(entity_type)}_{field_name}__key"
@@ -206,6 +213,7 @@ class Store:
         ]
         indexed: list[str] = []
         sorted_by: list[str] = []
+        by_day: list[str] = []  # date fields: many rows a day, so a descending sort has long runs of ties
         identifier = self.schema.identifier(entity_type)
         for fname, fschema in sorted(fields.items()):
             if fname == "id" or not fieldtypes.is_cached_type(fschema.data_type):
@@ -229,6 +237,8 @@ class Store:
                 cols.append(sa.Column(fname, _column_type(storage)))
                 if fschema.data_type in ("date", "date_time"):
                     sorted_by.append(fname)
+                if fschema.data_type == "date":
+                    by_day.append(fname)
                 elif fschema.data_type == "status_list" or fname == identifier:
                     indexed.append(fname)
         table = sa.Table(name, self.metadata, *cols)
@@ -236,6 +246,8 @@ class Store:
             sa.Index(f"ix_{name}_{col}", table.c[col])
         for col in sorted_by:  # in a read's order, ties by id: a sorted page stops at its last row
             self.dialect.sort_index(sort_index_name(entity_type, col), table.c[col], table.c.id)
+        for col in by_day:  # a descending page stops at its last row too (ties by id ascending)
+            self.dialect.desc_sort_index(desc_sort_index_name(entity_type, col), table.c[col], table.c.id)
         keyed = fields.get(identifier) if identifier else None
         if keyed is not None and keyed.data_type in fieldtypes.LOWER_SORTED:
             # the name field's sorts and case-insensitive matches (cache/read/sorting.py, scalar_conditions.py)
@@ -351,6 +363,7 @@ class Store:
         existing = {c["name"] for c in sa.inspect(conn).get_columns(entity_table_name(entity_type))}
         # the text-key index is an expression on the column: SQLite refuses to drop a column one uses
         conn.exec_driver_sql(f"DROP INDEX IF EXISTS {quote(text_key_index_name(entity_type, fname))}")
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {quote(desc_sort_index_name(entity_type, fname))}")
         for col_name in names:
             if col_name in existing:
                 for idx in sa.inspect(conn).get_indexes(entity_table_name(entity_type)):

@@ -136,6 +136,11 @@ class Dialect:
         """An index on ``column`` then ``id`` in the order a read sorts (NULL first ascending)."""
         return sa.Index(name, column, id_column)
 
+    def desc_sort_index(self, name: str, column: Any, id_column: Any) -> Any:
+        """An index on ``column`` descending (NULL last) then ``id`` ascending: a descending
+        sort's order, ties by id ascending as SG breaks them."""
+        return sa.Index(name, column.desc(), id_column)
+
     def text_key_index(self, name: str, column: Any, id_column: Any) -> Any:
         """An index on :meth:`text_key` of ``column`` then ``id``, in the order a read sorts
         (NULL first ascending, ties by id: docs/semantics.md)."""
@@ -151,6 +156,10 @@ class Dialect:
 
     def _bound_in(self, expr: Any, values: list[Any], storage: str) -> Any:
         raise NotImplementedError
+
+    def serial_plans(self, conn: Connection) -> None:
+        """Have the planner choose plans without parallel workers to the end of ``conn``'s
+        transaction (if it has them)."""
 
     def limit_statement(self, conn: Connection, seconds: float) -> None:
         """Have the database stop the next statement on ``conn`` after ``seconds`` (if it can)."""

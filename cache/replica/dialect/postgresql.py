@@ -112,6 +112,10 @@ class PostgreSQLDialect(Dialect):
         reverse of SG's order, and PostgreSQL then sorts the whole table for a page)."""
         return sa.Index(name, column.asc().nulls_first(), id_column)
 
+    def desc_sort_index(self, name: str, column: Any, id_column: Any) -> Any:
+        """NULLS LAST (a descending btree column is NULLS FIRST by default)."""
+        return sa.Index(name, column.desc().nulls_last(), id_column)
+
     def text_key_index(self, name: str, column: Any, id_column: Any) -> Any:
         """NULLS FIRST: the order of an ascending sort (a btree index is NULLS LAST by default)."""
         return sa.Index(name, self.text_key(column).asc().nulls_first(), id_column)
@@ -120,6 +124,13 @@ class PostgreSQLDialect(Dialect):
         """An array compared with ``= ANY``."""
         array = sa.bindparam(None, values, type_=sa_postgresql.ARRAY(BOUND_LIST_TYPES[storage]()))
         return expr == sa.any_(array)
+
+    def serial_plans(self, conn: Connection) -> None:
+        """``SET LOCAL max_parallel_workers_per_gather = 0``: it ends with the transaction. A
+        page of Tasks with one assignee by due date, at a million rows, was planned as a parallel
+        walk of the date index (cost 8,900 against 18,400 for the serial one) and took 92 ms, most
+        of it starting the two workers; serial: 26 ms (EXPLAIN ANALYZE, docs/scale.md)."""
+        conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
 
     def limit_statement(self, conn: Connection, seconds: float) -> None:
         """``SET LOCAL statement_timeout``: it ends with the transaction."""
