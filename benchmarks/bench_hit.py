@@ -1,13 +1,14 @@
 """Hit benchmark: sgcache hits against the floor (an addon replaying answers from memory) and SG direct.
 
-    python -m benchmarks.bench_hit [--calls 200] [--seconds 5] [--db URL] [--no-ingester] [--profile DIR]
+    python -m benchmarks.bench_hit [--calls 200] [--seconds 5] [--rounds 5] [--db URL] [--no-ingester] [--profile DIR]
 
 A fake SG site with about 2,000 rows (Shots, Tasks, Versions, Assets, Steps), primed by
 ``scripts/scan --full``, the ingester running; two mitmdump processes side by side: sgcache
 (``addons/sgcache.py``) and the floor (``benchmarks/floor_addon.py``). For the query set of
 issue 11, with the real ``shotgun_api3`` client, prints the p50 of each query direct / floor /
 sgcache and the ratio hit / floor (client Nagle off, as in the issue's table), the real client
-as shipped (Nagle on), the calls/s with 4 and 16 client threads, and the CPU milliseconds each
+as shipped (Nagle on), the calls/s with 4 and 16 client threads (floor and sgcache taking turns in
+``--rounds`` slices), and the CPU milliseconds each
 mitmdump spends per call (from /proc: a figure that does not depend on how busy the machine is).
 Latency figures on a shared machine are noisy: compare the ratios measured in one run.
 ``--profile DIR`` runs sgcache's mitmdump under cProfile (DIR/sgcache.prof at exit).
@@ -78,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200, help="timed calls per query and path")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
+    parser.add_argument("--rounds", type=int, default=5, help="slices each throughput run takes turns in")
     parser.add_argument("--db", help="replica URL (default: a temporary SQLite file)")
     parser.add_argument("--no-ingester", action="store_true", help="no ingester (sgcache_max_lag=0)")
     parser.add_argument("--profile", type=Path, help="run sgcache's mitmdump under cProfile, output in this dir")
@@ -148,26 +150,31 @@ def main() -> None:
             n[0] += 1
             return sg.update("Shot", shot_id, {"description": f"write {n[0]}"})
 
-        wd, _ = p50(lambda: update(direct), max(20, args.calls // 4))
-        wp, wc = p50(lambda: update(via_sgcache), max(20, args.calls // 4), proxy.proc.pid)
+        (wd, _), (wp, wc) = p50_side_by_side([(lambda: update(direct), None),
+                                              (lambda: update(via_sgcache), proxy.proc.pid)], max(40, args.calls // 4))
         print(f"write p50: direct {wd:.2f} ms, through sgcache {wp:.2f} ms (+{wp - wd:.2f} ms; {wc:.2f} CPU-ms/write)")
 
-        # CPU of each mitmdump per call, and throughput
+        # CPU of each mitmdump per call, and throughput: the two take turns in slices, so a slower
+        # moment of a shared machine weighs on both alike
         calls = [call for _, call in query_set]
         for threads in (4, 16):
             line = f"{threads:>2} client threads:"
-            rates = {}
-            for name, px in (("floor", floor), ("sgcache", proxy)):
-                cpu0 = cpu_seconds(px.proc.pid)
-                before = client_reads(rig)
-                rate = throughput(lambda px=px: rig.client(px), calls, threads, args.seconds)
-                cpu = cpu_seconds(px.proc.pid) - cpu0
-                n = rate * args.seconds
-                rates[name] = rate
-                line += f"  {name} {rate:6.1f} calls/s ({1000 * cpu / n:5.2f} CPU-ms/call)"
-                if name == "sgcache":
-                    line += f" misses {client_reads(rig) - before}"
-            print(f"{line}  sgcache/floor {rates['sgcache'] / rates['floor']:.2f}x")
+            made = {"floor": 0.0, "sgcache": 0.0}
+            cpu = {"floor": 0.0, "sgcache": 0.0}
+            misses = 0
+            for _ in range(args.rounds):
+                for name, px in (("floor", floor), ("sgcache", proxy)):
+                    cpu0 = cpu_seconds(px.proc.pid)
+                    before = client_reads(rig)
+                    rate = throughput(lambda px=px: rig.client(px), calls, threads, args.seconds / args.rounds)
+                    cpu[name] += cpu_seconds(px.proc.pid) - cpu0
+                    made[name] += rate * args.seconds / args.rounds
+                    if name == "sgcache":
+                        misses += client_reads(rig) - before
+            for name in ("floor", "sgcache"):
+                line += (f"  {name} {made[name] / args.seconds:6.1f} calls/s "
+                         f"({1000 * cpu[name] / made[name]:5.2f} CPU-ms/call)")
+            print(f"{line} misses {misses}  sgcache/floor {made['sgcache'] / made['floor']:.2f}x")
         print(f"\nSIGTERM under load (16 clients): {sigterm_under_load(rig, proxy, calls, 16)}")
     if args.profile:
         print(f"profile: {args.profile / 'sgcache.prof'}")
