@@ -51,9 +51,11 @@ class PostgreSQLDialect(Dialect):
     shared_versions = True
 
     def versions_engine(self, engine: Engine) -> Engine | None:
-        """A small pool of its own (asked by the workers only: it is a network round trip)."""
+        """A small pool of its own (asked by the workers only: it is a network round trip), in
+        autocommit: one round trip a question (no BEGIN before it, no ROLLBACK after it), and no
+        transaction left open to hold back the cluster's snapshot."""
         return sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=2, max_overflow=6,
-                                **self.proxy_engine_options())
+                                isolation_level="AUTOCOMMIT", **self.proxy_engine_options())
 
     def data_version(self, conn: Connection) -> Any:
         """The current snapshot (``xmin:xmax:xip``): it stays the same exactly while no transaction
