@@ -175,7 +175,6 @@ class SiteCalls:
 
     async def _send_write(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
         tls = self.tls() if call.request.scheme == "https" else None
-        context = self.tls()  # for reading back the rows of a partial answer (cache/proxy/sending.py)
         decoded: list[Any] = []
 
         def learn(service: CacheService, reply: upstream.Reply) -> None:
@@ -186,7 +185,7 @@ class SiteCalls:
             answer = api3.decode_response(body)
             decoded.append(answer)
             if isinstance(answer, dict) and "results" in answer:
-                self.writes.learn_now(service, state, answer["results"], call.url, context)
+                self.writes.learn_now(service, state, answer["results"], call.url, tls)
                 state.learnt = True
 
         reply = await self.writes.send(self.replica, call.request, state, tls, learn)
