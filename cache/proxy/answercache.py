@@ -3,7 +3,8 @@
 The database tells whether it changed: SQLite's ``PRAGMA data_version``, asked on a connection
 kept for it alone (cache/proxy/inline.py; the event loop and the workers take turns, each asking
 takes microseconds), changes whenever any other connection or process commits (the ingester, a
-scan, this proxy's own writes, another proxy); that connection itself never writes. An answer is kept with the version seen just before it was read and, when a worker
+scan, this proxy's own writes, another proxy); that connection itself never writes. An answer
+is kept with the version seen just before it was read and, when a worker
 read it, just after (both the same: nothing was committed meanwhile); it is reused only while
 that connection still sees the same version. Everything a read's answer depends on but the
 request is in the database (rows, primed fields, the fetch queue, pending-write markers), except

@@ -23,6 +23,7 @@ its next read; a kept answer is reused only while no marker, or anything else, w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -157,17 +158,13 @@ class InlineReads:
         if self.versions is None:
             raise NotInline
         try:
-            if self.shared:
-                with self.versions.connect() as conn:
-                    if check:
-                        service.check_replica(conn)
-                    token, version = self._shared_token, service.store.dialect.data_version(conn)
-            else:
-                with self._versions_lock, self.versions.connect() as conn:
-                    if check:
-                        service.check_replica(conn)
-                    token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
-                    version = service.store.dialect.data_version(conn)
+            # a shared version is asked on any connection of a pool; else on the one, in turns
+            with contextlib.nullcontext() if self.shared else self._versions_lock, self.versions.connect() as conn:
+                if check:
+                    service.check_replica(conn)
+                token = (self._shared_token if self.shared
+                         else conn.connection.info.setdefault(_TOKEN, object()))  # one per database connection
+                version = service.store.dialect.data_version(conn)
         except Exception:
             self.answers.clear()
             raise

@@ -124,20 +124,17 @@ class Reads:
         """Read in a worker thread, or take the answer of an identical read already there when the
         database is still at the version ``wanted`` saw (see the module's docstring)."""
         key, version = wanted.key, wanted.version
-        if key is not None and len(key) > MAX_PLAN_KEY:  # never kept: nothing to share
-            key = None
-        flight = self._flights.get(key) if key is not None and version is not None else None
-        if flight is not None:
+        # shared only with what a kept answer could be given to (a key too long is never kept)
+        shared = key if key is not None and version is not None and len(key) <= MAX_PLAN_KEY else None
+        if shared is not None and version is not None and (flight := self._flights.get(shared)) is not None:
             await asyncio.wait_for(asyncio.shield(flight), READ_TIMEOUT)
-            assert key is not None and version is not None
-            kept = service.inline.answers.get(key, version)
+            kept = service.inline.answers.get(shared, version)
             if kept is not None:
                 began.append(time.monotonic())
                 return kept
-        leads = key is not None and version is not None and key not in self._flights
+        leads = shared is not None and shared not in self._flights
         if leads:
-            assert key is not None
-            self._flights[key] = asyncio.get_running_loop().create_future()
+            self._flights[shared] = asyncio.get_running_loop().create_future()
         try:
             return await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
@@ -145,19 +142,16 @@ class Reads:
                 READ_TIMEOUT,
             )
         finally:
-            if leads:
-                assert key is not None
-                self._flights.pop(key).set_result(None)
+            if leads and shared is not None:
+                self._flights.pop(shared).set_result(None)
 
 
 def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int = 0) -> tuple[bytes, int | None]:
     """Answer a read on the event loop when it is cheap and safe (cache/proxy/inline.py): (body,
     rows); raises NotInline when it goes to a worker thread, Passthrough when it passes."""
     started = time.perf_counter()
-    try:
+    try:  # (NotInline goes through unobserved: the worker's read is the one observed)
         answered = service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
-    except NotInline:
-        raise  # the worker's read is the one observed
     except Passthrough:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
         raise
