@@ -104,19 +104,38 @@ def test_a_kept_answer_is_reused_until_anything_is_committed(service: CacheServi
     assert [e["code"] for e in inline_read(service)["entities"]] == ["renamed"]  # fast again
 
 
+def attempts(service: CacheService) -> int:
+    """How often a worker's read may be tried before its answer must be kept and given: once on
+    SQLite; on PostgreSQL the version is the whole cluster's snapshot, which other tests' transactions
+    (another test process on the same server) move at any moment."""
+    return 1 if service.store.dialect.name == "sqlite" else 50
+
+
+def read_until_kept(service: CacheService) -> tuple[bytes, int | None]:
+    for _ in range(attempts(service)):
+        encoded = read_encoded(service, SMALL, False)
+        if len(service.inline.answers) == 1:
+            return encoded
+    raise AssertionError("a worker's answer was never kept")
+
+
 def test_a_workers_answer_is_kept_when_nothing_changed_while_it_was_read(service: CacheService,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """On SQLite a kept answer is given on the event loop; on PostgreSQL (no reads on the loop) by
     the worker, which asks the snapshot instead of reading; on both, not after anything committed."""
     monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)  # never fast: only a kept answer can be inline
-    body, rows = read_encoded(service, SMALL, False)
-    assert len(service.inline.answers) == 1
+    body, rows = read_until_kept(service)
     if service.inline.engine is not None:
         assert service.inline.answer(service, SMALL, False, _encoded) == (body, rows)
-    reads_made = []
+    reads_made: list[int] = []
     real_read = service.read
     monkeypatch.setattr(service, "read", lambda *a, **kw: reads_made.append(1) or real_read(*a, **kw))
-    assert read_encoded(service, SMALL, False) == (body, rows)
+    for _ in range(attempts(service)):
+        reads_made.clear()
+        given = read_encoded(service, SMALL, False)
+        if not reads_made:
+            break
+    assert given == (body, rows)
     assert reads_made == []  # given without reading
     store = service.store
     blank = dict.fromkeys(store.schema.entities["Shot"].fields)
@@ -131,8 +150,7 @@ def test_a_kept_answer_is_not_given_while_the_replica_is_stale(service: CacheSer
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The checks that are not in the database run before a kept answer is given, in a worker too."""
     monkeypatch.setattr(reader, "FAST_READ_SECONDS", 0.0)
-    read_encoded(service, SMALL, False)
-    assert len(service.inline.answers) == 1
+    read_until_kept(service)
     service.max_lag = 1.0  # no ingester heartbeat: stale from now on
     with pytest.raises(Passthrough) as info:
         read_encoded(service, SMALL, False)
