@@ -36,6 +36,7 @@ from ..read import ReadBudget
 from ..read.limits import MAX_PLAN_KEY
 from ..read.reader import request_key
 from .answercache import AnswerCache, Version
+from .loopversions import LoopVersions, VersionUnknown
 
 if TYPE_CHECKING:
     from .service import CacheService
@@ -68,10 +69,13 @@ class InlineReads:
     is one connection, which the event loop and the workers take in turns, asking takes
     microseconds)."""
 
-    def __init__(self, engine: Engine | None, versions: Engine | None = None, shared: bool = False) -> None:
+    def __init__(self, engine: Engine | None, versions: Engine | None = None, shared: bool = False,
+                 loop_versions: LoopVersions | None = None) -> None:
         self.engine = engine
         self.versions = versions
         self.shared = shared
+        #: Shared versions asked by the event loop itself (PostgreSQL): see :meth:`kept_on_loop`.
+        self.loop_versions = loop_versions
         self._versions_lock = threading.Lock()
         self._shared_token = object()  # the token of every shared version
         self.answers = AnswerCache()
@@ -115,6 +119,30 @@ class InlineReads:
             if self.versions is not None and not self.shared:
                 self.versions.dispose()
             raise NotInline from exc
+
+    async def kept_on_loop(self, service: CacheService, args: Any, offline: bool) -> Encoded:
+        """The answer kept for a read while the database is at the version asked now on the event
+        loop (cache/proxy/loopversions.py: no worker thread; PostgreSQL); raises NotInline, with
+        the key and that version when known (the worker's read then takes it as its "before"),
+        or Passthrough (the read passes)."""
+        if self.loop_versions is None:
+            raise NotInline
+        state = service.fresh_state()
+        key = request_key(args)
+        if state is None or key is None:
+            raise NotInline
+        if service.stale() and not offline:
+            raise Passthrough("stale", "ingester heartbeat missing or old")
+        try:
+            version = (self._shared_token, await self.loop_versions.version())
+        except VersionUnknown:
+            self.answers.clear()  # as any failure to ask: versions may start over
+            raise NotInline from None
+        # (the checks above may have changed while the question was on its way)
+        kept = self.kept(service, key, version, offline)
+        if kept is not None:
+            return kept
+        raise NotInline(key, version)
 
     def version_now(self, service: CacheService) -> Version | None:
         """The database's version now (for a worker's read; None when it cannot be told: the
@@ -174,6 +202,8 @@ class InlineReads:
 
     def close(self) -> None:
         self.answers.clear()
+        if self.loop_versions is not None:
+            self.loop_versions.close()
         for engine in (self.engine, self.versions):
             if engine is not None:
                 engine.dispose()

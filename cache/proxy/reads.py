@@ -36,6 +36,7 @@ from cache.proxy.service import CacheService
 from cache.read.limits import MAX_PLAN_KEY
 from cache.read.reader import request_key
 
+from .answercache import Version
 from .answers import Answer, hit
 from .inline import NotInline
 from .memory import MAX_ANSWER_MB
@@ -96,6 +97,13 @@ class Reads:
                     raise NotInline
                 body, rows = read_inline(service, args, offline, self.max_answer)
             except NotInline as wanted:
+                if budget is None and wanted.version is None and service.inline.loop_versions is not None:
+                    try:
+                        body, rows = await kept_on_loop(service, args, offline)
+                    except NotInline as asked:
+                        wanted = asked
+                    else:
+                        return self._hit(service, body, rows, offline, started)
                 body, rows = await self._in_worker(service, args, offline, began, budget, wanted)
         except Passthrough as exc:
             if exc.detail:
@@ -114,6 +122,11 @@ class Reads:
         except Exception:  # noqa: BLE001 - fail open, never a traceback to the client
             log.exception("unexpected error answering a read; passing through")
             return "internal-error"
+        return self._hit(service, body, rows, offline, started)
+
+    @staticmethod
+    def _hit(service: CacheService, body: bytes, rows: int | None, offline: bool, started: float) -> Answer:
+        """A hit, counted."""
         service.count(None)
         seconds = time.perf_counter() - started
         log.debug("hit in %.2f ms", seconds * 1000)
@@ -138,7 +151,8 @@ class Reads:
         try:
             return await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
-                    self.executor, read_encoded, service, args, offline, began, budget, self.max_answer, key),
+                    self.executor, read_encoded, service, args, offline, began, budget, self.max_answer, key,
+                    version),
                 READ_TIMEOUT,
             )
         finally:
@@ -159,20 +173,35 @@ def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int
     return answered
 
 
+async def kept_on_loop(service: CacheService, args: Any, offline: bool) -> tuple[bytes, int | None]:
+    """The answer kept for a read while the database is at the version the event loop asks now
+    (PostgreSQL: cache/proxy/loopversions.py): (body, rows); raises NotInline (with the key and
+    version when known) when it goes to a worker thread, Passthrough when it passes."""
+    started = time.perf_counter()
+    try:  # (as read_inline: NotInline goes through unobserved)
+        answered = await service.inline.kept_on_loop(service, args, offline)
+    except Passthrough:
+        PROXY.read_db_seconds.observe(time.perf_counter() - started)
+        raise
+    PROXY.read_db_seconds.observe(time.perf_counter() - started)
+    return answered
+
+
 def read_encoded(
     service: CacheService, args: Any, offline: bool, began: list[float] | None = None, budget: float | None = None,
-    max_answer: int = 0, key: str | None = None,
+    max_answer: int = 0, key: str | None = None, version: Version | None = None,
 ) -> tuple[bytes, int | None]:
     """Answer a read and encode SG's envelope, in one trip to a worker thread: (body, rows).
     An answer of more than ``max_answer`` bytes (0: no bound) passes (``large-answer``). ``key``:
-    the request's key, when known. An answer kept for the request is given while the database is
-    at its version (on PostgreSQL, where no read runs on the event loop, this is where kept
-    answers are given); else the read runs, and its answer is kept if nothing changed meanwhile."""
+    the request's key, when known. ``version``: the database's version when the read arrived,
+    when it was asked then (no kept answer was there for it); else it is asked here, and an
+    answer kept for the request is given while the database is at it. The read then runs, and its
+    answer is kept if the database is still at that version after it."""
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
-    before = service.inline.version_now(service)
-    if before is not None:
+    before = version if version is not None else service.inline.version_now(service)
+    if before is not None and version is None:
         key = key or request_key(args)
         kept = service.inline.kept(service, key, before, offline) if key is not None else None
         if kept is not None:

@@ -33,6 +33,7 @@ from ..wire import parse_wire_dt
 from .breaker import Breaker
 from .inline import InlineReads
 from .learning import UNMARKED, Learner
+from .loopversions import LoopVersions
 from .metrics import Counters
 
 log = logging.getLogger("sgcache.service")
@@ -80,7 +81,9 @@ class CacheService:
         for each in (engine, versions):
             if each is not None:
                 dialect.guard_proxy(each, each)
-        return InlineReads(engine, versions, dialect.shared_versions)
+        connect = dialect.nonblocking_connect(self.store.engine)
+        loop_versions = LoopVersions(connect, dialect.data_version_sql) if connect is not None else None
+        return InlineReads(engine, versions, dialect.shared_versions, loop_versions)
 
     # -- health ----------------------------------------------------------------------
     def _watch_engine(self) -> Callable[[Any], None]:

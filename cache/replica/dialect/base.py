@@ -55,6 +55,15 @@ class Dialect:
         connection sees it (cache/proxy/answercache.py); None: the database cannot tell."""
         return None
 
+    #: The statement a non-blocking connection asks for :meth:`data_version` (a shared version only).
+    data_version_sql = ""
+
+    def nonblocking_connect(self, engine: Engine) -> Callable[[], Any] | None:
+        """A function opening a connection to ``engine``'s database in psycopg2's asynchronous
+        mode, on which the event loop asks :attr:`data_version_sql` (cache/proxy/loopversions.py);
+        None: versions are asked in worker threads or on the inline connection."""
+        return None
+
     def proxy_engine_options(self) -> dict[str, Any]:
         """``create_engine`` options of the proxy, which must fail fast when the database does."""
         return {}

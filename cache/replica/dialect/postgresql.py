@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
+import psycopg2
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as sa_postgresql
 from sqlalchemy.engine import Connection, Engine
@@ -57,11 +59,20 @@ class PostgreSQLDialect(Dialect):
         return sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=2, max_overflow=6,
                                 isolation_level="AUTOCOMMIT", **self.proxy_engine_options())
 
+    data_version_sql = "SELECT txid_current_snapshot()::text"
+
     def data_version(self, conn: Connection) -> Any:
         """The current snapshot (``xmin:xmax:xip``): it stays the same exactly while no transaction
         that writes (here or in another database of the cluster) commits, aborts or starts; a
         change of it is often not a change of the replica, which only costs a read."""
-        return conn.exec_driver_sql("SELECT txid_current_snapshot()::text").scalar()
+        return conn.exec_driver_sql(self.data_version_sql).scalar()
+
+    def nonblocking_connect(self, engine: Engine) -> Callable[[], Any] | None:
+        """psycopg2 in asynchronous mode (always autocommit), with the proxy's connect timeout and
+        keepalives, to the database of ``engine``'s URL."""
+        args, params = engine.dialect.create_connect_args(engine.url)
+        params = {**params, **self.proxy_engine_options()["connect_args"], "async_": True}
+        return functools.partial(psycopg2.connect, *args, **params)
 
     def guard_proxy(self, engine: Engine, write_engine: Engine) -> Callable[[Connection], None]:
         """A statement timeout on every connection of the proxy."""

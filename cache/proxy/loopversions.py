@@ -1,0 +1,161 @@
+"""The database's version asked from the event loop, without a worker thread and without blocking.
+
+On PostgreSQL a kept answer (cache/proxy/answercache.py) may be given while the cluster's
+snapshot is the one its read saw. Asking the snapshot is a network round trip: in a worker thread
+it costs a thread hop each way and the GIL passed four times, more than the question itself. So
+the event loop asks it on a connection of its own in psycopg2's asynchronous mode, waiting for the
+socket with the loop's own reader and writer callbacks: no thread, and the loop serves other flows
+while the answer is on its way.
+
+Questions are shared: a read arriving while a question is on the wire waits for the next one
+(which is sent after it arrived, so it sees every commit its client saw acknowledged); every read
+that arrived meanwhile takes that next answer. Under load this is one round trip for many reads.
+
+A question not answered within ``timeout`` seconds, or any failure, closes the connection and
+raises; for ``retry_after`` seconds after a failure every question fails at once (the read then
+goes to a worker thread, which knows how to fail open), so a database that is down costs the loop
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from psycopg2 import extensions
+
+log = logging.getLogger("sgcache")
+
+#: Seconds a question may take; seconds without questions after a failure.
+TIMEOUT_SECONDS = 1.0
+RETRY_AFTER_SECONDS = 5.0
+
+
+class VersionUnknown(Exception):
+    """The version could not be asked (now, or recently)."""
+
+
+class LoopVersions:
+    """Asks ``sql`` (one value) on a non-blocking psycopg2 connection made by ``connect`` (a
+    callable returning ``psycopg2.connect(..., async_=True)``; called in the loop's default
+    executor: host names are resolved there, not on the loop)."""
+
+    def __init__(self, connect: Callable[[], Any], sql: str, timeout: float = TIMEOUT_SECONDS,
+                 retry_after: float = RETRY_AFTER_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self._connect = connect
+        self._sql = sql
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self._clock = clock
+        self._conn: Any = None
+        self._next: asyncio.Future[Any] | None = None  # the question readers arriving now will take
+        self._driver: asyncio.Task[None] | None = None
+        self._failed_at: float | None = None
+        #: Questions sent (a figure for tests and benchmarks).
+        self.asked = 0
+
+    async def version(self) -> Any:
+        """The value of the question sent after this call began; raises VersionUnknown."""
+        if self._failed_at is not None and self._clock() - self._failed_at < self.retry_after:
+            raise VersionUnknown("failed recently")
+        loop = asyncio.get_running_loop()
+        if self._next is None:
+            self._next = loop.create_future()
+            self._next.add_done_callback(_retrieve)
+            if self._driver is None:
+                self._driver = loop.create_task(self._drive())
+        # shielded: a reader that gives up does not cancel the answer the others wait for
+        return await asyncio.shield(self._next)
+
+    async def _drive(self) -> None:
+        """Send questions while readers wait for one, one at a time."""
+        try:
+            while self._next is not None:
+                answer, self._next = self._next, None
+                try:
+                    value = await asyncio.wait_for(self._ask(), self.timeout)
+                except Exception as exc:  # noqa: BLE001 - any failure: every waiting reader is told
+                    self._fail(exc)
+                    if not answer.done():
+                        answer.set_exception(VersionUnknown(type(exc).__name__))
+                    if self._next is not None and not self._next.done():
+                        self._next.set_exception(VersionUnknown("failed recently"))
+                    self._next = None
+                else:
+                    if not answer.done():
+                        answer.set_result(value)
+        finally:
+            self._driver = None
+
+    async def _ask(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._conn is None:
+            conn = await loop.run_in_executor(None, self._connect)
+            try:
+                await _ready(loop, conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        cursor = self._conn.cursor()
+        try:
+            self.asked += 1
+            cursor.execute(self._sql)
+            await _ready(loop, self._conn)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        self._failed_at = None
+        return row[0]
+
+    def _fail(self, exc: BaseException) -> None:
+        log.warning("asking the database's version failed (%s); reads go to worker threads for %.0f s",
+                    type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc).strip()}",
+                    self.retry_after)
+        self._failed_at = self._clock()
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (a later question opens a new one)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, conn: Any) -> None:
+    """Wait, with the loop's socket callbacks, until ``conn`` has finished what it was doing."""
+    while True:
+        state = conn.poll()
+        if state == extensions.POLL_OK:
+            return
+        fd = conn.fileno()
+        ready = loop.create_future()
+        if state == extensions.POLL_READ:
+            loop.add_reader(fd, _set, ready)
+            remove = loop.remove_reader
+        elif state == extensions.POLL_WRITE:
+            loop.add_writer(fd, _set, ready)
+            remove = loop.remove_writer
+        else:
+            raise OSError(f"unexpected poll state {state}")
+        try:
+            await ready
+        finally:
+            remove(fd)
+
+
+def _set(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+def _retrieve(answer: asyncio.Future[Any]) -> None:
+    """Mark a failed answer's exception retrieved (every reader may have given up waiting)."""
+    if not answer.cancelled():
+        answer.exception()

@@ -1,0 +1,221 @@
+"""The database's version asked on the event loop (cache/proxy/loopversions.py): shared questions,
+every reader sees commits made before it asked, failures fail fast and never block the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+
+from cache.proxy.loopversions import LoopVersions, VersionUnknown
+from cache.replica.dialect import dialect_for
+
+from .databases import pg_base
+
+
+@pytest.fixture
+def pg_url(backend: str) -> str:
+    """The PostgreSQL server's URL (through ``backend``: CI's PostgreSQL run selects these tests)."""
+    base = pg_base()
+    if not base:
+        pytest.skip("needs PostgreSQL (SGCACHE_TEST_DB)")
+    return base
+
+
+def snapshots(url: str, sql: str = "", **kw: Any) -> LoopVersions:
+    """The proxy's loop versions for ``url`` (asking ``sql`` instead of the snapshot, when given)."""
+    dialect = dialect_for(url)
+    connect = dialect.nonblocking_connect(dialect.create_engine(url))
+    assert connect is not None
+    return LoopVersions(connect, sql or dialect.data_version_sql, **kw)
+
+
+@pytest.fixture
+def counter(pg_url: str) -> Iterator[str]:
+    """A question whose every answer is new (a sequence of this test's own): which question answered whom."""
+    name = f"sgcache_test_{uuid.uuid4().hex}"
+    with contextlib.closing(psycopg2.connect(pg_url)) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute(f"CREATE SEQUENCE {name}")
+        try:
+            yield f"SELECT nextval('{name}')"
+        finally:
+            cur.execute(f"DROP SEQUENCE {name}")
+
+
+def test_sqlite_asks_no_version_on_the_loop(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert dialect_for(url).nonblocking_connect(sa.create_engine(url)) is None
+
+
+def test_the_snapshot_moves_with_a_commit_made_before_the_question(pg_url: str) -> None:
+    versions = snapshots(pg_url)
+    writer = psycopg2.connect(pg_url)
+    writer.autocommit = True
+
+    async def run() -> None:
+        before = await versions.version()
+        assert isinstance(before, str) and before.count(":") == 2  # xmin:xmax:in-progress
+        with writer.cursor() as cur:
+            cur.execute("SELECT txid_current()")  # a transaction with an id, committed: the snapshot moves
+        assert await versions.version() != before
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+        writer.close()
+
+
+def test_readers_arriving_together_share_one_question(pg_url: str, counter: str) -> None:
+    versions = snapshots(pg_url, counter)
+
+    async def run() -> None:
+        first = await versions.version()
+        together = await asyncio.gather(*(versions.version() for _ in range(20)))
+        assert together == [first + 1] * 20
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+
+
+def test_a_reader_arriving_while_a_question_is_on_the_wire_takes_the_next_one(pg_url: str, counter: str) -> None:
+    """The question on the wire may have been answered before the reader's client saw its write
+    committed: the reader waits for a question sent after it arrived."""
+    versions = snapshots(pg_url, counter)
+
+    async def run() -> None:
+        first = await versions.version()  # connected
+        early = asyncio.ensure_future(versions.version())
+        for _ in range(3):
+            await asyncio.sleep(0)  # the question is sent
+        assert versions.asked == 2
+        late = await asyncio.gather(versions.version(), versions.version())
+        assert await early == first + 1
+        assert late == [first + 2] * 2
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+
+
+def test_a_reader_that_gives_up_does_not_cancel_the_question_for_the_others(pg_url: str, counter: str) -> None:
+    versions = snapshots(pg_url, counter)
+
+    async def run() -> None:
+        first = await versions.version()
+        quitter = asyncio.ensure_future(versions.version())
+        stayer = asyncio.ensure_future(versions.version())
+        await asyncio.sleep(0)
+        quitter.cancel()
+        assert await stayer == first + 1
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, int]]:
+    """A TCP server that accepts connections and never says a word (a database hung or cut off)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_database_that_never_answers_fails_the_question_in_time_without_blocking_the_loop(
+        silent_server: tuple[str, int]) -> None:
+    host, port = silent_server
+    url = f"postgresql://nobody@{host}:{port}/none"
+    now = [0.0]
+    versions = snapshots(url, timeout=0.3, retry_after=5.0, clock=lambda: now[0])
+
+    async def run() -> None:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.monotonic()
+        with pytest.raises(VersionUnknown):
+            await versions.version()
+        waited = time.monotonic() - started
+        assert 0.25 <= waited < 3.0
+        assert ticks >= 5  # the loop went on serving while the question waited
+        # for retry_after, questions fail at once: no connection is tried
+        asked = versions.asked
+        with pytest.raises(VersionUnknown):
+            await versions.version()
+        assert versions.asked == asked
+        now[0] += 5.0  # then it tries again
+        with pytest.raises(VersionUnknown):
+            await versions.version()
+        ticker.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_broken_connection_is_replaced(pg_url: str) -> None:
+    now = [0.0]
+    versions = snapshots(pg_url, clock=lambda: now[0])
+    killer = psycopg2.connect(pg_url)
+    killer.autocommit = True
+
+    async def run() -> None:
+        await versions.version()
+        pid = versions._conn.get_backend_pid()
+        with killer.cursor() as cur:  # the server ends the connection (a restart, an idle cut-off)
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(50):  # until the server has closed it
+            try:
+                await versions.version()
+            except VersionUnknown:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("a terminated connection kept answering")
+        now[0] += 10.0
+        assert isinstance(await versions.version(), str)  # a new connection
+        assert versions._conn.get_backend_pid() != pid
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+        killer.close()
