@@ -348,3 +348,76 @@ def test_classify_errors_of_the_backend(engine: Engine) -> None:
     with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as caught:
         conn.exec_driver_sql("SELECT * FROM no_such_table_here")
     assert classify_error(caught.value) == ("missing-table", False)
+
+
+# -- PostgreSQL: round trips a learnt write and a read no longer pay --------------------------
+def _postgresql_only(backend: str) -> None:
+    if _is_sqlite(backend):
+        pytest.skip("PostgreSQL's pool, write lock and clock")
+
+
+def test_a_connection_is_pinged_only_after_being_idle(db_url: str, backend: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection used within the last second is taken as it is; one idle longer is pinged, and
+    replaced without an error when the server ended it meanwhile."""
+    _postgresql_only(backend)
+    from cache.replica.dialect import postgresql
+
+    engine = POSTGRESQL.create_engine(db_url, pool_size=1, max_overflow=0)
+    pings: list[int] = []
+    real_ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or real_ping(conn))
+    clock = [1000.0]
+    monkeypatch.setattr(postgresql.time, "monotonic", lambda: clock[0])
+    try:
+        with engine.connect() as conn:  # new: not pinged
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        clock[0] += 0.5
+        with engine.connect() as conn:  # used half a second ago: not pinged
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() == pid
+        assert pings == []
+        with sa.create_engine(normalize_url(db_url), poolclass=sa.pool.NullPool).connect() as killer:
+            killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        clock[0] += 2.0
+        with engine.connect() as conn:  # idle two seconds: pinged, found dead, replaced
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+        assert pings == [1]
+    finally:
+        engine.dispose()
+
+
+def test_the_write_lock_is_taken_once_per_transaction(db_url: str, backend: str) -> None:
+    _postgresql_only(backend)
+    from cache.replica.dialect.postgresql import WRITE_LOCK_SQL
+
+    engine = POSTGRESQL.create_engine(db_url)
+    sent: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        for _ in range(2):
+            with engine.begin() as conn:
+                POSTGRESQL.lock_writes(conn)
+                POSTGRESQL.lock_writes(conn)
+                held = conn.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                            " AND pid = pg_backend_pid()").scalar()
+                assert held == 1
+        assert sent.count(WRITE_LOCK_SQL) == 2  # once in each transaction
+    finally:
+        engine.dispose()
+
+
+def test_pending_markers_take_the_servers_clock_in_their_own_statement(db_url: str, backend: str) -> None:
+    from cache.replica import pending
+
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    try:
+        with store.write_engine.begin() as conn:
+            before = pending.db_clock(conn)
+            pending.mark(conn, store.pending, [("Shot", "code"), ("Shot", "sg_status_list")])
+            after = pending.db_clock(conn)
+            rows = conn.execute(sa.select(store.pending.c.at)).scalars().all()
+        assert len(rows) == 2 and all(before <= at <= after for at in rows)
+        expression = store.dialect.clock_expression()
+        assert (expression is None) == _is_sqlite(backend)
+    finally:
+        store.dispose()

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from sqlalchemy.engine import Engine
+
 from ..errors import Passthrough
 from ..replica import pending
 from ..replica.effects import WriteEffects
@@ -43,8 +45,11 @@ class Learner:
     """Learns from the writes sent through the proxy into one replica."""
 
     def __init__(self, store: Store, schema: Schema, pairs: PairRegistry, breaker: Breaker,
-                 invalidate: Callable[[], None]) -> None:
+                 invalidate: Callable[[], None], marks: Engine | None = None) -> None:
         self.store = store
+        #: Where :meth:`write_mark` asks (PostgreSQL: the autocommit pool of the versions, one
+        #: round trip, where the read pool's connection costs a ping and a rollback too).
+        self.marks = marks or store.engine
         self.schema = schema
         self.pairs = pairs
         self.breaker = breaker
@@ -63,7 +68,7 @@ class Learner:
         """The ingester's highest applied event id, read just before a write is sent to SG
         (given back to :meth:`learn`); None when the replica cannot say."""
         try:
-            with self.store.engine.connect() as conn:
+            with self.marks.connect() as conn:
                 return int(self.store.get_state(conn, EVENT_HIGH) or 0)
         except Exception as exc:  # noqa: BLE001 - learn then only marks
             log.info("could not read the event mark before a write: %s", short_error(exc))

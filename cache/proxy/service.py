@@ -67,7 +67,9 @@ class CacheService:
         self._stale: bool | None = None  # last freshness seen (None: not yet), for the log
         # secrets of the URL are masked in every log line about the database
         self.breaker = Breaker(lambda: self.store.engine.dispose(), self.invalidate, url_secrets(db_url))
-        self.learner = Learner(self.store, self.schema, pairs, self.breaker, self.invalidate)
+        # a write's mark is one question: asked where versions are (autocommit, no ping) when they are shared
+        marks = self.inline.versions if self.inline.shared else None
+        self.learner = Learner(self.store, self.schema, pairs, self.breaker, self.invalidate, marks)
 
     def close(self) -> None:
         self.inline.close()

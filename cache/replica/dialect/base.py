@@ -113,6 +113,10 @@ class Dialect:
         """The database server's clock now, in seconds since the epoch (sub-second resolution)."""
         raise NotImplementedError
 
+    def clock_expression(self) -> Any:
+        """:meth:`clock` as an SQL expression a statement can carry (None: ask :meth:`clock`)."""
+        return None
+
     def lower(self, expr: Any) -> Any:
         """Lower case over all of Unicode, as SG compares text."""
         return sa.func.lower(expr)

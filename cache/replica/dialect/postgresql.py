@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,11 @@ from .base import BOUND_LIST_TYPES, Dialect, LeaderLock, no_check
 #: The proxy gives up connecting after this many seconds, and cancels statements running longer.
 CONNECT_TIMEOUT = 3
 STATEMENT_TIMEOUT_MS = 10_000
+#: A pooled connection idle longer than this is pinged before it is used (:func:`ping_when_idle`).
+PING_AFTER_IDLE_SECONDS = 1.0
+_USED_AT = "sgcache_used_at"
+#: The transaction that holds the write lock, on a connection's info.
+_LOCKED_IN = "sgcache_write_locked_in"
 #: SQLSTATE of a statement cancelled (here: by ``statement_timeout``).
 QUERY_CANCELED = "57014"
 #: Held by a write transaction from its first flush to its end (cache/replica/writes.py says why).
@@ -31,16 +37,47 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE_SECONDS) -> None:
+    """Ping a pooled connection before it is used when it was idle more than ``idle`` seconds
+    (a server restarted, a connection cut by a firewall: the pool replaces it, unseen). SQLAlchemy's
+    ``pool_pre_ping`` pings on every use: a round trip on each read and write of the proxy. A
+    connection used within the last second that fails anyway fails its statement, which the caller
+    handles as any database failure (the read passes, the write's effects are marked pending), and
+    the pool then replaces every connection as old as it."""
+    dialect = engine.dialect
+
+    @sa.event.listens_for(engine, "connect")
+    def _connected(_dbapi_conn: Any, record: Any) -> None:
+        record.info[_USED_AT] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_USED_AT] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get(_USED_AT, 0.0) <= idle:
+            return
+        try:
+            dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # noqa: BLE001 - any failure: the pool makes a new connection
+            raise sa.exc.DisconnectionError(str(exc)) from exc
+        record.info[_USED_AT] = time.monotonic()
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
 
     def create_engine(self, url: str, *, writer: bool = False, **kwargs: Any) -> Engine:
-        """psycopg2, pre-ping, and a pool for the proxy's threads (``writer`` changes nothing:
-        write transactions serialize their flushes with :meth:`lock_writes`)."""
-        kwargs.setdefault("pool_pre_ping", True)
+        """psycopg2, a ping before a connection idle for a while is used, and a pool for the
+        proxy's threads (``writer`` changes nothing: write transactions serialize their flushes
+        with :meth:`lock_writes`)."""
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 10)
-        return sa.create_engine(normalize_url(url), **kwargs)
+        engine = sa.create_engine(normalize_url(url), **kwargs)
+        ping_when_idle(engine)
+        return engine
 
     def proxy_engine_options(self) -> dict[str, Any]:
         return {
@@ -53,11 +90,14 @@ class PostgreSQLDialect(Dialect):
     shared_versions = True
 
     def versions_engine(self, engine: Engine) -> Engine | None:
-        """A small pool of its own (asked by the workers only: it is a network round trip), in
-        autocommit: one round trip a question (no BEGIN before it, no ROLLBACK after it), and no
-        transaction left open to hold back the cluster's snapshot."""
-        return sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=2, max_overflow=6,
-                                isolation_level="AUTOCOMMIT", **self.proxy_engine_options())
+        """A small pool of its own for the questions of worker threads (the snapshot after a read,
+        a write's event mark; the event loop asks on a connection of its own), in autocommit: one
+        round trip a question (no BEGIN before it, no ROLLBACK after it), and no transaction left
+        open to hold back the cluster's snapshot."""
+        versions = sa.create_engine(engine.url.render_as_string(hide_password=False), pool_size=2, max_overflow=6,
+                                    isolation_level="AUTOCOMMIT", **self.proxy_engine_options())
+        ping_when_idle(versions)
+        return versions
 
     data_version_sql = "SELECT txid_current_snapshot()::text"
 
@@ -100,15 +140,24 @@ class PostgreSQLDialect(Dialect):
         return sa.func.greatest(a, b)
 
     def lock_writes(self, conn: Connection) -> None:
-        """A transaction-level advisory lock, one per database and schema (:data:`WRITE_LOCK_SQL`)."""
+        """A transaction-level advisory lock, one per database and schema (:data:`WRITE_LOCK_SQL`);
+        taken once per transaction (a learnt write asks twice: one round trip saved)."""
+        transaction = conn.get_transaction()
+        if transaction is not None and conn.info.get(_LOCKED_IN) is transaction:
+            return
         conn.exec_driver_sql(WRITE_LOCK_SQL)
+        conn.info[_LOCKED_IN] = transaction
 
     def snapshot(self, conn: Connection) -> None:
         """REPEATABLE READ, READ ONLY: one snapshot from the first query on."""
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def clock(self, conn: Connection) -> float:
-        return float(conn.execute(sa.text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
+        return float(conn.execute(sa.select(self.clock_expression())).scalar_one())
+
+    def clock_expression(self) -> Any:
+        """The wall clock of the server now (``clock_timestamp()``, not the transaction's start)."""
+        return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
 
     def codepoint_order(self, expr: Any) -> Any:
         """COLLATE "C": a database created with a linguistic locale would order differently
