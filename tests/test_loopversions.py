@@ -128,6 +128,55 @@ def test_a_reader_that_gives_up_does_not_cancel_the_question_for_the_others(pg_u
         versions.close()
 
 
+class AtOnce:
+    """psycopg2's asynchronous protocol with every question answered at once (``poll`` is always
+    done): a question can end before the task that asks it was even scheduled."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def poll(self) -> int:
+        return psycopg2.extensions.POLL_OK
+
+    def fileno(self) -> int:
+        raise AssertionError("never waits")
+
+    def cursor(self) -> AtOnce:
+        return self
+
+    def execute(self, _sql: str) -> None:
+        self.asked += 1
+
+    def fetchone(self) -> tuple[int]:
+        return (self.asked,)
+
+    def close(self) -> None:
+        pass
+
+
+EAGER = getattr(asyncio, "eager_task_factory", None)  # Python 3.12: mitmproxy runs tasks eagerly
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager-tasks"])
+def test_questions_answered_at_once_leave_no_reader_waiting(eager: bool) -> None:
+    """mitmproxy on Python 3.12 starts a task inside create_task: the driver takes the reader's
+    question, may answer it and end before create_task returns; the next reader starts a new one."""
+    if eager and EAGER is None:
+        pytest.skip("eager tasks need Python 3.12")
+    versions = LoopVersions(AtOnce, "SELECT 1")
+
+    async def run() -> None:
+        if eager:
+            asyncio.get_running_loop().set_task_factory(EAGER)
+        one_by_one = [await asyncio.wait_for(versions.version(), 2) for _ in range(5)]
+        assert one_by_one == [1, 2, 3, 4, 5]
+        together = await asyncio.wait_for(asyncio.gather(*(versions.version() for _ in range(4))), 2)
+        assert min(together) == 6 and versions.asked <= 9  # each a question sent after it arrived
+        assert await asyncio.wait_for(versions.version(), 2) == versions.asked
+
+    asyncio.run(run())
+
+
 @pytest.fixture
 def silent_server() -> Iterator[tuple[str, int]]:
     """A TCP server that accepts connections and never says a word (a database hung or cut off)."""

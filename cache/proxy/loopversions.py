@@ -62,13 +62,16 @@ class LoopVersions:
         if self._failed_at is not None and self._clock() - self._failed_at < self.retry_after:
             raise VersionUnknown("failed recently")
         loop = asyncio.get_running_loop()
-        if self._next is None:
-            self._next = loop.create_future()
-            self._next.add_done_callback(_retrieve)
-            if self._driver is None:
-                self._driver = loop.create_task(self._drive())
+        answer = self._next
+        if answer is None:
+            answer = self._next = loop.create_future()
+            answer.add_done_callback(_retrieve)
+        # (mitmproxy runs tasks eagerly on Python 3.12: the driver may take ``answer``, and even
+        # answer it and end, before create_task returns)
+        if self._driver is None or self._driver.done():
+            self._driver = loop.create_task(self._drive())
         # shielded: a reader that gives up does not cancel the answer the others wait for
-        return await asyncio.shield(self._next)
+        return await asyncio.shield(answer)
 
     async def _drive(self) -> None:
         """Send questions while readers wait for one, one at a time."""
