@@ -421,3 +421,41 @@ def test_pending_markers_take_the_servers_clock_in_their_own_statement(db_url: s
         assert (expression is None) == _is_sqlite(backend)
     finally:
         store.dispose()
+
+
+def test_a_sqlite_install_needs_no_psycopg2(tmp_path: Path) -> None:
+    """psycopg2 comes with the ``postgres`` extra: without it every module imports and a SQLite
+    replica answers a read through the proxy's service (its reads, kept answers and versions)."""
+    import subprocess
+    import sys
+
+    store = Store.open(f"sqlite:///{tmp_path / 'r.db'}", Schema.load(BASIC_SCHEMA))
+    blank = dict.fromkeys(store.schema.entities["Shot"].fields)
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Shot", [{**blank, "id": 7, "code": "sh007"}], "scan", complete=True)
+        store.mark_primed(conn, "Shot")
+    store.dispose()
+    code = f"""
+import importlib, pkgutil, sys
+sys.modules["psycopg2"] = None  # import psycopg2 now fails, as where it is not installed
+import cache
+for module in pkgutil.walk_packages(cache.__path__, "cache."):
+    importlib.import_module(module.name)
+import asyncio, json
+from concurrent.futures import ThreadPoolExecutor
+from cache.proxy.reads import Reads
+from cache.proxy.service import CacheService
+service = CacheService({f"sqlite:///{tmp_path / 'r.db'}"!r}, {str(BASIC_SCHEMA)!r}, max_lag=0)
+args = {{"type": "Shot", "return_fields": ["code"], "return_only": "active",
+        "filters": {{"logical_operator": "and", "conditions": [{{"path": "id", "relation": "is", "values": [7]}}]}},
+        "paging": {{"entities_per_page": 50, "current_page": 1}}, "return_paging_info": False}}
+async def twice():
+    with ThreadPoolExecutor(2) as pool:
+        return [await Reads(pool).answer(service, args, "client") for _ in range(2)]
+for answer in asyncio.run(twice()):
+    print(json.loads(answer.body)["results"]["entities"][0]["code"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["sh007", "sh007"]

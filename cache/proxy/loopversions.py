@@ -25,8 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from psycopg2 import extensions
-
 log = logging.getLogger("sgcache")
 
 #: Seconds a question may take; seconds without questions after a failure.
@@ -133,6 +131,8 @@ class LoopVersions:
 
 async def _ready(loop: asyncio.AbstractEventLoop, conn: Any) -> None:
     """Wait, with the loop's socket callbacks, until ``conn`` has finished what it was doing."""
+    from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
+
     while True:
         state = conn.poll()
         if state == extensions.POLL_OK:

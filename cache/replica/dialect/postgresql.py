@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psycopg2
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as sa_postgresql
 from sqlalchemy.engine import Connection, Engine
@@ -110,6 +109,8 @@ class PostgreSQLDialect(Dialect):
     def nonblocking_connect(self, engine: Engine) -> Callable[[], Any] | None:
         """psycopg2 in asynchronous mode (always autocommit), with the proxy's connect timeout and
         keepalives, to the database of ``engine``'s URL."""
+        import psycopg2  # (installed with the postgres extra; a SQLite-only install never gets here)
+
         args, params = engine.dialect.create_connect_args(engine.url)
         params = {**params, **self.proxy_engine_options()["connect_args"], "async_": True}
         return functools.partial(psycopg2.connect, *args, **params)
