@@ -1,6 +1,7 @@
 """Hit benchmark: sgcache hits against the floor (an addon replaying answers from memory) and SG direct.
 
     python -m benchmarks.bench_hit [--calls 200] [--seconds 5] [--rounds 5] [--db URL] [--no-ingester] [--profile DIR]
+        [--compare CHECKOUT] [--set OPTION=VALUE]
 
 A fake SG site with about 2,000 rows (Shots, Tasks, Versions, Assets, Steps), primed by
 ``scripts/scan --full``, the ingester running; two mitmdump processes side by side: sgcache
@@ -12,6 +13,9 @@ as shipped (Nagle on), the calls/s with 4 and 16 client threads (floor and sgcac
 mitmdump spends per call (from /proc: a figure that does not depend on how busy the machine is).
 Latency figures on a shared machine are noisy: compare the ratios measured in one run.
 ``--profile DIR`` runs sgcache's mitmdump under cProfile (DIR/sgcache.prof at exit).
+``--compare CHECKOUT`` runs a second sgcache, another checkout's (a ``git worktree`` or ``git
+archive`` of an older commit), on the same replica, measured in turns with the rest: a change's
+before and after from one run, which a machine whose speed drifts between runs cannot give.
 Asserts only that sgcache's answers are hits and equal SG's.
 """
 
@@ -83,6 +87,11 @@ def main() -> None:
     parser.add_argument("--db", help="replica URL (default: a temporary SQLite file)")
     parser.add_argument("--no-ingester", action="store_true", help="no ingester (sgcache_max_lag=0)")
     parser.add_argument("--profile", type=Path, help="run sgcache's mitmdump under cProfile, output in this dir")
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run the sgcache of another checkout (its addons/sgcache.py and cache/), on the "
+                             "same replica, measured in turns with the others: before/after figures from one run")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", dest="sets",
+                        help="a mitmproxy option of sgcache's mitmdump (repeatable), e.g. sgcache_access_log=off")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-hit-"))
@@ -92,45 +101,62 @@ def main() -> None:
     with rig:
         print(f"site built and primed in {time.perf_counter() - t0:.1f} s; replica {db_url.split(':')[0]}")
         verbosity = os.environ.get("BENCH_VERBOSITY", "info")
-        options = [f"termlog_verbosity={verbosity}"] + (["sgcache_max_lag=0"] if args.no_ingester else [])
+        options = ([f"termlog_verbosity={verbosity}"] + (["sgcache_max_lag=0"] if args.no_ingester else [])
+                   + args.sets)
         prefix: list[str] = []
         if args.profile:
             args.profile.mkdir(parents=True, exist_ok=True)
             prefix = [sys.executable, "-m", "cProfile", "-o", str(args.profile / "sgcache.prof")]
         proxy = rig.start_proxy(options, capture=False, prefix=prefix)
         floor = rig.start_proxy(["termlog_verbosity=info"], addon=FLOOR, workdir=tmp / "floor", capture=False)
+        # the sgcache proxies measured: this checkout's, and the other checkout's (--compare)
+        targets = {"sgcache": proxy}
+        if args.compare:
+            other = args.compare.resolve()
+            targets["compare"] = rig.start_proxy(options, capture=False, workdir=tmp / "compare",
+                                                 addon=other / "addons" / "sgcache.py", env={"PYTHONPATH": str(other)})
+            print(f"compare: the sgcache of {other}")
         direct, via_floor = nodelay_after(rig.direct()), nodelay_after(rig.client(floor))
         query_set = queries(direct)
-        via_sgcache = nodelay_after(rig.client(proxy))
+        via = {name: nodelay_after(rig.client(px)) for name, px in targets.items()}
         # SG accepts the credentials once (a pass), then every read of the set must be a hit equal to SG's
         for label, call in query_set:
             expected = call(direct)
-            for _ in range(20):  # a read may pass while the replica's state is refreshed: then again
-                before = client_reads(rig)
-                assert call(via_sgcache) == expected, f"{label}: sgcache's answer differs from SG's"
-                if client_reads(rig) == before:
-                    break
-            else:
-                raise AssertionError(f"{label}: never a hit")
+            for name, client in via.items():
+                for _ in range(20):  # a read may pass while the replica's state is refreshed: then again
+                    before = client_reads(rig)
+                    assert call(client) == expected, f"{label}: {name}'s answer differs from SG's"
+                    if client_reads(rig) == before:
+                        break
+                else:
+                    raise AssertionError(f"{label}: never a hit through {name}")
             call(via_floor)
 
-        print(f"\n{'query (p50 ms, client Nagle off)':<32} {'direct':>8} {'floor':>8} {'sgcache':>8} {'hit/floor':>9}"
-              f"   CPU-ms/call: {'floor':>6} {'sgcache':>7}")
-        ratios, hits, floors, cpu_floor, cpu_hit = [], [], [], [], []
+        names = list(targets)
+        print(f"\n{'query (p50 ms, client Nagle off)':<32} {'direct':>8} {'floor':>8}"
+              + "".join(f" {n:>8} {'/floor':>6}" for n in names)
+              + "   CPU-ms/call: floor" + "".join(f" {n:>8}" for n in names))
+        floors, cpu_floor = [], []
+        hits: dict[str, list[float]] = {n: [] for n in names}
+        ratios: dict[str, list[float]] = {n: [] for n in names}
+        cpu_hit: dict[str, list[float]] = {n: [] for n in names}
         for label, call in query_set:
-            # the three paths take turns, call by call: a busy moment of the machine falls on all three
-            (d, _), (f, fc), (h, hc) = p50_side_by_side(
-                [(lambda call=call: call(direct), None), (lambda call=call: call(via_floor), floor.proc.pid),
-                 (lambda call=call: call(via_sgcache), proxy.proc.pid)], args.calls)
-            ratios.append(h / f)
-            hits.append(h)
+            # the paths take turns, call by call: a busy moment of the machine falls on all of them
+            (d, _), (f, fc), *measured = p50_side_by_side(
+                [(lambda call=call: call(direct), None), (lambda call=call: call(via_floor), floor.proc.pid)]
+                + [(lambda call=call, c=via[n]: call(c), targets[n].proc.pid) for n in names], args.calls)
             floors.append(f)
             cpu_floor.append(fc)
-            cpu_hit.append(hc)
-            print(f"{label:<32} {d:8.2f} {f:8.2f} {h:8.2f} {h / f:9.2f}                {fc:6.2f} {hc:7.2f}")
-        print(f"{'median of the set':<32} {'':8} {statistics.median(floors):8.2f} {statistics.median(hits):8.2f} "
-              f"{statistics.median(ratios):9.2f}                {statistics.median(cpu_floor):6.2f} "
-              f"{statistics.median(cpu_hit):7.2f}")
+            for n, (h, hc) in zip(names, measured, strict=True):
+                hits[n].append(h)
+                ratios[n].append(h / f)
+                cpu_hit[n].append(hc)
+            print(f"{label:<32} {d:8.2f} {f:8.2f}" + "".join(f" {h:8.2f} {h / f:6.2f}" for h, _ in measured)
+                  + f"                {fc:5.2f}" + "".join(f" {hc:8.2f}" for _, hc in measured))
+        med = statistics.median
+        print(f"{'median of the set':<32} {'':8} {med(floors):8.2f}"
+              + "".join(f" {med(hits[n]):8.2f} {med(ratios[n]):6.2f}" for n in names)
+              + f"                {med(cpu_floor):5.2f}" + "".join(f" {med(cpu_hit[n]):8.2f}" for n in names))
 
         # the real client as shipped (Nagle on)
         plain = rig.client(proxy)
@@ -150,31 +176,38 @@ def main() -> None:
             n[0] += 1
             return sg.update("Shot", shot_id, {"description": f"write {n[0]}"})
 
-        (wd, _), (wp, wc) = p50_side_by_side([(lambda: update(direct), None),
-                                              (lambda: update(via_sgcache), proxy.proc.pid)], max(40, args.calls // 4))
-        print(f"write p50: direct {wd:.2f} ms, through sgcache {wp:.2f} ms (+{wp - wd:.2f} ms; {wc:.2f} CPU-ms/write)")
+        (wd, _), *written = p50_side_by_side(
+            [(lambda: update(direct), None)]
+            + [(lambda c=via[n]: update(c), targets[n].proc.pid) for n in names], max(40, args.calls // 4))
+        print(f"write p50: direct {wd:.2f} ms" + "".join(
+            f", through {n} {wp:.2f} ms (+{wp - wd:.2f} ms; {wc:.2f} CPU-ms/write)"
+            for n, (wp, wc) in zip(names, written, strict=True)))
 
         # CPU of each mitmdump per call, and throughput: the two take turns in slices, so a slower
         # moment of a shared machine weighs on both alike
         calls = [call for _, call in query_set]
+        turns = {"floor": floor, **targets}
         for threads in (4, 16):
             line = f"{threads:>2} client threads:"
-            made = {"floor": 0.0, "sgcache": 0.0}
-            cpu = {"floor": 0.0, "sgcache": 0.0}
-            misses = 0
-            for _ in range(args.rounds):
-                for name, px in (("floor", floor), ("sgcache", proxy)):
+            made = dict.fromkeys(turns, 0.0)
+            cpu = dict.fromkeys(turns, 0.0)
+            misses = dict.fromkeys(names, 0)
+            for slice_no in range(args.rounds):
+                order = list(turns.items())
+                if slice_no % 2:  # the sgcache proxies swap places every other slice (no order favoured)
+                    order = order[:1] + order[1:][::-1]
+                for name, px in order:
                     cpu0 = cpu_seconds(px.proc.pid)
                     before = client_reads(rig)
                     rate = throughput(lambda px=px: rig.client(px), calls, threads, args.seconds / args.rounds)
                     cpu[name] += cpu_seconds(px.proc.pid) - cpu0
                     made[name] += rate * args.seconds / args.rounds
-                    if name == "sgcache":
-                        misses += client_reads(rig) - before
-            for name in ("floor", "sgcache"):
+                    if name in misses:
+                        misses[name] += client_reads(rig) - before
+            for name in turns:
                 line += (f"  {name} {made[name] / args.seconds:6.1f} calls/s "
                          f"({1000 * cpu[name] / made[name]:5.2f} CPU-ms/call)")
-            print(f"{line} misses {misses}  sgcache/floor {made['sgcache'] / made['floor']:.2f}x")
+            print(line + "".join(f"  {n}: misses {misses[n]}, {made[n] / made['floor']:.2f}x floor" for n in names))
         print(f"\nSIGTERM under load (16 clients): {sigterm_under_load(rig, proxy, calls, 16)}")
     if args.profile:
         print(f"profile: {args.profile / 'sgcache.prof'}")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .paths import ADDON, REPO
@@ -50,8 +50,9 @@ class Proxy:
 
     def __init__(self, workdir: Path, db_url: str, schema: Path | str, options: Sequence[str] = (),
                  addon: Path = ADDON, mode: str = "regular", capture: bool = True,
-                 prefix: Sequence[str] = ()):
+                 prefix: Sequence[str] = (), env: Mapping[str, str] | None = None):
         self.workdir = workdir
+        self.env = dict(env or {})  # more environment for mitmdump (a benchmark's other checkout)
         self.mode = mode
         self.db_url = db_url
         self.schema = str(schema)
@@ -111,8 +112,8 @@ class Proxy:
         for opt in options:
             cmd += ["--set", opt]
         # the database URL (maybe with a password) comes from the environment, never the command line
-        env = dict(os.environ, PYTHONUNBUFFERED="1", SGCACHE_DB=self.db_url,
-                   SGCACHE_TEST_ANSWERS=str(self.answers_path))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SGCACHE_DB": self.db_url,
+               "SGCACHE_TEST_ANSWERS": str(self.answers_path), **self.env}
         if self.capture:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             threading.Thread(target=self._drain, daemon=True).start()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +229,9 @@ class Rig:
 
     def start_proxy(self, options: Sequence[str] = RIG_OPTIONS, *, db_url: str | None = None,
                     workdir: Path | None = None, addon: Path = ADDON, capture: bool = True,
-                    prefix: Sequence[str] = ()) -> Proxy:
+                    prefix: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Proxy:
         """mitmdump in front of the site (``sgcache_site`` added unless named) on this replica (or ``db_url``),
-        running ``addon`` (default: the project's); ``capture``, ``prefix``: see :class:`Proxy`."""
+        running ``addon`` (default: the project's); ``capture``, ``prefix``, ``env``: see :class:`Proxy`."""
         options = list(options)
         reverse = self.mode == "reverse"
         if not reverse and not any(o.startswith("sgcache_site=") for o in options):
@@ -245,7 +245,7 @@ class Rig:
             options.append(f"certs=*={self._studio_pem()}")
         proxy = Proxy(workdir, db_url or self.db_url, self.schema_path, options, addon=addon,
                       mode=f"reverse:{self.url}" if reverse else "regular", capture=capture,
-                      prefix=prefix)
+                      prefix=prefix, env=env)
         self.proxies.append(proxy)
         proxy.start()
         self.proxy = self.proxy or proxy
