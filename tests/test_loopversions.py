@@ -52,9 +52,17 @@ def counter(pg_url: str) -> Iterator[str]:
             cur.execute(f"DROP SEQUENCE {name}")
 
 
-def test_sqlite_asks_no_version_on_the_loop(tmp_path: Any) -> None:
+def test_only_psycopg2_asks_versions_on_the_loop(tmp_path: Any) -> None:
+    """SQLite, and PostgreSQL through another driver, ask their versions elsewhere (the inline
+    connection, worker threads)."""
+    import types
+
     url = f"sqlite:///{tmp_path / 'r.db'}"
     assert dialect_for(url).nonblocking_connect(sa.create_engine(url)) is None
+    postgresql = dialect_for("postgresql://u@h/d")
+    assert postgresql.nonblocking_connect(sa.create_engine("postgresql+psycopg2://u@h/d")) is not None
+    other = sa.create_engine("postgresql+pg8000://u@h/d", module=types.SimpleNamespace(paramstyle="format"))
+    assert postgresql.nonblocking_connect(other) is None
 
 
 def test_the_snapshot_moves_with_a_commit_made_before_the_question(pg_url: str) -> None:

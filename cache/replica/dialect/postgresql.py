@@ -108,7 +108,10 @@ class PostgreSQLDialect(Dialect):
 
     def nonblocking_connect(self, engine: Engine) -> Callable[[], Any] | None:
         """psycopg2 in asynchronous mode (always autocommit), with the proxy's connect timeout and
-        keepalives, to the database of ``engine``'s URL."""
+        keepalives, to the database of ``engine``'s URL; None when the URL names another driver
+        (``postgresql+psycopg://``: its versions are asked by worker threads)."""
+        if engine.dialect.driver != "psycopg2":
+            return None
         import psycopg2  # (installed with the postgres extra; a SQLite-only install never gets here)
 
         args, params = engine.dialect.create_connect_args(engine.url)
