@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from ..errors import Passthrough
-from ..read import ReadBudget
+from ..read import ReadBudget, ReplicaState
 from ..read.limits import MAX_PLAN_KEY
 from ..read.reader import request_key
 from .answercache import AnswerCache, Version
@@ -61,6 +61,18 @@ class NotInline(Exception):
         self.key, self.version = key, version
 
 
+def _entry(service: CacheService, args: Any, offline: bool) -> tuple[ReplicaState, str]:
+    """The checks before any read on the event loop: the replica's state known fresh and the
+    request's key (else NotInline), the heartbeat fresh unless ``offline`` (else it passes)."""
+    state = service.fresh_state()
+    key = request_key(args)
+    if state is None or key is None:
+        raise NotInline
+    if service.stale() and not offline:
+        raise Passthrough("stale", "ingester heartbeat missing or old")
+    return state, key
+
+
 class InlineReads:
     """Reads on the event loop through ``engine`` (None: never), and the answers kept, each with
     the database's version as ``versions`` tells it (None: no answer is kept). ``shared``: a
@@ -85,12 +97,7 @@ class InlineReads:
         """The encoded answer (``encode(results)``); raises Passthrough (the read passes) or NotInline."""
         if self.engine is None:
             raise NotInline
-        state = service.fresh_state()
-        key = request_key(args)
-        if state is None or key is None:
-            raise NotInline
-        if service.stale() and not offline:
-            raise Passthrough("stale", "ingester heartbeat missing or old")
+        state, key = _entry(service, args, offline)
         reader = service.reader
         try:
             version = self._version(service, check=True)  # (the versions connection reads the configured file)
@@ -127,12 +134,7 @@ class InlineReads:
         or Passthrough (the read passes)."""
         if self.loop_versions is None:
             raise NotInline
-        state = service.fresh_state()
-        key = request_key(args)
-        if state is None or key is None:
-            raise NotInline
-        if service.stale() and not offline:
-            raise Passthrough("stale", "ingester heartbeat missing or old")
+        _, key = _entry(service, args, offline)
         try:
             version = (self._shared_token, await self.loop_versions.version())
         except VersionUnknown:
