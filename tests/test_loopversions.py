@@ -52,6 +52,14 @@ def counter(pg_url: str) -> Iterator[str]:
             cur.execute(f"DROP SEQUENCE {name}")
 
 
+@pytest.fixture
+def counted(pg_url: str, counter: str) -> Iterator[LoopVersions]:
+    """Loop versions asking :func:`counter`'s question (closed after the test)."""
+    versions = snapshots(pg_url, counter)
+    yield versions
+    versions.close()
+
+
 def test_only_psycopg2_asks_versions_on_the_loop(tmp_path: Any) -> None:
     """SQLite, and PostgreSQL through another driver, ask their versions elsewhere (the inline
     connection, worker threads)."""
@@ -84,24 +92,21 @@ def test_the_snapshot_moves_with_a_commit_made_before_the_question(pg_url: str) 
         writer.close()
 
 
-def test_readers_arriving_together_share_one_question(pg_url: str, counter: str) -> None:
-    versions = snapshots(pg_url, counter)
+def test_readers_arriving_together_share_one_question(counted: LoopVersions) -> None:
+    versions = counted
 
     async def run() -> None:
         first = await versions.version()
         together = await asyncio.gather(*(versions.version() for _ in range(20)))
         assert together == [first + 1] * 20
 
-    try:
-        asyncio.run(run())
-    finally:
-        versions.close()
+    asyncio.run(run())
 
 
-def test_a_reader_arriving_while_a_question_is_on_the_wire_takes_the_next_one(pg_url: str, counter: str) -> None:
+def test_a_reader_arriving_while_a_question_is_on_the_wire_takes_the_next_one(counted: LoopVersions) -> None:
     """The question on the wire may have been answered before the reader's client saw its write
     committed: the reader waits for a question sent after it arrived."""
-    versions = snapshots(pg_url, counter)
+    versions = counted
 
     async def run() -> None:
         first = await versions.version()  # connected
@@ -113,14 +118,11 @@ def test_a_reader_arriving_while_a_question_is_on_the_wire_takes_the_next_one(pg
         assert await early == first + 1
         assert late == [first + 2] * 2
 
-    try:
-        asyncio.run(run())
-    finally:
-        versions.close()
+    asyncio.run(run())
 
 
-def test_a_reader_that_gives_up_does_not_cancel_the_question_for_the_others(pg_url: str, counter: str) -> None:
-    versions = snapshots(pg_url, counter)
+def test_a_reader_that_gives_up_does_not_cancel_the_question_for_the_others(counted: LoopVersions) -> None:
+    versions = counted
 
     async def run() -> None:
         first = await versions.version()
@@ -130,10 +132,7 @@ def test_a_reader_that_gives_up_does_not_cancel_the_question_for_the_others(pg_u
         quitter.cancel()
         assert await stayer == first + 1
 
-    try:
-        asyncio.run(run())
-    finally:
-        versions.close()
+    asyncio.run(run())
 
 
 class AtOnce:
