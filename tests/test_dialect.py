@@ -402,6 +402,18 @@ def test_the_write_lock_is_taken_once_per_transaction(db_url: str, backend: str)
                                             " AND pid = pg_backend_pid()").scalar()
                 assert held == 1
         assert sent.count(WRITE_LOCK_SQL) == 2  # once in each transaction
+        sent.clear()
+        with engine.begin() as conn:  # taken in a savepoint rolled back: let go, so taken again
+            savepoint = conn.begin_nested()
+            POSTGRESQL.lock_writes(conn)
+            savepoint.rollback()
+            held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            assert conn.exec_driver_sql(held).scalar() == 0
+            POSTGRESQL.lock_writes(conn)
+            assert conn.exec_driver_sql(held).scalar() == 1
+            with conn.begin_nested():  # held outside any savepoint: not asked again inside one
+                POSTGRESQL.lock_writes(conn)
+        assert sent.count(WRITE_LOCK_SQL) == 2
     finally:
         engine.dispose()
 

@@ -145,12 +145,15 @@ class PostgreSQLDialect(Dialect):
 
     def lock_writes(self, conn: Connection) -> None:
         """A transaction-level advisory lock, one per database and schema (:data:`WRITE_LOCK_SQL`);
-        taken once per transaction (a learnt write asks twice: one round trip saved)."""
+        asked once per transaction (a learnt write asks twice: one round trip saved). A lock taken
+        inside a savepoint is let go if the savepoint is rolled back (the ingester's careful mode
+        applies each event in one): only a lock taken outside any is known held to the end."""
         transaction = conn.get_transaction()
         if transaction is not None and conn.info.get(_LOCKED_IN) is transaction:
             return
         conn.exec_driver_sql(WRITE_LOCK_SQL)
-        conn.info[_LOCKED_IN] = transaction
+        if not conn.in_nested_transaction():
+            conn.info[_LOCKED_IN] = transaction
 
     def snapshot(self, conn: Connection) -> None:
         """REPEATABLE READ, READ ONLY: one snapshot from the first query on."""
