@@ -36,6 +36,10 @@ def normalize_url(url: str) -> str:
     return url
 
 
+#: The server's wall clock in seconds since the epoch, as an expression (built once).
+_CLOCK = sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+
+
 def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE_SECONDS) -> None:
     """Ping a pooled connection before it is used when it was idle more than ``idle`` seconds
     (a server restarted, a connection cut by a firewall: the pool replaces it, unseen). SQLAlchemy's
@@ -164,7 +168,7 @@ class PostgreSQLDialect(Dialect):
 
     def clock_expression(self) -> Any:
         """The wall clock of the server now (``clock_timestamp()``, not the transaction's start)."""
-        return sa.cast(sa.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+        return _CLOCK
 
     def codepoint_order(self, expr: Any) -> Any:
         """COLLATE "C": a database created with a linguistic locale would order differently
