@@ -184,6 +184,32 @@ def test_questions_answered_at_once_leave_no_reader_waiting(eager: bool) -> None
     asyncio.run(run())
 
 
+def test_closing_with_a_question_on_the_wire_lets_go_of_its_socket_first(pg_url: str) -> None:
+    """The replica closed while a question waits for its answer: the question is cancelled (its
+    reader told), its socket callback removed, then the connection closed; later questions fail."""
+    versions = snapshots(pg_url, "SELECT pg_sleep(2)", timeout=10)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(versions.version(), 10)  # connected (a first 2 s question)
+        conn = versions._conn
+        fd = conn.fileno()
+        waiting = asyncio.ensure_future(versions.version())
+        for _ in range(20):  # the second question is on the wire, its socket watched
+            await asyncio.sleep(0.01)
+        assert loop._selector.get_map().get(fd) is not None  # type: ignore[attr-defined]
+        versions.close()
+        with pytest.raises(VersionUnknown):
+            await asyncio.wait_for(waiting, 2)
+        await asyncio.sleep(0.05)
+        assert loop._selector.get_map().get(fd) is None  # type: ignore[attr-defined]
+        assert conn.closed
+        with pytest.raises(VersionUnknown):
+            await versions.version()
+
+    asyncio.run(run())
+
+
 @pytest.fixture
 def silent_server() -> Iterator[tuple[str, int]]:
     """A TCP server that accepts connections and never says a word (a database hung or cut off)."""

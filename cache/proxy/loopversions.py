@@ -52,11 +52,14 @@ class LoopVersions:
         self._next: asyncio.Future[Any] | None = None  # the question readers arriving now will take
         self._driver: asyncio.Task[None] | None = None
         self._failed_at: float | None = None
+        self._closed = False
         #: Questions sent (a figure for tests and benchmarks).
         self.asked = 0
 
     async def version(self) -> Any:
         """The value of the question sent after this call began; raises VersionUnknown."""
+        if self._closed:
+            raise VersionUnknown("closed")
         if self._failed_at is not None and self._clock() - self._failed_at < self.retry_after:
             raise VersionUnknown("failed recently")
         loop = asyncio.get_running_loop()
@@ -74,10 +77,16 @@ class LoopVersions:
     async def _drive(self) -> None:
         """Send questions while readers wait for one, one at a time."""
         try:
-            while self._next is not None:
+            while self._next is not None and not self._closed:
                 answer, self._next = self._next, None
                 try:
                     value = await asyncio.wait_for(self._ask(), self.timeout)
+                except asyncio.CancelledError:  # closed (:meth:`close`): the waiting readers are told
+                    for waiting in (answer, self._next):
+                        if waiting is not None and not waiting.done():
+                            waiting.set_exception(VersionUnknown("closed"))
+                    self._next = None
+                    raise
                 except Exception as exc:  # noqa: BLE001 - any failure: every waiting reader is told
                     self._fail(exc)
                     if not answer.done():
@@ -97,6 +106,8 @@ class LoopVersions:
             conn = await loop.run_in_executor(None, self._connect)
             try:
                 await _ready(loop, conn)
+                if self._closed:
+                    raise VersionUnknown("closed")
             except BaseException:
                 conn.close()
                 raise
@@ -117,16 +128,31 @@ class LoopVersions:
                     type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc).strip()}",
                     self.retry_after)
         self._failed_at = self._clock()
-        self.close()
+        conn, self._conn = self._conn, None  # (no question is on it: the next one opens a new one)
+        if conn is not None:
+            _close_quietly(conn)
 
     def close(self) -> None:
-        """Close the connection (a later question opens a new one)."""
+        """Close for good (the replica is closed): later questions fail. A question on the wire is
+        cancelled first, so its socket callbacks are gone before the socket closes (the descriptor's
+        number may be reused at once by a client's connection, whose callbacks must not be touched)."""
+        self._closed = True
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+        driver = self._driver
+        if conn is None:
+            return
+        if driver is None or driver.done():
+            _close_quietly(conn)
+            return
+
+        def stop() -> None:
+            driver.cancel()
+            driver.add_done_callback(lambda _: _close_quietly(conn))
+
+        try:
+            driver.get_loop().call_soon_threadsafe(stop)
+        except RuntimeError:  # its loop is closed: no callback can run any more
+            _close_quietly(conn)
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, conn: Any) -> None:
@@ -162,3 +188,10 @@ def _retrieve(answer: asyncio.Future[Any]) -> None:
     """Mark a failed answer's exception retrieved (every reader may have given up waiting)."""
     if not answer.cancelled():
         answer.exception()
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection
+        pass
