@@ -1,6 +1,7 @@
 """Write benchmark: a write direct to SG against the same write through sgcache (issue 11, target 5).
 
     python -m benchmarks.bench_writes [--writes 100] [--seconds 5] [--clients 16] [--db URL] [--profile DIR]
+        [--compare CHECKOUT]
 
 The site of bench_hit (about 2,000 rows), primed by ``scripts/scan --full``, the ingester
 running, one sgcache mitmdump. With the real ``shotgun_api3`` client (Nagle off, as bench_hit):
@@ -8,7 +9,11 @@ running, one sgcache mitmdump. With the real ``shotgun_api3`` client (Nagle off,
 - write p50: an ``update`` of one field, direct and through sgcache, interleaved call by call
   (the machine's noise hits both alike), with the mitmdump's CPU milliseconds per write (/proc);
 - mixed load: ``--clients`` threads, each doing one write in ten and bench_hit's query set
-  otherwise, for ``--seconds`` direct then through sgcache: calls/s, write and read p50, the ratio.
+  otherwise, for ``--seconds`` direct and through sgcache (half in one order, half in the
+  other): calls/s, write and read p50, the ratio.
+
+``--compare CHECKOUT`` also runs another checkout's sgcache (bench_hit's option of that name) on
+the same replica, taking turns with the rest in both measures.
 
 Each proxied write must read back at once through the proxy (the writer reads its own write).
 ``--profile DIR`` runs the mitmdump under cProfile (DIR/sgcache.prof at exit).
@@ -35,8 +40,10 @@ from benchmarks.hitset import build_site, cpu_seconds, nodelay_after, queries, r
 from tests.rig import Rig  # noqa: E402
 
 
-def write_p50(direct: Any, proxied: Any, shot_id: int, writes: int, pid: int) -> tuple[float, float, float]:
-    """(direct p50 ms, proxied p50 ms, proxy CPU-ms per write), interleaved direct/proxied."""
+def write_p50(direct: Any, proxies: list[tuple[Any, int]], shot_id: int,
+              writes: int) -> tuple[float, list[tuple[float, float]]]:
+    """(direct p50 ms, [(p50 ms, CPU-ms per write of its mitmdump)] of each (client, pid) in
+    ``proxies``), the paths taking turns call by call."""
     n = [0]
 
     def update(sg: Any) -> float:
@@ -47,23 +54,29 @@ def write_p50(direct: Any, proxied: Any, shot_id: int, writes: int, pid: int) ->
 
     for _ in range(max(5, writes // 10)):
         update(direct)
-        update(proxied)
-    d, p, cpu = [], [], 0.0
+        for client, _ in proxies:
+            update(client)
+    d: list[float] = []
+    p: list[list[float]] = [[] for _ in proxies]
+    cpu = [0.0] * len(proxies)
     for _ in range(writes):
         d.append(update(direct))
-        cpu0 = cpu_seconds(pid)
-        p.append(update(proxied))
-        cpu += cpu_seconds(pid) - cpu0
-    # the writer reads its own write, through the proxy, at once
-    want = f"write {n[0]}"
-    got = proxied.find_one("Shot", [["id", "is", shot_id]], ["description"])["description"]
-    assert got == want, f"read after write: {got!r}, wanted {want!r}"
-    return statistics.median(d), statistics.median(p), 1000 * cpu / writes
+        for k, (client, pid) in enumerate(proxies):
+            cpu0 = cpu_seconds(pid)
+            p[k].append(update(client))
+            cpu[k] += cpu_seconds(pid) - cpu0
+    for client, _ in proxies:  # each writer reads its own write, through its proxy, at once
+        update(client)
+        want = f"write {n[0]}"
+        got = client.find_one("Shot", [["id", "is", shot_id]], ["description"])["description"]
+        assert got == want, f"read after write: {got!r}, wanted {want!r}"
+    return statistics.median(d), [(statistics.median(t), 1000 * c / writes) for t, c in zip(p, cpu, strict=True)]
 
 
 def mixed(make_client: Callable[[], Any], shot_ids: list[int], reads_set: list[Callable[[Any], Any]],
-          threads: int, seconds: float) -> tuple[float, float, float]:
-    """(calls/s, write p50 ms, read p50 ms) of ``threads`` clients, each writing one call in ten."""
+          threads: int, seconds: float) -> tuple[int, float, list[float], list[float]]:
+    """(calls made, seconds, write times ms, read times ms) of ``threads`` clients, each writing one
+    call in ten."""
     clients = [nodelay_after(make_client()) for _ in range(threads)]
     writes: list[float] = []
     reads: list[float] = []
@@ -85,8 +98,11 @@ def mixed(make_client: Callable[[], Any], shot_ids: list[int], reads_set: list[C
             done[k] += 1
 
     elapsed = run_threads(work, threads, seconds, stop)  # before counting what was done
-    rate = sum(done) / elapsed
-    return rate, statistics.median(writes) if writes else float("nan"), statistics.median(reads)
+    return sum(done), elapsed, writes, reads
+
+
+def p50_or_nan(times: list[float]) -> float:
+    return statistics.median(times) if times else float("nan")
 
 
 def main() -> None:
@@ -96,6 +112,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="client threads of the mixed load")
     parser.add_argument("--db", help="replica URL (default: a temporary SQLite file)")
     parser.add_argument("--profile", type=Path, help="run the mitmdump under cProfile, output in this dir")
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run another checkout's sgcache on the same replica, in turns with the rest")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-writes-"))
@@ -107,20 +125,48 @@ def main() -> None:
             prefix = [sys.executable, "-m", "cProfile", "-o", str(args.profile / "sgcache.prof")]
         verbosity = os.environ.get("BENCH_VERBOSITY", "info")
         proxy = rig.start_proxy([f"termlog_verbosity={verbosity}"], capture=False, prefix=prefix)
-        direct, proxied = nodelay_after(rig.direct()), nodelay_after(rig.client(proxy))
+        targets = {"sgcache": proxy}
+        if args.compare:  # another checkout's sgcache on the same replica (see bench_hit)
+            other = args.compare.resolve()
+            targets["compare"] = rig.start_proxy([f"termlog_verbosity={verbosity}"], capture=False,
+                                                 workdir=tmp / "compare", addon=other / "addons" / "sgcache.py",
+                                                 env={"PYTHONPATH": str(other)})
+        direct = nodelay_after(rig.direct())
         shot_ids = [s["id"] for s in direct.find("Shot", [], ["id"], limit=args.clients)]
         reads_set = [call for _, call in queries(direct)]
-        print(f"replica {db_url.split(':')[0]}; sgcache at {REPO}")
-        wd, wp, wc = write_p50(direct, proxied, shot_ids[0], args.writes, proxy.proc.pid)
-        print(f"write p50: direct {wd:.2f} ms, through sgcache {wp:.2f} ms (+{wp - wd:.2f} ms; "
-              f"{wc:.2f} CPU-ms/write in mitmdump)")
-        rd, dw, dr = mixed(rig.direct, shot_ids, reads_set, args.clients, args.seconds)
-        cpu0 = cpu_seconds(proxy.proc.pid)
-        rp, pw, pr = mixed(lambda: rig.client(proxy), shot_ids, reads_set, args.clients, args.seconds)
-        cpu = 1000 * (cpu_seconds(proxy.proc.pid) - cpu0) / (rp * args.seconds)
-        print(f"{args.clients} clients, 10% writes: direct {rd:.1f} calls/s (write p50 {dw:.1f} ms, read {dr:.1f} ms); "
-              f"sgcache {rp:.1f} calls/s (write p50 {pw:.1f} ms, read {pr:.1f} ms; {cpu:.2f} CPU-ms/call); "
-              f"sgcache/direct {rp / rd:.2f}x")
+        print(f"replica {db_url.split(':')[0]}; sgcache at {REPO}"
+              + (f"; compare: the sgcache of {args.compare.resolve()}" if args.compare else ""))
+        wd, measured = write_p50(direct, [(nodelay_after(rig.client(px)), px.proc.pid) for px in targets.values()],
+                                 shot_ids[0], args.writes)
+        print(f"write p50: direct {wd:.2f} ms" + "".join(
+            f", through {name} {wp:.2f} ms (+{wp - wd:.2f} ms; {wc:.2f} CPU-ms/write in mitmdump)"
+            for name, (wp, wc) in zip(targets, measured, strict=True)))
+        # the mixed load: each path in turn, then again in the reverse order (no order favoured)
+        makers: dict[str, Callable[[], Any]] = {"direct": rig.direct}
+        makers.update({name: (lambda px=px: rig.client(px)) for name, px in targets.items()})
+        made = dict.fromkeys(makers, 0)
+        took = dict.fromkeys(makers, 0.0)
+        cpu = dict.fromkeys(targets, 0.0)
+        times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in makers}
+        for order in (list(makers), list(makers)[::-1]):
+            for name in order:
+                px = targets.get(name)
+                cpu0 = cpu_seconds(px.proc.pid) if px is not None else 0.0
+                calls, seconds, writes, reads = mixed(makers[name], shot_ids, reads_set, args.clients, args.seconds / 2)
+                if px is not None:
+                    cpu[name] += cpu_seconds(px.proc.pid) - cpu0
+                made[name] += calls
+                took[name] += seconds
+                times[name][0].extend(writes)
+                times[name][1].extend(reads)
+        rate = {name: made[name] / took[name] for name in makers}
+        line = (f"{args.clients} clients, 10% writes: direct {rate['direct']:.1f} calls/s "
+                f"(write p50 {p50_or_nan(times['direct'][0]):.1f} ms, read {p50_or_nan(times['direct'][1]):.1f} ms)")
+        for name in targets:
+            line += (f"; {name} {rate[name]:.1f} calls/s (write p50 {p50_or_nan(times[name][0]):.1f} ms, "
+                     f"read {p50_or_nan(times[name][1]):.1f} ms; {1000 * cpu[name] / made[name]:.2f} CPU-ms/call; "
+                     f"{rate[name] / rate['direct']:.2f}x direct)")
+        print(line)
     if args.profile:
         print(f"profile: {args.profile / 'sgcache.prof'}")
 
