@@ -81,24 +81,24 @@ class LoopVersions:
                 answer, self._next = self._next, None
                 try:
                     value = await asyncio.wait_for(self._ask(), self.timeout)
-                except asyncio.CancelledError:  # closed (:meth:`close`): the waiting readers are told
-                    for waiting in (answer, self._next):
-                        if waiting is not None and not waiting.done():
-                            waiting.set_exception(VersionUnknown("closed"))
-                    self._next = None
+                except asyncio.CancelledError:  # closed (:meth:`close`)
+                    self._tell_waiting(answer, "closed")
                     raise
-                except Exception as exc:  # noqa: BLE001 - any failure: every waiting reader is told
+                except Exception as exc:  # noqa: BLE001 - any failure
                     self._fail(exc)
-                    if not answer.done():
-                        answer.set_exception(VersionUnknown(type(exc).__name__))
-                    if self._next is not None and not self._next.done():
-                        self._next.set_exception(VersionUnknown("failed recently"))
-                    self._next = None
+                    self._tell_waiting(answer, type(exc).__name__)
                 else:
                     if not answer.done():
                         answer.set_result(value)
         finally:
             self._driver = None
+
+    def _tell_waiting(self, answer: asyncio.Future[Any], why: str) -> None:
+        """Every reader waiting, for ``answer`` or for the question after it, gets VersionUnknown."""
+        for waiting in (answer, self._next):
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(VersionUnknown(why))
+        self._next = None
 
     async def _ask(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -124,6 +124,8 @@ class LoopVersions:
         return row[0]
 
     def _fail(self, exc: BaseException) -> None:
+        if self._closed:  # (a connection made as the replica closed: nothing went wrong)
+            return
         log.warning("asking the database's version failed (%s); reads go to worker threads for %.0f s",
                     type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc).strip()}",
                     self.retry_after)

@@ -22,9 +22,10 @@ before it asked is in that version); otherwise it is read in a worker of its own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
@@ -160,31 +161,32 @@ class Reads:
                 self._flights.pop(shared).set_result(None)
 
 
-def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int = 0) -> tuple[bytes, int | None]:
-    """Answer a read on the event loop when it is cheap and safe (cache/proxy/inline.py): (body,
-    rows); raises NotInline when it goes to a worker thread, Passthrough when it passes."""
+@contextlib.contextmanager
+def _observed_on_loop() -> Iterator[None]:
+    """Observe a read answered or passed on the event loop; NotInline goes through unobserved (the
+    worker's read is the one observed)."""
     started = time.perf_counter()
-    try:  # (NotInline goes through unobserved: the worker's read is the one observed)
-        answered = service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
+    try:
+        yield
     except Passthrough:
         PROXY.read_db_seconds.observe(time.perf_counter() - started)
         raise
     PROXY.read_db_seconds.observe(time.perf_counter() - started)
-    return answered
+
+
+def read_inline(service: CacheService, args: Any, offline: bool, max_answer: int = 0) -> tuple[bytes, int | None]:
+    """Answer a read on the event loop when it is cheap and safe (cache/proxy/inline.py): (body,
+    rows); raises NotInline when it goes to a worker thread, Passthrough when it passes."""
+    with _observed_on_loop():
+        return service.inline.answer(service, args, offline, lambda result: _encoded(result, max_answer))
 
 
 async def kept_on_loop(service: CacheService, args: Any, offline: bool) -> tuple[bytes, int | None]:
     """The answer kept for a read while the database is at the version the event loop asks now
     (PostgreSQL: cache/proxy/loopversions.py): (body, rows); raises NotInline (with the key and
     version when known) when it goes to a worker thread, Passthrough when it passes."""
-    started = time.perf_counter()
-    try:  # (as read_inline: NotInline goes through unobserved)
-        answered = await service.inline.kept_on_loop(service, args, offline)
-    except Passthrough:
-        PROXY.read_db_seconds.observe(time.perf_counter() - started)
-        raise
-    PROXY.read_db_seconds.observe(time.perf_counter() - started)
-    return answered
+    with _observed_on_loop():
+        return await service.inline.kept_on_loop(service, args, offline)
 
 
 def read_encoded(
@@ -200,13 +202,15 @@ def read_encoded(
     if began is not None:
         began.append(time.monotonic())
     started = time.perf_counter()
-    before = version if version is not None else service.inline.version_now(service)
-    if before is not None and version is None:
-        key = key or request_key(args)
-        kept = service.inline.kept(service, key, before, offline) if key is not None else None
-        if kept is not None:
-            PROXY.read_db_seconds.observe(time.perf_counter() - started)
-            return kept
+    before = version
+    if before is None:  # not asked on arrival: asked now, and a kept answer given while it holds
+        before = service.inline.version_now(service)
+        if before is not None:
+            key = key or request_key(args)
+            kept = service.inline.kept(service, key, before, offline) if key is not None else None
+            if kept is not None:
+                PROXY.read_db_seconds.observe(time.perf_counter() - started)
+                return kept
     try:
         result = service.read(args, offline) if budget is None else service.read(args, offline, budget)
     finally:
