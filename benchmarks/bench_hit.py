@@ -42,6 +42,7 @@ from benchmarks.hitset import (  # noqa: E402
     sigterm_under_load,
     throughput,
 )
+from benchmarks.support import bench_replica  # noqa: E402
 from tests.rig import SCRIPT, Rig  # noqa: E402
 
 FLOOR = REPO / "benchmarks" / "floor_addon.py"
@@ -95,7 +96,12 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-hit-"))
-    db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
+    with bench_replica(args.db, tmp) as db_url:
+        run(args, tmp, db_url)
+
+
+def run(args: argparse.Namespace, tmp: Path, db_url: str) -> None:
+    """The benchmark on the replica at ``db_url`` (made here)."""
     t0 = time.perf_counter()
     rig = Rig(tmp, db_url, populate_site=build_site, proxy=False, ingester=not args.no_ingester, poll_interval=1.0)
     with rig:

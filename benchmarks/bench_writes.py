@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 # the site and the reads of the hit benchmark (the one benchmark that imports another)
 from benchmarks.hitset import build_site, cpu_seconds, nodelay_after, queries, run_threads  # noqa: E402
+from benchmarks.support import bench_replica  # noqa: E402
 from tests.rig import Rig  # noqa: E402
 
 
@@ -117,7 +118,12 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-writes-"))
-    db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
+    with bench_replica(args.db, tmp) as db_url:
+        run(args, tmp, db_url)
+
+
+def run(args: argparse.Namespace, tmp: Path, db_url: str) -> None:
+    """The benchmark on the replica at ``db_url`` (made here)."""
     with Rig(tmp, db_url, populate_site=build_site, proxy=False, ingester=True, poll_interval=1.0) as rig:
         prefix: list[str] = []
         if args.profile:

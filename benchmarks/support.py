@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,6 +64,26 @@ def pg_url(base: str) -> tuple[str, str] | None:
         return None
     sep = "&" if "?" in base else "?"
     return f"{base}{sep}options=-csearch_path%3D{schema}", schema
+
+
+@contextlib.contextmanager
+def bench_replica(db: str | None, tmp: Path) -> Iterator[str]:
+    """The replica URL of one benchmark run: a SQLite file in ``tmp`` when ``db`` is None; for a
+    PostgreSQL URL that names no ``search_path``, a schema of this run's own, dropped at the end (a
+    second run on the same URL would otherwise find the first run's replica, bound to another site)."""
+    if db is None:
+        yield f"sqlite:///{tmp / 'replica.db'}"
+        return
+    if not db.startswith("postgresql") or "search_path" in db:
+        yield db
+        return
+    made = pg_url(db)
+    if made is None:
+        raise SystemExit(f"PostgreSQL at {db.split('@')[-1]} is unreachable")
+    try:
+        yield made[0]
+    finally:
+        drop_pg(db, made[1])
 
 
 def kept_pg(base: str, schema: str) -> str:
