@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,59 @@ def drop_pg(base: str, schema: str) -> None:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     admin.dispose()
+
+
+#: Where a process's CPU can be capped: cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``).
+CGROUP_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/cpu"))
+
+
+class CpuQuota:
+    """A cgroup of its own capping one process at ``cores`` of a core (what a container's
+    ``--cpus`` does): the benchmarks give each proxy the same share of the machine and measure
+    whether the throughput grows with the shares given. Needs a writable cgroup cpu controller
+    (root in a container that delegates it); :meth:`available` says whether there is one."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, cores: float) -> None:
+        root = self.root()
+        if root is None:
+            raise RuntimeError("no writable cgroup cpu controller (cpu.max or cpu.cfs_quota_us)")
+        self.path = root / f"sgcache-bench-{uuid.uuid4().hex[:10]}"
+        self.path.mkdir()
+        quota = max(1000, int(cores * self.PERIOD_US))
+        if (self.path / "cpu.max").exists():  # cgroup v2
+            (self.path / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:  # cgroup v1
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+
+    @staticmethod
+    def root() -> Path | None:
+        """The first cgroup directory with a cpu controller this process may make groups in."""
+        for root in CGROUP_ROOTS:
+            v2 = (root / "cgroup.controllers").exists() and "cpu" in (root / "cgroup.subtree_control").read_text()
+            v1 = (root / "cpu.cfs_quota_us").exists()
+            if (v1 or v2) and os.access(root, os.W_OK):
+                return root
+        return None
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.root() is not None
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into the group."""
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def throttled_seconds(self) -> float:
+        """How long the group's processes waited for their quota so far."""
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        if "throttled_usec" in stat:
+            return int(stat["throttled_usec"]) / 1e6
+        return int(stat.get("throttled_time", 0)) / 1e9
+
+    def remove(self) -> None:
+        """Delete the group (its processes must have exited)."""
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
