@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ..errors import Passthrough
 from ..read import ReadBudget, ReplicaState
@@ -89,6 +89,7 @@ class InlineReads:
         #: Shared versions asked by the event loop itself (PostgreSQL): see :meth:`kept_on_loop`.
         self.loop_versions = loop_versions
         self._versions_lock = threading.Lock()
+        self._versions_conn: Connection | None = None  # see _held_versions
         self._shared_token = object()  # the token of every shared version
         self.answers = AnswerCache()
 
@@ -124,6 +125,8 @@ class InlineReads:
             log.debug("inline read failed (%s); read in a worker", type(exc).__name__)
             self.engine.dispose()  # new connections next time (the file may have been replaced)
             if self.versions is not None and not self.shared:
+                with self._versions_lock:
+                    self._release_versions()
                 self.versions.dispose()
             raise NotInline from exc
 
@@ -188,13 +191,22 @@ class InlineReads:
         if self.versions is None:
             raise NotInline
         try:
-            # a shared version is asked on any connection of a pool; else on the one, in turns
-            with contextlib.nullcontext() if self.shared else self._versions_lock, self.versions.connect() as conn:
-                if check:
-                    service.check_replica(conn)
-                token = (self._shared_token if self.shared
-                         else conn.connection.info.setdefault(_TOKEN, object()))  # one per database connection
-                version = service.store.dialect.data_version(conn)
+            if self.shared:  # asked on any connection of a pool
+                with self.versions.connect() as conn:
+                    if check:
+                        service.check_replica(conn)
+                    token, version = self._shared_token, service.store.dialect.data_version(conn)
+            else:  # on the one connection, in turns
+                with self._versions_lock:
+                    conn = self._held_versions()
+                    try:
+                        if check:
+                            service.check_replica(conn)
+                        token = conn.connection.info.setdefault(_TOKEN, object())  # one per database connection
+                        version = service.store.dialect.data_version(conn)
+                    except Exception:
+                        self._release_versions()  # back to its pool, checked out again next time
+                        raise
         except Exception:
             self.answers.clear()
             raise
@@ -202,8 +214,26 @@ class InlineReads:
             raise NotInline
         return token, version
 
+    def _held_versions(self) -> Connection:
+        """The one versions connection (not shared), kept checked out between questions: a checkout
+        from the pool and its return cost more than ``PRAGMA data_version`` itself. It never begins
+        a transaction (the version is asked on the driver's connection). Call under the lock."""
+        if self._versions_conn is None:
+            assert self.versions is not None
+            self._versions_conn = self.versions.connect()
+        return self._versions_conn
+
+    def _release_versions(self) -> None:
+        """Give the held versions connection back to its pool (call under the lock)."""
+        conn, self._versions_conn = self._versions_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # already broken: the pool's dispose deals with it
+                conn.close()
+
     def close(self) -> None:
         self.answers.clear()
+        with self._versions_lock:
+            self._release_versions()
         if self.loop_versions is not None:
             self.loop_versions.close()
         for engine in (self.engine, self.versions):
