@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from cache.errors import Passthrough
 from cache.ops import access
@@ -104,15 +105,12 @@ def test_a_kept_answer_is_reused_until_anything_is_committed(service: CacheServi
     assert [e["code"] for e in inline_read(service)["entities"]] == ["renamed"]  # fast again
 
 
-
 def test_the_versions_connection_is_held_until_it_fails_or_closes(service: CacheService, generous: None) -> None:
     """SQLite: the one connection that asks ``data_version`` stays checked out between questions
     (a checkout per hit cost more than the question); a failure gives it back and forgets the kept
     answers, so a kept answer is never given on a version asked through a connection in doubt."""
     if service.inline.engine is None:
         pytest.skip("no inline reads on PostgreSQL")
-    import sqlalchemy as sa
-
     checkouts: list[int] = []
     sa.event.listen(service.inline.versions, "checkout", lambda *_: checkouts.append(1))
     service.read(SMALL)
@@ -125,14 +123,11 @@ def test_the_versions_connection_is_held_until_it_fails_or_closes(service: Cache
     def broken(_conn: Any) -> Any:
         raise RuntimeError("the connection broke")
 
-    original = service.store.dialect.data_version
-    service.store.dialect.data_version = broken  # type: ignore[method-assign]
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service.store.dialect, "data_version", broken)
         with pytest.raises(NotInline):  # a worker reads it (and says why it passes, if it does)
             inline_read(service)
         assert service.inline.version_now(service) is None  # a worker's question fails the same way
-    finally:
-        service.store.dialect.data_version = original  # type: ignore[method-assign]
     assert len(service.inline.answers) == 0 and service.inline._versions_conn is None
     assert service.inline.versions.pool.checkedout() == 0
     checkouts.clear()
