@@ -39,7 +39,13 @@ class VersionUnknown(Exception):
 class LoopVersions:
     """Asks ``sql`` (one value) on a non-blocking psycopg2 connection made by ``connect`` (a
     callable returning ``psycopg2.connect(..., async_=True)``; called in the loop's default
-    executor: host names are resolved there, not on the loop)."""
+    executor: host names are resolved there, not on the loop).
+
+    A question is driven by the loop's callbacks alone (no task of its own: a task, its wake-ups and
+    a shielded future per question cost more than the question): readers arriving in one turn of
+    the loop are sent one question at the end of that turn; readers arriving while it is on the
+    wire wait for the next, sent as soon as it is answered. Each reader waits on a future of its
+    own, so one that gives up never cancels the answer of the others."""
 
     def __init__(self, connect: Callable[[], Any], sql: str, timeout: float = TIMEOUT_SECONDS,
                  retry_after: float = RETRY_AFTER_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
@@ -49,8 +55,14 @@ class LoopVersions:
         self.retry_after = retry_after
         self._clock = clock
         self._conn: Any = None
-        self._next: asyncio.Future[Any] | None = None  # the question readers arriving now will take
-        self._driver: asyncio.Task[None] | None = None
+        self._cursor: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: list[asyncio.Future[Any]] = []  # readers of the next question
+        self._wire: list[asyncio.Future[Any]] | None = None  # readers of the question on the wire
+        self._scheduled: asyncio.Handle | None = None  # the next question's send, at the end of this turn
+        self._opening: asyncio.Task[None] | None = None  # a connection being made
+        self._watching: tuple[int, bool] | None = None  # (socket, as reader) while waiting for it
+        self._timer: asyncio.TimerHandle | None = None  # the question on the wire's deadline
         self._failed_at: float | None = None
         self._closed = False
         #: Questions sent (a figure for tests and benchmarks).
@@ -62,98 +74,160 @@ class LoopVersions:
             raise VersionUnknown("closed")
         if self._failed_at is not None and self._clock() - self._failed_at < self.retry_after:
             raise VersionUnknown("failed recently")
-        loop = asyncio.get_running_loop()
-        answer = self._next
-        if answer is None:
-            answer = self._next = loop.create_future()
-            answer.add_done_callback(_retrieve)
-        # (mitmproxy runs tasks eagerly on Python 3.12: the driver may take ``answer``, and even
-        # answer it and end, before create_task returns)
-        if self._driver is None or self._driver.done():
-            self._driver = loop.create_task(self._drive())
-        # shielded: a reader that gives up does not cancel the answer the others wait for
-        return await asyncio.shield(answer)
+        loop = self._loop = asyncio.get_running_loop()
+        mine = loop.create_future()
+        self._waiting.append(mine)
+        if not self._busy():
+            self._scheduled = loop.call_soon(self._send_scheduled)
+        return await mine
 
-    async def _drive(self) -> None:
-        """Send questions while readers wait for one, one at a time."""
-        try:
-            while self._next is not None and not self._closed:
-                answer, self._next = self._next, None
-                try:
-                    value = await asyncio.wait_for(self._ask(), self.timeout)
-                except asyncio.CancelledError:  # closed (:meth:`close`)
-                    self._tell_waiting(answer, "closed")
-                    raise
-                except Exception as exc:  # noqa: BLE001 - any failure
-                    self._fail(exc)
-                    self._tell_waiting(answer, type(exc).__name__)
-                else:
-                    if not answer.done():
-                        answer.set_result(value)
-        finally:
-            self._driver = None
+    def _busy(self) -> bool:
+        """A question is on the wire, sent at the end of this turn, or waiting for a connection."""
+        return (self._wire is not None or self._scheduled is not None
+                or (self._opening is not None and not self._opening.done()))
 
-    def _tell_waiting(self, answer: asyncio.Future[Any], why: str) -> None:
-        """Every reader waiting, for ``answer`` or for the question after it, gets VersionUnknown."""
-        for waiting in (answer, self._next):
-            if waiting is not None and not waiting.done():
-                waiting.set_exception(VersionUnknown(why))
-        self._next = None
+    def _send_scheduled(self) -> None:
+        self._scheduled = None
+        self._next_question()
 
-    async def _ask(self) -> Any:
-        loop = asyncio.get_running_loop()
+    def _next_question(self) -> None:
+        """Send the readers waiting their question (after a connection is made, when there is none)."""
+        if not self._waiting or self._closed:
+            return
+        assert self._loop is not None
         if self._conn is None:
-            conn = await loop.run_in_executor(None, self._connect)
-            try:
-                await _ready(loop, conn)
-                if self._closed:
-                    raise VersionUnknown("closed")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        cursor = self._conn.cursor()
+            self._opening = self._loop.create_task(self._open())
+            return
+        self._wire, self._waiting = self._waiting, []
+        self._timer = self._loop.call_later(self.timeout, self._timed_out)
         try:
             self.asked += 1
-            cursor.execute(self._sql)
-            await _ready(loop, self._conn)
-            row = cursor.fetchone()
+            self._cursor.execute(self._sql)
+            self._advance()
+        except Exception as exc:  # noqa: BLE001 - any failure
+            self._fail(exc)
+
+    async def _open(self) -> None:
+        """Make the connection (within ``timeout``), then send the waiting readers' question."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await loop.run_in_executor(None, self._connect)
+                try:
+                    await _ready(loop, conn)
+                    if self._closed:
+                        raise VersionUnknown("closed")
+                except BaseException:
+                    conn.close()
+                    raise
+        except asyncio.CancelledError:  # closed (:meth:`close`)
+            self._tell_waiting("closed")
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure
+            self._fail(exc)
+            return
         finally:
-            cursor.close()
+            self._opening = None
+        self._conn, self._cursor = conn, conn.cursor()
+        self._next_question()
+
+    def _advance(self) -> None:
+        """Poll the question on the wire: answered, or wait for its socket (a callback of the loop)."""
+        from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
+
+        assert self._loop is not None
+        state = self._conn.poll()
+        if state == extensions.POLL_OK:
+            self._answered()
+            return
+        fd = self._conn.fileno()
+        if state == extensions.POLL_READ:
+            self._loop.add_reader(fd, self._on_socket)
+        elif state == extensions.POLL_WRITE:
+            self._loop.add_writer(fd, self._on_socket)
+        else:
+            raise OSError(f"unexpected poll state {state}")
+        self._watching = (fd, state == extensions.POLL_READ)
+
+    def _on_socket(self) -> None:
+        self._unwatch()
+        try:
+            self._advance()
+        except Exception as exc:  # noqa: BLE001 - any failure
+            self._fail(exc)
+
+    def _answered(self) -> None:
+        row = self._cursor.fetchone()
+        self._cancel_timer()
+        readers, self._wire = self._wire or [], None
         self._failed_at = None
-        return row[0]
+        for reader in readers:
+            if not reader.done():  # (one that gave up is cancelled)
+                reader.set_result(row[0])
+        self._next_question()  # those who arrived while it was on the wire
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError(f"no answer in {self.timeout:g} s"))
+
+    def _unwatch(self) -> None:
+        if self._watching is not None and self._loop is not None:
+            fd, as_reader = self._watching
+            (self._loop.remove_reader if as_reader else self._loop.remove_writer)(fd)
+        self._watching = None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tell_waiting(self, why: str) -> None:
+        """Every reader waiting, for the question on the wire or the next one, gets VersionUnknown."""
+        readers = (self._wire or []) + self._waiting
+        self._wire, self._waiting = None, []
+        for reader in readers:
+            if not reader.done():
+                reader.set_exception(VersionUnknown(why))
 
     def _fail(self, exc: BaseException) -> None:
-        if self._closed:  # (a connection made as the replica closed: nothing went wrong)
-            return
-        log.warning("asking the database's version failed (%s); reads go to worker threads for %.0f s",
-                    type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc).strip()}",
-                    self.retry_after)
-        self._failed_at = self._clock()
-        conn, self._conn = self._conn, None  # (no question is on it: the next one opens a new one)
+        self._cancel_timer()
+        self._unwatch()  # before the socket closes
+        if not self._closed:  # (a connection made as the replica closed: nothing went wrong)
+            log.warning("asking the database's version failed (%s); reads go to worker threads for %.0f s",
+                        type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {str(exc).strip()}",
+                        self.retry_after)
+            self._failed_at = self._clock()
+        conn, self._conn, self._cursor = self._conn, None, None  # the next question opens a new one
         if conn is not None:
             _close_quietly(conn)
+        self._tell_waiting(type(exc).__name__)
 
     def close(self) -> None:
         """Close for good (the replica is closed): later questions fail. A question on the wire is
-        cancelled first, so its socket callbacks are gone before the socket closes (the descriptor's
-        number may be reused at once by a client's connection, whose callbacks must not be touched)."""
+        cancelled on the loop first, so its socket callbacks are gone before the socket closes (the
+        descriptor's number may be reused at once by a client's connection, whose callbacks must
+        not be touched)."""
         self._closed = True
-        conn, self._conn = self._conn, None
-        driver = self._driver
-        if conn is None:
-            return
-        if driver is None or driver.done():
-            _close_quietly(conn)
-            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and self._busy():
+            try:
+                loop.call_soon_threadsafe(self._shut)
+                return
+            except RuntimeError:  # its loop is closed: no callback can run any more
+                pass
+        self._shut()
 
-        def stop() -> None:
-            driver.cancel()
-            driver.add_done_callback(lambda _: _close_quietly(conn))
-
-        try:
-            driver.get_loop().call_soon_threadsafe(stop)
-        except RuntimeError:  # its loop is closed: no callback can run any more
+    def _shut(self) -> None:
+        self._cancel_timer()
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if self._opening is not None:
+            self._opening.cancel()
+        self._unwatch()
+        self._tell_waiting("closed")
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
             _close_quietly(conn)
 
 
@@ -184,12 +258,6 @@ async def _ready(loop: asyncio.AbstractEventLoop, conn: Any) -> None:
 def _set(ready: asyncio.Future[None]) -> None:
     if not ready.done():
         ready.set_result(None)
-
-
-def _retrieve(answer: asyncio.Future[Any]) -> None:
-    """Mark a failed answer's exception retrieved (every reader may have given up waiting)."""
-    if not answer.cancelled():
-        answer.exception()
 
 
 def _close_quietly(conn: Any) -> None:
