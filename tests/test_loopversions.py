@@ -273,6 +273,45 @@ def test_a_database_that_never_answers_fails_the_question_in_time_without_blocki
     asyncio.run(run())
 
 
+def test_a_question_over_its_time_tells_every_waiting_reader_and_lets_go_of_its_socket(pg_url: str) -> None:
+    """On a connection already made: the question on the wire and the readers waiting for the next
+    one all fail at its deadline; its socket is no longer watched, its connection closed; questions
+    fail at once for ``retry_after``, then a new connection answers."""
+    now = [0.0]
+    versions = snapshots(pg_url, "SELECT pg_sleep(2)", timeout=0.2, retry_after=5.0, clock=lambda: now[0])
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        versions.timeout = 5.0
+        await versions.version()  # connected (its first question, 2 s, within the longer deadline)
+        versions.timeout = 0.2
+        conn = versions._conn
+        fd = conn.fileno()
+        on_wire = asyncio.ensure_future(versions.version())
+        await asyncio.sleep(0.05)
+        next_one = asyncio.ensure_future(versions.version())  # arrived while a question is on the wire
+        started = time.monotonic()
+        for reader in (on_wire, next_one):
+            with pytest.raises(VersionUnknown):
+                await asyncio.wait_for(reader, 2)
+        assert time.monotonic() - started < 1.5  # at the deadline, not when the server answers (2 s)
+        assert loop._selector.get_map().get(fd) is None  # type: ignore[attr-defined]
+        assert conn.closed and versions._conn is None
+        asked = versions.asked
+        with pytest.raises(VersionUnknown):  # fails at once for retry_after: nothing sent
+            await versions.version()
+        assert versions.asked == asked
+        now[0] += 5.0
+        versions.timeout = 5.0
+        await asyncio.wait_for(versions.version(), 5)  # answered, on a new connection:
+        assert versions._conn is not None and versions._conn is not conn
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+
+
 def test_a_broken_connection_is_replaced(pg_url: str) -> None:
     now = [0.0]
     versions = snapshots(pg_url, clock=lambda: now[0])
