@@ -133,21 +133,12 @@ class LoopVersions:
 
     def _advance(self) -> None:
         """Poll the question on the wire: answered, or wait for its socket (a callback of the loop)."""
-        from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
-
         assert self._loop is not None
-        state = self._conn.poll()
-        if state == extensions.POLL_OK:
+        watching = _watch(self._loop, self._conn, self._on_socket)
+        if watching is None:
             self._answered()
-            return
-        fd = self._conn.fileno()
-        if state == extensions.POLL_READ:
-            self._loop.add_reader(fd, self._on_socket)
-        elif state == extensions.POLL_WRITE:
-            self._loop.add_writer(fd, self._on_socket)
         else:
-            raise OSError(f"unexpected poll state {state}")
-        self._watching = (fd, state == extensions.POLL_READ)
+            self._watching = watching
 
     def _on_socket(self) -> None:
         self._unwatch()
@@ -172,8 +163,7 @@ class LoopVersions:
 
     def _unwatch(self) -> None:
         if self._watching is not None and self._loop is not None:
-            fd, as_reader = self._watching
-            (self._loop.remove_reader if as_reader else self._loop.remove_writer)(fd)
+            _stop_watching(self._loop, self._watching)
         self._watching = None
 
     def _cancel_timer(self) -> None:
@@ -233,26 +223,40 @@ class LoopVersions:
 
 async def _ready(loop: asyncio.AbstractEventLoop, conn: Any) -> None:
     """Wait, with the loop's socket callbacks, until ``conn`` has finished what it was doing."""
-    from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
-
     while True:
-        state = conn.poll()
-        if state == extensions.POLL_OK:
-            return
-        fd = conn.fileno()
         ready = loop.create_future()
-        if state == extensions.POLL_READ:
-            loop.add_reader(fd, _set, ready)
-            remove = loop.remove_reader
-        elif state == extensions.POLL_WRITE:
-            loop.add_writer(fd, _set, ready)
-            remove = loop.remove_writer
-        else:
-            raise OSError(f"unexpected poll state {state}")
+        watching = _watch(loop, conn, _set, ready)
+        if watching is None:
+            return
         try:
             await ready
         finally:
-            remove(fd)
+            _stop_watching(loop, watching)
+
+
+def _watch(loop: asyncio.AbstractEventLoop, conn: Any, callback: Callable[..., None],
+           *args: Any) -> tuple[int, bool] | None:
+    """Poll ``conn``: None when it has finished, else the socket it waits for, now watched by the
+    loop with ``callback(*args)``: (descriptor, whether for reading)."""
+    from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
+
+    state = conn.poll()
+    if state == extensions.POLL_OK:
+        return None
+    fd = conn.fileno()
+    if state == extensions.POLL_READ:
+        loop.add_reader(fd, callback, *args)
+        return fd, True
+    if state == extensions.POLL_WRITE:
+        loop.add_writer(fd, callback, *args)
+        return fd, False
+    raise OSError(f"unexpected poll state {state}")
+
+
+def _stop_watching(loop: asyncio.AbstractEventLoop, watching: tuple[int, bool]) -> None:
+    """Stop watching a socket :func:`_watch` watched."""
+    fd, for_reading = watching
+    (loop.remove_reader if for_reading else loop.remove_writer)(fd)
 
 
 def _set(ready: asyncio.Future[None]) -> None:
