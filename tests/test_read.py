@@ -147,6 +147,21 @@ def test_retired_link_disappears(own_store: Store) -> None:
     assert result["entities"][0]["assets"] == [{"type": "Asset", "id": 2, "name": "asset2"}]
 
 
+def test_a_multi_entity_filter_on_a_retired_entity_matches_no_link(own_store: Store) -> None:
+    """One link (its own EXISTS and a registry test made once) and several (one EXISTS) alike."""
+    store = own_store
+    a2, a3 = {"type": "Asset", "id": 2}, {"type": "Asset", "id": 3}
+    assert ids(read(store, filters=cond("assets", "is", a3))) == [2]
+    with store.engine.begin() as conn:
+        store.set_retired(conn, "Asset", 3, True, "test")
+    assert ids(read(store, filters=cond("assets", "is", a3))) == []
+    assert ids(read(store, filters=cond("assets", "in", a3))) == []
+    assert ids(read(store, filters=cond("assets", "is_not", a3))) == [1, 2, 3, 4]
+    assert ids(read(store, filters=cond("assets", "not_in", a3))) == [1, 2, 3, 4]
+    assert ids(read(store, filters=cond("assets", "in", a3, a2))) == [2]
+    assert ids(read(store, filters=cond("assets", "in", a3, None))) == [3, 4]
+
+
 def test_or_groups(store: Store) -> None:
     filters = {"logical_operator": "or", "conditions": [
         {"path": "code", "relation": "is", "values": ["sh010"]},
