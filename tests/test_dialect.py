@@ -418,10 +418,52 @@ def test_the_write_lock_is_taken_once_per_transaction(db_url: str, backend: str)
         engine.dispose()
 
 
+def test_a_state_read_under_the_write_lock_sees_what_the_holder_committed(db_url: str, backend: str) -> None:
+    """PostgreSQL sends the lock and the read as one query string: the read's snapshot is still
+    taken once the lock is held, so a value committed while it waited is what it reads."""
+    _postgresql_only(backend)
+    import threading
+
+    from cache.replica.dialect.postgresql import WRITE_LOCK_SQL
+
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    sent: list[str] = []
+    sa.event.listen(store.write_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        with store.write_engine.begin() as conn:
+            store.set_state(conn, "probe", 1)
+        got: list[object] = []
+        holder = store.write_engine.connect()
+        holder.begin()
+        POSTGRESQL.lock_writes(holder)
+        store.set_state(holder, "probe", 2)
+
+        def waiter() -> None:
+            with store.write_engine.begin() as conn:
+                got.append(store.locked_state(conn, "probe"))
+                got.append(store.locked_state(conn, "probe"))  # held now: a plain read
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)
+        assert got == []  # waiting for the lock
+        holder.commit()
+        holder.close()
+        thread.join(10)
+        assert got == [2, 2]
+        both = [sql for sql in sent if sql.startswith(WRITE_LOCK_SQL) and "sgcache_state" in sql]
+        assert len(both) == 1 and sent.count(WRITE_LOCK_SQL) == 1  # the holder's lock alone
+    finally:
+        store.dispose()
+
+
 def test_pending_markers_take_the_servers_clock_in_their_own_statement(db_url: str, backend: str) -> None:
     from cache.replica import pending
 
     store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    inserts: list[str] = []
+    sa.event.listen(store.write_engine, "before_cursor_execute",
+                    lambda *a: inserts.append(a[2]) if "INSERT INTO sgcache_pending" in a[2] else None)
     try:
         with store.write_engine.begin() as conn:
             before = pending.db_clock(conn)
@@ -429,6 +471,15 @@ def test_pending_markers_take_the_servers_clock_in_their_own_statement(db_url: s
             after = pending.db_clock(conn)
             rows = conn.execute(sa.select(store.pending.c.at)).scalars().all()
         assert len(rows) == 2 and all(before <= at <= after for at in rows)
+        assert len(inserts) == 1  # one statement for both markers (one round trip)
+        with store.write_engine.begin() as conn:  # many: in chunks, an older time never replaces a newer
+            conn.execute(sa.update(store.pending).values(at=store.pending.c.at + 3600))
+            kept = conn.execute(sa.select(store.pending.c.at)).scalars().all()
+            pending.mark(conn, store.pending, [("Shot", "code")] + [("Type", f"f{i}") for i in range(1200)])
+            assert sorted(conn.execute(sa.select(store.pending.c.at).where(
+                store.pending.c.entity_type == "Shot")).scalars().all()) == sorted(kept)
+            assert conn.execute(sa.select(sa.func.count()).select_from(store.pending)).scalar() == 1202
+        assert len(inserts) == 1 + 3
         expression = store.dialect.clock_expression()
         assert (expression is None) == _is_sqlite(backend)
     finally:

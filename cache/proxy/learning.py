@@ -128,8 +128,8 @@ class Learner:
 
         Read under the write lock (PostgreSQL; SQLite write transactions are serial), so a poll
         either committed before (seen here) or applies its events after this transaction."""
-        self.store.dialect.lock_writes(conn)
-        return mark is None or int(self.store.get_state(conn, EVENT_HIGH) or 0) != mark
+        high = self.store.locked_state(conn, EVENT_HIGH)
+        return mark is None or int(high or 0) != mark
 
     def outcome_unknown(self, method: str, args: Any) -> None:
         """A write was sent to SG but no answer came back: it may have been applied. Reads of

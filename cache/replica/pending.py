@@ -55,33 +55,46 @@ def db_clock(conn: Connection) -> float:
     return dialect_for(conn).clock(conn)
 
 
+#: Markers written by one statement (SQLite binds at most 32,766 parameters to one).
+MARK_CHUNK = 500
+
+
 def mark(conn: Connection, table: sa.Table, markers: Iterable[Marker]) -> None:
     """Record markers for a write just learned (inside the write's transaction)."""
     rows = sorted({(t, f) for t, f in markers if t and f})
     if not rows:
         return
     dialect = dialect_for(conn)
-    stmt = _upsert_markers(dialect, table)
-    # sorted rows: concurrent writers lock the same keys in the same order (no deadlock)
-    if dialect.clock_expression() is not None:  # the server's clock, in the statement itself
-        conn.execute(stmt, [{"entity_type": t, "field_name": f} for t, f in rows])
-    else:
-        at = db_clock(conn)
-        conn.execute(stmt, [{"entity_type": t, "field_name": f, "at": at} for t, f in rows])
+    # the server's clock in the statement itself where the dialect has one (one round trip fewer)
+    at = None if dialect.clock_expression() is not None else db_clock(conn)
+    # sorted rows: concurrent writers lock the same keys in the same order (no deadlock); one
+    # statement of many rows, where an executemany was a round trip per marker on psycopg2
+    for start in range(0, len(rows), MARK_CHUNK):
+        chunk = rows[start:start + MARK_CHUNK]
+        values: dict[str, Any] = {}
+        for i, (t, f) in enumerate(chunk):
+            values[f"t{i}"], values[f"f{i}"] = t, f
+            if at is not None:
+                values[f"a{i}"] = at
+        sql, order = _upsert_markers(dialect, table, len(chunk), conn.dialect)
+        conn.exec_driver_sql(sql, values if order is None else tuple(values[name] for name in order))
     log.debug("pending-write markers: %s", ", ".join(f"{t}.{f}" for t, f in rows))
 
 
-@functools.lru_cache(maxsize=8)
-def _upsert_markers(dialect: Any, table: sa.Table) -> Any:
-    """Insert markers, keeping the newer time of a marker already there (built once: every learnt
-    write runs it); their time is the database's clock, in the statement where the dialect has one
-    (one round trip fewer), else a parameter."""
-    stmt = dialect.insert(table)
+@functools.lru_cache(maxsize=32)
+def _upsert_markers(dialect: Any, table: sa.Table, count: int, driver: Any) -> tuple[str, tuple[str, ...] | None]:
+    """Insert ``count`` markers (parameters ``t<i>``, ``f<i>`` and, without the server's clock,
+    ``a<i>``), keeping the newer time of a marker already there: the SQL for ``driver`` and, when
+    its parameters are positional, their names in order. Compiled here once per count: SQLAlchemy
+    compiles a statement of many rows again on every execution (it has no cache key)."""
     clock = dialect.clock_expression()
-    if clock is not None:
-        stmt = stmt.values(at=clock)
-    return stmt.on_conflict_do_update(index_elements=["entity_type", "field_name"],
+    stmt = dialect.insert(table).values([
+        {"entity_type": sa.bindparam(f"t{i}"), "field_name": sa.bindparam(f"f{i}"),
+         "at": clock if clock is not None else sa.bindparam(f"a{i}")} for i in range(count)])
+    stmt = stmt.on_conflict_do_update(index_elements=["entity_type", "field_name"],
                                       set_={"at": dialect.greatest(stmt.excluded.at, table.c.at)})
+    compiled = stmt.compile(dialect=driver)
+    return str(compiled), tuple(compiled.positiontup) if compiled.positional else None
 
 
 def active(conn: Connection, table: sa.Table) -> frozenset[Marker]:

@@ -381,6 +381,11 @@ class Store:
         row = conn.execute(self._get_state, {"key": key}).first()
         return None if row is None or row.value is None else json.loads(row.value)
 
+    def locked_state(self, conn: Connection, key: str) -> Any:
+        """:meth:`get_state` under the write lock (``Dialect.locked_read``: one round trip on PostgreSQL)."""
+        row = self.dialect.locked_read(conn, self._get_state, {"key": key}).first()
+        return None if row is None or row.value is None else json.loads(row.value)
+
     def set_state(self, conn: Connection, key: str, value: Any) -> None:
         self._upsert(
             conn,

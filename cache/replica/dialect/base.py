@@ -105,6 +105,12 @@ class Dialect:
     def lock_writes(self, conn: Connection) -> None:
         """Serialize write transactions from here to the end of ``conn``'s transaction."""
 
+    def locked_read(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Any:
+        """:meth:`lock_writes`, then ``stmt`` (a SELECT) with ``params``: its result, read after the
+        lock is held (what it reads, no write can change before this transaction ends)."""
+        self.lock_writes(conn)
+        return conn.execute(stmt, params)
+
     def snapshot(self, conn: Connection) -> None:
         """Make ``conn``'s transaction (begun, no statement run yet) read one snapshot of the
         database to its end (a dump reads many tables and must see them at one moment)."""

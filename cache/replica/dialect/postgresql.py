@@ -69,6 +69,13 @@ def ping_when_idle(engine: Engine, idle: float = PING_AFTER_IDLE_SECONDS) -> Non
         record.info[_USED_AT] = time.monotonic()
 
 
+@functools.lru_cache(maxsize=16)
+def _after_the_lock(stmt: Any, dialect: Any) -> tuple[str, Any]:
+    """The write lock and ``stmt`` as one query string, and ``stmt`` compiled (for its parameters)."""
+    compiled = stmt.compile(dialect=dialect)
+    return f"{WRITE_LOCK_SQL};\n{compiled}", compiled
+
+
 class PostgreSQLDialect(Dialect):
     name = "postgresql"
 
@@ -158,6 +165,18 @@ class PostgreSQLDialect(Dialect):
         conn.exec_driver_sql(WRITE_LOCK_SQL)
         if not conn.in_nested_transaction():
             conn.info[_LOCKED_IN] = transaction
+
+    def locked_read(self, conn: Connection, stmt: Any, params: dict[str, Any]) -> Any:
+        """The lock and the SELECT in one round trip: one query string of two statements. Under READ
+        COMMITTED each statement takes its snapshot when it starts, so the SELECT's is taken once
+        the lock is held, as when they are sent apart; psycopg2 gives the last one's rows."""
+        transaction = conn.get_transaction()
+        if (transaction is not None and conn.info.get(_LOCKED_IN) is transaction) or conn.in_nested_transaction():
+            return super().locked_read(conn, stmt, params)  # held already, or taken inside a savepoint
+        sql, compiled = _after_the_lock(stmt, conn.dialect)
+        result = conn.exec_driver_sql(sql, compiled.construct_params(params))
+        conn.info[_LOCKED_IN] = transaction
+        return result
 
     def snapshot(self, conn: Connection) -> None:
         """REPEATABLE READ, READ ONLY: one snapshot from the first query on."""
