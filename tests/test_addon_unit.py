@@ -568,3 +568,26 @@ def test_the_flow_state_survives_mitmproxy_saving_and_copying_the_flow(run: Any)
         assert state_of(loaded.metadata).write_mark == 5 and state_of(flow.copy().metadata).method == "update"
 
     run(test)
+
+
+
+def test_running_makes_connections_lazy_and_puts_the_startup_objects_out_of_the_collectors_sight(db_url: str) -> None:
+    import gc
+
+    from mitmproxy.addons.proxyserver import Proxyserver
+
+    async def main() -> None:
+        addon = sgcache.SGCache()
+        with taddons.context(addon, Proxyserver()) as tctx:
+            tctx.configure(addon, sgcache_db=db_url, sgcache_schema=str(BASIC_SCHEMA), sgcache_max_lag=0,
+                           sgcache_site=SITE)
+            gc.unfreeze()
+            try:
+                addon.running()
+                assert tctx.options.connection_strategy == "lazy"
+                assert gc.get_freeze_count() > 0  # the replica open, the modules loaded: frozen
+            finally:
+                gc.unfreeze()  # (this test process's objects, which the collector must see again)
+                await addon.done()
+
+    asyncio.run(main())

@@ -187,6 +187,8 @@ def test_get_session_token_verifies_the_login_not_the_new_token(clock: Clock) ->
         ({"script_name": "pipeline", "script_key": "k" * 5000}, "bad-auth"),
         ({"script_name": "pipeline", "script_key": "k", "product": ["rv"]}, "bad-auth"),
         ({"script_name": "pipeline", "script_key": "k", "product": "x" * 5000}, "bad-auth"),
+        ({"script_name": "pipeline", "script_key": "k", "n": float("nan")}, "bad-auth"),  # hashed as null
+        ({"script_name": "pipeline", "script_key": "k", "n": float("inf")}, "bad-auth"),
         ({"script_name": "pipeline", "script_key": "k", **{f"x{i}": i for i in range(20)}}, "bad-auth"),
         ({"script_name": "pipeline"}, "unknown-auth"),
         ({"script_key": "k"}, "unknown-auth"),

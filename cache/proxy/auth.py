@@ -21,12 +21,14 @@ The policy, in one place (the addon only reports what it saw):
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from cache import fastjson
 
 #: API3 methods SG answers without authenticating the caller.
 UNAUTHENTICATED_METHODS = frozenset({"info"})
@@ -72,7 +74,9 @@ def _odd_value(key: str, value: Any) -> bool:
         return not isinstance(value, str) or not value or len(value) > MAX_VALUE_CHARS
     if isinstance(value, str):
         return len(value) > MAX_VALUE_CHARS
-    return not (value is None or isinstance(value, bool | int | float))
+    if isinstance(value, float):
+        return not math.isfinite(value)  # (never decoded from JSON; one would hash as null)
+    return not (value is None or isinstance(value, bool | int))
 
 
 class CredentialCache:
@@ -99,10 +103,10 @@ class CredentialCache:
         self._lock = threading.Lock()
 
     def key(self, site: str, auth: Mapping[str, Any]) -> bytes:
-        """A salted hash of the site and the credential part of an auth dict (session_uuid is ignored)."""
+        """A salted hash of the site and the credential part of an auth dict (session_uuid is ignored).
+        Its values are finite (see :func:`_odd_value`): their JSON tells every credential apart."""
         creds = {k: v for k, v in auth.items() if k != "session_uuid"}
-        blob = json.dumps([site, creds], sort_keys=True, ensure_ascii=True).encode("ascii")
-        return hashlib.sha256(self._salt + blob).digest()
+        return hashlib.sha256(self._salt + fastjson.dumps([site, creds], sort_keys=True)).digest()
 
     def kind_reason(self, auth: Any) -> str | None:
         """Why this credential is never served from the cache, or None when it may be (once verified)."""
