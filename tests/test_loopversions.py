@@ -135,18 +135,54 @@ def test_a_reader_that_gives_up_does_not_cancel_the_question_for_the_others(coun
     asyncio.run(run())
 
 
+def test_the_socket_stays_watched_between_questions_and_a_server_gone_meanwhile_is_noticed(pg_url: str) -> None:
+    """Watched once for many questions (watching it anew for each cost more than the question);
+    the server ending the connection while no question is on the wire fails it at once, on the
+    loop, and lets go of the socket."""
+    versions = snapshots(pg_url, retry_after=0)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        watched: list[int] = []
+        add_reader = loop.add_reader
+        loop.add_reader = lambda fd, *a: watched.append(fd) or add_reader(fd, *a)  # type: ignore[method-assign]
+        await versions.version()  # connected (its setup watches the socket too) and watched
+        assert versions._watching is not None
+        watched.clear()
+        for _ in range(5):
+            await versions.version()
+        assert watched == []  # (each question watched and let go of it before)
+        pid = versions._conn.get_backend_pid()
+        with contextlib.closing(psycopg2.connect(pg_url)) as admin, admin.cursor() as cur:
+            admin.autocommit = True
+            cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(100):
+            if versions._conn is None:
+                break
+            await asyncio.sleep(0.01)
+        assert versions._conn is None and versions._watching is None  # noticed while idle
+        await versions.version()  # a new connection, watched anew
+        assert versions._watching is not None and watched
+
+    try:
+        asyncio.run(run())
+    finally:
+        versions.close()
+
+
 class AtOnce:
     """psycopg2's asynchronous protocol with every question answered at once (``poll`` is always
     done): a question can end before the task that asks it was even scheduled."""
 
     def __init__(self) -> None:
         self.asked = 0
+        self.quiet = socket.socketpair()  # watched between questions, never readable
 
     def poll(self) -> int:
         return psycopg2.extensions.POLL_OK
 
     def fileno(self) -> int:
-        raise AssertionError("never waits")
+        return self.quiet[0].fileno()
 
     def cursor(self) -> AtOnce:
         return self
@@ -158,7 +194,8 @@ class AtOnce:
         return (self.asked,)
 
     def close(self) -> None:
-        pass
+        for end in self.quiet:
+            end.close()
 
 
 EAGER = getattr(asyncio, "eager_task_factory", None)  # Python 3.12: mitmproxy runs tasks eagerly
@@ -182,6 +219,7 @@ def test_questions_answered_at_once_leave_no_reader_waiting(eager: bool) -> None
         assert await asyncio.wait_for(versions.version(), 2) == versions.asked
 
     asyncio.run(run())
+    versions.close()
 
 
 def test_closing_with_a_question_on_the_wire_lets_go_of_its_socket_first(pg_url: str) -> None:

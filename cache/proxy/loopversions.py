@@ -61,7 +61,9 @@ class LoopVersions:
         self._wire: list[asyncio.Future[Any]] | None = None  # readers of the question on the wire
         self._scheduled: asyncio.Handle | None = None  # the next question's send, at the end of this turn
         self._opening: asyncio.Task[None] | None = None  # a connection being made
-        self._watching: tuple[int, bool] | None = None  # (socket, as reader) while waiting for it
+        #: (loop, socket, as reader) while watched: for reading from the first question on, between
+        #: questions too (watching it anew for each one cost more of the loop than the question)
+        self._watching: tuple[asyncio.AbstractEventLoop, int, bool] | None = None
         self._timer: asyncio.TimerHandle | None = None  # the question on the wire's deadline
         self._failed_at: float | None = None
         self._closed = False
@@ -132,16 +134,31 @@ class LoopVersions:
         self._next_question()
 
     def _advance(self) -> None:
-        """Poll the question on the wire: answered, or wait for its socket (a callback of the loop)."""
-        assert self._loop is not None
-        watching = _watch(self._loop, self._conn, self._on_socket)
-        if watching is None:
+        """Poll the connection: the question on the wire answered, or its socket watched (a
+        callback of the loop). Between questions the socket stays watched for reading: what
+        arrives then is read at once (the server gone: the poll fails, the connection is replaced)."""
+        from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
+
+        state = self._conn.poll()
+        if state == extensions.POLL_WRITE:
+            self._watch_socket(for_reading=False)
+            return
+        if state not in (extensions.POLL_OK, extensions.POLL_READ):
+            raise OSError(f"unexpected poll state {state}")
+        self._watch_socket(for_reading=True)
+        if state == extensions.POLL_OK and self._wire is not None:
             self._answered()
-        else:
-            self._watching = watching
+
+    def _watch_socket(self, for_reading: bool) -> None:
+        assert self._loop is not None
+        wanted = (self._loop, self._conn.fileno(), for_reading)
+        if self._watching == wanted:
+            return
+        self._unwatch()
+        (self._loop.add_reader if for_reading else self._loop.add_writer)(wanted[1], self._on_socket)
+        self._watching = wanted
 
     def _on_socket(self) -> None:
-        self._unwatch()
         try:
             self._advance()
         except Exception as exc:  # noqa: BLE001 - any failure
@@ -162,8 +179,10 @@ class LoopVersions:
         self._fail(TimeoutError(f"no answer in {self.timeout:g} s"))
 
     def _unwatch(self) -> None:
-        if self._watching is not None and self._loop is not None:
-            _stop_watching(self._loop, self._watching)
+        if self._watching is not None:
+            loop, fd, for_reading = self._watching
+            if not loop.is_closed():  # (a loop closed since: its callbacks are gone with it)
+                _stop_watching(loop, (fd, for_reading))
         self._watching = None
 
     def _cancel_timer(self) -> None:
@@ -194,12 +213,12 @@ class LoopVersions:
 
     def close(self) -> None:
         """Close for good (the replica is closed): later questions fail. A question on the wire is
-        cancelled on the loop first, so its socket callbacks are gone before the socket closes (the
-        descriptor's number may be reused at once by a client's connection, whose callbacks must
-        not be touched)."""
+        cancelled, and the socket let go of, on the loop first, so its callbacks are gone before the
+        socket closes (the descriptor's number may be reused at once by a client's connection,
+        whose callbacks must not be touched)."""
         self._closed = True
         loop = self._loop
-        if loop is not None and not loop.is_closed() and self._busy():
+        if loop is not None and not loop.is_closed() and (self._busy() or self._watching is not None):
             try:
                 loop.call_soon_threadsafe(self._shut)
                 return
