@@ -137,16 +137,9 @@ class LoopVersions:
         """Poll the connection: the question on the wire answered, or its socket watched (a
         callback of the loop). Between questions the socket stays watched for reading: what
         arrives then is read at once (the server gone: the poll fails, the connection is replaced)."""
-        from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
-
-        state = self._conn.poll()
-        if state == extensions.POLL_WRITE:
-            self._watch_socket(for_reading=False)
-            return
-        if state not in (extensions.POLL_OK, extensions.POLL_READ):
-            raise OSError(f"unexpected poll state {state}")
-        self._watch_socket(for_reading=True)
-        if state == extensions.POLL_OK and self._wire is not None:
+        reading = _waits_to_read(self._conn)
+        self._watch_socket(for_reading=reading is not False)
+        if reading is None and self._wire is not None:
             self._answered()
 
     def _watch_socket(self, for_reading: bool) -> None:
@@ -155,7 +148,7 @@ class LoopVersions:
         if self._watching == wanted:
             return
         self._unwatch()
-        (self._loop.add_reader if for_reading else self._loop.add_writer)(wanted[1], self._on_socket)
+        _start_watching(self._loop, (wanted[1], for_reading), self._on_socket)
         self._watching = wanted
 
     def _on_socket(self) -> None:
@@ -257,19 +250,31 @@ def _watch(loop: asyncio.AbstractEventLoop, conn: Any, callback: Callable[..., N
            *args: Any) -> tuple[int, bool] | None:
     """Poll ``conn``: None when it has finished, else the socket it waits for, now watched by the
     loop with ``callback(*args)``: (descriptor, whether for reading)."""
+    reading = _waits_to_read(conn)
+    if reading is None:
+        return None
+    watching = (conn.fileno(), reading)
+    _start_watching(loop, watching, callback, *args)
+    return watching
+
+
+def _waits_to_read(conn: Any) -> bool | None:
+    """Poll ``conn``: None when it has finished, True when it waits to read, False to write."""
     from psycopg2 import extensions  # (only PostgreSQL gets here: psycopg2 is the postgres extra)
 
     state = conn.poll()
     if state == extensions.POLL_OK:
         return None
-    fd = conn.fileno()
-    if state == extensions.POLL_READ:
-        loop.add_reader(fd, callback, *args)
-        return fd, True
-    if state == extensions.POLL_WRITE:
-        loop.add_writer(fd, callback, *args)
-        return fd, False
+    if state in (extensions.POLL_READ, extensions.POLL_WRITE):
+        return state == extensions.POLL_READ
     raise OSError(f"unexpected poll state {state}")
+
+
+def _start_watching(loop: asyncio.AbstractEventLoop, watching: tuple[int, bool], callback: Callable[..., None],
+                    *args: Any) -> None:
+    """Watch a socket, (descriptor, for reading), with ``callback(*args)``."""
+    fd, for_reading = watching
+    (loop.add_reader if for_reading else loop.add_writer)(fd, callback, *args)
 
 
 def _stop_watching(loop: asyncio.AbstractEventLoop, watching: tuple[int, bool]) -> None:

@@ -378,13 +378,11 @@ class Store:
 
     # -- state ---------------------------------------------------------------------------
     def get_state(self, conn: Connection, key: str) -> Any:
-        row = conn.execute(self._get_state, {"key": key}).first()
-        return None if row is None or row.value is None else json.loads(row.value)
+        return _state_value(conn.execute(self._get_state, {"key": key}).first())
 
     def locked_state(self, conn: Connection, key: str) -> Any:
         """:meth:`get_state` under the write lock (``Dialect.locked_read``: one round trip on PostgreSQL)."""
-        row = self.dialect.locked_read(conn, self._get_state, {"key": key}).first()
-        return None if row is None or row.value is None else json.loads(row.value)
+        return _state_value(self.dialect.locked_read(conn, self._get_state, {"key": key}).first())
 
     def set_state(self, conn: Connection, key: str, value: Any) -> None:
         self._upsert(
@@ -607,3 +605,7 @@ def _column_type(storage: str) -> sa.types.TypeEngine[Any]:
         "json": sa.Text(),
     }[storage]
 
+
+def _state_value(row: Any) -> Any:
+    """A ``sgcache_state`` row's value, decoded (None: no row, or no value)."""
+    return None if row is None or row.value is None else json.loads(row.value)
