@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from cache import fastjson
 from cache.errors import Passthrough
 from cache.read import Reader, ReplicaState
 from cache.replica.schema import Schema
@@ -337,6 +338,22 @@ def test_long_lists_of_non_finite_numbers_pass(store: Store, value: float) -> No
     with pytest.raises(Passthrough) as info:
         read(store, filters=cond("sg_cut_in", "in", value, *range(100)))
     assert info.value.reason in ("filter-value", "db-query-error")
+
+
+@pytest.mark.parametrize("literal", ["1e400", "-1e400", "1" + "0" * 400])
+def test_a_float_filter_value_beyond_a_double_passes(own_store: Store, literal: str) -> None:
+    """JSON decodes ``1e400`` as infinity and a 401-digit integer as an int no double holds; SG's
+    values are finite doubles and what SG answers to such a filter is not known: the read passes,
+    where it compared the rows against infinity."""
+    with own_store.engine.begin() as conn:
+        own_store.write_entities(conn, "Version", [_full(own_store, "Version", {
+            "id": 1, "code": "v1", "sg_uploaded_movie_frame_rate": 24.0})], "scan", complete=True)
+        own_store.mark_primed(conn, "Version")
+    assert ids(read(own_store, type="Version", filters=cond("sg_uploaded_movie_frame_rate", "less_than", 25))) == [1]
+    value = fastjson.loads(literal.encode())
+    with pytest.raises(Passthrough) as info:
+        read(own_store, type="Version", filters=cond("sg_uploaded_movie_frame_rate", "less_than", value))
+    assert info.value.reason == "filter-value"
 
 
 @pytest.mark.parametrize("missing", ["paging", "return_fields", "filters", "return_only"])

@@ -127,13 +127,21 @@ def encode_scalar(data_type: str, value: Any) -> Any:
     if storage == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{data_type} value must be a number")
-        return float(value)
+        # JSON's 1e400 decodes as infinity, a 400-digit integer overflows a double: SG's values are
+        # finite doubles, and what SG makes of another is not known (a read of it passes)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"{data_type} value must be a finite double")
+        return number
     if storage == "bool":
         if not isinstance(value, bool):
             raise ValueError("checkbox value must be a boolean")
         return value
     if storage == "json":
-        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
     raise ValueError(f"{data_type} is not a scalar type")
 
 
