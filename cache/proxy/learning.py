@@ -92,9 +92,15 @@ class Learner:
         try:
             self.breaker.check()
             with self.store.write_engine.begin() as conn:
-                registry = self.pairs.with_learned(conn, self.store.pairs_table)
+                if mark is UNMARKED:
+                    registry = self.pairs.with_learned(conn, self.store.pairs_table)
+                    moved = False
+                else:  # the ingester's mark and the learned pairs under the write lock, one round trip
+                    high, learned = self.store.locked_state_and_pairs(conn, EVENT_HIGH)
+                    registry = self.pairs.with_rows(learned)
+                    moved = _moved(mark, high)
                 markers: set[tuple[str, str]] = set()
-                if mark is not UNMARKED and self._ingester_moved(conn, mark):
+                if moved:
                     effects = WriteEffects(self.store, registry, conn)
                     for kind, req in _write_requests(method, args):
                         effects.outcome_unknown(kind, req["type"], req)
@@ -128,8 +134,7 @@ class Learner:
 
         Read under the write lock (PostgreSQL; SQLite write transactions are serial), so a poll
         either committed before (seen here) or applies its events after this transaction."""
-        high = self.store.locked_state(conn, EVENT_HIGH)
-        return mark is None or int(high or 0) != mark
+        return _moved(mark, self.store.locked_state(conn, EVENT_HIGH))
 
     def outcome_unknown(self, method: str, args: Any) -> None:
         """A write was sent to SG but no answer came back: it may have been applied. Reads of
@@ -291,6 +296,12 @@ class Learner:
                 pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
             log.warning("could not mark %s pending: %s", entity_type, short_error(exc))
+
+
+def _moved(mark: Any, high: Any) -> bool:
+    """Whether the ingester's mark read under the write lock (``high``) differs from ``mark``, read
+    before the write was sent (None: unknown then, so it may have)."""
+    return mark is None or int(high or 0) != mark
 
 
 def _write_requests(method: str, args: Any) -> list[tuple[str, Mapping[str, Any]]]:

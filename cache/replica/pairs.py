@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,9 +108,14 @@ class PairRegistry:
 
     def with_learned(self, conn: Connection, table: sa.Table) -> PairRegistry:
         """This registry plus the pairs stored in ``sgcache_pairs``."""
+        return self.with_rows(conn.execute(learned_pairs(table)))
+
+    def with_rows(self, learned: Iterable[Sequence[str]]) -> PairRegistry:
+        """This registry plus ``learned`` rows (entity type, field, other type, other field) of
+        ``sgcache_pairs``."""
         reg = self.copy()
-        for row in conn.execute(_learned_pairs(table)):
-            reg.add((row.entity_type, row.field_name), (row.other_type, row.other_field))
+        for entity_type, fname, other_type, other_field in learned:
+            reg.add((entity_type, fname), (other_type, other_field))
         return reg
 
     def reverse_fields(self, schema: Schema, entity_type: str, fname: str,
@@ -190,6 +195,6 @@ def learn_from_events(conn: Connection, table: sa.Table, events: Iterable[Mappin
 
 
 @functools.lru_cache(maxsize=8)
-def _learned_pairs(table: sa.Table) -> sa.Select[Any]:
+def learned_pairs(table: sa.Table) -> sa.Select[Any]:
     """The select of every learned pair (built once per table: it runs on every learnt write)."""
     return sa.select(table.c.entity_type, table.c.field_name, table.c.other_type, table.c.other_field)

@@ -203,6 +203,12 @@ class Store:
         self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/replica/fetchqueue.py)
         self.pairs_table = pairs.define_table(md)  # learned pairs (cache/replica/pairs.py)
         self.pending = pending.define_table(md)  # pending-write markers (cache/replica/pending.py)
+        # a state value and the learned pairs in one statement (a learnt write reads both): the
+        # state's row is the one whose second column is NULL (a pair's field name never is)
+        self._state_and_pairs = sa.union_all(
+            sa.select(self.state.c.value.label("a"), sa.null().label("b"), sa.null().label("c"),
+                      sa.null().label("d")).where(self.state.c.key == sa.bindparam("key")),
+            pairs.learned_pairs(self.pairs_table))
         audit_table.define(md)  # the audit's disagreements and rules switched off (cache/audit/table.py)
 
     def _build_entity_tables(self, entity_type: str, fields: Mapping[str, FieldSchema]) -> None:
@@ -383,6 +389,18 @@ class Store:
     def locked_state(self, conn: Connection, key: str) -> Any:
         """:meth:`get_state` under the write lock (``Dialect.locked_read``: one round trip on PostgreSQL)."""
         return _state_value(self.dialect.locked_read(conn, self._get_state, {"key": key}).first())
+
+    def locked_state_and_pairs(self, conn: Connection, key: str) -> tuple[Any, list[tuple[str, str, str, str]]]:
+        """:meth:`locked_state` and the learned pairs (entity type, field, other type, other field),
+        both read once the write lock is held, in one round trip on PostgreSQL."""
+        value: Any = None
+        learned = []
+        for row in self.dialect.locked_read(conn, self._state_and_pairs, {"key": key}):
+            if row[1] is None:
+                value = None if row[0] is None else json.loads(row[0])
+            else:
+                learned.append((row[0], row[1], row[2], row[3]))
+        return value, learned
 
     def set_state(self, conn: Connection, key: str, value: Any) -> None:
         self._upsert(
