@@ -409,7 +409,9 @@ def test_an_answer_that_arrives_after_the_ingester_moved_is_only_marked(site: Fa
     the write was on its way (a concurrent write SG applied after it): it is not stored, and what
     the write could have changed passes until the ingester has the write's own events."""
     p = site.create_direct("Project", {"name": "P"})
-    shot = site.create_direct("Shot", {"code": "sh", "project": {"type": "Project", "id": p["id"]}})
+    proj = {"type": "Project", "id": p["id"]}
+    shot = site.create_direct("Shot", {"code": "sh", "project": proj, "description": "d"})
+    site.create_direct("Task", {"content": "t", "project": proj, "entity": {"type": "Shot", "id": shot["id"]}})
     prime(service.store, SiteClient(site))
     mark = service.write_mark()
     assert mark is not None
@@ -422,12 +424,96 @@ def test_an_answer_that_arrives_after_the_ingester_moved_is_only_marked(site: Fa
         code = conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one()
         markers = {(r.entity_type, r.field_name) for r in conn.execute(sa.select(service.store.pending))}
     assert code == "sh"  # not stored
-    assert ("Shot", pending.WHOLE_TYPE) in markers
+    # an update changes only what it sent (and what SG sets): the rest of the type is still served;
+    # the new name shows in every link to the Shot, so those links pass too
+    assert {("Shot", "code"), ("Shot", "updated_at"), ("Task", "entity")} <= markers
+    assert ("Shot", pending.WHOLE_TYPE) not in markers
+    assert_replica_is_sg_except_markers(site, service)
+    shots = {"type": "Shot", "return_fields": ["description"], "return_only": "active",
+             "filters": {"logical_operator": "and", "conditions": []},
+             "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert service.read(shots)["entities"] == [{"type": "Shot", "id": shot["id"], "description": "d"}]
+    with pytest.raises(Passthrough) as passed:
+        service.read({**shots, "type": "Task", "return_fields": ["entity"]})
+    assert passed.value.reason == "pending-write"
     with service.store.write_engine.begin() as conn:
         conn.execute(service.store.pending.delete())
     assert service.learn("update", params, result, mark + 5) == []  # the ingester did not move: stored
     with service.store.engine.connect() as conn:
         assert conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one() == "answered"
+
+
+def test_a_rename_of_an_uncached_type_shows_in_the_links_to_it(site: FakeSite, service: CacheService) -> None:
+    """TaskTemplate is not cached, but Shot.task_template shows its name (from the registry): the
+    learnt rename goes there, as the ingester's events would bring it."""
+    assert "TaskTemplate" not in service.store.tables
+    p = site.create_direct("Project", {"name": "P"})
+    template = site.add_task_template(7, "tpl", [])
+    shot = site.create_direct("Shot", {"code": "sh", "project": {"type": "Project", "id": p["id"]}})
+    site._direct("update", wire("Shot", shot["id"], {"task_template": template}), True)
+    prime(service.store, SiteClient(site))
+    read = {"type": "Shot", "return_fields": ["task_template"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert service.read(read)["entities"][0]["task_template"]["name"] == "tpl"
+    learn(site, service, "update", wire("TaskTemplate", 7, {"code": "renamed"}))
+    assert service.read(read)["entities"][0]["task_template"]["name"] == "renamed"
+    assert_replica_is_sg_except_markers(site, service)
+
+
+@pytest.mark.parametrize("ingester_moved", [False, True])
+def test_a_tasks_schedule_fields_pass_after_a_write_sg_reschedules_from(
+        site: FakeSite, service: CacheService, ingester_moved: bool) -> None:
+    """SG recomputes a Task's due date or duration when a write sets its start date (and moves the
+    Tasks downstream of it), and answers with the fields sent only: reads of the schedule fields
+    pass until the ingester has the write; the Task's other fields are still served; a write of
+    other fields reschedules nothing."""
+    p = site.create_direct("Project", {"name": "P"})
+    task = site.create_direct("Task", {"content": "t", "project": {"type": "Project", "id": p["id"]},
+                                       "start_date": "2026-01-05", "due_date": "2026-01-09"})
+    prime(service.store, SiteClient(site))
+    tasks = {"type": "Task", "return_fields": ["content"], "return_only": "active",
+             "filters": {"logical_operator": "and", "conditions": []},
+             "paging": {"entities_per_page": 10, "current_page": 1}}
+    due = {**tasks, "return_fields": ["due_date"]}
+
+    def write(fields: dict[str, Any]) -> None:
+        params = wire("Task", task["id"], fields)
+        result = site._direct("update", params, True)
+        mark = service.write_mark()
+        assert mark is not None
+        if ingester_moved:
+            with service.store.write_engine.begin() as conn:
+                service.store.set_state(conn, "event_high", mark + 5)
+        service.learn("update", params, result, mark)
+
+    write({"content": "renamed"})
+    assert not {("Task", "due_date"), ("Task", "duration")} & markers(service.store)
+    assert service.read(due)["entities"][0]["due_date"] == "2026-01-09"
+    write({"start_date": "2026-01-12"})
+    assert {("Task", "start_date"), ("Task", "due_date"), ("Task", "duration")} <= markers(service.store)
+    with pytest.raises(Passthrough) as passed:
+        service.read(due)
+    assert passed.value.reason == "pending-write"
+    assert service.read({**tasks, "return_fields": ["sg_status_list"]})["entities"]  # served
+    if not ingester_moved:  # stored (else marked pending, as it was sent)
+        assert service.read(tasks)["entities"][0]["content"] == "renamed"
+
+
+def test_a_task_created_with_dependencies_marks_the_schedule_and_one_without_does_not(
+        site: FakeSite, service: CacheService) -> None:
+    """A created row is read back whole; only its dependencies move other Tasks."""
+    p = site.create_direct("Project", {"name": "P"})
+    proj = {"type": "Project", "id": p["id"]}
+    prime(service.store, SiteClient(site))
+    first = learn(site, service, "create", wire("Task", None, {"content": "a", "project": proj,
+                                                               "start_date": "2026-01-05"}))
+    assert not {("Task", "due_date"), ("Task", "start_date")} & markers(service.store)
+    upstream = [{"type": "Task", "id": first["id"], "name": "a"}]  # (the fake has no dependencies)
+    params = wire("Task", None, {"content": "b", "project": proj, "upstream_tasks": upstream})
+    service.learn("create", params, {"type": "Task", "id": first["id"] + 1, "content": "b", "project": proj,
+                                     "upstream_tasks": upstream})
+    assert {("Task", "due_date"), ("Task", "start_date")} <= markers(service.store)
 
 
 def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
@@ -478,5 +564,5 @@ def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
     assert reason(service, shot_codes) == "db-error"  # cannot mark: passes anyway
     monkeypatch.setattr(service.learner, "pairs", registry)
     assert reason(service, shot_codes) == "pending-write"
-    assert ("Shot", pending.WHOLE_TYPE) in markers(service.store)
+    assert ("Shot", "code") in markers(service.store)
     assert service.read(projects)["entities"]  # recorded once: reads of other types are served again

@@ -31,6 +31,19 @@ log = logging.getLogger("sgcache.effects")
 
 #: Fields SG sets on every row a write changes, whatever the write sent.
 IMPLICIT_FIELDS = ("updated_at", "updated_by")
+#: Rows SG reschedules when a write sets certain fields, and the fields it recomputes: per type,
+#: (fields whose update reschedules the row, fields whose create or update moves other rows, the
+#: fields recomputed). SG's documentation ("Updating Task Dates"): a new start date moves the due
+#: date, a new due date or duration changes the other, a milestone drops them; the project's and
+#: the assignees' working days enter the calculation; and a Task's dependencies move the Tasks
+#: downstream of it. SG's answer to an update holds only the fields sent (a create's row is read
+#: back whole, cache/proxy/learning.py).
+RESCHEDULED: dict[str, tuple[frozenset[str], frozenset[str], tuple[str, ...]]] = {
+    "Task": (frozenset({"start_date", "due_date", "duration", "milestone", "splits", "est_in_mins", "project",
+                        "task_assignees", "upstream_tasks", "downstream_tasks"}),
+             frozenset({"upstream_tasks", "downstream_tasks"}),
+             ("start_date", "due_date", "duration", "milestone", "splits", "est_in_mins")),
+}
 #: A field whose value makes SG create rows (the template's Tasks) when an entity is created with it.
 TEMPLATE_FIELD = "task_template"
 TEMPLATE_ROWS = "Task"
@@ -140,6 +153,8 @@ class WriteEffects:
             me["name"] = result[ident]
         if method == "update":
             self._implicit(entity_type)
+            self._renamed(entity_type, entity_id, result)
+        self._rescheduled(method, entity_type, args)
         for fname, _kind, value, mode in self.link_writes(entity_type, args):
             new = links_in(result[fname] if fname in result and mode == "set" else value)
             before = old.get(fname, UNKNOWN)
@@ -159,11 +174,21 @@ class WriteEffects:
                 self._rows_appear(TEMPLATE_ROWS)
 
     def outcome_unknown(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
-        """A write was sent but its answer was lost: mark everything it could have changed."""
-        self.markers.add((entity_type, WHOLE_TYPE))
+        """A write whose answer is not stored (lost, or maybe older than the replica): mark
+        everything it could have changed. An update changes, on its own row, only the fields it
+        sent and those SG sets or recomputes; anything else marks the whole type."""
+        sent = sent_fields(args)
+        if method == "update" and sent is not None:
+            self.markers |= {(entity_type, fname) for fname in sent}
+            self._implicit(entity_type)
+            if self.schema.identifier(entity_type) in sent:
+                self.markers |= self._showing(entity_type)  # the links to it show its name
+        else:
+            self.markers.add((entity_type, WHOLE_TYPE))
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
+        self._rescheduled(method, entity_type, args)
         for fname, _kind, value, _mode in self.link_writes(entity_type, args):
             self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
                                                          self._targets(entity_type, fname))
@@ -239,11 +264,57 @@ class WriteEffects:
         """An entity was retired or revived: links to it read right from the registry, but what SG
         does to the rows linking it (and to rows it owns) is not modelled."""
         self._implicit(entity_type)
-        for entity in self.schema.entities.values():
-            for fschema in entity.fields.values():
-                if fschema.is_link and entity_type in fschema.links:
-                    self.markers.add((entity.name, fschema.name))
-                    back = self.registry.reverse(entity.name, fschema.name, entity_type)
-                    if back is not None and fieldtypes.TYPES[fschema.data_type].storage == "entity":
-                        self.markers.add((entity.name, WHOLE_TYPE))  # rows it owns (a Shot's Tasks)
+        for owner, fschema in self._links_to(entity_type):
+            self.markers.add((owner, fschema.name))
+            back = self.registry.reverse(owner, fschema.name, entity_type)
+            if back is not None and fieldtypes.TYPES[fschema.data_type].storage == "entity":
+                self.markers.add((owner, WHOLE_TYPE))  # rows it owns (a Shot's Tasks)
+
+    def _links_to(self, entity_type: str) -> list[tuple[str, Any]]:
+        """(type, field schema) of every cached link field that can link to ``entity_type``."""
+        return [(entity.name, fschema) for entity in self.schema.entities.values()
+                for fschema in entity.fields.values() if fschema.is_link and entity_type in fschema.links]
+
+    def _showing(self, entity_type: str) -> set[Marker]:
+        """Markers for every cached link field that can show an ``entity_type`` entity's name."""
+        return {(owner, fschema.name) for owner, fschema in self._links_to(entity_type)}
+
+    def _renamed(self, entity_type: str, entity_id: int, result: Mapping[str, Any]) -> None:
+        """An update of an entity's name: the links to it show it from the registry, where the new
+        name goes (for an uncached type, or a row the replica did not take, nothing else puts it
+        there; otherwise it is there already and nothing is written); a name that is no string or
+        None marks those links instead."""
+        ident = self.schema.identifier(entity_type)
+        if not ident or ident not in result:
+            return
+        name = result[ident]
+        if name is not None and not isinstance(name, str):
+            self.markers |= self._showing(entity_type)
+            return
+        batch = self.store.batch(self.conn, "proxy")
+        batch.note([{"type": entity_type, "id": entity_id, "name": name}])
+        batch.flush()
+
+    def _rescheduled(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
+        """A write that sets a field SG schedules from marks the fields it recomputes (the whole
+        type's: dependencies move other rows too); see :data:`RESCHEDULED`."""
+        rule = RESCHEDULED.get(entity_type)
+        if rule is None:
+            return
+        triggers = rule[0] if method == "update" else rule[1]
+        sent = sent_fields(args)
+        if sent is not None and not sent & triggers:
+            return
+        self.markers |= {(entity_type, fname) for fname in rule[2] if self.schema.field(entity_type, fname) is not None}
+
+
+def sent_fields(args: Mapping[str, Any]) -> set[str] | None:
+    """The field names a create's or update's ``fields`` list sends; None when one is not a name."""
+    names = set()
+    for item in args.get("fields") or []:
+        fname = item.get("field_name") if isinstance(item, Mapping) else None
+        if not isinstance(fname, str):
+            return None
+        names.add(fname)
+    return names
 
