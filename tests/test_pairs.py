@@ -27,6 +27,7 @@ from cache.replica.store import Store
 
 from .fakesg import FakeSite
 from .fakesg.site import PAIRS
+from .paths import BASIC_SCHEMA
 from .replica import SiteClient, cached_schema, prime
 
 # -- the registry ----------------------------------------------------------------------
@@ -514,6 +515,36 @@ def test_a_task_created_with_dependencies_marks_the_schedule_and_one_without_doe
     service.learn("create", params, {"type": "Task", "id": first["id"] + 1, "content": "b", "project": proj,
                                      "upstream_tasks": upstream})
     assert {("Task", "due_date"), ("Task", "start_date")} <= markers(service.store)
+
+
+@pytest.mark.parametrize(("method", "entity_type", "fields", "marked", "not_marked"), [
+    ("update", "Task", {"est_in_mins": 600}, {("Task", "time_percent_of_est"), ("Task", "due_date"),
+                                              ("Project", "end_date")}, set()),
+    ("update", "Task", {"content": "x"}, set(), {("Task", "time_percent_of_est"), ("Project", "end_date")}),
+    ("create", "Task", {"content": "x", "start_date": "2026-01-05"}, {("Project", "start_date")},
+     {("Task", "due_date")}),
+    ("create", "Task", {"content": "x"}, set(), {("Project", "start_date"), ("Task", "due_date")}),
+    ("delete", "Task", {}, {("Project", "start_date"), ("Task", "due_date")}, set()),
+    ("create", "TimeLog", {"duration": 60}, {("Task", "time_percent_of_est")}, {("Task", "due_date")}),
+])
+def test_what_sg_computes_itself_is_marked(db_url: str, method: str, entity_type: str, fields: dict[str, Any],
+                                           marked: set[tuple[str, str]], not_marked: set[tuple[str, str]]) -> None:
+    """The fields SG's schema says are not editable (a project's dates span its Tasks', a Task's
+    percent of its bid is the time logged over it) change with the writes they are computed from,
+    whose answers do not carry them."""
+    svc = CacheService(db_url, BASIC_SCHEMA, max_lag=0)
+    try:
+        assert svc.store.schema.field("Task", "time_percent_of_est") is not None
+        if method == "delete":
+            svc.learn("delete", {"type": entity_type, "id": 5}, True)
+        else:
+            params = wire(entity_type, 5 if method == "update" else None, fields)
+            svc.learn(method, params, {"type": entity_type, "id": 5, **fields})
+        standing = markers(svc.store)
+        assert marked <= standing
+        assert not not_marked & standing
+    finally:
+        svc.close()
 
 
 def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,19 +32,46 @@ log = logging.getLogger("sgcache.effects")
 
 #: Fields SG sets on every row a write changes, whatever the write sent.
 IMPLICIT_FIELDS = ("updated_at", "updated_by")
-#: Rows SG reschedules when a write sets certain fields, and the fields it recomputes: per type,
-#: (fields whose update reschedules the row, fields whose create or update moves other rows, the
-#: fields recomputed). SG's documentation ("Updating Task Dates"): a new start date moves the due
+#: A Task's schedule: SG's documentation ("Updating Task Dates"): a new start date moves the due
 #: date, a new due date or duration changes the other, a milestone drops them; the project's and
-#: the assignees' working days enter the calculation; and a Task's dependencies move the Tasks
-#: downstream of it. SG's answer to an update holds only the fields sent (a create's row is read
-#: back whole, cache/proxy/learning.py).
-RESCHEDULED: dict[str, tuple[frozenset[str], frozenset[str], tuple[str, ...]]] = {
-    "Task": (frozenset({"start_date", "due_date", "duration", "milestone", "splits", "est_in_mins", "project",
-                        "task_assignees", "upstream_tasks", "downstream_tasks"}),
-             frozenset({"upstream_tasks", "downstream_tasks"}),
-             ("start_date", "due_date", "duration", "milestone", "splits", "est_in_mins")),
-}
+#: the assignees' working days enter the calculation; a Task's dependencies move the Tasks
+#: downstream of it. SG's answer to an update holds only the fields sent.
+SCHEDULE = ("start_date", "due_date", "duration", "milestone", "splits", "est_in_mins")
+DEPENDENCIES = frozenset({"upstream_tasks", "downstream_tasks"})
+RESCHEDULING = frozenset({*SCHEDULE, "project", "task_assignees", *DEPENDENCIES})
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Fields SG recomputes when a write of ``entity_type`` sets certain fields (``on_update``,
+    ``on_create``: None for any field, empty for none; ``on_retire``: a delete or revive does)."""
+
+    entity_type: str
+    on_update: frozenset[str] | None
+    on_create: frozenset[str] | None
+    on_retire: bool
+    marks: tuple[Marker, ...]
+
+    def applies(self, method: str, sent: set[str] | None) -> bool:
+        """Whether a ``method`` write sending ``sent`` (None: unknown) recomputes ``marks``."""
+        if method in ("delete", "revive"):
+            return self.on_retire
+        triggers = self.on_update if method == "update" else self.on_create if method == "create" else frozenset()
+        return triggers is None or sent is None or bool(sent & triggers)
+
+
+#: What SG computes itself and the answer to a write does not carry. The fields that are not
+#: editable in SG's schema besides those SG sets on every write (``Project.start_date`` and
+#: ``end_date`` span the project's Tasks; ``Task.time_percent_of_est`` is the time logged over the
+#: bid), and a Task's schedule. A created row is read back whole (cache/proxy/learning.py): only
+#: what it moves elsewhere counts.
+DERIVED = (
+    Derived("Task", RESCHEDULING, DEPENDENCIES, True, tuple(("Task", f) for f in SCHEDULE)),
+    Derived("Task", RESCHEDULING, frozenset({*SCHEDULE, *DEPENDENCIES}), True,
+            (("Project", "start_date"), ("Project", "end_date"))),
+    Derived("Task", frozenset({"est_in_mins"}), frozenset(), False, (("Task", "time_percent_of_est"),)),
+    Derived("TimeLog", None, None, True, (("Task", "time_percent_of_est"),)),
+)
 #: A field whose value makes SG create rows (the template's Tasks) when an entity is created with it.
 TEMPLATE_FIELD = "task_template"
 TEMPLATE_ROWS = "Task"
@@ -141,6 +169,7 @@ class WriteEffects:
     def after_write(self, method: str, entity_type: str, args: Mapping[str, Any], result: Any,
                     old: Mapping[str, Any]) -> None:
         """After the write's own row is stored: apply or mark everything else it did."""
+        self._derived(method, entity_type, args)
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
@@ -154,7 +183,6 @@ class WriteEffects:
         if method == "update":
             self._implicit(entity_type)
             self._renamed(entity_type, entity_id, result)
-        self._rescheduled(method, entity_type, args)
         for fname, _kind, value, mode in self.link_writes(entity_type, args):
             new = links_in(result[fname] if fname in result and mode == "set" else value)
             before = old.get(fname, UNKNOWN)
@@ -185,10 +213,10 @@ class WriteEffects:
                 self.markers |= self._showing(entity_type)  # the links to it show its name
         else:
             self.markers.add((entity_type, WHOLE_TYPE))
+        self._derived(method, entity_type, args)
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
-        self._rescheduled(method, entity_type, args)
         for fname, _kind, value, _mode in self.link_writes(entity_type, args):
             self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
                                                          self._targets(entity_type, fname))
@@ -295,17 +323,13 @@ class WriteEffects:
         batch.note([{"type": entity_type, "id": entity_id, "name": name}])
         batch.flush()
 
-    def _rescheduled(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
-        """A write that sets a field SG schedules from marks the fields it recomputes (the whole
-        type's: dependencies move other rows too); see :data:`RESCHEDULED`."""
-        rule = RESCHEDULED.get(entity_type)
-        if rule is None:
-            return
-        triggers = rule[0] if method == "update" else rule[1]
+    def _derived(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
+        """Mark what SG recomputes after this write (:data:`DERIVED`), type-wide: the rows it
+        recomputes may be others than the written one."""
         sent = sent_fields(args)
-        if sent is not None and not sent & triggers:
-            return
-        self.markers |= {(entity_type, fname) for fname in rule[2] if self.schema.field(entity_type, fname) is not None}
+        for rule in DERIVED:
+            if rule.entity_type == entity_type and rule.applies(method, sent):
+                self.markers |= {m for m in rule.marks if self.schema.field(*m) is not None}
 
 
 def sent_fields(args: Mapping[str, Any]) -> set[str] | None:
