@@ -526,6 +526,9 @@ def test_a_task_created_with_dependencies_marks_the_schedule_and_one_without_doe
     ("create", "Task", {"content": "x"}, set(), {("Project", "start_date"), ("Task", "due_date")}),
     ("delete", "Task", {}, {("Project", "start_date"), ("Task", "due_date")}, set()),
     ("create", "TimeLog", {"duration": 60}, {("Task", "time_percent_of_est")}, {("Task", "due_date")}),
+    ("update", "PublishedFile", {"path": {"local_path": "/mnt/p/a.exr"}},
+     {("PublishedFile", "path_cache"), ("PublishedFile", "path_cache_storage")}, set()),
+    ("update", "PublishedFile", {"code": "a"}, set(), {("PublishedFile", "path_cache_storage")}),
 ])
 def test_what_sg_computes_itself_is_marked(db_url: str, method: str, entity_type: str, fields: dict[str, Any],
                                            marked: set[tuple[str, str]], not_marked: set[tuple[str, str]]) -> None:

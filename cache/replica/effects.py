@@ -60,17 +60,23 @@ class Derived:
         return triggers is None or sent is None or bool(sent & triggers)
 
 
+#: A published file's location: SG resolves a local ``path`` against the site's local storages
+#: and fills ``path_cache_storage`` (and the path's own storage keys) itself.
+FILE_LOCATION = ("path", "path_cache", "path_cache_storage")
+
 #: What SG computes itself and the answer to a write does not carry. The fields that are not
 #: editable in SG's schema besides those SG sets on every write (``Project.start_date`` and
 #: ``end_date`` span the project's Tasks; ``Task.time_percent_of_est`` is the time logged over the
-#: bid), and a Task's schedule. A created row is read back whole (cache/proxy/learning.py): only
-#: what it moves elsewhere counts.
+#: bid), a Task's schedule, a published file's location. A created row is read back whole
+#: (cache/proxy/learning.py): only what it moves elsewhere counts.
 DERIVED = (
     Derived("Task", RESCHEDULING, DEPENDENCIES, True, tuple(("Task", f) for f in SCHEDULE)),
     Derived("Task", RESCHEDULING, frozenset({*SCHEDULE, *DEPENDENCIES}), True,
             (("Project", "start_date"), ("Project", "end_date"))),
     Derived("Task", frozenset({"est_in_mins"}), frozenset(), False, (("Task", "time_percent_of_est"),)),
     Derived("TimeLog", None, None, True, (("Task", "time_percent_of_est"),)),
+    Derived("PublishedFile", frozenset(FILE_LOCATION), frozenset(), False,
+            tuple(("PublishedFile", f) for f in FILE_LOCATION)),
 )
 #: A field whose value makes SG create rows (the template's Tasks) when an entity is created with it.
 TEMPLATE_FIELD = "task_template"
