@@ -6,10 +6,12 @@ For each create/update/delete/revive the proxy learns, :class:`WriteEffects`
   transaction, through the Store's write functions: ``Task.entity`` set to Shot 1 removes the
   Task from the old Shot's ``tasks`` and appends it to Shot 1's ``tasks``; ``Sequence.shots``
   adding Shot 2 sets Shot 2's ``sg_sequence`` and removes Shot 2 from its former Sequence;
+- puts an updated entity's new name into the registry, from which the links to it show it;
 - returns pending-write markers (``cache/replica/pending.py``) for what it cannot apply exactly: the
-  fields SG sets itself (``updated_at``, ``updated_by``), the reverse side of a link field whose
-  pair is not known (every cached field of a linked type that can link back), Tasks made from a
-  ``task_template``, and the links to an entity that was retired or revived.
+  fields SG sets itself (``updated_at``, ``updated_by``), the fields SG computes from those written
+  (:data:`DERIVED`: a Task's schedule, a project's dates, ...), the reverse side of a link field
+  whose pair is not known (every cached field of a linked type that can link back), Tasks made
+  from a ``task_template``, and the links to an entity that was retired or revived.
 """
 
 from __future__ import annotations
