@@ -492,7 +492,9 @@ def test_a_tasks_schedule_fields_pass_after_a_write_sg_reschedules_from(
     assert not {("Task", "due_date"), ("Task", "duration")} & markers(service.store)
     assert service.read(due)["entities"][0]["due_date"] == "2026-01-09"
     write({"start_date": "2026-01-12"})
+    assert site.find_direct("Task", [["id", "is", task["id"]]], ["due_date"])[0]["due_date"] == "2026-01-16"
     assert {("Task", "start_date"), ("Task", "due_date"), ("Task", "duration")} <= markers(service.store)
+    assert_replica_is_sg_except_markers(site, service)
     with pytest.raises(Passthrough) as passed:
         service.read(due)
     assert passed.value.reason == "pending-write"

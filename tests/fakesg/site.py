@@ -1140,6 +1140,7 @@ class FakeSite:
             new_values[name] = new
             changes.append((name, dt, old, new))
         changed_any = False
+        start_before = row.get("start_date")
         for name, dt, _old, new in changes:
             old = row.get(name)
             if old == new:
@@ -1148,6 +1149,8 @@ class FakeSite:
             row[name] = new
             ev_id = self._change_event(caller, entity_type, row, name, dt, old, new)
             self._pair_sync(caller, entity_type, row, name, old, new, ev_id)
+        if entity_type == "Task" and "due_date" not in new_values:
+            self._keep_duration(caller, row, start_before)
         if changed_any:
             if "updated_at" in self.schema[entity_type]:
                 row["updated_at"] = fmt_dt(self.now())
@@ -1157,6 +1160,19 @@ class FakeSite:
         for name, _dt, _old, _new in changes:
             result[name] = self._field_value(entity_type, row, name)
         return result
+
+    def _keep_duration(self, caller: _Caller, row: dict[str, Any], start_before: Any) -> None:
+        """SG's rule for a Task whose start date moves: the due date moves with it, the duration
+        stays (its documentation, "Updating Task Dates"; here in calendar days). Logged as SG logs
+        any change."""
+        start, due = row.get("start_date"), row.get("due_date")
+        if not (isinstance(start_before, str) and isinstance(start, str) and isinstance(due, str)) \
+                or start == start_before:
+            return
+        shift = date.fromisoformat(start) - date.fromisoformat(start_before)
+        moved = (date.fromisoformat(due) + shift).isoformat()
+        row["due_date"] = moved
+        self._change_event(caller, "Task", row, "due_date", "date", due, moved)
 
     def _retirement_date(self) -> str:
         return self.now().strftime("%Y-%m-%d %H:%M:%S UTC")
