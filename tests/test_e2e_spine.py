@@ -85,6 +85,30 @@ def test_create_goes_upstream_and_is_read_back(rig: Rig) -> None:
     assert rig.reads() == before
 
 
+def test_what_sg_changes_besides_the_fields_sent_reads_back_as_sg_has_it(rig: Rig) -> None:
+    """A tool writes through the proxy and reads back at once: SG moves a Task's due date with its
+    start date, and a renamed TaskTemplate (a type the replica does not hold) shows its new name in
+    the Shots linking it; the answers to the writes carry neither."""
+    sg = rig.client()
+    warm(sg)
+    project = {"type": "Project", "id": 1}
+    task = sg.create("Task", {"content": "scheduled", "project": project, "start_date": "2026-02-02",
+                              "due_date": "2026-02-06"})
+    assert sg.update("Task", task["id"], {"start_date": "2026-02-09"}) == {
+        "type": "Task", "id": task["id"], "start_date": "2026-02-09"}
+    dates = [["id", "is", task["id"]]], ["start_date", "due_date"]
+    assert rig.direct().find_one("Task", *dates)["due_date"] == "2026-02-13"
+    assert sg.find_one("Task", *dates) == rig.direct().find_one("Task", *dates)
+
+    template = rig.site.add_task_template(900, "tpl-old", [])
+    shot = sg.create("Shot", {"code": "zz-tpl", "project": project, "task_template": template})
+    linked = [["id", "is", shot["id"]]], ["task_template"]
+    assert sg.find_one("Shot", *linked)["task_template"]["name"] == "tpl-old"
+    sg.update("TaskTemplate", 900, {"code": "tpl-new"})
+    assert sg.find_one("Shot", *linked) == rig.direct().find_one("Shot", *linked)
+    assert rig.direct().find_one("Shot", *linked)["task_template"]["name"] == "tpl-new"
+
+
 @pytest.mark.parametrize(
     ("filters", "fields"),
     [
