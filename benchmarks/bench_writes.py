@@ -10,7 +10,8 @@ running, one sgcache mitmdump. With the real ``shotgun_api3`` client (Nagle off,
   (the machine's noise hits both alike), with the mitmdump's CPU milliseconds per write (/proc);
 - mixed load: ``--clients`` threads, each doing one write in ten and bench_hit's query set
   otherwise, for ``--seconds`` direct and through sgcache (half in one order, half in the
-  other): calls/s, write and read p50, the ratio.
+  other): calls/s, write and read p50, the ratio, and how many of the reads SG answered (a read
+  the proxy passed: a write it cannot be sure of yet, ``pending-write``, is the usual reason).
 
 ``--compare CHECKOUT`` also runs another checkout's sgcache (bench_hit's option of that name) on
 the same replica, taking turns with the rest in both measures.
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO))
 # the site and the reads of the hit benchmark (the one benchmark that imports another)
 from benchmarks.hitset import build_site, cpu_seconds, nodelay_after, queries, run_threads  # noqa: E402
 from benchmarks.support import bench_replica  # noqa: E402
-from tests.rig import Rig  # noqa: E402
+from tests.rig import SCRIPT, Rig  # noqa: E402
 
 
 def write_p50(direct: Any, proxies: list[tuple[Any, int]], shot_id: int,
@@ -153,14 +154,17 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> None:
         made = dict.fromkeys(makers, 0)
         took = dict.fromkeys(makers, 0.0)
         cpu = dict.fromkeys(targets, 0.0)
+        passed = dict.fromkeys(targets, 0)  # the clients' reads SG answered (not the ingester's)
         times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in makers}
         for order in (list(makers), list(makers)[::-1]):
             for name in order:
                 px = targets.get(name)
                 cpu0 = cpu_seconds(px.proc.pid) if px is not None else 0.0
+                reads0 = rig.site.count_by_script("read", SCRIPT)
                 calls, seconds, writes, reads = mixed(makers[name], shot_ids, reads_set, args.clients, args.seconds / 2)
                 if px is not None:
                     cpu[name] += cpu_seconds(px.proc.pid) - cpu0
+                    passed[name] += rig.site.count_by_script("read", SCRIPT) - reads0
                 made[name] += calls
                 took[name] += seconds
                 times[name][0].extend(writes)
@@ -171,7 +175,8 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> None:
         for name in targets:
             line += (f"; {name} {rate[name]:.1f} calls/s (write p50 {p50_or_nan(times[name][0]):.1f} ms, "
                      f"read {p50_or_nan(times[name][1]):.1f} ms; {1000 * cpu[name] / made[name]:.2f} CPU-ms/call; "
-                     f"{rate[name] / rate['direct']:.2f}x direct)")
+                     f"{rate[name] / rate['direct']:.2f}x direct; SG answered {passed[name]} of its "
+                     f"{len(times[name][1])} reads)")
         print(line)
     if args.profile:
         print(f"profile: {args.profile / 'sgcache.prof'}")
