@@ -463,6 +463,29 @@ def test_a_rename_of_an_uncached_type_shows_in_the_links_to_it(site: FakeSite, s
     assert_replica_is_sg_except_markers(site, service)
 
 
+def test_a_rename_of_a_row_the_replica_does_not_hold_shows_in_the_links_to_it(db_url: str) -> None:
+    """The renamed Shot is not in the replica (its row waits for a fetch), a Task linking it is:
+    the Task's link shows the new name, not the one the registry had."""
+    svc = CacheService(db_url, BASIC_SCHEMA, max_lag=0)
+    try:
+        store = svc.store
+        blank = dict.fromkeys(store.schema.entities["Task"].fields)
+        with store.write_engine.begin() as conn:
+            store.write_entities(conn, "Task", [{**blank, "id": 1, "content": "t",
+                                                 "entity": {"type": "Shot", "id": 7, "name": "old"}}],
+                                 "scan", complete=True)
+            store.mark_primed(conn, "Task")
+            store.mark_primed(conn, "Shot")
+        params = wire("Shot", 7, {"code": "new"})
+        assert svc.learn("update", params, {"type": "Shot", "id": 7, "code": "new"}) == [("Shot", 7)]
+        read = {"type": "Task", "return_fields": ["entity"], "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": []},
+                "paging": {"entities_per_page": 10, "current_page": 1}}
+        assert svc.read(read)["entities"][0]["entity"] == {"type": "Shot", "id": 7, "name": "new"}
+    finally:
+        svc.close()
+
+
 @pytest.mark.parametrize("ingester_moved", [False, True])
 def test_a_tasks_schedule_fields_pass_after_a_write_sg_reschedules_from(
         site: FakeSite, service: CacheService, ingester_moved: bool) -> None:

@@ -316,12 +316,11 @@ class WriteEffects:
         return {(owner, fschema.name) for owner, fschema in self._links_to(entity_type)}
 
     def _renamed(self, entity_type: str, entity_id: int, result: Mapping[str, Any]) -> None:
-        """An update of an entity's name: the links to it show it from the registry, where the new
-        name goes (for an uncached type, or a row the replica did not take, nothing else puts it
-        there; otherwise it is there already and nothing is written); a name that is no string or
+        """An update of an uncached type's name: the links to it show it from the registry, where
+        the new name goes (a cached type's row write puts it there); a name that is no string or
         None marks those links instead."""
         ident = self.schema.identifier(entity_type)
-        if not ident or ident not in result:
+        if entity_type in self.store.tables or not ident or ident not in result:
             return
         name = result[ident]
         if name is not None and not isinstance(name, str):

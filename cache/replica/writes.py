@@ -156,6 +156,8 @@ class WriteBatch:
             row = self.rows.get(key)
             if row is None and not complete and any(f not in record for f in cached):
                 result.to_fetch.append(key)
+                if identifier in record:  # links to it show its name from the registry meanwhile
+                    self.names[key] = record[identifier]
                 continue
             try:
                 values, multis, links = self.store.encode_record(entity_type, cached, record)
