@@ -17,7 +17,6 @@ import argparse
 import multiprocessing
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.support import fill  # noqa: E402
+from benchmarks.support import fill, run_dir  # noqa: E402
 from tests.fakesg import FakeSite  # noqa: E402
 from tests.paths import BASIC_SCHEMA  # noqa: E402
 from tests.rig import KEY, SCRIPT, Rig  # noqa: E402
@@ -140,7 +139,7 @@ def main() -> None:
                              "(what its load costs the machine, whatever the proxy does)")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="sgcache-abuse-"))
+    tmp = run_dir("sgcache-abuse-")
     db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
     site = FakeSite.basic()
     site.create_direct("Project", {"name": "Bench"})

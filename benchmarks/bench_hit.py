@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +41,7 @@ from benchmarks.hitset import (  # noqa: E402
     sigterm_under_load,
     throughput,
 )
-from benchmarks.support import bench_replica  # noqa: E402
+from benchmarks.support import bench_replica, run_dir  # noqa: E402
 from tests.rig import SCRIPT, Rig  # noqa: E402
 
 FLOOR = REPO / "benchmarks" / "floor_addon.py"
@@ -95,7 +94,7 @@ def main() -> None:
                         help="a mitmproxy option of sgcache's mitmdump (repeatable), e.g. sgcache_access_log=off")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-hit-"))
+    tmp = run_dir("sgcache-bench-hit-")
     with bench_replica(args.db, tmp) as db_url:
         run(args, tmp, db_url)
 

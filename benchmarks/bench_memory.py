@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.hitset import sigterm_under_load  # noqa: E402
+from benchmarks.support import run_dir  # noqa: E402
 from tests.rig import Rig  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="options", help="a mitmdump option")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-memory-"))
+    tmp = run_dir("sgcache-bench-memory-")
     db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
     with Rig(tmp, db_url, proxy=False) as rig:
         proxy = rig.start_proxy(["sgcache_max_lag=0", "termlog_verbosity=info", *args.options], capture=False)

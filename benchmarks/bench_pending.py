@@ -11,20 +11,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.support import run_dir  # noqa: E402
 from cache.proxy.service import CacheService  # noqa: E402
 from cache.read import ReplicaState  # noqa: E402
 from cache.replica import pending  # noqa: E402
 
 PARAMS = {"type": "Shot", "return_fields": ["code", "sg_status_list", "sg_sequence"],
           "filters": {"logical_operator": "and", "conditions": [{"path": "code", "relation": "is", "values": ["sh1"]}]},
-          "paging": {"entities_per_page": 50, "current_page": 1}}
+          "paging": {"entities_per_page": 50, "current_page": 1}, "return_only": "active"}
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--markers", type=int, default=0, help="markers standing on other types")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = run_dir("sgcache-bench-pending-")
     url = args.db or f"sqlite:///{tmp / 'bench.db'}"
     svc = CacheService(url, REPO / "schema" / "basic.yml", max_lag=0)
     store = svc.store

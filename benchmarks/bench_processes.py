@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import shotgun_api3  # noqa: E402
 
 from benchmarks.hitset import build_site, cpu_seconds, nodelay, queries, throughput  # noqa: E402
-from benchmarks.support import DEFAULT_PG, CpuQuota, drop_pg, pg_url  # noqa: E402
+from benchmarks.support import DEFAULT_PG, CpuQuota, drop_pg, pg_url, run_dir  # noqa: E402
 from tests.balancer import Balancer  # noqa: E402
 from tests.rig import KEY, SCRIPT, Rig  # noqa: E402
 
@@ -117,7 +116,7 @@ def main() -> None:
     if made is None:
         return
     url, schema = made
-    tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-processes-"))
+    tmp = run_dir("sgcache-bench-processes-")
     try:
         rig = Rig(tmp, url, populate_site=build_site, proxy=False, ingester=True, poll_interval=1.0)
         with rig:

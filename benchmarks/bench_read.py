@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.support import fill  # noqa: E402
+from benchmarks.support import fill, run_dir  # noqa: E402
 from cache.read import Reader, ReplicaState  # noqa: E402
 from cache.replica.schema import Schema  # noqa: E402
 from cache.replica.store import Store  # noqa: E402
@@ -73,7 +72,7 @@ def main() -> None:
     parser.add_argument("--db", help="replica URL (default: a temporary SQLite file)")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-"))
+    tmp = run_dir("sgcache-bench-")
     db_url = args.db or f"sqlite:///{tmp / 'replica.db'}"
     store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
     t0 = time.perf_counter()

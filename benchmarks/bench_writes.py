@@ -26,7 +26,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 # the site and the reads of the hit benchmark (the one benchmark that imports another)
 from benchmarks.hitset import build_site, cpu_seconds, nodelay_after, queries, run_threads  # noqa: E402
-from benchmarks.support import bench_replica  # noqa: E402
+from benchmarks.support import bench_replica, run_dir  # noqa: E402
 from tests.rig import SCRIPT, Rig  # noqa: E402
 
 
@@ -118,7 +117,7 @@ def main() -> None:
                         help="also run another checkout's sgcache on the same replica, in turns with the rest")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="sgcache-bench-writes-"))
+    tmp = run_dir("sgcache-bench-writes-")
     with bench_replica(args.db, tmp) as db_url:
         run(args, tmp, db_url)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,17 @@ from cache.replica.dialect import normalize_url
 from cache.replica.store import Store
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def run_dir(prefix: str) -> Path:
+    """A directory for one run's files (a SQLite replica, the processes' logs), removed when the
+    benchmark exits; with ``SGCACHE_BENCH_KEEP=1`` kept, and its path printed."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("SGCACHE_BENCH_KEEP") == "1":
+        print(f"this run's files: {path}")
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def fill(store: Store, n: int) -> None:
