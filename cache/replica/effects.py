@@ -177,7 +177,7 @@ class WriteEffects:
     def after_write(self, method: str, entity_type: str, args: Mapping[str, Any], result: Any,
                     old: Mapping[str, Any]) -> None:
         """After the write's own row is stored: apply or mark everything else it did."""
-        self._derived(method, entity_type, args)
+        self._derived(method, entity_type, sent_fields(args))
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
@@ -221,7 +221,7 @@ class WriteEffects:
                 self.markers |= self._showing(entity_type)  # the links to it show its name
         else:
             self.markers.add((entity_type, WHOLE_TYPE))
-        self._derived(method, entity_type, args)
+        self._derived(method, entity_type, sent)
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
@@ -326,14 +326,11 @@ class WriteEffects:
         if name is not None and not isinstance(name, str):
             self.markers |= self._showing(entity_type)
             return
-        batch = self.store.batch(self.conn, "proxy")
-        batch.note([{"type": entity_type, "id": entity_id, "name": name}])
-        batch.flush()
+        self.store.note_links(self.conn, [{"type": entity_type, "id": entity_id, "name": name}])
 
-    def _derived(self, method: str, entity_type: str, args: Mapping[str, Any]) -> None:
-        """Mark what SG recomputes after this write (:data:`DERIVED`), type-wide: the rows it
-        recomputes may be others than the written one."""
-        sent = sent_fields(args)
+    def _derived(self, method: str, entity_type: str, sent: set[str] | None) -> None:
+        """Mark what SG recomputes after this write, which sent the fields ``sent`` (None: unknown;
+        :data:`DERIVED`), type-wide: the rows it recomputes may be others than the written one."""
         for rule in DERIVED:
             if rule.entity_type == entity_type and rule.applies(method, sent):
                 self.markers |= {m for m in rule.marks if self.schema.field(*m) is not None}

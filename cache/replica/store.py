@@ -206,7 +206,7 @@ class Store:
         # a state value and the learned pairs in one statement (a learnt write reads both): the
         # state's row is the one whose second column is NULL (a pair's field name never is)
         self._state_and_pairs = sa.union_all(
-            sa.select(self.state.c.value.label("a"), sa.null().label("b"), sa.null().label("c"),
+            sa.select(self.state.c.value, sa.null().label("b"), sa.null().label("c"),
                       sa.null().label("d")).where(self.state.c.key == sa.bindparam("key")),
             pairs.learned_pairs(self.pairs_table))
         audit_table.define(md)  # the audit's disagreements and rules switched off (cache/audit/table.py)
@@ -397,7 +397,7 @@ class Store:
         learned = []
         for row in self.dialect.locked_read(conn, self._state_and_pairs, {"key": key}):
             if row[1] is None:
-                value = None if row[0] is None else json.loads(row[0])
+                value = _state_value(row)
             else:
                 learned.append((row[0], row[1], row[2], row[3]))
         return value, learned
