@@ -87,8 +87,9 @@ def test_create_goes_upstream_and_is_read_back(rig: Rig) -> None:
 
 def test_what_sg_changes_besides_the_fields_sent_reads_back_as_sg_has_it(rig: Rig) -> None:
     """A tool writes through the proxy and reads back at once: SG moves a Task's due date with its
-    start date, and a renamed TaskTemplate (a type the replica does not hold) shows its new name in
-    the Shots linking it; the answers to the writes carry neither."""
+    start date, a person's new first name shows in the name of the links to them, and a renamed
+    TaskTemplate (a type the replica does not hold) shows its new name in the Shots linking it; the
+    answers to the writes carry none of it."""
     sg = rig.client()
     warm(sg)
     project = {"type": "Project", "id": 1}
@@ -99,6 +100,17 @@ def test_what_sg_changes_besides_the_fields_sent_reads_back_as_sg_has_it(rig: Ri
     dates = [["id", "is", task["id"]]], ["start_date", "due_date"]
     assert rig.direct().find_one("Task", *dates)["due_date"] == "2026-02-13"
     assert sg.find_one("Task", *dates) == rig.direct().find_one("Task", *dates)
+
+    person = sg.create("HumanUser", {"login": "zz-ann", "firstname": "Ann", "lastname": "Lee"})
+    assigned = sg.create("Task", {"content": "assigned", "project": project,
+                                  "task_assignees": [{"type": "HumanUser", "id": person["id"]}]})
+    assignees = [["id", "is", assigned["id"]]], ["task_assignees"]
+    reads = rig.reads()
+    assert sg.find_one("Task", *assignees)["task_assignees"][0]["name"] == "Ann Lee"
+    assert rig.reads() == reads  # a hit: the replica has them
+    sg.update("HumanUser", person["id"], {"firstname": "Anna"})  # SG composes the name shown
+    assert rig.direct().find_one("Task", *assignees)["task_assignees"][0]["name"] == "Anna Lee"
+    assert sg.find_one("Task", *assignees) == rig.direct().find_one("Task", *assignees)
 
     template = rig.site.add_task_template(900, "tpl-old", [])
     shot = sg.create("Shot", {"code": "zz-tpl", "project": project, "task_template": template})

@@ -53,6 +53,8 @@ class Derived:
     on_create: frozenset[str] | None
     on_retire: bool
     marks: tuple[Marker, ...]
+    #: The write may change the written entity's display name: every link showing it is marked.
+    renames: bool = False
 
     def applies(self, method: str, sent: set[str] | None) -> bool:
         """Whether a ``method`` write sending ``sent`` (None: unknown) recomputes ``marks``."""
@@ -66,11 +68,16 @@ class Derived:
 #: and fills ``path_cache_storage`` (and the path's own storage keys) itself.
 FILE_LOCATION = ("path", "path_cache", "path_cache_storage")
 
+#: A person's name parts: SG composes a HumanUser's ``name`` from ``firstname`` and ``lastname``
+#: (a person is created with those two and read back with its name); whether an update of one
+#: recomputes the others is not documented, so each marks all three, and the links showing the name.
+NAME_PARTS = frozenset({"name", "firstname", "lastname"})
+
 #: What SG computes itself and the answer to a write does not carry. The fields that are not
 #: editable in SG's schema besides those SG sets on every write (``Project.start_date`` and
 #: ``end_date`` span the project's Tasks; ``Task.time_percent_of_est`` is the time logged over the
-#: bid), a Task's schedule, a published file's location. A created row is read back whole
-#: (cache/proxy/learning.py): only what it moves elsewhere counts.
+#: bid), a Task's schedule, a published file's location, a person's name. A created row is read
+#: back whole (cache/proxy/learning.py): only what it moves elsewhere counts.
 DERIVED = (
     Derived("Task", RESCHEDULING, DEPENDENCIES, True, tuple(("Task", f) for f in SCHEDULE)),
     Derived("Task", RESCHEDULING, frozenset({*SCHEDULE, *DEPENDENCIES}), True,
@@ -79,6 +86,8 @@ DERIVED = (
     Derived("TimeLog", None, None, True, (("Task", "time_percent_of_est"),)),
     Derived("PublishedFile", frozenset(FILE_LOCATION), frozenset(), False,
             tuple(("PublishedFile", f) for f in FILE_LOCATION)),
+    Derived("HumanUser", NAME_PARTS, frozenset(), False, tuple(("HumanUser", f) for f in sorted(NAME_PARTS)),
+            renames=True),
 )
 #: A field whose value makes SG create rows (the template's Tasks) when an entity is created with it.
 TEMPLATE_FIELD = "task_template"
@@ -334,6 +343,8 @@ class WriteEffects:
         for rule in DERIVED:
             if rule.entity_type == entity_type and rule.applies(method, sent):
                 self.markers |= {m for m in rule.marks if self.schema.field(*m) is not None}
+                if rule.renames:
+                    self.markers |= self._showing(entity_type)
 
 
 def sent_fields(args: Mapping[str, Any]) -> set[str] | None:
