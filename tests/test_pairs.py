@@ -633,6 +633,27 @@ def test_what_sg_computes_itself_is_marked(tmp_path: Path, db_url: str, method: 
         svc.close()
 
 
+@pytest.mark.parametrize("stored", [True, False])
+def test_the_other_side_of_a_pair_not_known_is_marked_with_what_sg_sets_there(db_url: str, stored: bool) -> None:
+    """Playlist.versions and Version.playlists are not a known pair (schema/pairs.yml): a write of
+    one marks the other, and the ``updated_at``/``updated_by`` of its type, as a known pair's other
+    side is (SG sets them on each row it changes)."""
+    svc = CacheService(db_url, BASIC_SCHEMA, max_lag=0)
+    try:
+        assert svc.learner.pairs.reverse("Playlist", "versions", "Version") is None
+        params = wire("Playlist", 5, {"versions": [{"type": "Version", "id": 9}]})
+        mark = svc.write_mark()
+        assert mark is not None
+        if not stored:  # the ingester moved while the write was on its way: its answer is only marked
+            with svc.store.write_engine.begin() as conn:
+                svc.store.set_state(conn, "event_high", mark + 5)
+        svc.learn("update", params, {"type": "Playlist", "id": 5, "versions": [{"type": "Version", "id": 9}]}, mark)
+        assert {("Version", "playlists"), ("Version", "updated_at"), ("Version", "updated_by")} <= markers(svc.store)
+        assert not {("Shot", "updated_at"), ("Task", "updated_at")} & markers(svc.store)
+    finally:
+        svc.close()
+
+
 def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
         site: FakeSite, service: CacheService, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SG took the write but the replica did not (the breaker was open, or the database failed):

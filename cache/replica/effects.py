@@ -235,8 +235,8 @@ class WriteEffects:
             self._retirement(entity_type)
             return
         for fname, _kind, value, _mode in self.link_writes(entity_type, args):
-            self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
-                                                         self._targets(entity_type, fname))
+            self._other_sides(self.registry.reverse_fields(self.schema, entity_type, fname,
+                                                           self._targets(entity_type, fname)))
             if fname == TEMPLATE_FIELD and value:
                 self._rows_appear(TEMPLATE_ROWS)
 
@@ -251,15 +251,15 @@ class WriteEffects:
         """The other side of ``entity_type.fname`` for the links added to and removed from ``me``."""
         if removed is UNKNOWN:
             # the replica did not know the old value: whatever it linked may have changed
-            self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname,
-                                                         self._targets(entity_type, fname))
+            self._other_sides(self.registry.reverse_fields(self.schema, entity_type, fname,
+                                                           self._targets(entity_type, fname)))
             self.markers.add((entity_type, fname))  # rows of this type that lost a link (entity reverse)
             removed = []
         for link, adding in [(x, False) for x in removed] + [(x, True) for x in added]:
             target, target_id = link_key(link)  # type: ignore[misc]
             reverse = self.registry.reverse(entity_type, fname, target)
             if reverse is None:
-                self.markers |= self.registry.reverse_fields(self.schema, entity_type, fname, [target])
+                self._other_sides(self.registry.reverse_fields(self.schema, entity_type, fname, [target]))
                 continue
             rschema = self.schema.field(target, reverse)
             if rschema is None:
@@ -289,6 +289,13 @@ class WriteEffects:
         elif link_key(prev_link) == link_key(me):
             self.store.write_entities(self.conn, target, [{"id": target_id, fname: None}], "proxy")
 
+    def _other_sides(self, fields: set[Marker]) -> None:
+        """Mark the other side of a link write whose pair is not known (``fields``), and what SG
+        sets on each row it changes there (as for a known pair's other side, :meth:`_reverse`)."""
+        self.markers |= fields
+        for entity_type in {t for t, _ in fields}:
+            self._implicit(entity_type)
+
     def _implicit(self, entity_type: str) -> None:
         for fname in IMPLICIT_FIELDS:
             if self.schema.field(entity_type, fname) is not None:
@@ -303,7 +310,8 @@ class WriteEffects:
             return
         for fschema in entity.fields.values():
             if fschema.is_link:
-                self.markers |= self.registry.reverse_fields(self.schema, entity_type, fschema.name, fschema.links)
+                self._other_sides(self.registry.reverse_fields(self.schema, entity_type, fschema.name,
+                                                               fschema.links))
 
     def _retirement(self, entity_type: str) -> None:
         """An entity was retired or revived: links to it read right from the registry, but what SG
