@@ -574,6 +574,31 @@ def test_a_persons_new_first_name_is_not_served_under_their_old_name(
     assert service.read(assignees)["entities"][0]["task_assignees"][0]["name"] == "Anna Lee"
 
 
+def test_the_ingester_reads_a_person_again_when_a_part_of_their_name_changes(
+        site: FakeSite, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether SG logs the change of the name it composes from the first and last names is not
+    known: an event changing one has the ingester read the row again, so the replica's ``name``
+    is SG's even when no event names it."""
+    person = site.create_direct("HumanUser", {"login": "ann", "firstname": "Ann", "lastname": "Lee"})
+    client = SiteClient(site)
+    prime(store, client)
+
+    def composed_unlogged(caller: Any, row: dict[str, Any], in_create: bool = False) -> None:
+        row["name"] = f"{row['firstname']} {row['lastname']}"
+
+    monkeypatch.setattr(site, "_compose_name", composed_unlogged)  # recomputed, no event for it
+    site._direct("update", wire("HumanUser", person["id"], {"firstname": "Anna"}), True)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01))
+    try:
+        sync(ing)
+    finally:
+        ing.close()
+    with store.engine.connect() as conn:
+        table = store.tables["HumanUser"]
+        row = conn.execute(sa.select(table.c.firstname, table.c.name).where(table.c.id == person["id"])).one()
+    assert tuple(row) == ("Anna", "Anna Lee")
+
+
 def test_a_task_created_with_dependencies_marks_the_schedule_and_one_without_does_not(
         site: FakeSite, service: CacheService) -> None:
     """A created row is read back whole; only its dependencies move other Tasks."""

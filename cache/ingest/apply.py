@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from ..replica import fieldtypes
+from ..replica.effects import REFETCHED
 from ..replica.store import Store
 from ..replica.writes import WriteBatch
 from ..wire import Key, is_link
@@ -123,6 +124,8 @@ class EventApplier:
         if late or not exists:
             buf.queue(subject, "late event" if late else "unknown row")
             return
+        if (subject[0], attr) in REFETCHED:  # SG computes other fields of the row from this one
+            buf.queue(subject, "computed fields")
         if not backref and meta.get("field_data_type") not in (None, fschema.data_type):
             buf.queue(subject, "field type differs")
             return

@@ -55,6 +55,9 @@ class Derived:
     marks: tuple[Marker, ...]
     #: The write may change the written entity's display name: every link showing it is marked.
     renames: bool = False
+    #: Whether SG logs the recomputed fields' changes is not known: an event changing a trigger
+    #: field has the ingester read the row again (:data:`REFETCHED`).
+    refetch: bool = False
 
     def applies(self, method: str, sent: set[str] | None) -> bool:
         """Whether a ``method`` write sending ``sent`` (None: unknown) recomputes ``marks``."""
@@ -87,8 +90,10 @@ DERIVED = (
     Derived("PublishedFile", frozenset(FILE_LOCATION), frozenset(), False,
             tuple(("PublishedFile", f) for f in FILE_LOCATION)),
     Derived("HumanUser", NAME_PARTS, frozenset(), False, tuple(("HumanUser", f) for f in sorted(NAME_PARTS)),
-            renames=True),
+            renames=True, refetch=True),
 )
+#: (type, field) whose change event has the ingester read the row again (cache/ingest/apply.py).
+REFETCHED = frozenset((rule.entity_type, f) for rule in DERIVED if rule.refetch for f in rule.on_update or ())
 #: A field whose value makes SG create rows (the template's Tasks) when an entity is created with it.
 TEMPLATE_FIELD = "task_template"
 TEMPLATE_ROWS = "Task"

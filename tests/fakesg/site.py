@@ -1100,6 +1100,8 @@ class FakeSite:
                 ev_id = self._change_event(caller, entity_type, row, f, dt, blank, row[f], in_create=True)
                 self._pair_sync(caller, entity_type, row, f, blank, row[f], ev_id, in_create=True)
             self._apply_task_template(caller, entity_type, row)
+            if entity_type == "HumanUser" and "name" not in values:
+                self._compose_name(caller, row, in_create=True)
         result: dict[str, Any] = {"type": entity_type, "id": row["id"]}
         for f in values:
             result[f] = self._field_value(entity_type, row, f)
@@ -1151,6 +1153,8 @@ class FakeSite:
             self._pair_sync(caller, entity_type, row, name, old, new, ev_id)
         if entity_type == "Task" and "due_date" not in new_values:
             self._keep_duration(caller, row, start_before)
+        if entity_type == "HumanUser" and {"firstname", "lastname"} & set(new_values) and "name" not in new_values:
+            self._compose_name(caller, row)
         if changed_any:
             if "updated_at" in self.schema[entity_type]:
                 row["updated_at"] = fmt_dt(self.now())
@@ -1173,6 +1177,18 @@ class FakeSite:
         moved = (date.fromisoformat(due) + shift).isoformat()
         row["due_date"] = moved
         self._change_event(caller, "Task", row, "due_date", "date", due, moved)
+
+    def _compose_name(self, caller: _Caller, row: dict[str, Any], in_create: bool = False) -> None:
+        """A person's name, composed from the first and last names when a write sets them (as the
+        proxy assumes SG does: a person is created with the two and read back with a name; not
+        documented). Logged as any change."""
+        if "name" not in self.schema["HumanUser"]:
+            return
+        composed = f"{row.get('firstname') or ''} {row.get('lastname') or ''}".strip()
+        if not composed or row.get("name") == composed:
+            return
+        old, row["name"] = row.get("name"), composed
+        self._change_event(caller, "HumanUser", row, "name", "text", old, composed, in_create=in_create)
 
     def _retirement_date(self) -> str:
         return self.now().strftime("%Y-%m-%d %H:%M:%S UTC")
