@@ -263,6 +263,18 @@ def learn(site: FakeSite, service: CacheService, method: str, params: dict[str, 
     return result
 
 
+def learn_racing(site: FakeSite, service: CacheService, params: dict[str, Any], ingester_moved: bool) -> None:
+    """Send an update to the fake and learn SG's answer; ``ingester_moved``: the ingester applied
+    events while it was on its way (the answer is then not stored, only marked)."""
+    result = site._direct("update", params, True)
+    mark = service.write_mark()
+    assert mark is not None
+    if ingester_moved:
+        with service.store.write_engine.begin() as conn:
+            service.store.set_state(conn, "event_high", mark + 5)
+    service.learn("update", params, result, mark)
+
+
 def assert_replica_is_sg_except_markers(site: FakeSite, service: CacheService) -> None:
     """Every (type, field) with no pending-write marker reads in the replica as in SG."""
     store = service.store
@@ -503,14 +515,7 @@ def test_a_tasks_schedule_fields_pass_after_a_write_sg_reschedules_from(
     due = {**tasks, "return_fields": ["due_date"]}
 
     def write(fields: dict[str, Any]) -> None:
-        params = wire("Task", task["id"], fields)
-        result = site._direct("update", params, True)
-        mark = service.write_mark()
-        assert mark is not None
-        if ingester_moved:
-            with service.store.write_engine.begin() as conn:
-                service.store.set_state(conn, "event_high", mark + 5)
-        service.learn("update", params, result, mark)
+        learn_racing(site, service, wire("Task", task["id"], fields), ingester_moved)
 
     write({"content": "renamed"})
     assert not {("Task", "due_date"), ("Task", "duration")} & markers(service.store)
@@ -544,14 +549,7 @@ def test_a_persons_new_first_name_is_not_served_under_their_old_name(
                  "filters": {"logical_operator": "and", "conditions": []},
                  "paging": {"entities_per_page": 10, "current_page": 1}}
     assert service.read(assignees)["entities"][0]["task_assignees"][0]["name"] == "Ann Lee"
-    params = wire("HumanUser", person["id"], {"firstname": "Anna"})
-    result = site._direct("update", params, True)
-    mark = service.write_mark()
-    assert mark is not None
-    if ingester_moved:
-        with service.store.write_engine.begin() as conn:
-            service.store.set_state(conn, "event_high", mark + 5)
-    service.learn("update", params, result, mark)
+    learn_racing(site, service, wire("HumanUser", person["id"], {"firstname": "Anna"}), ingester_moved)
     sg = site.find_direct("Task", [], ["task_assignees"])[0]["task_assignees"][0]["name"]
     assert sg == "Anna Lee"  # (the fake composes it as SG does)
     with pytest.raises(Passthrough) as passed:
