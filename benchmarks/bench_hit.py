@@ -9,7 +9,8 @@ A fake SG site with about 2,000 rows (Shots, Tasks, Versions, Assets, Steps), pr
 issue 11, with the real ``shotgun_api3`` client, prints the p50 of each query direct / floor /
 sgcache and the ratio hit / floor (client Nagle off, as in the issue's table), the real client
 as shipped (Nagle on), the calls/s with 4 and 16 client threads (floor and sgcache taking turns in
-``--rounds`` slices), and the CPU milliseconds each
+``--rounds`` slices; the lowest and highest of the slices' ratios show how far the machine's
+noise moves the total), and the CPU milliseconds each
 mitmdump spends per call (from /proc: a figure that does not depend on how busy the machine is).
 Latency figures on a shared machine are noisy: compare the ratios measured in one run.
 ``--profile DIR`` runs sgcache's mitmdump under cProfile (DIR/sgcache.prof at exit).
@@ -192,22 +193,28 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> None:
             made = dict.fromkeys(turns, 0.0)
             cpu = dict.fromkeys(turns, 0.0)
             misses = dict.fromkeys(names, 0)
+            sliced: dict[str, list[float]] = {n: [] for n in names}  # each slice's rate over the floor's
             for slice_no in range(args.rounds):
                 order = list(turns.items())
                 if slice_no % 2:  # the sgcache proxies swap places every other slice (no order favoured)
                     order = order[:1] + order[1:][::-1]
+                rates = {}
                 for name, px in order:
                     cpu0 = cpu_seconds(px.proc.pid)
                     before = client_reads(rig)
-                    rate = throughput(lambda px=px: rig.client(px), calls, threads, args.seconds / args.rounds)
+                    rates[name] = throughput(lambda px=px: rig.client(px), calls, threads, args.seconds / args.rounds)
                     cpu[name] += cpu_seconds(px.proc.pid) - cpu0
-                    made[name] += rate * args.seconds / args.rounds
+                    made[name] += rates[name] * args.seconds / args.rounds
                     if name in misses:
                         misses[name] += client_reads(rig) - before
+                for n in names:
+                    sliced[n].append(rates[n] / rates["floor"])
             for name in turns:
                 line += (f"  {name} {made[name] / args.seconds:6.1f} calls/s "
                          f"({1000 * cpu[name] / made[name]:5.2f} CPU-ms/call)")
-            print(line + "".join(f"  {n}: misses {misses[n]}, {made[n] / made['floor']:.2f}x floor" for n in names))
+            # the spread of the slices' ratios says how far this machine's noise moves the total's
+            print(line + "".join(f"  {n}: misses {misses[n]}, {made[n] / made['floor']:.2f}x floor "
+                                 f"(slices {min(sliced[n]):.2f}-{max(sliced[n]):.2f})" for n in names))
         print(f"\nSIGTERM under load (16 clients): {sigterm_under_load(rig, proxy, calls, 16)}")
     if args.profile:
         print(f"profile: {args.profile / 'sgcache.prof'}")
