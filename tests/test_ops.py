@@ -3,6 +3,7 @@ lines demoted, HOST:PORT parsing, the status page's HTML and the status server's
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cache.mitm.ops_addon import lines_as_logged
 from cache.ops.access import ConnectionNoise, RequestRecord, format_line, who
 from cache.ops.metrics import ProxyMetrics, parse_hostport
 from cache.ops.page import PageData, render
@@ -27,6 +29,18 @@ from .paths import REPO
 RECORD = RequestRecord(method="read", entity_type="Shot", outcome="pass", reason="empty-or", rows=0, ms=12.345,
                        status=200, client="10.0.0.7", who='odd "name" x=1')
 
+
+
+def test_block_buffered_output_is_made_line_buffered() -> None:
+    raw = io.BytesIO()
+    piped = io.TextIOWrapper(raw, encoding="utf-8")  # stdout on a pipe: written in 8 kB blocks
+    piped.write("before\n")
+    assert lines_as_logged(piped) is True
+    assert raw.getvalue() == b"before\n"  # what waited in the buffer is written at once
+    piped.write("a log line\n")
+    assert raw.getvalue() == b"before\na log line\n"
+    assert lines_as_logged(piped) is False  # already line by line
+    assert lines_as_logged(io.StringIO()) is False  # not a file's text layer: left alone
 
 def test_access_line_as_json_and_logfmt() -> None:
     assert json.loads(format_line(RECORD, "json")) == {

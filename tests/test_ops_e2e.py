@@ -176,3 +176,18 @@ def test_healthz_follows_the_ingester(rig: Rig, status_url: str) -> None:
     assert _samples(status_url + "metrics")[("sgcache_replica_fresh", ())] == 0
     rig.start_ingester()
     wait_until(lambda: _get(status_url + "healthz")[0] == 200, 20, "/healthz to be 200 again")
+
+
+def test_log_lines_reach_a_pipe_as_they_are_logged(rig: Rig) -> None:
+    """Under systemd (the journal), a log shipper or ``| tee``, mitmdump's stdout is a pipe, which
+    Python fills in 8 kB blocks: the proxy's warnings and access lines would show up late, or not at
+    all when it is killed. Here nothing sets PYTHONUNBUFFERED and the output is a pipe read as it
+    comes: the proxy's start (the harness waits for its "listening" line) and a read's access line
+    must arrive while it runs."""
+    proxy = rig.start_proxy([f"sgcache_max_lag={MAX_LAG}", "sgcache_access_log=json"], capture=True,
+                            env={"PYTHONUNBUFFERED": ""})
+    try:
+        assert len(rig.client(proxy).find("Shot", [], ["code"])) == 12
+        wait_until(lambda: '"method":"read","entity_type":"Shot"' in proxy.output(), 10, "the read's access line")
+    finally:
+        proxy.stop()

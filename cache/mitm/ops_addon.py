@@ -5,8 +5,10 @@ cache/audit). ``addons/sgcache.py`` loads it after :class:`SGCache`, so its hook
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 from mitmproxy import ctx, exceptions, http
 
@@ -15,6 +17,25 @@ from ..ops.access import FORMATS, RequestRecord, quiet_connections, who
 from ..ops.operations import Operations
 from ..proxy.flowstate import state_of
 from .flows import peer_of
+
+log = logging.getLogger("sgcache.ops")
+
+
+def lines_as_logged(stream: IO[str] | None = None) -> bool:
+    """Make ``stream`` (default: stdout, where mitmdump's log goes) write each line as it is logged.
+
+    Python buffers stdout in 8 kB blocks when it is not a terminal: under systemd (the journal),
+    a log shipper or ``| tee``, a warning would show up minutes late, and the last lines before a
+    kill never. True when the stream was changed."""
+    stream = sys.stdout if stream is None else stream
+    if getattr(stream, "line_buffering", True):  # a terminal, or not a text file (pytest's capture)
+        return False
+    try:
+        stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError) as exc:
+        log.debug("mitmdump's output stays block-buffered: %s", exc)
+        return False
+    return True
 
 
 class SGCacheOps:
@@ -30,6 +51,7 @@ class SGCacheOps:
         self.ops.audit = self.audit.rows
 
     def load(self, loader: Any) -> None:
+        lines_as_logged()
         loader.add_option(
             "sgcache_status", str, "",
             "HOST:PORT for the status page (/), Prometheus metrics (/metrics) and the health check "
