@@ -337,6 +337,34 @@ def test_the_replica_fails_open_and_refuses_the_operator_s_mistakes(sqlite_url: 
     replica.close()
 
 
+
+def test_a_replica_that_cannot_be_opened_is_logged_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """SQLAlchemy's error quotes the whole statement over many lines (a PostgreSQL URL naming a
+    schema that does not exist fails on the first CREATE TABLE); the proxy retries every few
+    seconds, so its warning keeps the database's first line, and no password."""
+    import sqlalchemy.exc
+
+    from cache.proxy import replica as replicamod
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise sqlalchemy.exc.ProgrammingError(
+            "\nCREATE TABLE sgcache_state (\n\tkey VARCHAR(64) NOT NULL\n)\n", {},
+            Exception("no schema has been selected to create in\nLINE 2: CREATE TABLE sgcache_state (\n"))
+
+    monkeypatch.setattr(replicamod, "CacheService", refuse)
+    replica = Replica()
+    replica.configure_site("https://sg.example.com")
+    with caplog.at_level("WARNING", logger="sgcache"):
+        replica.reopen(ReplicaOptions("postgresql://cache:pw-Zq81x@db.example/sg?options=-csearch_path%3Dnosuch",
+                                      str(BASIC_SCHEMA), 0, 0))
+    assert replica.service is None
+    [record] = [r for r in caplog.records if "cannot open the replica" in r.getMessage()]
+    message = record.getMessage()
+    assert "\n" not in message and "CREATE TABLE" not in message, message
+    assert "ProgrammingError: no schema has been selected to create in" in message
+    assert "Zq81x" not in message and "cache:***@db.example" in message
+
 def test_a_write_answered_while_no_replica_is_open_is_marked_once_one_opens(tmp_path: Path) -> None:
     """SG took a write while the replica's database could not be opened: the service that opens
     later marks what the write could have changed before it serves a read."""

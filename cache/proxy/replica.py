@@ -18,6 +18,7 @@ from typing import Any
 
 from cache.private import redact, safe_url, url_secrets
 from cache.proxy.answercache import ANSWER_CACHE_MB
+from cache.proxy.breaker import short_error
 from cache.proxy.learning import MAX_UNRECORDED
 from cache.proxy.service import CacheService
 from cache.read.limits import PLAN_CACHE_SIZE
@@ -156,8 +157,9 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up
+            # one line (the database error's first): SQLAlchemy's message adds the statement, every retry
             log.warning("sgcache: cannot open the replica %s (%s); passing everything through, retrying in %.0fs",
-                        safe_url(options.db_url), redact(f"{type(exc).__name__}: {exc}", url_secrets(options.db_url)),
+                        safe_url(options.db_url), redact(short_error(exc), url_secrets(options.db_url)),
                         RETRY_SECONDS)
             return None
         try:
@@ -173,7 +175,8 @@ class Replica:
             service.close()
             self._retry_at = time.monotonic() + RETRY_SECONDS
             log.warning("sgcache: cannot read the replica's site %s (%s); passing everything through, "
-                        "retrying in %.0fs", safe_url(options.db_url), exc, RETRY_SECONDS)
+                        "retrying in %.0fs", safe_url(options.db_url),
+                        redact(short_error(exc), url_secrets(options.db_url)), RETRY_SECONDS)
             return None
         if site is not None and self.configured_site is None:
             log.info("sgcache: no sgcache_site set: serving the site stored in the replica, %s", site)
