@@ -74,8 +74,13 @@ def parse_when(text: str) -> dt.datetime:
 
 
 def iso_now() -> str:
-    """Now as ISO UTC with microseconds (the stamps of ``ingester_heartbeat`` and ``ingester_leader``)."""
+    """Now as ISO UTC with microseconds (the stamp of ``ingester_leader``)."""
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def wire_from_epoch(seconds: float) -> str:
+    """Seconds since the epoch as ISO UTC with microseconds (the stamp of ``ingester_heartbeat``)."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # -- links -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from cache.replica.statekeys import EVENT_HIGH as K_HIGH
 from cache.replica.statekeys import INGESTER_HEARTBEAT as K_HEARTBEAT
 from cache.replica.statekeys import SG_CLOCK as K_SG_CLOCK
 from cache.replica.store import Store
+from cache.wire import parse_wire_dt
 
 from .fakesg import FakeSite
 from .replica import (
@@ -519,6 +521,28 @@ def test_heartbeat_moves_only_when_a_poll_reaches_the_end_of_the_stream(site: Fa
     finally:
         ing.close()
 
+
+
+def test_the_heartbeat_is_stamped_with_the_database_s_clock(site: FakeSite, store: Store, client: SiteClient,
+                                                             clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proxies age the heartbeat by the database server's clock (cache/proxy/service.py), so
+    the ingester stamps it with that clock, not its own host's: the time it asked SG, moved onto the
+    database's clock by the time elapsed since (a monotonic clock). Here the database's clock is ten
+    minutes ahead of this host's."""
+    import cache.replica.pending as pendingmod
+
+    prime(store, client)
+    monkeypatch.setattr(pendingmod, "db_clock", lambda conn: time.time() + 600)
+    ing = Ingester(store, client, IngestConfig(poll_interval=0.01), clock=clock)
+    try:
+        before = time.time()
+        result = ing.poll_once()
+        after = time.time()
+        beat = parse_wire_dt(state(store, K_HEARTBEAT)).replace(tzinfo=dt.UTC).timestamp()
+        assert before + 600 - 0.5 <= beat <= after + 600, (before, beat, after)
+        assert state(store, K_HEARTBEAT) == result.caught_up_at
+    finally:
+        ing.close()
 
 def test_a_backlog_is_read_in_catch_up_batches_until_the_end(site: FakeSite, store: Store,
                                                                client: SiteClient, clock: Clock) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from cache.read import ReadBudget, Reader, ReplicaState
 from cache.replica.dialect import classify_error
 from cache.replica.schema import Schema
 from cache.replica.store import Store
+from cache.wire import wire_from_epoch
 
 from .paths import BASIC_SCHEMA
 
@@ -181,6 +183,45 @@ def test_stale_and_fresh_are_logged_once_per_change(db_url: str, caplog: pytest.
         svc.close()
         store.dispose()
 
+
+
+def test_the_heartbeat_is_aged_by_the_database_s_clock(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingester stamps its heartbeat with the database server's clock (tests/test_events.py);
+    the proxy ages it by that clock too, not by its own host's: with a proxy host ten minutes
+    behind the database's (a server without NTP), a heartbeat ten minutes old by the database's
+    clock was "from the future" to the proxy, so a dead ingester's replica went on being served."""
+    import cache.ops.status as statusmod
+    import cache.proxy.service as servicemod
+
+    store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    with store.engine.begin() as conn:
+        store.write_entities(conn, "Shot", shots(store, 3), "scan", complete=True)
+        store.mark_primed(conn, "Shot")
+    ahead = 600.0
+    monkeypatch.setattr(servicemod, "db_clock", lambda conn: time.time() + ahead)  # the database's clock
+    svc = CacheService(db_url, BASIC_SCHEMA, max_lag=5)
+
+    def beat(seconds_ago: float) -> None:  # stamped as the ingester does: the database's clock
+        with store.engine.begin() as conn:
+            store.set_state(conn, "ingester_heartbeat", wire_from_epoch(time.time() + ahead - seconds_ago))
+        svc._cached_state = None  # as after REPLICA_STATE_TTL
+
+    try:
+        beat(1)
+        svc.read(SMALL)
+        assert svc.info()["lag_seconds"] == pytest.approx(1, abs=0.5)
+        beat(ahead)  # ten minutes old by the database's clock, "now" by this host's
+        with pytest.raises(Passthrough, match="stale"):
+            svc.read(SMALL)
+        # the status page, /healthz and the lag metric age it the same way
+        monkeypatch.setattr(statusmod, "db_clock", lambda conn: time.time() + ahead)
+        status = statusmod.ReplicaStatus()
+        with store.engine.connect() as conn:
+            statusmod._read_state(store, conn, status, False)
+        assert status.heartbeat_age == pytest.approx(ahead, abs=5)
+    finally:
+        svc.close()
+        store.dispose()
 
 def test_a_slow_request_repeated_passes_without_touching_the_database(service: CacheService) -> None:
     reader = service.reader

@@ -26,7 +26,8 @@ The invariants (each module says which of them it keeps):
   - ``event_floor``: the cursor the replica started from (set with the first cursor, by the
     prime or by the ingester): events at or below it came with the scan, and the sweep never
     looks there;
-  - ``ingester_heartbeat``: ISO UTC time of the last successful poll; ``sg_clock``: the newest
+  - ``ingester_heartbeat``: ISO UTC time, on the database server's clock, at which the last poll
+    that reached the end of the stream asked SG; ``sg_clock``: the newest
     ``created_at`` seen; ``schema_pending``: field names named by schema (DisplayColumn)
     events, to re-check (schemarefresh.py); ``ingester_leader``: who leads (informational).
 

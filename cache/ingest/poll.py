@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ from ..replica.dialect import LeaderLock, leader_lock_for
 from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH
 from ..replica.store import Store, now_utc
 from ..replica.writes import WriteBatch
-from ..wire import chunks, iso_now, to_wire
+from ..wire import chunks, to_wire, wire_from_epoch
 from .apply import EventApplier
 from .batch import BatchApplier, stored_ids
 from .config import IngestConfig, PollResult, SGClient
@@ -171,27 +172,31 @@ class Ingester:
             _cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)
             started = pending.poll_started(self.store, conn)
-        asked_at = iso_now()
+        asked = time.monotonic()
         limit = self.config.catch_up_batch if self._behind else self.config.batch
         events = self.fetch_events(high, sorted(gaps), limit) if self.sg is not None else []
         full = len(events) >= limit + len(gaps)
         self._behind = full
-        caught_up_at = None if full else asked_at
+        caught_up = None if full else asked
         try:
-            result = self._apply_polled(conn, events, full, careful=False, caught_up_at=caught_up_at)
+            result = self._apply_polled(conn, events, full, careful=False, caught_up=caught_up)
         except sa.exc.DBAPIError:
             raise
         except Exception:  # noqa: BLE001 - one bad event must not stall the stream
             log.exception("applying a batch failed; retrying event by event")
-            result = self._apply_polled(conn, events, full, careful=True, caught_up_at=caught_up_at)
+            result = self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
         if self.sg is not None:
             pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
         return result
 
     def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
-                      careful: bool, caught_up_at: str | None = None) -> PollResult:
-        result = PollResult(received=len(events), full=full, caught_up_at=caught_up_at)
+                      careful: bool, caught_up: float | None = None) -> PollResult:
+        """Apply ``events`` in one transaction; ``caught_up``: when (``time.monotonic()``) the poll
+        that reached the end of the stream asked SG, which becomes the heartbeat."""
+        result = PollResult(received=len(events), full=full)
         with conn.begin():
+            if caught_up is not None:
+                result.caught_up_at = heartbeat_at(conn, caught_up)
             _cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)
             self.apply_batch(conn, events, gaps, high, result, careful=careful)
@@ -274,3 +279,10 @@ class Ingester:
     @property
     def missing_fields(self) -> set[tuple[str, str]]:
         return self.schema_refresh.missing_fields
+
+
+def heartbeat_at(conn: Connection, asked: float) -> str:
+    """The moment ``asked`` (``time.monotonic()``) on the database server's clock, as the heartbeat's
+    wire form: the proxies compare it with that same clock, so the hosts' own clocks need not agree
+    (an ingester host ahead of a proxy's would otherwise keep a dead ingester's replica served)."""
+    return wire_from_epoch(pending.db_clock(conn) - max(0.0, time.monotonic() - asked))

@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..private import redact, safe_url, url_secrets
+from ..replica.pending import db_clock
 from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT, INGESTER_LEADER, SG_CLOCK
 from ..replica.store import entity_table_name
 from ..wire import parse_wire_dt
@@ -111,7 +112,8 @@ class StatusReader:
 
 
 def _read_state(store: Any, conn: Any, out: ReplicaStatus, counts: bool) -> None:
-    out.heartbeat_age = age_of(store.get_state(conn, INGESTER_HEARTBEAT))
+    # the heartbeat is stamped with the database server's clock (cache/ingest/poll.py): aged by it
+    out.heartbeat_age = age_of(store.get_state(conn, INGESTER_HEARTBEAT), db_clock(conn))
     out.newest_event_age = age_of(store.get_state(conn, SG_CLOCK))
     leader = store.get_state(conn, INGESTER_LEADER)
     out.leader = leader if isinstance(leader, dict) else None
@@ -127,14 +129,15 @@ def _read_state(store: Any, conn: Any, out: ReplicaStatus, counts: bool) -> None
         out.primed[entity_type] = rows
 
 
-def age_of(stamp: Any) -> float | None:
-    """Seconds since a wire-form UTC time (None when missing or unreadable)."""
+def age_of(stamp: Any, now: float | None = None) -> float | None:
+    """Seconds from a wire-form UTC time to ``now`` (seconds since the epoch; default this host's
+    clock); None when missing or unreadable."""
     when = parse_wire_dt(stamp) if isinstance(stamp, str) else None
     if when is None:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, time.time() - when.timestamp())
+    return max(0.0, (time.time() if now is None else now) - when.timestamp())
 
 
 def _int(value: Any) -> int | None:

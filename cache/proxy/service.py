@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..read import READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
 from ..replica import fetchqueue
 from ..replica.dialect import dialect_for
 from ..replica.pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
+from ..replica.pending import db_clock
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_CURSOR, INGESTER_HEARTBEAT
 from ..replica.store import Store
@@ -105,7 +106,7 @@ class CacheService:
         primed = self.store.primed_fields(conn)
         pending = fetchqueue.queued_types(conn, self.store.fetch_queue)
         beat = self.store.get_state(conn, INGESTER_HEARTBEAT)
-        self._lag = _age_seconds(beat)
+        self._lag = _age_seconds(beat, db_clock(conn))  # the clock the ingester stamped it with
         cursor = self.store.get_state(conn, EVENT_CURSOR) if "EventLogEntry" in primed else None
         replica_state = ReplicaState(primed=primed, pending_fetch=pending, event_cursor=cursor)
         with self._lock:
@@ -238,9 +239,10 @@ class CacheService:
             }
 
 
-def _age_seconds(stamp: Any) -> float | None:
+def _age_seconds(stamp: Any, now: float) -> float | None:
+    """Seconds from the wire-form UTC ``stamp`` to ``now`` (seconds since the epoch)."""
     when = parse_wire_dt(stamp) if isinstance(stamp, str) else None
     if when is None:
         return None
-    return max(0.0, (datetime.now(UTC).replace(tzinfo=None) - when).total_seconds())
+    return max(0.0, now - when.replace(tzinfo=UTC).timestamp())
 
