@@ -97,3 +97,27 @@ def test_write_batch_queues_and_unqueues_through_the_api(store: Store) -> None:
         batch.unqueue([("Shot", 4)])
         batch.flush()
         assert fetchqueue.is_empty(conn, store.fetch_queue)
+
+
+def test_an_entity_queued_again_by_a_host_whose_clock_is_behind_is_kept(store: Store,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingester read the queue, then a proxy on another host, its clock two minutes behind,
+    queued Shot 2 again (a partial write answer): the entries are stamped with the database's
+    clock, so the re-queue is later than the read and survives the removal of what the fetch
+    handled. Stamped with the proxy host's clock it looked older and was dropped unfetched."""
+    with store.engine.begin() as conn:
+        batch = store.batch(conn)
+        batch.queue(("Shot", 1), "new")
+        batch.queue(("Shot", 2), "new")
+        batch.flush()
+    with store.engine.begin() as conn:
+        read = fetchqueue.entries(conn, store.fetch_queue, 100)
+    behind = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(minutes=2)  # noqa: E731
+    monkeypatch.setattr(store, "now", behind)  # the proxy host's own clock
+    with store.engine.begin() as conn:
+        batch = store.batch(conn, "proxy")
+        batch.queue(("Shot", 2), "partial answer")
+        batch.flush()
+    with store.engine.begin() as conn:
+        fetchqueue.remove_handled(conn, store.fetch_queue, "Shot", read["Shot"])
+    assert reasons(store) == {("Shot", 2): "partial answer"}

@@ -11,6 +11,9 @@ use it too.
 
 Rule kept here: removing the entries a fetch handled keeps any that were queued again after
 the fetch read the queue (a later ``queued_at``), so a change queued meanwhile is fetched again.
+``queued_at`` is the database server's clock (``Store.db_now``): the proxies and the ingester
+may run on hosts whose clocks disagree, and a re-queue stamped by a host behind would look
+older than the read and be dropped unfetched.
 """
 
 from __future__ import annotations

@@ -457,6 +457,11 @@ class Store:
 
     now = staticmethod(now_utc)
 
+    def db_now(self, conn: Connection) -> datetime:
+        """The database server's clock now (naive UTC): the one clock every host writing to the
+        replica shares (SQLite's is this host's)."""
+        return datetime.fromtimestamp(self.dialect.clock(conn), UTC).replace(tzinfo=None)
+
     def note_links(self, conn: Connection, links: Iterable[Mapping[str, Any]]) -> None:
         """Remember linked entities and their names as SG sent them."""
         batch = self.batch(conn)

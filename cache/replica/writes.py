@@ -493,7 +493,9 @@ class WriteBatch:
 
     def _flush_queue(self) -> None:
         if self.fetch:
-            fetchqueue.put(self.conn, self.store.fetch_queue, self.fetch, self.store.now())
+            # the database's clock, not this host's: a fetch (the ingester, maybe on another host)
+            # keeps what was queued again after it read the queue by these times (remove_handled)
+            fetchqueue.put(self.conn, self.store.fetch_queue, self.fetch, self.store.db_now(self.conn))
         if self.unfetch:
             fetchqueue.remove(self.conn, self.store.fetch_queue, self.unfetch)
 
