@@ -14,6 +14,7 @@ these helpers so that a datetime or a link means the same thing everywhere.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -75,12 +76,23 @@ def parse_when(text: str) -> dt.datetime:
 
 def iso_now() -> str:
     """Now as ISO UTC with microseconds (the stamp of ``ingester_leader``)."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return wire_from_epoch(time.time())
 
 
 def wire_from_epoch(seconds: float) -> str:
     """Seconds since the epoch as ISO UTC with microseconds (the stamp of ``ingester_heartbeat``)."""
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def seconds_since(stamp: Any, now: float) -> float | None:
+    """Seconds from a wire-form UTC time to ``now`` (seconds since the epoch, on the clock that
+    stamped it); None when missing or unreadable."""
+    when = parse_wire_dt(stamp) if isinstance(stamp, str) else None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, now - when.timestamp())
 
 
 # -- links -----------------------------------------------------------------------------

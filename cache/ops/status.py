@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +21,7 @@ from ..private import redact, safe_url, url_secrets
 from ..replica.pending import db_clock
 from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH, INGESTER_HEARTBEAT, INGESTER_LEADER, SG_CLOCK
 from ..replica.store import entity_table_name
-from ..wire import parse_wire_dt
+from ..wire import seconds_since
 
 #: Seconds a status read is reused.
 TTL = 1.0
@@ -113,8 +112,8 @@ class StatusReader:
 
 def _read_state(store: Any, conn: Any, out: ReplicaStatus, counts: bool) -> None:
     # the heartbeat is stamped with the database server's clock (cache/ingest/poll.py): aged by it
-    out.heartbeat_age = age_of(store.get_state(conn, INGESTER_HEARTBEAT), db_clock(conn))
-    out.newest_event_age = age_of(store.get_state(conn, SG_CLOCK))
+    out.heartbeat_age = seconds_since(store.get_state(conn, INGESTER_HEARTBEAT), db_clock(conn))
+    out.newest_event_age = seconds_since(store.get_state(conn, SG_CLOCK), time.time())
     leader = store.get_state(conn, INGESTER_LEADER)
     out.leader = leader if isinstance(leader, dict) else None
     out.event_cursor = _int(store.get_state(conn, EVENT_CURSOR))
@@ -127,17 +126,6 @@ def _read_state(store: Any, conn: Any, out: ReplicaStatus, counts: bool) -> None
                 query = sa.select(sa.func.count()).select_from(table).where(sa.not_(table.c._retired))
                 rows = int(conn.execute(query).scalar() or 0)
         out.primed[entity_type] = rows
-
-
-def age_of(stamp: Any, now: float | None = None) -> float | None:
-    """Seconds from a wire-form UTC time to ``now`` (seconds since the epoch; default this host's
-    clock); None when missing or unreadable."""
-    when = parse_wire_dt(stamp) if isinstance(stamp, str) else None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (time.time() if now is None else now) - when.timestamp())
 
 
 def _int(value: Any) -> int | None:

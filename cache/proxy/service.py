@@ -15,7 +15,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from ..replica.pending import db_clock
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_CURSOR, INGESTER_HEARTBEAT
 from ..replica.store import Store
-from ..wire import parse_wire_dt
+from ..wire import seconds_since
 from .breaker import Breaker
 from .inline import InlineReads
 from .learning import UNMARKED, Learner
@@ -106,7 +105,7 @@ class CacheService:
         primed = self.store.primed_fields(conn)
         pending = fetchqueue.queued_types(conn, self.store.fetch_queue)
         beat = self.store.get_state(conn, INGESTER_HEARTBEAT)
-        self._lag = _age_seconds(beat, db_clock(conn))  # the clock the ingester stamped it with
+        self._lag = seconds_since(beat, db_clock(conn))  # the clock the ingester stamped it with
         cursor = self.store.get_state(conn, EVENT_CURSOR) if "EventLogEntry" in primed else None
         replica_state = ReplicaState(primed=primed, pending_fetch=pending, event_cursor=cursor)
         with self._lock:
@@ -237,12 +236,3 @@ class CacheService:
                 "primed_types": primed,
                 **self.counters.snapshot(),
             }
-
-
-def _age_seconds(stamp: Any, now: float) -> float | None:
-    """Seconds from the wire-form UTC ``stamp`` to ``now`` (seconds since the epoch)."""
-    when = parse_wire_dt(stamp) if isinstance(stamp, str) else None
-    if when is None:
-        return None
-    return max(0.0, now - when.replace(tzinfo=UTC).timestamp())
-
