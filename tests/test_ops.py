@@ -9,7 +9,9 @@ import logging
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cache.mitm.ops_addon import lines_as_logged
+from cache.ops import server as server_module
 from cache.ops.access import ConnectionNoise, RequestRecord, format_line, who
 from cache.ops.metrics import ProxyMetrics, parse_hostport
 from cache.ops.page import PageData, render
@@ -124,6 +127,31 @@ def test_status_server_routes() -> None:
         assert get("") == (200, "<p>page</p>")
         assert get("nope")[0] == 404
     finally:
+        server.stop()
+
+
+def test_status_server_closes_idle_and_surplus_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients that connect and send nothing neither hold a thread for ever nor pile threads up."""
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(server_module._Handler, "timeout", 0.5)
+    server = StatusServer("127.0.0.1:0", ProxyMetrics().registry, lambda: ReplicaStatus(problem=None),
+                          lambda: "<p>page</p>").start()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both taken by the server
+        surplus = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        with surplus:
+            assert surplus.recv(100) == b""  # closed at once: two are open
+        for sock in idle:  # closed by the server once idle for the handler's timeout
+            started = time.monotonic()
+            assert sock.recv(100) == b""
+            assert time.monotonic() - started < 4
+        time.sleep(0.2)
+        with urllib.request.urlopen(server.url + "healthz", timeout=5) as resp:  # their slots are free again
+            assert resp.status == 200
+    finally:
+        for sock in idle:
+            sock.close()
         server.stop()
 
 

@@ -3,6 +3,10 @@ status page), on a small thread-based HTTP server of its own (never on mitmproxy
 
 ``/healthz`` answers 200 only while the replica is reachable and fresh (reads are being served),
 else 503; the body says why in one line. ``HEAD`` is answered like ``GET``, without the body.
+
+It runs in the proxy's own process, a thread a connection: a connection idle for
+:data:`IDLE_SECONDS` is closed, and past :data:`MAX_CONNECTIONS` at once a new one is closed at
+once, so clients that connect and send nothing cannot fill the process with threads.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from .metrics import parse_hostport
 from .status import ReplicaStatus
 
 log = logging.getLogger("sgcache.ops")
+
+#: A connection that sends nothing for this long is closed (a scrape takes milliseconds).
+IDLE_SECONDS = 10.0
+#: Connections served at once; more are closed as they arrive.
+MAX_CONNECTIONS = 32
 
 
 class StatusServer:
@@ -63,12 +72,31 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             import socket
             self.address_family = socket.AF_INET6
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            log.debug("status: %s refused, %d connections open", client_address, MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "sgcache-status"
+    timeout = IDLE_SECONDS
 
     def do_GET(self) -> None:  # noqa: N802 - the http.server API
         owner = self.server.owner
