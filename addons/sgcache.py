@@ -262,7 +262,16 @@ class SGCache:
             # another host's API3 (or no site known): SG's answer, untouched; nothing learnt
             self.calls.passes(state, "other-site" if self.site is not None else "no-site")
             return
-        outcome = await self.calls.request(call_of(flow), state)
+        try:
+            outcome = await self.calls.request(call_of(flow), state)
+        except Exception:  # noqa: BLE001 - a bug; mitmproxy would send the request on
+            if not state.sent:
+                log.exception("sgcache: %s request passes untouched after an error", state.method or "API3")
+                self.calls.passes(state, "internal-error")
+                return
+            # the proxy's sender had it: SG may have it; mitmproxy must not send it again
+            log.exception("sgcache: error after a %s was handed to SG", state.method)
+            outcome = await self.calls.failed_after_sending(state)
         if isinstance(outcome, Answer):
             self._respond(flow, outcome)
         elif outcome is not None:  # SG's reply to a write the proxy sent itself

@@ -490,6 +490,9 @@ def test_offline_refusals_never_verify(run: Any) -> None:
         {"script_name": {"n": 1}, "script_key": "k"},
         {"script_name": "pipeline-readall", "script_key": ["k"]},
         {"script_name": "pipeline-readall", "script_key": "k" * 100_000},
+        {"script_name": "pipeline-readall", "script_key": "k\udfff"},  # a lone surrogate: no UTF-8 holds it
+        {"script_name": "pipeline-readall", "script_key": "k", "x": "\ud800"},
+        {"script_name": "pipeline-readall", "script_key": "k", "\ud800": 1},
         ["pipeline-readall", "k"],
         "pipeline-readall",
     ],
@@ -529,6 +532,43 @@ def test_learning_never_raises_into_the_addon(run: Any, caplog: pytest.LogCaptur
 
     run(test)
     assert "not recorded" in caplog.text
+
+
+def test_an_error_in_the_request_hook_never_sends_a_write_twice(run: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy sends a request on when a hook raises: after the proxy's sender took a write, the
+    client gets SG's error envelope (outcome unknown; what it may have changed marked pending);
+    before, the request passes (internal-error), marked."""
+    async def test(addon: Any, tctx: Any) -> None:
+        sent: list[Any] = []
+
+        async def broken_send(replica: Any, request: Any, state: Any, *_args: Any) -> Any:
+            state.sent = True
+            sent.append(request)
+            raise RuntimeError("boom after sending")
+
+        addon.calls.writes.send = broken_send
+        update = {"type": "Shot", "id": 1, "fields": [{"field_name": "code", "value": "x"}]}
+        flow = api3_flow(call("update", update))
+        await addon.request(flow)
+        assert len(sent) == 1 and flow.response is not None  # answered: mitmproxy sends nothing
+        assert flow.response.headers["X-SGCache"] == "pass; reason=outcome-unknown"
+        assert "it may have been applied" in json.loads(flow.response.content)["message"]
+        with addon.service.store.engine.connect() as conn:
+            assert ("Shot", "code") in pending.active(conn, addon.service.store.pending)
+
+        def broken_reads(*_args: Any) -> Any:
+            raise RuntimeError("boom before sending")
+
+        addon.calls.credentials.reason = broken_reads
+        flow = _read_flow(AUTH)
+        await addon.request(flow)
+        assert flow.response is None and state_of(flow.metadata).pass_reason == "internal-error"
+        respond(flow)
+        await addon.response(flow)
+        assert flow.response.headers["X-SGCache"] == "pass; reason=internal-error"
+
+    run(test)
+    assert "boom after sending" in caplog.text and "boom before sending" in caplog.text
 
 
 def test_answers_to_bodies_the_addon_did_not_decode_never_verify(run: Any) -> None:

@@ -169,3 +169,35 @@ def test_a_kept_answer_goes_only_to_verified_credentials_and_never_outlives_a_wr
     post(rig, "update", good, {"type": "Shot", "id": first["id"], "fields": [{"field_name": "code", "value": renamed}]})
     header, reply = post(rig, "read", good, shots)
     assert reply["results"]["entities"][0]["code"] == renamed, (header, reply["results"]["entities"][0])
+
+
+def test_a_lone_surrogate_in_the_auth_passes_and_a_write_with_it_is_sent_once(rig: Rig) -> None:
+    """JSON may spell a lone surrogate (``"\\ud800"``), which no UTF-8 holds: such a credential is
+    never served (SG decides), and a write with it is sent to SG once and read back as SG has it
+    (the credential's hash failed after the proxy had sent the write, and mitmproxy sent it again)."""
+    odd = {"script_name": SCRIPT, "script_key": KEY, "x_tag": "\ud800"}  # json.dumps escapes it
+    header, reply = post(rig, "read", odd, READ_USERS)
+    assert header == "pass; reason=bad-auth" and "results" in reply, (header, reply)
+    before = rig.site.count("create", type="Shot")
+    args = {"type": "Shot", "fields": [{"field_name": "code", "value": "lone-surrogate"}], "return_fields": ["id"]}
+    header, reply = post(rig, "create", odd, args)
+    assert rig.site.count("create", type="Shot") - before == 1, (header, reply)
+    assert header == "pass; reason=method" and reply["results"]["type"] == "Shot"
+    good = {"script_name": SCRIPT, "script_key": KEY}
+    shots = {"type": "Shot", "return_fields": ["code"],
+             "filters": {"logical_operator": "and",
+                         "conditions": [{"path": "code", "relation": "is", "values": ["lone-surrogate"]}]},
+             "paging": {"entities_per_page": 500, "current_page": 1}, "return_only": "active"}
+    post(rig, "info", good)
+    post(rig, "read", good, shots)  # verified
+    header, reply = post(rig, "read", good, shots)
+    assert [e["id"] for e in reply["results"]["entities"]] == [reply_id(rig, "lone-surrogate")], header
+    output = rig.proxy.output()
+    assert "Addon error" not in output and "Traceback" not in output
+
+
+def reply_id(rig: Rig, code: str) -> int:
+    """The id of the one Shot with ``code`` at SG, read directly."""
+    found = rig.direct().find("Shot", [["code", "is", code]])
+    assert len(found) == 1, found
+    return int(found[0]["id"])

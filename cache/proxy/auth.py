@@ -69,11 +69,24 @@ def verdict(method: Any, reply: Any) -> bool | None:
     return True
 
 
+def _odd_text(text: str) -> bool:
+    """Too long, or not text at all: a lone surrogate (JSON's ``"\\ud800"``), which no UTF-8 spells."""
+    if len(text) > MAX_VALUE_CHARS:
+        return True
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _odd_value(key: str, value: Any) -> bool:
     if key in _STRING_KEYS:
-        return not isinstance(value, str) or not value or len(value) > MAX_VALUE_CHARS
+        return not isinstance(value, str) or not value or _odd_text(value)
     if isinstance(value, str):
-        return len(value) > MAX_VALUE_CHARS
+        return _odd_text(value)
     if isinstance(value, float):
         return not math.isfinite(value)  # (never decoded from JSON; one would hash as null)
     return not (value is None or isinstance(value, bool | int))
@@ -112,7 +125,7 @@ class CredentialCache:
         """Why this credential is never served from the cache, or None when it may be (once verified)."""
         if not isinstance(auth, Mapping) or not auth:
             return "no-auth"
-        if len(auth) > MAX_KEYS or any(not isinstance(k, str) or _odd_value(k, v) for k, v in auth.items()):
+        if len(auth) > MAX_KEYS or any(not isinstance(k, str) or _odd_text(k) or _odd_value(k, v) for k, v in auth.items()):
             return "bad-auth"
         forms = [("user_login" in auth or "user_password" in auth),
                  ("script_name" in auth or "script_key" in auth), "session_token" in auth]

@@ -195,8 +195,11 @@ class SiteCalls:
         self.passes(state, "method")  # SG's answer: the response hook learns from what was not learnt here
         if decoded:
             content_type = ", ".join(v for k, v in reply.headers if k.lower() == "content-type")
-            record_answer(self.credentials, state, call.site, decoded[0], replayed=False, server_connected=False,
-                          content_type=content_type)
+            try:  # SG has the write: whatever fails now, its answer goes back (never sent again)
+                record_answer(self.credentials, state, call.site, decoded[0], replayed=False,
+                              server_connected=False, content_type=content_type)
+            except Exception:  # noqa: BLE001 - a bug: the credential is then not remembered
+                log.exception("could not note what SG's answer to a %s says of its credentials", state.method)
         return reply
 
     async def _send_large(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
@@ -281,6 +284,12 @@ class SiteCalls:
         if state.method in WRITE_METHODS and "results" in reply:
             await self.writes.learn(service, state, reply["results"], call.url, self.tls)
         return None
+
+    async def failed_after_sending(self, state: FlowState) -> Answer:
+        """The request hook failed after the proxy's sender took a write (a bug): SG may have it,
+        so it is answered as a write whose outcome is unknown, never passed on to be sent again."""
+        what = f"sgcache failed after the {state.method or 'write'} was handed to SG"
+        return self.answered(state, await self.writes.outcome_unknown(self.replica, state, what))
 
     async def _unlearnt(self, method: str, args: object) -> None:
         """A write SG answered that is not learnt from: what it could have changed is marked pending."""

@@ -61,6 +61,8 @@ class FlowState:
     service_ms = _Field[float | None](None)
     #: SG's own answer, which the addon sent and relayed itself (a write sent once).
     from_sg = _Field[bool](False)
+    #: The proxy's own sender took the request: mitmproxy must never send it as well.
+    sent = _Field[bool](False)
     #: The ingester's event mark taken just before a write was sent (see CacheService.learn).
     write_mark = _Field[int | None](None)
     #: SG's answer to the write the addon sent was learnt in the trip that sent it (and the

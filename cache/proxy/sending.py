@@ -78,6 +78,7 @@ class Writes:
         loop = asyncio.get_running_loop()
         method = state.method or "write"
         service = replica.service
+        state.sent = True
 
         def mark_and_send() -> upstream.Reply:
             # one thread hop, in the write pool (a busy replica pool never delays a write):
@@ -102,15 +103,23 @@ class Writes:
             if not isinstance(exc, upstream.OutcomeUnknown):
                 log.exception("unexpected error sending a %s", method)
             log.warning("%s sent to %s but no answer came back: %s", method, request.host, exc)
+            return await self.outcome_unknown(replica, state,
+                                              f"the connection to SG broke after the {method} was sent")
+
+    async def outcome_unknown(self, replica: Replica, state: FlowState, what: str) -> Answer:
+        """A write SG may have applied, its answer lost (``what`` happened): everything it could have
+        changed is marked pending, and the client gets SG's error envelope (never a re-send). Never raises."""
+        method = state.method or "write"
+        try:
             if replica.service is not None:  # it may have been applied: its effects are unknown
-                await loop.run_in_executor(self.executor, replica.service.outcome_unknown, method, state.args)
+                await asyncio.get_running_loop().run_in_executor(self.executor, replica.service.outcome_unknown,
+                                                                 method, state.args)
             else:
                 replica.defer(method, state.args)
-            return answers.refusal(
-                f"sgcache: the connection to SG broke after the {method} was sent; it may have been "
-                "applied. Check before retrying.",
-                "outcome-unknown",
-            )
+        except Exception:  # noqa: BLE001 - a stopping pool, a bug: the answer must still go back
+            log.exception("could not mark what a %s whose outcome is unknown may have changed", method)
+        return answers.refusal(f"sgcache: {what}; it may have been applied. Check before retrying.",
+                               "outcome-unknown")
 
     async def learn(self, service: CacheService, state: FlowState, results: Any, url: str,
                     tls: Callable[[], ssl.SSLContext]) -> None:
