@@ -191,7 +191,7 @@ def test_a_write_between_hit_and_shadow_is_not_a_disagreement(rig: Rig, monkeypa
     monkeypatch.setattr(shadow.upstream, "post_json", lambda url, payload, tls: {"results": new})
     audit = shadow.Audit(lambda: service, CollectorRegistry(), sleep=lambda s: None)
     args = {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}}
-    item = shadow.Shadow("http://sg/api3/json", {"script_name": "s", "script_key": KEY}, args,
+    item = shadow.Shadow("http://sg/api3/json", "http://sg:80", {"script_name": "s", "script_key": KEY}, args,
                          json.dumps({"results": old}).encode(), None)
     audit.audit(item)
     assert audit.metrics.reads.labels(entity_type="Shot", outcome="changed")._value.get() == 1
@@ -209,15 +209,15 @@ def test_sampling_is_rate_limited_and_bounded() -> None:
     args = {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}}
     now[0] = 10.0
     for _ in range(5):
-        audit.offer("http://sg/api3/json", {}, args, b"{}", None)
+        audit.offer("http://sg/api3/json", "http://sg:80", {}, args, b"{}", None)
     assert audit._queue.qsize() == 2  # the bucket holds 2 (rate 2/s)
     assert audit.metrics.dropped.labels(why="rate")._value.get() == 3
     audit.options = shadow.AuditOptions(percent=40, rate=0)
-    audit.offer("http://sg/api3/json", {}, args, b"{}", None)  # drawn 50 >= 40: not sampled
+    audit.offer("http://sg/api3/json", "http://sg:80", {}, args, b"{}", None)  # drawn 50 >= 40: not sampled
     assert audit._queue.qsize() == 2
     relative = {**args, "filters": {"conditions": [{"path": "sg_due_date", "relation": "in_last", "values": [1, "DAY"]}]}}
-    audit.offer("http://sg/api3/json", {}, relative, b"{}", None)  # relative dates: always, until 100 agreed
+    audit.offer("http://sg/api3/json", "http://sg:80", {}, relative, b"{}", None)  # relative dates: always, until 100 agreed
     assert audit._queue.qsize() == 3
     for _ in range(shadow.QUEUE_SIZE):
-        audit.offer("http://sg/api3/json", {}, relative, b"{}", None)
+        audit.offer("http://sg/api3/json", "http://sg:80", {}, relative, b"{}", None)
     assert audit._queue.qsize() == shadow.QUEUE_SIZE and audit.metrics.dropped.labels(why="queue-full")._value.get() == 3

@@ -201,3 +201,33 @@ def reply_id(rig: Rig, code: str) -> int:
     found = rig.direct().find("Shot", [["code", "is", code]])
     assert len(found) == 1, found
     return int(found[0]["id"])
+
+
+def test_a_key_sg_refuses_to_the_audits_shadow_read_is_refused_from_then_on(
+        rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The audit reads a sampled hit again from SG with the client's credentials: when SG refuses
+    them (the key was revoked since it was verified), the proxy stops serving that key at once,
+    as when SG refuses it a client's own pass (before: hits until sgcache_auth_ttl, 300 s)."""
+    import time
+
+    from .wait import wait_until
+
+    rig.site.add_script("auditee", "auditee-key", generate_events=False)
+    proxy = rig.start_proxy(RIG_OPTIONS + ["sgcache_audit=100", "sgcache_audit_rate=0"],
+                            workdir=tmp_path_factory.mktemp("audited"))
+    try:
+        sg = rig.client(proxy, script_name="auditee", api_key="auditee-key")
+        sg.find("Sequence", [], ["code"])  # SG verifies the key (a pass)
+        before = rig.reads()
+        sg.find("Sequence", [], ["code"])  # a hit
+        assert rig.reads() == before
+        wait_until(lambda: rig.site.count_by_script("read", "auditee") >= 2, 10, "the hit's shadow read")
+        rig.site.revoke_script("auditee")
+        audited = rig.site.count_by_script("read", "auditee")
+        sg.find("Sequence", [], ["code"])  # a hit again; its shadow read is refused by SG
+        wait_until(lambda: rig.site.count_by_script("read", "auditee") > audited, 10, "the refused shadow read")
+        time.sleep(0.5)  # the audit thread notes SG's refusal after its read
+        with pytest.raises(shotgun_api3.AuthenticationFault):
+            sg.find("Sequence", [], ["code"])  # SG's own refusal
+    finally:
+        proxy.stop()

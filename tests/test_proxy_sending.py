@@ -108,6 +108,29 @@ def test_send_once_forwards_the_request_without_hop_by_hop_headers(server: tuple
     assert "Proxy-Authorization" not in seen and seen["Content-Length"] == "8"
 
 
+def test_send_once_forwards_header_bytes_as_the_client_sent_them(server: tuple[str, int]) -> None:
+    """mitmproxy decodes header bytes as UTF-8 (other bytes kept as surrogates); they go to SG
+    unchanged (http.client would encode latin-1: "é" changed, "€" a UnicodeEncodeError)."""
+    headers = [("X-Note", "price \u20ac, caf\u00e9"), ("X-Raw", b"\xe9t\xe9".decode("utf-8", "surrogateescape"))]
+    upstream.send_once("http", *server, "/ok", headers, b"{}")
+    _path, seen, _body = Handler.seen[-1]  # http.server decodes header bytes as latin-1
+    assert seen["X-Note"].encode("latin-1") == "price \u20ac, caf\u00e9".encode()
+    assert seen["X-Raw"].encode("latin-1") == b"\xe9t\xe9"
+
+
+def test_a_write_that_cannot_be_written_as_http_is_not_sent_and_sg_is_not_down(server: tuple[str, int]) -> None:
+    state = write_state("create")
+
+    async def test(writes: Writes, outages: Outages) -> Any:
+        request = Outgoing("http", *server, "/api3/json?caf\u00e9", [("Content-Type", "application/json")], b"{}")
+        return await writes.send(Replica(), request, state, None), outages
+
+    answer, outages = run_writes(test)
+    assert isinstance(answer, Answer) and answer.reason == "unsendable"
+    assert "create was not sent" in json.loads(answer.body)["message"]
+    assert not Handler.seen and not outages.down_until
+
+
 def test_not_sent_and_outcome_unknown_are_told_apart(server: tuple[str, int]) -> None:
     with pytest.raises(upstream.NotSent):
         upstream.send_once("http", "127.0.0.1", closed_port(), "/ok", [], b"{}")

@@ -54,6 +54,7 @@ class Shadow:
     """One sampled hit: where it goes, with whose credentials, and the cache's answer."""
 
     url: str
+    site: str  # whose credentials: the site they are verified for (cache/proxy/auth.py)
     auth: Any
     args: Any
     body: bytes
@@ -86,12 +87,15 @@ def audit_metrics(registry: CollectorRegistry) -> AuditMetrics:
 
 class Audit:
     """The audit of one proxy. ``service()``: the open CacheService (None: no replica);
-    ``label``: an entity type as a metric label."""
+    ``label``: an entity type as a metric label; ``heard(site, auth, reply)``: SG's decoded
+    answer to a shadow read, made with the client's credentials (it may say they are refused now)."""
 
     def __init__(self, service: Callable[[], Any], registry: CollectorRegistry,
                  label: Callable[[object], str] = str, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 heard: Callable[[str, Any, Any], object] | None = None) -> None:
         self.service = service
+        self.heard = heard
         self._sleep = sleep
         self.metrics = audit_metrics(registry)
         self.label = label
@@ -136,7 +140,8 @@ class Audit:
             return None
         return "audit-disabled" if rule_names(read_rules(schema, args)) & self.disabled else None
 
-    def offer(self, url: str, auth: Any, args: Any, body: bytes, tls: Callable[[], ssl.SSLContext] | None) -> None:
+    def offer(self, url: str, site: str, auth: Any, args: Any, body: bytes,
+              tls: Callable[[], ssl.SSLContext] | None) -> None:
         """A hit was answered: audit it when drawn (never blocks). ``tls()``: how SG's certificate
         is checked (None: http), asked only for a hit drawn."""
         percent = self.options.percent
@@ -149,9 +154,19 @@ class Audit:
             self._drop("rate")
             return
         try:
-            self._queue.put_nowait(Shadow(url, auth, args, body, tls() if tls is not None else None))
+            self._queue.put_nowait(Shadow(url, site, auth, args, body, tls() if tls is not None else None))
         except queue.Full:
             self._drop("queue-full")
+
+    def _tell(self, item: Shadow, reply: Any) -> None:
+        """SG answered a shadow read: what it says of the client's credentials counts, as an answer
+        to the client itself would (a key revoked since it was verified is refused from now on)."""
+        if self.heard is None:
+            return
+        try:
+            self.heard(item.site, item.auth, reply)
+        except Exception:  # noqa: BLE001 - a bug: the audit goes on
+            log.exception("audit: could not note what SG said of a read's credentials")
 
     def _take_token(self) -> bool:
         rate = self.options.rate
@@ -221,6 +236,7 @@ class Audit:
         pairs = read_rules(service.schema, args) if service is not None else {("-", "plain")}
         try:
             reply = upstream.post_json(item.url, {"method_name": "read", "params": [item.auth, args]}, item.tls)
+            self._tell(item, reply)
             sg_results = reply["results"]
             cache_results = json.loads(item.body)["results"]
         except Exception as exc:  # noqa: BLE001 - SG refused or failed: nothing to compare (no credentials logged)

@@ -46,7 +46,8 @@ class SGCacheOps:
         """``cache``: the SGCache addon (its ``replica`` and ``calls``)."""
         self.ops = Operations(cache.replica)
         self._running = False
-        self.audit = Audit(lambda: cache.replica.service, self.ops.metrics.registry, self.ops.observer.label)
+        self.audit = Audit(lambda: cache.replica.service, self.ops.metrics.registry, self.ops.observer.label,
+                           heard=lambda site, auth, reply: cache.calls.credentials.observe("read", site, auth, reply))
         cache.calls.audit = self.audit
         self.ops.audit = self.audit.rows
 

@@ -128,7 +128,8 @@ class SiteCalls:
             if isinstance(outcome, Answer):
                 if self.audit is not None:
                     https = call.request.scheme == "https"
-                    self.audit.offer(call.url, req.auth, req.args, outcome.body, self.tls if https else None)
+                    self.audit.offer(call.url, call.site, req.auth, req.args, outcome.body,
+                                     self.tls if https else None)
                 return self.answered(state, outcome)
             reason = outcome
         self.passes(state, reason)

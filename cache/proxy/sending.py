@@ -99,6 +99,9 @@ class Writes:
         except upstream.NotSent as exc:
             self.outages.note(request.host, str(exc))
             return answers.unreachable(request.host, method)
+        except upstream.Unsendable as exc:  # this request's own fault: SG is not down
+            log.warning("%s not sent to %s: %s", method, request.host, exc)
+            return answers.refusal(f"sgcache: {exc}; the {method} was not sent", "unsendable")
         except Exception as exc:  # noqa: BLE001 - OutcomeUnknown, or a bug: never a re-send either way
             if not isinstance(exc, upstream.OutcomeUnknown):
                 log.exception("unexpected error sending a %s", method)

@@ -59,6 +59,11 @@ class NotSent(Exception):
     """SG could not be reached: nothing of the request left the proxy."""
 
 
+class Unsendable(Exception):
+    """The request cannot be written as HTTP (a path that is not ASCII, a bad header): nothing
+    left the proxy, and SG is not down."""
+
+
 class OutcomeUnknown(Exception):
     """The request was sent but no complete answer came back: it may have been applied."""
 
@@ -166,14 +171,17 @@ def send_once(
             pool.made += 1
     keep = False
     try:
-        # from here on, bytes of the request may have left: never sent again
-        try:
+        try:  # only buffered: nothing has left yet
             conn.putrequest("POST", path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", host_header)
             for name, value in headers:
-                if name.lower() not in _SKIP_REQUEST:
-                    conn.putheader(name, value)
+                if name.lower() not in _SKIP_REQUEST:  # the client's bytes, as mitmproxy decoded them
+                    conn.putheader(_as_sent(name), _as_sent(value))
             conn.putheader("Content-Length", str(len(body)))
+        except (ValueError, http.client.HTTPException) as exc:  # UnicodeEncodeError is a ValueError
+            raise Unsendable(f"the request cannot be sent as HTTP: {exc}") from exc
+        # from here on, bytes of the request may have left: never sent again
+        try:
             conn.endheaders(body)
             if conn.sock is not None:
                 conn.sock.settimeout(response_timeout)
@@ -192,6 +200,12 @@ def send_once(
             pool.give(key, conn)
         else:
             conn.close()
+
+
+def _as_sent(text: str) -> bytes:
+    """A header's name or value as the client sent it (mitmproxy decodes them as UTF-8, keeping
+    any other byte as a surrogate: http.client would encode latin-1, or fail)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def post_json(url: str, payload: Any, ssl_context: ssl.SSLContext | None = None,
