@@ -89,6 +89,22 @@ def test_allow_globs_name_exceptions() -> None:
     assert not p.connect("::1", 9001).allowed
 
 
+def test_an_address_glob_matches_addresses_not_names_that_resolve_anywhere() -> None:
+    """``*`` matches dots: ``10.20.0.*`` written for a subnet also matched the name
+    ``10.20.0.9.attacker.example``, which its owner may point at the proxy's own loopback."""
+    dns = {"10.20.0.9.attacker.example": [ipaddress.ip_address("127.0.0.1")],
+           "fd00--1.attacker.example": [ipaddress.ip_address("::1")]}
+    p = RelayPolicy(Site.parse("https://sg.example.test"), ["10.20.0.*:8443", "[fd00::*]:8443", "files.*:8443"],
+                    resolver=lambda name: dns.get(name, []), own=lambda a: False)
+    assert p.connect("10.20.0.9", 8443).allowed and p.connect("fd00::5", 8443).allowed  # what they are for
+    for name in ("10.20.0.9.attacker.example", "10.20.0.1.2"):
+        assert not p.connect(name, 8443).allowed, name
+        assert not p.request("http", name, 8443).allowed, name
+    assert p.peer_refused("10.20.0.9.attacker.example", 8443, "127.0.0.1") is not None
+    assert p.peer_refused("10.20.0.9", 8443, "10.20.0.9") is None
+    assert p.connect("files.studio.internal", 8443).allowed  # a name glob still names names
+
+
 @pytest.mark.parametrize("glob", ["127.0.0.1", "host:", ":443", "host:abc", "host:[0-9]"])
 def test_bad_allow_globs_are_refused(glob: str) -> None:
     with pytest.raises(ValueError):

@@ -40,7 +40,20 @@ class Decision:
     reason: str  # why (one line), for the log and a refusal's body
 
 
-def parse_allow(globs: Iterable[str]) -> list[str]:
+@dataclass(frozen=True)
+class AllowGlob:
+    """One ``host:port`` glob of ``sgcache_allow_connect``, ready for :func:`fnmatch.fnmatchcase`."""
+
+    pattern: str
+    #: Its host is an address pattern (``10.20.0.*``, ``[fd00::*]``): it matches addresses only,
+    #: never a name (``*`` matches dots: ``10.20.0.9.attacker.example`` may resolve anywhere).
+    addresses_only: bool
+
+    def matches(self, target: str, is_address: bool) -> bool:
+        return (is_address or not self.addresses_only) and fnmatch.fnmatchcase(target, self.pattern)
+
+
+def parse_allow(globs: Iterable[str]) -> list[AllowGlob]:
     """Validate ``host:port`` globs (``*`` and ``?`` are the wildcards; an IPv6 host in brackets,
     ``[::1]:5432``); lower-cased, brackets made literal for :func:`fnmatch.fnmatchcase`."""
     out = []
@@ -51,8 +64,18 @@ def parse_allow(globs: Iterable[str]) -> list[str]:
             raise ValueError(f"sgcache_allow_connect wants host:port globs, got {raw!r}")
         if not all(c.isdigit() or c in "*?" for c in port):
             raise ValueError(f"bad port in sgcache_allow_connect glob {raw!r}")
-        out.append("".join({"[": "[[]", "]": "[]]"}.get(c, c) for c in glob))
+        ipv4 = host.strip("*?") != "" and all(c.isdigit() or c in ".*?" for c in host)
+        ipv6 = host.startswith("[") and host.endswith("]")
+        out.append(AllowGlob("".join({"[": "[[]", "]": "[]]"}.get(c, c) for c in glob), ipv4 or ipv6))
     return out
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def is_local(addr: Address, own: Callable[[Address], bool] | None = None) -> bool:
@@ -158,8 +181,7 @@ class RelayPolicy:
         if self.site is not None and self.site.is_host(host, port):
             return None
         name = _norm_host(host)
-        target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
-        if any(fnmatch.fnmatchcase(target, glob) for glob in self.allow):
+        if self._allowed(name, port):
             return None
         try:
             addr = ipaddress.ip_address(peer.split("%", 1)[0])
@@ -169,10 +191,17 @@ class RelayPolicy:
             return f"{name} reached a local address ({addr}); see sgcache_allow_connect"
         return None
 
+    def _allowed(self, name: str, port: int) -> bool:
+        """Whether an ``sgcache_allow_connect`` glob names ``name:port`` (``name`` normalised)."""
+        if not self.allow:
+            return False
+        target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+        is_address = _is_address(name)
+        return any(glob.matches(target, is_address) for glob in self.allow)
+
     def _decide(self, host: str, port: int, ports: frozenset[int]) -> Decision:
         name = _norm_host(host)
-        target = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
-        if any(fnmatch.fnmatchcase(target, glob) for glob in self.allow):
+        if self._allowed(name, port):
             return Decision(True, "named in sgcache_allow_connect")
         if port not in ports:
             allowed = ", ".join(str(p) for p in sorted(ports)) or "none"
