@@ -167,8 +167,10 @@ def connect_site(args: Any) -> Any:
     check_site_url(args.site)
     import shotgun_api3
 
+    # datetimes as naive UTC, as SG sends them: the default turns them into the host's local time,
+    # which is ambiguous in the hour a daylight-saving change repeats (back to UTC an hour off)
     return shotgun_api3.Shotgun(args.site, script_name=args.script_name, api_key=args.script_key,
-                                connect=False)
+                                connect=False, convert_datetimes_to_utc=False)
 
 
 def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwargs: Any) -> Any:
