@@ -266,6 +266,29 @@ def test_value_that_cannot_be_applied_queues_a_fetch(store: Store, ingester: Ing
     assert_equal_to_site(store, site)
 
 
+def test_a_date_time_in_the_event_logs_form_is_stored_in_sgs_wire_form(site: FakeSite, store: Store,
+                                                                        ingester: Ingester) -> None:
+    """SG's event log writes a date_time as ``2015-07-13 21:54:01 UTC`` (a captured retirement_date
+    change), not as the API's ``2015-07-13T21:54:01Z``: stored as it came, a change from empty was
+    served as a plain string and compared as text with the API's form. Another form is not stored."""
+    proj = make_project(site)
+    playlist = site.create_direct("Playlist", {"code": "dailies", "project": proj})
+    other = site.create_direct("Playlist", {"code": "review", "project": proj})
+    sync(ingester)
+    site.update_direct("Playlist", playlist["id"], {"sg_date_and_time": dt.datetime(2026, 1, 5, 10, 30, 0)})
+    event = site._state.rows["EventLogEntry"][site.last_event_id()]
+    assert event["attribute_name"] == "sg_date_and_time" and event["meta"]["old_value"] is None
+    event["meta"]["new_value"] = "2026-01-05 10:30:00 UTC"  # as SG's event log writes a date_time
+    site.update_direct("Playlist", other["id"], {"sg_date_and_time": dt.datetime(2026, 1, 6, 9, 0, 0)})
+    event = site._state.rows["EventLogEntry"][site.last_event_id()]
+    event["meta"]["new_value"] = "Tuesday 9am"  # a form nobody knows: SG's row is read instead
+    sync(ingester)
+    theirs = {r["code"]: r["sg_date_and_time"] for r in site.find_direct("Playlist", [], ["code", "sg_date_and_time"])}
+    assert theirs == {"dailies": "2026-01-05T10:30:00Z", "review": "2026-01-06T09:00:00Z"}
+    ours = {r["code"]: r["sg_date_and_time"] for r in replica_read(store, "Playlist", ["code", "sg_date_and_time"], False)}
+    assert ours == theirs
+
+
 def test_applying_each_event_twice_changes_nothing(site: FakeSite, store: Store, ingester: Ingester) -> None:
     proj = make_project(site)
     shot = site.create_direct("Shot", {"code": "sh1", "project": proj})

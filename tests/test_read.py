@@ -197,6 +197,8 @@ def test_archived_projects(store: Store) -> None:
         ({"return_fields": ["image"]}, "uncached-field"),
         ({"filters": cond("code", "in_last", 1, "DAY")}, "operator"),
         ({"filters": cond("sg_cut_in", "is", "x")}, "filter-value"),
+        ({"filters": cond("updated_at", "greater_than", "2024-02-30T00:00:00Z")}, "filter-value"),  # no such day
+        ({"filters": cond("updated_at", "less_than", "2024-02-01T25:61:00Z")}, "filter-value"),
         ({"paging": {"entities_per_page": 100000, "current_page": 1}}, "paging"),
         ({"paging": {"entities_per_page": 10, "current_page": -1}}, "paging"),
         ({"additional_filter_presets": [{"preset_name": "LATEST"}]}, "option"),

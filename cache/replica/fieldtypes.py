@@ -8,11 +8,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..wire import format_wire_dt
+from ..wire import WIRE_DT, format_wire_dt
 
 #: Data types never cached, with the reason a read naming them passes through.
 UNCACHED_TYPES: dict[str, str] = {
@@ -106,14 +107,36 @@ def is_cached_type(data_type: str) -> bool:
     return data_type in TYPES
 
 
+#: SG's wire form of a datetime, and the form its event log writes one in (``2015-07-13 21:54:01 UTC``).
+_WIRE_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_EVENT_DATE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}) (\d{2}:\d{2}:\d{2}) UTC")
+
+
+def _wire_date_time(text: str) -> str:
+    """A date_time string as SG's API sends it; an event log entry's form is rewritten to it (stored
+    as it came, it was served as a plain string and compared as text with the API's form)."""
+    if _WIRE_DATE_TIME.fullmatch(text):
+        wire = text
+    else:
+        match = _EVENT_DATE_TIME.fullmatch(text)
+        if match is None:
+            raise ValueError(f"date_time value not in SG's form: {text[:40]!r}")
+        wire = f"{match[1]}T{match[2]}Z"
+    datetime.datetime.strptime(wire, WIRE_DT)  # a real time (ValueError for 2015-02-30 or 25:61)
+    return wire
+
+
 def encode_scalar(data_type: str, value: Any) -> Any:
     """JSON value from SG -> column value. Raises ValueError on a value of the wrong shape."""
     if value is None:
         return None
     storage = TYPES[data_type].storage
-    if data_type == "date_time" and isinstance(value, datetime.datetime):
-        # shotgun_api3 hands back datetimes (aware local, or naive UTC); store SG's wire form
-        return format_wire_dt(value)
+    if data_type == "date_time":
+        if isinstance(value, datetime.datetime):
+            # shotgun_api3 hands back datetimes (aware local, or naive UTC); store SG's wire form
+            return format_wire_dt(value)
+        if isinstance(value, str):
+            return _wire_date_time(value)
     if data_type == "date" and isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
         return value.isoformat()
     if storage == "text":
