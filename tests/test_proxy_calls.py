@@ -4,6 +4,7 @@ bounds, the replica opened fail-open, the relay guard. Plain objects, no mitmpro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -212,14 +213,19 @@ def passed(method: str, args: Any = None) -> FlowState:
     return state
 
 
-def test_a_503_means_sg_is_down_and_the_read_is_answered_stale(service: FakeService) -> None:
+def test_a_503_is_answered_stale_and_means_sg_is_down_once_two_clients_got_one(service: FakeService) -> None:
     async def test(calls: SiteCalls) -> Any:
         accept(calls)
-        outcome = await calls.answer(call("read"), passed("read", {"type": "Shot"}), sg_answer(503, b"maintenance"))
-        return outcome, dict(calls.outages.down_until)
+        first = dataclasses.replace(call("read"), peer="10.0.0.1")
+        outcome = await calls.answer(first, passed("read", {"type": "Shot"}), sg_answer(503, b"maintenance"))
+        after_one = dict(calls.outages.down_until)
+        second = dataclasses.replace(call("read"), peer="10.0.0.2")
+        await calls.answer(second, passed("read", {"type": "Shot"}), sg_answer(503, b"maintenance"))
+        return outcome, after_one, dict(calls.outages.down_until)
 
-    outcome, down = run(service, test)
-    assert isinstance(outcome, Answer) and outcome.headers[HEADER] == "hit; stale" and HOST in down
+    outcome, after_one, after_two = run(service, test)
+    assert isinstance(outcome, Answer) and outcome.headers[HEADER] == "hit; stale"  # this read, offline
+    assert not after_one and HOST in after_two  # one client's 503 is its own; a second's: SG is down
 
 
 def test_sg_s_answers_teach(service: FakeService) -> None:

@@ -53,6 +53,7 @@ class Call:
 
     request: Outgoing
     client: str  # the client connection's id (a slow one gets smaller read budgets)
+    peer: str = "?"  # the client's address
 
     @property
     def site(self) -> str:
@@ -192,6 +193,12 @@ class SiteCalls:
         reply = await self.writes.send(self.replica, call.request, state, tls, learn)
         if isinstance(reply, Answer):
             return self.answered(state, reply)
+        if reply.status >= 500:
+            # SG (or its load balancer, past its timeout) failed after the write reached it: it may
+            # have been applied. Relayed, a 502 or 504 would be sent again by shotgun_api3.
+            what = f"SG answered the {state.method} with HTTP {reply.status} {reply.reason}".rstrip()
+            log.warning("%s at %s: its outcome is unknown", what, call.request.host)
+            return self.answered(state, await self.writes.outcome_unknown(self.replica, state, what))
         state.from_sg = True  # SG's own answer, relayed by the addon
         self.passes(state, "method")  # SG's answer: the response hook learns from what was not learnt here
         if decoded:
@@ -252,7 +259,7 @@ class SiteCalls:
         key), or None (SG's answer stands)."""
         if state.method is None:
             return None
-        if self.outages.note_status(call.request.host, sg.status):
+        if self.outages.note_status(call.request.host, sg.status, call.peer):
             if state.method == "read" and self.offline and not self.credentials.reason(call.site, state.auth):
                 outcome = await self.serve_read(call, state.args, offline=True)
                 if isinstance(outcome, Answer):

@@ -1,14 +1,17 @@
 """When SG counts as down, and for how long the proxy then answers by itself.
 
 SG is down for a host when a connection to it could not be made (refused, DNS, TLS), when a
-write could not be sent, or when it (or its load balancer) answered 502, 503 or 504. For
+write could not be sent, or when it (or its load balancer) answered 502, 503 or 504 to clients
+at :data:`OUTAGE_PEERS` different addresses within :data:`OUTAGE_SECONDS`. For
 :data:`OUTAGE_SECONDS` after that, requests to that host are answered offline
 (``sgcache_offline``): cacheable reads from the replica, marked stale; ``info`` from the last
 copy seen (:mod:`.offline`); everything else with an error naming the outage. Then SG is
 tried again.
 
-A connection SG accepted and then dropped is that request's failure, not an outage: one
-hostile body must not switch the proxy to offline answers for everybody.
+A connection SG accepted and then dropped is that request's failure, not an outage, and so is
+one client's 502 or 504 (a request that outlasts the load balancer's timeout, or breaks the
+worker serving it): one hostile or heavy request must not switch the proxy to offline answers,
+and refuse writes, for everybody. The read that got such an answer is still answered offline.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ log = logging.getLogger("sgcache")
 
 #: After SG failed to answer, requests are served offline for this long before SG is tried again.
 OUTAGE_SECONDS = 10.0
-#: Upstream statuses that mean the site (or its load balancer) is down, not that one request failed.
+#: Upstream statuses that mean the site (or its load balancer) is down, or that one request failed.
 OUTAGE_STATUSES = frozenset({502, 503, 504})
+#: Clients at this many addresses must get one of those within OUTAGE_SECONDS for SG to count as down.
+OUTAGE_PEERS = 2
 
 
 def never_connected(tcp_setup: float | None, tls: bool, tls_setup: float | None) -> bool:
@@ -37,6 +42,8 @@ class Outages:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.down_until: dict[str, float] = {}
         self._clock = clock
+        #: Per host, the client addresses that got an outage status, and when (the last one).
+        self._failed: dict[str, dict[str, float]] = {}
 
     def is_down(self, host: str, offline: bool) -> bool:
         """Whether requests to ``host`` are answered offline now (``offline``: the
@@ -56,9 +63,18 @@ class Outages:
             log.warning("SG at %s unreachable (%s): serving offline for %.0fs", host, why, OUTAGE_SECONDS)
         self.down_until[host] = self._clock() + OUTAGE_SECONDS
 
-    def note_status(self, host: str, status: int) -> bool:
-        """Note an outage when SG's ``status`` says the site is down; whether it did."""
+    def note_status(self, host: str, status: int, peer: str) -> bool:
+        """Whether SG's ``status`` to a client at ``peer`` is one a site that is down gives (that
+        request may be answered offline). SG counts as down once clients at :data:`OUTAGE_PEERS`
+        addresses got one within :data:`OUTAGE_SECONDS`."""
         if status not in OUTAGE_STATUSES:
             return False
-        self.note(host, f"HTTP {status}")
+        now = self._clock()
+        failed = self._failed.setdefault(host, {})
+        failed[peer] = now
+        for other, at in list(failed.items()):
+            if at < now - OUTAGE_SECONDS:
+                del failed[other]
+        if len(failed) >= OUTAGE_PEERS:
+            self.note(host, f"HTTP {status} to clients at {len(failed)} addresses")
         return True
