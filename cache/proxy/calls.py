@@ -221,6 +221,11 @@ class SiteCalls:
             await self._run(service.uploaded, None)
         reply = await self.writes.send(self.replica, call.request, state, self.tls() if call.request.scheme == "https"
                                        else None)
+        service = self.replica.service
+        if service is not None:
+            # again once SG has it: an ingester poll while SG worked on it (before it committed)
+            # cleared the first marks, being later than them
+            await self._run(service.uploaded, None)
         if isinstance(reply, Answer):
             return self.answered(state, reply)
         state.from_sg = True
