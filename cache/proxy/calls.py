@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sgcache")
 T = TypeVar("T")
 
+#: Calls that change a field's definition at SG (no event is logged for them).
+FIELD_CHANGES = frozenset({"schema_field_update", "schema_field_delete"})
 #: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
 BIG_BODY = 64 * 1024
 
@@ -296,6 +298,8 @@ class SiteCalls:
             return self.infos.add_sgcache(call.request.host, reply, await self._run(service.info))
         if state.method in WRITE_METHODS and "results" in reply:
             await self.writes.learn(service, state, reply["results"], call.url, self.tls)
+        elif state.method in FIELD_CHANGES and "results" in reply and isinstance(state.args, dict):
+            await self._run(service.field_changed, state.args.get("type"), state.args.get("field_name"))
         return None
 
     async def failed_after_sending(self, state: FlowState) -> Answer:

@@ -1402,6 +1402,17 @@ class FakeSite:
                         display_name=display)
         return field_name
 
+    def _schema_field_update(self, params: dict[str, Any], caller: _Caller) -> bool:
+        """A field's display name or description (the data type is not changed by this call); no event."""
+        fields = self._fields(params.get("type"), "schema_field_update")
+        spec = fields.get(params.get("field_name"))
+        if spec is None:
+            raise SGFault(f"API schema_field_update() {params.get('type')}.{params.get('field_name')} doesn't exist")
+        for prop in params.get("properties") or []:
+            if prop.get("property_name") in ("name", "description") and prop.get("property_name") in spec:
+                spec[prop["property_name"]]["value"] = prop.get("value")
+        return True
+
     def _schema_field_delete(self, params: dict[str, Any], caller: _Caller) -> bool:
         self._remove_field(params.get("type"), params.get("field_name"))
         return True
@@ -1442,6 +1453,7 @@ class FakeSite:
         "schema_entity_read": _schema_entity_read,
         "schema_field_read": _schema_field_read,
         "schema_field_create": _schema_field_create,
+        "schema_field_update": _schema_field_update,
         "schema_field_delete": _schema_field_delete,
         "get_session_token": _get_session_token,
     }
