@@ -218,8 +218,10 @@ def wire(path: str, relation: str, values: list[Any], op: str = "and") -> dict[s
     return {"logical_operator": op, "conditions": [{"path": path, "relation": relation, "values": values}]}
 
 
-def scalar_cases(field: str, one: Any, two: Any, low: Any, high: Any, ordered: bool = True) -> list[Any]:
-    """Operators of a scalar field on Shot, with two stored values and a range."""
+def scalar_cases(field: str, one: Any, two: Any, low: Any, high: Any, ordered: bool = True,
+                 not_between: bool = False) -> list[Any]:
+    """Operators of a scalar field on Shot, with two stored values and a range. ``not_between``:
+    SG's reference lists it for the field's type (number and currency only); else it passes."""
     out = [
         case("Shot", [[field, "is", one]]),
         case("Shot", [[field, "is", None]]),
@@ -239,23 +241,23 @@ def scalar_cases(field: str, one: Any, two: Any, low: Any, high: Any, ordered: b
             case("Shot", [[field, "between", [low, high]]]),
             case("Shot", [[field, "between", [low, None]]]),
             case("Shot", [[field, "between", [None, high]]]),
-            case("Shot", [[field, "not_between", [low, high]]]),
+            case("Shot", [[field, "not_between", [low, high]]], hit=HIT if not_between else PASS),
             case("Shot", [[field, "less_than", None]], hit=PASS),  # a comparison with None: SG's rule unknown
         ]
     return out
 
 
 SCALARS: list[Any] = [
-    *scalar_cases("sg_cut_in", 1001, 0, 0, 1010),
+    *scalar_cases("sg_cut_in", 1001, 0, 0, 1010, not_between=True),
     *scalar_cases("sg_cut_duration", 100, 0, 1, 100),
     *scalar_cases("sg_completion", 50, 100, 25, 50),
     *scalar_cases("sg_timecode", 3600000, 0, 0, 1),
     *scalar_cases("sg_frame_rate", 24.0, 23.976, 0.0, 24.0),
-    *scalar_cases("sg_budget", 1000.5, -1.25, -1.25, 99.99),
+    *scalar_cases("sg_budget", 1000.5, -1.25, -1.25, 99.99, not_between=True),
     *scalar_cases("sg_due_date", "2024-01-31", "2023-12-31", "2024-01-01", "2024-02-29"),
     *scalar_cases("sg_last_review", "2024-01-31T12:00:00Z", "2023-12-31T00:00:00Z",
                   "2024-01-01T00:00:01Z", "2024-02-29T23:59:59Z"),
-    *scalar_cases("id", 1, 2, 2, 5),
+    *scalar_cases("id", 1, 2, 2, 5, not_between=True),
     *scalar_cases("sg_status_list", "ip", "fin", None, None, ordered=False),
     *scalar_cases("sg_shot_type", "Hero", "FX", None, None, ordered=False),
     *scalar_cases("sg_color", "255,0,0", "pipeline_step", None, None, ordered=False),
@@ -339,11 +341,12 @@ def entity_cases(entity_type: str, field: str, one: dict[str, Any], two: dict[st
         case(entity_type, [[field, "type_is", None]]),
         case(entity_type, [[field, "type_is_not", other_type]]),
         case(entity_type, [[field, "type_is_not", None]]),
-        case(entity_type, [[field, "name_is", name.upper()]]),
+        case(entity_type, [[field, "name_is", name.upper()]], hit=PASS if multi else HIT),
         case(entity_type, [[field, "name_contains", low[1:3]]]),
         case(entity_type, [[field, "name_not_contains", low[1:3]]]),
-        case(entity_type, [[field, "name_starts_with", low[:2].upper()]]),
-        case(entity_type, [[field, "name_ends_with", low[-2:]]]),
+        # SG's reference lists neither for a link field: passed
+        case(entity_type, [[field, "name_starts_with", low[:2].upper()]], hit=PASS),
+        case(entity_type, [[field, "name_ends_with", low[-2:]]], hit=PASS),
     ]
 
 
@@ -363,7 +366,7 @@ ENTITIES: list[Any] = [
     *entity_cases("Version", "user", L("HumanUser", 1), L("ApiUser", 1), "ApiUser", "Ann Lee"),
     *entity_cases("Shot", "assets", L("Asset", 1), L("Asset", 2), "Asset", "prop_ß", multi=True),
     case("Shot", [["assets", "is", L("Asset", 4)]]),  # a retired entity in the list is not there
-    case("Shot", [["assets", "name_is", "PROP_SS"]]),
+    case("Shot", [["assets", "name_is", "PROP_SS"]], hit=PASS),
     *entity_cases("Task", "task_assignees", L("HumanUser", 1), L("Group", 1), "Group", "Leads", multi=True),
     case("Task", [["task_assignees", "type_is", "HumanUser"]]),
     case("Task", [["task_assignees", "type_is_not", "HumanUser"]]),
@@ -371,11 +374,11 @@ ENTITIES: list[Any] = [
     case("Note", [["note_links", "in", [L("Sequence", 2), L("Asset", 4)]]]),
     *entity_cases("Shot", "tasks", L("Task", 1), L("Task", 3), "Task", "Comp", multi=True),
     case("Asset", [["parents", "is", L("Asset", 1)]]),
-    case("Asset", [["parents", "name_ends_with", "O"]]),
+    case("Asset", [["parents", "name_ends_with", "O"]], hit=PASS),
     case("Group", [["users", "is", None]]),
     case("Group", [["users", "name_not_contains", "ann"]]),
     case("Project", [["users", "is_not", None]]),
-    case("Playlist", [["versions", "name_starts_with", "SH010"]]),
+    case("Playlist", [["versions", "name_starts_with", "SH010"]], hit=PASS),
 ]
 
 DEEP: list[Any] = [

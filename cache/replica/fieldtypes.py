@@ -32,7 +32,11 @@ LOWER_SORTED = frozenset({"text", "entity_type", "color", "uuid", "list", "statu
 _TEXT_OPS = frozenset(
     {"is", "is_not", "in", "not_in", "contains", "not_contains", "starts_with", "ends_with"}
 )
-_ORDER_OPS = frozenset({"is", "is_not", "in", "not_in", "less_than", "greater_than", "between", "not_between"})
+# SG's reference ("Valid Operators By Data Type", shotgun_api3's docs/reference.rst) gives
+# not_between to number and currency only, name_is to entity only, name_starts_with and
+# name_ends_with to neither link type: what it does not list passes (SG answers, or refuses).
+_ORDER_OPS = frozenset({"is", "is_not", "in", "not_in", "less_than", "greater_than", "between"})
+_NUMBER_OPS = _ORDER_OPS | {"not_between"}
 _DATE_OPS = _ORDER_OPS | {
     "in_last",
     "not_in_last",
@@ -43,21 +47,9 @@ _DATE_OPS = _ORDER_OPS | {
     "in_calendar_month",
     "in_calendar_year",
 }
-_ENTITY_OPS = frozenset(
-    {
-        "is",
-        "is_not",
-        "in",
-        "not_in",
-        "type_is",
-        "type_is_not",
-        "name_is",
-        "name_contains",
-        "name_not_contains",
-        "name_starts_with",
-        "name_ends_with",
-    }
-)
+_MULTI_ENTITY_OPS = frozenset({"is", "is_not", "in", "not_in", "type_is", "type_is_not", "name_contains",
+                               "name_not_contains"})
+_ENTITY_OPS = _MULTI_ENTITY_OPS | {"name_is"}
 
 
 @dataclass(frozen=True)
@@ -77,8 +69,8 @@ TYPES: dict[str, TypeInfo] = {
     "list": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
     "status_list": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
     "footage": TypeInfo("text", frozenset({"is", "is_not", "in", "not_in"})),
-    "number": TypeInfo("int", _ORDER_OPS),
-    "currency": TypeInfo("float", _ORDER_OPS),
+    "number": TypeInfo("int", _NUMBER_OPS),
+    "currency": TypeInfo("float", _NUMBER_OPS),
     "percent": TypeInfo("int", _ORDER_OPS),
     "duration": TypeInfo("int", _ORDER_OPS),
     "timecode": TypeInfo("int", _ORDER_OPS),
@@ -91,7 +83,7 @@ TYPES: dict[str, TypeInfo] = {
     "url": TypeInfo("json", frozenset(), sortable=False),
     "tag_list": TypeInfo("json", frozenset(), sortable=False),
     "entity": TypeInfo("entity", _ENTITY_OPS),
-    "multi_entity": TypeInfo("multi", _ENTITY_OPS, sortable=False),
+    "multi_entity": TypeInfo("multi", _MULTI_ENTITY_OPS, sortable=False),
     "addressing": TypeInfo("multi", frozenset(), sortable=False),
 }
 
