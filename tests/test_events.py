@@ -436,6 +436,83 @@ def test_id_visible_after_its_gap_was_given_up_is_swept(site: FakeSite, store: S
     assert ingester.sweep().swept == []
 
 
+def test_an_id_visible_after_its_gap_was_given_up_survives_a_restart(site: FakeSite, store: Store,
+                                                                     client: SiteClient, ingester: Ingester) -> None:
+    """A transaction runs a little longer than the gap timeout: its id is given up, then shows. The
+    ingester restarts before its next sweep and is down ten minutes, longer than the sweep window:
+    the given-up id, kept in the replica, is still looked for by id and applied."""
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    sync(ingester)
+    held = site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "late"})  # a long transaction (created_at now)
+    site.update_direct("Shot", shot["id"], {"description": "visible"})
+    sync(ingester)
+    site.advance_clock(seconds=301)
+    site.update_direct("Shot", shot["id"], {"sg_cut_in": 1})
+    sync(ingester)
+    assert state(store, K_CURSOR) == site.last_event_id()  # given up
+    site.advance_clock(seconds=9)
+    site.release_held()  # it commits 310 s after it started
+    ingester.close()  # restarted before its next sweep; down for ten minutes
+    site.advance_clock(seconds=600)
+    site.update_direct("Shot", shot["id"], {"sg_cut_in": 2})
+    restarted = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300))
+    try:
+        sync(restarted)
+        assert restarted.sweep().swept == held
+        restarted.process_fetch_queue()
+        sync(restarted)
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.select(store.events.c.id).where(store.events.c.id == held[0])).first()
+        assert_equal_to_site(store, site)
+        assert restarted.sweep().swept == [] and given_up_ids(store) == []
+    finally:
+        restarted.close()
+
+
+def given_up_ids(store: Store) -> list[int]:
+    with store.engine.connect() as conn:
+        return sorted(r.id for r in conn.execute(sa.select(store.given_up.c.id)))
+
+
+def test_given_up_ids_are_looked_for_a_bounded_time_and_number(site: FakeSite, store: Store,
+                                                                client: SiteClient) -> None:
+    """Given-up ids are kept up to given_up_max (the lowest dropped first) and looked for by every
+    sweep until one that asks SG given_up_keep seconds (SG's clock) after they were given up."""
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300,
+                                               given_up_keep=3600, given_up_max=2))
+    try:
+        proj = make_project(site)
+        shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+        sync(ing)
+        held = site.hold_event_ids(3)
+        for i in range(3):
+            site.update_direct("Shot", shot["id"], {"sg_cut_in": i})
+        site.drop_held()  # rolled back: never shows
+        site.update_direct("Shot", shot["id"], {"description": "visible"})
+        sync(ing)
+        site.advance_clock(seconds=301)
+        site.update_direct("Shot", shot["id"], {"sg_cut_in": 10})
+        result = ing.poll_once()
+        assert result.gaps_expired == held and result.given_up_dropped == held[:1]
+        assert given_up_ids(store) == held[1:]
+        site.advance_clock(seconds=3599)
+        site.update_direct("Shot", shot["id"], {"sg_cut_in": 11})
+        sync(ing)
+        assert ing.sweep().given_up_dropped == [] and given_up_ids(store) == held[1:]
+        site.advance_clock(seconds=2)
+        site.update_direct("Shot", shot["id"], {"sg_cut_in": 12})
+        sync(ing)
+        assert ing.sweep().given_up_dropped == held[1:]
+        assert given_up_ids(store) == []
+    finally:
+        ing.close()
+
+
 def test_run_sweeps_every_n_polls(site: FakeSite, store: Store, client: SiteClient) -> None:
     ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, sweep_every=3))
     calls: list[int] = []

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "given up (default 30; 0: never)")
     parser.add_argument("--sweep-window", type=float, default=None,
                         help="seconds of SG time a sweep looks back (default: twice --gap-timeout)")
+    parser.add_argument("--given-up-keep", type=float, default=21600.0,
+                        help="seconds of SG time an event id given up as a gap is still looked for by id, "
+                             "by every sweep and across restarts (default 21600: six hours)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics (events applied, polls, failed polls, leadership) on "
                              "http://HOST:PORT/metrics, e.g. 127.0.0.1:9181 (default: off)")
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                           poll_interval=args.poll_interval,
                           gap_timeout=args.gap_timeout, lock_retry=args.lock_retry,
                           sweep_every=args.sweep_every, sweep_window=args.sweep_window,
+                          given_up_keep=args.given_up_keep,
                           idle_max=args.idle_max)
     from ..ops.metrics import IngestMetrics, serve
 

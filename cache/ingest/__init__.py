@@ -37,9 +37,13 @@ The invariants (each module says which of them it keeps):
   time, so skew between the hosts does not matter; with no ``created_at`` ever seen the local
   clock stands in).
 - **The sweep** (poll.py): an id that becomes visible after its gap was given up is found by
-  the sweep: every ``sweep_every`` polls the ids of events created in the last
-  ``sweep_window`` seconds (SG's clock, default twice the gap timeout) are read and any id
-  above ``event_floor`` missing from ``sgcache_events`` is applied as a late event.
+  the sweep, every ``sweep_every`` polls: the given-up ids (kept in ``sgcache_given_up``, in the
+  poll's transaction that gave them up, so a restart loses none) are asked for by id, however
+  long ago their transaction started or the ingester stopped, until one that asks SG
+  ``given_up_keep`` seconds (SG's clock) after they were given up; and the ids of events created
+  in the last ``sweep_window`` seconds (default twice the gap timeout) are read, so any id above
+  ``event_floor`` missing from ``sgcache_events`` (a gap too wide to wait for) is found too. Each
+  is applied as a late event, and forgotten as given up in the same transaction.
 - **Leadership** (leader.py): on PostgreSQL a session advisory lock on a connection held for
   the process lifetime, which is also the connection every write goes through (so a leader
   that lost its session cannot write); on SQLite an OS file lock next to the database file,

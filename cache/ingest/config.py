@@ -32,6 +32,10 @@ class IngestConfig:
     sweep_every: int = 30  # polls between sweeps for ids that became visible after being given up; 0: never
     sweep_window: float | None = None  # seconds of SG time a sweep looks back (default 2 x gap_timeout)
     sweep_limit: int = 10_000
+    # seconds of SG time a given-up id is still looked for by id, by every sweep and across restarts
+    # (a transaction that commits later than gap_timeout plus this is lost); at most given_up_max ids
+    given_up_keep: float = 6 * 3600.0
+    given_up_max: int = 1000
     max_gap_span: int = 10_000
     lock_retry: float = 1.0
     retry_max: float = 60.0
@@ -61,4 +65,6 @@ class PollResult:
     gaps_opened: int = 0
     gaps_filled: int = 0
     gaps_expired: list[int] = field(default_factory=list)
+    #: given-up ids no longer looked for (``given_up_keep`` passed, or more than ``given_up_max``)
+    given_up_dropped: list[int] = field(default_factory=list)
     swept: list[int] = field(default_factory=list)

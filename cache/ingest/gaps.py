@@ -12,6 +12,11 @@ Invariants kept here (see :mod:`cache.ingest`):
   missing ids at once are not waited for (the sweep may still find them).
 - ``event_floor``: the cursor the replica started from, set with the first cursor (by the prime
   or here): events at or below it came with the scan, and the sweep never looks there.
+- A given-up id is kept (``sgcache_given_up``, with SG's time it was given up) in the same
+  transaction, and looked for by id by every sweep until it shows (then it is applied and
+  forgotten with it) or until a sweep ``given_up_keep`` seconds later (SG's clock) still does not
+  find it; at most ``given_up_max`` are kept (the lowest are dropped first). The time counts
+  only at a sweep that asked SG, so an ingester down longer than that loses none.
 """
 
 from __future__ import annotations
@@ -89,6 +94,44 @@ class EventPosition:
         table = self.store.gaps
         return {r.id: r.first_seen for r in conn.execute(sa.select(table.c.id, table.c.first_seen))}
 
+    def given_up(self, conn: Connection) -> dict[int, dt.datetime]:
+        """The given-up ids still looked for: ``{event id: given_up_at}`` (SG's clock)."""
+        table = self.store.given_up
+        return {r.id: r.given_up_at for r in conn.execute(sa.select(table.c.id, table.c.given_up_at))}
+
+    def keep_given_up(self, conn: Connection, ids: Sequence[int], now: dt.datetime, result: PollResult) -> None:
+        """Keep ids just given up, to be looked for by id by the sweep; beyond ``given_up_max`` the
+        lowest (the oldest) are no longer looked for."""
+        table = self.store.given_up
+        insert_rows(self.store, conn, table, ["id"], [{"id": i, "given_up_at": now} for i in ids])
+        over = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() - self.config.given_up_max
+        if over <= 0:
+            return
+        dropped = [r.id for r in conn.execute(sa.select(table.c.id).order_by(table.c.id).limit(over))]
+        self.forget_given_up(conn, dropped)
+        result.given_up_dropped = dropped
+        log.warning("more than %d given-up event ids: ids %s are no longer looked for",
+                    self.config.given_up_max, id_ranges(dropped))
+
+    def expire_given_up(self, conn: Connection, given_up: Mapping[int, dt.datetime], found: set[int],
+                        result: PollResult) -> None:
+        """After a sweep looked for ``given_up`` by id and found ``found``: stop looking for those
+        given up ``given_up_keep`` seconds ago (SG's clock)."""
+        now = self.sg_clock.now()
+        expired = sorted(i for i, at in given_up.items()
+                         if i not in found and (now - at).total_seconds() >= self.config.given_up_keep)
+        if expired:
+            self.forget_given_up(conn, expired)
+            result.given_up_dropped = expired
+            log.warning("event ids %s still not visible %ss (SG's clock) after they were given up: "
+                        "no longer looked for", id_ranges(expired), self.config.given_up_keep)
+
+    def forget_given_up(self, conn: Connection, ids: Sequence[int]) -> None:
+        """Stop looking for these ids (applied, or looked for long enough)."""
+        table = self.store.given_up
+        for chunk in chunks(sorted(ids), CHUNK):
+            conn.execute(table.delete().where(table.c.id.in_(chunk)))
+
     def advance(self, conn: Connection, new_high: int, caught_up_at: str | None) -> None:
         """After a poll's events are applied: the cursor to just below the lowest open gap (else
         ``new_high``) and the high mark, in the poll's transaction; and the heartbeat, only when the
@@ -108,6 +151,9 @@ class EventPosition:
         (``first_seen``: the ``created_at`` of the first event above the gap, else SG's estimated now)."""
         table = self.store.gaps
         ids = [int(e["id"]) for e in events]
+        late = [i for i in ids if i <= high and i not in gaps]  # only a sweep brings these
+        if late:
+            self.forget_given_up(conn, late)
         filled = sorted(set(gaps) & set(ids))
         if filled:
             conn.execute(table.delete().where(table.c.id.in_(filled)))
@@ -146,5 +192,6 @@ class EventPosition:
             log.debug("event ids %s not visible yet: open gaps", id_ranges([r["id"] for r in opened]))
         if expired:
             result.gaps_expired = sorted(expired)
-            log.warning("gave up on event ids %s: not visible %ss (SG's clock) after a later event",
-                        id_ranges(result.gaps_expired), timeout)
+            log.warning("gave up on event ids %s: not visible %ss (SG's clock) after a later event; "
+                        "the sweep still looks for them", id_ranges(result.gaps_expired), timeout)
+            self.keep_given_up(conn, result.gaps_expired, now, result)

@@ -16,8 +16,9 @@ every ``sweep_every`` polls a sweep applies late-visible events. Invariants kept
 - A poll asks for ``batch`` events; after a full one (a backlog: a restart, an outage, a burst)
   it asks for ``catch_up_batch`` until it reaches the end, so catching up costs fewer
   transactions and folds repeated fetches of the same entity.
-- The sweep never looks at or below ``event_floor``, and only at SG's last ``sweep_window``
-  seconds; what it applies goes through the same one-transaction batch.
+- The sweep looks for the given-up ids by id (one query, whatever their age) and for the ids
+  among SG's last ``sweep_window`` seconds, never at or below ``event_floor``; what it applies
+  goes through the same one-transaction batch, which forgets the given-up ids it applies.
 """
 
 from __future__ import annotations
@@ -216,39 +217,52 @@ class Ingester:
 
     # -- the sweep ---------------------------------------------------------------------
     def sweep(self) -> PollResult:
-        """Apply events created in the last ``sweep_window`` seconds (SG's clock) whose ids were never
-        applied: ids that became visible after their gap was given up (or was too wide to wait for)."""
+        """Apply the events whose ids were never applied: given-up ids that SG shows now (looked
+        for by id, however old), and ids among the events created in the last ``sweep_window``
+        seconds (SG's clock: gaps too wide to wait for)."""
         result = PollResult()
-        if self.sg is None:
+        sg = self.sg
+        if sg is None:
             return result
         conn = self.connect()
         with conn.begin():
             self.sg_clock.load(conn)
             cursor, _high = self.position.cursor(conn)
             floor = self.position.floor(conn, cursor)
-        if floor >= cursor:
-            return result
-        since = self.sg_now() - dt.timedelta(seconds=self.config.sweep_seconds())
-        rows = self.sg.find(EVENT_TYPE, [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
-                                         ["id", "greater_than", floor],
-                                         ["id", "less_than", cursor + 1]], ["id"],
-                            order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
-        ids = [int(r["id"]) for r in rows]
-        with conn.begin():
-            missing = sorted(set(ids) - stored_ids(self.store, conn, ids))
-        if not missing:
-            return result
-        events: list[dict[str, Any]] = []
-        for chunk in chunks(missing, FETCH_CHUNK):
-            events.extend(to_wire(e) for e in self.sg.find(
-                EVENT_TYPE, [["id", "in", list(chunk)]], self._event_fields,
-                order=[{"field_name": "id", "direction": "asc"}]))
-        result = self._apply_polled(conn, events, full=False, careful=False)
-        result.swept = sorted(int(e["id"]) for e in events)
-        if result.swept:
+            given_up = self.position.given_up(conn)
+        # one query for all of them (at most given_up_max ids), independent of their created_at
+        events = self._find_events(sg, sorted(given_up)) if given_up else []
+        found = {int(e["id"]) for e in events}
+        if floor < cursor:
+            missing = sorted(self._missing_in_window(sg, conn, floor, cursor) - found)
+            for chunk in chunks(missing, FETCH_CHUNK):
+                events.extend(self._find_events(sg, list(chunk)))
+        if events:
+            result = self._apply_polled(conn, events, full=False, careful=False)
+            result.swept = sorted(int(e["id"]) for e in events)
             log.warning("sweep: applied event ids %s, visible only after their gap was given up",
                         id_ranges(result.swept))
+        if given_up:
+            with conn.begin():
+                self.position.expire_given_up(conn, given_up, found, result)
         return result
+
+    def _missing_in_window(self, sg: SGClient, conn: Connection, floor: int, cursor: int) -> set[int]:
+        """Ids of the events created in the last ``sweep_window`` seconds (SG's clock), above the
+        floor and at or below the cursor, that were never applied."""
+        since = self.sg_now() - dt.timedelta(seconds=self.config.sweep_seconds())
+        rows = sg.find(EVENT_TYPE, [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
+                                    ["id", "greater_than", floor],
+                                    ["id", "less_than", cursor + 1]], ["id"],
+                       order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
+        ids = [int(r["id"]) for r in rows]
+        with conn.begin():
+            return set(ids) - stored_ids(self.store, conn, ids)
+
+    def _find_events(self, sg: SGClient, ids: list[int]) -> list[dict[str, Any]]:
+        """The events among ``ids`` that SG shows, by id."""
+        return [to_wire(e) for e in sg.find(EVENT_TYPE, [["id", "in", ids]], self._event_fields,
+                                            order=[{"field_name": "id", "direction": "asc"}])]
 
     # -- the parts, for scripts and tests ----------------------------------------------
     def sg_now(self) -> dt.datetime:

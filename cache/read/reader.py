@@ -70,8 +70,14 @@ class Reader:
         started = time.perf_counter()
         if check_pending:
             pending.check_read(conn, self.store.pending, plan.touched)
-        # events above the ingester's cursor may be missing
-        check_page = plan.entity_type == eventlog.EVENT_TYPE and eventlog.check_read(params, replica_state.event_cursor)
+        # events above the ingester's cursor may be missing, and so may given-up ids SG shows later
+        check_page, given_up = False, None
+        if plan.entity_type == eventlog.EVENT_TYPE:
+            check_page = eventlog.check_read(params, replica_state.event_cursor)
+            given_up = eventlog.first_given_up(conn, self.store.given_up, params,
+                                               replica_state.event_cursor)  # type: ignore[arg-type]
+            if not check_page:
+                eventlog.check_given_up(None, given_up)
         if budget is None:
             result = self.execute(conn, plan)
         else:
@@ -88,6 +94,7 @@ class Reader:
             self._note_speed(key, time.perf_counter() - started)
         if check_page:
             eventlog.check_answer(params, result, replica_state.event_cursor)  # type: ignore[arg-type]
+            eventlog.check_given_up(result, given_up)
         return result
 
     def reusable(self, params: Mapping[str, Any], replica_state: ReplicaState, key: str) -> bool:

@@ -8,7 +8,7 @@ Layout (SQLAlchemy Core, the same on SQLite and PostgreSQL):
 - ``sgcache_entities``: every entity the replica has heard of (cached type or not), with
   its display ``name`` and retired flag; links get their ``name`` from here.
 - ``sgcache_*``: state, per-type and per-field scan state, raw events, change log,
-  event gaps and the queue of entities to fetch.
+  event gaps, event ids given up and the queue of entities to fetch.
 """
 
 from __future__ import annotations
@@ -199,6 +199,14 @@ class Store:
             md,
             sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
             sa.Column("first_seen", sa.DateTime, nullable=False),
+        )
+        # event ids given up as gaps, still looked for by id (SG may show them later): the
+        # ingester's sweep applies them, and reads of events across them pass (cache/read/eventlog.py)
+        self.given_up = sa.Table(
+            "sgcache_given_up",
+            md,
+            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("given_up_at", sa.DateTime, nullable=False),  # SG's clock (cache/ingest/sgclock.py)
         )
         self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/replica/fetchqueue.py)
         self.pairs_table = pairs.define_table(md)  # learned pairs (cache/replica/pairs.py)
