@@ -11,10 +11,12 @@ watermark minus an overlap, upserts them and advances the watermark. It catches 
 made with event generation turned off, which the event ingester never sees. A type with no
 watermark (no row had ``updated_at`` when it was primed: usually it was empty) is read whole.
 
-Before the first full prime the newest EventLogEntry id is stored as ``event_cursor``
-(only if no cursor is set), so the ingester resumes from there without a hole: events
-between it and the end of the scan are replayed, and replaying is idempotent. The same id is
-stored as ``event_floor``: the ingester's sweep for late-visible events never looks at or
+Before the first full prime, where the event stream starts is stored as ``event_cursor``
+(only if no cursor is set): the newest EventLogEntry id, or just below an id not visible yet
+among the recent ones (:func:`cache.ingest.gaps.starting_cursor`: a transaction open then holds
+it, and commits after the scan read its row). The ingester resumes from there without a hole:
+events between it and the end of the scan are replayed, and replaying is idempotent. The same id
+is stored as ``event_floor``: the ingester's sweep for late-visible events never looks at or
 below it (those events' effects came with the scan).
 """
 
@@ -29,6 +31,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..ingest.config import IngestConfig
+from ..ingest.gaps import starting_cursor
 from ..replica import fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
@@ -150,12 +154,6 @@ class Scanner:
             log.debug("%s: no count from SG (%s)", entity_type, exc)
             return None
 
-    def newest_event_id(self) -> int:
-        """The id of the newest EventLogEntry (0 when there is none)."""
-        rows = self.sg.find("EventLogEntry", [], fields=["id"],
-                            order=[{"field_name": "id", "direction": "desc"}], limit=1)
-        return int(rows[0]["id"]) if rows else 0
-
     # -- writing the replica -----------------------------------------------------------
     def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool) -> None:
         """Upsert one page in one transaction, retrying when the database refuses it."""
@@ -196,16 +194,18 @@ class Scanner:
 
     # -- full scans --------------------------------------------------------------------
     def record_event_cursor(self) -> None:
-        """Store the newest event id as ``event_cursor``, unless a cursor is already set."""
+        """Store where the event stream starts (:func:`~cache.ingest.gaps.starting_cursor`: the
+        newest event id, or below an id not visible yet) as ``event_cursor`` and ``event_floor``,
+        unless a cursor is already set."""
         with self.store.engine.connect() as conn:
             if self.store.get_state(conn, EVENT_CURSOR) is not None:
                 return
-        newest = self.newest_event_id()
-        with self.store.engine.begin() as conn:
+        start = starting_cursor(self.sg, IngestConfig())
+        with self.store.write_engine.begin() as conn:
             if self.store.get_state(conn, EVENT_CURSOR) is None:
-                self.store.set_state(conn, EVENT_CURSOR, newest)
-                self.store.set_state(conn, EVENT_FLOOR, newest)
-                log.info("event cursor set to %d (the newest event before the prime)", newest)
+                self.store.set_state(conn, EVENT_CURSOR, start)
+                self.store.set_state(conn, EVENT_FLOOR, start)
+                log.info("event cursor set to %d (before the prime)", start)
 
     def full_filters(self, entity_type: str) -> list[Any]:
         """What a full scan of the type reads: every row, or the ``--projects`` rows."""
