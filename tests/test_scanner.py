@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from cache.ingest import IngestConfig, Ingester
 from cache.replica.schema import Schema
 from cache.replica.statekeys import EVENT_CURSOR
 from cache.replica.store import Store
@@ -20,6 +21,7 @@ from cache.wire import parse_when
 
 from .fakesg import FakeSite
 from .paths import REPO
+from .replica import SiteClient, cached_schema, make_project, prime, replica_read, sync
 from .rig import KEY, SCRIPT, Rig
 
 T0 = dt.datetime(2024, 3, 1, 12, 0, 0)
@@ -252,6 +254,61 @@ def test_keyset_pages_survive_concurrent_inserts(rig: Rig) -> None:
         assert replica_rows(store, "Shot") == sg_rows(rig.site, "Shot")
     finally:
         store.dispose()
+
+
+# -- in-process: the scanner beside writers of the replica -----------------------------
+@pytest.fixture
+def store(db_url: str, site: FakeSite) -> Iterator[Store]:
+    st = Store.open(db_url, cached_schema(site))
+    yield st
+    st.dispose()
+
+
+@pytest.fixture
+def ingester(store: Store, site: FakeSite) -> Iterator[Ingester]:
+    client = SiteClient(site)
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300))
+    yield ing
+    ing.close()
+
+
+def test_a_page_never_overwrites_what_the_ingester_applied_meanwhile(site: FakeSite, store: Store,
+                                                                   ingester: Ingester) -> None:
+    """The reconcile reads a page (code "a"); before it writes the page, the Shot becomes "b" (with
+    an event) and the ingester applies it. The page's older row is not written over the newer one
+    (no event would ever correct it): the row is queued for a fetch instead."""
+    site.set_clock(dt.datetime(2026, 2, 1, 9, 0, 0))
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    Scanner(store, SiteClient(site)).prime(["Shot"])
+    site.advance_clock(seconds=30)
+    site.update_direct("Shot", shot["id"], {"description": "touched"})
+    sync(ingester)
+    client = SiteClient(site)
+    find = client.find
+    done: list[int] = []
+
+    def page_then_change(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        rows = find(entity_type, filters, fields, **kw)
+        if entity_type == "Shot" and "code" in (fields or []) and not done and any(r["id"] == shot["id"] for r in rows):
+            done.append(1)  # the page is read; it is written after this change is applied
+            site.advance_clock(seconds=1)
+            site.update_direct("Shot", shot["id"], {"code": "b"})
+            sync(ingester)
+            assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "b"
+        return rows
+
+    client.find = page_then_change  # type: ignore[method-assign]
+    Scanner(store, client).reconcile(["Shot"])
+    assert done
+    assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "b"  # SG's value
+    q = store.fetch_queue
+    with store.engine.connect() as conn:
+        assert [(r.entity_type, r.entity_id) for r in conn.execute(sa.select(q))] == [("Shot", shot["id"])]
+    sync(ingester)
+    assert replica_read(store, "Shot", ["code", "description"], False)[0]["code"] == "b"
 
 
 def test_parse_when() -> None:

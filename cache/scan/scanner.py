@@ -11,6 +11,11 @@ watermark minus an overlap, upserts them and advances the watermark. It catches 
 made with event generation turned off, which the event ingester never sees. A type with no
 watermark (no row had ``updated_at`` when it was primed: usually it was empty) is read whole.
 
+A page is never written over what the replica learned after SG was read: the change log's
+newest ``seq`` is noted before each page is asked for, and a row of the page changed since
+(the ingester applied a newer event, the proxy learned a write) is queued for a fetch instead
+of written (checked under the write lock, so no writer commits in between).
+
 Before the first full prime, where the event stream starts is stored as ``event_cursor``
 (only if no cursor is set): the newest EventLogEntry id, or just below an id not visible yet
 among the recent ones (:func:`cache.ingest.gaps.starting_cursor`: a transaction open then holds
@@ -30,13 +35,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from ..ingest.config import IngestConfig
 from ..ingest.gaps import starting_cursor
 from ..replica import fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
-from ..wire import format_wire_dt, parse_when
+from ..wire import chunks, format_wire_dt, parse_when
 from . import DEFAULT_OVERLAP, PAGE_SIZE
 from .progress import DEFAULT_LOG_EVERY, TypeProgress, format_duration
 
@@ -44,6 +50,8 @@ log = logging.getLogger("sgcache.scanner")
 
 #: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
 DB_ATTEMPTS = 3
+#: Ids per ``id in [...]`` sent to SG or the database.
+CHUNK = 500
 _ID_ORDER = [{"field_name": "id", "direction": "asc"}]
 
 
@@ -155,14 +163,40 @@ class Scanner:
             return None
 
     # -- writing the replica -----------------------------------------------------------
-    def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool) -> None:
-        """Upsert one page in one transaction, retrying when the database refuses it."""
+    def change_mark(self) -> int:
+        """The change log's newest ``seq``, read before SG is: a row changed in the replica after
+        SG was read (the ingester applied a newer event, the proxy learned a write) is logged above
+        it. Every writer logs under the write lock, so ``seq`` grows in commit order."""
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.max(self.store.changes.c.seq))).scalar() or 0)
+
+    def changed_since(self, conn: Connection, entity_type: str, ids: Sequence[int], mark: int) -> set[int]:
+        """Which of these rows the replica changed after ``mark``, read under the write lock (so no
+        other writer commits before this transaction does)."""
+        self.store.dialect.lock_writes(conn)
+        table = self.store.changes
+        out: set[int] = set()
+        for chunk in chunks(sorted(ids), CHUNK):
+            out.update(conn.execute(sa.select(table.c.entity_id).distinct().where(
+                (table.c.seq > mark) & (table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+            )).scalars())
+        return out
+
+    def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool, mark: int) -> None:
+        """Upsert one page in one transaction, retrying when the database refuses it. A row the
+        replica changed since ``mark`` (taken before the page was read) may be newer than the page's:
+        it is not written but queued for a fetch."""
         for attempt in range(1, DB_ATTEMPTS + 1):
             try:
-                with self.store.engine.begin() as conn:
+                with self.store.write_engine.begin() as conn:
+                    newer = self.changed_since(conn, scan.entity_type, [int(r["id"]) for r in rows], mark)
                     result = self.store.write_entities(
-                        conn, scan.entity_type, rows, "scan", complete=True, retired=retired
+                        conn, scan.entity_type, [r for r in rows if int(r["id"]) not in newer], "scan",
+                        complete=True, retired=retired
                     )
+                    if newer:
+                        self.store.queue_fetch(conn, [(scan.entity_type, i) for i in sorted(newer)],
+                                               "changed while the scan read it")
                 break
             except (sa.exc.OperationalError, sa.exc.IntegrityError) as exc:
                 if attempt == DB_ATTEMPTS:
@@ -172,6 +206,9 @@ class Scanner:
         if result.to_fetch:
             log.warning("%s: %d rows not stored (bad values): %s", scan.entity_type, len(result.to_fetch),
                         result.to_fetch[:10])
+        if newer:
+            log.info("%s: %d rows changed while the scan read them, queued for a fetch: %s", scan.entity_type,
+                     len(newer), sorted(newer)[:10])
         scan.rows += len(rows)
         scan.inserted += result.inserted
         scan.changed += result.changed
@@ -182,11 +219,14 @@ class Scanner:
             scan.watermark = later(scan.watermark, wire_datetime(row.get("updated_at")))
 
     def _read_into(self, scan: TypeScan, filters: list[Any], progress: TypeProgress) -> None:
-        """Read active then retired rows matching ``filters`` into the replica."""
+        """Read active then retired rows matching ``filters`` into the replica; each page's change
+        mark is taken before SG is asked for it."""
         for retired in (False, True):
+            mark = self.change_mark()
             for rows in self.pages(scan.entity_type, filters, retired):
-                self._write_page(scan, rows, retired)
+                self._write_page(scan, rows, retired, mark)
                 progress.update(len(rows))
+                mark = self.change_mark()
 
     def _progress(self, entity_type: str, total: int | None = None) -> TypeProgress:
         return TypeProgress(entity_type, total, self.progress, log_every=self.log_every,
