@@ -273,6 +273,40 @@ def ingester(store: Store, site: FakeSite) -> Iterator[Ingester]:
     ing.close()
 
 
+def test_prime_watermark_is_sg_time_before_the_first_page(site: FakeSite, store: Store) -> None:
+    """A script without events updates row A after A's page was read, then row B (a later page)
+    more than the overlap later. A watermark taken from the rows read (B's time) would put A's
+    write below every later reconcile's start: the watermark is SG's time before the first page."""
+    site.set_clock(dt.datetime(2026, 2, 1, 9, 0, 0))
+    proj = make_project(site)
+    a = site.create_direct("Shot", {"code": "a0", "project": proj})
+    b = site.create_direct("Shot", {"code": "b0", "project": proj})
+    client = SiteClient(site)
+    find = client.find
+    done: list[int] = []
+
+    def during_the_prime(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        rows = find(entity_type, filters, fields, **kw)
+        if entity_type == "Shot" and "code" in (fields or []) and not done and any(r["id"] == a["id"] for r in rows):
+            done.append(1)  # A's page is read: now the silent writes
+            site.advance_clock(seconds=10)
+            site.update_direct("Shot", a["id"], {"code": "a1"}, events=False)
+            site.advance_clock(seconds=300)
+            site.update_direct("Shot", b["id"], {"code": "b1"}, events=False)
+        return rows
+
+    client.find = during_the_prime  # type: ignore[method-assign]
+    scanner = Scanner(store, client, page_size=1)
+    scanner.prime(sorted(store.schema.entities))
+    assert scanner.primed_types()["Shot"] == "2026-02-01T09:00:00Z"
+    site.advance_clock(seconds=60)
+    scanner.reconcile(sorted(store.schema.entities))
+    site.advance_clock(seconds=600)
+    scanner.reconcile(sorted(store.schema.entities))
+    codes = {r["id"]: r["code"] for r in replica_read(store, "Shot", ["code"], False)}
+    assert codes == {a["id"]: "a1", b["id"]: "b1"}
+
+
 def test_a_page_never_overwrites_what_the_ingester_applied_meanwhile(site: FakeSite, store: Store,
                                                                    ingester: Ingester) -> None:
     """The reconcile reads a page (code "a"); before it writes the page, the Shot becomes "b" (with

@@ -4,12 +4,15 @@ A full scan of a type reads every row, active and retired, in id order, one page
 transaction (a keyset loop, ``id greater_than <last id>``, so memory stays bounded and rows
 created meanwhile do not shift pages). When it completes, rows the replica holds that SG
 did not return are marked retired and the type is marked primed, with the largest
-``updated_at`` SG returned as its watermark (SG's clock, never the local one).
+``updated_at`` SG held when the scan began as its watermark (SG's clock, never the local one;
+never a row read later, whose write may be newer than a silent write to a row whose page was
+already read).
 
 A reconcile pass reads, per primed type, the rows with ``updated_at`` greater than the
-watermark minus an overlap, upserts them and advances the watermark. It catches writes
-made with event generation turned off, which the event ingester never sees. A type with no
-watermark (no row had ``updated_at`` when it was primed: usually it was empty) is read whole.
+watermark minus an overlap, upserts them and advances the watermark to the largest
+``updated_at`` SG held when the pass began. It catches writes made with event generation turned
+off, which the event ingester never sees. A type with no watermark (no row had ``updated_at``
+when it was primed: usually it was empty) is read whole.
 
 A page is never written over what the replica learned after SG was read: the change log's
 newest ``seq`` is noted before each page is asked for, and a row of the page changed since
@@ -53,6 +56,7 @@ DB_ATTEMPTS = 3
 #: Ids per ``id in [...]`` sent to SG or the database.
 CHUNK = 500
 _ID_ORDER = [{"field_name": "id", "direction": "asc"}]
+_NEWEST_UPDATE = [{"field_name": "updated_at", "direction": "desc"}]
 
 
 @dataclass
@@ -64,7 +68,7 @@ class TypeScan:
     inserted: int = 0
     changed: int = 0
     retired_missing: int = 0
-    watermark: str | None = None
+    watermark: str | None = None  # SG's newest updated_at when the read began
     primed: bool = False
     seen: set[int] = field(default_factory=set, repr=False)
     max_id: int = 0
@@ -162,6 +166,13 @@ class Scanner:
             log.debug("%s: no count from SG (%s)", entity_type, exc)
             return None
 
+    def newest_update(self, entity_type: str) -> str | None:
+        """The largest ``updated_at`` SG holds for the type now (None when no row has one): a
+        watermark read before the first page, so never later than SG's clock when the read began."""
+        rows = self.sg.find(entity_type, [["updated_at", "is_not", None]], fields=["updated_at"],
+                            order=_NEWEST_UPDATE, limit=1)
+        return wire_datetime(rows[0].get("updated_at")) if rows else None
+
     # -- writing the replica -----------------------------------------------------------
     def change_mark(self) -> int:
         """The change log's newest ``seq``, read before SG is: a row changed in the replica after
@@ -216,7 +227,6 @@ class Scanner:
             eid = int(row["id"])
             scan.seen.add(eid)
             scan.max_id = max(scan.max_id, eid)
-            scan.watermark = later(scan.watermark, wire_datetime(row.get("updated_at")))
 
     def _read_into(self, scan: TypeScan, filters: list[Any], progress: TypeProgress) -> None:
         """Read active then retired rows matching ``filters`` into the replica; each page's change
@@ -262,6 +272,8 @@ class Scanner:
     def _full_scan(self, entity_type: str, total: int | None) -> TypeScan:
         scan = TypeScan(entity_type)
         filters = self.full_filters(entity_type)
+        if not filters and self.has_updated_at(entity_type):
+            scan.watermark = self.newest_update(entity_type)
         with self._progress(entity_type, total) as progress:
             self._read_into(scan, filters, progress)
         if not filters:
@@ -338,13 +350,14 @@ class Scanner:
     def reconcile_type(self, entity_type: str, start: datetime | None, watermark: str | None) -> TypeScan:
         """Read rows of one type with ``updated_at`` after ``start`` (every row when None); advance
         its watermark."""
-        scan = TypeScan(entity_type, watermark=watermark)
+        scan = TypeScan(entity_type)
         filters: list[Any] = [] if start is None else [["updated_at", "greater_than", start]]
         pfilter = self.project_filter(entity_type)
         if pfilter:
             filters.insert(0, pfilter)
         after = "the start (no watermark yet)" if start is None else format_wire_dt(start)
         log.debug("%s: reading rows updated after %s", entity_type, after)
+        scan.watermark = later(watermark, self.newest_update(entity_type))
         with self._progress(entity_type) as progress:
             self._read_into(scan, filters, progress)
         types = self.store.types
