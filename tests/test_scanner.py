@@ -345,6 +345,36 @@ def test_a_page_never_overwrites_what_the_ingester_applied_meanwhile(site: FakeS
     assert replica_read(store, "Shot", ["code", "description"], False)[0]["code"] == "b"
 
 
+def test_full_scan_does_not_retire_a_row_revived_while_it_ran(site: FakeSite, store: Store,
+                                                              ingester: Ingester) -> None:
+    """A retired Shot is revived after the full scan's active pass and before its retired pass, and
+    the ingester applies the revival: neither pass saw it. SG is asked again before the scan
+    retires what it did not see, and an active row is left active."""
+    proj = make_project(site)
+    x = site.create_direct("Shot", {"code": "x", "project": proj})
+    site.create_direct("Shot", {"code": "y", "project": proj})
+    sync(ingester)
+    site.delete_direct("Shot", x["id"])
+    sync(ingester)
+    client = SiteClient(site)
+    find = client.find
+    done: list[int] = []
+
+    def revive_between_passes(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        if entity_type == "Shot" and kw.get("retired_only") and not done:
+            done.append(1)
+            site.revive_direct("Shot", x["id"])
+            sync(ingester)
+            assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["x", "y"]
+        return find(entity_type, filters, fields, **kw)
+
+    client.find = revive_between_passes  # type: ignore[method-assign]
+    scan = Scanner(store, client).full_scan("Shot")
+    assert done and scan.retired_missing == 0
+    assert [r["code"] for r in site.find_direct("Shot", [], ["code"])] == ["x", "y"]
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["x", "y"]
+
+
 def test_parse_when() -> None:
     assert parse_when("2024-03-01T12:00:00Z") == dt.datetime(2024, 3, 1, 12, tzinfo=dt.UTC)
     assert parse_when("2024-03-01T14:00:00+02:00") == dt.datetime(2024, 3, 1, 12, tzinfo=dt.UTC)

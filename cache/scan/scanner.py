@@ -3,10 +3,10 @@
 A full scan of a type reads every row, active and retired, in id order, one page per
 transaction (a keyset loop, ``id greater_than <last id>``, so memory stays bounded and rows
 created meanwhile do not shift pages). When it completes, rows the replica holds that SG
-did not return are marked retired and the type is marked primed, with the largest
-``updated_at`` SG held when the scan began as its watermark (SG's clock, never the local one;
-never a row read later, whose write may be newer than a silent write to a row whose page was
-already read).
+did not return in either pass, and does not show when asked again by id, are marked retired,
+and the type is marked primed, with the largest ``updated_at`` SG held when the scan began as its
+watermark (SG's clock, never the local one; never a row read later, whose write may be newer than
+a silent write to a row whose page was already read).
 
 A reconcile pass reads, per primed type, the rows with ``updated_at`` greater than the
 watermark minus an overlap, upserts them and advances the watermark to the largest
@@ -282,22 +282,43 @@ class Scanner:
         return scan
 
     def _finish_full(self, scan: TypeScan) -> None:
-        """Retire rows SG no longer has, and mark the type primed, in one transaction."""
+        """Retire rows SG no longer has, and mark the type primed, in one transaction. A row neither
+        pass saw is asked of SG again by id (revived between the passes, it is in neither), and one
+        SG shows, or the replica changed since that question, is queued for a fetch, not retired."""
         table = self.store.tables[scan.entity_type]
-        with self.store.engine.begin() as conn:
+        with self.store.engine.connect() as conn:
             held = conn.execute(
                 sa.select(table.c.id).where(~table.c._retired & (table.c.id <= scan.max_id))
-            ).scalars()
-            # events are never retired; one the ingester stored while the scan ran is not "gone"
-            missing = [] if scan.entity_type == "EventLogEntry" else sorted(set(held) - scan.seen)
-            for eid in missing:
+            ).scalars().all()
+        # events are never retired; one the ingester stored while the scan ran is not "gone"
+        unseen = [] if scan.entity_type == "EventLogEntry" else sorted(set(held) - scan.seen)
+        mark = self.change_mark()
+        shown = self.still_at_sg(scan.entity_type, unseen)
+        with self.store.write_engine.begin() as conn:
+            newer = self.changed_since(conn, scan.entity_type, unseen, mark)
+            for eid in unseen:
+                if eid in shown or eid in newer:
+                    continue
                 if self.store.set_retired(conn, scan.entity_type, eid, True, source="scan"):
                     scan.retired_missing += 1
+            again = sorted(set(unseen) & (shown | newer))
+            if again:
+                self.store.queue_fetch(conn, [(scan.entity_type, i) for i in again], "not seen by the full scan")
+                log.info("%s: %d rows neither pass saw, active at SG or changed meanwhile, queued for a fetch: %s",
+                         scan.entity_type, len(again), again[:10])
             self.store.mark_primed(conn, scan.entity_type, watermark=scan.watermark)
         scan.primed = True
         if scan.inserted:  # new rows: the planner's statistics of the type's tables are out of date
             with self.store.engine.begin() as conn:
                 self.store.dialect.analyze(conn, self.store.type_tables(scan.entity_type))
+
+    def still_at_sg(self, entity_type: str, ids: Sequence[int]) -> set[int]:
+        """Which of these ids SG has active now (asked after both passes missed them)."""
+        out: set[int] = set()
+        for chunk in chunks(list(ids), CHUNK):
+            rows = self.sg.find(entity_type, [["id", "in", list(chunk)]], fields=["id"])
+            out.update(int(r["id"]) for r in rows)
+        return out
 
     def prime(self, types: Sequence[str]) -> list[TypeScan]:
         """Full scans of ``types``, after recording the event cursor. With progress, SG's count of
