@@ -513,6 +513,61 @@ def test_given_up_ids_are_looked_for_a_bounded_time_and_number(site: FakeSite, s
         ing.close()
 
 
+def test_a_transaction_open_when_the_prime_starts_is_not_lost(site: FakeSite, store: Store,
+                                                              client: SiteClient) -> None:
+    """SG takes an event id at insert and shows it at commit: when the prime reads the newest
+    event, a transaction still open holds a lower id. It commits after the prime read its row, so
+    the replica's event stream must start below that id (neither polls nor sweeps look below)."""
+    from cache.scan.scanner import Scanner
+
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    held = site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "late"})  # in a transaction still open:
+    site._state.rows["Shot"][shot["id"]]["code"] = "sh1"  # ... its write is not visible yet
+    site.create_direct("Sequence", {"code": "SQ01", "project": proj})  # visible, ids above the held one
+    assert site.last_event_id() > held[0]
+    Scanner(store, client).prime(sorted(store.schema.entities))
+    site._state.rows["Shot"][shot["id"]]["code"] = "late"  # the transaction commits
+    site.release_held()
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300))
+    try:
+        sync(ing)
+        assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "late"
+        assert state(store, K_CURSOR) == site.last_event_id()
+    finally:
+        ing.close()
+
+
+def test_an_ingester_without_a_cursor_starts_below_ids_not_visible_yet(site: FakeSite, store: Store,
+                                                                       client: SiteClient) -> None:
+    """The ingester's own first cursor (no prime recorded one) starts below an id still invisible,
+    as the prime's does: the held event is applied once it commits."""
+    from cache.scan.scanner import Scanner
+
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    held = site.hold_event_ids(1)
+    site.update_direct("Shot", shot["id"], {"code": "late"})
+    site._state.rows["Shot"][shot["id"]]["code"] = "sh1"
+    site.create_direct("Sequence", {"code": "SQ01", "project": proj})
+    scanner = Scanner(store, client)
+    for entity_type in sorted(store.schema.entities):
+        scanner.full_scan(entity_type)  # no cursor recorded
+    assert state(store, K_CURSOR) is None
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300))
+    try:
+        sync(ing)
+        assert state(store, K_CURSOR) == held[0] - 1  # waiting for it
+        site._state.rows["Shot"][shot["id"]]["code"] = "late"
+        site.release_held()
+        sync(ing)
+        assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "late"
+        assert state(store, K_CURSOR) == site.last_event_id()
+    finally:
+        ing.close()
+
+
 def test_run_sweeps_every_n_polls(site: FakeSite, store: Store, client: SiteClient) -> None:
     ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, sweep_every=3))
     calls: list[int] = []

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from cache.ingest import IngestConfig, Ingester
 from cache.replica.schema import Schema
 from cache.replica.statekeys import EVENT_CURSOR
 from cache.replica.store import Store
@@ -20,6 +21,7 @@ from cache.wire import parse_when
 
 from .fakesg import FakeSite
 from .paths import REPO
+from .replica import SiteClient, cached_schema, make_project, prime, replica_read, sync
 from .rig import KEY, SCRIPT, Rig
 
 T0 = dt.datetime(2024, 3, 1, 12, 0, 0)
@@ -252,6 +254,125 @@ def test_keyset_pages_survive_concurrent_inserts(rig: Rig) -> None:
         assert replica_rows(store, "Shot") == sg_rows(rig.site, "Shot")
     finally:
         store.dispose()
+
+
+# -- in-process: the scanner beside writers of the replica -----------------------------
+@pytest.fixture
+def store(db_url: str, site: FakeSite) -> Iterator[Store]:
+    st = Store.open(db_url, cached_schema(site))
+    yield st
+    st.dispose()
+
+
+@pytest.fixture
+def ingester(store: Store, site: FakeSite) -> Iterator[Ingester]:
+    client = SiteClient(site)
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300))
+    yield ing
+    ing.close()
+
+
+def test_prime_watermark_is_sg_time_before_the_first_page(site: FakeSite, store: Store) -> None:
+    """A script without events updates row A after A's page was read, then row B (a later page)
+    more than the overlap later. A watermark taken from the rows read (B's time) would put A's
+    write below every later reconcile's start: the watermark is SG's time before the first page."""
+    site.set_clock(dt.datetime(2026, 2, 1, 9, 0, 0))
+    proj = make_project(site)
+    a = site.create_direct("Shot", {"code": "a0", "project": proj})
+    b = site.create_direct("Shot", {"code": "b0", "project": proj})
+    client = SiteClient(site)
+    find = client.find
+    done: list[int] = []
+
+    def during_the_prime(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        rows = find(entity_type, filters, fields, **kw)
+        if entity_type == "Shot" and "code" in (fields or []) and not done and any(r["id"] == a["id"] for r in rows):
+            done.append(1)  # A's page is read: now the silent writes
+            site.advance_clock(seconds=10)
+            site.update_direct("Shot", a["id"], {"code": "a1"}, events=False)
+            site.advance_clock(seconds=300)
+            site.update_direct("Shot", b["id"], {"code": "b1"}, events=False)
+        return rows
+
+    client.find = during_the_prime  # type: ignore[method-assign]
+    scanner = Scanner(store, client, page_size=1)
+    scanner.prime(sorted(store.schema.entities))
+    assert scanner.primed_types()["Shot"] == "2026-02-01T09:00:00Z"
+    site.advance_clock(seconds=60)
+    scanner.reconcile(sorted(store.schema.entities))
+    site.advance_clock(seconds=600)
+    scanner.reconcile(sorted(store.schema.entities))
+    codes = {r["id"]: r["code"] for r in replica_read(store, "Shot", ["code"], False)}
+    assert codes == {a["id"]: "a1", b["id"]: "b1"}
+
+
+def test_a_page_never_overwrites_what_the_ingester_applied_meanwhile(site: FakeSite, store: Store,
+                                                                   ingester: Ingester) -> None:
+    """The reconcile reads a page (code "a"); before it writes the page, the Shot becomes "b" (with
+    an event) and the ingester applies it. The page's older row is not written over the newer one
+    (no event would ever correct it): the row is queued for a fetch instead."""
+    site.set_clock(dt.datetime(2026, 2, 1, 9, 0, 0))
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    Scanner(store, SiteClient(site)).prime(["Shot"])
+    site.advance_clock(seconds=30)
+    site.update_direct("Shot", shot["id"], {"description": "touched"})
+    sync(ingester)
+    client = SiteClient(site)
+    find = client.find
+    done: list[int] = []
+
+    def page_then_change(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        rows = find(entity_type, filters, fields, **kw)
+        if entity_type == "Shot" and "code" in (fields or []) and not done and any(r["id"] == shot["id"] for r in rows):
+            done.append(1)  # the page is read; it is written after this change is applied
+            site.advance_clock(seconds=1)
+            site.update_direct("Shot", shot["id"], {"code": "b"})
+            sync(ingester)
+            assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "b"
+        return rows
+
+    client.find = page_then_change  # type: ignore[method-assign]
+    Scanner(store, client).reconcile(["Shot"])
+    assert done
+    assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "b"  # SG's value
+    q = store.fetch_queue
+    with store.engine.connect() as conn:
+        assert [(r.entity_type, r.entity_id) for r in conn.execute(sa.select(q))] == [("Shot", shot["id"])]
+    sync(ingester)
+    assert replica_read(store, "Shot", ["code", "description"], False)[0]["code"] == "b"
+
+
+def test_full_scan_does_not_retire_a_row_revived_while_it_ran(site: FakeSite, store: Store,
+                                                              ingester: Ingester) -> None:
+    """A retired Shot is revived after the full scan's active pass and before its retired pass, and
+    the ingester applies the revival: neither pass saw it. SG is asked again before the scan
+    retires what it did not see, and an active row is left active."""
+    proj = make_project(site)
+    x = site.create_direct("Shot", {"code": "x", "project": proj})
+    site.create_direct("Shot", {"code": "y", "project": proj})
+    sync(ingester)
+    site.delete_direct("Shot", x["id"])
+    sync(ingester)
+    client = SiteClient(site)
+    find = client.find
+    done: list[int] = []
+
+    def revive_between_passes(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        if entity_type == "Shot" and kw.get("retired_only") and not done:
+            done.append(1)
+            site.revive_direct("Shot", x["id"])
+            sync(ingester)
+            assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["x", "y"]
+        return find(entity_type, filters, fields, **kw)
+
+    client.find = revive_between_passes  # type: ignore[method-assign]
+    scan = Scanner(store, client).full_scan("Shot")
+    assert done and scan.retired_missing == 0
+    assert [r["code"] for r in site.find_direct("Shot", [], ["code"])] == ["x", "y"]
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["x", "y"]
 
 
 def test_parse_when() -> None:

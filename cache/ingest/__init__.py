@@ -25,7 +25,8 @@ The invariants (each module says which of them it keeps):
     the event that revealed them is ``gap_timeout`` seconds old by SG's clock;
   - ``event_floor``: the cursor the replica started from (set with the first cursor, by the
     prime or by the ingester): events at or below it came with the scan, and the sweep never
-    looks there;
+    looks there. That first cursor is below any recent id not visible yet (a transaction open
+    when it was read, which commits later): such an id is waited for as a gap;
   - ``ingester_heartbeat``: ISO UTC time, on the database server's clock, at which the last poll
     that reached the end of the stream asked SG; ``sg_clock``: the newest
     ``created_at`` seen; ``schema_pending``: field names named by schema (DisplayColumn)

@@ -17,6 +17,9 @@ Invariants kept here (see :mod:`cache.ingest`):
   forgotten with it) or until a sweep ``given_up_keep`` seconds later (SG's clock) still does not
   find it; at most ``given_up_max`` are kept (the lowest are dropped first). The time counts
   only at a sweep that asked SG, so an ingester down longer than that loses none.
+- The first cursor (:func:`starting_cursor`) is the newest event id, or just below the lowest id
+  not visible yet among the recent ones: SG takes an event id at insert and shows it at commit,
+  so a transaction open at that moment holds a lower id, which must be waited for as a gap.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from sqlalchemy.engine import Connection
 
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR, EVENT_HIGH, INGESTER_HEARTBEAT
 from ..replica.store import Store
-from ..wire import chunks, parse_wire_dt
+from ..wire import chunks, parse_wire_dt, to_wire
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, id_ranges
 from .sgclock import SGClock
@@ -41,6 +44,38 @@ log = logging.getLogger("sgcache.events")
 
 #: Ids per DELETE of given-up gaps.
 CHUNK = 500
+
+
+def starting_cursor(sg: SGClient, config: IngestConfig) -> int:
+    """Where a replica's event stream starts: the newest event id, or just below the lowest id
+    missing among the events created in the last ``sweep_window`` seconds before it (SG's clock;
+    at most ``max_gap_span`` ids back). A missing id may be a transaction still open (its event
+    shows when it commits, after the scan read its row): starting below it, the ingester replays
+    the visible events above it (idempotent) and waits for it as for any gap, and the sweep looks
+    for it above the floor. 0 when SG has no event."""
+    desc = [{"field_name": "id", "direction": "desc"}]
+    newest = [to_wire(e) for e in sg.find(EVENT_TYPE, [], ["id", "created_at"], order=desc, limit=1)]
+    if not newest:
+        return 0
+    top = int(newest[0]["id"])
+    created = parse_wire_dt(newest[0].get("created_at"))
+    lowest = max(0, top - config.max_gap_span)
+    if created is None or top - lowest <= 1:
+        return top
+    since = (created - dt.timedelta(seconds=config.sweep_seconds())).replace(tzinfo=dt.UTC)
+    recent = sorted(int(e["id"]) for e in sg.find(
+        EVENT_TYPE, [["id", "greater_than", lowest], ["created_at", "greater_than", since]], ["id"],
+        order=[{"field_name": "id", "direction": "asc"}], limit=config.max_gap_span))
+    # ids below the first recent event, down to the visible one before it, were revealed by a recent event too
+    before = sg.find(EVENT_TYPE, [["id", "greater_than", lowest], ["id", "less_than", recent[0] if recent else top]],
+                     ["id"], order=desc, limit=1)
+    base = int(before[0]["id"]) if before else lowest
+    missing = sorted(set(range(base + 1, top)) - set(recent))
+    if not missing:
+        return top
+    log.info("event ids %s below the newest event %d not visible yet: the event stream starts below them",
+             id_ranges(missing), top)
+    return missing[0] - 1
 
 
 def insert_rows(store: Store, conn: Connection, table: sa.Table, keys: Sequence[str],
@@ -60,24 +95,17 @@ class EventPosition:
         self.sg_clock = sg_clock
 
     def cursor(self, conn: Connection) -> tuple[int, int]:
-        """(cursor, high); with no cursor yet, start after the newest event (and set the floor there)."""
+        """(cursor, high); with no cursor yet, start at :func:`starting_cursor` (and set the floor there)."""
         cursor = self.store.get_state(conn, EVENT_CURSOR)
         if cursor is None:
-            cursor = self._newest_event_id()
-            log.warning("no event cursor yet: starting after the newest event, %d "
-                        "(prime the replica with sgcache-scan --full)", cursor)
+            cursor = 0 if self.sg is None else starting_cursor(self.sg, self.config)
+            log.warning("no event cursor yet: starting after event %d (the newest, or below an id not "
+                        "visible yet; prime the replica with sgcache-scan --full)", cursor)
             self.store.set_state(conn, EVENT_CURSOR, cursor)
             if self.store.get_state(conn, EVENT_FLOOR) is None:
                 self.store.set_state(conn, EVENT_FLOOR, cursor)
         high = self.store.get_state(conn, EVENT_HIGH)
         return int(cursor), max(int(cursor), int(high or 0))
-
-    def _newest_event_id(self) -> int:
-        if self.sg is None:
-            return 0
-        rows = self.sg.find(EVENT_TYPE, [], ["id"], order=[{"field_name": "id", "direction": "desc"}],
-                            limit=1)
-        return int(rows[0]["id"]) if rows else 0
 
     def floor(self, conn: Connection, cursor: int) -> int:
         """The id at or below which events predate this replica's event stream (the prime's cursor):

@@ -10,7 +10,8 @@ from __future__ import annotations
 SITE = "site"
 
 #: Every event id at or below it is applied or given up. Set first by ``scripts/scan --full``
-#: (the newest event before the prime) or by the ingester; moved by the ingester. The proxy
+#: (before the prime) or by the ingester: the newest event id, or just below an id not visible
+#: yet (cache/ingest/gaps.py ``starting_cursor``); moved by the ingester. The proxy
 #: answers EventLogEntry reads only below it (cache/ingest/eventlog.py).
 EVENT_CURSOR = "event_cursor"
 #: The highest event id applied; ids between the cursor and it never seen are open gaps.

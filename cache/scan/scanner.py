@@ -3,18 +3,28 @@
 A full scan of a type reads every row, active and retired, in id order, one page per
 transaction (a keyset loop, ``id greater_than <last id>``, so memory stays bounded and rows
 created meanwhile do not shift pages). When it completes, rows the replica holds that SG
-did not return are marked retired and the type is marked primed, with the largest
-``updated_at`` SG returned as its watermark (SG's clock, never the local one).
+did not return in either pass, and does not show when asked again by id, are marked retired,
+and the type is marked primed, with the largest ``updated_at`` SG held when the scan began as its
+watermark (SG's clock, never the local one; never a row read later, whose write may be newer than
+a silent write to a row whose page was already read).
 
 A reconcile pass reads, per primed type, the rows with ``updated_at`` greater than the
-watermark minus an overlap, upserts them and advances the watermark. It catches writes
-made with event generation turned off, which the event ingester never sees. A type with no
-watermark (no row had ``updated_at`` when it was primed: usually it was empty) is read whole.
+watermark minus an overlap, upserts them and advances the watermark to the largest
+``updated_at`` SG held when the pass began. It catches writes made with event generation turned
+off, which the event ingester never sees. A type with no watermark (no row had ``updated_at``
+when it was primed: usually it was empty) is read whole.
 
-Before the first full prime the newest EventLogEntry id is stored as ``event_cursor``
-(only if no cursor is set), so the ingester resumes from there without a hole: events
-between it and the end of the scan are replayed, and replaying is idempotent. The same id is
-stored as ``event_floor``: the ingester's sweep for late-visible events never looks at or
+A page is never written over what the replica learned after SG was read: the change log's
+newest ``seq`` is noted before each page is asked for, and a row of the page changed since
+(the ingester applied a newer event, the proxy learned a write) is queued for a fetch instead
+of written (checked under the write lock, so no writer commits in between).
+
+Before the first full prime, where the event stream starts is stored as ``event_cursor``
+(only if no cursor is set): the newest EventLogEntry id, or just below an id not visible yet
+among the recent ones (:func:`cache.ingest.gaps.starting_cursor`: a transaction open then holds
+it, and commits after the scan read its row). The ingester resumes from there without a hole:
+events between it and the end of the scan are replayed, and replaying is idempotent. The same id
+is stored as ``event_floor``: the ingester's sweep for late-visible events never looks at or
 below it (those events' effects came with the scan).
 """
 
@@ -28,11 +38,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
+from ..ingest.config import IngestConfig
+from ..ingest.gaps import starting_cursor
 from ..replica import fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
-from ..wire import format_wire_dt, parse_when
+from ..wire import chunks, format_wire_dt, parse_when
 from . import DEFAULT_OVERLAP, PAGE_SIZE
 from .progress import DEFAULT_LOG_EVERY, TypeProgress, format_duration
 
@@ -40,7 +53,10 @@ log = logging.getLogger("sgcache.scanner")
 
 #: Attempts per page when the database refuses a write (a concurrent writer, a dropped connection).
 DB_ATTEMPTS = 3
+#: Ids per ``id in [...]`` sent to SG or the database.
+CHUNK = 500
 _ID_ORDER = [{"field_name": "id", "direction": "asc"}]
+_NEWEST_UPDATE = [{"field_name": "updated_at", "direction": "desc"}]
 
 
 @dataclass
@@ -52,7 +68,7 @@ class TypeScan:
     inserted: int = 0
     changed: int = 0
     retired_missing: int = 0
-    watermark: str | None = None
+    watermark: str | None = None  # SG's newest updated_at when the read began
     primed: bool = False
     seen: set[int] = field(default_factory=set, repr=False)
     max_id: int = 0
@@ -150,21 +166,48 @@ class Scanner:
             log.debug("%s: no count from SG (%s)", entity_type, exc)
             return None
 
-    def newest_event_id(self) -> int:
-        """The id of the newest EventLogEntry (0 when there is none)."""
-        rows = self.sg.find("EventLogEntry", [], fields=["id"],
-                            order=[{"field_name": "id", "direction": "desc"}], limit=1)
-        return int(rows[0]["id"]) if rows else 0
+    def newest_update(self, entity_type: str) -> str | None:
+        """The largest ``updated_at`` SG holds for the type now (None when no row has one): a
+        watermark read before the first page, so never later than SG's clock when the read began."""
+        rows = self.sg.find(entity_type, [["updated_at", "is_not", None]], fields=["updated_at"],
+                            order=_NEWEST_UPDATE, limit=1)
+        return wire_datetime(rows[0].get("updated_at")) if rows else None
 
     # -- writing the replica -----------------------------------------------------------
-    def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool) -> None:
-        """Upsert one page in one transaction, retrying when the database refuses it."""
+    def change_mark(self) -> int:
+        """The change log's newest ``seq``, read before SG is: a row changed in the replica after
+        SG was read (the ingester applied a newer event, the proxy learned a write) is logged above
+        it. Every writer logs under the write lock, so ``seq`` grows in commit order."""
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.max(self.store.changes.c.seq))).scalar() or 0)
+
+    def changed_since(self, conn: Connection, entity_type: str, ids: Sequence[int], mark: int) -> set[int]:
+        """Which of these rows the replica changed after ``mark``, read under the write lock (so no
+        other writer commits before this transaction does)."""
+        self.store.dialect.lock_writes(conn)
+        table = self.store.changes
+        out: set[int] = set()
+        for chunk in chunks(sorted(ids), CHUNK):
+            out.update(conn.execute(sa.select(table.c.entity_id).distinct().where(
+                (table.c.seq > mark) & (table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+            )).scalars())
+        return out
+
+    def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool, mark: int) -> None:
+        """Upsert one page in one transaction, retrying when the database refuses it. A row the
+        replica changed since ``mark`` (taken before the page was read) may be newer than the page's:
+        it is not written but queued for a fetch."""
         for attempt in range(1, DB_ATTEMPTS + 1):
             try:
-                with self.store.engine.begin() as conn:
+                with self.store.write_engine.begin() as conn:
+                    newer = self.changed_since(conn, scan.entity_type, [int(r["id"]) for r in rows], mark)
                     result = self.store.write_entities(
-                        conn, scan.entity_type, rows, "scan", complete=True, retired=retired
+                        conn, scan.entity_type, [r for r in rows if int(r["id"]) not in newer], "scan",
+                        complete=True, retired=retired
                     )
+                    if newer:
+                        self.store.queue_fetch(conn, [(scan.entity_type, i) for i in sorted(newer)],
+                                               "changed while the scan read it")
                 break
             except (sa.exc.OperationalError, sa.exc.IntegrityError) as exc:
                 if attempt == DB_ATTEMPTS:
@@ -174,6 +217,9 @@ class Scanner:
         if result.to_fetch:
             log.warning("%s: %d rows not stored (bad values): %s", scan.entity_type, len(result.to_fetch),
                         result.to_fetch[:10])
+        if newer:
+            log.info("%s: %d rows changed while the scan read them, queued for a fetch: %s", scan.entity_type,
+                     len(newer), sorted(newer)[:10])
         scan.rows += len(rows)
         scan.inserted += result.inserted
         scan.changed += result.changed
@@ -181,14 +227,16 @@ class Scanner:
             eid = int(row["id"])
             scan.seen.add(eid)
             scan.max_id = max(scan.max_id, eid)
-            scan.watermark = later(scan.watermark, wire_datetime(row.get("updated_at")))
 
     def _read_into(self, scan: TypeScan, filters: list[Any], progress: TypeProgress) -> None:
-        """Read active then retired rows matching ``filters`` into the replica."""
+        """Read active then retired rows matching ``filters`` into the replica; each page's change
+        mark is taken before SG is asked for it."""
         for retired in (False, True):
+            mark = self.change_mark()
             for rows in self.pages(scan.entity_type, filters, retired):
-                self._write_page(scan, rows, retired)
+                self._write_page(scan, rows, retired, mark)
                 progress.update(len(rows))
+                mark = self.change_mark()
 
     def _progress(self, entity_type: str, total: int | None = None) -> TypeProgress:
         return TypeProgress(entity_type, total, self.progress, log_every=self.log_every,
@@ -196,16 +244,18 @@ class Scanner:
 
     # -- full scans --------------------------------------------------------------------
     def record_event_cursor(self) -> None:
-        """Store the newest event id as ``event_cursor``, unless a cursor is already set."""
+        """Store where the event stream starts (:func:`~cache.ingest.gaps.starting_cursor`: the
+        newest event id, or below an id not visible yet) as ``event_cursor`` and ``event_floor``,
+        unless a cursor is already set."""
         with self.store.engine.connect() as conn:
             if self.store.get_state(conn, EVENT_CURSOR) is not None:
                 return
-        newest = self.newest_event_id()
-        with self.store.engine.begin() as conn:
+        start = starting_cursor(self.sg, IngestConfig())
+        with self.store.write_engine.begin() as conn:
             if self.store.get_state(conn, EVENT_CURSOR) is None:
-                self.store.set_state(conn, EVENT_CURSOR, newest)
-                self.store.set_state(conn, EVENT_FLOOR, newest)
-                log.info("event cursor set to %d (the newest event before the prime)", newest)
+                self.store.set_state(conn, EVENT_CURSOR, start)
+                self.store.set_state(conn, EVENT_FLOOR, start)
+                log.info("event cursor set to %d (before the prime)", start)
 
     def full_filters(self, entity_type: str) -> list[Any]:
         """What a full scan of the type reads: every row, or the ``--projects`` rows."""
@@ -222,6 +272,8 @@ class Scanner:
     def _full_scan(self, entity_type: str, total: int | None) -> TypeScan:
         scan = TypeScan(entity_type)
         filters = self.full_filters(entity_type)
+        if not filters and self.has_updated_at(entity_type):
+            scan.watermark = self.newest_update(entity_type)
         with self._progress(entity_type, total) as progress:
             self._read_into(scan, filters, progress)
         if not filters:
@@ -230,22 +282,43 @@ class Scanner:
         return scan
 
     def _finish_full(self, scan: TypeScan) -> None:
-        """Retire rows SG no longer has, and mark the type primed, in one transaction."""
+        """Retire rows SG no longer has, and mark the type primed, in one transaction. A row neither
+        pass saw is asked of SG again by id (revived between the passes, it is in neither), and one
+        SG shows, or the replica changed since that question, is queued for a fetch, not retired."""
         table = self.store.tables[scan.entity_type]
-        with self.store.engine.begin() as conn:
+        with self.store.engine.connect() as conn:
             held = conn.execute(
                 sa.select(table.c.id).where(~table.c._retired & (table.c.id <= scan.max_id))
-            ).scalars()
-            # events are never retired; one the ingester stored while the scan ran is not "gone"
-            missing = [] if scan.entity_type == "EventLogEntry" else sorted(set(held) - scan.seen)
-            for eid in missing:
+            ).scalars().all()
+        # events are never retired; one the ingester stored while the scan ran is not "gone"
+        unseen = [] if scan.entity_type == "EventLogEntry" else sorted(set(held) - scan.seen)
+        mark = self.change_mark()
+        shown = self.still_at_sg(scan.entity_type, unseen)
+        with self.store.write_engine.begin() as conn:
+            newer = self.changed_since(conn, scan.entity_type, unseen, mark)
+            for eid in unseen:
+                if eid in shown or eid in newer:
+                    continue
                 if self.store.set_retired(conn, scan.entity_type, eid, True, source="scan"):
                     scan.retired_missing += 1
+            again = sorted(set(unseen) & (shown | newer))
+            if again:
+                self.store.queue_fetch(conn, [(scan.entity_type, i) for i in again], "not seen by the full scan")
+                log.info("%s: %d rows neither pass saw, active at SG or changed meanwhile, queued for a fetch: %s",
+                         scan.entity_type, len(again), again[:10])
             self.store.mark_primed(conn, scan.entity_type, watermark=scan.watermark)
         scan.primed = True
         if scan.inserted:  # new rows: the planner's statistics of the type's tables are out of date
             with self.store.engine.begin() as conn:
                 self.store.dialect.analyze(conn, self.store.type_tables(scan.entity_type))
+
+    def still_at_sg(self, entity_type: str, ids: Sequence[int]) -> set[int]:
+        """Which of these ids SG has active now (asked after both passes missed them)."""
+        out: set[int] = set()
+        for chunk in chunks(list(ids), CHUNK):
+            rows = self.sg.find(entity_type, [["id", "in", list(chunk)]], fields=["id"])
+            out.update(int(r["id"]) for r in rows)
+        return out
 
     def prime(self, types: Sequence[str]) -> list[TypeScan]:
         """Full scans of ``types``, after recording the event cursor. With progress, SG's count of
@@ -298,13 +371,14 @@ class Scanner:
     def reconcile_type(self, entity_type: str, start: datetime | None, watermark: str | None) -> TypeScan:
         """Read rows of one type with ``updated_at`` after ``start`` (every row when None); advance
         its watermark."""
-        scan = TypeScan(entity_type, watermark=watermark)
+        scan = TypeScan(entity_type)
         filters: list[Any] = [] if start is None else [["updated_at", "greater_than", start]]
         pfilter = self.project_filter(entity_type)
         if pfilter:
             filters.insert(0, pfilter)
         after = "the start (no watermark yet)" if start is None else format_wire_dt(start)
         log.debug("%s: reading rows updated after %s", entity_type, after)
+        scan.watermark = later(watermark, self.newest_update(entity_type))
         with self._progress(entity_type) as progress:
             self._read_into(scan, filters, progress)
         types = self.store.types
