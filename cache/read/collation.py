@@ -4,7 +4,13 @@ and LIKE patterns whose ``%``, ``_`` and ``\\`` are literal (see docs/semantics.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..errors import Passthrough
 from ..replica.fieldtypes import LOWER_SORTED
+
+if TYPE_CHECKING:
+    from ..replica.store import Store
 
 #: Types whose sort key is the lower-cased text (the rule the fake SG shares; docs/semantics.md).
 SORT_LOWER = LOWER_SORTED
@@ -21,6 +27,16 @@ _PATTERNS = {
     "name_starts_with": "{}%",
     "name_ends_with": "%{}",
 }
+
+
+def check_case_mapping(store: Store) -> None:
+    """Pass (``case-mapping``) a case-insensitive condition or a text sort on a replica whose
+    database's lower() does not lower text as SG does (PostgreSQL with LC_CTYPE C or tr_TR, ...):
+    its answer could be wrong. Asked of the database once per replica (``Store.lower_problem``);
+    a read's plan asks while it is built (plans are reused: nothing more per request)."""
+    problem = store.lower_problem()
+    if problem is not None:
+        raise Passthrough("case-mapping", problem[:60])
 
 
 def like_pattern(relation: str, text: str) -> str | None:

@@ -98,7 +98,7 @@ class FilterCompiler:
             if info.storage == "multi":
                 self.multi = True
                 return multi_condition(self.store, alias, fschema, relation, values)
-            return scalar_condition(self.store.dialect, alias.c[fschema.name], fschema, relation, values,
+            return scalar_condition(self.store, alias.c[fschema.name], fschema, relation, values,
                                     self.relative)
         target = parts[1]
         self.paths.target(target)

@@ -12,10 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import Passthrough
-from ..replica.dialect import Dialect
 from ..replica.schema import FieldSchema
 from ..replica.store import Store
-from .collation import like_pattern
+from .collation import check_case_mapping, like_pattern
 from .inlists import link_in
 from .paths import Scope
 
@@ -57,7 +56,7 @@ def entity_condition(
             return reg.c.type == value
         return sa.or_(reg.c.id.is_(None), reg.c.type != value)
     _check_names_known(store, fschema)
-    test = _name_test(dialect, relation, values, reg.c.name)
+    test = _name_test(store, relation, values, reg.c.name)
     if relation == "name_not_contains":
         return sa.not_(sa.and_(linked, test))
     return sa.and_(linked, test)
@@ -99,7 +98,7 @@ def multi_condition(store: Store, alias: Any, fschema: FieldSchema, relation: st
         hit = empty if values[0] is None else sa.exists(base.where(reg.c.type == values[0]))
         return hit if relation == "type_is" else sa.not_(hit)
     _check_names_known(store, fschema)
-    hit = sa.exists(base.where(_name_test(dialect, relation, values, reg.c.name)))
+    hit = sa.exists(base.where(_name_test(store, relation, values, reg.c.name)))
     return sa.not_(hit) if relation == "name_not_contains" else hit
 
 
@@ -144,11 +143,14 @@ def _check_names_known(store: Store, fschema: FieldSchema) -> None:
             raise Passthrough("name-filter", f"{fschema.entity_type}.{fschema.name}")
 
 
-def _name_test(dialect: Dialect, relation: str, values: list[Any], name: Any) -> Any:
-    """name_* on one linked name (a link whose entity has no name counts as "")."""
+def _name_test(store: Store, relation: str, values: list[Any], name: Any) -> Any:
+    """name_* on one linked name (a link whose entity has no name counts as ""), both sides
+    lowered the same way."""
     if len(values) != 1 or not isinstance(values[0], str):
         raise Passthrough("filter-value", relation)
-    text = values[0].lower()
+    check_case_mapping(store)
+    dialect = store.dialect
+    text = dialect.lower_value(values[0])
     name = sa.func.coalesce(dialect.lower(name), "")
     if relation == "name_is":
         return name == text

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 
 from ..errors import Passthrough
 from ..replica import fieldtypes
-from ..replica.dialect import Dialect
 from ..replica.schema import FieldSchema
-from .collation import CASE_INSENSITIVE, like_pattern
+from ..replica.store import Store
+from .collation import CASE_INSENSITIVE, check_case_mapping, like_pattern
 from .inlists import in_list
 from .relative import RELATIVE, RelativeDates
 
@@ -37,10 +37,12 @@ def filter_value(fschema: FieldSchema, value: Any) -> Any:
         raise Passthrough("filter-value", str(exc)[:60]) from None
 
 
-def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation: str, values: list[Any],
+def scalar_condition(store: Store, col: Any, fschema: FieldSchema, relation: str, values: list[Any],
                      relative: RelativeDates | None = None) -> Any:
     """``col <relation> values`` for a field of ``fschema``'s type (relative dates need ``relative``:
-    without a time zone they pass, ``operator``)."""
+    without a time zone they pass, ``operator``). Text is lowered on both sides by the replica's
+    dialect (``lower`` the column, ``lower_value`` the filter's value), the same way."""
+    dialect = store.dialect
     if relation in RELATIVE:
         if relative is None:
             raise Passthrough("operator", f"{relation} (no sgcache_timezone)")
@@ -50,11 +52,14 @@ def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation:
     def norm(expr: Any) -> Any:
         # text_key: lower() in code-point order, the expression the key index holds (equality
         # is the same in every deterministic collation, the only kind a database default can be)
-        return dialect.text_key(expr) if ci else expr
+        if not ci:
+            return expr
+        check_case_mapping(store)
+        return dialect.text_key(expr)
 
     def lit(v: Any) -> Any:
         v = filter_value(fschema, v)
-        return v.lower() if ci and isinstance(v, str) else v
+        return dialect.lower_value(v) if ci and isinstance(v, str) else v
 
     if relation in ("is", "is_not"):
         if len(values) != 1:
@@ -87,11 +92,13 @@ def scalar_condition(dialect: Dialect, col: Any, fschema: FieldSchema, relation:
     if relation in ("contains", "not_contains", "starts_with", "ends_with"):
         if len(values) != 1 or not isinstance(values[0], str):
             raise Passthrough("filter-value", relation)
-        match = dialect.lower(col).like(like_pattern(relation, values[0].lower()), escape="\\")
+        check_case_mapping(store)
+        text = dialect.lower_value(values[0])
+        match = dialect.lower(col).like(like_pattern(relation, text), escape="\\")
         if relation == "not_contains":
             return sa.or_(col.is_(None), sa.not_(match))
         if relation == "starts_with":
-            match = sa.and_(*prefix_range(dialect.text_key(col), values[0].lower()), match)
+            match = sa.and_(*prefix_range(dialect.text_key(col), text), match)
         return sa.and_(col.is_not(None), match)
     if relation in ("less_than", "greater_than"):
         if len(values) != 1 or values[0] is None:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from ..errors import Passthrough
 from ..replica import fieldtypes
-from .collation import SORT_LOWER
+from .collation import SORT_LOWER, check_case_mapping
 from .limits import MAX_OFFSET, MAX_PAGE_SIZE
 from .paths import PathResolver, Scope
 
@@ -48,6 +48,8 @@ def sort_keys(scope: Scope, paths: PathResolver, sorts: Any) -> list[tuple[Any, 
             raise Passthrough("sort-type", fschema.data_type)
         if alias is None:
             continue  # through a multi_entity hop every value is None: the key changes nothing
+        if info.storage == "entity" or fschema.data_type in SORT_LOWER:
+            check_case_mapping(scope.store)  # lower-cased text: the database's lower() must be SG's
         if info.storage == "entity":
             # by the linked entity's name, case-insensitively; a nameless entity sorts as ""
             reg = scope.link(alias, fschema.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -89,6 +90,9 @@ class Store:
         self._write_engine: Engine | None = engine if writer else None
         self.writer = writer  # a sidecar that keeps the replica current (not a proxy)
         self.schema = schema
+        # why the database's lower() cannot be trusted, once asked (:meth:`lower_problem`)
+        self._lower_problem: tuple[str | None] | None = None
+        self._lower_lock = threading.Lock()
         self.metadata = sa.MetaData()
         self.tables: dict[str, sa.Table] = {}
         self.multi: dict[tuple[str, str], sa.Table] = {}
@@ -116,7 +120,28 @@ class Store:
         store = cls(dialect.create_engine(url, writer=writer, **engine_kwargs), schema, writer=writer)
         if create:
             store.create()
+            store.lower_problem()  # asked now, so a database whose lower() cannot be trusted is told at start
         return store
+
+    def lower_problem(self) -> str | None:
+        """Why this database's lower() cannot be trusted (it does not lower text as
+        ``dialect.lower_value`` lowers a filter's value), or None: then case-insensitive text
+        conditions and text sorts pass (``case-mapping``, cache/read/collation.py). Asked of the
+        database once per replica (the dialect is shared by every replica of the process), with a
+        warning when it cannot be trusted; a failure to ask raises and is asked again next time."""
+        known = self._lower_problem
+        if known is None:
+            with self._lower_lock:
+                known = self._lower_problem
+                if known is None:
+                    with self.engine.connect() as conn:
+                        known = (self.dialect.lower_problem(conn),)
+                    if known[0] is not None:
+                        log.warning("the database's lower() does not lower text as SG does (%s): reads with "
+                                    "case-insensitive text conditions or text sorts pass (case-mapping); "
+                                    "docs/postgresql.md says which databases are fit", known[0])
+                    self._lower_problem = known
+        return known[0]
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -127,6 +127,17 @@ class Dialect:
         """Lower case over all of Unicode, as SG compares text."""
         return sa.func.lower(expr)
 
+    def lower_value(self, text: str) -> str:
+        """``text`` lowered as :meth:`lower` lowers a stored value: the filter's side of a
+        case-insensitive match (both sides must be lowered the same way, or a value does not
+        match itself)."""
+        return text.lower()
+
+    def lower_problem(self, conn: Connection) -> str | None:
+        """Why :meth:`lower` cannot be trusted on ``conn``'s database (it does not lower as
+        :meth:`lower_value` does), or None. Asked once per replica (``Store.lower_problem``)."""
+        return None
+
     def codepoint_order(self, expr: Any) -> Any:
         """``expr``, sorting by code point whatever the database's collation."""
         return expr

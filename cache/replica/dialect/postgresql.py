@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,47 @@ QUERY_CANCELED = "57014"
 #: Held by a write transaction from its first flush to its end (cache/replica/writes.py says why).
 WRITE_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext('sgcache-write:' || current_database()"
                   " || ':' || current_schema()))")
+
+
+#: The last code point :func:`cased_code_points` looks at: every cased letter is below it.
+_LAST_CASED = 0x1FFFF
+
+
+@functools.cache
+def _lower_table() -> dict[int, str]:
+    """Each code point Python lowers, to its simple lower-case mapping: Unicode's one-to-one
+    mapping, which PostgreSQL's lower() applies one character at a time in a UTF-8 locale (libc's
+    ``towlower``). Python's ``str.lower`` applies the full mapping instead, with context: a final
+    'Σ' becomes 'ς' (PostgreSQL: 'σ'), and 'İ' the two code points 'i̇' (its only
+    one-to-many lower case; the simple mapping is 'i')."""
+    table = {}
+    for code in range(_LAST_CASED + 1):
+        char = chr(code)
+        low = char.lower()
+        if low != char:
+            table[code] = low[0]  # 'İ' -> 'i' + U+0307: the simple mapping is the first
+    return table
+
+
+def lower_simple(text: str) -> str:
+    """``text`` lowered one code point at a time with Unicode's simple case mapping (as
+    PostgreSQL's lower() does in a UTF-8 locale)."""
+    return text.lower() if text.isascii() else text.translate(_lower_table())
+
+
+@functools.cache
+def _probe_text() -> str:
+    """The characters the lower() probe asks about: every code point Python lowers or uppers,
+    and those Python's Unicode tables do not assign (a newer Unicode in the database's libc may
+    have letters there), up to :data:`_LAST_CASED`; neither NUL nor surrogates (not text)."""
+    chars = []
+    for code in range(1, _LAST_CASED + 1):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        if char.lower() != char or char.upper() != char or unicodedata.category(char) == "Cn":
+            chars.append(char)
+    return "".join(chars)
 
 
 def normalize_url(url: str) -> str:
@@ -193,6 +235,28 @@ class PostgreSQLDialect(Dialect):
         """COLLATE "C": a database created with a linguistic locale would order differently
         (SQLite's collation is binary already)."""
         return expr.collate("C")
+
+    def lower_value(self, text: str) -> str:
+        """Per code point, with the simple case mapping: what lower() does in a UTF-8 locale
+        (:meth:`lower_problem` checks that it does)."""
+        return lower_simple(text)
+
+    def lower_problem(self, conn: Connection) -> str | None:
+        """lower() depends on the database's LC_CTYPE (and locale provider): C lowers ASCII only,
+        tr_TR lowers 'I' to 'ı', ICU applies the full mapping, another libc may have other Unicode
+        tables. Ask it to lower every cased character once and compare with :meth:`lower_value`."""
+        probe = _probe_text()
+        row = conn.exec_driver_sql(
+            "SELECT lower(%(probe)s), d.datctype, to_jsonb(d) ->> 'datlocprovider' FROM pg_database d"
+            " WHERE d.datname = current_database()", {"probe": probe}).one()
+        lowered, ctype, provider = row
+        expected = lower_simple(probe)
+        if lowered == expected:
+            return None
+        provider = {"c": "libc", "i": "ICU", "b": "builtin"}.get(provider, provider or "libc")
+        sample = next(((c, a, b) for c, a, b in zip(probe, lowered, expected, strict=False) if a != b), None)
+        example = f"; e.g. lower({sample[0]!r}) is {sample[1]!r}, not {sample[2]!r}" if sample else ""
+        return f"LC_CTYPE {ctype!r} ({provider}){example}"
 
     def index_names(self, conn: Connection, table: str) -> set[str]:
         rows = conn.exec_driver_sql("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
