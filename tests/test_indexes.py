@@ -266,13 +266,14 @@ def test_an_empty_prefix_has_no_range() -> None:
 
 
 class ShotsSG:
-    """``find`` as a full scan calls it: ``id greater_than`` keyset pages of 30 Shots."""
+    """``find`` as a full scan calls it: ``id greater_than`` keyset pages of 30 Shots (none has an
+    ``updated_at``: the watermark's question and any other finds nothing)."""
 
     def find(self, entity_type: str, filters: list[Any], fields: list[str] | None = None, order: Any = None,
              limit: int = 0, retired_only: bool = False, **_: Any) -> list[dict[str, Any]]:
-        if retired_only or entity_type != "Shot":
+        after = next((f[2] for f in filters if f[:2] == ["id", "greater_than"]), None)
+        if retired_only or entity_type != "Shot" or after is None:
             return []
-        after = next(f[2] for f in filters if f[:2] == ["id", "greater_than"])
         return [{"type": "Shot", "id": i, **{f: None for f in fields or [] if f != "id"}, "code": f"s{i}"}
                 for i in range(after + 1, min(31, after + 1 + limit))]
 
