@@ -731,3 +731,63 @@ def test_a_backlog_is_read_in_catch_up_batches_until_the_end(site: FakeSite, sto
     finally:
         ing.close()
     assert IngestConfig(batch=800, catch_up_batch=300).catch_up_batch == 800  # never below batch
+
+
+def test_a_poll_never_overwrites_a_proxy_write_learnt_after_it_loaded_the_rows(
+        site: FakeSite, store: Store, ingester: Ingester, tmp_path: Any, backend: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone sets a Shot's code "a" -> "b" (E1); the poll loads the row ("a"); a client sets "c"
+    through the proxy meanwhile. The poll's old-value guard compares E1 with the row it loaded: on
+    PostgreSQL it took the write lock only at its flush, so the proxy stored "c" in between and E1's
+    "b" overwrote it (the writer read "b" back until the next poll). With the lock taken before the
+    load, the proxy's learning waits for the poll, sees the ingester moved, and marks instead.
+    (SQLite: the sidecars' write transactions begin IMMEDIATE, a writer's store, which this
+    fixture's is not.)"""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL: the write lock is an advisory lock taken in the transaction")
+    import threading
+
+    import cache.ingest.batch as batchmod
+    from cache.errors import Passthrough
+    from cache.proxy.service import CacheService
+    from cache.replica.writes import WriteBatch
+
+    schema_path = tmp_path / "schema.yml"
+    schema_path.write_text(cached_schema(site).to_yaml())
+    service = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=0)
+    try:
+        proj = make_project(site)
+        shot = site.create_direct("Shot", {"code": "a", "project": proj})
+        sync(ingester)
+        site.update_direct("Shot", shot["id"], {"code": "b"})  # E1, someone else
+        writers: list[threading.Thread] = []
+
+        def client_writes_c() -> None:
+            params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "c"}]}
+            mark = service.write_mark()
+            service.learn("update", params, site._direct("update", params, True), mark)
+
+        class Racing(WriteBatch):
+            def load(self, keys: Any) -> None:
+                super().load(keys)
+                if not writers:  # the poll has loaded the rows: the client's write lands now
+                    writers.append(threading.Thread(target=client_writes_c))
+                    writers[0].start()
+                    writers[0].join(1.0)  # it waits for the poll's lock (before: it stored "c" at once)
+
+        monkeypatch.setattr(batchmod, "WriteBatch", Racing)
+        ingester.poll_once()
+        writers[0].join(30)
+        assert not writers[0].is_alive()
+        read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": []},
+                "paging": {"entities_per_page": 10, "current_page": 1}}
+        assert site.find_direct("Shot", [], ["code"])[0]["code"] == "c"
+        try:
+            served = service.read(read)["entities"]
+        except Passthrough as exc:
+            assert exc.reason == "pending-write"  # the learnt write marked instead: SG answers
+        else:
+            assert served == [{"type": "Shot", "id": shot["id"], "code": "c"}]
+    finally:
+        service.close()

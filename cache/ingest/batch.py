@@ -72,7 +72,12 @@ class BatchApplier:
 
     def apply_batch(self, conn: Connection, events: Sequence[Event], gaps: dict[int, dt.datetime],
                     high: int, result: PollResult, careful: bool = False) -> None:
-        """Apply events (inside the caller's transaction), then move gaps, cursor and heartbeat."""
+        """Apply events (inside the caller's transaction), then move gaps, cursor and heartbeat.
+
+        The write lock is taken first: the old-value guard compares each event with the rows as
+        loaded here, and a proxy's learnt write committed between this load and the flush would be
+        overwritten by an older event (PostgreSQL; SQLite's write transaction holds it from BEGIN)."""
+        self.store.dialect.lock_writes(conn)
         events = sorted(events, key=lambda e: int(e["id"]))
         seen = stored_ids(self.store, conn, [int(e["id"]) for e in events])
         fresh = [(e, subject_of(e)) for e in events if int(e["id"]) not in seen]  # each subject once
