@@ -727,3 +727,89 @@ def test_a_write_the_database_did_not_take_passes_until_its_effects_are_marked(
     assert reason(service, shot_codes) == "pending-write"
     assert ("Shot", "code") in markers(service.store)
     assert service.read(projects)["entities"]  # recorded once: reads of other types are served again
+
+
+ASSET_CODES = {"type": "Asset", "return_fields": ["code"], "return_only": "active",
+               "filters": {"logical_operator": "and", "conditions": []},
+               "paging": {"entities_per_page": 500, "current_page": 1}}
+
+
+def passes(svc: CacheService, params: dict[str, Any]) -> str | None:
+    """The pass reason of a read, or None when it is served."""
+    try:
+        svc.read(params)
+    except Passthrough as exc:
+        return exc.reason
+    return None
+
+
+def assets(site: FakeSite, count: int) -> list[dict[str, Any]]:
+    p = site.create_direct("Project", {"name": "P"})
+    return [site.create_direct("Asset", {"code": f"a{i:03d}", "project": {"type": "Project", "id": p["id"]}})
+            for i in range(count)]
+
+
+def test_a_delete_with_a_parameter_sg_ignores_is_learnt(site: FakeSite, service: CacheService) -> None:
+    """``{"type": "Asset", "id": 1, "fields": 5}``: SG ignores ``fields`` and retires the Asset. Reading
+    the odd ``fields`` raised: the write was kept unrecorded, and marking it raised the same way
+    before every read, so every read by every client passed until the proxy restarted."""
+    victim = assets(site, 2)[0]
+    prime(service.store, SiteClient(site))
+    assert learn(site, service, "delete", {"type": "Asset", "id": victim["id"], "fields": 5}) is True
+    assert service.learner.all_recorded()
+    assert [e["code"] for e in service.read(ASSET_CODES)["entities"]] == ["a001"]
+    assert_replica_is_sg_except_markers(site, service)
+
+
+@pytest.mark.parametrize("args", [
+    {"type": "Shot", "id": 1, "fields": 5},
+    {"type": "Shot", "id": 1, "fields": {"code": "x"}},
+    {"type": "Shot", "id": 1, "fields": [{"field_name": ["code"], "value": "x"}]},
+    {"type": "Shot", "id": 1, "fields": [{"field_name": "code", "value": "x", "multi_entity_update_mode": ["add"]}]},
+    {"type": "Shot", "id": 1, "fields": [{"field_name": "x" * 100, "value": 1}]},
+    {"type": "Shot\x00" + "x" * 100, "id": 1, "fields": []},
+    {"type": "Shot", "id": 2 ** 70, "fields": [{"field_name": "code", "value": "x"}]},
+])
+def test_a_write_of_any_shape_is_recorded_once(site: FakeSite, service: CacheService, args: dict[str, Any]) -> None:
+    """Whatever shape a write's arguments have, what it could have changed is marked (every cached
+    type when they cannot be read) and the write leaves the unrecorded list: it never keeps the
+    proxy's reads passing. Markers name only cached types and fields (a client's name may not fit)."""
+    assets(site, 1)
+    prime(service.store, SiteClient(site))
+    for method in ("update", "create", "delete"):
+        service.outcome_unknown(method, args)
+        service.learner.defer(method, args)
+        passes(service, ASSET_CODES)
+        assert service.learner.all_recorded()
+        service.learn(method, args, {"type": "Shot", "id": 1, "code": "x"} if method != "delete" else True)
+        passes(service, ASSET_CODES)
+        assert service.learner.all_recorded()
+    schema = service.store.schema
+    assert all(t in schema.entities and (f == pending.WHOLE_TYPE or f in schema.entities[t].fields)
+               for t, f in markers(service.store))
+    with service.store.write_engine.begin() as conn:
+        conn.execute(service.store.pending.delete())  # the ingester is past the writes
+    assert passes(service, ASSET_CODES) is None
+
+
+def test_a_deferred_write_that_cannot_be_marked_marks_every_type_once(
+        site: FakeSite, service: CacheService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write SG answered that the proxy could not learn, and whose markers cannot be made either
+    (a bug, not the database): every cached type is marked once and the write is let go, where it
+    made every read pass until the proxy restarted."""
+    assets(site, 1)
+    prime(service.store, SiteClient(site))
+
+    def broken(*_args: Any) -> None:
+        raise TypeError("a shape nobody foresaw")
+
+    monkeypatch.setattr("cache.replica.effects.WriteEffects.outcome_unknown", broken)
+    service.learner.defer("update", {"type": "Shot", "id": 1, "fields": []})
+    assert passes(service, ASSET_CODES) == "pending-write"
+    assert service.learner.all_recorded()
+    assert {(t, pending.WHOLE_TYPE) for t in service.store.schema.entities} <= markers(service.store)
+    with service.store.write_engine.begin() as conn:
+        conn.execute(service.store.pending.delete())
+    assert passes(service, ASSET_CODES) is None
+
+

@@ -24,7 +24,8 @@ from sqlalchemy.engine import Engine
 
 from ..errors import Passthrough
 from ..replica import pending
-from ..replica.effects import WriteEffects
+from ..replica.dialect import classify_error
+from ..replica.effects import WriteEffects, field_items
 from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH
@@ -104,7 +105,7 @@ class Learner:
                     effects = WriteEffects(self.store, registry, conn)
                     for kind, req in _write_requests(method, args):
                         effects.outcome_unknown(kind, req["type"], req)
-                    pending.mark(conn, self.store.pending, effects.markers)
+                    self._mark(conn, effects.markers)
                     log.debug("%s answer older than the replica may be: marked pending, not stored", method)
                     return []
                 if method == "batch":
@@ -115,7 +116,7 @@ class Learner:
                                                             registry, markers)
                 else:
                     to_fetch += self._learn_one(conn, method, args, results, registry, markers)
-                pending.mark(conn, self.store.pending, markers)
+                self._mark(conn, markers)
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
             self.defer(method, args)
@@ -144,7 +145,7 @@ class Learner:
                 effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
                 for kind, req in _write_requests(method, args):
                     effects.outcome_unknown(kind, req["type"], req)
-                pending.mark(conn, self.store.pending, effects.markers)
+                self._mark(conn, effects.markers)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
             self.breaker.failed(exc)
             log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
@@ -163,23 +164,23 @@ class Learner:
     def record_unrecorded(self) -> None:
         """Mark pending everything the deferred writes could have changed (the markers' time is
         now, after those writes, so they clear only once the ingester is past them); raise
-        the database's pass reason while it does not take them."""
+        the database's pass reason while it does not take them. Deferred writes that cannot be
+        turned into markers for another reason (a shape of arguments not foreseen, a bug) mark
+        every cached type instead, once: one odd write never keeps every read passing."""
         with self._lock:
             deferred = None if self._unrecorded is None else list(self._unrecorded)
             count = self._deferred
         try:
-            with self.store.write_engine.begin() as conn:
-                if deferred is None:
-                    markers = {(t, pending.WHOLE_TYPE) for t in self.schema.entities}
-                else:
-                    effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
-                    for method, args in deferred:
-                        for kind, req in _write_requests(method, args):
-                            effects.outcome_unknown(kind, req["type"], req)
-                    markers = effects.markers
-                pending.mark(conn, self.store.pending, markers)
+            self._mark_deferred(deferred)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
-            raise self.breaker.failed(exc) from exc
+            if classify_error(exc)[1]:
+                raise self.breaker.failed(exc) from exc
+            log.warning("could not mark what %s deferred write(s) changed; marking every type",
+                        "many" if deferred is None else len(deferred), exc_info=True)
+            try:
+                self._mark_deferred(None)
+            except Exception as again:  # noqa: BLE001
+                raise self.breaker.failed(again) from again
         with self._lock:
             if self._deferred == count:
                 self._unrecorded = []
@@ -188,6 +189,26 @@ class Learner:
         self._invalidate()
         log.info("recorded the effects of %s write(s) learned while the database failed",
                  "many" if deferred is None else len(deferred))
+
+    def _mark_deferred(self, deferred: list[tuple[str, Any]] | None) -> None:
+        """Mark pending what the ``deferred`` writes could have changed (None: every cached type)."""
+        with self.store.write_engine.begin() as conn:
+            if deferred is None:
+                markers = {(t, pending.WHOLE_TYPE) for t in self.schema.entities}
+            else:
+                effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                for method, args in deferred:
+                    for kind, req in _write_requests(method, args):
+                        effects.outcome_unknown(kind, req["type"], req)
+                markers = effects.markers
+            self._mark(conn, markers)
+
+    def _mark(self, conn: Any, markers: Collection[tuple[str, str]]) -> None:
+        """Record the ``markers`` of cached types and fields: a read of anything else passes anyway,
+        and a name taken from a client's write may not fit the markers' table (any length or character)."""
+        pending.mark(conn, self.store.pending, [
+            (t, f) for t, f in markers
+            if t in self.schema.entities and (f == pending.WHOLE_TYPE or f in self.schema.entities[t].fields)])
 
     def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
                    markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
@@ -201,6 +222,12 @@ class Learner:
         if isinstance(result, list) and result and method in ("create", "update"):
             result = result[0]
         effects = WriteEffects(self.store, registry or self.pairs, conn)
+        if method in ("create", "update") and field_items(args) is None:
+            # what it sent cannot be read (SG would refuse it): whatever SG did, nothing is stored
+            effects.everything()
+            if markers is not None:
+                markers |= effects.markers
+            return []
         old = effects.snapshot(method, entity_type, args)
         to_fetch = self._store_answer(conn, method, entity_type, args, result)
         if method in ("create", "update") or result is True:
@@ -222,8 +249,8 @@ class Learner:
             # do not store that field from the answer; read the row back instead.
             legacy_mode = args.get("multi_entity_update_mode") in ("add", "remove")  # old batch form
             partial = [
-                f.get("field_name") for f in args.get("fields") or []
-                if isinstance(f, Mapping) and (legacy_mode or f.get("multi_entity_update_mode") in ("add", "remove"))
+                f["field_name"] for f in field_items(args) or []
+                if legacy_mode or f.get("multi_entity_update_mode") in ("add", "remove")
             ]
             for fname in partial:
                 record.pop(fname, None)

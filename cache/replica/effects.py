@@ -148,12 +148,11 @@ class WriteEffects:
 
     # -- the write's link fields ---------------------------------------------------------
     def link_writes(self, entity_type: str, args: Mapping[str, Any]) -> list[tuple[str, str, Any, str]]:
-        """(field, kind "entity"/"multi", value, mode) for each link field a create/update sends."""
+        """(field, kind "entity"/"multi", value, mode) for each link field a create/update sends
+        (none when its ``fields`` cannot be read: :func:`field_items`)."""
         out = []
         batch_mode = args.get("multi_entity_update_mode")
-        for item in args.get("fields") or []:
-            if not isinstance(item, Mapping) or not isinstance(item.get("field_name"), str):
-                continue
+        for item in field_items(args) or []:
             fname, value = item["field_name"], item.get("value")
             fschema = self.schema.field(entity_type, fname)
             if fschema is not None:
@@ -191,7 +190,11 @@ class WriteEffects:
     def after_write(self, method: str, entity_type: str, args: Mapping[str, Any], result: Any,
                     old: Mapping[str, Any]) -> None:
         """After the write's own row is stored: apply or mark everything else it did."""
-        self._derived(method, entity_type, sent_fields(args))
+        sent = sent_fields(args)
+        if method in ("create", "update") and sent is None:
+            self.everything()  # what it sends cannot be read: which links it wrote neither
+            return
+        self._derived(method, entity_type, sent)
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
@@ -228,6 +231,9 @@ class WriteEffects:
         everything it could have changed. An update changes, on its own row, only the fields it
         sent and those SG sets or recomputes; anything else marks the whole type."""
         sent = sent_fields(args)
+        if method in ("create", "update") and sent is None:
+            self.everything()  # what it sends cannot be read: which links it wrote neither
+            return
         if method == "update" and sent is not None:
             self.markers |= {(entity_type, fname) for fname in sent}
             self._implicit(entity_type)
@@ -244,6 +250,10 @@ class WriteEffects:
                                                            self._targets(entity_type, fname)))
             if fname == TEMPLATE_FIELD and value:
                 self._rows_appear(TEMPLATE_ROWS)
+
+    def everything(self) -> None:
+        """Mark every cached type: a write whose arguments cannot be read could have changed anything."""
+        self.markers |= {(t, WHOLE_TYPE) for t in self.schema.entities}
 
     def _targets(self, entity_type: str, fname: str) -> list[str]:
         fschema = self.schema.field(entity_type, fname)
@@ -360,13 +370,20 @@ class WriteEffects:
                     self.markers |= self._showing(entity_type)
 
 
+def field_items(args: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
+    """The items of a create's or update's ``fields`` list (none when it sends none); None when
+    it is not a list of items that each name a field (a client may send any JSON there)."""
+    items = args.get("fields")
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(
+            isinstance(item, Mapping) and isinstance(item.get("field_name"), str) for item in items):
+        return None
+    return items
+
+
 def sent_fields(args: Mapping[str, Any]) -> set[str] | None:
-    """The field names a create's or update's ``fields`` list sends; None when one is not a name."""
-    names = set()
-    for item in args.get("fields") or []:
-        fname = item.get("field_name") if isinstance(item, Mapping) else None
-        if not isinstance(fname, str):
-            return None
-        names.add(fname)
-    return names
+    """The field names a create's or update's ``fields`` list sends; None when it cannot be read."""
+    items = field_items(args)
+    return None if items is None else {item["field_name"] for item in items}
 
