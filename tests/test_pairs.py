@@ -813,3 +813,22 @@ def test_a_deferred_write_that_cannot_be_marked_marks_every_type_once(
     assert passes(service, ASSET_CODES) is None
 
 
+def test_a_delete_by_a_float_id_is_learnt(site: FakeSite, service: CacheService) -> None:
+    """``sg.delete("Asset", 3.0)`` (an id that went through pandas): SG retires Asset 3. The retired
+    flag was stored for an ``int`` id only, and nothing marked: the Asset was served as active."""
+    victim = assets(site, 2)[0]
+    prime(service.store, SiteClient(site))
+    assert learn(site, service, "delete", {"type": "Asset", "id": float(victim["id"])}) is True
+    assert [e["code"] for e in service.read(ASSET_CODES)["entities"]] == ["a001"]
+    assert learn(site, service, "revive", {"type": "Asset", "id": float(victim["id"])}) is True
+    assert [e["code"] for e in service.read(ASSET_CODES)["entities"]] == ["a000", "a001"]
+    assert_replica_is_sg_except_markers(site, service)
+
+
+@pytest.mark.parametrize("entity_id", ["1", 1.5, True, None])
+def test_a_retirement_by_an_id_that_is_no_integer_marks_the_type(service: CacheService, entity_id: Any) -> None:
+    """Which entity SG retired for such an id is not known here: the whole type waits."""
+    service.learn("delete", {"type": "Asset", "id": entity_id}, True)
+    assert ("Asset", pending.WHOLE_TYPE) in markers(service.store)
+
+

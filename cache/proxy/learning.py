@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from ..errors import Passthrough
 from ..replica import pending
 from ..replica.dialect import classify_error
-from ..replica.effects import WriteEffects, field_items
+from ..replica.effects import WriteEffects, field_items, written_id
 from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH
@@ -232,6 +232,8 @@ class Learner:
         to_fetch = self._store_answer(conn, method, entity_type, args, result)
         if method in ("create", "update") or result is True:
             effects.after_write(method, entity_type, args, result, old)
+        if method in ("delete", "revive") and result is True and written_id(args) is None:
+            effects.markers.add((entity_type, pending.WHOLE_TYPE))  # which row SG took that id for is not known
         if markers is not None:
             markers |= effects.markers
         return to_fetch
@@ -260,8 +262,8 @@ class Learner:
             if outcome.to_fetch:
                 self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
                 return list(outcome.to_fetch)
-        elif method in ("delete", "revive") and result is True and isinstance(args.get("id"), int):
-            self.store.set_retired(conn, entity_type, args["id"], method == "delete", "proxy")
+        elif method in ("delete", "revive") and result is True and (entity_id := written_id(args)) is not None:
+            self.store.set_retired(conn, entity_type, entity_id, method == "delete", "proxy")
         return []
 
     def fetch_rows(

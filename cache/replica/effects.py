@@ -176,11 +176,11 @@ class WriteEffects:
     def snapshot(self, method: str, entity_type: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """Before the write is stored: the old value of each link field it sends."""
         old: dict[str, Any] = {}
-        entity_id = args.get("id")
+        entity_id = written_id(args)
         for fname, _kind, _value, _mode in self.link_writes(entity_type, args):
             if method == "create":
                 old[fname] = []
-            elif isinstance(entity_id, int):
+            elif entity_id is not None:
                 old[fname] = self.current(entity_type, entity_id, fname)
             else:
                 old[fname] = UNKNOWN
@@ -386,4 +386,17 @@ def sent_fields(args: Mapping[str, Any]) -> set[str] | None:
     """The field names a create's or update's ``fields`` list sends; None when it cannot be read."""
     items = field_items(args)
     return None if items is None else {item["field_name"] for item in items}
+
+
+def written_id(args: Mapping[str, Any]) -> int | None:
+    """The id a write names, as SG reads it: an int, or a float with an integral value (an id that
+    went through pandas or another tool's JSON); None for anything else (a bool included)."""
+    value = args.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
