@@ -832,3 +832,32 @@ def test_a_retirement_by_an_id_that_is_no_integer_marks_the_type(service: CacheS
     assert ("Asset", pending.WHOLE_TYPE) in markers(service.store)
 
 
+def test_a_rename_of_a_type_whose_name_field_is_not_cached_marks_the_links_to_it(
+        tmp_path: Path, db_url: str, site: FakeSite) -> None:
+    """Sequence is cached, ``Sequence.code`` (its name) is not: the links to a Sequence show its name
+    from the registry, which an update's answer did not reach (the name field is unknown to the
+    replica). The links showing it were served with the old name; they now wait for the ingester."""
+    schema = cached_schema(site)
+    schema.entities["Sequence"].fields.pop("code")
+    assert schema.identifier("Sequence") is None
+    (tmp_path / "schema.yml").write_text(schema.to_yaml())
+    svc = CacheService(db_url, tmp_path / "schema.yml", max_lag=0)
+    try:
+        p = site.create_direct("Project", {"name": "P"})
+        proj = {"type": "Project", "id": p["id"]}
+        seq = site.create_direct("Sequence", {"code": "SQ01", "project": proj})
+        site.create_direct("Shot", {"code": "sh", "project": proj, "sg_sequence": {"type": "Sequence", "id": seq["id"]}})
+        prime(svc.store, SiteClient(site))
+        shots = {**ASSET_CODES, "type": "Shot", "return_fields": ["sg_sequence"]}
+        assert svc.read(shots)["entities"][0]["sg_sequence"]["name"] == "SQ01"
+        learn(site, svc, "update", wire("Sequence", seq["id"], {"code": "SQ01-renamed"}))
+        assert passes(svc, shots) == "pending-write"
+        assert_replica_is_sg_except_markers(site, svc)
+        with svc.store.write_engine.begin() as conn:
+            conn.execute(svc.store.pending.delete())
+        svc.outcome_unknown("update", wire("Sequence", seq["id"], {"code": "SQ01-again"}))
+        assert passes(svc, shots) == "pending-write"
+    finally:
+        svc.close()
+
+

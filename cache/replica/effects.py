@@ -207,7 +207,7 @@ class WriteEffects:
             me["name"] = result[ident]
         if method == "update":
             self._implicit(entity_type)
-            self._renamed(entity_type, entity_id, result)
+            self._renamed(entity_type, entity_id, result, sent or set())
         for fname, _kind, value, mode in self.link_writes(entity_type, args):
             new = links_in(result[fname] if fname in result and mode == "set" else value)
             before = old.get(fname, UNKNOWN)
@@ -237,7 +237,7 @@ class WriteEffects:
         if method == "update" and sent is not None:
             self.markers |= {(entity_type, fname) for fname in sent}
             self._implicit(entity_type)
-            if self.schema.identifier(entity_type) in sent:
+            if self._may_rename(entity_type, sent):
                 self.markers |= self._showing(entity_type)  # the links to it show its name
         else:
             self.markers.add((entity_type, WHOLE_TYPE))
@@ -347,12 +347,25 @@ class WriteEffects:
         """Markers for every cached link field that can show an ``entity_type`` entity's name."""
         return {(owner, fschema.name) for owner, fschema in self._links_to(entity_type)}
 
-    def _renamed(self, entity_type: str, entity_id: int, result: Mapping[str, Any]) -> None:
+    def _may_rename(self, entity_type: str, sent: set[str]) -> bool:
+        """Whether an update sending ``sent`` may change the name the links to ``entity_type`` show:
+        it sends the type's name field, or any field when that one is not known (a cached type whose
+        name field is not cached: which of SG's fields gives its links their name is not certain)."""
+        ident = self.schema.identifier(entity_type)
+        return bool(sent) if ident is None else ident in sent
+
+    def _renamed(self, entity_type: str, entity_id: int, result: Mapping[str, Any],
+                 sent: set[str]) -> None:
         """An update of an uncached type's name: the links to it show it from the registry, where
         the new name goes (a cached type's row write puts it there); a name that is no string or
-        None marks those links instead."""
+        None marks those links instead, and so does any update of a type whose name field is not
+        known (``sent``: the fields it sent)."""
         ident = self.schema.identifier(entity_type)
-        if entity_type in self.store.tables or not ident or ident not in result:
+        if ident is None:
+            if self._may_rename(entity_type, sent):
+                self.markers |= self._showing(entity_type)
+            return
+        if entity_type in self.store.tables or ident not in result:
             return
         name = result[ident]
         if name is not None and not isinstance(name, str):
