@@ -16,7 +16,7 @@ from cache.errors import Passthrough
 from cache.ingest import IngestConfig, Ingester
 from cache.proxy.service import CacheService
 from cache.read import Reader, ReplicaState
-from cache.replica import pending
+from cache.replica import fetchqueue, pending
 from cache.replica.pairs import (
     DEFAULT_PAIRS_FILE,
     PairRegistry,
@@ -861,3 +861,33 @@ def test_a_rename_of_a_type_whose_name_field_is_not_cached_marks_the_links_to_it
         svc.close()
 
 
+def test_a_partial_answer_for_many_rows_is_read_back_whole(site: FakeSite, service: CacheService,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of 600 creates: the read-back read one page of 500, the other 100 stayed queued with no
+    marker, so another proxy (its replica state up to a second old) served the type without them.
+    Every chunk is read back now, up to a bound; the type is marked pending for what is left."""
+    from cache.proxy import learning
+
+    from .fakesg import FakeSGServer
+
+    made = assets(site, 600)
+    prime(service.store, SiteClient(site))
+    more = [site.create_direct("Asset", {"code": f"b{i:03d}", "project": made[0]["project"]}) for i in range(600)]
+    items = [("Asset", a["id"]) for a in more]
+    with service.store.write_engine.begin() as conn:
+        service.store.queue_fetch(conn, items, "partial create answer")
+    auth = {"script_name": "pipeline", "script_key": "s3cret"}
+    with FakeSGServer(site) as server:
+        service.fetch_rows(f"{server.url}/api3/json", auth, items, None)
+        assert markers(service.store) == frozenset()
+        with service.store.engine.connect() as conn:
+            assert len(conn.execute(sa.select(service.store.tables["Asset"].c.id)).all()) == 1200
+            assert fetchqueue.is_empty(conn, service.store.fetch_queue)
+        monkeypatch.setattr(learning, "MAX_FETCH_BACK", 1000)
+        newest = [site.create_direct("Asset", {"code": f"c{i:04d}", "project": made[0]["project"]})
+                  for i in range(1200)]
+        items = [("Asset", a["id"]) for a in newest]
+        with service.store.write_engine.begin() as conn:
+            service.store.queue_fetch(conn, items, "partial create answer")
+        service.fetch_rows(f"{server.url}/api3/json", auth, items, None)
+        assert ("Asset", pending.WHOLE_TYPE) in markers(service.store)  # 200 left for the ingester

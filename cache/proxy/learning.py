@@ -30,6 +30,7 @@ from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH
 from ..replica.store import Store
+from ..wire import chunks
 from . import upstream
 from .breaker import Breaker, short_error
 
@@ -40,6 +41,10 @@ UNMARKED = object()
 #: Writes whose effects could not be recorded, kept in memory until they are (then every type is
 #: marked at once past this many).
 MAX_UNRECORDED = 1000
+#: Ids read back by one SG read after a partial answer (one page), and by one write in all: the
+#: writer waits for them; past this many the type is marked pending and the ingester fetches the rest.
+FETCH_PAGE = 500
+MAX_FETCH_BACK = 5000
 
 
 class Learner:
@@ -269,39 +274,54 @@ class Learner:
     def fetch_rows(
         self, url: str, auth: Mapping[str, Any], items: list[tuple[str, int]], ssl_context: ssl.SSLContext | None
     ) -> None:
-        """Read whole rows from SG with the writer's own credentials and store them.
+        """Read whole rows from SG with the writer's own credentials and store them, a page of
+        :data:`FETCH_PAGE` ids at a time, up to :data:`MAX_FETCH_BACK` ids.
 
-        On any failure the entities stay queued; the ingester fetches them later. So they also
-        do when the ingester applied events while SG was read: the rows read may then be older
-        than what the replica holds (see :meth:`learn`).
+        What is not read back stays queued (the ingester fetches it) and its type is marked
+        pending: other proxies learn of the queue up to a second late. So it is on any failure, for
+        the rows SG did not return, and when the ingester applied events while SG was read (the
+        rows read may then be older than what the replica holds, see :meth:`learn`).
         """
         mark = self.write_mark()
         by_type: dict[str, list[int]] = collections.defaultdict(list)
         for entity_type, entity_id in items:
             by_type[entity_type].append(entity_id)
+        budget = MAX_FETCH_BACK
         for entity_type, ids in by_type.items():
-            fields = self.store.cached_field_names(entity_type)
-            call = {"method_name": "read", "params": [dict(auth), {
-                "type": entity_type, "return_fields": fields, "return_only": "active",
-                "filters": {"logical_operator": "and", "conditions": [
-                    {"path": "id", "relation": "in", "values": ids}]},
-                "paging": {"entities_per_page": 500, "current_page": 1},
-                "return_paging_info": False}]}
-            try:
-                reply = upstream.post_json(url, call, ssl_context)
-                records = reply["results"]["entities"]
-                with self.store.write_engine.begin() as conn:
-                    if self._ingester_moved(conn, mark):
-                        pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
-                        log.debug("fetched %s %s older than the replica may be: left for the ingester",
-                                  entity_type, ids)
-                        continue
-                    self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
-                    self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
-            except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
-                log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+            complete = len(ids) <= budget
+            for page in chunks(ids[:max(budget, 0)], FETCH_PAGE):
+                budget -= len(page)
+                if not self._fetch_page(url, auth, entity_type, list(page), ssl_context, mark):
+                    complete = False
+                    break  # SG or the replica in trouble, or the ingester moved: the rest waits too
+            if not complete:
                 self._mark_type_pending(entity_type)
         self._invalidate()
+
+    def _fetch_page(self, url: str, auth: Mapping[str, Any], entity_type: str, ids: list[int],
+                    ssl_context: ssl.SSLContext | None, mark: int | None) -> bool:
+        """Read one page of rows from SG and store them; whether every one of ``ids`` was."""
+        fields = self.store.cached_field_names(entity_type)
+        call = {"method_name": "read", "params": [dict(auth), {
+            "type": entity_type, "return_fields": fields, "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": [
+                {"path": "id", "relation": "in", "values": ids}]},
+            "paging": {"entities_per_page": FETCH_PAGE, "current_page": 1},
+            "return_paging_info": False}]}
+        try:
+            reply = upstream.post_json(url, call, ssl_context)
+            records = reply["results"]["entities"]
+            with self.store.write_engine.begin() as conn:
+                if self._ingester_moved(conn, mark):
+                    log.debug("fetched %s %s older than the replica may be: left for the ingester", entity_type, ids)
+                    return False
+                self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
+                self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
+        except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
+            log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+            return False
+        # a row SG did not return (retired since, or not visible to the writer) stays queued
+        return {r["id"] for r in records} >= set(ids)
 
     def uploaded(self, entity_types: Collection[str] | None) -> None:
         """An upload form reached SG (answered or not): the rows of ``entity_types`` (None: every
