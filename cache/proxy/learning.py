@@ -24,11 +24,13 @@ from sqlalchemy.engine import Engine
 
 from ..errors import Passthrough
 from ..replica import pending
-from ..replica.effects import WriteEffects
+from ..replica.dialect import classify_error
+from ..replica.effects import WriteEffects, field_items, written_id
 from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH
 from ..replica.store import Store
+from ..wire import chunks
 from . import upstream
 from .breaker import Breaker, short_error
 
@@ -39,6 +41,10 @@ UNMARKED = object()
 #: Writes whose effects could not be recorded, kept in memory until they are (then every type is
 #: marked at once past this many).
 MAX_UNRECORDED = 1000
+#: Ids read back by one SG read after a partial answer (one page), and by one write in all: the
+#: writer waits for them; past this many the type is marked pending and the ingester fetches the rest.
+FETCH_PAGE = 500
+MAX_FETCH_BACK = 5000
 
 
 class Learner:
@@ -104,7 +110,7 @@ class Learner:
                     effects = WriteEffects(self.store, registry, conn)
                     for kind, req in _write_requests(method, args):
                         effects.outcome_unknown(kind, req["type"], req)
-                    pending.mark(conn, self.store.pending, effects.markers)
+                    self._mark(conn, effects.markers)
                     log.debug("%s answer older than the replica may be: marked pending, not stored", method)
                     return []
                 if method == "batch":
@@ -115,7 +121,7 @@ class Learner:
                                                             registry, markers)
                 else:
                     to_fetch += self._learn_one(conn, method, args, results, registry, markers)
-                pending.mark(conn, self.store.pending, markers)
+                self._mark(conn, markers)
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
             self.defer(method, args)
@@ -144,7 +150,7 @@ class Learner:
                 effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
                 for kind, req in _write_requests(method, args):
                     effects.outcome_unknown(kind, req["type"], req)
-                pending.mark(conn, self.store.pending, effects.markers)
+                self._mark(conn, effects.markers)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
             self.breaker.failed(exc)
             log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
@@ -163,23 +169,23 @@ class Learner:
     def record_unrecorded(self) -> None:
         """Mark pending everything the deferred writes could have changed (the markers' time is
         now, after those writes, so they clear only once the ingester is past them); raise
-        the database's pass reason while it does not take them."""
+        the database's pass reason while it does not take them. Deferred writes that cannot be
+        turned into markers for another reason (a shape of arguments not foreseen, a bug) mark
+        every cached type instead, once: one odd write never keeps every read passing."""
         with self._lock:
             deferred = None if self._unrecorded is None else list(self._unrecorded)
             count = self._deferred
         try:
-            with self.store.write_engine.begin() as conn:
-                if deferred is None:
-                    markers = {(t, pending.WHOLE_TYPE) for t in self.schema.entities}
-                else:
-                    effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
-                    for method, args in deferred:
-                        for kind, req in _write_requests(method, args):
-                            effects.outcome_unknown(kind, req["type"], req)
-                    markers = effects.markers
-                pending.mark(conn, self.store.pending, markers)
+            self._mark_deferred(deferred)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
-            raise self.breaker.failed(exc) from exc
+            if classify_error(exc)[1]:
+                raise self.breaker.failed(exc) from exc
+            log.warning("could not mark what %s deferred write(s) changed; marking every type",
+                        "many" if deferred is None else len(deferred), exc_info=True)
+            try:
+                self._mark_deferred(None)
+            except Exception as again:  # noqa: BLE001
+                raise self.breaker.failed(again) from again
         with self._lock:
             if self._deferred == count:
                 self._unrecorded = []
@@ -188,6 +194,26 @@ class Learner:
         self._invalidate()
         log.info("recorded the effects of %s write(s) learned while the database failed",
                  "many" if deferred is None else len(deferred))
+
+    def _mark_deferred(self, deferred: list[tuple[str, Any]] | None) -> None:
+        """Mark pending what the ``deferred`` writes could have changed (None: every cached type)."""
+        with self.store.write_engine.begin() as conn:
+            if deferred is None:
+                markers = {(t, pending.WHOLE_TYPE) for t in self.schema.entities}
+            else:
+                effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
+                for method, args in deferred:
+                    for kind, req in _write_requests(method, args):
+                        effects.outcome_unknown(kind, req["type"], req)
+                markers = effects.markers
+            self._mark(conn, markers)
+
+    def _mark(self, conn: Any, markers: Collection[tuple[str, str]]) -> None:
+        """Record the ``markers`` of cached types and fields: a read of anything else passes anyway,
+        and a name taken from a client's write may not fit the markers' table (any length or character)."""
+        pending.mark(conn, self.store.pending, [
+            (t, f) for t, f in markers
+            if t in self.schema.entities and (f == pending.WHOLE_TYPE or f in self.schema.entities[t].fields)])
 
     def _learn_one(self, conn: Any, method: Any, args: Any, result: Any, registry: PairRegistry | None = None,
                    markers: set[tuple[str, str]] | None = None) -> list[tuple[str, int]]:
@@ -201,10 +227,18 @@ class Learner:
         if isinstance(result, list) and result and method in ("create", "update"):
             result = result[0]
         effects = WriteEffects(self.store, registry or self.pairs, conn)
+        if method in ("create", "update") and field_items(args) is None:
+            # what it sent cannot be read (SG would refuse it): whatever SG did, nothing is stored
+            effects.everything()
+            if markers is not None:
+                markers |= effects.markers
+            return []
         old = effects.snapshot(method, entity_type, args)
         to_fetch = self._store_answer(conn, method, entity_type, args, result)
         if method in ("create", "update") or result is True:
             effects.after_write(method, entity_type, args, result, old)
+        if method in ("delete", "revive") and result is True and written_id(args) is None:
+            effects.markers.add((entity_type, pending.WHOLE_TYPE))  # which row SG took that id for is not known
         if markers is not None:
             markers |= effects.markers
         return to_fetch
@@ -222,8 +256,8 @@ class Learner:
             # do not store that field from the answer; read the row back instead.
             legacy_mode = args.get("multi_entity_update_mode") in ("add", "remove")  # old batch form
             partial = [
-                f.get("field_name") for f in args.get("fields") or []
-                if isinstance(f, Mapping) and (legacy_mode or f.get("multi_entity_update_mode") in ("add", "remove"))
+                f["field_name"] for f in field_items(args) or []
+                if legacy_mode or f.get("multi_entity_update_mode") in ("add", "remove")
             ]
             for fname in partial:
                 record.pop(fname, None)
@@ -233,46 +267,61 @@ class Learner:
             if outcome.to_fetch:
                 self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
                 return list(outcome.to_fetch)
-        elif method in ("delete", "revive") and result is True and isinstance(args.get("id"), int):
-            self.store.set_retired(conn, entity_type, args["id"], method == "delete", "proxy")
+        elif method in ("delete", "revive") and result is True and (entity_id := written_id(args)) is not None:
+            self.store.set_retired(conn, entity_type, entity_id, method == "delete", "proxy")
         return []
 
     def fetch_rows(
         self, url: str, auth: Mapping[str, Any], items: list[tuple[str, int]], ssl_context: ssl.SSLContext | None
     ) -> None:
-        """Read whole rows from SG with the writer's own credentials and store them.
+        """Read whole rows from SG with the writer's own credentials and store them, a page of
+        :data:`FETCH_PAGE` ids at a time, up to :data:`MAX_FETCH_BACK` ids.
 
-        On any failure the entities stay queued; the ingester fetches them later. So they also
-        do when the ingester applied events while SG was read: the rows read may then be older
-        than what the replica holds (see :meth:`learn`).
+        What is not read back stays queued (the ingester fetches it) and its type is marked
+        pending: other proxies learn of the queue up to a second late. So it is on any failure, for
+        the rows SG did not return, and when the ingester applied events while SG was read (the
+        rows read may then be older than what the replica holds, see :meth:`learn`).
         """
         mark = self.write_mark()
         by_type: dict[str, list[int]] = collections.defaultdict(list)
         for entity_type, entity_id in items:
             by_type[entity_type].append(entity_id)
+        budget = MAX_FETCH_BACK
         for entity_type, ids in by_type.items():
-            fields = self.store.cached_field_names(entity_type)
-            call = {"method_name": "read", "params": [dict(auth), {
-                "type": entity_type, "return_fields": fields, "return_only": "active",
-                "filters": {"logical_operator": "and", "conditions": [
-                    {"path": "id", "relation": "in", "values": ids}]},
-                "paging": {"entities_per_page": 500, "current_page": 1},
-                "return_paging_info": False}]}
-            try:
-                reply = upstream.post_json(url, call, ssl_context)
-                records = reply["results"]["entities"]
-                with self.store.write_engine.begin() as conn:
-                    if self._ingester_moved(conn, mark):
-                        pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
-                        log.debug("fetched %s %s older than the replica may be: left for the ingester",
-                                  entity_type, ids)
-                        continue
-                    self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
-                    self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
-            except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
-                log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+            complete = len(ids) <= budget
+            for page in chunks(ids[:max(budget, 0)], FETCH_PAGE):
+                budget -= len(page)
+                if not self._fetch_page(url, auth, entity_type, list(page), ssl_context, mark):
+                    complete = False
+                    break  # SG or the replica in trouble, or the ingester moved: the rest waits too
+            if not complete:
                 self._mark_type_pending(entity_type)
         self._invalidate()
+
+    def _fetch_page(self, url: str, auth: Mapping[str, Any], entity_type: str, ids: list[int],
+                    ssl_context: ssl.SSLContext | None, mark: int | None) -> bool:
+        """Read one page of rows from SG and store them; whether every one of ``ids`` was."""
+        fields = self.store.cached_field_names(entity_type)
+        call = {"method_name": "read", "params": [dict(auth), {
+            "type": entity_type, "return_fields": fields, "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": [
+                {"path": "id", "relation": "in", "values": ids}]},
+            "paging": {"entities_per_page": FETCH_PAGE, "current_page": 1},
+            "return_paging_info": False}]}
+        try:
+            reply = upstream.post_json(url, call, ssl_context)
+            records = reply["results"]["entities"]
+            with self.store.write_engine.begin() as conn:
+                if self._ingester_moved(conn, mark):
+                    log.debug("fetched %s %s older than the replica may be: left for the ingester", entity_type, ids)
+                    return False
+                self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
+                self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
+        except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
+            log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
+            return False
+        # a row SG did not return (retired since, or not visible to the writer) stays queued
+        return {r["id"] for r in records} >= set(ids)
 
     def uploaded(self, entity_types: Collection[str] | None) -> None:
         """An upload form reached SG (answered or not): the rows of ``entity_types`` (None: every

@@ -148,12 +148,11 @@ class WriteEffects:
 
     # -- the write's link fields ---------------------------------------------------------
     def link_writes(self, entity_type: str, args: Mapping[str, Any]) -> list[tuple[str, str, Any, str]]:
-        """(field, kind "entity"/"multi", value, mode) for each link field a create/update sends."""
+        """(field, kind "entity"/"multi", value, mode) for each link field a create/update sends
+        (none when its ``fields`` cannot be read: :func:`field_items`)."""
         out = []
         batch_mode = args.get("multi_entity_update_mode")
-        for item in args.get("fields") or []:
-            if not isinstance(item, Mapping) or not isinstance(item.get("field_name"), str):
-                continue
+        for item in field_items(args) or []:
             fname, value = item["field_name"], item.get("value")
             fschema = self.schema.field(entity_type, fname)
             if fschema is not None:
@@ -177,11 +176,11 @@ class WriteEffects:
     def snapshot(self, method: str, entity_type: str, args: Mapping[str, Any]) -> dict[str, Any]:
         """Before the write is stored: the old value of each link field it sends."""
         old: dict[str, Any] = {}
-        entity_id = args.get("id")
+        entity_id = written_id(args)
         for fname, _kind, _value, _mode in self.link_writes(entity_type, args):
             if method == "create":
                 old[fname] = []
-            elif isinstance(entity_id, int):
+            elif entity_id is not None:
                 old[fname] = self.current(entity_type, entity_id, fname)
             else:
                 old[fname] = UNKNOWN
@@ -191,7 +190,11 @@ class WriteEffects:
     def after_write(self, method: str, entity_type: str, args: Mapping[str, Any], result: Any,
                     old: Mapping[str, Any]) -> None:
         """After the write's own row is stored: apply or mark everything else it did."""
-        self._derived(method, entity_type, sent_fields(args))
+        sent = sent_fields(args)
+        if method in ("create", "update") and sent is None:
+            self.everything()  # what it sends cannot be read: which links it wrote neither
+            return
+        self._derived(method, entity_type, sent)
         if method in ("delete", "revive"):
             self._retirement(entity_type)
             return
@@ -204,7 +207,7 @@ class WriteEffects:
             me["name"] = result[ident]
         if method == "update":
             self._implicit(entity_type)
-            self._renamed(entity_type, entity_id, result)
+            self._renamed(entity_type, entity_id, result, sent or set())
         for fname, _kind, value, mode in self.link_writes(entity_type, args):
             new = links_in(result[fname] if fname in result and mode == "set" else value)
             before = old.get(fname, UNKNOWN)
@@ -228,10 +231,13 @@ class WriteEffects:
         everything it could have changed. An update changes, on its own row, only the fields it
         sent and those SG sets or recomputes; anything else marks the whole type."""
         sent = sent_fields(args)
+        if method in ("create", "update") and sent is None:
+            self.everything()  # what it sends cannot be read: which links it wrote neither
+            return
         if method == "update" and sent is not None:
             self.markers |= {(entity_type, fname) for fname in sent}
             self._implicit(entity_type)
-            if self.schema.identifier(entity_type) in sent:
+            if self._may_rename(entity_type, sent):
                 self.markers |= self._showing(entity_type)  # the links to it show its name
         else:
             self.markers.add((entity_type, WHOLE_TYPE))
@@ -244,6 +250,10 @@ class WriteEffects:
                                                            self._targets(entity_type, fname)))
             if fname == TEMPLATE_FIELD and value:
                 self._rows_appear(TEMPLATE_ROWS)
+
+    def everything(self) -> None:
+        """Mark every cached type: a write whose arguments cannot be read could have changed anything."""
+        self.markers |= {(t, WHOLE_TYPE) for t in self.schema.entities}
 
     def _targets(self, entity_type: str, fname: str) -> list[str]:
         fschema = self.schema.field(entity_type, fname)
@@ -337,12 +347,25 @@ class WriteEffects:
         """Markers for every cached link field that can show an ``entity_type`` entity's name."""
         return {(owner, fschema.name) for owner, fschema in self._links_to(entity_type)}
 
-    def _renamed(self, entity_type: str, entity_id: int, result: Mapping[str, Any]) -> None:
+    def _may_rename(self, entity_type: str, sent: set[str]) -> bool:
+        """Whether an update sending ``sent`` may change the name the links to ``entity_type`` show:
+        it sends the type's name field, or any field when that one is not known (a cached type whose
+        name field is not cached: which of SG's fields gives its links their name is not certain)."""
+        ident = self.schema.identifier(entity_type)
+        return bool(sent) if ident is None else ident in sent
+
+    def _renamed(self, entity_type: str, entity_id: int, result: Mapping[str, Any],
+                 sent: set[str]) -> None:
         """An update of an uncached type's name: the links to it show it from the registry, where
         the new name goes (a cached type's row write puts it there); a name that is no string or
-        None marks those links instead."""
+        None marks those links instead, and so does any update of a type whose name field is not
+        known (``sent``: the fields it sent)."""
         ident = self.schema.identifier(entity_type)
-        if entity_type in self.store.tables or not ident or ident not in result:
+        if ident is None:
+            if self._may_rename(entity_type, sent):
+                self.markers |= self._showing(entity_type)
+            return
+        if entity_type in self.store.tables or ident not in result:
             return
         name = result[ident]
         if name is not None and not isinstance(name, str):
@@ -360,13 +383,33 @@ class WriteEffects:
                     self.markers |= self._showing(entity_type)
 
 
+def field_items(args: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
+    """The items of a create's or update's ``fields`` list (none when it sends none); None when
+    it is not a list of items that each name a field (a client may send any JSON there)."""
+    items = args.get("fields")
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(
+            isinstance(item, Mapping) and isinstance(item.get("field_name"), str) for item in items):
+        return None
+    return items
+
+
 def sent_fields(args: Mapping[str, Any]) -> set[str] | None:
-    """The field names a create's or update's ``fields`` list sends; None when one is not a name."""
-    names = set()
-    for item in args.get("fields") or []:
-        fname = item.get("field_name") if isinstance(item, Mapping) else None
-        if not isinstance(fname, str):
-            return None
-        names.add(fname)
-    return names
+    """The field names a create's or update's ``fields`` list sends; None when it cannot be read."""
+    items = field_items(args)
+    return None if items is None else {item["field_name"] for item in items}
+
+
+def written_id(args: Mapping[str, Any]) -> int | None:
+    """The id a write names, as SG reads it: an int, or a float with an integral value (an id that
+    went through pandas or another tool's JSON); None for anything else (a bool included)."""
+    value = args.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
