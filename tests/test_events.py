@@ -465,6 +465,86 @@ def test_schema_change_unprimes_or_refetches_the_field(site: FakeSite, store: St
     assert_equal_to_site(store, site)
 
 
+def test_fetch_after_a_field_type_change_does_not_drop_new_rows(site: FakeSite, store: Store,
+                                                                ingester: Ingester) -> None:
+    """Shot.sg_cut_in becomes a text field on the site: it is un-primed and left out of fetches, so a
+    Shot created afterwards (a text value there) still reaches the replica and leaves the queue."""
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "sh1", "project": proj, "sg_cut_in": 5})
+    sync(ingester)
+    site.change_field_type("Shot", "sg_cut_in", "text")
+    sync(ingester)
+    with store.engine.connect() as conn:
+        assert "sg_cut_in" not in store.primed_fields(conn)["Shot"]
+    site.create_direct("Shot", {"code": "sh2", "project": proj, "sg_cut_in": "1001-1100"})
+    sync(ingester)
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1", "sh2"]
+
+
+def test_new_rows_of_a_type_that_lost_a_field_still_reach_the_replica(site: FakeSite, store: Store,
+                                                                      ingester: Ingester) -> None:
+    """Asset.description deleted on the site (no event), noticed at the next schema re-read: a new
+    Asset's fetch lacks only that (un-primed) field, so its row is stored, not dropped unqueued."""
+    proj = make_project(site)
+    site.create_direct("Asset", {"code": "a0", "project": proj})
+    sync(ingester)
+    site.remove_field("Asset", "description")  # no event
+    site.change_field_type("Shot", "sg_cut_out", "text")  # any schema event: the schema is re-read
+    sync(ingester)
+    assert ("Asset", "description") in ingester.missing_fields
+    site.create_direct("Asset", {"code": "a1", "project": proj})
+    sync(ingester)
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Asset", ["code"], False)] == ["a0", "a1"]
+
+
+def test_a_fetched_row_the_replica_cannot_store_stays_queued(site: FakeSite, store: Store,
+                                                             ingester: Ingester) -> None:
+    """A row SG sends that the write path refuses (a value its column cannot take) is not dropped
+    from the queue: reads of its type keep passing (pending-fetch) instead of missing it."""
+    proj = make_project(site)
+    sync(ingester)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj, "sg_cut_in": 5})
+    ingester.poll_once()
+    sg = ingester.fetcher.sg
+    assert sg is not None
+    find = sg.find
+
+    def bad_value(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        return [{**r, "sg_cut_in": "not a number"} for r in find(entity_type, filters, fields, **kw)]
+
+    ingester.fetcher.sg = type("Client", (), {"find": staticmethod(bad_value)})()
+    ingester.process_fetch_queue()
+    assert queued(store) == [("Shot", shot["id"])]
+    assert replica_read(store, "Shot", ["code"], False) == []
+    ingester.fetcher.sg = sg
+    ingester.process_fetch_queue()
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1"]
+
+
+def test_a_field_deleted_on_the_site_does_not_stall_the_fetches_of_other_types(site: FakeSite, store: Store,
+                                                                               ingester: Ingester) -> None:
+    """A cached field deleted on the site (SG logs no event): SG refuses every fetch of that type.
+    The other types are fetched all the same, and the refusal asks for a schema re-read, which
+    leaves the field out so the type's fetches succeed again."""
+    proj = make_project(site)
+    sync(ingester)
+    site.remove_field("Asset", "description")
+    asset = site.create_direct("Asset", {"code": "a1", "project": proj})
+    site.create_direct("Shot", {"code": "sh1", "project": proj})
+    ingester.poll_once()
+    ingester.process_fetch_queue()  # what Ingester.run does: poll, fetch, schema
+    assert queued(store) == [("Asset", asset["id"])]
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1"]
+    ingester.process_schema()
+    assert ("Asset", "description") in ingester.missing_fields
+    ingester.process_fetch_queue()
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Asset", ["code"], False)] == ["a1"]
+
+
 # -- leadership --------------------------------------------------------------------------
 def test_second_ingester_on_sqlite_refuses(backend: str, store: Store, client: SiteClient) -> None:
     if backend != "sqlite":
