@@ -208,6 +208,23 @@ def test_revival_restores_a_link_a_fetch_dropped_while_retired(site: FakeSite, s
     assert [n["id"] for n in replica_read(store, "Shot", ["notes"], False)[0]["notes"]] == [note["id"]]
 
 
+def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
+                                                                ingester: Ingester) -> None:
+    """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks
+    added the Task) is read with a null ``entity`` (the Shot is retired) and its meta names the
+    Task: the Shot is found through the original event and fetched, retired, with its ``tasks``."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "anim", "project": proj})
+    sync(ingester)
+    site.update_direct("Task", task["id"], {"entity": shot})
+    site.delete_direct("Shot", shot["id"])
+    sync(ingester)
+    theirs = site.find_direct("Shot", [["id", "is", shot["id"]]], ["tasks"], retired_only=True)
+    assert [t["id"] for t in theirs[0]["tasks"]] == [task["id"]]
+    assert [t["id"] for t in replica_read(store, "Shot", ["tasks"], True)[0]["tasks"]] == [task["id"]]
+
+
 def test_task_template_tasks_arrive_through_their_own_new_events(site: FakeSite, store: Store,
                                                                   ingester: Ingester) -> None:
     proj = make_project(site)
