@@ -562,6 +562,52 @@ def test_a_field_deleted_on_the_site_does_not_stall_the_fetches_of_other_types(s
     assert [r["code"] for r in replica_read(store, "Asset", ["code"], False)] == ["a1"]
 
 
+def test_a_fetch_never_overwrites_a_write_the_proxy_learned_meanwhile(site: FakeSite, store: Store,
+                                                                    ingester: Ingester, tmp_path: Any) -> None:
+    """A queued Shot (just revived) is read by the fetch (code "a"); before the fetch writes it, a
+    client updates it through the proxy to "b" and the proxy learns SG's answer. The fetch does not
+    write its older row over the learned one: it reads the Shot again, and reads answer "b"."""
+    from cache.proxy.service import CacheService
+
+    schema_path = tmp_path / "schema.yml"
+    schema_path.write_text(cached_schema(site).to_yaml())
+    service = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=0)
+    try:
+        proj = make_project(site)
+        shot = site.create_direct("Shot", {"code": "a", "project": proj})
+        sync(ingester)
+        site.delete_direct("Shot", shot["id"])
+        site.revive_direct("Shot", shot["id"])
+        ingester.poll_once()  # the Revival: the Shot is queued for a fetch
+        assert ("Shot", shot["id"]) in queued(store)
+        sg = ingester.fetcher.sg
+        assert sg is not None
+        sg_find = sg.find
+        done: list[int] = []
+
+        def fetch_then_proxy_write(entity_type: str, filters: Any, fields: list[str] | None = None,
+                                   **kw: Any) -> Any:
+            rows = sg_find(entity_type, filters, fields, **kw)
+            if entity_type == "Shot" and not done:
+                done.append(1)  # SG read by the fetch; now the client's update through a proxy
+                params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
+                mark = service.write_mark()
+                answer = site._direct("update", params, True)
+                assert service.learn("update", params, answer, mark) == []
+            return rows
+
+        ingester.fetcher.sg = type("Client", (), {"find": staticmethod(fetch_then_proxy_write)})()
+        ingester.process_fetch_queue()
+        assert done
+        assert queued(store) == []
+        read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": []},
+                "paging": {"entities_per_page": 10, "current_page": 1}}
+        assert service.read(read)["entities"] == [{"type": "Shot", "id": shot["id"], "code": "b"}]
+    finally:
+        service.close()
+
+
 # -- leadership --------------------------------------------------------------------------
 def test_second_ingester_on_sqlite_refuses(backend: str, store: Store, client: SiteClient) -> None:
     if backend != "sqlite":

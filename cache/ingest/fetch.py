@@ -3,12 +3,14 @@
 Invariant kept here: never lose an update. Entities are read per type, ``id in [...]`` first
 and ``retired_only`` for the rest, and written whole (``complete``: every cached field the fetch
 leaves out, one the site deleted or changed the type of, is un-primed) in one transaction with
-the removal of their queue entries; an entry queued again while SG was read is kept
-(:func:`cache.replica.fetchqueue.remove_handled`), and so is one whose row the write path
-refused (its type's reads keep passing). An entity SG has neither active nor retired is dropped
-from the queue with a warning. A type whose fetch fails stays queued while the other types are
-fetched; its failure, or a row refused, asks for a schema re-read (a field deleted on the site
-comes with no event), which leaves such fields out of later fetches.
+the removal of their queue entries. An entry stays queued when it was queued again while SG
+was read (:func:`cache.replica.fetchqueue.remove_handled`), when the write path refused its row
+(its type's reads keep passing), and when another writer (a proxy learning a client's write)
+changed its row after SG was read: that newer row is not written over but read again. An
+entity SG has neither active nor retired is dropped from the queue with a warning. A type whose
+fetch fails stays queued while the other types are fetched; its failure, or a row refused,
+asks for a schema re-read (a field deleted on the site comes with no event), which leaves such
+fields out of later fetches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -27,6 +30,9 @@ from .config import SGClient
 from .eventwire import FETCH_CHUNK, id_ranges
 
 log = logging.getLogger("sgcache.events")
+
+#: Times a chunk's rows changed in the replica while SG was read are read again in one round.
+OVERTAKEN_TRIES = 3
 
 
 class Fetcher:
@@ -67,7 +73,7 @@ class Fetcher:
             refused = 0
             try:
                 for chunk in chunks(sorted(queued), FETCH_CHUNK):
-                    left, not_stored = self._fetch_chunk(conn, entity_type, {i: queued[i] for i in chunk})
+                    left, not_stored = self._fetch_ids(conn, entity_type, {i: queued[i] for i in chunk})
                     handled, refused = handled + left, refused + not_stored
             except DBAPIError:
                 raise  # the run loop reconnects
@@ -92,9 +98,24 @@ class Fetcher:
         log.warning("%s: %s; the site's schema will be re-read", entity_type, why)
         self.recheck_schema()
 
-    def _fetch_chunk(self, conn: Connection, entity_type: str, queued: dict[int, dt.datetime]) -> tuple[int, int]:
-        """Fetch and store one chunk; returns how many left the queue and how many rows were not
-        stored (they stay queued)."""
+    def _fetch_ids(self, conn: Connection, entity_type: str, queued: dict[int, dt.datetime]) -> tuple[int, int]:
+        """Fetch and store one chunk, reading again (a few times) the rows written meanwhile;
+        returns how many left the queue and how many rows were not stored (they stay queued)."""
+        left = refused = 0
+        for _attempt in range(OVERTAKEN_TRIES):
+            stored, not_stored, overtaken = self._fetch_chunk(conn, entity_type, queued)
+            left, refused = left + stored, refused + not_stored
+            queued = {i: queued[i] for i in overtaken}
+            if not queued:
+                break
+        return left, refused
+
+    def _fetch_chunk(self, conn: Connection, entity_type: str,
+                     queued: dict[int, dt.datetime]) -> tuple[int, int, set[int]]:
+        """Fetch and store one chunk; returns how many left the queue, how many rows were not
+        stored, and the ids written by another writer after SG was read (they stay queued)."""
+        with conn.begin():
+            mark = conn.execute(sa.select(sa.func.max(self.store.changes.c.seq))).scalar() or 0
         fields = self.fetch_fields(entity_type)
         ids = sorted(queued)
         sg = self.sg
@@ -106,23 +127,43 @@ class Fetcher:
         gone = sorted(set(missing) - {int(r["id"]) for r in retired})
         refused: set[int] = set()
         with conn.begin():
+            overtaken = self._written_since(conn, entity_type, ids, mark)
             complete = self._complete(conn, entity_type, fields)
             batch = self.store.batch(conn, "fetch")
             for records, is_retired in ((active, False), (retired, True)):
+                records = [r for r in records if int(r["id"]) not in overtaken]
                 result = batch.put(entity_type, records, complete=complete, retired=is_retired)
                 refused.update(entity_id for _t, entity_id in result.to_fetch)
             batch.flush()
             # an entity whose row was not stored stays queued: its type's reads pass (pending-fetch)
             # rather than be answered without it
-            stored = {i: at for i, at in queued.items() if i not in refused}
+            stored = {i: at for i, at in queued.items() if i not in refused and i not in overtaken}
             fetchqueue.remove_handled(conn, self.store.fetch_queue, entity_type, stored)
+        gone = [i for i in gone if i not in overtaken]
         if gone:
             log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",
                         entity_type, id_ranges(gone))
         if refused:
             log.error("%s %s: SG's rows could not be stored; they stay queued (reads of %s pass)",
                       entity_type, id_ranges(sorted(refused)), entity_type)
-        return len(stored), len(refused)
+        return len(stored), len(refused), overtaken
+
+    def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int) -> set[int]:
+        """The ids whose rows another writer changed after ``mark`` (the change log's last ``seq``
+        before SG was read), read under the write lock: a proxy that learned a client's write
+        meanwhile holds a row newer than the fetch's, which must not be written over it. (A
+        change logged before the mark was learned from an answer SG gave before the fetch read it.)"""
+        c = self.store.changes
+        stmt = (sa.select(c.c.entity_id).distinct()
+                .where(c.c.seq > sa.bindparam("mark"), c.c.entity_type == sa.bindparam("entity_type"),
+                       c.c.entity_id.in_(sa.bindparam("ids", expanding=True))))
+        self.store.dialect.lock_writes(conn)
+        rows = conn.execute(stmt, {"mark": mark, "entity_type": entity_type, "ids": ids})
+        overtaken = {int(r.entity_id) for r in rows}
+        if overtaken:
+            log.info("%s %s changed in the replica while SG was read; read again", entity_type,
+                     id_ranges(sorted(overtaken)))
+        return overtaken
 
     def _complete(self, conn: Connection, entity_type: str, fields: list[str]) -> bool:
         """Whether rows read with ``fields`` may be stored whole (a new row too): every cached field
