@@ -208,6 +208,23 @@ def test_revival_restores_a_link_a_fetch_dropped_while_retired(site: FakeSite, s
     assert [n["id"] for n in replica_read(store, "Shot", ["notes"], False)[0]["notes"]] == [note["id"]]
 
 
+def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
+                                                                ingester: Ingester) -> None:
+    """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks
+    added the Task) is read with a null ``entity`` (the Shot is retired) and its meta names the
+    Task: the Shot is found through the original event and fetched, retired, with its ``tasks``."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "anim", "project": proj})
+    sync(ingester)
+    site.update_direct("Task", task["id"], {"entity": shot})
+    site.delete_direct("Shot", shot["id"])
+    sync(ingester)
+    theirs = site.find_direct("Shot", [["id", "is", shot["id"]]], ["tasks"], retired_only=True)
+    assert [t["id"] for t in theirs[0]["tasks"]] == [task["id"]]
+    assert [t["id"] for t in replica_read(store, "Shot", ["tasks"], True)[0]["tasks"]] == [task["id"]]
+
+
 def test_task_template_tasks_arrive_through_their_own_new_events(site: FakeSite, store: Store,
                                                                   ingester: Ingester) -> None:
     proj = make_project(site)
@@ -618,6 +635,132 @@ def test_schema_change_unprimes_or_refetches_the_field(site: FakeSite, store: St
     assert "sg_cut_in" not in primed["Shot"]  # type changed: reads pass until the schema file follows
     assert "sg_shot_type" in primed["Shot"]  # same type: re-read, then served again
     assert_equal_to_site(store, site)
+
+
+def test_fetch_after_a_field_type_change_does_not_drop_new_rows(site: FakeSite, store: Store,
+                                                                ingester: Ingester) -> None:
+    """Shot.sg_cut_in becomes a text field on the site: it is un-primed and left out of fetches, so a
+    Shot created afterwards (a text value there) still reaches the replica and leaves the queue."""
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "sh1", "project": proj, "sg_cut_in": 5})
+    sync(ingester)
+    site.change_field_type("Shot", "sg_cut_in", "text")
+    sync(ingester)
+    with store.engine.connect() as conn:
+        assert "sg_cut_in" not in store.primed_fields(conn)["Shot"]
+    site.create_direct("Shot", {"code": "sh2", "project": proj, "sg_cut_in": "1001-1100"})
+    sync(ingester)
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1", "sh2"]
+
+
+def test_new_rows_of_a_type_that_lost_a_field_still_reach_the_replica(site: FakeSite, store: Store,
+                                                                      ingester: Ingester) -> None:
+    """Asset.description deleted on the site (no event), noticed at the next schema re-read: a new
+    Asset's fetch lacks only that (un-primed) field, so its row is stored, not dropped unqueued."""
+    proj = make_project(site)
+    site.create_direct("Asset", {"code": "a0", "project": proj})
+    sync(ingester)
+    site.remove_field("Asset", "description")  # no event
+    site.change_field_type("Shot", "sg_cut_out", "text")  # any schema event: the schema is re-read
+    sync(ingester)
+    assert ("Asset", "description") in ingester.missing_fields
+    site.create_direct("Asset", {"code": "a1", "project": proj})
+    sync(ingester)
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Asset", ["code"], False)] == ["a0", "a1"]
+
+
+def test_a_fetched_row_the_replica_cannot_store_stays_queued(site: FakeSite, store: Store,
+                                                             ingester: Ingester) -> None:
+    """A row SG sends that the write path refuses (a value its column cannot take) is not dropped
+    from the queue: reads of its type keep passing (pending-fetch) instead of missing it."""
+    proj = make_project(site)
+    sync(ingester)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj, "sg_cut_in": 5})
+    ingester.poll_once()
+    sg = ingester.fetcher.sg
+    assert sg is not None
+    find = sg.find
+
+    def bad_value(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        return [{**r, "sg_cut_in": "not a number"} for r in find(entity_type, filters, fields, **kw)]
+
+    ingester.fetcher.sg = type("Client", (), {"find": staticmethod(bad_value)})()
+    ingester.process_fetch_queue()
+    assert queued(store) == [("Shot", shot["id"])]
+    assert replica_read(store, "Shot", ["code"], False) == []
+    ingester.fetcher.sg = sg
+    ingester.process_fetch_queue()
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1"]
+
+
+def test_a_field_deleted_on_the_site_does_not_stall_the_fetches_of_other_types(site: FakeSite, store: Store,
+                                                                               ingester: Ingester) -> None:
+    """A cached field deleted on the site (SG logs no event): SG refuses every fetch of that type.
+    The other types are fetched all the same, and the refusal asks for a schema re-read, which
+    leaves the field out so the type's fetches succeed again."""
+    proj = make_project(site)
+    sync(ingester)
+    site.remove_field("Asset", "description")
+    asset = site.create_direct("Asset", {"code": "a1", "project": proj})
+    site.create_direct("Shot", {"code": "sh1", "project": proj})
+    ingester.poll_once()
+    ingester.process_fetch_queue()  # what Ingester.run does: poll, fetch, schema
+    assert queued(store) == [("Asset", asset["id"])]
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1"]
+    ingester.process_schema()
+    assert ("Asset", "description") in ingester.missing_fields
+    ingester.process_fetch_queue()
+    assert queued(store) == []
+    assert [r["code"] for r in replica_read(store, "Asset", ["code"], False)] == ["a1"]
+
+
+def test_a_fetch_never_overwrites_a_write_the_proxy_learned_meanwhile(site: FakeSite, store: Store,
+                                                                    ingester: Ingester, tmp_path: Any) -> None:
+    """A queued Shot (just revived) is read by the fetch (code "a"); before the fetch writes it, a
+    client updates it through the proxy to "b" and the proxy learns SG's answer. The fetch does not
+    write its older row over the learned one: it reads the Shot again, and reads answer "b"."""
+    from cache.proxy.service import CacheService
+
+    schema_path = tmp_path / "schema.yml"
+    schema_path.write_text(cached_schema(site).to_yaml())
+    service = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=0)
+    try:
+        proj = make_project(site)
+        shot = site.create_direct("Shot", {"code": "a", "project": proj})
+        sync(ingester)
+        site.delete_direct("Shot", shot["id"])
+        site.revive_direct("Shot", shot["id"])
+        ingester.poll_once()  # the Revival: the Shot is queued for a fetch
+        assert ("Shot", shot["id"]) in queued(store)
+        sg = ingester.fetcher.sg
+        assert sg is not None
+        sg_find = sg.find
+        done: list[int] = []
+
+        def fetch_then_proxy_write(entity_type: str, filters: Any, fields: list[str] | None = None,
+                                   **kw: Any) -> Any:
+            rows = sg_find(entity_type, filters, fields, **kw)
+            if entity_type == "Shot" and not done:
+                done.append(1)  # SG read by the fetch; now the client's update through a proxy
+                params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
+                mark = service.write_mark()
+                answer = site._direct("update", params, True)
+                assert service.learn("update", params, answer, mark) == []
+            return rows
+
+        ingester.fetcher.sg = type("Client", (), {"find": staticmethod(fetch_then_proxy_write)})()
+        ingester.process_fetch_queue()
+        assert done
+        assert queued(store) == []
+        read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": []},
+                "paging": {"entities_per_page": 10, "current_page": 1}}
+        assert service.read(read)["entities"] == [{"type": "Shot", "id": shot["id"], "code": "b"}]
+    finally:
+        service.close()
 
 
 # -- leadership --------------------------------------------------------------------------

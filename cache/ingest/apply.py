@@ -3,7 +3,8 @@
 Invariants kept here (see :mod:`cache.ingest`):
 
 - Never lose an update: an entity whose values cannot be taken from the event (New, Revival,
-  a row never seen, a value in doubt, an event that filled a gap late) is queued for a fetch
+  a row never seen, a value in doubt, an event that filled a gap late; for a backref read after
+  its subject was retired, the entities its original event links to) is queued for a fetch
   (``sgcache_fetch``) in the poll's transaction, never skipped.
 - The old-value guard: a Change whose ``old_value`` and ``new_value`` both differ from the
   row's value is not applied but fetched: the row holds a later write (the proxy learned it
@@ -13,10 +14,12 @@ Invariants kept here (see :mod:`cache.ingest`):
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..replica import fieldtypes
@@ -30,6 +33,7 @@ from .eventwire import (
     SCHEMA_TYPE,
     deep_values,
     event_meta,
+    links_in_meta,
     split_event_type,
     subject_of,
 )
@@ -45,6 +49,8 @@ class EventApplier:
         self.store = store
         self.schema_refresh = schema_refresh
         self._skipped_types: set[str] = set()
+        #: The events of the batch being applied, by id (set by the batch; not stored yet).
+        self.recent: Mapping[int, Mapping[str, Any]] = {}
 
     def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
                     buf: WriteBatch | None = None) -> None:
@@ -73,7 +79,10 @@ class EventApplier:
             self.schema_refresh.note_event(conn, event)
             return
         if subject is None:
-            log.debug("event %s names no entity; skipped", event.get("id"))
+            if action == "Change" and event_meta(event).get("actual_attribute_changed"):
+                self._backref_without_subject(conn, event, entity_type, buf)
+            else:
+                log.debug("event %s names no entity; skipped", event.get("id"))
             return
         entity = event.get("entity")
         if is_link(entity) and entity["type"] == entity_type:
@@ -90,6 +99,33 @@ class EventApplier:
             self._retire(buf, subject, action == "Retirement", event_id, late)
         else:
             self._change(buf, event, subject, event_id, late)
+
+    def _backref_without_subject(self, conn: Connection, event: Mapping[str, Any], entity_type: str,
+                                 buf: WriteBatch) -> None:
+        """A backref read after its subject was retired: ``entity`` is null and the meta's id names
+        the trigger (docs/notes/events.md, pitfall 3). The subject is one of the entities of its
+        type that the original event links to: all of them are fetched (retired ones too), so
+        the retired subject's side of the pair is not left stale."""
+        if entity_type not in self.store.tables:
+            return
+        original = self._original(conn, event_meta(event).get("original_event_log_entry_id"))
+        candidates = links_in_meta(original, entity_type) if original is not None else set()
+        if not candidates:
+            log.warning("event %s: backref of a retired %s whose original event is not known; skipped",
+                        event.get("id"), entity_type)
+            return
+        for key in sorted(candidates):
+            buf.queue(key, "backref of a retired entity")
+
+    def _original(self, conn: Connection, event_id: Any) -> Mapping[str, Any] | None:
+        """The event ``event_id``: in the batch being applied, else as kept in ``sgcache_events``."""
+        if not isinstance(event_id, int) or isinstance(event_id, bool):
+            return None
+        if event_id in self.recent:
+            return self.recent[event_id]
+        table = self.store.events
+        body = conn.execute(sa.select(table.c.body).where(table.c.id == event_id)).scalar()
+        return json.loads(body) if body is not None else None
 
     def _retire(self, buf: WriteBatch, subject: Key, retired: bool, event_id: int, late: bool) -> None:
         cached = subject[0] in self.store.tables

@@ -84,12 +84,16 @@ class BatchApplier:
         buf = WriteBatch(self.store, conn)
         buf.load(subject for _e, subject in fresh if subject is not None)
         buf.load_links(self._link_keys(fresh))
-        for event, subject in fresh:
-            late = int(event["id"]) <= high
-            if careful:
-                self._apply_guarded(conn, event, subject, late, buf)
-            else:
-                self.applier.apply(conn, event, subject, late, buf)
+        self.applier.recent = {int(e["id"]): e for e in events}  # a backref's original event
+        try:
+            for event, subject in fresh:
+                late = int(event["id"]) <= high
+                if careful:
+                    self._apply_guarded(conn, event, subject, late, buf)
+                else:
+                    self.applier.apply(conn, event, subject, late, buf)
+        finally:
+            self.applier.recent = {}
         fresh_events = [e for e, _subject in fresh]
         self._event_rows(buf, fresh_events)
         buf.flush()

@@ -4,7 +4,8 @@ An event's type is ``Shotgun_<Type>_<Action>`` (New, Change, Retirement, Revival
 applications' events and ``DisplayColumn`` (schema) events are not entity events. The entity an
 event is about, its *subject*, is ``entity`` when that names the event's type, else
 ``meta.entity_id``; a backref (``meta.actual_attribute_changed``: the other side of a pair)
-has none of its own. :func:`subject_of` is pure: a poll computes it once per event and passes
+has none of its own (read after its subject was retired, ``entity`` is null too: the subject is
+then among the links of its original event, :func:`links_in_meta`). :func:`subject_of` is pure: a poll computes it once per event and passes
 it on (the batch loads the rows, the links and applies the event with that one value).
 """
 
@@ -61,6 +62,19 @@ def subject_of(event: Mapping[str, Any]) -> Key | None:
     if isinstance(entity_id, int) and not isinstance(entity_id, bool):
         return entity_type, entity_id
     return None
+
+
+def links_in_meta(event: Mapping[str, Any], entity_type: str) -> set[Key]:
+    """The entities of ``entity_type`` a Change's meta links to (``old_value``, ``new_value``,
+    ``added``, ``removed``): where a backref's subject is found from its original event."""
+    meta = event_meta(event)
+    out: set[Key] = set()
+    for name in ("old_value", "new_value", "added", "removed"):
+        value = meta.get(name)
+        for link in value if isinstance(value, list) else [value]:
+            if is_link(link) and link["type"] == entity_type:
+                out.add((entity_type, int(link["id"])))
+    return out
 
 
 def event_fields(store: Store) -> list[str]:

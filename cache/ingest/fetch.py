@@ -1,10 +1,16 @@
 """Re-reading queued entities from SG (the fetch queue, :mod:`cache.replica.fetchqueue`), after each poll.
 
 Invariant kept here: never lose an update. Entities are read per type, ``id in [...]`` first
-and ``retired_only`` for the rest, and written whole (``complete`` unless the site lost a
-cached field) in one transaction with the removal of their queue entries; an entry queued
-again while SG was read is kept (:func:`cache.replica.fetchqueue.remove_handled`). An entity SG has
-neither active nor retired is dropped from the queue with a warning.
+and ``retired_only`` for the rest, and written whole (``complete``: every cached field the fetch
+leaves out, one the site deleted or changed the type of, is un-primed) in one transaction with
+the removal of their queue entries. An entry stays queued when it was queued again while SG
+was read (:func:`cache.replica.fetchqueue.remove_handled`), when the write path refused its row
+(its type's reads keep passing), and when another writer (a proxy learning a client's write)
+changed its row after SG was read: that newer row is not written over but read again. An
+entity SG has neither active nor retired is dropped from the queue with a warning. A type whose
+fetch fails stays queued while the other types are fetched; its failure, or a row refused,
+asks for a schema re-read (a field deleted on the site comes with no event), which leaves such
+fields out of later fetches.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from ..replica import fetchqueue, fieldtypes
 from ..replica.store import Store
@@ -23,16 +31,21 @@ from .eventwire import FETCH_CHUNK, id_ranges
 
 log = logging.getLogger("sgcache.events")
 
+#: Times a chunk's rows changed in the replica while SG was read are read again in one round.
+OVERTAKEN_TRIES = 3
+
 
 class Fetcher:
     """Reads the entities waiting in the fetch queue from SG into the replica."""
 
     def __init__(self, store: Store, sg: SGClient | None, connect: Callable[[], Connection],
-                 missing_fields: set[tuple[str, str]]):
+                 missing_fields: set[tuple[str, str]], recheck_schema: Callable[[], None] = lambda: None):
         self.store = store
         self.sg = sg
         self.connect = connect
         self.missing_fields = missing_fields  # shared with the schema refresh, which fills it
+        self.recheck_schema = recheck_schema  # asks the schema refresh to re-read the site's schema
+        self._rechecked: set[str] = set()  # types whose failure asked for a re-read already
 
     def fetch_fields(self, entity_type: str) -> list[str]:
         """The fields a fetch asks for: the type's cached fields that the site still has."""
@@ -41,23 +54,68 @@ class Fetcher:
                       if fieldtypes.is_cached_type(s.data_type) and (entity_type, f) not in self.missing_fields)
 
     def process(self, limit: int = 5000) -> int:
-        """Re-read queued entities from SG, grouped per type; returns how many were handled."""
+        """Re-read queued entities from SG, grouped per type; returns how many left the queue.
+
+        A type whose fetch fails (SG refuses it) is left queued and the others go on."""
         if self.sg is None:
             return 0
         conn = self.connect()
         q = self.store.fetch_queue
         with conn.begin():
             queued_by_type = fetchqueue.entries(conn, q, limit)
+        handled = 0
         for entity_type, queued in queued_by_type.items():
             if entity_type not in self.store.tables:  # the schema file lost the type meanwhile
                 with conn.begin():
                     fetchqueue.remove_handled(conn, q, entity_type, queued)
+                handled += len(queued)
                 continue
-            for chunk in chunks(sorted(queued), FETCH_CHUNK):
-                self._fetch_chunk(conn, entity_type, {i: queued[i] for i in chunk})
-        return sum(len(queued) for queued in queued_by_type.values())
+            refused = 0
+            try:
+                for chunk in chunks(sorted(queued), FETCH_CHUNK):
+                    left, not_stored = self._fetch_ids(conn, entity_type, {i: queued[i] for i in chunk})
+                    handled, refused = handled + left, refused + not_stored
+            except DBAPIError:
+                raise  # the run loop reconnects
+            except Exception as exc:  # noqa: BLE001 - one type SG refuses must not stall the others
+                log.error("fetch of %s %s failed (%s: %s); what it did not store stays queued", entity_type,
+                          id_ranges(sorted(queued)), type(exc).__name__, exc)
+                self._recheck_schema(entity_type, "its fetch failed")
+                continue
+            if refused:
+                self._recheck_schema(entity_type, "rows SG sent could not be stored")
+            else:
+                self._rechecked.discard(entity_type)
+        return handled
 
-    def _fetch_chunk(self, conn: Connection, entity_type: str, queued: dict[int, dt.datetime]) -> None:
+    def _recheck_schema(self, entity_type: str, why: str) -> None:
+        """Ask for a schema re-read (once per type until its fetches succeed): a field deleted on
+        the site (SG logs no event for it) or whose type changed makes every fetch of the type
+        fail or its rows unstorable; the re-read un-primes the field and leaves it out of fetches."""
+        if entity_type in self._rechecked:
+            return
+        self._rechecked.add(entity_type)
+        log.warning("%s: %s; the site's schema will be re-read", entity_type, why)
+        self.recheck_schema()
+
+    def _fetch_ids(self, conn: Connection, entity_type: str, queued: dict[int, dt.datetime]) -> tuple[int, int]:
+        """Fetch and store one chunk, reading again (a few times) the rows written meanwhile;
+        returns how many left the queue and how many rows were not stored (they stay queued)."""
+        left = refused = 0
+        for _attempt in range(OVERTAKEN_TRIES):
+            stored, not_stored, overtaken = self._fetch_chunk(conn, entity_type, queued)
+            left, refused = left + stored, refused + not_stored
+            queued = {i: queued[i] for i in overtaken}
+            if not queued:
+                break
+        return left, refused
+
+    def _fetch_chunk(self, conn: Connection, entity_type: str,
+                     queued: dict[int, dt.datetime]) -> tuple[int, int, set[int]]:
+        """Fetch and store one chunk; returns how many left the queue, how many rows were not
+        stored, and the ids written by another writer after SG was read (they stay queued)."""
+        with conn.begin():
+            mark = conn.execute(sa.select(sa.func.max(self.store.changes.c.seq))).scalar() or 0
         fields = self.fetch_fields(entity_type)
         ids = sorted(queued)
         sg = self.sg
@@ -67,13 +125,48 @@ class Fetcher:
         retired = [to_wire(r) for r in sg.find(entity_type, [["id", "in", missing]], fields, retired_only=True)] \
             if missing else []
         gone = sorted(set(missing) - {int(r["id"]) for r in retired})
-        complete = not any(t == entity_type for t, _f in self.missing_fields)
+        refused: set[int] = set()
         with conn.begin():
+            overtaken = self._written_since(conn, entity_type, ids, mark)
+            complete = self._complete(conn, entity_type, fields)
             batch = self.store.batch(conn, "fetch")
             for records, is_retired in ((active, False), (retired, True)):
-                batch.put(entity_type, records, complete=complete, retired=is_retired)
+                records = [r for r in records if int(r["id"]) not in overtaken]
+                result = batch.put(entity_type, records, complete=complete, retired=is_retired)
+                refused.update(entity_id for _t, entity_id in result.to_fetch)
             batch.flush()
-            fetchqueue.remove_handled(conn, self.store.fetch_queue, entity_type, queued)
+            # an entity whose row was not stored stays queued: its type's reads pass (pending-fetch)
+            # rather than be answered without it
+            stored = {i: at for i, at in queued.items() if i not in refused and i not in overtaken}
+            fetchqueue.remove_handled(conn, self.store.fetch_queue, entity_type, stored)
+        gone = [i for i in gone if i not in overtaken]
         if gone:
             log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",
                         entity_type, id_ranges(gone))
+        if refused:
+            log.error("%s %s: SG's rows could not be stored; they stay queued (reads of %s pass)",
+                      entity_type, id_ranges(sorted(refused)), entity_type)
+        return len(stored), len(refused), overtaken
+
+    def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int) -> set[int]:
+        """The ids whose rows another writer changed after ``mark`` (the change log's last ``seq``
+        before SG was read), read under the write lock: a proxy that learned a client's write
+        meanwhile holds a row newer than the fetch's, which must not be written over it. (A
+        change logged before the mark was learned from an answer SG gave before the fetch read it.)"""
+        c = self.store.changes
+        stmt = (sa.select(c.c.entity_id).distinct()
+                .where(c.c.seq > sa.bindparam("mark"), c.c.entity_type == sa.bindparam("entity_type"),
+                       c.c.entity_id.in_(sa.bindparam("ids", expanding=True))))
+        self.store.dialect.lock_writes(conn)
+        rows = conn.execute(stmt, {"mark": mark, "entity_type": entity_type, "ids": ids})
+        overtaken = {int(r.entity_id) for r in rows}
+        if overtaken:
+            log.info("%s %s changed in the replica while SG was read; read again", entity_type,
+                     id_ranges(sorted(overtaken)))
+        return overtaken
+
+    def _complete(self, conn: Connection, entity_type: str, fields: list[str]) -> bool:
+        """Whether rows read with ``fields`` may be stored whole (a new row too): every cached field
+        left out is un-primed (its reads pass), so the row's empty value there is never served."""
+        left_out = set(self.store.cached_field_names(entity_type)) - set(fields) - {"id"}
+        return not left_out & self.store.primed_fields(conn).get(entity_type, set())

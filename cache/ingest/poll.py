@@ -73,7 +73,8 @@ class Ingester:
         self.schema_refresh = SchemaRefresh(store, sg, self.connect)
         self.applier = EventApplier(store, self.schema_refresh)
         self.batch = BatchApplier(store, self.applier, self.position, self.sg_clock)
-        self.fetcher = Fetcher(store, sg, self.connect, self.schema_refresh.missing_fields)
+        self.fetcher = Fetcher(store, sg, self.connect, self.schema_refresh.missing_fields,
+                               self.schema_refresh.request)
         self._event_fields = event_fields(store)
         self._polls = 0
         self._behind = False  # the last poll was full: the next asks for catch_up_batch events

@@ -3,7 +3,7 @@
 A schema (``DisplayColumn``) event only records the field name in ``schema_pending``, in the
 poll's transaction. After the poll :meth:`SchemaRefresh.process` reads the site's schema once:
 a cached field that the site deleted or whose type changed is un-primed (its reads pass until
-the schema file is updated and the type rescanned; a deleted one is no longer fetched), and a
+the schema file is updated and the type rescanned) and no longer fetched, and a
 named field that is still the same is read again for every row, active and retired, and primed
 again. The pending names are cleared only after that work, so a crash repeats it.
 """
@@ -37,19 +37,29 @@ class SchemaRefresh:
         self.store = store
         self.sg = sg
         self.connect = connect
-        #: Cached fields the site no longer has: fetches leave them out.
+        #: Cached fields the site deleted or changed the type of (un-primed): fetches leave them out.
         self.missing_fields: set[FieldKey] = set()
 
     def note_event(self, conn: Connection, event: Mapping[str, Any]) -> None:
         """Record the field a schema event names (``*`` when none) in the poll's transaction."""
         entity = event.get("entity")
         name = entity.get("name") if isinstance(entity, Mapping) else None
-        pending = self.store.get_state(conn, SCHEMA_PENDING) or []
         marker = name if isinstance(name, str) and name else "*"
+        self._add_pending(conn, marker)
+        log.info("schema event %s (%s): the site's schema will be re-read", event.get("event_type"), marker)
+
+    def request(self) -> None:
+        """Ask for a re-read of the site's schema without an event (``*``: no field to re-fetch):
+        the fetcher does when SG refuses a fetch or sends rows that cannot be stored."""
+        conn = self.connect()
+        with conn.begin():
+            self._add_pending(conn, "*")
+
+    def _add_pending(self, conn: Connection, marker: str) -> None:
+        pending = self.store.get_state(conn, SCHEMA_PENDING) or []
         if marker not in pending:
             pending.append(marker)
             self.store.set_state(conn, SCHEMA_PENDING, pending)
-        log.info("schema event %s (%s): the site's schema will be re-read", event.get("event_type"), marker)
 
     def process(self) -> None:
         """Re-read the site's schema after schema events; un-prime or re-fetch affected cached fields."""
@@ -71,8 +81,9 @@ class SchemaRefresh:
                     key = (entity.name, fname)
                     if theirs is None or theirs.data_type != fschema.data_type:
                         self._unprime(conn, key, theirs.data_type if theirs else None, fschema.data_type)
-                        if theirs is None:
-                            self.missing_fields.add(key)
+                        # a value of the new type does not fit the column: fetching it would
+                        # make the write path refuse the whole row
+                        self.missing_fields.add(key)
                     elif fname in names and key in primed:
                         refetch.append(key)
                         self._set_field_primed(conn, key, False)
