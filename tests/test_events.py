@@ -72,6 +72,18 @@ def ingester(store: Store, client: SiteClient, clock: Clock) -> Iterator[Ingeste
     ing.close()
 
 
+@pytest.fixture
+def service(store: Store, site: FakeSite, tmp_path: Any) -> Iterator[Any]:
+    """A proxy's CacheService on the same replica: its learnt writes race the ingester's."""
+    from cache.proxy.service import CacheService
+
+    schema_path = tmp_path / "schema.yml"
+    schema_path.write_text(cached_schema(site).to_yaml())
+    proxy = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=0)
+    yield proxy
+    proxy.close()
+
+
 def change_rows(store: Store, **where: Any) -> list[Any]:
     t = store.changes
     cond = [t.c[k] == v for k, v in where.items()]
@@ -718,49 +730,41 @@ def test_a_field_deleted_on_the_site_does_not_stall_the_fetches_of_other_types(s
 
 
 def test_a_fetch_never_overwrites_a_write_the_proxy_learned_meanwhile(site: FakeSite, store: Store,
-                                                                    ingester: Ingester, tmp_path: Any) -> None:
+                                                                    ingester: Ingester, service: Any) -> None:
     """A queued Shot (just revived) is read by the fetch (code "a"); before the fetch writes it, a
     client updates it through the proxy to "b" and the proxy learns SG's answer. The fetch does not
     write its older row over the learned one: it reads the Shot again, and reads answer "b"."""
-    from cache.proxy.service import CacheService
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    site.delete_direct("Shot", shot["id"])
+    site.revive_direct("Shot", shot["id"])
+    ingester.poll_once()  # the Revival: the Shot is queued for a fetch
+    assert ("Shot", shot["id"]) in queued(store)
+    sg = ingester.fetcher.sg
+    assert sg is not None
+    sg_find = sg.find
+    done: list[int] = []
 
-    schema_path = tmp_path / "schema.yml"
-    schema_path.write_text(cached_schema(site).to_yaml())
-    service = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=0)
-    try:
-        proj = make_project(site)
-        shot = site.create_direct("Shot", {"code": "a", "project": proj})
-        sync(ingester)
-        site.delete_direct("Shot", shot["id"])
-        site.revive_direct("Shot", shot["id"])
-        ingester.poll_once()  # the Revival: the Shot is queued for a fetch
-        assert ("Shot", shot["id"]) in queued(store)
-        sg = ingester.fetcher.sg
-        assert sg is not None
-        sg_find = sg.find
-        done: list[int] = []
+    def fetch_then_proxy_write(entity_type: str, filters: Any, fields: list[str] | None = None,
+                               **kw: Any) -> Any:
+        rows = sg_find(entity_type, filters, fields, **kw)
+        if entity_type == "Shot" and not done:
+            done.append(1)  # SG read by the fetch; now the client's update through a proxy
+            params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
+            mark = service.write_mark()
+            answer = site._direct("update", params, True)
+            assert service.learn("update", params, answer, mark) == []
+        return rows
 
-        def fetch_then_proxy_write(entity_type: str, filters: Any, fields: list[str] | None = None,
-                                   **kw: Any) -> Any:
-            rows = sg_find(entity_type, filters, fields, **kw)
-            if entity_type == "Shot" and not done:
-                done.append(1)  # SG read by the fetch; now the client's update through a proxy
-                params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
-                mark = service.write_mark()
-                answer = site._direct("update", params, True)
-                assert service.learn("update", params, answer, mark) == []
-            return rows
-
-        ingester.fetcher.sg = type("Client", (), {"find": staticmethod(fetch_then_proxy_write)})()
-        ingester.process_fetch_queue()
-        assert done
-        assert queued(store) == []
-        read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
-                "filters": {"logical_operator": "and", "conditions": []},
-                "paging": {"entities_per_page": 10, "current_page": 1}}
-        assert service.read(read)["entities"] == [{"type": "Shot", "id": shot["id"], "code": "b"}]
-    finally:
-        service.close()
+    ingester.fetcher.sg = type("Client", (), {"find": staticmethod(fetch_then_proxy_write)})()
+    ingester.process_fetch_queue()
+    assert done
+    assert queued(store) == []
+    read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert service.read(read)["entities"] == [{"type": "Shot", "id": shot["id"], "code": "b"}]
 
 
 # -- leadership --------------------------------------------------------------------------
@@ -877,7 +881,7 @@ def test_a_backlog_is_read_in_catch_up_batches_until_the_end(site: FakeSite, sto
 
 
 def test_a_poll_never_overwrites_a_proxy_write_learnt_after_it_loaded_the_rows(
-        site: FakeSite, store: Store, ingester: Ingester, tmp_path: Any, backend: str,
+        site: FakeSite, store: Store, ingester: Ingester, service: Any, backend: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Someone sets a Shot's code "a" -> "b" (E1); the poll loads the row ("a"); a client sets "c"
     through the proxy meanwhile. The poll's old-value guard compares E1 with the row it loaded: on
@@ -892,45 +896,38 @@ def test_a_poll_never_overwrites_a_proxy_write_learnt_after_it_loaded_the_rows(
 
     import cache.ingest.batch as batchmod
     from cache.errors import Passthrough
-    from cache.proxy.service import CacheService
     from cache.replica.writes import WriteBatch
 
-    schema_path = tmp_path / "schema.yml"
-    schema_path.write_text(cached_schema(site).to_yaml())
-    service = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=0)
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    site.update_direct("Shot", shot["id"], {"code": "b"})  # E1, someone else
+    writers: list[threading.Thread] = []
+
+    def client_writes_c() -> None:
+        params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "c"}]}
+        mark = service.write_mark()
+        service.learn("update", params, site._direct("update", params, True), mark)
+
+    class Racing(WriteBatch):
+        def load(self, keys: Any) -> None:
+            super().load(keys)
+            if not writers:  # the poll has loaded the rows: the client's write lands now
+                writers.append(threading.Thread(target=client_writes_c))
+                writers[0].start()
+                writers[0].join(1.0)  # it waits for the poll's lock (before: it stored "c" at once)
+
+    monkeypatch.setattr(batchmod, "WriteBatch", Racing)
+    ingester.poll_once()
+    writers[0].join(30)
+    assert not writers[0].is_alive()
+    read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert site.find_direct("Shot", [], ["code"])[0]["code"] == "c"
     try:
-        proj = make_project(site)
-        shot = site.create_direct("Shot", {"code": "a", "project": proj})
-        sync(ingester)
-        site.update_direct("Shot", shot["id"], {"code": "b"})  # E1, someone else
-        writers: list[threading.Thread] = []
-
-        def client_writes_c() -> None:
-            params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "c"}]}
-            mark = service.write_mark()
-            service.learn("update", params, site._direct("update", params, True), mark)
-
-        class Racing(WriteBatch):
-            def load(self, keys: Any) -> None:
-                super().load(keys)
-                if not writers:  # the poll has loaded the rows: the client's write lands now
-                    writers.append(threading.Thread(target=client_writes_c))
-                    writers[0].start()
-                    writers[0].join(1.0)  # it waits for the poll's lock (before: it stored "c" at once)
-
-        monkeypatch.setattr(batchmod, "WriteBatch", Racing)
-        ingester.poll_once()
-        writers[0].join(30)
-        assert not writers[0].is_alive()
-        read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
-                "filters": {"logical_operator": "and", "conditions": []},
-                "paging": {"entities_per_page": 10, "current_page": 1}}
-        assert site.find_direct("Shot", [], ["code"])[0]["code"] == "c"
-        try:
-            served = service.read(read)["entities"]
-        except Passthrough as exc:
-            assert exc.reason == "pending-write"  # the learnt write marked instead: SG answers
-        else:
-            assert served == [{"type": "Shot", "id": shot["id"], "code": "c"}]
-    finally:
-        service.close()
+        served = service.read(read)["entities"]
+    except Passthrough as exc:
+        assert exc.reason == "pending-write"  # the learnt write marked instead: SG answers
+    else:
+        assert served == [{"type": "Shot", "id": shot["id"], "code": "c"}]
