@@ -19,7 +19,6 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -115,7 +114,7 @@ class Fetcher:
         """Fetch and store one chunk; returns how many left the queue, how many rows were not
         stored, and the ids written by another writer after SG was read (they stay queued)."""
         with conn.begin():
-            mark = conn.execute(sa.select(sa.func.max(self.store.changes.c.seq))).scalar() or 0
+            mark = self.store.change_mark(conn)
         fields = self.fetch_fields(entity_type)
         ids = sorted(queued)
         sg = self.sg
@@ -149,17 +148,10 @@ class Fetcher:
         return len(stored), len(refused), overtaken
 
     def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int) -> set[int]:
-        """The ids whose rows another writer changed after ``mark`` (the change log's last ``seq``
-        before SG was read), read under the write lock: a proxy that learned a client's write
-        meanwhile holds a row newer than the fetch's, which must not be written over it. (A
-        change logged before the mark was learned from an answer SG gave before the fetch read it.)"""
-        c = self.store.changes
-        stmt = (sa.select(c.c.entity_id).distinct()
-                .where(c.c.seq > sa.bindparam("mark"), c.c.entity_type == sa.bindparam("entity_type"),
-                       c.c.entity_id.in_(sa.bindparam("ids", expanding=True))))
-        self.store.dialect.lock_writes(conn)
-        rows = conn.execute(stmt, {"mark": mark, "entity_type": entity_type, "ids": ids})
-        overtaken = {int(r.entity_id) for r in rows}
+        """The ids whose rows another writer changed after ``mark`` (taken before SG was read), under
+        the write lock: a proxy that learned a client's write meanwhile holds a row newer than the
+        fetch's, which must not be written over it (:meth:`Store.changed_since`)."""
+        overtaken = self.store.changed_since(conn, entity_type, ids, mark)
         if overtaken:
             log.info("%s %s changed in the replica while SG was read; read again", entity_type,
                      id_ranges(sorted(overtaken)))

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..audit import table as audit_table
 from ..private import ensure_private_file
-from ..wire import check_link
+from ..wire import check_link, chunks
 from . import fetchqueue, fieldtypes, pairs, pending
 from .dialect import Dialect, dialect_for, sequence_key_type
 from .schema import FieldSchema, Schema
@@ -494,6 +494,25 @@ class Store:
         """The database server's clock now (naive UTC): the one clock every host writing to the
         replica shares (SQLite's is this host's)."""
         return datetime.fromtimestamp(self.dialect.clock(conn), UTC).replace(tzinfo=None)
+
+    def change_mark(self, conn: Connection) -> int:
+        """The change log's newest ``seq``, read before SG is: a row another writer changes after
+        that (the ingester applied a newer event, a proxy learned a write) is logged above it. Every
+        writer logs under the write lock, so ``seq`` grows in commit order."""
+        return int(conn.execute(sa.select(sa.func.max(self.changes.c.seq))).scalar() or 0)
+
+    def changed_since(self, conn: Connection, entity_type: str, ids: Sequence[int], mark: int) -> set[int]:
+        """Which of these rows a writer changed after ``mark`` (:meth:`change_mark`), read under the
+        write lock (no other writer commits before ``conn``'s transaction does): what was read from
+        SG before ``mark`` is older than those rows and must not be written over them."""
+        self.dialect.lock_writes(conn)
+        table = self.changes
+        out: set[int] = set()
+        for chunk in chunks(sorted(ids), 500):
+            out.update(conn.execute(sa.select(table.c.entity_id).distinct().where(
+                (table.c.seq > mark) & (table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+            )).scalars())
+        return out
 
     def note_links(self, conn: Connection, links: Iterable[Mapping[str, Any]]) -> None:
         """Remember linked entities and their names as SG sent them."""

@@ -38,7 +38,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from ..ingest.config import IngestConfig
 from ..ingest.gaps import starting_cursor
@@ -175,23 +174,9 @@ class Scanner:
 
     # -- writing the replica -----------------------------------------------------------
     def change_mark(self) -> int:
-        """The change log's newest ``seq``, read before SG is: a row changed in the replica after
-        SG was read (the ingester applied a newer event, the proxy learned a write) is logged above
-        it. Every writer logs under the write lock, so ``seq`` grows in commit order."""
+        """The change log's newest ``seq`` (:meth:`Store.change_mark`), read before SG is."""
         with self.store.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.max(self.store.changes.c.seq))).scalar() or 0)
-
-    def changed_since(self, conn: Connection, entity_type: str, ids: Sequence[int], mark: int) -> set[int]:
-        """Which of these rows the replica changed after ``mark``, read under the write lock (so no
-        other writer commits before this transaction does)."""
-        self.store.dialect.lock_writes(conn)
-        table = self.store.changes
-        out: set[int] = set()
-        for chunk in chunks(sorted(ids), CHUNK):
-            out.update(conn.execute(sa.select(table.c.entity_id).distinct().where(
-                (table.c.seq > mark) & (table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
-            )).scalars())
-        return out
+            return self.store.change_mark(conn)
 
     def _write_page(self, scan: TypeScan, rows: list[dict[str, Any]], retired: bool, mark: int) -> None:
         """Upsert one page in one transaction, retrying when the database refuses it. A row the
@@ -200,7 +185,7 @@ class Scanner:
         for attempt in range(1, DB_ATTEMPTS + 1):
             try:
                 with self.store.write_engine.begin() as conn:
-                    newer = self.changed_since(conn, scan.entity_type, [int(r["id"]) for r in rows], mark)
+                    newer = self.store.changed_since(conn, scan.entity_type, [int(r["id"]) for r in rows], mark)
                     result = self.store.write_entities(
                         conn, scan.entity_type, [r for r in rows if int(r["id"]) not in newer], "scan",
                         complete=True, retired=retired
@@ -295,7 +280,7 @@ class Scanner:
         mark = self.change_mark()
         shown = self.still_at_sg(scan.entity_type, unseen)
         with self.store.write_engine.begin() as conn:
-            newer = self.changed_since(conn, scan.entity_type, unseen, mark)
+            newer = self.store.changed_since(conn, scan.entity_type, unseen, mark)
             for eid in unseen:
                 if eid in shown or eid in newer:
                     continue
