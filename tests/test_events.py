@@ -439,19 +439,26 @@ def test_gap_already_old_by_sg_clock_is_given_up_at_once(site: FakeSite, store: 
     assert state(store, K_CURSOR) == site.last_event_id()
 
 
-def test_id_visible_after_its_gap_was_given_up_is_swept(site: FakeSite, store: Store, ingester: Ingester) -> None:
+def give_up_a_long_transaction(site: FakeSite, store: Store, ingester: Ingester) -> tuple[dict[str, Any], list[int]]:
+    """A Shot's code set to "late" in a transaction whose event id the ingester gives up (not
+    visible gap_timeout after a later event): (the Shot, [that id]), the id still held."""
     site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
     proj = make_project(site)
     shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
     sync(ingester)
     held = site.hold_event_ids(1)
-    site.update_direct("Shot", shot["id"], {"code": "late"})  # a long transaction
+    site.update_direct("Shot", shot["id"], {"code": "late"})  # a long transaction (created_at now)
     site.update_direct("Shot", shot["id"], {"description": "visible"})
     sync(ingester)
     site.advance_clock(seconds=301)
     site.update_direct("Shot", shot["id"], {"sg_cut_in": 1})
     sync(ingester)
     assert state(store, K_CURSOR) == site.last_event_id()  # given up
+    return shot, held
+
+
+def test_id_visible_after_its_gap_was_given_up_is_swept(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    _shot, held = give_up_a_long_transaction(site, store, ingester)
     site.release_held()  # commits after the give-up
     sync(ingester)
     assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "sh1"  # polls never look back
@@ -470,18 +477,7 @@ def test_an_id_visible_after_its_gap_was_given_up_survives_a_restart(site: FakeS
     """A transaction runs a little longer than the gap timeout: its id is given up, then shows. The
     ingester restarts before its next sweep and is down ten minutes, longer than the sweep window:
     the given-up id, kept in the replica, is still looked for by id and applied."""
-    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    sync(ingester)
-    held = site.hold_event_ids(1)
-    site.update_direct("Shot", shot["id"], {"code": "late"})  # a long transaction (created_at now)
-    site.update_direct("Shot", shot["id"], {"description": "visible"})
-    sync(ingester)
-    site.advance_clock(seconds=301)
-    site.update_direct("Shot", shot["id"], {"sg_cut_in": 1})
-    sync(ingester)
-    assert state(store, K_CURSOR) == site.last_event_id()  # given up
+    shot, held = give_up_a_long_transaction(site, store, ingester)
     site.advance_clock(seconds=9)
     site.release_held()  # it commits 310 s after it started
     ingester.close()  # restarted before its next sweep; down for ten minutes
