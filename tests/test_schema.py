@@ -262,3 +262,44 @@ def test_a_type_or_field_no_longer_cached_is_unprimed_by_a_writer(db_url: str) -
     back = primed(full)
     assert "sg_cut_in" not in back["Shot"] and "code" in back["Shot"]
     assert "Sequence" not in back and "Project" in back
+
+
+def test_fields_whose_value_depends_on_the_reader_are_never_cached(db_url: str) -> None:
+    """SG computes ``Version.viewed_by_current_user``, ``Project.current_user_favorite`` and the like
+    for the user who reads them: one stored value would be served to every reader. A subset's rules
+    never keep them, and a replica opened with a schema file that names them leaves them out (a read
+    naming one passes, ``uncached-field``)."""
+    from cache.errors import Passthrough
+    from cache.read import Reader, ReplicaState
+
+    text = """
+sgcache_schema: 1
+entities:
+  Version:
+    fields:
+      code: text
+      viewed_by_current_user: {type: list, values: [unread, read]}
+      viewed_by_current_user_at: date_time
+  Project:
+    fields:
+      name: text
+      current_user_favorite: checkbox
+"""
+    schema = Schema.from_yaml(text)
+    assert "viewed_by_current_user" in schema.entities["Version"].fields  # the file, as written
+    assert schema.filtered(parse_rules("+Version.*\n+Project.*\n")).to_dict() == schema.cacheable().to_dict()
+    assert set(schema.cacheable().entities["Version"].fields) == {"id", "code"}
+    assert set(schema.cacheable().entities["Project"].fields) == {"id", "name"}
+    store = Store.open(db_url, schema)
+    try:
+        assert store.schema.field("Version", "viewed_by_current_user") is None
+        with store.engine.begin() as conn:
+            store.mark_primed(conn, "Version")
+        params = {"type": "Version", "return_fields": ["viewed_by_current_user"], "return_only": "active",
+                  "filters": {"logical_operator": "and", "conditions": []},
+                  "paging": {"entities_per_page": 50, "current_page": 1}}
+        with store.engine.connect() as conn, pytest.raises(Passthrough) as info:
+            Reader(store).read(conn, params, ReplicaState(store.primed_fields(conn)))
+        assert info.value.reason == "uncached-field"
+    finally:
+        store.dispose()

@@ -51,7 +51,7 @@ class CacheService:
 
     def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = DEFAULT_MAX_LAG,
                  read_budget: float = READ_BUDGET_SECONDS, pairs_path: str | Path | None = None):
-        self.schema = Schema.load(schema_path)
+        self.schema = Schema.load(schema_path).cacheable()
         pairs = PairRegistry.build(load_pairs_file(pairs_path or DEFAULT_PAIRS_FILE))
         self.store = Store.open(db_url, self.schema, **dialect_for(db_url).proxy_engine_options())
         self._check_replica = self._watch_engine()

@@ -19,6 +19,7 @@ verbatim), so that every field of a ``schema_read`` answer can be written down.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("sgcache.schema")
 
 FORMAT_VERSION = 1
 
@@ -51,6 +54,13 @@ IDENTIFIER_FIELDS = {
 
 #: Keys of a field entry other than its type, in the order they are written.
 _FIELD_KEYS = ("label", "description", "editable", "mandatory", "unique", "default", "properties")
+
+
+def reader_dependent(fname: str) -> bool:
+    """A field whose value SG computes for the user who reads it (``Version.viewed_by_current_user``,
+    ``Project.current_user_favorite``, ``Page.current_user_can_see``, ...): one stored value is not
+    every reader's, so it is never cached (a read naming it passes, ``uncached-field``)."""
+    return "current_user" in fname
 
 
 class SchemaError(ValueError):
@@ -207,6 +217,17 @@ class Schema:
             }
         )
 
+    def cacheable(self) -> Schema:
+        """This schema without the fields whose value depends on who reads it (:func:`reader_dependent`):
+        what a replica may hold (a schema file written before that rule may name some)."""
+        dropped = [f"{t}.{f}" for t, e in self.entities.items() for f in e.fields if reader_dependent(f)]
+        if not dropped:
+            return self
+        log.warning("not cached, their values depend on who reads them: %s", ", ".join(sorted(dropped)))
+        return Schema({t: EntitySchema(t, {f: s for f, s in e.fields.items() if not reader_dependent(f)},
+                                       label=e.label, identifier=e.identifier)
+                       for t, e in self.entities.items()})
+
     # -- from a live site ------------------------------------------------------------
     @classmethod
     def from_schema_read(
@@ -236,6 +257,8 @@ class Schema:
         for type_name, entity in self.entities.items():
             kept: dict[str, FieldSchema] = {}
             for fname, fschema in entity.fields.items():
+                if reader_dependent(fname):
+                    continue
                 selected = False
                 for include, pattern in rules:
                     if fnmatch.fnmatchcase(f"{type_name}.{fname}", pattern):

@@ -89,7 +89,7 @@ class Store:
         self.dialect: Dialect = dialect_for(engine)
         self._write_engine: Engine | None = engine if writer else None
         self.writer = writer  # a sidecar that keeps the replica current (not a proxy)
-        self.schema = schema
+        self.schema = schema.cacheable()  # never a field whose value depends on who reads it
         # why the database's lower() cannot be trusted, once asked (:meth:`lower_problem`)
         self._lower_problem: tuple[str | None] | None = None
         self._lower_lock = threading.Lock()
@@ -97,7 +97,7 @@ class Store:
         self.tables: dict[str, sa.Table] = {}
         self.multi: dict[tuple[str, str], sa.Table] = {}
         self._build_meta_tables()
-        for entity in schema.entities.values():
+        for entity in self.schema.entities.values():
             self._build_entity_tables(entity.name, entity.fields)
 
     @classmethod
