@@ -434,3 +434,19 @@ def test_the_guard_refuses_with_a_reason_and_counts(caplog: pytest.LogCaptureFix
     assert counted == ["relay-refused", "relay-refused"]
     assert "refused CONNECT evil.test:443 from 10.0.0.9" in caplog.text
 
+
+
+def test_partial_answers_are_read_back_only_with_credentials_the_cache_serves(service: FakeService) -> None:
+    """The read-back after a partial answer stores rows for every reader: only with a credential
+    whose reads the cache would serve (SG may hide fields from the others), as the options say now."""
+    from cache.proxy.auth import CredentialCache
+
+    async def test(calls: SiteCalls) -> Any:
+        user = {"user_login": "ann", "user_password": "pw"}
+        may = calls.writes.may_read_back
+        before = (may(AUTH), may(user))
+        calls.credentials = CredentialCache(allow_users=True, scripts=["other"])  # the options changed
+        return before, (may(AUTH), may(user))
+
+    before, after = run(service, test)
+    assert before == (True, False) and after == (False, True)

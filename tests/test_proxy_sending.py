@@ -230,6 +230,9 @@ class FakeService:
     def fetch_rows(self, url: str, auth: Any, items: Any, tls: Any) -> None:
         self.calls.append(("fetch_rows", url, auth, items, tls))
 
+    def left_queued(self, entity_types: Any) -> None:
+        self.calls.append(("left_queued", sorted(entity_types)))
+
     def count(self, reason: str | None) -> None:
         self.calls.append(("count", reason))
 
@@ -312,6 +315,7 @@ def test_learning_reads_back_a_partial_answer_and_never_raises(caplog: pytest.Lo
     tls = ssl.create_default_context()
 
     async def test(writes: Writes, outages: Outages) -> None:
+        writes.may_read_back = lambda auth: auth == AUTH
         await writes.learn(service, state, {"type": "Shot", "id": 1}, "https://sg:443/api3/json", lambda: tls)
         service.learn_error = Passthrough("db-backoff")
         await writes.learn(service, state, {}, "https://sg:443/api3/json", lambda: tls)
@@ -323,3 +327,21 @@ def test_learning_reads_back_a_partial_answer_and_never_raises(caplog: pytest.Lo
     assert service.calls[0] == ("learn", "update", state.args, {"type": "Shot", "id": 1}, 7)
     assert service.calls[1] == ("fetch_rows", "https://sg:443/api3/json", AUTH, [("Shot", 1)], tls)
     assert caplog.text.count("not recorded") == 2 and "db-backoff" in caplog.text
+
+
+def test_a_partial_answer_to_credentials_the_cache_does_not_serve_is_not_read_back() -> None:
+    """The read-back stores rows for every reader; SG may hide fields from a writer whose reads the
+    cache does not serve (a human user, a script not listed): their rows are left to the ingester's
+    fetch, and their types marked."""
+    service = FakeService()
+    service.to_fetch = [("Shot", 1), ("Asset", 2)]
+    state = write_state()
+
+    async def test(writes: Writes, outages: Outages) -> None:
+        writes.may_read_back = lambda auth: False
+        await writes.learn(service, state, {"type": "Shot", "id": 1}, "https://sg:443/api3/json",
+                           ssl.create_default_context)
+
+    run_writes(test)
+    assert [c[0] for c in service.calls] == ["learn", "left_queued"]
+    assert service.calls[1] == ("left_queued", ["Asset", "Shot"])

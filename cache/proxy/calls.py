@@ -95,6 +95,7 @@ class SiteCalls:
         self.infos = InfoCopies()
         self.reads = Reads(executor)
         self.writes = Writes(executor, write_executor, self.outages)
+        self.writes.may_read_back = lambda auth: self.credentials.kind_reason(auth) is None
         #: ``sgcache_offline``: answer from the replica while SG is down.
         self.offline = True
         #: The audit (cache/audit/shadow.py), set by the addon: samples hits, refuses switched-off rules.

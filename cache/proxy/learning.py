@@ -337,6 +337,13 @@ class Learner:
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
             log.warning("could not mark %s pending after an upload: %s", ", ".join(types), short_error(exc))
 
+    def left_queued(self, entity_types: Collection[str]) -> None:
+        """Rows of a partial answer are not read back (the writer's credentials are not ones the
+        cache serves, so SG may hide fields from them): they stay queued for the ingester's fetch
+        and their types are marked, so another proxy passes their reads at once too."""
+        for entity_type in sorted(entity_types):
+            self._mark_type_pending(entity_type)
+
     def _mark_type_pending(self, entity_type: str) -> None:
         """Rows of ``entity_type`` stay queued for a fetch: other proxies learn of the queue up to a
         second late (their cached replica state), the marker reaches their very next read."""

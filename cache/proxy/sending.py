@@ -68,6 +68,9 @@ class Writes:
         self.outages = outages
         self.pool = upstream.Pool()  # connections to SG kept alive between writes
         self._learners = threading.BoundedSemaphore(LEARNERS)
+        #: Whether a partial answer's rows may be read back with the writer's credentials and stored
+        #: for every reader: only those the cache would serve (SG may hide fields from the others).
+        self.may_read_back: Callable[[Any], bool] = lambda auth: False
 
     async def send(self, replica: Replica, request: Outgoing, state: FlowState, tls: ssl.SSLContext | None,
                    learn: Callable[[CacheService, upstream.Reply], None] | None = None) -> upstream.Reply | Answer:
@@ -145,9 +148,11 @@ class Writes:
         try:
             with self._learners:
                 to_fetch = service.learn(method, state.args, results, state.write_mark)
-            if to_fetch and state.auth:
+            if to_fetch and state.auth and self.may_read_back(state.auth):
                 # the answer was partial: read the whole rows now, so the writer reads its write
                 service.fetch_rows(url, state.auth, to_fetch, context)
+            elif to_fetch:  # left queued for the ingester (its script sees every field); passed till then
+                service.left_queued({entity_type for entity_type, _id in to_fetch})
         except Passthrough as exc:
             log.info("%s answer not recorded (%s); the ingester will bring it", method, exc.reason)
         except Exception as exc:  # noqa: BLE001 - learning is best effort; the client has SG's answer

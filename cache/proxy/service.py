@@ -242,6 +242,10 @@ class CacheService:
         """See :meth:`Learner.fetch_rows`: read back from SG the rows of a partial answer."""
         self.learner.fetch_rows(url, auth, items, ssl_context)
 
+    def left_queued(self, entity_types: Collection[str]) -> None:
+        """See :meth:`Learner.left_queued`: rows of a partial answer not read back."""
+        self.learner.left_queued(entity_types)
+
     def uploaded(self, entity_types: Collection[str] | None) -> None:
         """See :meth:`Learner.uploaded`: an upload reached SG (None: every cached type)."""
         self.learner.uploaded(entity_types)
