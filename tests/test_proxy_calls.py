@@ -213,19 +213,19 @@ def passed(method: str, args: Any = None) -> FlowState:
     return state
 
 
-def test_a_503_is_answered_stale_and_means_sg_is_down_once_two_clients_got_one(service: FakeService) -> None:
+def test_a_503_is_answered_stale_and_means_sg_is_down_once_three_connections_got_one(service: FakeService) -> None:
     async def test(calls: SiteCalls) -> Any:
         accept(calls)
-        first = dataclasses.replace(call("read"), peer="10.0.0.1")
-        outcome = await calls.answer(first, passed("read", {"type": "Shot"}), sg_answer(503, b"maintenance"))
-        after_one = dict(calls.outages.down_until)
-        second = dataclasses.replace(call("read"), peer="10.0.0.2")
-        await calls.answer(second, passed("read", {"type": "Shot"}), sg_answer(503, b"maintenance"))
-        return outcome, after_one, dict(calls.outages.down_until)
+        outcomes, down = [], []
+        for client in ("c1", "c1", "c2", "c3"):
+            read = dataclasses.replace(call("read"), client=client)
+            outcomes.append(await calls.answer(read, passed("read", {"type": "Shot"}), sg_answer(503, b"maint")))
+            down.append(HOST in calls.outages.down_until)
+        return outcomes, down
 
-    outcome, after_one, after_two = run(service, test)
-    assert isinstance(outcome, Answer) and outcome.headers[HEADER] == "hit; stale"  # this read, offline
-    assert not after_one and HOST in after_two  # one client's 503 is its own; a second's: SG is down
+    outcomes, down = run(service, test)
+    assert all(isinstance(o, Answer) and o.headers[HEADER] == "hit; stale" for o in outcomes)  # each read, offline
+    assert down == [False, False, False, True]  # one connection's 503s are its own; three: SG is down
 
 
 def test_sg_s_answers_teach(service: FakeService) -> None:

@@ -113,12 +113,14 @@ def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:
     assert not outages.down_until
     outages.note("sg.example.com", "again")
     assert not outages.is_down("sg.example.com", offline=False)  # offline answers off: SG is tried
-    assert not outages.note_status("sg.example.com", 500, "10.0.0.1") and not outages.down_until  # one request failed
-    assert outages.note_status("sg.example.com", 504, "10.0.0.1") and not outages.down_until  # one client's
-    assert outages.note_status("sg.example.com", 503, "10.0.0.1") and not outages.down_until  # still one client
+    assert not outages.note_status("sg.example.com", 500, "c1") and not outages.down_until  # one request failed
+    assert outages.note_status("sg.example.com", 504, "c1") and not outages.down_until  # one client's
+    assert outages.note_status("sg.example.com", 503, "c1") and not outages.down_until  # its re-send
+    assert outages.note_status("sg.example.com", 502, "c2") and not outages.down_until  # two connections
     clock.now += OUTAGE_SECONDS + 0.1
-    assert outages.note_status("sg.example.com", 502, "10.0.0.2") and not outages.down_until  # the first is old
-    assert outages.note_status("sg.example.com", 503, "10.0.0.3") and outages.is_down("sg.example.com", offline=True)
+    assert outages.note_status("sg.example.com", 502, "c3") and not outages.down_until  # the first two are old
+    assert outages.note_status("sg.example.com", 503, "c4") and not outages.down_until
+    assert outages.note_status("sg.example.com", 503, "c5") and outages.is_down("sg.example.com", offline=True)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def call_of(flow: http.HTTPFlow) -> Call:
     """The flow's request, as the policies in cache.proxy see it."""
     r = flow.request
     return Call(Outgoing(r.scheme, r.host, r.port, r.path, list(r.headers.items(multi=True)), r.raw_content or b""),
-                flow.client_conn.id, peer_of(flow))
+                flow.client_conn.id)
 
 
 def body_size(flow: http.HTTPFlow) -> int:

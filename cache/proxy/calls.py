@@ -55,7 +55,6 @@ class Call:
 
     request: Outgoing
     client: str  # the client connection's id (a slow one gets smaller read budgets)
-    peer: str = "?"  # the client's address
 
     @property
     def site(self) -> str:
@@ -267,7 +266,7 @@ class SiteCalls:
         key), or None (SG's answer stands)."""
         if state.method is None:
             return None
-        if self.outages.note_status(call.request.host, sg.status, call.peer):
+        if self.outages.note_status(call.request.host, sg.status, call.client):
             if state.method == "read" and self.offline and not self.credentials.reason(call.site, state.auth):
                 outcome = await self.serve_read(call, state.args, offline=True)
                 if isinstance(outcome, Answer):

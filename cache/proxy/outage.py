@@ -1,8 +1,8 @@
 """When SG counts as down, and for how long the proxy then answers by itself.
 
 SG is down for a host when a connection to it could not be made (refused, DNS, TLS), when a
-write could not be sent, or when it (or its load balancer) answered 502, 503 or 504 to clients
-at :data:`OUTAGE_PEERS` different addresses within :data:`OUTAGE_SECONDS`. For
+write could not be sent, or when it (or its load balancer) answered 502, 503 or 504 on
+:data:`OUTAGE_CONNECTIONS` different client connections within :data:`OUTAGE_SECONDS`. For
 :data:`OUTAGE_SECONDS` after that, requests to that host are answered offline
 (``sgcache_offline``): cacheable reads from the replica, marked stale; ``info`` from the last
 copy seen (:mod:`.offline`); everything else with an error naming the outage. Then SG is
@@ -26,8 +26,10 @@ log = logging.getLogger("sgcache")
 OUTAGE_SECONDS = 10.0
 #: Upstream statuses that mean the site (or its load balancer) is down, or that one request failed.
 OUTAGE_STATUSES = frozenset({502, 503, 504})
-#: Clients at this many addresses must get one of those within OUTAGE_SECONDS for SG to count as down.
-OUTAGE_PEERS = 2
+#: Client connections that must get one of those within OUTAGE_SECONDS for SG to count as down
+#: (connections, not addresses: behind a TCP balancer every client has the balancer's address; a
+#: client re-sends a 502/504 on the connection it has).
+OUTAGE_CONNECTIONS = 3
 
 
 def never_connected(tcp_setup: float | None, tls: bool, tls_setup: float | None) -> bool:
@@ -42,7 +44,7 @@ class Outages:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.down_until: dict[str, float] = {}
         self._clock = clock
-        #: Per host, the client addresses that got an outage status, and when (the last one).
+        #: Per host, the client connections that got an outage status, and when (the last one).
         self._failed: dict[str, dict[str, float]] = {}
 
     def is_down(self, host: str, offline: bool) -> bool:
@@ -63,18 +65,18 @@ class Outages:
             log.warning("SG at %s unreachable (%s): serving offline for %.0fs", host, why, OUTAGE_SECONDS)
         self.down_until[host] = self._clock() + OUTAGE_SECONDS
 
-    def note_status(self, host: str, status: int, peer: str) -> bool:
-        """Whether SG's ``status`` to a client at ``peer`` is one a site that is down gives (that
-        request may be answered offline). SG counts as down once clients at :data:`OUTAGE_PEERS`
-        addresses got one within :data:`OUTAGE_SECONDS`."""
+    def note_status(self, host: str, status: int, client: str) -> bool:
+        """Whether SG's ``status`` on the client connection ``client`` is one a site that is down
+        gives (that request may be answered offline). SG counts as down once
+        :data:`OUTAGE_CONNECTIONS` client connections got one within :data:`OUTAGE_SECONDS`."""
         if status not in OUTAGE_STATUSES:
             return False
         now = self._clock()
         failed = self._failed.setdefault(host, {})
-        failed[peer] = now
+        failed[client] = now
         for other, at in list(failed.items()):
             if at < now - OUTAGE_SECONDS:
                 del failed[other]
-        if len(failed) >= OUTAGE_PEERS:
-            self.note(host, f"HTTP {status} to clients at {len(failed)} addresses")
+        if len(failed) >= OUTAGE_CONNECTIONS:
+            self.note(host, f"HTTP {status} on {len(failed)} client connections")
         return True
