@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from cache.errors import Passthrough
 from cache.ops import access
 from cache.proxy import inline
+from cache.proxy import service as servicemod
 from cache.proxy.inline import NotInline
 from cache.proxy.reads import Reads, _encoded, read_encoded
 from cache.proxy.service import CacheService
@@ -47,9 +48,11 @@ def service(db_url: str) -> Iterator[CacheService]:
 
 @pytest.fixture
 def generous(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every read counts as fast and the inline budget is ample: no test depends on a busy machine's speed."""
+    """Every read counts as fast, the inline budget is ample and the replica's state stays fresh a
+    minute: no test depends on a busy machine's speed."""
     monkeypatch.setattr(reader, "FAST_READ_SECONDS", 60.0)
     monkeypatch.setattr(inline, "INLINE_BUDGET_SECONDS", 60.0)
+    monkeypatch.setattr(servicemod, "REPLICA_STATE_TTL", 60.0)
 
 
 def inline_read(service: CacheService, args: Any = SMALL) -> Any:
