@@ -38,6 +38,7 @@ from cache.mitm.flows import (  # noqa: E402
     declared_size,
     form_of,
     made_response,
+    one_host,
     one_line_refusals,
     peer_of,
     quick_ack,
@@ -336,7 +337,7 @@ class SGCache:
 
     def _site_api3_now(self, flow: http.HTTPFlow) -> bool:
         r = flow.request
-        return (self.site is not None and is_api3(r.method, r.path)
+        return (self.site is not None and is_api3(r.method, r.path) and one_host(r)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
     @staticmethod
@@ -348,7 +349,7 @@ class SGCache:
     def _is_site_upload(self, flow: http.HTTPFlow) -> bool:
         """An upload form to the site, which may change entities (cache/proxy/uploads.py)."""
         r = flow.request
-        return (self.site is not None and is_upload(r.method, r.path)
+        return (self.site is not None and is_upload(r.method, r.path) and one_host(r)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
     async def _uploaded(self, flow: http.HTTPFlow) -> None:

@@ -115,6 +115,8 @@ def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
         ("sg.example.shotgunstudio.com", 8443, "https", None),  # another port
         ("sg.example.shotgunstudio.com", 443, "http", None),  # another scheme
         ("sg.example.shotgunstudio.com", 443, "https", "other.shotgunstudio.com"),  # another tenant's name
+        # two Host headers (HTTP/2 lets a client send host twice): which one SG routes by is not known
+        ("sg.example.shotgunstudio.com", 443, "https", "other.shotgunstudio.com|sg.example.shotgunstudio.com"),
     ],
 )
 def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, scheme: str,
@@ -126,7 +128,11 @@ def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, sche
         flow = api3_flow(call("create", {"type": "Shot", "fields": [{"field_name": "code", "value": "x"}]}),
                          host=host)
         flow.request.port, flow.request.scheme = port, scheme
-        if host_header:
+        if host_header and "|" in host_header:  # HTTP/2: the site's :authority, and two host headers
+            flow.request.http_version = "HTTP/2.0"
+            flow.request.authority = "sg.example.shotgunstudio.com"
+            flow.request.headers.set_all("Host", host_header.split("|"))
+        elif host_header:
             flow.request.headers["Host"] = host_header
         await addon.request(flow)
         assert flow.response is None  # not sent by the addon: mitmproxy relays it untouched

@@ -89,6 +89,13 @@ def reverse_targets(modes: Sequence[str]) -> list[tuple[str, str, int]]:
     return targets
 
 
+def one_host(request: http.Request) -> bool:
+    """At most one Host header: with two (HTTP/2 lets a client send ``host`` twice beside
+    ``:authority``), which one SG's front end routes by is not known, so the request is not
+    taken for the site's."""
+    return len(request.headers.get_all("host")) <= 1
+
+
 def peer_of(flow: http.HTTPFlow) -> str:
     """The client's address, for the log."""
     peer = flow.client_conn.peername
