@@ -24,8 +24,6 @@ _PATTERNS = {
     "ends_with": "%{}",
     "name_contains": "%{}%",
     "name_not_contains": "%{}%",
-    "name_starts_with": "{}%",
-    "name_ends_with": "%{}",
 }
 
 
