@@ -457,27 +457,37 @@ def test_a_state_read_under_the_write_lock_sees_what_the_holder_committed(db_url
         store.dispose()
 
 
-def test_a_learnt_write_reads_the_mark_and_the_learned_pairs_in_one_statement(db_url: str, backend: str) -> None:
-    """The ingester's mark and every learned pair, told apart in one result (the state's row has
-    no field name), under the write lock; no state row reads as None."""
+def test_a_learnt_write_reads_the_mark_the_learned_pairs_and_the_rows_written_in_one_statement(
+        db_url: str, backend: str) -> None:
+    """The ingester's mark, every learned pair and the rows proxies wrote after a change-log mark,
+    told apart in one result (the state's row has no field name), under the write lock; no state
+    row reads as None."""
     store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
     sent: list[str] = []
     sa.event.listen(store.write_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
     try:
         with store.write_engine.begin() as conn:
-            assert store.locked_state_and_pairs(conn, "probe") == (None, [])
+            assert store.locked_state_pairs_written(conn, "probe", 0) == (None, [], set())
         with store.write_engine.begin() as conn:
             store.set_state(conn, "probe", {"high": 7})
             conn.execute(store.pairs_table.insert(), [
                 {"entity_type": "Shot", "field_name": "assets", "other_type": "Asset", "other_field": "shots"},
                 {"entity_type": "Asset", "field_name": "shots", "other_type": "Shot", "other_field": "assets"}])
+            store.set_retired(conn, "Shot", 12, True, "proxy")  # a proxy wrote Shot 12 (no row: only its record)
+            mark = store.change_mark(conn)
+            store.set_retired(conn, "Shot", 13, True, "proxy")
+            store.set_retired(conn, "Asset", 14, True, "scan")  # not a proxy's
         sent.clear()
         with store.write_engine.begin() as conn:
-            value, learned = store.locked_state_and_pairs(conn, "probe")
+            value, learned, written = store.locked_state_pairs_written(conn, "probe", mark)
         assert value == {"high": 7}
         assert sorted(learned) == [("Asset", "shots", "Shot", "assets"), ("Shot", "assets", "Asset", "shots")]
+        assert written == {("Shot", 13)}
         assert len(sent) == (1 if backend == "postgresql" else 2)  # SQLite takes its lock apart
-        assert "sgcache_pairs" in sent[-1] and "sgcache_state" in sent[-1]
+        assert "sgcache_pairs" in sent[-1] and "sgcache_state" in sent[-1] and "sgcache_changes" in sent[-1]
+        with store.engine.connect() as conn:
+            assert store.state_and_mark(conn, "probe") == ({"high": 7}, store.change_mark(conn))
+            assert store.state_and_mark(conn, "absent") == (None, store.change_mark(conn))
     finally:
         store.dispose()
 

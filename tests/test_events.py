@@ -927,3 +927,158 @@ def test_a_poll_never_overwrites_a_proxy_write_learnt_after_it_loaded_the_rows(
         assert exc.reason == "pending-write"  # the learnt write marked instead: SG answers
     else:
         assert served == [{"type": "Shot", "id": shot["id"], "code": "c"}]
+
+
+# -- a proxy's learnt writes and the events that come after them ---------------------------
+SHOT_CODES = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+              "filters": {"logical_operator": "and", "conditions": []},
+              "paging": {"entities_per_page": 10, "current_page": 1}}
+
+
+def served_or_passed(service: Any, read: dict[str, Any]) -> list[dict[str, Any]] | str:
+    """What the proxy answers from the replica, or the reason it passes."""
+    from cache.errors import Passthrough
+
+    service.invalidate()  # the replica's state as it is now, not as cached for a second
+    try:
+        return service.read(read)["entities"]
+    except Passthrough as exc:
+        return exc.reason
+
+
+def test_a_value_set_back_through_the_proxy_is_not_undone_by_an_older_event(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """Someone sets a Shot's code "a" -> "b" (E1, not polled yet); a client sets it back to "a"
+    through the proxy (E2, not visible yet). The replica held "a" all along, so E1's old value
+    matched and E1 was applied: the writer read "b" back, which SG no longer had, until E2 came.
+    An event on a row a proxy wrote since the ingester last caught up is applied only where it
+    changes nothing; otherwise SG's row is read."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    site.update_direct("Shot", shot["id"], {"code": "b"})  # E1, someone else
+    site.hold_event_ids(1)  # the proxied write's own event commits late
+    params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "a"}]}
+    mark = service.write_mark()
+    assert service.learn("update", params, site._direct("update", params, True), mark) == []
+    ingester.poll_once()  # E1 alone
+    assert served_or_passed(service, SHOT_CODES) in ([{"type": "Shot", "id": shot["id"], "code": "a"}],
+                                                     "pending-fetch")
+    ingester.process_fetch_queue()
+    assert served_or_passed(service, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "a"}]
+    site.release_held()
+    sync(ingester)
+    assert served_or_passed(service, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "a"}]
+    assert_equal_to_site(store, site)
+
+
+def test_a_link_removed_through_the_proxy_is_not_added_back_by_an_older_event(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """The same for a multi_entity list: someone adds a Shot to a Sequence (E1, not polled yet);
+    a client removes it through the proxy. E1's "added" must not put it back in the replica."""
+    proj = make_project(site)
+    seq = site.create_direct("Sequence", {"code": "sq", "project": proj})
+    shot = site.create_direct("Shot", {"code": "s1", "project": proj})
+    sync(ingester)
+    link = {"type": "Shot", "id": shot["id"]}
+    site.update_direct("Sequence", seq["id"], {"shots": [link]})  # E1 (and its backref), someone else
+    site.hold_event_ids(4)
+    params = {"type": "Sequence", "id": seq["id"], "fields": [{"field_name": "shots", "value": []}]}
+    mark = service.write_mark()
+    service.learn("update", params, site._direct("update", params, True), mark)
+    ingester.poll_once()
+    read = {"type": "Sequence", "return_fields": ["shots"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert served_or_passed(service, read) in ([{"type": "Sequence", "id": seq["id"], "shots": []}],
+                                               "pending-fetch", "pending-write")
+    ingester.process_fetch_queue()
+    assert served_or_passed(service, read) in ([{"type": "Sequence", "id": seq["id"], "shots": []}],
+                                               "pending-write")
+    other_side = {"type": "Shot", "return_fields": ["sg_sequence"], "return_only": "active",
+                  "filters": {"logical_operator": "and", "conditions": []},
+                  "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert served_or_passed(service, other_side) in ([{"type": "Shot", "id": shot["id"], "sg_sequence": None}],
+                                                     "pending-write")
+    site.release_held()
+    sync(ingester)
+    assert_equal_to_site(store, site)
+
+
+def test_the_events_of_a_proxied_write_are_applied_without_a_fetch_once_settled(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxied write's own events change nothing in the replica (no fetch); once a poll that
+    reached the end of the log started well after the write, later events on the row apply as
+    events again (no fetch for ever after one write)."""
+    from cache.replica import pending
+    from cache.replica.statekeys import CHANGES_SETTLED
+
+    monkeypatch.setattr(pending, "MARGIN", 0.0)
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
+    service.learn("update", params, site._direct("update", params, True), service.write_mark())
+    assert [r.field_name for r in change_rows(store, source="proxy")] == ["code", "*"]
+    ingester.poll_once()  # the write's own event: the row holds its new value already
+    assert queued(store) == []
+    ingester.poll_once()
+    ingester.poll_once()
+    assert state(store, CHANGES_SETTLED) >= max(r.seq for r in change_rows(store, source="proxy"))
+    site.update_direct("Shot", shot["id"], {"code": "c"})
+    ingester.poll_once()
+    assert queued(store) == []  # applied as an event
+    assert served_or_passed(service, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "c"}]
+
+
+def test_two_writes_answered_in_the_opposite_order_to_sgs_never_leave_the_older_value(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """Two clients update one Shot at once: SG applies "x" then "y", but "y"'s answer reaches the
+    proxy first. The answer learnt last ("x") is older than the replica: it is not stored; the
+    written fields pass until the ingester has both writes, then the replica holds SG's "y"."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    first = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "x"}]}
+    second = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "y"}]}
+    mark_first = service.write_mark()
+    mark_second = service.write_mark()
+    answer_first = site._direct("update", first, True)
+    answer_second = site._direct("update", second, True)
+    service.learn("update", second, answer_second, mark_second)
+    service.learn("update", first, answer_first, mark_first)
+    assert served_or_passed(service, SHOT_CODES) in ([{"type": "Shot", "id": shot["id"], "code": "y"}],
+                                                     "pending-write")
+    sync(ingester)
+    sync(ingester)
+    assert served_or_passed(service, SHOT_CODES) in ([{"type": "Shot", "id": shot["id"], "code": "y"}],
+                                                     "pending-write")
+    assert_equal_to_site(store, site)
+
+
+def test_the_change_log_is_pruned_of_what_the_ingester_is_past(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change log grows with every write; the records the ingester has caught up past and that
+    are older than ``keep`` are deleted by the polls that reach the end of the log (never the
+    newer ones)."""
+    from cache.replica import pending
+    from cache.replica.statekeys import CHANGES_SETTLED
+
+    monkeypatch.setattr(pending, "MARGIN", 0.0)
+    ingester.settling.keep = 0.0
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    assert change_rows(store)
+    for code in ("b", "c"):
+        params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": code}]}
+        service.learn("update", params, site._direct("update", params, True), service.write_mark())
+    newest = max(r.seq for r in change_rows(store))
+    for _ in range(3):
+        ingester.poll_once()
+    settled = state(store, CHANGES_SETTLED)
+    assert settled >= newest
+    assert all(r.seq > settled for r in change_rows(store))  # everything at or below it went
+    params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "d"}]}
+    service.learn("update", params, site._direct("update", params, True), service.write_mark())
+    assert [r.field_name for r in change_rows(store, source="proxy")] == ["code", "*"]  # not settled: kept

@@ -271,7 +271,7 @@ def learn_racing(site: FakeSite, service: CacheService, params: dict[str, Any], 
     assert mark is not None
     if ingester_moved:
         with service.store.write_engine.begin() as conn:
-            service.store.set_state(conn, "event_high", mark + 5)
+            service.store.set_state(conn, "event_high", mark.event_high + 5)
     service.learn("update", params, result, mark)
 
 
@@ -432,7 +432,7 @@ def test_an_answer_that_arrives_after_the_ingester_moved_is_only_marked(site: Fa
     params = wire("Shot", shot["id"], {"code": "answered"})
     result = site._direct("update", params, True)
     with service.store.write_engine.begin() as conn:
-        service.store.set_state(conn, "event_high", mark + 5)  # the ingester applied events meanwhile
+        service.store.set_state(conn, "event_high", mark.event_high + 5)  # the ingester applied events meanwhile
     assert service.learn("update", params, result, mark) == []
     with service.store.engine.connect() as conn:
         code = conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one()
@@ -452,7 +452,7 @@ def test_an_answer_that_arrives_after_the_ingester_moved_is_only_marked(site: Fa
     assert passed.value.reason == "pending-write"
     with service.store.write_engine.begin() as conn:
         conn.execute(service.store.pending.delete())
-    assert service.learn("update", params, result, mark + 5) == []  # the ingester did not move: stored
+    assert service.learn("update", params, result, mark._replace(event_high=mark.event_high + 5)) == []  # the ingester did not move: stored
     with service.store.engine.connect() as conn:
         assert conn.execute(sa.select(service.store.tables["Shot"].c.code)).scalar_one() == "answered"
 
@@ -669,7 +669,7 @@ def test_the_other_side_of_a_pair_not_known_is_marked_with_what_sg_sets_there(db
         assert mark is not None
         if not stored:  # the ingester moved while the write was on its way: its answer is only marked
             with svc.store.write_engine.begin() as conn:
-                svc.store.set_state(conn, "event_high", mark + 5)
+                svc.store.set_state(conn, "event_high", mark.event_high + 5)
         svc.learn("update", params, {"type": "Playlist", "id": 5, "versions": [{"type": "Version", "id": 9}]}, mark)
         assert {("Version", "playlists"), ("Version", "updated_at"), ("Version", "updated_by")} <= markers(svc.store)
         assert not {("Shot", "updated_at"), ("Task", "updated_at")} & markers(svc.store)

@@ -9,6 +9,12 @@ Invariants kept here (see :mod:`cache.ingest`):
 - The old-value guard: a Change whose ``old_value`` and ``new_value`` both differ from the
   row's value is not applied but fetched: the row holds a later write (the proxy learned it
   before this event was polled) or missed one, and an older value must not overwrite a newer one.
+- After a proxy's write: a proxy stores SG's answer at once, before the ingester has the
+  events that came before that write. An event on a row a proxy wrote since the ingester last
+  caught up (``unsettled``, set by the batch), or one linking to such a row, may be older than
+  the row: it is applied only where it changes nothing (the write's own events), else the row is
+  fetched. So a value set back (A -> B by someone, B -> A through the proxy) is never undone by
+  the older event, which the old-value guard cannot tell from a newer one.
 - Idempotence: applying an event twice changes nothing (upserts, set semantics for links).
 """
 
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +57,8 @@ class EventApplier:
         self._skipped_types: set[str] = set()
         #: The events of the batch being applied, by id (set by the batch; not stored yet).
         self.recent: Mapping[int, Mapping[str, Any]] = {}
+        #: The rows a proxy wrote that the ingester has not caught up past (set by the batch).
+        self.unsettled: Collection[Key] = ()
 
     def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
                     buf: WriteBatch | None = None) -> None:
@@ -96,7 +104,7 @@ class EventApplier:
             if cached:
                 buf.queue(subject, "new")
         elif action in ("Retirement", "Revival"):
-            self._retire(buf, subject, action == "Retirement", event_id, late)
+            self._retire(buf, subject, action == "Retirement", event_id, late, event)
         else:
             self._change(buf, event, subject, event_id, late)
 
@@ -127,10 +135,21 @@ class EventApplier:
         body = conn.execute(sa.select(table.c.body).where(table.c.id == event_id)).scalar()
         return json.loads(body) if body is not None else None
 
-    def _retire(self, buf: WriteBatch, subject: Key, retired: bool, event_id: int, late: bool) -> None:
+    def _after_a_proxy_write(self, event: Mapping[str, Any], subject: Key) -> bool:
+        """Whether the event's row, or a row its meta links to (the other side of a pair), was
+        written by a proxy since the ingester last caught up: the event may be older than it."""
+        unsettled = self.unsettled
+        return bool(unsettled) and (subject in unsettled or any(k in unsettled for k in links_in_meta(event)))
+
+    def _retire(self, buf: WriteBatch, subject: Key, retired: bool, event_id: int, late: bool,
+                event: Mapping[str, Any] | None = None) -> None:
         cached = subject[0] in self.store.tables
         if cached and late:
             buf.queue(subject, "late retirement/revival")
+            return
+        if (cached and event is not None and self._after_a_proxy_write(event, subject)
+                and buf.is_retired(subject) not in (None, retired)):
+            buf.queue(subject, "retirement/revival after a proxy's write")
             return
         buf.retire(subject, retired, event_id)
         if cached and (not retired or not buf.exists(subject)):
@@ -146,7 +165,7 @@ class EventApplier:
         meta = event_meta(event)
         attr = event.get("attribute_name") or meta.get("attribute_name")
         if attr == RETIREMENT_FIELD and "new_value" in meta:
-            self._retire(buf, subject, meta["new_value"] is not None, event_id, late)
+            self._retire(buf, subject, meta["new_value"] is not None, event_id, late, event)
             return
         if subject[0] not in self.store.tables:
             return
@@ -167,9 +186,16 @@ class EventApplier:
             return
         storage = fieldtypes.TYPES[fschema.data_type].storage
         record = deep_values(event, subject)
+        proxied = self._after_a_proxy_write(event, subject)
         if storage == "multi" and ("added" in meta or "removed" in meta):
-            self._change_multi(buf, subject, attr, meta, event_id)
+            if not self._change_multi(buf, subject, attr, meta, event_id, proxied):
+                return
         elif "new_value" in meta and storage != "multi":
+            if proxied and not buf.holds(subject, attr, meta["new_value"]):
+                # a proxy wrote this row (or the row it links to) since the ingester caught up:
+                # the event may be older than the row, and the old-value guard cannot tell
+                buf.queue(subject, "changed after a proxy's write")
+                return
             if (not backref and "old_value" in meta and not buf.holds(subject, attr, meta["new_value"])
                     and not buf.holds(subject, attr, meta["old_value"])):
                 # the row is neither before nor after this event: a later write (the proxy learned
@@ -184,10 +210,15 @@ class EventApplier:
             buf.queue(subject, "value not applicable")
 
     def _change_multi(self, buf: WriteBatch, subject: Key, attr: str, meta: Mapping[str, Any],
-                      event_id: int) -> None:
+                      event_id: int, proxied: bool = False) -> bool:
+        """Apply an ``added``/``removed`` change; False when the row is fetched instead."""
         added, removed = meta.get("added") or [], meta.get("removed") or []
         if not isinstance(added, list) or not isinstance(removed, list) or not all(
                 is_link(x) for x in [*added, *removed]):
             buf.queue(subject, "bad multi_entity change")
-            return
+            return True
+        if proxied and buf.links_would_change(subject, attr, added, removed):
+            buf.queue(subject, "changed after a proxy's write")
+            return False
         buf.change_links(subject, attr, added, removed, event_id)
+        return True

@@ -24,12 +24,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..replica.statekeys import CHANGES_SETTLED
 from ..replica.store import Store, now_utc
 from ..replica.writes import WriteBatch
 from ..wire import Key, chunks
 from .apply import EventApplier
 from .config import PollResult
-from .eventwire import EVENT_TYPE, subject_of
+from .eventwire import EVENT_TYPE, links_in_meta, subject_of
 from .gaps import EventPosition, insert_rows
 from .sgclock import SGClock
 
@@ -85,6 +86,7 @@ class BatchApplier:
         buf.load(subject for _e, subject in fresh if subject is not None)
         buf.load_links(self._link_keys(fresh))
         self.applier.recent = {int(e["id"]): e for e in events}  # a backref's original event
+        self.applier.unsettled = self._unsettled(conn, fresh)
         try:
             for event, subject in fresh:
                 late = int(event["id"]) <= high
@@ -94,6 +96,7 @@ class BatchApplier:
                     self.applier.apply(conn, event, subject, late, buf)
         finally:
             self.applier.recent = {}
+            self.applier.unsettled = ()
         fresh_events = [e for e, _subject in fresh]
         self._event_rows(buf, fresh_events)
         buf.flush()
@@ -104,6 +107,19 @@ class BatchApplier:
         new_high = max([high, *(int(e["id"]) for e in events)])
         self.position.update_gaps(conn, gaps, events, high, new_high, result)
         self.position.advance(conn, new_high, result.caught_up_at)
+
+    def _unsettled(self, conn: Connection, fresh: Sequence[tuple[Event, Key | None]]) -> set[Key]:
+        """The rows among the events' subjects and the rows their metas link to that a proxy wrote
+        since the ingester last caught up (``CHANGES_SETTLED``): see cache/ingest/apply.py."""
+        keys: set[Key] = set()
+        for event, subject in fresh:
+            if subject is not None and subject[0] in self.store.tables:
+                keys.add(subject)
+                keys.update(k for k in links_in_meta(event) if k[0] in self.store.tables)
+        if not keys:
+            return set()
+        settled = self.store.get_state(conn, CHANGES_SETTLED)
+        return self.store.written_since(conn, keys, settled if isinstance(settled, int) else 0)
 
     def _event_rows(self, buf: WriteBatch, events: Sequence[Event]) -> None:
         """EventLogEntry as a cached type: every applied event becomes its row, in the poll's batch."""

@@ -64,16 +64,17 @@ def subject_of(event: Mapping[str, Any]) -> Key | None:
     return None
 
 
-def links_in_meta(event: Mapping[str, Any], entity_type: str) -> set[Key]:
-    """The entities of ``entity_type`` a Change's meta links to (``old_value``, ``new_value``,
-    ``added``, ``removed``): where a backref's subject is found from its original event."""
+def links_in_meta(event: Mapping[str, Any], entity_type: str | None = None) -> set[Key]:
+    """The entities (of ``entity_type``; None: of any type) a Change's meta links to
+    (``old_value``, ``new_value``, ``added``, ``removed``): where a backref's subject is found
+    from its original event."""
     meta = event_meta(event)
     out: set[Key] = set()
     for name in ("old_value", "new_value", "added", "removed"):
         value = meta.get(name)
         for link in value if isinstance(value, list) else [value]:
-            if is_link(link) and link["type"] == entity_type:
-                out.add((entity_type, int(link["id"])))
+            if is_link(link) and (entity_type is None or link["type"] == entity_type):
+                out.add((link["type"], int(link["id"])))
     return out
 
 

@@ -48,6 +48,7 @@ from .fetch import Fetcher
 from .gaps import EventPosition
 from .leader import LeaderSession
 from .schemarefresh import SchemaRefresh
+from .settling import Settling
 from .sgclock import SGClock
 
 log = logging.getLogger("sgcache.events")
@@ -73,6 +74,7 @@ class Ingester:
         self.schema_refresh = SchemaRefresh(store, sg, self.connect)
         self.applier = EventApplier(store, self.schema_refresh)
         self.batch = BatchApplier(store, self.applier, self.position, self.sg_clock)
+        self.settling = Settling(store)
         self.fetcher = Fetcher(store, sg, self.connect, self.schema_refresh.missing_fields,
                                self.schema_refresh.request)
         self._event_fields = event_fields(store)
@@ -173,7 +175,9 @@ class Ingester:
         with conn.begin():
             _cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)
+            self.settling.poll_starts(conn)
             started = pending.poll_started(self.store, conn)
+        self.settling.poll_started_at(started)
         asked = time.monotonic()
         limit = self.config.catch_up_batch if self._behind else self.config.batch
         events = self.fetch_events(high, sorted(gaps), limit) if self.sg is not None else []
@@ -189,6 +193,8 @@ class Ingester:
             result = self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
         if self.sg is not None:
             pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
+            if not full:
+                self.settling.caught_up(conn, started)  # the proxies' writes it is past
         return result
 
     def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,

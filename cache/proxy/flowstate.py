@@ -63,8 +63,8 @@ class FlowState:
     from_sg = _Field[bool](False)
     #: The proxy's own sender took the request: mitmproxy must never send it as well.
     sent = _Field[bool](False)
-    #: The ingester's event mark taken just before a write was sent (see CacheService.learn).
-    write_mark = _Field[int | None](None)
+    #: Where the replica stood just before a write was sent (see CacheService.learn).
+    write_mark = _Field[Any](None)
     #: SG's answer to the write the addon sent was learnt in the trip that sent it (and the
     #: credentials' outcome recorded): the response hook has nothing left to learn.
     learnt = _Field[bool](False)

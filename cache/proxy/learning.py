@@ -18,7 +18,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Engine
 
@@ -70,18 +70,19 @@ class Learner:
         """Whether no write is left whose effects the database has not taken."""
         return self._unrecorded == []
 
-    def write_mark(self) -> int | None:
-        """The ingester's highest applied event id, read just before a write is sent to SG
-        (given back to :meth:`learn`); None when the replica cannot say."""
+    def write_mark(self) -> WriteMark | None:
+        """Where the ingester and the change log stood just before a write is sent to SG (given
+        back to :meth:`learn`); None when the replica cannot say."""
         try:
             with self.marks.connect() as conn:
-                return int(self.store.get_state(conn, EVENT_HIGH) or 0)
+                high, seq = self.store.state_and_mark(conn, EVENT_HIGH)
+                return WriteMark(int(high or 0), seq)
         except Exception as exc:  # noqa: BLE001 - learn then only marks
             log.info("could not read the event mark before a write: %s", short_error(exc))
             return None
 
     def learn(self, method: str, args: Any, results: Any,
-              mark: int | None | object = UNMARKED) -> list[tuple[str, int]]:
+              mark: WriteMark | None | object = UNMARKED) -> list[tuple[str, int]]:
         """Write the upstream answer of a create/update/delete/revive/batch into the replica.
 
         Returns the entities whose answer was partial: they are queued for a fetch, and
@@ -89,10 +90,11 @@ class Learner:
         recorded here (database trouble, the breaker open) the ingester brings.
 
         ``mark`` is :meth:`write_mark` from before the write was sent. When the ingester has
-        applied events since then, SG's answer may be older than what the replica holds (a
-        concurrent write SG applied after this one, already brought by an event): the answer
-        is then not stored; everything the write could have changed is marked pending instead,
-        until the ingester has the write's own events.
+        applied events since then, or a proxy learnt another write to one of the same entities
+        meanwhile (two writes in flight at once: which one SG applied last is not known), SG's
+        answer may be older than what the replica holds: the answer is then not stored;
+        everything the write could have changed is marked pending instead, until the ingester
+        has the write's own events.
         """
         to_fetch: list[tuple[str, int]] = []
         try:
@@ -101,10 +103,15 @@ class Learner:
                 if mark is UNMARKED:
                     registry = self.pairs.with_learned(conn, self.store.pairs_table)
                     moved = False
-                else:  # the ingester's mark and the learned pairs under the write lock, one round trip
-                    high, learned = self.store.locked_state_and_pairs(conn, EVENT_HIGH)
+                elif not isinstance(mark, WriteMark):  # unknown before the write: it may have moved
+                    registry = self.pairs.with_learned(conn, self.store.pairs_table)
+                    moved = True
+                else:  # the ingester's mark, the learned pairs and the rows proxies wrote since the
+                    # write was sent, under the write lock, in one round trip
+                    high, learned, written = self.store.locked_state_pairs_written(
+                        conn, EVENT_HIGH, mark.change_seq)
                     registry = self.pairs.with_rows(learned)
-                    moved = _moved(mark, high)
+                    moved = _moved(mark.event_high, high) or bool(written & _written_rows(method, args))
                 markers: set[tuple[str, str]] = set()
                 if moved:
                     effects = WriteEffects(self.store, registry, conn)
@@ -135,12 +142,12 @@ class Learner:
         self._invalidate()
         return to_fetch
 
-    def _ingester_moved(self, conn: Any, mark: Any) -> bool:
-        """Whether the ingester applied events since ``mark`` (taken before the write was sent).
+    def _ingester_moved(self, conn: Any, mark: WriteMark | None) -> bool:
+        """Whether the ingester applied events since ``mark`` (taken before SG was asked).
 
         Read under the write lock (PostgreSQL; SQLite write transactions are serial), so a poll
         either committed before (seen here) or applies its events after this transaction."""
-        return _moved(mark, self.store.locked_state(conn, EVENT_HIGH))
+        return mark is None or _moved(mark.event_high, self.store.locked_state(conn, EVENT_HIGH))
 
     def outcome_unknown(self, method: str, args: Any) -> None:
         """A write was sent to SG but no answer came back: it may have been applied. Reads of
@@ -299,7 +306,7 @@ class Learner:
         self._invalidate()
 
     def _fetch_page(self, url: str, auth: Mapping[str, Any], entity_type: str, ids: list[int],
-                    ssl_context: ssl.SSLContext | None, mark: int | None) -> bool:
+                    ssl_context: ssl.SSLContext | None, mark: WriteMark | None) -> bool:
         """Read one page of rows from SG and store them; whether every one of ``ids`` was."""
         fields = self.store.cached_field_names(entity_type)
         call = {"method_name": "read", "params": [dict(auth), {
@@ -315,6 +322,10 @@ class Learner:
                 if self._ingester_moved(conn, mark):
                     log.debug("fetched %s %s older than the replica may be: left for the ingester", entity_type, ids)
                     return False
+                assert mark is not None
+                # a row another writer changed while SG was read is newer than SG's answer: it stays queued
+                overtaken = self.store.changed_since(conn, entity_type, ids, mark.change_seq)
+                records = [r for r in records if r["id"] not in overtaken]
                 self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
                 self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
         except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
@@ -352,6 +363,23 @@ class Learner:
                 pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
             log.warning("could not mark %s pending: %s", entity_type, short_error(exc))
+
+
+class WriteMark(NamedTuple):
+    """Where the replica stood just before a write was sent (:meth:`Learner.write_mark`)."""
+
+    event_high: int  # the ingester's highest applied event id
+    change_seq: int  # the change log's newest seq
+
+
+def _written_rows(method: str, args: Any) -> set[tuple[str, int]]:
+    """The existing entities a write call changes (a create's row is new: no other write had it)."""
+    out = set()
+    for kind, req in _write_requests(method, args):
+        entity_id = written_id(req) if kind in ("update", "delete", "revive") else None
+        if entity_id is not None:
+            out.add((req["type"], entity_id))
+    return out
 
 
 def _moved(mark: Any, high: Any) -> bool:

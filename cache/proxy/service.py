@@ -32,7 +32,7 @@ from ..replica.store import Store
 from ..wire import seconds_since
 from .breaker import Breaker, short_error
 from .inline import InlineReads
-from .learning import UNMARKED, Learner
+from .learning import UNMARKED, Learner, WriteMark
 from .loopversions import LoopVersions
 from .metrics import Counters
 
@@ -192,12 +192,12 @@ class CacheService:
         self.breaker.failed(TimeoutError("the replica did not answer in time"))
 
     # -- writes seen passing by (cache/proxy/learning.py) ----------------------------------
-    def write_mark(self) -> int | None:
+    def write_mark(self) -> WriteMark | None:
         """See :meth:`Learner.write_mark`: the event mark to give back to :meth:`learn`."""
         return self.learner.write_mark()
 
     def learn(self, method: str, args: Any, results: Any,
-              mark: int | None | object = UNMARKED) -> list[tuple[str, int]]:
+              mark: WriteMark | None | object = UNMARKED) -> list[tuple[str, int]]:
         """See :meth:`Learner.learn`: store SG's answer to a write; the entities to fetch (never raises)."""
         return self.learner.learn(method, args, results, mark)
 

@@ -34,3 +34,8 @@ SCHEMA_PENDING = "schema_pending"
 #: The start (database clock) of the last ingester poll that reached the end of the log: the
 #: pending-write markers older than it clear once the fetch queue is empty (cache/replica/pending.py).
 PENDING_CAUGHT_UP = "pending_caught_up"
+#: The change log's ``seq`` at or below which every record a proxy left (a learnt write) is older
+#: than the events the ingester applies now: set by the ingester once a poll that reached the end
+#: of the log started ``MARGIN`` seconds after a poll that saw that ``seq``. Above it, an event
+#: that would change a row a proxy wrote is not applied; SG's row is read (cache/ingest/apply.py).
+CHANGES_SETTLED = "changes_settled"

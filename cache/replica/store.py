@@ -30,7 +30,7 @@ from ..wire import check_link, chunks
 from . import fetchqueue, fieldtypes, pairs, pending
 from .dialect import Dialect, dialect_for, sequence_key_type
 from .schema import FieldSchema, Schema
-from .writes import WriteBatch
+from .writes import PROXY, WriteBatch
 
 log = logging.getLogger("sgcache.store")
 
@@ -236,12 +236,21 @@ class Store:
         self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/replica/fetchqueue.py)
         self.pairs_table = pairs.define_table(md)  # learned pairs (cache/replica/pairs.py)
         self.pending = pending.define_table(md)  # pending-write markers (cache/replica/pending.py)
-        # a state value and the learned pairs in one statement (a learnt write reads both): the
-        # state's row is the one whose second column is NULL (a pair's field name never is)
-        self._state_and_pairs = sa.union_all(
-            sa.select(self.state.c.value, sa.null().label("b"), sa.null().label("c"),
-                      sa.null().label("d")).where(self.state.c.key == sa.bindparam("key")),
-            pairs.learned_pairs(self.pairs_table))
+        # a state value, the learned pairs and the rows proxies wrote after a change-log mark in
+        # one statement (a learnt write reads them all): the state's row is the one whose second
+        # column is NULL (a pair's field name never is), a written row's has _WRITTEN_ROW there
+        state_row = sa.select(self.state.c.value, sa.null().label("b"), sa.null().label("c"),
+                              sa.null().label("d")).where(self.state.c.key == sa.bindparam("key"))
+        changes = self.changes
+        self._state_pairs_written = sa.union_all(
+            state_row, pairs.learned_pairs(self.pairs_table),
+            sa.select(changes.c.entity_type, sa.literal(_WRITTEN_ROW).label("b"),
+                      sa.cast(changes.c.entity_id, sa.String).label("c"), sa.null().label("d"))
+            .where((changes.c.seq > sa.bindparam("since")) & (changes.c.source == PROXY)).distinct())
+        # a state value and the change log's newest seq in one statement (read before a write is sent)
+        self._state_and_mark = sa.select(
+            sa.select(self.state.c.value).where(self.state.c.key == sa.bindparam("key")).scalar_subquery(),
+            sa.select(sa.func.max(changes.c.seq)).scalar_subquery())
         audit_table.define(md)  # the audit's disagreements and rules switched off (cache/audit/table.py)
 
     def _build_entity_tables(self, entity_type: str, fields: Mapping[str, FieldSchema]) -> None:
@@ -423,17 +432,28 @@ class Store:
         """:meth:`get_state` under the write lock (``Dialect.locked_read``: one round trip on PostgreSQL)."""
         return _state_value(self.dialect.locked_read(conn, self._get_state, {"key": key}).first())
 
-    def locked_state_and_pairs(self, conn: Connection, key: str) -> tuple[Any, list[tuple[str, str, str, str]]]:
-        """:meth:`locked_state` and the learned pairs (entity type, field, other type, other field),
-        both read once the write lock is held, in one round trip on PostgreSQL."""
+    def locked_state_pairs_written(self, conn: Connection, key: str, since: int
+                                   ) -> tuple[Any, list[tuple[str, str, str, str]], set[tuple[str, int]]]:
+        """:meth:`locked_state`, the learned pairs (entity type, field, other type, other field) and
+        the rows a proxy wrote after the change log's ``since`` (:meth:`state_and_mark`), all read
+        once the write lock is held, in one round trip on PostgreSQL."""
         value: Any = None
         learned = []
-        for row in self.dialect.locked_read(conn, self._state_and_pairs, {"key": key}):
+        written: set[tuple[str, int]] = set()
+        for row in self.dialect.locked_read(conn, self._state_pairs_written, {"key": key, "since": since}):
             if row[1] is None:
                 value = _state_value(row)
+            elif row[1] == _WRITTEN_ROW:
+                written.add((row[0], int(row[2])))
             else:
                 learned.append((row[0], row[1], row[2], row[3]))
-        return value, learned
+        return value, learned, written
+
+    def state_and_mark(self, conn: Connection, key: str) -> tuple[Any, int]:
+        """A state value and the change log's newest ``seq`` (:meth:`change_mark`), one statement."""
+        row = conn.execute(self._state_and_mark, {"key": key}).first()
+        value = None if row is None or row[0] is None else json.loads(row[0])
+        return value, int(row[1] or 0) if row is not None else 0
 
     def set_state(self, conn: Connection, key: str, value: Any) -> None:
         self._upsert(
@@ -506,12 +526,27 @@ class Store:
         write lock (no other writer commits before ``conn``'s transaction does): what was read from
         SG before ``mark`` is older than those rows and must not be written over them."""
         self.dialect.lock_writes(conn)
+        return {entity_id for _t, entity_id in self._logged_since(conn, [(entity_type, i) for i in ids], mark)}
+
+    def written_since(self, conn: Connection, keys: Iterable[tuple[str, int]], mark: int) -> set[tuple[str, int]]:
+        """Which of these (type, id) a proxy wrote after the change log's ``mark`` (inside the
+        caller's transaction, under the write lock it holds)."""
+        return self._logged_since(conn, keys, mark, source=PROXY)
+
+    def _logged_since(self, conn: Connection, keys: Iterable[tuple[str, int]], mark: int,
+                      source: str | None = None) -> set[tuple[str, int]]:
         table = self.changes
-        out: set[int] = set()
-        for chunk in chunks(sorted(ids), 500):
-            out.update(conn.execute(sa.select(table.c.entity_id).distinct().where(
-                (table.c.seq > mark) & (table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
-            )).scalars())
+        by_type: dict[str, set[int]] = {}
+        for entity_type, entity_id in keys:
+            by_type.setdefault(entity_type, set()).add(int(entity_id))
+        out: set[tuple[str, int]] = set()
+        for entity_type, ids in sorted(by_type.items()):
+            for chunk in chunks(sorted(ids), 500):
+                cond = (table.c.seq > mark) & (table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+                if source is not None:
+                    cond &= table.c.source == source
+                out.update((entity_type, i) for i in conn.execute(
+                    sa.select(table.c.entity_id).distinct().where(cond)).scalars())
         return out
 
     def note_links(self, conn: Connection, links: Iterable[Mapping[str, Any]]) -> None:
@@ -679,6 +714,11 @@ def _column_type(storage: str) -> sa.types.TypeEngine[Any]:
         "bool": sa.Boolean(),
         "json": sa.Text(),
     }[storage]
+
+
+#: The second column of a row of ``_state_pairs_written`` that names a row a proxy wrote (no
+#: field name of a pair is this).
+_WRITTEN_ROW = "*written"
 
 
 def _state_value(row: Any) -> Any:

@@ -10,7 +10,8 @@ changes once, changes them in memory, and writes:
    another writer meanwhile is left alone);
 2. multi_entity links: DELETE of removed links, ``INSERT .. ON CONFLICT DO UPDATE`` (``pos``)
    of the others;
-3. change-log records (``sgcache_changes``);
+3. change-log records (``sgcache_changes``): a field's old and new value, a row created
+   (field None), or a row a proxy wrote (:data:`WRITTEN`, whether it changed or not);
 4. the registry (``sgcache_entities``): names, retired flags and unknown entities, with the
    same upsert;
 5. the fetch queue.
@@ -46,6 +47,10 @@ log = logging.getLogger("sgcache.writes")
 Key = tuple[str, int]
 LinkKey = tuple[str, str, int]  # (type, multi_entity field, parent id)
 CHUNK = 500
+#: The change-log source of what a proxy learnt from a write passing by.
+PROXY = "proxy"
+#: The change-log record a proxy leaves on every row it writes, whether its values changed or not.
+WRITTEN = "*"
 
 
 def _json_or_none(value: Any) -> str | None:
@@ -68,6 +73,30 @@ def _runs(ops: Iterable[tuple[Any, dict[str, Any]]]) -> Iterable[tuple[Any, list
         rows.append(row)
     if rows:
         yield shape, rows
+
+
+def _links_after(current: Mapping[Key, int], added: Sequence[Mapping[str, Any]],
+                 removed: Sequence[Mapping[str, Any]]) -> tuple[dict[Key, int], bool]:
+    """A multi_entity list (child -> position) after an ``added``/``removed`` change, and whether
+    it changed."""
+    after = dict(current)
+    changed = False
+    for link in removed:
+        if after.pop((link["type"], int(link["id"])), None) is not None:
+            changed = True
+    keys = list(dict.fromkeys((link["type"], int(link["id"])) for link in added))
+    order = sorted(after, key=after.__getitem__)
+    if keys and order[len(order) - len(keys):] != keys:
+        # SG appends added links: one already here (a proxy learned it, perhaps before a
+        # concurrent write SG applied first) moves to the end, so the events leave SG's order;
+        # an event applied again finds its links at the end already and changes nothing
+        pos = max(after.values(), default=-1) + 1
+        for child in keys:
+            after.pop(child, None)
+            after[child] = pos
+            pos += 1
+        changed = True
+    return after, changed
 
 
 class WriteBatch:
@@ -190,6 +219,7 @@ class WriteBatch:
             for fname, value in multis.items():
                 if self.replace_links(key, fname, value, event_id, log_changes) and existed:
                     result.changed += 1
+            self._log_written(key)
             self.note(links)
             if identifier in record:
                 self.names[key] = record[identifier]
@@ -299,28 +329,26 @@ class WriteBatch:
         lkey = (key[0], fname, key[1])
         if lkey not in self.links:
             self.load_links([lkey])
-        current = self.links[lkey]
-        changed = False
-        for link in removed:
-            if current.pop((link["type"], int(link["id"])), None) is not None:
-                changed = True
-        keys = list(dict.fromkeys((link["type"], int(link["id"])) for link in added))
-        order = sorted(current, key=current.__getitem__)
-        if keys and order[len(order) - len(keys):] != keys:
-            # SG appends added links: one already here (a proxy learned it, perhaps before a
-            # concurrent write SG applied first) moves to the end, so the events leave SG's order;
-            # an event applied again finds its links at the end already and changes nothing
-            pos = max(current.values(), default=-1) + 1
-            for child in keys:
-                current.pop(child, None)
-                current[child] = pos
-                pos += 1
-            changed = True
+        after, changed = _links_after(self.links[lkey], added, removed)
+        self.links[lkey] = after
         if added:
             self.note(added)
         if changed:
             self.log_change(key, fname, _links_json(removed), _links_json(added), event_id)
         return changed
+
+    def links_would_change(self, key: Key, fname: str, added: Sequence[Mapping[str, Any]],
+                           removed: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether :meth:`change_links` would change the list (nothing is changed here)."""
+        lkey = (key[0], fname, key[1])
+        if lkey not in self.links:
+            self.load_links([lkey])
+        return _links_after(self.links[lkey], added, removed)[1]
+
+    def is_retired(self, key: Key) -> bool | None:
+        """The loaded row's retired flag (None: no such row)."""
+        row = self.rows.get(key) if key in self.rows or self.exists(key) else None
+        return None if row is None else bool(row["_retired"])
 
     def retire(self, key: Key, retired: bool, event_id: int | None = None) -> bool:
         """Set an entity's retired flag (row and registry); True when the row changed."""
@@ -334,7 +362,14 @@ class WriteBatch:
                 self._mark(key, {"_retired": retired})
                 changed = True
         self.retired[key] = retired
+        self._log_written(key)
         return changed
+
+    def _log_written(self, key: Key) -> None:
+        """A proxy wrote this row (changed or not): the ingester reads SG's row rather than apply
+        an event that would change it, until it has caught up past this write (cache/ingest/apply.py)."""
+        if self.source == PROXY:
+            self.log_change(key, WRITTEN, None, None)
 
     def linked_from(self, key: Key) -> set[Key]:
         """The cached entities this row links to, through its entity and multi_entity fields

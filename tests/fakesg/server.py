@@ -65,6 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.latency > 0:  # type: ignore[attr-defined]
                 time.sleep(self.server.latency)  # type: ignore[attr-defined] - a hosted site's round trip
             answer = self.site.call(request["method_name"], request.get("params"))
+            hold = self.server.take_hold(request["method_name"])  # type: ignore[attr-defined]
+            if hold is not None:
+                hold.wait(60)  # applied; the answer waits for the test (test hook)
             if self.server.take_drop():  # type: ignore[attr-defined]
                 # applied, but the answer never leaves: the connection breaks (test hook)
                 self.close_connection = True
@@ -133,6 +136,7 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
         self.drop_answers = 0
+        self.holds: list[tuple[str, threading.Event]] = []
         super().__init__(addr, _Handler)
 
     def get_request(self) -> tuple[Any, Any]:
@@ -156,6 +160,15 @@ class _Server(ThreadingHTTPServer):
                 self.drop_answers -= 1
                 return True
             return False
+
+    def take_hold(self, method: str) -> threading.Event | None:
+        """The event the answer to this API3 call waits for, when a test asked to hold it."""
+        with self._conn_lock:
+            for i, (held, release) in enumerate(self.holds):
+                if held == method:
+                    del self.holds[i]
+                    return release
+            return None
 
     def drop_connections(self) -> None:
         """Cut every open (keep-alive) connection, as a site going down would."""
@@ -223,6 +236,15 @@ class FakeSGServer:
         assert self._httpd is not None, "server not started"
         with self._httpd._conn_lock:
             self._httpd.drop_answers = n
+
+    def hold_next_answer(self, method: str) -> threading.Event:
+        """Apply the next API3 call of ``method`` at once but send its answer only once the event
+        returned is set (two writes whose answers cross on the way back)."""
+        assert self._httpd is not None, "server not started"
+        release = threading.Event()
+        with self._httpd._conn_lock:
+            self._httpd.holds.append((method, release))
+        return release
 
     def stop_listening(self) -> None:
         """Close the listening socket and cut open connections (SG goes down); :meth:`start` brings it
