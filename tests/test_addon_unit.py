@@ -73,6 +73,21 @@ def test_the_reverse_proxy_target_is_the_site(run: Any) -> None:
     run(test)
 
 
+def test_a_site_named_with_a_path_has_its_api3_calls_there(run: Any) -> None:
+    """shotgun_api3 posts to ``/sg/api3/json`` for a site named ``https://host/sg/``: that path is
+    the site's API3, ``/api3/json`` is then not (whatever answers it, it is not that SG's API3)."""
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_site=f"{SITE}/sg/")
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        flow.request.path = "/sg/api3/json"
+        assert addon._is_site_api3(flow)
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        await addon.request(flow)
+        assert state_of(flow.metadata).pass_reason is None and flow.response is None  # not its business
+
+    run(test)
+
+
 def test_an_upload_form_marks_the_type_it_names_pending(run: Any) -> None:
     async def test(addon: Any, tctx: Any) -> None:
         service = await addon.calls.service()
