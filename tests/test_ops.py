@@ -203,3 +203,35 @@ def test_ops_addon_logs_and_counts_a_flow(caplog: pytest.LogCaptureFixture) -> N
     assert (record["method"], record["outcome"], record["reason"], record["status"], record["who"]) == \
         ("read", "pass", "auth-unverified", 502, "pipeline")
     assert "sk-never" not in line
+
+
+@pytest.mark.parametrize(("method", "sg_status", "answered_here", "counted"), [
+    ("create", 500, True, 1),  # SG's 500 to a write: the client got "may have been applied"
+    ("update", 503, True, 1),
+    ("read", 502, True, 1),  # SG's 502 to a read the replica then answered (offline)
+    ("read", None, True, 0),  # a hit: SG never answered
+    ("create", 200, True, 0),
+])
+def test_every_5xx_sg_sent_is_an_upstream_error(method: str, sg_status: int | None, answered_here: bool,
+                                                counted: int) -> None:
+    from mitmproxy.test import taddons, tflow, tutils
+
+    from cache.ops.metrics import PROXY
+    from cache.proxy.flowstate import state_of
+
+    from .sgcache_addon import sgcache
+
+    def value() -> float:
+        return PROXY.registry.get_sample_value("sgcache_upstream_errors_total", {"kind": "http-5xx"}) or 0.0
+
+    addon = sgcache.SGCacheOps(sgcache.SGCache())
+    before = value()
+    with taddons.context(addon):
+        flow = tflow.tflow(resp=tutils.tresp(status_code=200))  # the proxy's own answer
+        state = state_of(flow.metadata)
+        state.method, state.args, state.answered_here, state.sg_status = method, {"type": "Shot"}, answered_here, \
+            sg_status
+        state.pass_reason = "method"
+        addon.response(flow)
+        addon.done()
+    assert value() - before == counted

@@ -44,7 +44,7 @@ class ProxyMetrics:
                                          "Time a read spent in the replica's database (plan, SQL, rows), hit or pass",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter("sgcache_upstream_errors",
-                                       "SG unreachable (connect, TLS, DNS), dropped requests and 502/503/504 answers",
+                                       "SG unreachable (connect, TLS, DNS), dropped requests and 5xx answers",
                                        ["kind"], registry=r)
         self.connections = Gauge("sgcache_client_connections", "Open client connections", registry=r)
         # The audit (shadow reads) registers its own sgcache_audit_* counters in this registry.
