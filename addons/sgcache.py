@@ -2,7 +2,7 @@
 
     mitmdump -s addons/sgcache.py --set sgcache_db=sqlite:///sgcache.db
 
-The addon is thin: its hooks decode ``POST .../api3/json``, dispatch to the policies in
+The addon is thin: its hooks decode ``POST /api3/json``, dispatch to the policies in
 :mod:`cache.proxy` (no mitmproxy there; unit-tested without a proxy) and to the replica's
 :mod:`cache.proxy.service` in worker threads (never on mitmproxy's event loop), and answer. Every
 answer is marked ``X-SGCache: hit`` or ``X-SGCache: pass; reason=...``. What one flow's hooks
@@ -59,7 +59,7 @@ from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.memory import Trimmer  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
-from cache.proxy.routing import decrypt_patterns, is_api3, served_site  # noqa: E402
+from cache.proxy.routing import API3_PATH, api3_path, decrypt_patterns, is_api3, served_site  # noqa: E402
 from cache.proxy.sending import WRITE_METHODS  # noqa: E402
 from cache.proxy.service import CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
@@ -80,6 +80,8 @@ class SGCache:
         self.calls = SiteCalls(self.replica, self.executor, self.write_executor, self._tls, self._apply_site)
         self.guard = RelayGuard(self.executor, self.replica.count)
         self._warned_no_site = False
+        #: The path of the site's API3 calls (shotgun_api3's, from sgcache_site's URL).
+        self.api_path = API3_PATH
         self.in_flight = InFlight()
         self.trimmer = Trimmer(self.executor)  # memory back to the system after large bodies
         self._tls_context: tuple[tuple[bool, str | None], ssl.SSLContext] | None = None
@@ -120,6 +122,7 @@ class SGCache:
             try:
                 site = served_site(options.sgcache_site, reverse_targets(options.mode))
                 self.replica.configure_site(site)
+                self.api_path = api3_path(site) if site else API3_PATH
             except SiteError as exc:
                 raise exceptions.OptionsError(f"sgcache_site: {exc}") from exc
             if site and not options.sgcache_site.strip():
@@ -253,7 +256,7 @@ class SGCache:
     # -- hooks: API3 calls to the site ---------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
         r = flow.request
-        if flow.response is not None or not is_api3(r.method, r.path):
+        if flow.response is not None or not is_api3(r.method, r.path, self.api_path):
             return
         state = state_of(flow.metadata)
         if self.site is None:
@@ -337,7 +340,7 @@ class SGCache:
 
     def _site_api3_now(self, flow: http.HTTPFlow) -> bool:
         r = flow.request
-        return (self.site is not None and is_api3(r.method, r.path) and one_host(r)
+        return (self.site is not None and is_api3(r.method, r.path, self.api_path) and one_host(r)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
 
     @staticmethod

@@ -25,6 +25,7 @@ SITE = "https://sg.example.shotgunstudio.com"
 
 def api3_flow(body: bytes, host: str = "sg.example.shotgunstudio.com", headers: dict[str, str] | None = None) -> Any:
     req = tutils.treq(host=host, port=443, scheme=b"https", method=b"POST", path=b"/api3/json", content=body)
+    req.headers["Host"] = host  # as every client sends it (a request naming no host is no site's)
     for k, v in (headers or {}).items():
         req.headers[k] = v
     return tflow.tflow(req=req)
@@ -72,6 +73,21 @@ def test_the_reverse_proxy_target_is_the_site(run: Any) -> None:
     run(test)
 
 
+def test_a_site_named_with_a_path_has_its_api3_calls_there(run: Any) -> None:
+    """shotgun_api3 posts to ``/sg/api3/json`` for a site named ``https://host/sg/``: that path is
+    the site's API3, ``/api3/json`` is then not (whatever answers it, it is not that SG's API3)."""
+    async def test(addon: Any, tctx: Any) -> None:
+        tctx.configure(addon, sgcache_site=f"{SITE}/sg/")
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        flow.request.path = "/sg/api3/json"
+        assert addon._is_site_api3(flow)
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        await addon.request(flow)
+        assert state_of(flow.metadata).pass_reason is None and flow.response is None  # not its business
+
+    run(test)
+
+
 def test_an_upload_form_marks_the_type_it_names_pending(run: Any) -> None:
     async def test(addon: Any, tctx: Any) -> None:
         service = await addon.calls.service()
@@ -115,6 +131,8 @@ def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
         ("sg.example.shotgunstudio.com", 8443, "https", None),  # another port
         ("sg.example.shotgunstudio.com", 443, "http", None),  # another scheme
         ("sg.example.shotgunstudio.com", 443, "https", "other.shotgunstudio.com"),  # another tenant's name
+        # no Host header (HTTP/1.0 in absolute form): SG's front end picks the site it routes to
+        ("sg.example.shotgunstudio.com", 443, "https", ""),
         # two Host headers (HTTP/2 lets a client send host twice): which one SG routes by is not known
         ("sg.example.shotgunstudio.com", 443, "https", "other.shotgunstudio.com|sg.example.shotgunstudio.com"),
     ],
@@ -134,6 +152,8 @@ def test_other_sites_pass_and_teach_nothing(run: Any, host: str, port: int, sche
             flow.request.headers.set_all("Host", host_header.split("|"))
         elif host_header:
             flow.request.headers["Host"] = host_header
+        elif host_header == "":
+            del flow.request.headers["Host"]
         await addon.request(flow)
         assert flow.response is None  # not sent by the addon: mitmproxy relays it untouched
         assert state_of(flow.metadata).pass_reason == "other-site" and state_of(flow.metadata).method is None

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import shotgun_api3
 
-from .fakesg import FakeSGServer
+from .fakesg import FakeSGServer, FakeSite
+from .proxyharness import _raw_exchange
 from .rig import HUMAN, HUMAN_PASSWORD, KEY, RIG_OPTIONS, SCRIPT, Rig, populate_with_human
 
 READ_USERS = {"type": "HumanUser", "return_fields": ["login"],
@@ -125,6 +126,28 @@ def test_a_credential_accepted_at_one_site_is_not_verified_at_another(rig: Rig) 
         assert rig.reads() == before + 1
     header, _ = post(rig, "read", auth, READ_USERS)
     assert header == "hit"
+
+
+def test_a_request_naming_no_host_is_not_the_sites(rig: Rig) -> None:
+    """An HTTP/1.0 request in absolute form without a Host header reaches SG without one (mitmproxy
+    sends it in origin form): SG's front end routes it to whichever site it takes by default, maybe
+    another one. Taken for the site's, what that other site accepted would be credited to the site,
+    and the site's replica served to credentials the site refuses."""
+    intruder = {"script_name": "intruder", "script_key": "ik-staging-only"}
+    staging = FakeSite.basic()
+    staging.add_script(intruder["script_name"], intruder["script_key"])
+    rig.server.route_hostless_to(staging)  # the front end's default virtual host: another site
+    try:
+        body = json.dumps({"method_name": "read", "params": [intruder, READ_USERS]}).encode()
+        status, raw = _raw_exchange(rig.proxy, (
+            f"POST {rig.server.url}/api3/json HTTP/1.0\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body, 30.0)
+        assert status == 200 and b'"results"' in raw  # the other site accepted it
+        assert b"X-SGCache: pass; reason=other-site" in raw
+    finally:
+        rig.server.route_hostless_to(None)
+    header, reply = post(rig, "read", intruder, READ_USERS)  # named for the site: the site refuses it
+    assert header.startswith("pass") and reply["exception"] is True and reply["error_code"] == 102
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,19 @@ client's gateway timeout: a real shotgun_api3 client through a real proxy to the
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import shotgun_api3
+from prometheus_client.parser import text_string_to_metric_families
 
 from .fakesg import server as fakesg_server
 from .rig import Rig
+from .wait import wait_until
 
 
 @pytest.fixture
@@ -77,3 +81,27 @@ def test_one_clients_gateway_timeout_does_not_refuse_the_others(tmp_path: Path, 
         with pytest.raises(shotgun_api3.ProtocolError):
             heavy.summarize("Shot", [], [{"field": "id", "type": "count"}])
         assert other.update("Shot", shot["id"], {"description": "via proxy"})["description"] == "via proxy"
+
+
+def test_sgs_5xx_to_a_write_is_counted_as_an_upstream_error(tmp_path: Path, db_url: str,
+                                                            gateway_timeout: list[str]) -> None:
+    """The client of a write SG answered 504 gets the proxy's "may have been applied" answer, and
+    the operator's metric still counts SG's 5xx (before: only a 5xx the client got as it was)."""
+    with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0", "sgcache_status=127.0.0.1:0"]) as rig:
+        assert rig.proxy is not None
+        status_url = wait_until(lambda: (m := re.search(r"status page at (http://[\d.]+:\d+/)", rig.proxy.output()))
+                                and m.group(1), 10, "the status page's address")
+
+        def errors() -> float:
+            with urllib.request.urlopen(status_url + "metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                       if s.name == "sgcache_upstream_errors_total" and s.labels.get("kind") == "http-5xx")
+
+        sg, direct = rig.client(), rig.direct()
+        shot = direct.find_one("Shot", [["code", "is", "sh010"]], ["code"])
+        before = errors()
+        gateway_timeout.append("update")
+        with pytest.raises(shotgun_api3.Fault, match="may have been applied"):
+            sg.update("Shot", shot["id"], {"description": "changed behind a 504"})
+        wait_until(lambda: errors() == before + 1, 5, "SG's 504 counted")

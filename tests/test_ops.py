@@ -21,7 +21,7 @@ import pytest
 from cache.mitm.ops_addon import lines_as_logged
 from cache.ops import server as server_module
 from cache.ops.access import ConnectionNoise, RequestRecord, format_line, who
-from cache.ops.metrics import ProxyMetrics, parse_hostport
+from cache.ops.metrics import IngestMetrics, ProxyMetrics, parse_hostport, serve
 from cache.ops.page import PageData, render
 from cache.ops.recent import Recent, Window
 from cache.ops.server import StatusServer
@@ -155,6 +155,35 @@ def test_status_server_closes_idle_and_surplus_connections(monkeypatch: pytest.M
         server.stop()
 
 
+def test_sidecar_metrics_server_closes_idle_and_surplus_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingester's and the scanner's ``--metrics`` server, bounded as the status server is: an
+    idle connection is closed, and past the bound a new one is closed at once; scrapes still work."""
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(server_module, "IDLE_SECONDS", 0.5)
+    metrics = IngestMetrics()
+    metrics.polls.inc()
+    httpd = serve("127.0.0.1:0", metrics.registry, "ingester")
+    port = httpd.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both taken by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as surplus:
+            assert surplus.recv(100) == b""  # closed at once: two are open
+        for sock in idle:  # closed by the server once idle
+            started = time.monotonic()
+            assert sock.recv(100) == b""
+            assert time.monotonic() - started < 4
+        time.sleep(0.2)
+        for path in ("metrics", ""):  # any path, as prometheus_client's server answered
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}", timeout=5) as resp:
+                assert resp.status == 200 and b"sgcache_ingester_polls_total 1.0" in resp.read()
+    finally:
+        for sock in idle:
+            sock.close()
+        httpd.shutdown()
+        httpd.server_close()
+
+
 PROMTOOL = shutil.which("promtool")
 
 
@@ -203,3 +232,35 @@ def test_ops_addon_logs_and_counts_a_flow(caplog: pytest.LogCaptureFixture) -> N
     assert (record["method"], record["outcome"], record["reason"], record["status"], record["who"]) == \
         ("read", "pass", "auth-unverified", 502, "pipeline")
     assert "sk-never" not in line
+
+
+@pytest.mark.parametrize(("method", "sg_status", "answered_here", "counted"), [
+    ("create", 500, True, 1),  # SG's 500 to a write: the client got "may have been applied"
+    ("update", 503, True, 1),
+    ("read", 502, True, 1),  # SG's 502 to a read the replica then answered (offline)
+    ("read", None, True, 0),  # a hit: SG never answered
+    ("create", 200, True, 0),
+])
+def test_every_5xx_sg_sent_is_an_upstream_error(method: str, sg_status: int | None, answered_here: bool,
+                                                counted: int) -> None:
+    from mitmproxy.test import taddons, tflow, tutils
+
+    from cache.ops.metrics import PROXY
+    from cache.proxy.flowstate import state_of
+
+    from .sgcache_addon import sgcache
+
+    def value() -> float:
+        return PROXY.registry.get_sample_value("sgcache_upstream_errors_total", {"kind": "http-5xx"}) or 0.0
+
+    addon = sgcache.SGCacheOps(sgcache.SGCache())
+    before = value()
+    with taddons.context(addon):
+        flow = tflow.tflow(resp=tutils.tresp(status_code=200))  # the proxy's own answer
+        state = state_of(flow.metadata)
+        state.method, state.args, state.answered_here, state.sg_status = method, {"type": "Shot"}, answered_here, \
+            sg_status
+        state.pass_reason = "method"
+        addon.response(flow)
+        addon.done()
+    assert value() - before == counted

@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import shotgun_api3
 
 from cache.proxy import answers
 from cache.proxy.auth import CredentialCache, site_of
@@ -16,7 +17,7 @@ from cache.proxy.flowstate import KEY, FlowState, state_of
 from cache.proxy.metrics import Counters
 from cache.proxy.offline import InfoCopies
 from cache.proxy.outage import OUTAGE_SECONDS, Outages, never_connected
-from cache.proxy.routing import NO_HOST, decrypt_patterns, hostport, is_api3, served_site
+from cache.proxy.routing import NO_HOST, api3_path, decrypt_patterns, hostport, is_api3, served_site
 from cache.proxy.uploads import changed_types, is_upload
 from cache.replica.site import Site, SiteError
 
@@ -71,8 +72,20 @@ def test_only_the_site_and_named_hosts_are_decrypted() -> None:
     assert decrypted(patterns, "sg.example.com:443") and not decrypted(patterns, "sg.example.com:8443")
     assert decrypted(patterns, "a.studio.test:8080") and not decrypted(patterns, "studio.test.evil:443")
     assert decrypt_patterns(None, []) == [NO_HOST] and not decrypted([NO_HOST], "anything:443")
-    assert is_api3("POST", "/api3/json?x=1") and not is_api3("GET", "/api3/json")
+    assert is_api3("POST", "/api3/json") and not is_api3("GET", "/api3/json")
     assert not is_api3("POST", "/upload/api_link_file")
+    # only the path shotgun_api3 posts to: no query string, no other path ending in /api3/json
+    for other in ("/api3/json?x=1", "/api3/json?", "/some/prefix/api3/json", "/API3/json", "/api3/json/"):
+        assert not is_api3("POST", other), other
+    assert is_api3("POST", "/sg/api3/json", "/sg/api3/json") and not is_api3("POST", "/api3/json", "/sg/api3/json")
+
+
+@pytest.mark.parametrize("url", ["https://sg.example.com", "https://sg.example.com/", "https://sg.example.com/sg",
+                                 "https://sg.example.com/sg/", "http://sg.example.com:8080/a/b/",
+                                 "https://sg.example.com:443/a/b"])
+def test_the_api3_path_is_shotgun_api3s(url: str) -> None:
+    client = shotgun_api3.Shotgun(url, script_name="pipeline", api_key="k", connect=False)
+    assert api3_path(url) == client.config.api_path
     assert hostport("::1", 443) == "[::1]:443" and hostport("h", 80) == "h:80"
 
 

@@ -148,6 +148,27 @@ def test_classify_postgresql_codes() -> None:
     assert classify_error(sa.exc.OperationalError("q", {}, PgError("08006"))) == ("db-error", True)
 
 
+@pytest.mark.parametrize("condition", [
+    {"path": "code", "relation": "is", "values": ["sh00007\x00x"]},
+    {"path": "code", "relation": "contains", "values": ["sh00007\x00zzz"]},  # SQLite's LIKE stops at NUL
+    {"path": "code", "relation": "in", "values": [f"sh{i:05d}\x00" for i in range(40)]},
+    {"path": "description", "relation": "starts_with", "values": ["a\x00"]},
+])
+def test_nul_in_a_filter_passes_and_never_opens_the_breaker(service: CacheService, condition: Any) -> None:
+    """PostgreSQL refuses NUL in text, SQLite reads text up to it: the read is SG's to answer."""
+    for _ in range(BREAKER_FAILURES + 1):
+        with pytest.raises(Passthrough, match="filter-value"):
+            service.read(args({"logical_operator": "and", "conditions": [condition]}))
+    assert service.breaker.failures == 0
+    assert service.read(SMALL)["entities"] == [{"type": "Shot", "id": 7, "code": "sh00007"}]
+
+
+def test_classify_nul_refused_by_psycopg2() -> None:
+    """psycopg2 refuses a NUL in a text value before the database sees it: the value's trouble."""
+    assert classify_error(ValueError("A string literal cannot contain NUL (0x00) characters.")) == \
+        ("db-query-error", False)
+
+
 def test_stale_and_fresh_are_logged_once_per_change(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
     with store.engine.begin() as conn:

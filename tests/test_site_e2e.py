@@ -36,17 +36,17 @@ def populate_b(site: FakeSite) -> None:
         site.create_direct("Shot", {"code": f"other{i:02d}", "project": {"type": "Project", "id": project["id"]}})
 
 
-def raw_read(server_url: str, proxy: Proxy, entity_type: str, fields: list[str],
-             proxy_user: str | None = None) -> tuple[str, Any]:
-    """One API3 read of ``server_url`` through the proxy (as ``proxy_user``, "name:password", when
-    given): (X-SGCache header, decoded reply)."""
+def raw_read(server_url: str, proxy: Proxy | None, entity_type: str, fields: list[str],
+             proxy_user: str | None = None, path: str = "/api3/json") -> tuple[str, Any]:
+    """One API3 read of ``server_url`` (posted to ``path``) through the proxy (as ``proxy_user``,
+    "name:password", when given; None: straight to the server): (X-SGCache header, decoded reply)."""
     args = {"type": entity_type, "return_fields": fields, "return_only": "active",
             "filters": {"logical_operator": "and", "conditions": []},
             "paging": {"entities_per_page": 500, "current_page": 1}, "return_paging_info": False}
     body = json.dumps({"method_name": "read", "params": [{"script_name": SCRIPT, "script_key": KEY}, args]})
-    via = f"{proxy_user}@{proxy.address}" if proxy_user else proxy.address
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{via}"}))
-    req = urllib.request.Request(server_url + "/api3/json", data=body.encode(), method="POST",
+    via = None if proxy is None else f"{proxy_user}@{proxy.address}" if proxy_user else proxy.address
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{via}"} if via else {}))
+    req = urllib.request.Request(server_url + path, data=body.encode(), method="POST",
                                  headers={"Content-Type": "application/json; charset=utf-8"})
     with opener.open(req, timeout=30) as resp:
         return resp.headers.get("X-SGCache", ""), json.loads(resp.read())
@@ -98,6 +98,20 @@ def test_reads_of_another_site_pass_and_get_that_sites_answer(two_sites: tuple[R
     other = shotgun_api3.Shotgun(server_b.url, script_name=SCRIPT, api_key=KEY, http_proxy=rig.proxy.address)
     assert other.find("Shot", [], ["code"]) == expected_b
     assert other.find_one("Project", [], ["name"])["name"] == "Other studio"
+
+
+@pytest.mark.parametrize("path", ["/some/prefix/api3/json", "/api3/json?x=1"])
+def test_only_the_path_shotgun_api3_posts_to_is_the_sites_api3(two_sites: tuple[Rig, FakeSGServer],
+                                                                path: str) -> None:
+    """shotgun_api3 posts to exactly ``/api3/json`` (for a site named without a path): a read posted
+    anywhere else, even to a path ending in /api3/json or with a query string, is not the proxy's
+    business: SG (or whatever the site serves there) answers it, untouched."""
+    rig, _ = two_sites
+    rig.client().find_one("Project", [])  # SG accepts the credentials: the site's reads are hits
+    assert raw_read(rig.server.url, rig.proxy, "Shot", ["code"])[0] == "hit"
+    header, reply = raw_read(rig.server.url, rig.proxy, "Shot", ["code"], path=path)
+    assert header == "" and reply == raw_read(rig.server.url, None, "Shot", ["code"], path=path)[1]
+    assert [p for _, p, _, _ in rig.site.raw_requests].count(path) == 2  # both reached the site
 
 
 def test_writes_to_another_site_change_nothing_in_the_replica(two_sites: tuple[Rig, FakeSGServer]) -> None:

@@ -90,10 +90,11 @@ def reverse_targets(modes: Sequence[str]) -> list[tuple[str, str, int]]:
 
 
 def one_host(request: http.Request) -> bool:
-    """At most one Host header: with two (HTTP/2 lets a client send ``host`` twice beside
-    ``:authority``), which one SG's front end routes by is not known, so the request is not
-    taken for the site's."""
-    return len(request.headers.get_all("host")) <= 1
+    """Exactly one name SG's front end routes by: a Host header (or HTTP/2's ``:authority``), and
+    not two (HTTP/2 lets a client send ``host`` twice beside ``:authority``). A request naming no
+    host (HTTP/1.0 in absolute form: mitmproxy sends it on in origin form, without one) or two
+    may go to whichever site SG's front end picks, so it is not taken for the site's."""
+    return request.host_header is not None and len(request.headers.get_all("host")) <= 1
 
 
 def peer_of(flow: http.HTTPFlow) -> str:

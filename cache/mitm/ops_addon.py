@@ -116,9 +116,12 @@ class SGCacheOps:
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = state_of(flow.metadata)
-        # SG answered 502/503/504: its answer stands, or (a read) the replica's replaced it
-        if state.method is not None and ((flow.response is not None and flow.response.status_code in (502, 503, 504)
-                                          and not state.answered_here) or (state.hit and state.pass_reason)):
+        # SG answered 5xx: its answer stands, a read's was replaced by the replica's, or a write's
+        # by the proxy's "outcome unknown"
+        status = state.sg_status
+        if status is None and flow.response is not None and not state.answered_here:
+            status = flow.response.status_code  # SG's answer, relayed
+        if state.method is not None and (status or 0) >= 500:
             self.ops.observer.upstream_error("http-5xx")
         self._finished(flow, "hit" if state.hit else "pass")
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -44,7 +44,7 @@ class ProxyMetrics:
                                          "Time a read spent in the replica's database (plan, SQL, rows), hit or pass",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter("sgcache_upstream_errors",
-                                       "SG unreachable (connect, TLS, DNS), dropped requests and 502/503/504 answers",
+                                       "SG unreachable (connect, TLS, DNS), dropped requests and 5xx answers",
                                        ["kind"], registry=r)
         self.connections = Gauge("sgcache_client_connections", "Open client connections", registry=r)
         # The audit (shadow reads) registers its own sgcache_audit_* counters in this registry.
@@ -121,10 +121,13 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 def serve(hostport: str, registry: CollectorRegistry, what: str) -> Any:
-    """Serve ``registry`` on ``http://HOST:PORT/metrics`` in a daemon thread (sidecars); logs the
-    address (port 0: the one the system chose). Returns the server."""
+    """Serve ``registry`` on ``http://HOST:PORT/metrics`` in a daemon thread (sidecars), bounded as
+    the status server is (idle connections closed, at most so many at once: cache/ops/server.py);
+    logs the address (port 0: the one the system chose). Returns the server."""
+    from .server import serve_metrics  # (it imports this module)
+
     host, port = parse_hostport(hostport)
-    server, _thread = start_http_server(port, host, registry)
+    server = serve_metrics(host, port, registry)
     log.info("%s metrics at http://%s:%d/metrics", what, host, server.server_address[1])
     return server
 

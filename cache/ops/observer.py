@@ -58,7 +58,7 @@ class Observer:
             access_log.info("%s", format_line(record, self.access_format))
 
     def upstream_error(self, kind: str) -> None:
-        """SG could not be reached, dropped a request, or answered 502/503/504."""
+        """SG could not be reached, dropped a request, or answered 5xx."""
         self.metrics.upstream_errors.labels(kind=kind).inc()
 
     def connections(self, delta: int) -> None:

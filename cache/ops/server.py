@@ -6,7 +6,8 @@ else 503; the body says why in one line. ``HEAD`` is answered like ``GET``, with
 
 It runs in the proxy's own process, a thread a connection: a connection idle for
 :data:`IDLE_SECONDS` is closed, and past :data:`MAX_CONNECTIONS` at once a new one is closed at
-once, so clients that connect and send nothing cannot fill the process with threads.
+once, so clients that connect and send nothing cannot fill the process with threads. The
+sidecars' ``--metrics`` server (:func:`serve_metrics`) is bounded the same way.
 """
 
 from __future__ import annotations
@@ -64,9 +65,19 @@ class StatusServer:
             self._thread.join(5)
 
 
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> ThreadingHTTPServer:
+    """Serve ``registry`` on every path of ``http://HOST:PORT`` (as prometheus_client's own server
+    does) in a daemon thread, with the status server's bounds; returns the running server."""
+    httpd = _Server((host, port), _MetricsHandler)
+    httpd.registry = registry
+    threading.Thread(target=httpd.serve_forever, name="sgcache-metrics", daemon=True).start()
+    return httpd
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: StatusServer
+    registry: CollectorRegistry  # what _MetricsHandler serves
 
     def __init__(self, address: tuple[str, int], handler: Any) -> None:
         if ":" in address[0]:
@@ -131,3 +142,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
         log.debug("status %s %s", self.address_string(), format % args)
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """``/metrics`` of a sidecar (the ingester, the scanner): the registry on any path."""
+
+    server: _Server
+    server_version = "sgcache-metrics"
+
+    def setup(self) -> None:
+        self.timeout = IDLE_SECONDS  # read per connection (the socket's timeout): idle ones close
+        super().setup()
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        body = generate_latest(self.server.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
+        log.debug("metrics %s %s", self.address_string(), format % args)

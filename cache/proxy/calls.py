@@ -195,6 +195,7 @@ class SiteCalls:
         reply = await self.writes.send(self.replica, call.request, state, tls, learn)
         if isinstance(reply, Answer):
             return self.answered(state, reply)
+        state.sg_status = reply.status
         if reply.status >= 500:
             # SG (or its load balancer, past its timeout) failed after the write reached it: it may
             # have been applied. Relayed, a 502 or 504 would be sent again by shotgun_api3.
@@ -230,6 +231,7 @@ class SiteCalls:
             await self._run(service.uploaded, None)
         if isinstance(reply, Answer):
             return self.answered(state, reply)
+        state.sg_status = reply.status
         state.from_sg = True
         self.passes(state, "large-body")
         return reply
@@ -266,6 +268,7 @@ class SiteCalls:
         key), or None (SG's answer stands)."""
         if state.method is None:
             return None
+        state.sg_status = sg.status
         if self.outages.note_status(call.request.host, sg.status, call.client):
             if state.method == "read" and self.offline and not self.credentials.reason(call.site, state.auth):
                 outcome = await self.serve_read(call, state.args, offline=True)

@@ -61,6 +61,9 @@ class FlowState:
     service_ms = _Field[float | None](None)
     #: SG's own answer, which the addon sent and relayed itself (a write sent once).
     from_sg = _Field[bool](False)
+    #: The HTTP status SG answered with (relayed, replaced, or to a write the proxy sent itself);
+    #: None: no answer from SG (yet).
+    sg_status = _Field[int | None](None)
     #: The proxy's own sender took the request: mitmproxy must never send it as well.
     sent = _Field[bool](False)
     #: Where the replica stood just before a write was sent (see CacheService.learn).

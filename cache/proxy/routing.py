@@ -1,9 +1,10 @@
 """Which flows the proxy looks at: the hosts mitmproxy decrypts, and the site's API3 calls.
 
 Only the site's host (and the operator's ``sgcache_hosts``) is decrypted; every other TLS
-connection is tunnelled untouched. Of the decrypted requests, only ``POST .../api3/json`` to
-the site itself (scheme, host, port and Host header) is answered or learnt from; another
-host's API3 passes (``other-site``), anything else is not the proxy's business.
+connection is tunnelled untouched. Of the decrypted requests, only ``POST /api3/json`` (exactly
+the path shotgun_api3 builds from the site's URL, :func:`api3_path`) to the site itself (scheme,
+host, port and Host header) is answered or learnt from; another host's API3 passes
+(``other-site``), anything else is not the proxy's business.
 Where the proxy may connect at all is :mod:`cache.proxy.relay`'s decision.
 
 In reverse-proxy mode (``mitmdump --mode reverse:https://site``) clients name the proxy, not SG;
@@ -17,10 +18,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import urllib.parse
 from collections.abc import Iterable
 
 from cache.replica.site import Site, SiteError
 
+#: The path of API3 calls to a site named without a path (what shotgun_api3 posts to).
+API3_PATH = "/api3/json"
 #: An allow_hosts entry that matches nothing (an empty allow_hosts would decrypt everything).
 NO_HOST = r"\A(?!)"
 
@@ -64,9 +68,19 @@ def host_regex(glob: str) -> str:
     return "^" + fnmatch.translate(glob.lower()).removeprefix("(?s:").removesuffix(")\\Z") + "(:\\d+)?$"
 
 
-def is_api3(method: str, path: str) -> bool:
-    """Whether a request is an API3 call (``POST`` to a path ending in ``/api3/json``)."""
-    return method == "POST" and path.split("?", 1)[0].endswith("/api3/json")
+def api3_path(site_url: str) -> str:
+    """The path shotgun_api3 posts API3 calls to for a site URL (``Shotgun.set_server_params``):
+    ``api3/json`` under the URL path's directory (``/api3/json`` for ``https://site`` and
+    ``https://site/sg``, ``/sg/api3/json`` for ``https://site/sg/``)."""
+    base = urllib.parse.urlsplit(site_url.strip()).path
+    return urllib.parse.urljoin(urllib.parse.urljoin(base or "/", "api3/"), "json")
+
+
+def is_api3(method: str, path: str, api_path: str = API3_PATH) -> bool:
+    """Whether a request is an API3 call: ``POST`` to exactly the path shotgun_api3 posts to
+    (``api_path``), without a query string (it sends none). Any other path, even one ending in
+    ``/api3/json``, is not the proxy's business: SG (or whatever serves that path) answers it."""
+    return method == "POST" and path == api_path
 
 
 def hostport(host: str, port: int) -> str:

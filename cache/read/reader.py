@@ -146,6 +146,9 @@ class Reader:
         return run_plan(conn, self.store, plan, budget)
 
     def _plan(self, params: Mapping[str, Any], replica_state: ReplicaState, key: str | None) -> Plan:
+        if (key is None or _JSON_NUL in key) and _holds_nul(params):
+            # PostgreSQL refuses NUL in text and SQLite's LIKE stops at it: SG answers it
+            raise Passthrough("filter-value", "NUL character")
         if key is not None and len(key) > MAX_PLAN_KEY:
             key = None  # a huge request (thousands of ids): not worth keeping
         fingerprint = replica_state.fingerprint if key is not None else None
@@ -163,6 +166,26 @@ class Reader:
                 while len(self._plans) > self._plan_cache_size:
                     self._plans.popitem(last=False)
         return plan
+
+
+#: How :func:`request_key` writes a NUL character (every string in a key is ASCII-escaped JSON).
+_JSON_NUL = "\\u0000"
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in any string (key or value) of a decoded JSON ``value``."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return False
 
 
 def request_key(params: Any) -> str | None:

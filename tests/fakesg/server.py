@@ -36,6 +36,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def site(self) -> FakeSite:
+        hostless = self.server.hostless_site  # type: ignore[attr-defined]
+        if hostless is not None and self.headers.get("Host") is None:
+            return hostless  # a front end's default virtual host answers a request naming no host
         return self.server.site  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
@@ -131,6 +134,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], site: FakeSite, ssl_context: ssl.SSLContext | None,
                  latency: float = 0.0) -> None:
         self.site = site
+        self.hostless_site: FakeSite | None = None
         self.latency = latency
         self.ssl_context = ssl_context
         self.connections: set[socket.socket] = set()
@@ -230,6 +234,12 @@ class FakeSGServer:
         self._thread.start()
         log.info("fake SG serving on %s", self.url)
         return self
+
+    def route_hostless_to(self, site: FakeSite | None) -> None:
+        """Answer requests without a Host header as ``site`` (a front end whose default virtual
+        host is another site, as nginx's ``default_server``); None: as the server's own site."""
+        assert self._httpd is not None, "server not started"
+        self._httpd.hostless_site = site
 
     def drop_next_answers(self, n: int = 1) -> None:
         """Apply the next ``n`` API3 calls but break the connection instead of answering."""

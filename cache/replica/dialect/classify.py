@@ -32,6 +32,8 @@ def classify_error(exc: BaseException) -> tuple[str, bool]:
         return "slow-read", False  # a statement over its time limit: that request's cost, not the database's health
     if pgcode.startswith("54") or any(t in text for t in _TOO_LARGE_TEXT):
         return "too-large", False  # a statement beyond the database's size limits
+    if isinstance(orig, ValueError) and "nul (0x00)" in text:
+        return "db-query-error", False  # psycopg2 refuses a NUL in a text value: that value's trouble
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
             return "db-error", True
