@@ -704,6 +704,35 @@ def test_a_fetched_row_the_replica_cannot_store_stays_queued(site: FakeSite, sto
     assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1"]
 
 
+def test_rows_that_cannot_be_stored_never_keep_other_rows_from_their_fetch(site: FakeSite, store: Store,
+                                                                           ingester: Ingester) -> None:
+    """More queued rows that can never be stored than one pass of the queue takes (Assets whose
+    values the replica refuses) must not keep the others from being fetched: other types' rows
+    (a Shot) and later rows of the same type (an Asset SG sends a good value for)."""
+    proj = make_project(site)
+    sync(ingester)
+    stuck = [site.create_direct("Asset", {"code": f"bad{i}", "project": proj})["id"] for i in range(6)]
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    ingester.poll_once()
+    sg = ingester.fetcher.sg
+    assert sg is not None
+    find = sg.find
+
+    def bad_assets(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        rows = find(entity_type, filters, fields, **kw)
+        return [{**r, "code": 5} if str(r.get("code", "")).startswith("bad") else r for r in rows]
+
+    ingester.fetcher.sg = type("Client", (), {"find": staticmethod(bad_assets)})()
+    good = site.create_direct("Asset", {"code": "good", "project": proj})
+    ingester.poll_once()
+    for _ in range(4):
+        ingester.fetcher.process(limit=5)
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False)] == ["sh1"]
+    assert [r["code"] for r in replica_read(store, "Asset", ["code"], False)] == ["good"]
+    assert sorted(queued(store)) == [("Asset", i) for i in stuck]
+    assert shot["id"] and good["id"]
+
+
 def test_a_field_deleted_on_the_site_does_not_stall_the_fetches_of_other_types(site: FakeSite, store: Store,
                                                                                ingester: Ingester) -> None:
     """A cached field deleted on the site (SG logs no event): SG refuses every fetch of that type.

@@ -39,11 +39,15 @@ def test_put_queues_and_queuing_again_takes_the_new_reason_and_time(store: Store
     assert reasons(store) == {("Asset", 1): "revival", ("Shot", 2): "late event"}
 
 
-def test_entries_come_by_type_then_id_up_to_the_limit(store: Store) -> None:
+def test_entries_come_up_to_the_limit_of_each_type_the_longest_queued_first(store: Store) -> None:
     q = store.fetch_queue
+    later = T0 + dt.timedelta(seconds=1)
     with store.engine.begin() as conn:
         fetchqueue.put(conn, q, {("Shot", 9): "a", ("Shot", 3): "b", ("Asset", 7): "c", ("Task", 1): "d"}, T0)
-        assert fetchqueue.entries(conn, q, 3) == {"Asset": {7: T0}, "Shot": {3: T0, 9: T0}}
+        fetchqueue.put(conn, q, {("Shot", 1): "e"}, later)
+        assert fetchqueue.entries(conn, q, 2) == {"Asset": {7: T0}, "Shot": {3: T0, 9: T0}, "Task": {1: T0}}
+        fetchqueue.requeue(conn, q, "Shot", [3, 9], "not stored", later + dt.timedelta(seconds=1))
+        assert list(fetchqueue.entries(conn, q, 2)["Shot"]) == [1, 3]  # the requeued ones at the back
         assert fetchqueue.queued_types(conn, q) == {"Asset", "Shot", "Task"}
 
 

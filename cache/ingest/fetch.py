@@ -53,7 +53,8 @@ class Fetcher:
                       if fieldtypes.is_cached_type(s.data_type) and (entity_type, f) not in self.missing_fields)
 
     def process(self, limit: int = 5000) -> int:
-        """Re-read queued entities from SG, grouped per type; returns how many left the queue.
+        """Re-read queued entities from SG, up to ``limit`` of each type (the longest queued first);
+        returns how many left the queue.
 
         A type whose fetch fails (SG refuses it) is left queued and the others go on."""
         if self.sg is None:
@@ -138,6 +139,9 @@ class Fetcher:
             # rather than be answered without it
             stored = {i: at for i, at in queued.items() if i not in refused and i not in overtaken}
             fetchqueue.remove_handled(conn, self.store.fetch_queue, entity_type, stored)
+            if refused:  # at the back of the queue: later rows of the type are fetched before them again
+                fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, refused, "not stored",
+                                   self.store.db_now(conn))
         gone = [i for i in gone if i not in overtaken]
         if gone:
             log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",

@@ -63,12 +63,23 @@ def remove(conn: Connection, table: sa.Table, keys: Iterable[Key]) -> None:
 
 
 def entries(conn: Connection, table: sa.Table, limit: int) -> dict[str, dict[int, dt.datetime]]:
-    """Up to ``limit`` queued entities, in (type, id) order: ``{type: {id: queued_at}}``."""
-    rows = conn.execute(sa.select(table).order_by(table.c.entity_type, table.c.entity_id).limit(limit))
+    """Up to ``limit`` queued entities of each type, the longest queued first: ``{type: {id:
+    queued_at}}``. Per type, so rows of one type that cannot be stored never keep another type's
+    from their fetch; oldest first, with such rows queued again at the back (:func:`requeue`), so
+    they never keep later rows of their own type from it either."""
     out: dict[str, dict[int, dt.datetime]] = {}
-    for row in rows:
-        out.setdefault(row.entity_type, {})[row.entity_id] = row.queued_at
+    for entity_type in sorted(queued_types(conn, table)):
+        rows = conn.execute(sa.select(table.c.entity_id, table.c.queued_at)
+                            .where(table.c.entity_type == entity_type)
+                            .order_by(table.c.queued_at, table.c.entity_id).limit(limit))
+        out[entity_type] = {row.entity_id: row.queued_at for row in rows}
     return out
+
+
+def requeue(conn: Connection, table: sa.Table, entity_type: str, ids: Iterable[int], reason: str,
+            now: dt.datetime) -> None:
+    """Queue again, at the back (``queued_at`` now), rows a fetch read but could not store."""
+    put(conn, table, {(entity_type, i): reason for i in ids}, now)
 
 
 def remove_handled(conn: Connection, table: sa.Table, entity_type: str,
