@@ -118,3 +118,26 @@ def test_sg_clock_runs_from_the_newest_created_at_by_local_elapsed_time(store: S
     with store.engine.begin() as conn:
         restarted.load(conn)
     assert restarted.now() == dt.datetime(2026, 3, 1, 9, 0, 10)
+
+
+def test_the_ingesters_local_clock_is_not_moved_by_a_step_of_the_wall_clock(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wall clock stepped an hour forward (NTP, an operator) while a gap waits must not age the
+    gap by an hour: the ingester measures elapsed time with the monotonic clock."""
+    import time
+
+    import cache.ingest.sgclock as sgclock
+
+    mono = [1000.0]
+    wall = [dt.datetime(2026, 3, 1, 9, 0, 0)]
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    monkeypatch.setattr(sgclock, "now_utc", lambda: wall[0])
+    ingester = Ingester(store, None, IngestConfig(), lock=NoLock())
+    try:
+        with store.engine.begin() as conn:
+            ingester.sg_clock.see(conn, [{"created_at": "2026-03-01T09:00:00Z"}])
+        wall[0] += dt.timedelta(hours=1)  # the step
+        mono[0] += 5
+        assert ingester.sg_now() == dt.datetime(2026, 3, 1, 9, 0, 5)
+    finally:
+        ingester.close()

@@ -37,7 +37,7 @@ from ..ops.metrics import IngestMetrics
 from ..replica import pending
 from ..replica.dialect import LeaderLock, leader_lock_for
 from ..replica.statekeys import EVENT_CURSOR, EVENT_HIGH
-from ..replica.store import Store, now_utc
+from ..replica.store import Store
 from ..replica.writes import WriteBatch
 from ..wire import chunks, to_wire, wire_from_epoch
 from .apply import EventApplier
@@ -49,7 +49,7 @@ from .gaps import EventPosition
 from .leader import LeaderSession
 from .schemarefresh import SchemaRefresh
 from .settling import Settling
-from .sgclock import SGClock
+from .sgclock import SGClock, SteadyClock
 
 log = logging.getLogger("sgcache.events")
 
@@ -58,18 +58,18 @@ class Ingester:
     """Polls events from ``sg`` and applies them to ``store``."""
 
     def __init__(self, store: Store, sg: SGClient | None, config: IngestConfig | None = None,
-                 clock: Callable[[], dt.datetime] = now_utc, lock: LeaderLock | None = None,
+                 clock: Callable[[], dt.datetime] | None = None, lock: LeaderLock | None = None,
                  metrics: IngestMetrics | None = None):
         self.store = store
         self.metrics = metrics or IngestMetrics()  # served by scripts/ingest-events --metrics
         self.sg = sg
         self.config = config or IngestConfig()
-        self.clock = clock
+        self.clock = clock or SteadyClock()  # elapsed time only: SG's clock is estimated (sgclock.py)
         self.lock = lock or leader_lock_for(store.engine)
         self.stop_event = threading.Event()
         self.stop_reason: str | None = None
         self.session = LeaderSession(store, self.lock, self.stop_event, self.config.lock_retry)
-        self.sg_clock = SGClock(store, clock)
+        self.sg_clock = SGClock(store, self.clock)
         self.position = EventPosition(store, sg, self.config, self.sg_clock)
         self.schema_refresh = SchemaRefresh(store, sg, self.connect)
         self.applier = EventApplier(store, self.schema_refresh)

@@ -1,7 +1,8 @@
 """SG's clock, as the ingester estimates it: gap time is SG's time, never the local one.
 
 "Now" is the newest ``created_at`` seen plus the local time elapsed since it was seen: the
-local clock measures only elapsed time, so skew between the hosts does not matter. With no
+local clock measures only elapsed time (the ingester's is :class:`SteadyClock`, which a step of
+the wall clock does not move), so skew between the hosts does not matter. With no
 ``created_at`` ever seen the local clock stands in. The newest ``created_at`` is kept in
 ``sg_clock`` (in the poll's transaction), so a restarted ingester starts from it.
 """
@@ -9,14 +10,28 @@ local clock measures only elapsed time, so skew between the hosts does not matte
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from ..replica.statekeys import SG_CLOCK
-from ..replica.store import Store
+from ..replica.store import Store, now_utc
 from ..wire import format_wire_dt, parse_wire_dt
+
+
+class SteadyClock:
+    """The local UTC time, moved by the monotonic clock from when it was made: a step of the wall
+    clock (an NTP correction, an operator setting the date) does not move it, so it measures
+    elapsed time only (a forward step would otherwise age every open gap at once)."""
+
+    def __init__(self) -> None:
+        self._start = (now_utc(), time.monotonic())
+
+    def __call__(self) -> dt.datetime:
+        wall, mono = self._start
+        return wall + dt.timedelta(seconds=time.monotonic() - mono)
 
 
 class SGClock:
