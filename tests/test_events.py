@@ -472,6 +472,27 @@ def test_id_visible_after_its_gap_was_given_up_is_swept(site: FakeSite, store: S
     assert ingester.sweep().swept == []
 
 
+def test_the_sweep_reads_its_whole_window_however_many_events_it_holds(site: FakeSite, store: Store,
+                                                                        ingester: Ingester) -> None:
+    """An id missing among more events than one read of the window returns (``sweep_limit``; a
+    busy site) is still found: the sweep pages through the window by id."""
+    ingester.config.sweep_limit = 2
+    _shot, held = give_up_a_long_transaction(site, store, ingester)
+    with store.engine.begin() as conn:  # not looked for by id any more: only the window finds it
+        conn.execute(store.given_up.delete())
+    proj = make_project(site)
+    for i in range(5):  # more events in the window below the missing id
+        site.create_direct("Asset", {"code": f"a{i}", "project": proj})
+    site.release_held()
+    sync(ingester)
+    with store.engine.begin() as conn:
+        older = [i for i in stored_event_ids(store, conn) if i < held[0]]
+    assert len(older) > 2
+    assert ingester.sweep().swept == held
+    ingester.process_fetch_queue()
+    assert replica_read(store, "Shot", ["code"], False)[0]["code"] == "late"
+
+
 def test_an_id_visible_after_its_gap_was_given_up_survives_a_restart(site: FakeSite, store: Store,
                                                                      client: SiteClient, ingester: Ingester) -> None:
     """A transaction runs a little longer than the gap timeout: its id is given up, then shows. The
@@ -495,6 +516,10 @@ def test_an_id_visible_after_its_gap_was_given_up_survives_a_restart(site: FakeS
         assert restarted.sweep().swept == [] and given_up_ids(store) == []
     finally:
         restarted.close()
+
+
+def stored_event_ids(store: Store, conn: Any) -> list[int]:
+    return sorted(conn.execute(sa.select(store.events.c.id)).scalars())
 
 
 def given_up_ids(store: Store) -> list[int]:

@@ -256,13 +256,21 @@ class Ingester:
 
     def _missing_in_window(self, sg: SGClient, conn: Connection, floor: int, cursor: int) -> set[int]:
         """Ids of the events created in the last ``sweep_window`` seconds (SG's clock), above the
-        floor and at or below the cursor, that were never applied."""
+        floor and at or below the cursor, that were never applied: read ``sweep_limit`` ids at a
+        time, by id, through the whole window (a busy site logs more than one read returns)."""
         since = self.sg_now() - dt.timedelta(seconds=self.config.sweep_seconds())
-        rows = sg.find(EVENT_TYPE, [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
-                                    ["id", "greater_than", floor],
-                                    ["id", "less_than", cursor + 1]], ["id"],
-                       order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
-        ids = [int(r["id"]) for r in rows]
+        ids: list[int] = []
+        after = floor
+        while True:
+            rows = sg.find(EVENT_TYPE, [["created_at", "greater_than", since.replace(tzinfo=dt.UTC)],
+                                        ["id", "greater_than", after],
+                                        ["id", "less_than", cursor + 1]], ["id"],
+                           order=[{"field_name": "id", "direction": "asc"}], limit=self.config.sweep_limit)
+            page = [int(r["id"]) for r in rows]
+            ids += page
+            if len(page) < self.config.sweep_limit or not page:
+                break
+            after = page[-1]
         with conn.begin():
             return set(ids) - stored_ids(self.store, conn, ids)
 
