@@ -1059,6 +1059,28 @@ def test_a_link_removed_through_the_proxy_is_not_added_back_by_an_older_event(
     assert_equal_to_site(store, site)
 
 
+def test_an_entity_revived_through_the_proxy_is_not_retired_again_by_an_older_event(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """Someone deletes a Shot (not polled yet); a client revives it through the proxy. The older
+    Retirement must not hide the Shot again until the Revival's event comes."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    site.delete_direct("Shot", shot["id"])
+    site.hold_event_ids(2)
+    params = {"type": "Shot", "id": shot["id"]}
+    service.learn("revive", params, site._direct("revive", params, True), service.write_mark())
+    ingester.poll_once()
+    assert served_or_passed(service, SHOT_CODES) in ([{"type": "Shot", "id": shot["id"], "code": "a"}],
+                                                     "pending-fetch", "pending-write")
+    ingester.process_fetch_queue()
+    assert served_or_passed(service, SHOT_CODES) in ([{"type": "Shot", "id": shot["id"], "code": "a"}],
+                                                     "pending-write")
+    site.release_held()
+    sync(ingester)
+    assert_equal_to_site(store, site)
+
+
 def test_the_events_of_a_proxied_write_are_applied_without_a_fetch_once_settled(
         site: FakeSite, store: Store, ingester: Ingester, service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxied write's own events change nothing in the replica (no fetch); once a poll that

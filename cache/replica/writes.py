@@ -347,8 +347,11 @@ class WriteBatch:
 
     def is_retired(self, key: Key) -> bool | None:
         """The loaded row's retired flag (None: no such row)."""
-        row = self.rows.get(key) if key in self.rows or self.exists(key) else None
-        return None if row is None else bool(row["_retired"])
+        if not self.exists(key):
+            return None
+        row = self.rows[key]
+        assert row is not None
+        return bool(row["_retired"])
 
     def retire(self, key: Key, retired: bool, event_id: int | None = None) -> bool:
         """Set an entity's retired flag (row and registry); True when the row changed."""
