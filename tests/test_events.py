@@ -758,6 +758,25 @@ def test_rows_that_cannot_be_stored_never_keep_other_rows_from_their_fetch(site:
     assert shot["id"] and good["id"]
 
 
+def test_a_row_with_text_the_database_cannot_hold_does_not_keep_its_neighbours_out(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """SG sends a Shot whose code holds a NUL character (PostgreSQL's text cannot hold it) with
+    another Shot in the same fetch: the other is stored; the one that cannot be stays queued
+    (reads of Shot pass) instead of failing the fetch of both on every poll."""
+    proj = make_project(site)
+    sync(ingester)
+    bad = site.create_direct("Shot", {"code": "nul\x00here", "project": proj})
+    good = site.create_direct("Shot", {"code": "fine", "project": proj})
+    ingester.poll_once()
+    ingester.process_fetch_queue()
+    codes = [r["code"] for r in replica_read(store, "Shot", ["code"], False)]
+    if store.dialect.stores_nul:
+        assert codes == ["nul\x00here", "fine"] and queued(store) == []
+    else:
+        assert codes == ["fine"] and queued(store) == [("Shot", bad["id"])]
+    assert good["id"]
+
+
 def test_a_field_deleted_on_the_site_does_not_stall_the_fetches_of_other_types(site: FakeSite, store: Store,
                                                                                ingester: Ingester) -> None:
     """A cached field deleted on the site (SG logs no event): SG refuses every fetch of that type.

@@ -44,6 +44,8 @@ class Dialect:
 
     #: Whether :meth:`data_version` means the same on every connection (else only on one).
     shared_versions = False
+    #: Whether a text column takes a NUL character (PostgreSQL's do not).
+    stores_nul = True
 
     def versions_engine(self, engine: Engine) -> Engine | None:
         """An engine to ask :meth:`data_version` on (cache/proxy/inline.py), or None: the

@@ -140,6 +140,7 @@ class PostgreSQLDialect(Dialect):
 
     #: A snapshot (xmin:xmax:in-progress ids) is the whole cluster's: the same on every connection.
     shared_versions = True
+    stores_nul = False
 
     def versions_engine(self, engine: Engine) -> Engine | None:
         """A small pool of its own for the questions of worker threads (the snapshot after a read,
