@@ -143,6 +143,10 @@ class SGCache:
             if options.sgcache_answer_cache < 0:
                 raise exceptions.OptionsError("sgcache_answer_cache: 0 or more")
             self.replica.keep_answers(options.sgcache_answer_cache * 1024 * 1024)
+        if "sgcache_write_wait" in updated:
+            if options.sgcache_write_wait < 0:
+                raise exceptions.OptionsError("sgcache_write_wait: 0 or more")
+            self.replica.wait_for_writes(options.sgcache_write_wait / 1000)
         if "sgcache_max_answer" in updated:
             if options.sgcache_max_answer < 0:
                 raise exceptions.OptionsError("sgcache_max_answer: 0 or more")

@@ -836,6 +836,49 @@ def test_a_fetch_never_overwrites_a_write_the_proxy_learned_meanwhile(site: Fake
     assert service.read(read)["entities"] == [{"type": "Shot", "id": shot["id"], "code": "b"}]
 
 
+def test_a_learn_given_up_on_never_stores_its_answer_over_a_newer_one(site: FakeSite, store: Store,
+                                                                      ingester: Ingester, service: Any) -> None:
+    """A client sets a Shot's code "b" through the proxy, then someone else sets "c". The proxy
+    learns "b" while an ingester poll holds the write lock: it gives up after its wait (the client
+    has SG's answer at once) and defers the write; the poll applies both events. The learn given up
+    on goes on and takes the lock after the poll: the ingester moved since the write's mark, so it
+    stores nothing over "c" and marks the fields pending instead."""
+    from cache.errors import Passthrough
+
+    from .wait import wait_until
+
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    service.learner.wait = 0.3
+    params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
+    mark = service.write_mark()
+    answer = site._direct("update", params, True)
+    site.update_direct("Shot", shot["id"], {"code": "c"})
+    with store.write_engine.begin() as conn:  # a poll holds the write lock ...
+        store.dialect.lock_writes(conn)
+        started = time.monotonic()
+        assert service.learn("update", params, answer, mark) == []
+        assert time.monotonic() - started < 5, "learning waited for the write lock"
+        assert not service.learner.all_recorded()  # deferred: this proxy's reads pass until it is marked
+        # ... and applies both events
+        store.write_entities(conn, "Shot", [{"id": shot["id"], "code": "c"}], "ingest")
+        store.set_state(conn, K_HIGH, site.last_event_id())
+
+    def marked() -> bool:
+        with store.engine.connect() as conn:
+            return ("Shot", "code") in {(r.entity_type, r.field_name) for r in conn.execute(sa.select(store.pending))}
+
+    wait_until(marked, 30, "the learn given up on to mark the fields it may change")
+    assert [r["code"] for r in replica_read(store, "Shot", ["code"], False) if r["id"] == shot["id"]] == ["c"]
+    read = {"type": "Shot", "return_fields": ["code"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    with pytest.raises(Passthrough) as passed:
+        service.read(read)
+    assert passed.value.reason == "pending-write"
+
+
 # -- leadership --------------------------------------------------------------------------
 def test_second_ingester_on_sqlite_refuses(backend: str, store: Store, client: SiteClient) -> None:
     if backend != "sqlite":

@@ -3,24 +3,33 @@
 PostgreSQL is "stopped" without touching the shared server: mitmdump reaches it through a TCP relay
 owned by the test, and cutting the relay (listener and every relayed socket) is the outage. On SQLite
 the replica file is renamed away (the tests run as root, for whom ``chmod 000`` changes nothing).
+
+A database that hangs instead (it keeps its connections open and answers nothing) is the relay
+stalled (:meth:`TcpRelay.stall`: nothing is forwarded either way), or another connection holding
+the replica's write lock (SQLite ``BEGIN IMMEDIATE``, the PostgreSQL advisory lock of writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from cache.replica.dialect import normalize_url
+from cache.replica.dialect.postgresql import WRITE_LOCK_SQL
 from cache.replica.schema import Schema
 from cache.replica.store import Store, now_utc
 
@@ -44,6 +53,8 @@ class TcpRelay:
         self._listener: socket.socket | None = None
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()  # cleared: stalled
+        self._flowing.set()
 
     def start(self) -> TcpRelay:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -80,7 +91,8 @@ class TcpRelay:
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
+            while self._flowing.wait() and (data := src.recv(65536)):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -103,6 +115,14 @@ class TcpRelay:
             s.close()
 
     close = cut
+
+    def stall(self) -> None:
+        """The database hangs: its connections stay open (new ones are accepted), nothing is forwarded."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward again what waited and what comes."""
+        self._flowing.set()
 
 
 def relayed_url(db_url: str, port: int) -> str:
@@ -296,3 +316,86 @@ def test_proxy_starts_and_passes_when_the_database_is_down_at_start(tmp_path: Pa
         assert sg.info()["version"] == list(rig.site.version)
         assert "cannot open the replica" in rig.proxy.output()
         assert "Traceback" not in rig.proxy.output()
+
+
+#: A write through the proxy while its database hangs answers within this (the proxy waits at most
+#: sgcache_write_wait, 2 s, for the database; before it waited 30 s on SQLite's busy timeout, 10 s on
+#: PostgreSQL's statement timeout, and for ever on a PostgreSQL server that does not answer).
+HUNG_WRITE_SECONDS = 8.0
+
+
+@contextlib.contextmanager
+def write_lock_held(db_url: str) -> Iterator[None]:
+    """Another connection holds the replica's write lock (the proxy's learning waits for it)."""
+    if db_url.startswith("sqlite"):
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+        finally:
+            conn.close()
+        return
+    engine = sa.create_engine(normalize_url(db_url))  # the test's schema (search_path) too
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql(WRITE_LOCK_SQL)
+            yield
+    finally:
+        engine.dispose()
+
+
+def write_while(rig: Rig, hang: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+    """Update a Shot through the proxy while ``hang()`` holds the database: the answer comes within
+    :data:`HUNG_WRITE_SECONDS`, the write reaches SG once, and reads through the proxy, while the
+    database hangs and after, return the written value."""
+    sg = rig.client()
+    shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["sg_cut_in"])
+    sg.update("Shot", shot["id"], {"sg_cut_in": 2001})  # SG knows the script; the write path's connections are open
+    assert sg.find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])["sg_cut_in"] == 2001
+    updates = rig.site.count("update")
+    with hang():
+        started = time.monotonic()
+        answer = sg.update("Shot", shot["id"], {"sg_cut_in": 2002})
+        took = time.monotonic() - started
+        assert answer["sg_cut_in"] == 2002
+        during = sg.find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])
+    assert took < HUNG_WRITE_SECONDS, f"the write took {took:.1f}s with the database hung"
+    assert during["sg_cut_in"] == 2002, "a read while the database hung missed the client's write"
+    assert rig.site.count("update") == updates + 1, "the write was not sent exactly once"
+    for _ in range(3):  # the database answers again
+        assert sg.find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])["sg_cut_in"] == 2002
+    assert rig.direct().find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])["sg_cut_in"] == 2002
+    assert "Traceback" not in rig.proxy.output()
+
+
+def test_a_write_is_not_held_by_a_locked_replica(tmp_path: Path, db_url: str) -> None:
+    """Another process holds the replica's write lock: the write's answer is not learnt in time,
+    the client gets SG's answer at once, and this proxy's reads of what it changed pass."""
+    with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"]) as rig:
+        write_while(rig, lambda: write_lock_held(db_url))
+
+
+def test_a_write_is_not_held_by_a_hung_postgresql(tmp_path: Path, db_url: str, backend: str) -> None:
+    """The PostgreSQL server stops answering on open connections (a stalled relay): no server-side
+    timeout can fire; the proxy's own wait bounds the write's delay."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only (a SQLite replica is a local file)")
+    parts = urllib.parse.urlsplit(db_url)
+    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+
+    @contextlib.contextmanager
+    def stalled() -> Iterator[None]:
+        relay.stall()
+        safety = threading.Timer(20, relay.resume)  # without the fix the write waits for this
+        safety.start()
+        try:
+            yield
+        finally:
+            safety.cancel()
+            relay.resume()
+
+    try:
+        with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
+            write_while(rig, stalled)
+    finally:
+        relay.close()

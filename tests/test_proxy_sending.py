@@ -345,3 +345,31 @@ def test_a_partial_answer_to_credentials_the_cache_does_not_serve_is_not_read_ba
     run_writes(test)
     assert [c[0] for c in service.calls] == ["learn", "left_queued"]
     assert service.calls[1] == ("left_queued", ["Asset", "Shot"])
+
+
+def test_a_database_step_is_waited_for_at_most_its_bound() -> None:
+    """A step still running when the bound passes goes on in its thread (``started``); one still
+    queued behind it is cancelled and never runs."""
+    import threading
+    import time
+
+    from cache.proxy.dbwait import BoundedSteps, DatabaseWait
+
+    steps = BoundedSteps(1, "test-step")
+    release = threading.Event()
+    ran: list[str] = []
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseWait) as hung:
+            steps.run(0.2, lambda: ran.append("hung") or release.wait(30))
+        with pytest.raises(DatabaseWait) as queued:
+            steps.run(0.2, lambda: ran.append("queued"))
+        assert time.monotonic() - started < 5
+        assert hung.value.started and not queued.value.started
+        release.set()
+        assert steps.run(5, lambda: "done") == "done"
+        assert ran == ["hung"]  # the queued step never ran
+        assert steps.run(0, lambda: "no bound") == "no bound"
+    finally:
+        release.set()
+        steps.close()

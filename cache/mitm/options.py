@@ -9,6 +9,7 @@ from typing import Any
 
 from ..proxy.answercache import ANSWER_CACHE_MB
 from ..proxy.auth import MAX_CREDENTIALS
+from ..proxy.dbwait import WRITE_WAIT_SECONDS
 from ..proxy.memory import MAX_ANSWER_MB
 from ..proxy.service import DEFAULT_MAX_LAG
 from ..read import READ_BUDGET_SECONDS
@@ -41,6 +42,12 @@ def declare(loader: Any) -> None:
         "sgcache_read_budget", int, int(READ_BUDGET_SECONDS * 1000),
         "Milliseconds one read may run in the database; a read past it is stopped and passes "
         "(slow-read) without counting as a database failure (0: no budget).",
+    )
+    loader.add_option(
+        "sgcache_write_wait", int, int(WRITE_WAIT_SECONDS * 1000),
+        "Milliseconds a write through the proxy waits for the replica's database, before it is sent "
+        "and again once SG answered; past it the write goes on, and this proxy's reads of what it "
+        "changed pass until the database has taken its markers (0: wait as long as the database takes).",
     )
     loader.add_option("sgcache_auth_ttl", int, 300, "Seconds SG's acceptance of a credential is trusted.")
     loader.add_option(

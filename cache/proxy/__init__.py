@@ -4,6 +4,7 @@
 - :mod:`.service`: the replica as the proxy uses it: reads, and the facade for the two below.
 - :mod:`.breaker`: the database circuit breaker (repeated failures: requests pass ``db-backoff``).
 - :mod:`.learning`: what the proxy writes into the replica after a write (SG's answer, or markers).
+- :mod:`.dbwait`: a write's database steps, each waited for at most ``sgcache_write_wait``.
 - :mod:`.auth`: the credentials SG accepted, per site; :mod:`.relay`: where a client may make
   the proxy connect (no open relay).
 - :mod:`.flowstate`: what the addon knows of one flow between its hooks (one typed object).

@@ -8,7 +8,9 @@
 - :meth:`Learner.defer` keeps in memory the writes the database did not take, and
   :meth:`Learner.record_unrecorded` marks them pending before the next read is served.
 
-Everything here is blocking (SQL, HTTP); the addon calls it from a worker thread.
+Everything here is blocking (SQL, HTTP); the addon calls it from a worker thread. What a write's
+client waits for (the mark, learning the answer, the markers of a write) waits for the database at
+most :attr:`Learner.wait` seconds (cache/proxy/dbwait.py); what it did not do by then is deferred.
 """
 
 from __future__ import annotations
@@ -33,11 +35,20 @@ from ..replica.store import Store
 from ..wire import chunks
 from . import upstream
 from .breaker import Breaker, short_error
+from .dbwait import WRITE_WAIT_SECONDS, BoundedSteps, DatabaseWait
 
 log = logging.getLogger("sgcache.service")
 
 #: :meth:`Learner.learn` called without a mark (no ingester check).
 UNMARKED = object()
+#: :meth:`Learner.write_mark` when the database did not give the mark in time (or the breaker was
+#: backing off): the write's answer is then not learnt but deferred at once (see :meth:`Learner.learn`).
+MISSED = -1
+#: Write transactions of the proxy at once (each on a connection of the replica's pool, which the
+#: reads share: writers waiting on the write lock must not hold every connection), and event
+#: marks asked at once.
+LEARNERS = 4
+MARKERS = 4
 #: Writes whose effects could not be recorded, kept in memory until they are (then every type is
 #: marked at once past this many).
 MAX_UNRECORDED = 1000
@@ -51,7 +62,8 @@ class Learner:
     """Learns from the writes sent through the proxy into one replica."""
 
     def __init__(self, store: Store, schema: Schema, pairs: PairRegistry, breaker: Breaker,
-                 invalidate: Callable[[], None], marks: Engine | None = None) -> None:
+                 invalidate: Callable[[], None], marks: Engine | None = None,
+                 wait: float = WRITE_WAIT_SECONDS) -> None:
         self.store = store
         #: Where :meth:`write_mark` asks (PostgreSQL: the autocommit pool of the versions, one
         #: round trip, where the read pool's connection costs a ping and a rollback too).
@@ -65,14 +77,44 @@ class Learner:
         # was open): (method, args); None past MAX_UNRECORDED. Reads pass until they are marked.
         self._unrecorded: list[tuple[str, Any]] | None = []
         self._deferred = 0  # writes deferred so far (tells a flush whether more came meanwhile)
+        #: Seconds a write's client waits for each database step here (0: as long as it takes).
+        self.wait = wait
+        self._marking = BoundedSteps(MARKERS, "sgcache-mark")
+        self._recording = BoundedSteps(LEARNERS, "sgcache-learn")
+
+    def close(self) -> None:
+        """Let go of the steps' threads (those waiting on the database end with it)."""
+        self._marking.close()
+        self._recording.close()
+
+    def _bounded(self, steps: BoundedSteps, step: Callable[[], Any]) -> Any:
+        """``step()`` in ``steps``' threads, waited for at most :attr:`wait` (raises :class:`DatabaseWait`)."""
+        return steps.run(self.wait, step)
+
+    def _timed_out(self, exc: DatabaseWait) -> Passthrough:
+        """A step not done in time: a database failure for the breaker when it was running (a step
+        still queued behind others is the proxy's own load: it passes ``busy``)."""
+        return self.breaker.failed(exc) if exc.started else Passthrough("busy", str(exc))
 
     def all_recorded(self) -> bool:
         """Whether no write is left whose effects the database has not taken."""
         return self._unrecorded == []
 
-    def write_mark(self) -> WriteMark | None:
+    def write_mark(self) -> WriteMark | int | None:
         """Where the ingester and the change log stood just before a write is sent to SG (given
-        back to :meth:`learn`); None when the replica cannot say."""
+        back to :meth:`learn`); None when the replica cannot say; :data:`MISSED` when it did not
+        say within :attr:`wait` (or the breaker is backing off: the database is not asked)."""
+        if self.breaker.backing_off():
+            return MISSED
+        try:
+            return self._bounded(self._marking, self._read_mark)
+        except DatabaseWait as exc:
+            self._timed_out(exc)
+            log.warning("the replica did not give the event mark before a write in %gs; its answer will "
+                        "not be learnt, reads of what it changes pass until they are marked", self.wait)
+            return MISSED
+
+    def _read_mark(self) -> WriteMark | None:
         try:
             with self.marks.connect() as conn:
                 high, seq = self.store.state_and_mark(conn, EVENT_HIGH)
@@ -95,7 +137,34 @@ class Learner:
         answer may be older than what the replica holds: the answer is then not stored;
         everything the write could have changed is marked pending instead, until the ingester
         has the write's own events.
+
+        The caller waits at most :attr:`wait`; then (or at once when the mark was
+        :data:`MISSED`: the database just failed to answer, a second wait would double the
+        write's delay) the write is deferred (:meth:`defer`): this proxy's reads pass until what
+        it could change is marked. A learn given up on goes on in its thread and may still commit
+        when the database answers: it is then a learn that waited that long for the write lock,
+        and as safe. It reads the ingester's mark and the rows proxies wrote under the lock, so it
+        stores nothing once the ingester applied any event since the write was sent (or a proxy
+        learnt another write to the same entity): the write's own events move the mark, so a
+        late answer is stored only before the ingester has them, and the ingester applies them
+        (and any later write's) after it, under the same lock. Its markers, written by the next
+        read, only make reads pass until the ingester is past the write.
         """
+        if mark == MISSED:
+            log.info("%s answer not learnt (no event mark); its effects are deferred", method)
+            self.defer(method, args)
+            return []
+        try:
+            return self._bounded(self._recording, lambda: self._learn(method, args, results, mark))
+        except DatabaseWait as exc:
+            self._timed_out(exc)
+            log.warning("could not record a %s answer in %gs; reads of what it changes pass until they "
+                        "are marked", method, self.wait)
+            self.defer(method, args)
+            return []
+
+    def _learn(self, method: str, args: Any, results: Any, mark: WriteMark | None | object) -> list[tuple[str, int]]:
+        """:meth:`learn`'s work, in a thread of :attr:`_recording`."""
         to_fetch: list[tuple[str, int]] = []
         try:
             self.breaker.check()
@@ -151,15 +220,23 @@ class Learner:
 
     def outcome_unknown(self, method: str, args: Any) -> None:
         """A write was sent to SG but no answer came back: it may have been applied. Reads of
-        what it could have changed pass until the ingester is past it (never raises)."""
-        try:
+        what it could have changed pass until the ingester is past it (never raises; waits at
+        most :attr:`wait`, then defers it: markers written late only make reads pass longer)."""
+
+        def mark() -> None:
             with self.store.write_engine.begin() as conn:
                 effects = WriteEffects(self.store, self.pairs.with_learned(conn, self.store.pairs_table), conn)
                 for kind, req in _write_requests(method, args):
                     effects.outcome_unknown(kind, req["type"], req)
                 self._mark(conn, effects.markers)
+
+        try:
+            self._bounded(self._recording, mark)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
-            self.breaker.failed(exc)
+            if isinstance(exc, DatabaseWait):
+                self._timed_out(exc)
+            else:
+                self.breaker.failed(exc)
             log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
             self.defer(method, args)
 
@@ -173,24 +250,35 @@ class Learner:
                 if len(self._unrecorded) > MAX_UNRECORDED:
                     self._unrecorded = None  # too many to tell apart: every type will be marked
 
+    def defer_every_type(self) -> None:
+        """Something that may have changed any row (an upload, a body too large to decode) could not
+        be marked: this proxy's reads pass until :meth:`record_unrecorded` has marked every cached type."""
+        with self._lock:
+            self._deferred += 1
+            self._unrecorded = None
+
     def record_unrecorded(self) -> None:
         """Mark pending everything the deferred writes could have changed (the markers' time is
         now, after those writes, so they clear only once the ingester is past them); raise
         the database's pass reason while it does not take them. Deferred writes that cannot be
         turned into markers for another reason (a shape of arguments not foreseen, a bug) mark
-        every cached type instead, once: one odd write never keeps every read passing."""
+        every cached type instead, once: one odd write never keeps every read passing. The read
+        waits for the database at most :attr:`wait` (markers written later only make reads pass
+        longer)."""
         with self._lock:
             deferred = None if self._unrecorded is None else list(self._unrecorded)
             count = self._deferred
         try:
-            self._mark_deferred(deferred)
+            self._bounded(self._recording, lambda: self._mark_deferred(deferred))
+        except DatabaseWait as exc:
+            raise self._timed_out(exc) from exc
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
             if classify_error(exc)[1]:
                 raise self.breaker.failed(exc) from exc
             log.warning("could not mark what %s deferred write(s) changed; marking every type",
                         "many" if deferred is None else len(deferred), exc_info=True)
             try:
-                self._mark_deferred(None)
+                self._bounded(self._recording, lambda: self._mark_deferred(None))
             except Exception as again:  # noqa: BLE001
                 raise self.breaker.failed(again) from again
         with self._lock:
@@ -293,7 +381,8 @@ class Learner:
         by_type: dict[str, list[int]] = collections.defaultdict(list)
         for entity_type, entity_id in items:
             by_type[entity_type].append(entity_id)
-        budget = MAX_FETCH_BACK
+        budget = MAX_FETCH_BACK if mark != MISSED else 0  # MISSED: the database hangs, nothing is read back
+        incomplete = []
         for entity_type, ids in by_type.items():
             complete = len(ids) <= budget
             for page in chunks(ids[:max(budget, 0)], FETCH_PAGE):
@@ -302,7 +391,9 @@ class Learner:
                     complete = False
                     break  # SG or the replica in trouble, or the ingester moved: the rest waits too
             if not complete:
-                self._mark_type_pending(entity_type)
+                incomplete.append(entity_type)
+        if incomplete:
+            self._mark_types_pending(incomplete)
         self._invalidate()
 
     def _fetch_page(self, url: str, auth: Mapping[str, Any], entity_type: str, ids: list[int],
@@ -315,9 +406,8 @@ class Learner:
                 {"path": "id", "relation": "in", "values": ids}]},
             "paging": {"entities_per_page": FETCH_PAGE, "current_page": 1},
             "return_paging_info": False}]}
-        try:
-            reply = upstream.post_json(url, call, ssl_context)
-            records = reply["results"]["entities"]
+
+        def store(records: list[dict[str, Any]]) -> bool:
             with self.store.write_engine.begin() as conn:
                 if self._ingester_moved(conn, mark):
                     log.debug("fetched %s %s older than the replica may be: left for the ingester", entity_type, ids)
@@ -328,6 +418,14 @@ class Learner:
                 records = [r for r in records if r["id"] not in overtaken]
                 self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
                 self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
+            return True
+
+        try:
+            reply = upstream.post_json(url, call, ssl_context)
+            records = reply["results"]["entities"]
+            # given up on, it may still commit: under the lock, as any (see learn)
+            if not self._bounded(self._recording, lambda: store(records)):
+                return False
         except Exception as exc:  # noqa: BLE001 - the queue keeps them; the ingester retries
             log.warning("could not fetch %s %s after a write (%s); left for the ingester", entity_type, ids, exc)
             return False
@@ -343,26 +441,33 @@ class Learner:
         if not types:
             return
         try:
-            with self.store.write_engine.begin() as conn:
-                pending.mark(conn, self.store.pending, [(t, pending.WHOLE_TYPE) for t in types])
-        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+            self._bounded(self._recording, lambda: self._mark_whole(types))
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: marked before this proxy's next read
+            if isinstance(exc, DatabaseWait):
+                self._timed_out(exc)
             log.warning("could not mark %s pending after an upload: %s", ", ".join(types), short_error(exc))
+            self.defer_every_type()
 
     def left_queued(self, entity_types: Collection[str]) -> None:
         """Rows of a partial answer are not read back (the writer's credentials are not ones the
         cache serves, so SG may hide fields from them): they stay queued for the ingester's fetch
         and their types are marked, so another proxy passes their reads at once too."""
-        for entity_type in sorted(entity_types):
-            self._mark_type_pending(entity_type)
+        if entity_types:
+            self._mark_types_pending(sorted(entity_types))
 
-    def _mark_type_pending(self, entity_type: str) -> None:
-        """Rows of ``entity_type`` stay queued for a fetch: other proxies learn of the queue up to a
-        second late (their cached replica state), the marker reaches their very next read."""
+    def _mark_types_pending(self, entity_types: list[str]) -> None:
+        """Rows of ``entity_types`` stay queued for a fetch: other proxies learn of the queue up to a
+        second late (their cached replica state), the marker reaches their very next read. (Not
+        marked, the queue still makes this proxy's reads of them pass: it was committed.)"""
         try:
-            with self.store.write_engine.begin() as conn:
-                pending.mark(conn, self.store.pending, [(entity_type, pending.WHOLE_TYPE)])
+            self._bounded(self._recording, lambda: self._mark_whole(entity_types))
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
-            log.warning("could not mark %s pending: %s", entity_type, short_error(exc))
+            log.warning("could not mark %s pending: %s", ", ".join(entity_types), short_error(exc))
+
+    def _mark_whole(self, entity_types: Collection[str]) -> None:
+        """Mark ``entity_types`` pending as a whole, in one transaction."""
+        with self.store.write_engine.begin() as conn:
+            pending.mark(conn, self.store.pending, [(t, pending.WHOLE_TYPE) for t in entity_types])
 
 
 class WriteMark(NamedTuple):

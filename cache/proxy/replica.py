@@ -19,6 +19,7 @@ from typing import Any
 from cache.private import redact, safe_url, url_secrets
 from cache.proxy.answercache import ANSWER_CACHE_MB
 from cache.proxy.breaker import short_error
+from cache.proxy.dbwait import WRITE_WAIT_SECONDS
 from cache.proxy.learning import MAX_UNRECORDED
 from cache.proxy.service import CacheService
 from cache.read.limits import PLAN_CACHE_SIZE
@@ -99,6 +100,8 @@ class Replica:
         self.plan_cache_size = PLAN_CACHE_SIZE
         #: bytes of answers each service keeps for reuse (``sgcache_answer_cache``)
         self.answer_cache_bytes = ANSWER_CACHE_MB * 1024 * 1024
+        #: seconds a write waits for each database step (``sgcache_write_wait``; 0: as long as it takes)
+        self.write_wait = WRITE_WAIT_SECONDS
 
     def serve_relative(self, relative: RelativeDates | None) -> None:
         """Serve relative-date filters with ``relative`` from now on (None: they pass)."""
@@ -117,6 +120,13 @@ class Replica:
         self.answer_cache_bytes = max_bytes
         if self.service is not None:
             self.service.inline.answers.resize(max_bytes)
+
+    def wait_for_writes(self, seconds: float) -> None:
+        """Have a write wait at most ``seconds`` for each database step from now on (0: as long as
+        it takes; cache/proxy/dbwait.py)."""
+        self.write_wait = seconds
+        if self.service is not None:
+            self.service.learner.wait = seconds
 
     def configure_site(self, url: str) -> None:
         """The site named by ``sgcache_site`` (empty: none, the replica's own is served);
@@ -154,6 +164,7 @@ class Replica:
             service.reader.relative = self.relative
             service.reader.plan_cache_size = self.plan_cache_size
             service.inline.answers.resize(self.answer_cache_bytes)
+            service.learner.wait = self.write_wait
         except Exception as exc:  # noqa: BLE001 - the proxy must run without its database
             self._retry_at = time.monotonic() + RETRY_SECONDS
             # a warning, not an error: mitmdump exits on an error logged during start-up

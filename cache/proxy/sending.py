@@ -15,6 +15,9 @@ with the writer's own credentials. Learning never fails the write: what it misse
 ingester brings. A write's answer is learnt in the same worker trip that sent it, before the
 client has it (:meth:`Writes.send` with ``learn``); one that is not (SG's error, an answer too
 large to decode, no replica open) is left to the response hook, as any answer that passed.
+Neither the mark read before sending nor learning holds a write longer than
+``sgcache_write_wait`` on a database that hangs (cache/proxy/dbwait.py): what they did not do
+is deferred (this proxy's reads of it pass until it is marked).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -40,9 +42,6 @@ from .replica import Replica
 log = logging.getLogger("sgcache")
 
 WRITE_METHODS = frozenset({"create", "update", "delete", "revive", "batch"})
-#: Answers learnt at once (each a write transaction on a connection of the replica's pool, which
-#: the reads share: writers waiting on the write lock must not hold every connection).
-LEARNERS = 4
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,13 @@ class Outgoing:
 class Writes:
     """Sends writes once and learns from SG's answers, both in ``write_executor`` (a big batch
     can take SG minutes: never in the replica's pool, ``executor``, which reads keep busy; one
-    thread hop each way), at most :data:`LEARNERS` answers learnt at once."""
+    thread hop each way); the replica's learner bounds the answers learnt at once (its ``LEARNERS``)."""
 
     def __init__(self, executor: Executor, write_executor: Executor, outages: Outages) -> None:
         self.executor = executor
         self.write_executor = write_executor
         self.outages = outages
         self.pool = upstream.Pool()  # connections to SG kept alive between writes
-        self._learners = threading.BoundedSemaphore(LEARNERS)
         #: Whether a partial answer's rows may be read back with the writer's credentials and stored
         #: for every reader: only those the cache would serve (SG may hide fields from the others).
         self.may_read_back: Callable[[Any], bool] = lambda auth: False
@@ -143,11 +141,10 @@ class Writes:
 
     def learn_now(self, service: CacheService, state: FlowState, results: Any, url: str,
                   context: ssl.SSLContext | None) -> None:
-        """:meth:`learn` in this thread (a worker's): at most :data:`LEARNERS` at once; never raises."""
+        """:meth:`learn` in this thread (a worker's); never raises."""
         method = state.method
         try:
-            with self._learners:
-                to_fetch = service.learn(method, state.args, results, state.write_mark)
+            to_fetch = service.learn(method, state.args, results, state.write_mark)
             if to_fetch and state.auth and self.may_read_back(state.auth):
                 # the answer was partial: read the whole rows now, so the writer reads its write
                 service.fetch_rows(url, state.auth, to_fetch, context)

@@ -31,6 +31,7 @@ from ..replica.statekeys import EVENT_CURSOR, INGESTER_HEARTBEAT, SCHEMA_PENDING
 from ..replica.store import Store
 from ..wire import seconds_since
 from .breaker import Breaker, short_error
+from .dbwait import WRITE_WAIT_SECONDS
 from .inline import InlineReads
 from .learning import UNMARKED, Learner, WriteMark
 from .loopversions import LoopVersions
@@ -50,7 +51,8 @@ class CacheService:
     """Reads and writes against one replica, with fail-open health tracking."""
 
     def __init__(self, db_url: str, schema_path: str | Path, max_lag: float = DEFAULT_MAX_LAG,
-                 read_budget: float = READ_BUDGET_SECONDS, pairs_path: str | Path | None = None):
+                 read_budget: float = READ_BUDGET_SECONDS, pairs_path: str | Path | None = None,
+                 write_wait: float = WRITE_WAIT_SECONDS):
         self.schema = Schema.load(schema_path).cacheable()
         pairs = PairRegistry.build(load_pairs_file(pairs_path or DEFAULT_PAIRS_FILE))
         self.store = Store.open(db_url, self.schema, **dialect_for(db_url).proxy_engine_options())
@@ -69,9 +71,10 @@ class CacheService:
         self.breaker = Breaker(lambda: self.store.engine.dispose(), self.invalidate, url_secrets(db_url))
         # a write's mark is one question: asked where versions are (autocommit, no ping) when they are shared
         marks = self.inline.versions if self.inline.shared else None
-        self.learner = Learner(self.store, self.schema, pairs, self.breaker, self.invalidate, marks)
+        self.learner = Learner(self.store, self.schema, pairs, self.breaker, self.invalidate, marks, write_wait)
 
     def close(self) -> None:
+        self.learner.close()
         self.inline.close()
         self.store.dispose()
 
@@ -192,7 +195,7 @@ class CacheService:
         self.breaker.failed(TimeoutError("the replica did not answer in time"))
 
     # -- writes seen passing by (cache/proxy/learning.py) ----------------------------------
-    def write_mark(self) -> WriteMark | None:
+    def write_mark(self) -> WriteMark | int | None:
         """See :meth:`Learner.write_mark`: the event mark to give back to :meth:`learn`."""
         return self.learner.write_mark()
 
