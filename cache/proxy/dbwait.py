@@ -51,13 +51,16 @@ class BoundedSteps:
         """``step()``'s result (or its exception); :class:`DatabaseWait` when it has not finished
         within ``seconds`` (0 or less: wait as long as it takes)."""
         future = self._pool.submit(step)
-        done, _ = concurrent.futures.wait([future], timeout=seconds if seconds > 0 else None)
-        if not done and future.cancel():
-            raise DatabaseWait(f"no thread free for a database step within {seconds:g} s", started=False)
-        if not future.done():
+        try:
+            return future.result(timeout=seconds if seconds > 0 else None)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise DatabaseWait(f"no thread free for a database step within {seconds:g} s",
+                                   started=False) from None
+            if future.done():  # it finished just now
+                return future.result()
             raise DatabaseWait(f"the replica did not answer within {seconds:g} s (the step goes on in its thread)",
-                               started=True)
-        return future.result()
+                               started=True) from None
 
     def close(self) -> None:
         """Cancel the steps not started; those waiting on the database end with it."""
