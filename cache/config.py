@@ -165,12 +165,27 @@ def connect_site(args: Any) -> Any:
         raise ConfigError(", ".join(option_name(flag) for flag in missing),
                           "missing; give the SG site and the API script that reads it")
     check_site_url(args.site)
-    import shotgun_api3
-
     # datetimes as naive UTC, as SG sends them: the default turns them into the host's local time,
     # which is ambiguous in the hour a daylight-saving change repeats (back to UTC an hour off)
-    return shotgun_api3.Shotgun(args.site, script_name=args.script_name, api_key=args.script_key,
-                                connect=False, convert_datetimes_to_utc=False)
+    return wire_client_class()(args.site, script_name=args.script_name, api_key=args.script_key,
+                               connect=False, convert_datetimes_to_utc=False)
+
+
+def wire_client_class() -> type:
+    """``shotgun_api3.Shotgun`` giving the records as SG sent them: the library's own fix-ups
+    (``&lt;`` turned back into ``<`` at the top level of each record, where SG's input
+    sanitization stored it so; ``local_path`` and a ``file://`` url added to local file links) are
+    for a tool, not for the replica, which must hold what SG sends (the proxy serves it to clients,
+    whose own library applies the fix-ups then; sorts and filters compare SG's stored text)."""
+    import shotgun_api3
+
+    class WireShotgun(shotgun_api3.Shotgun):
+        def _parse_records(self, records: Any) -> list[Any]:
+            if not records:
+                return []
+            return list(records) if isinstance(records, list | tuple) else [records]
+
+    return WireShotgun
 
 
 def open_bound_store(url: str, schema: Any, site_url: str | None, **engine_kwargs: Any) -> Any:

@@ -269,7 +269,8 @@ class FakeSite:
         #: the zone relative-date filters are read in (what SG uses for a script: see docs/semantics.md)
         self.timezone = "UTC"
         #: test hooks making the site answer one rule otherwise (tests/test_audit.py):
-        #: "is_not-drops-null": a scalar ``is_not`` leaves out empty values
+        #: "is_not-drops-null": a scalar ``is_not`` leaves out empty values;
+        #: "sanitizes-lt": a ``<`` written to a text field is stored (and sent) as ``&lt;``
         self.deviations: set[str] = set()
         self._scripts: dict[str, _Script] = {}
         self._humans: dict[str, tuple[str, int]] = {}
@@ -974,6 +975,8 @@ class FakeSite:
                 raise SGFault(f"{where}: {value!r} is not a valid value (valid: {valid})")
         if dt == "tag_list":
             return [v.get("name") if isinstance(v, dict) else str(v) for v in value]
+        if dt == "text" and "sanitizes-lt" in self.deviations:
+            return value.replace("<", "&lt;")  # SG's input sanitization (shotgun_api3 reverts it on reads)
         return copy.deepcopy(value)
 
     def _coerce_link(self, entity_type: str, field_name: str, value: Any, where: str) -> dict[str, Any] | None:
