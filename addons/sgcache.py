@@ -53,7 +53,7 @@ from cache.proxy import upstream  # noqa: E402
 from cache.proxy.answers import HEADER, Answer, pass_header  # noqa: E402
 from cache.proxy.auth import CredentialCache  # noqa: E402
 from cache.proxy.calls import SGAnswer, SiteCalls  # noqa: E402
-from cache.proxy.drain import InFlight, next_page_expected  # noqa: E402
+from cache.proxy.drain import InFlight, end_process_if_stuck, next_page_expected  # noqa: E402
 from cache.proxy.flowstate import state_of  # noqa: E402
 from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.memory import Trimmer  # noqa: E402
@@ -196,6 +196,8 @@ class SGCache:
         self.write_executor.shutdown(wait=False, cancel_futures=True)
         self.calls.writes.pool.close()
         self.replica.close()
+        if ctx.master.should_exit.is_set():  # the process stops (not a reload of this script)
+            end_process_if_stuck()
 
     def client_connected(self, client: Any) -> None:
         """Stopping: no new connections (cache/proxy/drain.py)."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -398,4 +400,36 @@ def test_a_write_is_not_held_by_a_hung_postgresql(tmp_path: Path, db_url: str, b
         with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
             write_while(rig, stalled)
     finally:
+        relay.close()
+
+
+def test_a_proxy_whose_postgresql_hangs_still_exits_on_sigterm(tmp_path: Path, db_url: str, backend: str) -> None:
+    """The PostgreSQL server stops answering while reads and a write have threads waiting on it:
+    SIGTERM still ends the proxy within seconds (those threads never return while it hangs, and
+    the interpreter would wait for them at exit for ever)."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL only (a SQLite replica is a local file)")
+    parts = urllib.parse.urlsplit(db_url)
+    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    try:
+        with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
+            sg = rig.client()
+            shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["sg_cut_in"])
+            relay.stall()
+            sg.update("Shot", shot["id"], {"sg_cut_in": 2003})  # its database steps stay stuck
+            sg.find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])  # passes; its thread stays stuck
+            proxy = rig.proxy
+            assert proxy is not None and proxy.proc is not None
+            proc = proxy.proc
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+            took = time.monotonic() - started
+            relay.resume()
+            assert proc.poll() is not None and took < 10, f"still running {took:.1f}s after SIGTERM"
+    finally:
+        relay.resume()
         relay.close()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -99,3 +101,26 @@ def next_page_expected(method: str | None, args: Any, rows: int | None) -> bool:
     paging = args.get("paging")
     per_page = paging.get("entities_per_page") if isinstance(paging, dict) else None
     return isinstance(per_page, int) and not isinstance(per_page, bool) and 0 < per_page <= rows
+
+
+#: Seconds the process may take to end once the proxy has stopped before it is ended anyway.
+EXIT_GRACE_SECONDS = 1.0
+
+
+def end_process_if_stuck(grace: float = EXIT_GRACE_SECONDS) -> threading.Timer:
+    """Call once the proxy has stopped (its requests answered): a process still alive ``grace``
+    seconds later ends at once. A worker thread waiting on a database that no longer answers
+    (PostgreSQL hung with its connections open) never returns, and the interpreter waits for
+    every worker thread at exit: the proxy would never end (until a service manager's SIGKILL).
+    The timer's thread is a daemon: it dies with a process that ends by itself."""
+    timer = threading.Timer(grace, _end_now, args=(grace,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _end_now(grace: float) -> None:
+    log.warning("sgcache: stopped, but threads still wait on the replica's database %gs later: ending the "
+                "process without them", grace)
+    logging.shutdown()  # the logs' last lines out first
+    os._exit(0)
