@@ -233,16 +233,24 @@ def outage_under_load(rig: Rig, stop: Callable[[], None], start: Callable[[], No
     assert "Traceback" not in rig.proxy.output()
 
 
-def test_postgresql_stopped_under_load(tmp_path: Path, db_url: str, backend: str) -> None:
-    if backend != "postgresql":
-        pytest.skip("PostgreSQL variant (SQLite: test_sqlite_file_gone_under_load)")
+@contextlib.contextmanager
+def relayed_rig(tmp_path: Path, db_url: str) -> Iterator[tuple[Rig, TcpRelay]]:
+    """A rig whose proxy reaches PostgreSQL through a relay the test can cut or stall."""
     parts = urllib.parse.urlsplit(db_url)
     relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
     try:
         with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
-            outage_under_load(rig, relay.cut, relay.restore)
+            yield rig, relay
     finally:
+        relay.resume()
         relay.close()
+
+
+def test_postgresql_stopped_under_load(tmp_path: Path, db_url: str, backend: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL variant (SQLite: test_sqlite_file_gone_under_load)")
+    with relayed_rig(tmp_path, db_url) as (rig, relay):
+        outage_under_load(rig, relay.cut, relay.restore)
 
 
 def test_sqlite_file_gone_under_load(tmp_path: Path, db_url: str, backend: str) -> None:
@@ -382,25 +390,20 @@ def test_a_write_is_not_held_by_a_hung_postgresql(tmp_path: Path, db_url: str, b
     timeout can fire; the proxy's own wait bounds the write's delay."""
     if backend != "postgresql":
         pytest.skip("PostgreSQL only (a SQLite replica is a local file)")
-    parts = urllib.parse.urlsplit(db_url)
-    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    with relayed_rig(tmp_path, db_url) as (rig, relay):
 
-    @contextlib.contextmanager
-    def stalled() -> Iterator[None]:
-        relay.stall()
-        safety = threading.Timer(20, relay.resume)  # without the fix the write waits for this
-        safety.start()
-        try:
-            yield
-        finally:
-            safety.cancel()
-            relay.resume()
+        @contextlib.contextmanager
+        def stalled() -> Iterator[None]:
+            relay.stall()
+            safety = threading.Timer(20, relay.resume)  # without the fix the write waits for this
+            safety.start()
+            try:
+                yield
+            finally:
+                safety.cancel()
+                relay.resume()
 
-    try:
-        with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
-            write_while(rig, stalled)
-    finally:
-        relay.close()
+        write_while(rig, stalled)
 
 
 def test_a_proxy_whose_postgresql_hangs_still_exits_on_sigterm(tmp_path: Path, db_url: str, backend: str) -> None:
@@ -409,27 +412,19 @@ def test_a_proxy_whose_postgresql_hangs_still_exits_on_sigterm(tmp_path: Path, d
     the interpreter would wait for them at exit for ever)."""
     if backend != "postgresql":
         pytest.skip("PostgreSQL only (a SQLite replica is a local file)")
-    parts = urllib.parse.urlsplit(db_url)
-    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
-    try:
-        with Rig(tmp_path, db_url, proxy=["sgcache_max_lag=0"], proxy_db_url=relayed_url(db_url, relay.port)) as rig:
-            sg = rig.client()
-            shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["sg_cut_in"])
-            relay.stall()
-            sg.update("Shot", shot["id"], {"sg_cut_in": 2003})  # its database steps stay stuck
-            sg.find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])  # passes; its thread stays stuck
-            proxy = rig.proxy
-            assert proxy is not None and proxy.proc is not None
-            proc = proxy.proc
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-            took = time.monotonic() - started
-            relay.resume()
-            assert proc.poll() is not None and took < 10, f"still running {took:.1f}s after SIGTERM"
-    finally:
+    with relayed_rig(tmp_path, db_url) as (rig, relay):
+        sg = rig.client()
+        shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["sg_cut_in"])
+        relay.stall()
+        sg.update("Shot", shot["id"], {"sg_cut_in": 2003})  # its database steps stay stuck
+        sg.find_one("Shot", [["id", "is", shot["id"]]], ["sg_cut_in"])  # passes; its thread stays stuck
+        proxy = rig.proxy
+        assert proxy is not None and proxy.proc is not None
+        proc = proxy.proc
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+        took = time.monotonic() - started
         relay.resume()
-        relay.close()
+        assert proc.poll() is not None and took < 10, f"still running {took:.1f}s after SIGTERM"
