@@ -1220,3 +1220,31 @@ def test_the_change_log_is_pruned_of_what_the_ingester_is_past(
     params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "d"}]}
     service.learn("update", params, site._direct("update", params, True), service.write_mark())
     assert [r.field_name for r in change_rows(store, source="proxy")] == ["code", "*"]  # not settled: kept
+
+
+def test_applied_events_older_than_events_keep_are_pruned(site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """sgcache_events keeps the applied events ``events_keep`` seconds of SG's time: a poll that
+    reaches the end of the log deletes the older ones (it grew with SG's event log for ever)."""
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "old", "project": proj})
+    sync(ingester)
+    with store.engine.connect() as conn:
+        old = stored_event_ids(store, conn)
+    assert old
+    site.advance_clock(seconds=31 * 86400)
+    site.create_direct("Shot", {"code": "new", "project": proj})
+    ingester.retention._next = 0.0  # due now (at most every PRUNE_EVERY seconds)
+    sync(ingester)
+    with store.engine.connect() as conn:
+        kept = stored_event_ids(store, conn)
+    assert kept and not set(kept) & set(old)
+    assert min(kept) > max(old)
+    assert_equal_to_site(store, site)
+    ingester.retention._next = 0.0
+    ingester.retention.keep = 0  # 0: keep all
+    site.advance_clock(seconds=60 * 86400)
+    site.create_direct("Shot", {"code": "newer", "project": proj})
+    sync(ingester)
+    with store.engine.connect() as conn:
+        assert set(kept) < set(stored_event_ids(store, conn))

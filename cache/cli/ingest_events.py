@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--given-up-keep", type=float, default=21600.0,
                         help="seconds of SG time an event id given up as a gap is still looked for by id, "
                              "by every sweep and across restarts (default 21600: six hours)")
+    parser.add_argument("--events-keep", type=float, default=2592000.0,
+                        help="seconds of SG time the applied events are kept in the replica (sgcache_events, "
+                             "which scripts/reprocess replays); older ones are deleted (default 2592000: 30 "
+                             "days; 0: keep all)")
     parser.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics (events applied, polls, failed polls, leadership) on "
                              "http://HOST:PORT/metrics, e.g. 127.0.0.1:9181 (default: off)")
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                           poll_interval=args.poll_interval,
                           gap_timeout=args.gap_timeout, lock_retry=args.lock_retry,
                           sweep_every=args.sweep_every, sweep_window=args.sweep_window,
-                          given_up_keep=args.given_up_keep,
+                          given_up_keep=args.given_up_keep, events_keep=args.events_keep,
                           idle_max=args.idle_max)
     from ..ops.metrics import IngestMetrics, serve
 

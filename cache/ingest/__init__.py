@@ -21,7 +21,8 @@ The invariants (each module says which of them it keeps):
   ingester last caught up past that write (``changes_settled``), or linking to such a row, is
   applied only where it changes nothing; otherwise the row is fetched (the event may be older
   than the write, and the old-value guard cannot tell: A -> B by someone, B -> A through the
-  proxy). The change log is pruned of settled records an hour old (settling.py).
+  proxy). The change log is pruned of settled records an hour old (settling.py), and
+  ``sgcache_events`` of the events older than ``events_keep`` (retention.py).
 - **Cursor, high, floor and gaps** (gaps.py; the keys are in cache/replica/statekeys.py):
 
   - ``event_cursor``: every event id at or below it is applied or given up;
@@ -56,7 +57,7 @@ The invariants (each module says which of them it keeps):
   released by the kernel however the process dies.
 
 Modules: ``poll`` (:class:`Ingester`: the loop, a poll, the sweep), ``batch`` (a poll's
-transaction), ``apply`` (one event), ``settling`` (which proxies' writes it is past), ``gaps`` (cursor, gaps, floor), ``sgclock``, ``fetch``
+transaction), ``apply`` (one event), ``settling`` (which proxies' writes it is past), ``retention`` (how long applied events are kept), ``gaps`` (cursor, gaps, floor), ``sgclock``, ``fetch``
 (the fetch queue's reader; the queue itself is cache/replica/fetchqueue.py), ``schemarefresh``,
 ``leader``, ``replay`` (``scripts/reprocess``), ``eventwire`` (what an event is on the
 wire), and ``config``. (The read side of the cursor contract, which EventLogEntry reads the proxy may

@@ -35,6 +35,8 @@ class IngestConfig:
     # seconds of SG time a given-up id is still looked for by id, by every sweep and across restarts
     # (a transaction that commits later than gap_timeout plus this is lost); at most given_up_max ids
     given_up_keep: float = 6 * 3600.0
+    # seconds of SG time the applied events are kept in sgcache_events (retention.py); 0: all
+    events_keep: float = 30 * 86400.0
     given_up_max: int = 1000
     max_gap_span: int = 10_000
     lock_retry: float = 1.0

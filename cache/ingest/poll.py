@@ -47,6 +47,7 @@ from .eventwire import EVENT_TYPE, FETCH_CHUNK, event_fields, id_ranges
 from .fetch import Fetcher
 from .gaps import EventPosition
 from .leader import LeaderSession
+from .retention import EventRetention
 from .schemarefresh import SchemaRefresh
 from .settling import Settling
 from .sgclock import SGClock, SteadyClock
@@ -75,6 +76,7 @@ class Ingester:
         self.applier = EventApplier(store, self.schema_refresh)
         self.batch = BatchApplier(store, self.applier, self.position, self.sg_clock)
         self.settling = Settling(store)
+        self.retention = EventRetention(store, self.config.events_keep)
         self.fetcher = Fetcher(store, sg, self.connect, self.schema_refresh.missing_fields,
                                self.schema_refresh.request)
         self._event_fields = event_fields(store)
@@ -173,7 +175,7 @@ class Ingester:
         """Read the next events and apply them, with the cursor, in one transaction."""
         conn = self.connect()
         with conn.begin():
-            _cursor, high = self.position.cursor(conn)
+            cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)
             self.settling.poll_starts(conn)
             started = pending.poll_started(self.store, conn)
@@ -195,6 +197,7 @@ class Ingester:
             pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
             if not full:
                 self.settling.caught_up(conn, started)  # the proxies' writes it is past
+                self.retention.caught_up(conn, self.sg_now(), cursor)  # events older than events_keep
         return result
 
     def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
