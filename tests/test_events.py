@@ -1248,3 +1248,36 @@ def test_applied_events_older_than_events_keep_are_pruned(site: FakeSite, store:
     sync(ingester)
     with store.engine.connect() as conn:
         assert set(kept) < set(stored_event_ids(store, conn))
+
+
+def test_a_field_changed_while_the_database_failed_is_unprimed_once_it_answers(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client deletes a field through the proxy (schema_field_delete: SG logs no event) while the
+    replica's database fails to take the un-priming: the field must not be served meanwhile, and
+    once the database answers it is un-primed (and named for the ingester's schema re-read); it
+    was only logged, and the field SG no longer has went on being served."""
+    from cache.replica.statekeys import SCHEMA_PENDING
+
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "s1", "project": proj, "sg_cut_in": 5})
+    sync(ingester)
+    read = {"type": "Shot", "return_fields": ["sg_cut_in"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert isinstance(served_or_passed(service, read), list)
+
+    class Down:
+        def begin(self) -> Any:
+            raise sa.exc.OperationalError("UPDATE", {}, Exception("the database is down"))
+
+    monkeypatch.setattr(service.store, "_write_engine", Down())
+    service.field_changed("Shot", "sg_cut_in")
+    assert isinstance(served_or_passed(service, read), str)  # passes while it is not recorded
+    monkeypatch.undo()
+    service.breaker.open_until = 0.0
+    assert isinstance(served_or_passed(service, read), str)  # recorded now: un-primed, marked
+    with store.engine.connect() as conn:
+        primed = conn.execute(sa.select(store.fields.c.primed).where(
+            (store.fields.c.entity_type == "Shot") & (store.fields.c.field_name == "sg_cut_in"))).scalar()
+        assert primed is False or primed == 0
+        assert "sg_cut_in" in (store.get_state(conn, SCHEMA_PENDING) or [])

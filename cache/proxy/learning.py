@@ -30,7 +30,7 @@ from ..replica.dialect import classify_error
 from ..replica.effects import WriteEffects, field_items, written_id
 from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
-from ..replica.statekeys import EVENT_HIGH
+from ..replica.statekeys import EVENT_HIGH, SCHEMA_PENDING
 from ..replica.store import Store
 from ..wire import chunks
 from . import upstream
@@ -77,6 +77,8 @@ class Learner:
         # was open): (method, args); None past MAX_UNRECORDED. Reads pass until they are marked.
         self._unrecorded: list[tuple[str, Any]] | None = []
         self._deferred = 0  # writes deferred so far (tells a flush whether more came meanwhile)
+        #: fields SG changed through this proxy whose un-priming the database did not take
+        self._fields_changed: list[tuple[str, str]] = []
         #: Seconds a write's client waits for each database step here (0: as long as it takes).
         self.wait = wait
         self._marking = BoundedSteps(MARKERS, "sgcache-mark")
@@ -97,8 +99,40 @@ class Learner:
         return self.breaker.failed(exc) if exc.started else Passthrough("busy", str(exc))
 
     def all_recorded(self) -> bool:
-        """Whether no write is left whose effects the database has not taken."""
-        return self._unrecorded == []
+        """Whether no write (nor field SG changed) is left whose effects the database has not taken."""
+        return self._unrecorded == [] and not self._fields_changed
+
+    def field_changed(self, entity_type: str, field_name: str) -> None:
+        """SG changed or deleted a cached field through this proxy (no event says so): un-prime it
+        and mark it (its reads pass, on every proxy) and name it for the ingester's schema re-read.
+        When the database does not take that (within :attr:`wait`), it is kept in memory: this
+        proxy's reads pass until :meth:`record_unrecorded` has done it (never raises)."""
+        try:
+            self._bounded(self._recording, lambda: self._unprime([(entity_type, field_name)]))
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: done before the next read
+            if isinstance(exc, DatabaseWait):
+                self._timed_out(exc)
+            else:
+                self.breaker.failed(exc)
+            log.warning("could not un-prime %s.%s after SG changed it (%s); reads pass until it is",
+                        entity_type, field_name, short_error(exc))
+            with self._lock:
+                self._fields_changed.append((entity_type, field_name))
+
+    def _unprime(self, fields: list[tuple[str, str]]) -> None:
+        """Un-prime and mark ``fields`` and name them for the ingester's schema re-read (one transaction)."""
+        store = self.store
+        with store.write_engine.begin() as conn:
+            for entity_type, field_name in fields:
+                conn.execute(store.fields.update()
+                             .where((store.fields.c.entity_type == entity_type)
+                                    & (store.fields.c.field_name == field_name))
+                             .values(primed=False))
+            pending.mark(conn, store.pending, fields)
+            names = store.get_state(conn, SCHEMA_PENDING) or []
+            new = [f for f in dict.fromkeys(f for _t, f in fields) if f not in names]
+            if new:
+                store.set_state(conn, SCHEMA_PENDING, [*names, *new])
 
     def write_mark(self) -> WriteMark | int | None:
         """Where the ingester and the change log stood just before a write is sent to SG (given
@@ -266,8 +300,24 @@ class Learner:
         waits for the database at most :attr:`wait` (markers written later only make reads pass
         longer)."""
         with self._lock:
+            fields = list(self._fields_changed)
+        if fields:
+            try:
+                self._bounded(self._recording, lambda: self._unprime(fields))
+            except DatabaseWait as exc:
+                raise self._timed_out(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
+                raise self.breaker.failed(exc) from exc
+            with self._lock:
+                del self._fields_changed[:len(fields)]
+            log.info("un-primed %s, changed at SG while the database failed",
+                     ", ".join(f"{t}.{f}" for t, f in fields))
+        with self._lock:
             deferred = None if self._unrecorded is None else list(self._unrecorded)
             count = self._deferred
+        if deferred == []:
+            self._invalidate()
+            return
         try:
             self._bounded(self._recording, lambda: self._mark_deferred(deferred))
         except DatabaseWait as exc:

@@ -22,15 +22,15 @@ from .. import __version__
 from ..errors import Passthrough
 from ..private import url_secrets
 from ..read import READ_BUDGET_SECONDS, ReadBudget, Reader, ReplicaState
-from ..replica import fetchqueue, pending
+from ..replica import fetchqueue
 from ..replica.dialect import dialect_for
 from ..replica.pairs import DEFAULT_PAIRS_FILE, PairRegistry, load_pairs_file
 from ..replica.pending import db_clock
 from ..replica.schema import Schema
-from ..replica.statekeys import EVENT_CURSOR, INGESTER_HEARTBEAT, SCHEMA_PENDING
+from ..replica.statekeys import EVENT_CURSOR, INGESTER_HEARTBEAT
 from ..replica.store import Store
 from ..wire import seconds_since
-from .breaker import Breaker, short_error
+from .breaker import Breaker
 from .dbwait import WRITE_WAIT_SECONDS
 from .inline import InlineReads
 from .learning import UNMARKED, Learner, WriteMark
@@ -217,20 +217,7 @@ class CacheService:
             return
         if self.schema.field(entity_type, field_name) is None or field_name == "id":
             return
-        store = self.store
-        try:
-            with store.write_engine.begin() as conn:
-                conn.execute(store.fields.update()
-                             .where((store.fields.c.entity_type == entity_type)
-                                    & (store.fields.c.field_name == field_name))
-                             .values(primed=False))
-                pending.mark(conn, store.pending, [(entity_type, field_name)])
-                names = store.get_state(conn, SCHEMA_PENDING) or []
-                if field_name not in names:
-                    store.set_state(conn, SCHEMA_PENDING, [*names, field_name])
-        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
-            log.warning("could not un-prime %s.%s after SG changed it: %s", entity_type, field_name,
-                        short_error(exc))
+        self.learner.field_changed(entity_type, field_name)
         log.info("%s.%s changed at SG through this proxy: its reads pass until the ingester re-reads "
                  "the schema", entity_type, field_name)
         self.invalidate()
