@@ -177,9 +177,9 @@ class Ingester:
         with conn.begin():
             cursor, high = self.position.cursor(conn)
             gaps = self.position.open_gaps(conn)
-            self.settling.poll_starts(conn)
+            mark = self.store.change_mark(conn)  # before the clock: every record at or below it is older
             started = pending.poll_started(self.store, conn)
-        self.settling.poll_started_at(started)
+        self.settling.poll_started(started, mark)
         asked = time.monotonic()
         limit = self.config.catch_up_batch if self._behind else self.config.batch
         events = self.fetch_events(high, sorted(gaps), limit) if self.sg is not None else []

@@ -45,10 +45,10 @@ class EventRetention:
         self._next = time.monotonic() + PRUNE_EVERY
         cutoff = format_wire_dt(sg_now - dt.timedelta(seconds=self.keep))
         deleted = 0
+        table = self.store.events
         with conn.begin():
-            last = self._last_older_than(conn, cutoff, cursor)
-            table = self.store.events
             first = conn.execute(sa.select(sa.func.min(table.c.id))).scalar()
+            last = self._last_older_than(conn, cutoff, first, cursor) if first is not None else None
             while first is not None and last is not None and first <= last:
                 upto = min(last, first + PRUNE_SLICE - 1)
                 deleted += conn.execute(sa.delete(table).where(table.c.id <= upto)).rowcount or 0
@@ -57,16 +57,13 @@ class EventRetention:
             log.info("pruned %d applied events created before %s (--events-keep %gs)", deleted, cutoff, self.keep)
         return deleted
 
-    def _last_older_than(self, conn: Connection, cutoff: str, cursor: int) -> int | None:
-        """The highest stored event id at or below ``cursor`` created before ``cutoff`` (a wire
-        time), found by bisecting the ids (None: there is none)."""
+    def _last_older_than(self, conn: Connection, cutoff: str, low: int, cursor: int) -> int | None:
+        """The highest stored event id from ``low`` (the lowest stored) to ``cursor`` created
+        before ``cutoff`` (a wire time), found by bisecting the ids (None: there is none)."""
         table = self.store.events
         probe = (sa.select(table.c.id, table.c.created_at)
                  .where((table.c.id >= sa.bindparam("at")) & table.c.created_at.is_not(None))
                  .order_by(table.c.id).limit(1))
-        low = conn.execute(sa.select(sa.func.min(table.c.id))).scalar()
-        if low is None:
-            return None
         first = conn.execute(probe, {"at": low}).first()
         if first is None or first.created_at >= cutoff:
             return None

@@ -54,16 +54,11 @@ class Settling:
         self._history: collections.deque[tuple[float, int]] = collections.deque(maxlen=MAX_MARKS)
         self._prunable = 0  # settled ``keep`` seconds ago: the records at or below it may go
         self._pruned = 0
-        self._pending_mark = 0
 
-    def poll_starts(self, conn: Connection) -> None:
-        """Call at the start of a poll, in its transaction, before ``pending.poll_started`` reads
-        the database clock: the change log's newest ``seq`` then."""
-        self._pending_mark = self.store.change_mark(conn)
-
-    def poll_started_at(self, started: float) -> None:
-        """The database clock when that poll started (``pending.poll_started``)."""
-        self._marks.append((started, self._pending_mark))
+    def poll_started(self, started: float, mark: int) -> None:
+        """A poll started at ``started`` (the database clock, ``pending.poll_started``), when the
+        change log's newest ``seq`` (read before that clock) was ``mark``."""
+        self._marks.append((started, mark))
 
     def caught_up(self, conn: Connection, started: float) -> None:
         """A poll that started at ``started`` reached the end of the log: settle what it covers,

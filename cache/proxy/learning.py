@@ -98,6 +98,10 @@ class Learner:
         still queued behind others is the proxy's own load: it passes ``busy``)."""
         return self.breaker.failed(exc) if exc.started else Passthrough("busy", str(exc))
 
+    def _step_failed(self, exc: Exception) -> Passthrough:
+        """A bounded step that raised or was not done in time, told to the breaker: the pass reason."""
+        return self._timed_out(exc) if isinstance(exc, DatabaseWait) else self.breaker.failed(exc)
+
     def all_recorded(self) -> bool:
         """Whether no write (nor field SG changed) is left whose effects the database has not taken."""
         return self._unrecorded == [] and not self._fields_changed
@@ -110,10 +114,7 @@ class Learner:
         try:
             self._bounded(self._recording, lambda: self._unprime([(entity_type, field_name)]))
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: done before the next read
-            if isinstance(exc, DatabaseWait):
-                self._timed_out(exc)
-            else:
-                self.breaker.failed(exc)
+            self._step_failed(exc)
             log.warning("could not un-prime %s.%s after SG changed it (%s); reads pass until it is",
                         entity_type, field_name, short_error(exc))
             with self._lock:
@@ -267,10 +268,7 @@ class Learner:
         try:
             self._bounded(self._recording, mark)
         except Exception as exc:  # noqa: BLE001 - the database is in trouble: reads pass anyway meanwhile
-            if isinstance(exc, DatabaseWait):
-                self._timed_out(exc)
-            else:
-                self.breaker.failed(exc)
+            self._step_failed(exc)
             log.warning("could not record a %s of unknown outcome; the ingester will bring it", method)
             self.defer(method, args)
 
@@ -304,10 +302,8 @@ class Learner:
         if fields:
             try:
                 self._bounded(self._recording, lambda: self._unprime(fields))
-            except DatabaseWait as exc:
-                raise self._timed_out(exc) from exc
             except Exception as exc:  # noqa: BLE001 - the database is in trouble: keep passing
-                raise self.breaker.failed(exc) from exc
+                raise self._step_failed(exc) from exc
             with self._lock:
                 del self._fields_changed[:len(fields)]
             log.info("un-primed %s, changed at SG while the database failed",

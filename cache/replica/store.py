@@ -622,7 +622,7 @@ class Store:
                 if fschema.data_type == "checkbox" and value is None:
                     value = False
                 encoded = fieldtypes.encode_scalar(fschema.data_type, value)
-                if isinstance(encoded, str) and "\x00" in encoded and not self.dialect.stores_nul:
+                if not self.dialect.stores_nul and isinstance(encoded, str) and "\x00" in encoded:
                     # that row alone is refused (the writer reads it again or leaves it queued),
                     # not the whole statement of the rows written with it
                     raise ValueError(f"{fname}: a NUL character, which the database's text cannot hold")
