@@ -220,6 +220,33 @@ def test_revival_restores_a_link_a_fetch_dropped_while_retired(site: FakeSite, s
     assert [n["id"] for n in replica_read(store, "Shot", ["notes"], False)[0]["notes"]] == [note["id"]]
 
 
+def test_revival_polled_before_the_proxy_learnt_it_restores_a_link_a_fetch_dropped(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """As above, with the Note deleted and revived through the proxy (CI's 16-writer run on
+    PostgreSQL, a Task's ``notes`` left without a revived Note): the Shot's fetch runs between SG's
+    retirement and the proxy learning it, and the ingester polls the Revival before the proxy has
+    learnt the revive. The replica still shows the Note retired (a proxy wrote it), so the revival
+    reads the Note again; it must read the rows linked to it again too."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    note = site.create_direct("Note", {"subject": "n", "project": proj, "note_links": [shot]})
+    sync(ingester)
+    params = {"type": "Note", "id": note["id"]}
+    mark = service.write_mark()
+    deleted = site._direct("delete", params, True)
+    with store.engine.begin() as conn:  # the ingester's fetch of the Shot, before the proxy learns the delete
+        fetched = site.find_direct("Shot", [["id", "is", shot["id"]]], ["notes"])
+        store.write_entities(conn, "Shot", fetched, "fetch")
+    service.learn("delete", params, deleted, mark)
+    mark = service.write_mark()
+    revived = site._direct("revive", params, True)
+    sync(ingester)  # the Revival, polled while the replica shows the Note retired
+    service.learn("revive", params, revived, mark)
+    sync(ingester)
+    assert [n["id"] for n in replica_read(store, "Shot", ["notes"], False)[0]["notes"]] == [note["id"]]
+    assert_equal_to_site(store, site)
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks

@@ -144,6 +144,13 @@ class EventApplier:
     def _retire(self, buf: WriteBatch, subject: Key, retired: bool, event_id: int, late: bool,
                 event: Mapping[str, Any] | None = None) -> None:
         cached = subject[0] in self.store.tables
+        if cached and not retired:
+            # SG shows a revived entity again in the other side of every pair it is linked
+            # through, with no event for that side; a fetch of the other side while this one was
+            # retired (in SG, not yet here) may have dropped the link: read those rows again,
+            # whichever way the revival itself is taken (applied, or its row read again)
+            for other in buf.linked_from(subject):
+                buf.queue(other, "linked to a revived entity")
         if cached and late:
             buf.queue(subject, "late retirement/revival")
             return
@@ -154,12 +161,6 @@ class EventApplier:
         buf.retire(subject, retired, event_id)
         if cached and (not retired or not buf.exists(subject)):
             buf.queue(subject, "revival" if not retired else "unknown row")
-        if cached and not retired:
-            # SG shows a revived entity again in the other side of every pair it is linked
-            # through, with no event for that side; a fetch of the other side while this one was
-            # retired (in SG, not yet here) may have dropped the link: read those rows again.
-            for other in buf.linked_from(subject):
-                buf.queue(other, "linked to a revived entity")
 
     def _change(self, buf: WriteBatch, event: Mapping[str, Any], subject: Key, event_id: int, late: bool) -> None:
         meta = event_meta(event)
