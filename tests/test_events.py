@@ -247,6 +247,55 @@ def test_revival_polled_before_the_proxy_learnt_it_restores_a_link_a_fetch_dropp
     assert_equal_to_site(store, site)
 
 
+def test_an_entity_link_a_fetch_read_while_its_entity_was_retired_shows_again_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """SG shows a single-entity link to a retired entity as None, and the link again on revival,
+    with no event for the linking row. A Version re-read while its Task is retired (here the
+    Task has no field listing its Versions: nothing else brings the link back) must keep the
+    link, hidden while the Task is retired, as a multi_entity list keeps its hidden links."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    sync(ingester)
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    with store.engine.begin() as conn:  # the Version re-read (a fetch, a reconcile) while the Task is retired
+        fetched = site.find_direct("Version", [["id", "is", version["id"]]], ["sg_task"])
+        assert fetched[0]["sg_task"] is None
+        store.write_entities(conn, "Version", fetched, "fetch")
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"] is None
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"]["id"] == task["id"]
+    assert_equal_to_site(store, site)
+
+
+def test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """The other reading of the same None: SG cleared the Version's ``sg_task`` while the Task
+    was retired, and the replica took it from a re-read of the Version (its event came late), which
+    keeps the hidden link. On the Task's revival that Version is read again: it shows None, as SG."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    sync(ingester)
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    site.hold_event_ids(1)  # the clear's event commits late: the Version is re-read instead
+    site.update_direct("Version", version["id"], {"sg_task": None})
+    site.update_direct("Shot", shot["id"], {"code": "sh1b"})
+    sync(ingester)
+    site.release_held()
+    sync(ingester)
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"] is None
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"] is None
+    assert_equal_to_site(store, site)
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks

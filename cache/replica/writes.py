@@ -181,6 +181,11 @@ class WriteBatch:
         self.load(keys)
         self.load_links((entity_type, f, int(r["id"])) for r in records for f in multi_fields if f in r)
         identifier = entity.name_field
+        # SG's own reading of a row (a fetch, a scan, a read-back): a link it shows as None may be
+        # to an entity retired now, which the row keeps (see _keep_hidden_links); a write's answer
+        # states the value set, which is stored as it is
+        as_read = complete or self.source != PROXY
+        entity_fields = [f for f, s in cached.items() if fieldtypes.TYPES[s.data_type].storage == "entity"]
         for record, key in zip(records, keys, strict=True):
             row = self.rows.get(key)
             if row is None and not complete and any(f not in record for f in cached):
@@ -196,6 +201,8 @@ class WriteBatch:
                 continue
             if retired is not None:
                 values["_retired"] = retired
+            if as_read and row is not None:
+                self._keep_hidden_links(row, values, entity_fields)
             existed = row is not None
             if row is None:
                 table = self.store.tables[entity_type]
@@ -226,6 +233,46 @@ class WriteBatch:
             if retired is not None:
                 self.retired[key] = retired
         return result
+
+    def _keep_hidden_links(self, row: Mapping[str, Any], values: dict[str, Any], entity_fields: Sequence[str]) -> None:
+        """SG shows a single-entity link to a retired entity as None, and the link again on its
+        revival, with no event for the linking row: where SG's row says None and the replica's row
+        links an entity retired now, the link is kept (it reads as None while that entity is
+        retired, as a multi_entity list keeps its hidden links). The revival reads such rows again
+        (:meth:`linking`): one SG cleared meanwhile then reads as SG has it."""
+        held: dict[str, Key] = {}
+        for fname in entity_fields:
+            tcol, icol = f"{fname}__type", f"{fname}__id"
+            if (tcol in values and values[tcol] is None and values.get(icol) is None
+                    and row.get(tcol) is not None and row.get(icol) is not None):
+                held[fname] = (row[tcol], int(row[icol]))
+        if not held:
+            return
+        hidden = self._retired_now(sorted(set(held.values())))
+        for fname, child in held.items():
+            if child in hidden:
+                del values[f"{fname}__type"], values[f"{fname}__id"]
+
+    def linking(self, key: Key) -> set[Key]:
+        """The cached rows whose single-entity fields link ``key`` (as the replica holds them:
+        links hidden while it is retired included)."""
+        out: set[Key] = set()
+        for entity in self.store.schema.entities.values():
+            table = self.store.tables.get(entity.name)
+            if table is None:
+                continue
+            for fname, fschema in entity.fields.items():
+                if (fschema.data_type not in fieldtypes.TYPES
+                        or fieldtypes.TYPES[fschema.data_type].storage != "entity"
+                        or (fschema.links and key[0] not in fschema.links)):
+                    continue
+                tcol, icol = table.c[f"{fname}__type"], table.c[f"{fname}__id"]
+                rows = self.conn.execute(sa.select(table.c.id).where((icol == key[1]) & (tcol == key[0])))
+                out.update((entity.name, int(r.id)) for r in rows)
+                out.update(k for k, row in self.rows.items()
+                           if k[0] == entity.name and row is not None
+                           and row.get(f"{fname}__type") == key[0] and row.get(f"{fname}__id") == key[1])
+        return out
 
     def _mark(self, key: Key, diff: Mapping[str, Any]) -> None:
         if key in self.new:
