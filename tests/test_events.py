@@ -296,6 +296,53 @@ def test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on
     assert_equal_to_site(store, site)
 
 
+def test_a_fetch_before_the_retirement_is_polled_keeps_the_link_for_the_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """The Task is retired at SG, and the Version is fetched before the ingester has polled that:
+    SG's row shows ``sg_task`` None while the replica holds the Task live, so the replica cannot
+    tell a cleared link from a retired entity. The row waits for a poll that reaches the end of the
+    log (the retirement then applied, the link is kept hidden); stored then, it shows the Task
+    again on revival, as SG does. Stored at once, the link was lost for good."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    sync(ingester)
+    site.delete_direct("Task", task["id"])
+    site.update_direct("Version", version["id"], {"code": "v1b"})
+    with store.engine.begin() as conn:
+        store.queue_fetch(conn, [("Version", version["id"])], "test")
+    ingester.process_fetch_queue()  # before the poll: SG's Version leaves the live Task out
+    assert queued(store) == [("Version", version["id"])]
+    assert replica_read(store, "Version", ["code"], False)[0]["code"] == "v1"  # not stored yet
+    sync(ingester)
+    assert queued(store) == []
+    assert replica_read(store, "Version", ["code", "sg_task"], False)[0]["sg_task"] is None
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"]["id"] == task["id"]
+    assert_equal_to_site(store, site)
+
+
+def test_a_link_sg_cleared_is_stored_once_its_event_is_polled(site: FakeSite, store: Store,
+                                                             ingester: Ingester) -> None:
+    """The same wait when SG did clear the link: the Version is stored, without it, after the poll."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    sync(ingester)
+    site.update_direct("Version", version["id"], {"sg_task": None})
+    with store.engine.begin() as conn:
+        store.queue_fetch(conn, [("Version", version["id"])], "test")
+    ingester.process_fetch_queue()
+    assert queued(store) == [("Version", version["id"])]
+    sync(ingester)
+    assert queued(store) == []
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"] is None
+    assert_equal_to_site(store, site)
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks

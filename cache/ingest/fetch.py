@@ -22,7 +22,8 @@ from collections.abc import Callable
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from ..replica import fetchqueue, fieldtypes
+from ..replica import fetchqueue, fieldtypes, pending
+from ..replica.statekeys import PENDING_CAUGHT_UP
 from ..replica.store import Store
 from ..wire import chunks, to_wire
 from .config import SGClient
@@ -32,6 +33,8 @@ log = logging.getLogger("sgcache.events")
 
 #: Times a chunk's rows changed in the replica while SG was read are read again in one round.
 OVERTAKEN_TRIES = 3
+#: The queue's reason for a row held back until a poll reached the end of the log.
+LINK_LEFT_OUT = "link left out"
 
 
 class Fetcher:
@@ -63,6 +66,10 @@ class Fetcher:
         q = self.store.fetch_queue
         with conn.begin():
             queued_by_type = fetchqueue.entries(conn, q, limit)
+            waiting = fetchqueue.waiting(conn, q, LINK_LEFT_OUT, self._caught_up_before(conn))
+        for entity_type, entity_id in waiting:  # not read again before a poll has caught up after them
+            queued_by_type.get(entity_type, {}).pop(entity_id, None)
+        queued_by_type = {t: queued for t, queued in queued_by_type.items() if queued}
         handled = 0
         for entity_type, queued in queued_by_type.items():
             if entity_type not in self.store.tables:  # the schema file lost the type meanwhile
@@ -126,22 +133,31 @@ class Fetcher:
             if missing else []
         gone = sorted(set(missing) - {int(r["id"]) for r in retired})
         refused: set[int] = set()
+        held: set[int] = set()
         with conn.begin():
             overtaken = self._written_since(conn, entity_type, ids, mark)
             complete = self._complete(conn, entity_type, fields)
             batch = self.store.batch(conn, "fetch")
             for records, is_retired in ((active, False), (retired, True)):
                 records = [r for r in records if int(r["id"]) not in overtaken]
+                held |= self._wait_for_events(conn, entity_type, batch.drops_live_links(entity_type, records))
+                records = [r for r in records if int(r["id"]) not in held]
                 result = batch.put(entity_type, records, complete=complete, retired=is_retired)
                 refused.update(entity_id for _t, entity_id in result.to_fetch)
             batch.flush()
             # an entity whose row was not stored stays queued: its type's reads pass (pending-fetch)
             # rather than be answered without it
-            stored = {i: at for i, at in queued.items() if i not in refused and i not in overtaken}
+            stored = {i: at for i, at in queued.items() if i not in refused and i not in overtaken and i not in held}
             fetchqueue.remove_handled(conn, self.store.fetch_queue, entity_type, stored)
             if refused:  # at the back of the queue: later rows of the type are fetched before them again
                 fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, refused, "not stored",
                                    self.store.db_now(conn))
+            if held:
+                fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, held, LINK_LEFT_OUT,
+                                   self.store.db_now(conn))
+        if held:
+            log.info("%s %s: SG's rows leave out links to entities live here; read again after the next poll",
+                     entity_type, id_ranges(sorted(held)))
         gone = [i for i in gone if i not in overtaken]
         if gone:
             log.warning("%s %s not found on SG (active or retired); dropped from the fetch queue",
@@ -150,6 +166,30 @@ class Fetcher:
             log.error("%s %s: SG's rows could not be stored; they stay queued (reads of %s pass)",
                       entity_type, id_ranges(sorted(refused)), entity_type)
         return len(stored), len(refused), overtaken
+
+    def _wait_for_events(self, conn: Connection, entity_type: str, ids: set[int]) -> set[int]:
+        """Of the rows whose SG row leaves out a link to an entity live in the replica (``ids``),
+        those not stored yet. SG cleared that link, or retired that entity after the ingester's
+        last poll: the replica cannot tell, and in the second case a row stored without the link
+        would lack it for good once SG shows it again on the entity's revival (no event for this
+        row). Such a row stays queued (:data:`LINK_LEFT_OUT`) until a poll that started after it
+        was queued so (the database's clock, ``pending.MARGIN`` later) reached the end of the log:
+        the entity's retirement is then applied, and the row read again is stored as SG has it
+        (the link kept hidden if the entity is retired). In the database, so a restart or
+        ``--once`` runs keep the wait."""
+        if not ids:
+            return set()
+        since = fetchqueue.queued_for(conn, self.store.fetch_queue, entity_type, ids, LINK_LEFT_OUT)
+        caught_up = self._caught_up_before(conn)
+        return {i for i in ids if i not in since or caught_up is None or since[i] >= caught_up}
+
+    def _caught_up_before(self, conn: Connection) -> dt.datetime | None:
+        """The latest time (the database's clock) such that a poll that started ``pending.MARGIN``
+        later reached the end of the event log; None before any such poll."""
+        started = self.store.get_state(conn, PENDING_CAUGHT_UP)
+        if not isinstance(started, int | float) or isinstance(started, bool):
+            return None
+        return dt.datetime.fromtimestamp(float(started) - pending.MARGIN, dt.UTC).replace(tzinfo=None)
 
     def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int) -> set[int]:
         """The ids whose rows another writer changed after ``mark`` (taken before SG was read), under

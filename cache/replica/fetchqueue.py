@@ -94,6 +94,26 @@ def remove_handled(conn: Connection, table: sa.Table, entity_type: str,
                                           & (table.c.queued_at <= read_at)))
 
 
+def queued_for(conn: Connection, table: sa.Table, entity_type: str, ids: Iterable[int],
+               reason: str) -> dict[int, dt.datetime]:
+    """Of these queued entities, those whose last queueing gave ``reason``: ``{id: queued_at}``."""
+    out: dict[int, dt.datetime] = {}
+    for chunk in chunks(sorted(ids), CHUNK):
+        rows = conn.execute(sa.select(table.c.entity_id, table.c.queued_at)
+                            .where((table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+                                   & (table.c.reason == reason)))
+        out.update({int(r.entity_id): r.queued_at for r in rows})
+    return out
+
+
+def waiting(conn: Connection, table: sa.Table, reason: str, before: dt.datetime | None) -> set[Key]:
+    """The entities queued with ``reason`` at ``before`` or later (all of them when None)."""
+    query = sa.select(table.c.entity_type, table.c.entity_id).where(table.c.reason == reason)
+    if before is not None:
+        query = query.where(table.c.queued_at >= before)
+    return {(r.entity_type, int(r.entity_id)) for r in conn.execute(query)}
+
+
 def queued_types(conn: Connection, table: sa.Table) -> set[str]:
     """The entity types with at least one queued entity (their reads pass: ``pending-fetch``)."""
     return {row.entity_type for row in conn.execute(sa.select(table.c.entity_type).distinct())}

@@ -253,6 +253,42 @@ class WriteBatch:
             if child in hidden:
                 del values[f"{fname}__type"], values[f"{fname}__id"]
 
+    def drops_live_links(self, entity_type: str, records: Sequence[Mapping[str, Any]]) -> set[int]:
+        """The ids among ``records`` (SG's rows as read) whose replica row links an entity that the
+        record leaves out (a single-entity field None, a link missing from a multi_entity list)
+        while the replica holds that entity live: SG cleared the link, or retired the entity and
+        its event is not applied yet (the replica cannot tell which; cache/ingest/fetch.py waits)."""
+        if entity_type not in self.store.tables or not records:
+            return set()
+        entity = self.store.schema.entities[entity_type]
+        storage = {f: fieldtypes.TYPES[s.data_type].storage for f, s in entity.fields.items()
+                   if f != "id" and fieldtypes.is_cached_type(s.data_type)}
+        keys = [(entity_type, int(r["id"])) for r in records]
+        self.load(keys)
+        self.load_links((entity_type, f, k[1]) for r, k in zip(records, keys, strict=True)
+                        for f, kind in storage.items() if kind == "multi" and f in r)
+        left_out: dict[int, set[Key]] = {}
+        for record, key in zip(records, keys, strict=True):
+            row = self.rows.get(key)
+            if row is None:
+                continue
+            children: set[Key] = set()
+            for fname, kind in storage.items():
+                if fname not in record:
+                    continue
+                value = record[fname]
+                if kind == "entity" and value is None and row.get(f"{fname}__id") is not None:
+                    children.add((row[f"{fname}__type"], int(row[f"{fname}__id"])))
+                elif kind == "multi" and (entity_type, fname) in self.store.multi:
+                    shown = {(x.get("type"), x.get("id")) for x in value or [] if isinstance(x, Mapping)}
+                    children.update(c for c in self.links.get((entity_type, fname, key[1]), {}) if c not in shown)
+            if children:
+                left_out[key[1]] = children
+        if not left_out:
+            return set()
+        hidden = self._retired_now(sorted(set().union(*left_out.values())))
+        return {i for i, children in left_out.items() if children - hidden}
+
     def linking(self, key: Key) -> set[Key]:
         """The cached rows whose single-entity fields link ``key`` (as the replica holds them:
         links hidden while it is retired included)."""

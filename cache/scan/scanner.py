@@ -186,13 +186,21 @@ class Scanner:
             try:
                 with self.store.write_engine.begin() as conn:
                     newer = self.store.changed_since(conn, scan.entity_type, [int(r["id"]) for r in rows], mark)
-                    result = self.store.write_entities(
-                        conn, scan.entity_type, [r for r in rows if int(r["id"]) not in newer], "scan",
-                        complete=True, retired=retired
-                    )
+                    batch = self.store.batch(conn, "scan")
+                    # a row leaving out a link to an entity live here: SG cleared it, or retired the
+                    # entity and the ingester has not polled that yet; the ingester's fetch waits for
+                    # its poll before storing such a row (cache/ingest/fetch.py)
+                    left_out = batch.drops_live_links(
+                        scan.entity_type, [r for r in rows if int(r["id"]) not in newer])
+                    result = batch.put(scan.entity_type, [r for r in rows if int(r["id"]) not in newer | left_out],
+                                       complete=True, retired=retired)
+                    batch.flush()
                     if newer:
                         self.store.queue_fetch(conn, [(scan.entity_type, i) for i in sorted(newer)],
                                                "changed while the scan read it")
+                    if left_out:
+                        self.store.queue_fetch(conn, [(scan.entity_type, i) for i in sorted(left_out)],
+                                               "a link left out")
                 break
             except (sa.exc.OperationalError, sa.exc.IntegrityError) as exc:
                 if attempt == DB_ATTEMPTS:
@@ -205,6 +213,9 @@ class Scanner:
         if newer:
             log.info("%s: %d rows changed while the scan read them, queued for a fetch: %s", scan.entity_type,
                      len(newer), sorted(newer)[:10])
+        if left_out:
+            log.info("%s: %d rows leave out links to entities live here, queued for a fetch: %s", scan.entity_type,
+                     len(left_out), sorted(left_out)[:10])
         scan.rows += len(rows)
         scan.inserted += result.inserted
         scan.changed += result.changed
