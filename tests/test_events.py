@@ -296,6 +296,31 @@ def test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on
     assert_equal_to_site(store, site)
 
 
+def test_a_multi_entity_link_sg_removed_while_its_entity_was_retired_stays_removed_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """The same for a multi_entity list with no known pair: SG removed the user from the Task's
+    assignees while the user was retired, and the replica took it from a re-read of the Task (its
+    event came late), which keeps the hidden link. On the user's revival the Task is read again."""
+    proj = make_project(site)
+    user = site.create_direct("HumanUser", {"login": "ann", "firstname": "Ann", "lastname": "A"})
+    task = site.create_direct("Task", {"content": "comp", "project": proj,
+                                       "task_assignees": [{"type": "HumanUser", "id": user["id"]}]})
+    sync(ingester)
+    site.delete_direct("HumanUser", user["id"])
+    sync(ingester)
+    site.hold_event_ids(1)  # the removal's event commits late: the Task is re-read instead
+    site.update_direct("Task", task["id"], {"task_assignees": []})
+    site.update_direct("Task", task["id"], {"content": "comp2"})
+    sync(ingester)
+    site.release_held()
+    sync(ingester)
+    assert replica_read(store, "Task", ["task_assignees"], False)[0]["task_assignees"] == []
+    site.revive_direct("HumanUser", user["id"])
+    sync(ingester)
+    assert replica_read(store, "Task", ["task_assignees"], False)[0]["task_assignees"] == []
+    assert_equal_to_site(store, site)
+
+
 def test_a_fetch_before_the_retirement_is_polled_keeps_the_link_for_the_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """The Task is retired at SG, and the Version is fetched before the ingester has polled that:

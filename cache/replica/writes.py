@@ -238,8 +238,8 @@ class WriteBatch:
         """SG shows a single-entity link to a retired entity as None, and the link again on its
         revival, with no event for the linking row: where SG's row says None and the replica's row
         links an entity retired now, the link is kept (it reads as None while that entity is
-        retired, as a multi_entity list keeps its hidden links). The revival reads such rows again
-        (:meth:`linking`): one SG cleared meanwhile then reads as SG has it."""
+        retired, as a multi_entity list keeps its hidden links, :meth:`replace_links`). The
+        revival reads such rows again (:meth:`linking`): one SG cleared meanwhile then reads as SG has it."""
         held: dict[str, Key] = {}
         for fname in entity_fields:
             tcol, icol = f"{fname}__type", f"{fname}__id"
@@ -290,24 +290,31 @@ class WriteBatch:
         return {i for i, children in left_out.items() if children - hidden}
 
     def linking(self, key: Key) -> set[Key]:
-        """The cached rows whose single-entity fields link ``key`` (as the replica holds them:
-        links hidden while it is retired included)."""
+        """The cached rows whose link fields (single-entity, multi_entity) link ``key``, as the
+        replica holds them: links hidden while it is retired included."""
         out: set[Key] = set()
         for entity in self.store.schema.entities.values():
             table = self.store.tables.get(entity.name)
             if table is None:
                 continue
             for fname, fschema in entity.fields.items():
-                if (fschema.data_type not in fieldtypes.TYPES
-                        or fieldtypes.TYPES[fschema.data_type].storage != "entity"
-                        or (fschema.links and key[0] not in fschema.links)):
+                storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
+                if fschema.links and key[0] not in fschema.links:
                     continue
-                tcol, icol = table.c[f"{fname}__type"], table.c[f"{fname}__id"]
-                rows = self.conn.execute(sa.select(table.c.id).where((icol == key[1]) & (tcol == key[0])))
-                out.update((entity.name, int(r.id)) for r in rows)
-                out.update(k for k, row in self.rows.items()
-                           if k[0] == entity.name and row is not None
-                           and row.get(f"{fname}__type") == key[0] and row.get(f"{fname}__id") == key[1])
+                if storage == "entity":
+                    tcol, icol = table.c[f"{fname}__type"], table.c[f"{fname}__id"]
+                    rows = self.conn.execute(sa.select(table.c.id).where((icol == key[1]) & (tcol == key[0])))
+                    out.update((entity.name, int(r.id)) for r in rows)
+                    out.update(k for k, row in self.rows.items()
+                               if k[0] == entity.name and row is not None
+                               and row.get(f"{fname}__type") == key[0] and row.get(f"{fname}__id") == key[1])
+                elif storage == "multi" and (entity.name, fname) in self.store.multi:
+                    mt = self.store.multi[(entity.name, fname)]
+                    rows = self.conn.execute(sa.select(mt.c.parent_id)
+                                             .where((mt.c.child_id == key[1]) & (mt.c.child_type == key[0])))
+                    out.update((entity.name, int(r.parent_id)) for r in rows)
+                    out.update((t, parent) for (t, f, parent), children in self.links.items()
+                               if t == entity.name and f == fname and key in children)
         return out
 
     def _mark(self, key: Key, diff: Mapping[str, Any]) -> None:
