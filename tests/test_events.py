@@ -247,17 +247,24 @@ def test_revival_polled_before_the_proxy_learnt_it_restores_a_link_a_fetch_dropp
     assert_equal_to_site(store, site)
 
 
+def shot_task_version(site: FakeSite, ingester: Ingester) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A Shot, a Task of it and a Version of that Task (``sg_task``: the Task has no field listing
+    its Versions), in the replica."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    sync(ingester)
+    return shot, task, version
+
+
 def test_an_entity_link_a_fetch_read_while_its_entity_was_retired_shows_again_on_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """SG shows a single-entity link to a retired entity as None, and the link again on revival,
     with no event for the linking row. A Version re-read while its Task is retired (here the
     Task has no field listing its Versions: nothing else brings the link back) must keep the
     link, hidden while the Task is retired, as a multi_entity list keeps its hidden links."""
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    sync(ingester)
+    shot, task, version = shot_task_version(site, ingester)
     site.delete_direct("Task", task["id"])
     sync(ingester)
     with store.engine.begin() as conn:  # the Version re-read (a fetch, a reconcile) while the Task is retired
@@ -276,11 +283,7 @@ def test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on
     """The other reading of the same None: SG cleared the Version's ``sg_task`` while the Task
     was retired, and the replica took it from a re-read of the Version (its event came late), which
     keeps the hidden link. On the Task's revival that Version is read again: it shows None, as SG."""
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    sync(ingester)
+    shot, task, version = shot_task_version(site, ingester)
     site.delete_direct("Task", task["id"])
     sync(ingester)
     site.hold_event_ids(1)  # the clear's event commits late: the Version is re-read instead
@@ -328,11 +331,7 @@ def test_a_fetch_before_the_retirement_is_polled_keeps_the_link_for_the_revival(
     tell a cleared link from a retired entity. The row waits for a poll that reaches the end of the
     log (the retirement then applied, the link is kept hidden); stored then, it shows the Task
     again on revival, as SG does. Stored at once, the link was lost for good."""
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    sync(ingester)
+    shot, task, version = shot_task_version(site, ingester)
     site.delete_direct("Task", task["id"])
     site.update_direct("Version", version["id"], {"code": "v1b"})
     with store.engine.begin() as conn:
@@ -352,11 +351,7 @@ def test_a_fetch_before_the_retirement_is_polled_keeps_the_link_for_the_revival(
 def test_a_link_sg_cleared_is_stored_once_its_event_is_polled(site: FakeSite, store: Store,
                                                              ingester: Ingester) -> None:
     """The same wait when SG did clear the link: the Version is stored, without it, after the poll."""
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    sync(ingester)
+    shot, task, version = shot_task_version(site, ingester)
     site.update_direct("Version", version["id"], {"sg_task": None})
     with store.engine.begin() as conn:
         store.queue_fetch(conn, [("Version", version["id"])], "test")
