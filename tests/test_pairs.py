@@ -861,6 +861,34 @@ def test_a_rename_of_a_type_whose_name_field_is_not_cached_marks_the_links_to_it
         svc.close()
 
 
+def test_a_read_back_leaving_out_a_link_to_a_live_entity_leaves_the_row_to_the_ingester(
+        site: FakeSite, service: CacheService) -> None:
+    """SG retired a Version's Task and the ingester has not polled that: a read-back of the Version
+    shows ``sg_task`` None while the replica holds the Task live (a cleared link or a retired Task:
+    the replica cannot tell). Stored, the link was lost for good once SG showed it again on the
+    Task's revival. The row is left queued for the ingester (which waits for its poll) and its
+    type marked pending."""
+    from .fakesg import FakeSGServer
+
+    proj = {"type": "Project", "id": site.create_direct("Project", {"name": "p"})["id"]}
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    prime(service.store, SiteClient(site))
+    site.delete_direct("Task", task["id"])
+    items = [("Version", version["id"])]
+    with service.store.write_engine.begin() as conn:
+        service.store.queue_fetch(conn, items, "partial create answer")
+    with FakeSGServer(site) as server:
+        service.fetch_rows(f"{server.url}/api3/json", {"script_name": "pipeline", "script_key": "s3cret"},
+                           items, None)
+    assert ("Version", pending.WHOLE_TYPE) in markers(service.store)
+    versions = service.store.tables["Version"]
+    with service.store.engine.connect() as conn:
+        assert conn.execute(sa.select(versions.c.sg_task__id)).scalar_one() == task["id"]
+        assert not fetchqueue.is_empty(conn, service.store.fetch_queue)
+
+
 def test_a_partial_answer_for_many_rows_is_read_back_whole(site: FakeSite, service: CacheService,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch of 600 creates: the read-back read one page of 500, the other 100 stayed queued with no

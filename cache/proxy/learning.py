@@ -462,9 +462,15 @@ class Learner:
                 # a row another writer changed while SG was read is newer than SG's answer: it stays queued
                 overtaken = self.store.changed_since(conn, entity_type, ids, mark.change_seq)
                 records = [r for r in records if r["id"] not in overtaken]
-                self.store.write_entities(conn, entity_type, records, "proxy", complete=True)
+                batch = self.store.batch(conn, "proxy")
+                # a row leaving out a link to an entity live here (SG cleared it, or retired the
+                # entity, not polled yet): it stays queued for the ingester, which waits for its poll
+                left_out = batch.drops_live_links(entity_type, records)
+                records = [r for r in records if r["id"] not in left_out]
+                batch.put(entity_type, records, complete=True)
+                batch.flush()
                 self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
-            return True
+            return not left_out
 
         try:
             reply = upstream.post_json(url, call, ssl_context)
