@@ -363,6 +363,31 @@ def test_a_link_sg_cleared_is_stored_once_its_event_is_polled(site: FakeSite, st
     assert_equal_to_site(store, site)
 
 
+def test_a_fetch_while_the_retirement_is_in_a_gap_keeps_the_link_for_the_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """The Task's retirement commits late (its events in a gap) and the Version is fetched before
+    it shows: SG's row leaves the Task out while the replica holds it live. A poll that reaches the
+    end of the log with the gap open has not applied the retirement: the Version must still wait,
+    else it is stored without the link, and SG shows the Task again on its revival (no event for
+    the Version) while the replica shows None, for good."""
+    shot, task, version = shot_task_version(site, ingester)
+    site.hold_event_ids(2)  # the retirement_date Change and the Retirement commit late
+    site.delete_direct("Task", task["id"])
+    site.update_direct("Version", version["id"], {"code": "v1b"})
+    with store.engine.begin() as conn:
+        store.queue_fetch(conn, [("Version", version["id"])], "test")
+    for _ in range(2):  # polls that reach the end of the log, with the gap open
+        ingester.poll_once()
+        ingester.process_fetch_queue()
+        time.sleep(1.1)  # pending.MARGIN
+    site.release_held()
+    sync(ingester)
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"]["id"] == task["id"]
+    assert_equal_to_site(store, site)
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks

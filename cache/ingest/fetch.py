@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -185,7 +186,11 @@ class Fetcher:
 
     def _caught_up_before(self, conn: Connection) -> dt.datetime | None:
         """The latest time (the database's clock) such that a poll that started ``pending.MARGIN``
-        later reached the end of the event log; None before any such poll."""
+        later reached the end of the event log; None before any such poll, and while a gap is open
+        (the retirement may be the event that commits late: held rows wait for it, or for the gap
+        to be given up)."""
+        if conn.execute(sa.select(self.store.gaps.c.id).limit(1)).first() is not None:
+            return None
         started = self.store.get_state(conn, PENDING_CAUGHT_UP)
         if not isinstance(started, int | float) or isinstance(started, bool):
             return None
