@@ -388,6 +388,33 @@ def test_a_fetch_while_the_retirement_is_in_a_gap_keeps_the_link_for_the_revival
     assert_equal_to_site(store, site)
 
 
+def test_an_entity_link_to_an_uncached_type_sg_cleared_while_retired_stays_cleared_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """As test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on_revival,
+    with a link to an uncached type (``Shot.task_template``): the re-read keeps the hidden link
+    (the registry knows the TaskTemplate retired), so its revival must read the Shot again too;
+    else the replica shows the TaskTemplate again where SG shows None, for good."""
+    assert "TaskTemplate" not in store.tables
+    proj = make_project(site)
+    tmpl = site.create_direct("TaskTemplate", {"code": "t"})
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj,
+                                       "task_template": {"type": "TaskTemplate", "id": tmpl["id"]}})
+    sync(ingester)
+    site.delete_direct("TaskTemplate", tmpl["id"])
+    sync(ingester)
+    site.hold_event_ids(1)  # the clear's event commits late: the Shot is re-read instead
+    site.update_direct("Shot", shot["id"], {"task_template": None})
+    site.update_direct("Shot", shot["id"], {"code": "sh1b"})
+    sync(ingester)
+    site.release_held()
+    sync(ingester)
+    assert replica_read(store, "Shot", ["task_template"], False)[0]["task_template"] is None
+    site.revive_direct("TaskTemplate", tmpl["id"])
+    sync(ingester)
+    assert replica_read(store, "Shot", ["task_template"], False)[0]["task_template"] is None
+    assert_equal_to_site(store, site)
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks

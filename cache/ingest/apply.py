@@ -151,8 +151,10 @@ class EventApplier:
             # whichever way the revival itself is taken (applied, or its row read again)
             for other in buf.linked_from(subject):
                 buf.queue(other, "linked to a revived entity")
-            # and the rows linking it, whose links to it a re-read kept hidden (WriteBatch.put,
-            # replace_links): SG shows them again, or removed one meanwhile
+        if not retired:
+            # and the rows linking it (of an uncached type too: the registry knew it retired),
+            # whose links to it a re-read kept hidden (WriteBatch.put, replace_links): SG shows
+            # them again, or removed one meanwhile
             for other in buf.linking(subject):
                 buf.queue(other, "links to a revived entity")
         if cached and late:
