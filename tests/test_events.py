@@ -388,6 +388,34 @@ def test_a_fetch_while_the_retirement_is_in_a_gap_keeps_the_link_for_the_revival
     assert_equal_to_site(store, site)
 
 
+def test_a_late_retirement_is_fetched_before_the_row_held_for_its_link(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """As test_a_fetch_while_the_retirement_is_in_a_gap_keeps_the_link_for_the_revival, with a
+    PublishedFile (its type fetched before Task's): the late Retirement only queues the Task (its
+    retired flag comes with its fetch), so the PublishedFile read again in the same round still
+    finds the Task live here and is stored without ``task``; the Task's revival then leaves it
+    None for good."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    pf = site.create_direct("PublishedFile", {"code": "pf", "project": proj, "entity": shot, "task": task})
+    sync(ingester)
+    site.hold_event_ids(2)  # the retirement_date Change and the Retirement commit late
+    site.delete_direct("Task", task["id"])
+    site.update_direct("PublishedFile", pf["id"], {"code": "pf2"})
+    with store.engine.begin() as conn:
+        store.queue_fetch(conn, [("PublishedFile", pf["id"])], "test")
+    ingester.poll_once()
+    ingester.process_fetch_queue()  # held: SG's row leaves the live Task out
+    time.sleep(1.1)  # pending.MARGIN
+    site.release_held()
+    sync(ingester)
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert replica_read(store, "PublishedFile", ["task"], False)[0]["task"]["id"] == task["id"]
+    assert_equal_to_site(store, site)
+
+
 def test_an_entity_link_to_an_uncached_type_sg_cleared_while_retired_stays_cleared_on_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """As test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on_revival,

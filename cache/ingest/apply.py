@@ -47,6 +47,10 @@ from .schemarefresh import SchemaRefresh
 
 log = logging.getLogger("sgcache.events")
 
+#: The queue's reasons for an entity whose retired flag comes with its fetch (the event not applied).
+LATE_RETIREMENT = "late retirement/revival"
+RETIREMENT_AFTER_PROXY = "retirement/revival after a proxy's write"
+
 
 class EventApplier:
     """Turns events into writes of a batch: registry, retirements, field changes, link changes, fetches."""
@@ -158,11 +162,11 @@ class EventApplier:
             for other in buf.linking(subject):
                 buf.queue(other, "links to a revived entity")
         if cached and late:
-            buf.queue(subject, "late retirement/revival")
+            buf.queue(subject, LATE_RETIREMENT)
             return
         if (cached and event is not None and self._after_a_proxy_write(event, subject)
                 and buf.is_retired(subject) not in (None, retired)):
-            buf.queue(subject, "retirement/revival after a proxy's write")
+            buf.queue(subject, RETIREMENT_AFTER_PROXY)
             return
         buf.retire(subject, retired, event_id)
         if cached and (not retired or not buf.exists(subject)):

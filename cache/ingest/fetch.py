@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -26,7 +26,8 @@ from sqlalchemy.exc import DBAPIError
 from ..replica import fetchqueue, fieldtypes, pending
 from ..replica.statekeys import PENDING_CAUGHT_UP
 from ..replica.store import Store
-from ..wire import chunks, to_wire
+from ..wire import Key, chunks, to_wire
+from .apply import LATE_RETIREMENT, RETIREMENT_AFTER_PROXY
 from .config import SGClient
 from .eventwire import FETCH_CHUNK, id_ranges
 
@@ -141,7 +142,7 @@ class Fetcher:
             batch = self.store.batch(conn, "fetch")
             for records, is_retired in ((active, False), (retired, True)):
                 records = [r for r in records if int(r["id"]) not in overtaken]
-                held |= self._wait_for_events(conn, entity_type, batch.drops_live_links(entity_type, records))
+                held |= self._wait_for_events(conn, entity_type, batch.live_links_left_out(entity_type, records))
                 records = [r for r in records if int(r["id"]) not in held]
                 result = batch.put(entity_type, records, complete=complete, retired=is_retired)
                 refused.update(entity_id for _t, entity_id in result.to_fetch)
@@ -168,7 +169,7 @@ class Fetcher:
                       entity_type, id_ranges(sorted(refused)), entity_type)
         return len(stored), len(refused), overtaken
 
-    def _wait_for_events(self, conn: Connection, entity_type: str, ids: set[int]) -> set[int]:
+    def _wait_for_events(self, conn: Connection, entity_type: str, left_out: Mapping[int, set[Key]]) -> set[int]:
         """Of the rows whose SG row leaves out a link to an entity live in the replica (``ids``),
         those not stored yet. SG cleared that link, or retired that entity after the ingester's
         last poll: the replica cannot tell, and in the second case a row stored without the link
@@ -177,12 +178,16 @@ class Fetcher:
         was queued so (the database's clock, ``pending.MARGIN`` later) reached the end of the log:
         the entity's retirement is then applied, and the row read again is stored as SG has it
         (the link kept hidden if the entity is retired). In the database, so a restart or
-        ``--once`` runs keep the wait."""
-        if not ids:
+        ``--once`` runs keep the wait. A row also waits while an entity it leaves out is queued
+        because its retirement or revival came late (its retired flag comes with its own fetch)."""
+        if not left_out:
             return set()
-        since = fetchqueue.queued_for(conn, self.store.fetch_queue, entity_type, ids, LINK_LEFT_OUT)
+        since = fetchqueue.queued_for(conn, self.store.fetch_queue, entity_type, left_out, LINK_LEFT_OUT)
         caught_up = self._caught_up_before(conn)
-        return {i for i in ids if i not in since or caught_up is None or since[i] >= caught_up}
+        in_doubt = fetchqueue.queued_with(conn, self.store.fetch_queue, set().union(*left_out.values()),
+                                          (LATE_RETIREMENT, RETIREMENT_AFTER_PROXY))
+        return {i for i, children in left_out.items()
+                if i not in since or caught_up is None or since[i] >= caught_up or children & in_doubt}
 
     def _caught_up_before(self, conn: Connection) -> dt.datetime | None:
         """The latest time (the database's clock) such that a poll that started ``pending.MARGIN``

@@ -106,6 +106,22 @@ def queued_for(conn: Connection, table: sa.Table, entity_type: str, ids: Iterabl
     return out
 
 
+def queued_with(conn: Connection, table: sa.Table, keys: Iterable[Key], reasons: Iterable[str]) -> set[Key]:
+    """Of these entities, those queued with one of ``reasons``."""
+    wanted, reasons = set(keys), list(reasons)
+    by_type: dict[str, list[int]] = {}
+    for entity_type, entity_id in wanted:
+        by_type.setdefault(entity_type, []).append(int(entity_id))
+    out: set[Key] = set()
+    for entity_type, ids in by_type.items():
+        for chunk in chunks(sorted(ids), CHUNK):
+            rows = conn.execute(sa.select(table.c.entity_id)
+                                .where((table.c.entity_type == entity_type) & table.c.entity_id.in_(chunk)
+                                       & table.c.reason.in_(reasons)))
+            out.update((entity_type, int(r.entity_id)) for r in rows)
+    return out
+
+
 def waiting(conn: Connection, table: sa.Table, reason: str, before: dt.datetime | None) -> set[Key]:
     """The entities queued with ``reason`` at ``before`` or later (all of them when None)."""
     query = sa.select(table.c.entity_type, table.c.entity_id).where(table.c.reason == reason)

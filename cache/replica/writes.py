@@ -258,8 +258,12 @@ class WriteBatch:
         record leaves out (a single-entity field None, a link missing from a multi_entity list)
         while the replica holds that entity live: SG cleared the link, or retired the entity and
         its event is not applied yet (the replica cannot tell which; cache/ingest/fetch.py waits)."""
+        return set(self.live_links_left_out(entity_type, records))
+
+    def live_links_left_out(self, entity_type: str, records: Sequence[Mapping[str, Any]]) -> dict[int, set[Key]]:
+        """:meth:`drops_live_links` with, for each id, the live entities its record leaves out."""
         if entity_type not in self.store.tables or not records:
-            return set()
+            return {}
         entity = self.store.schema.entities[entity_type]
         storage = {f: fieldtypes.TYPES[s.data_type].storage for f, s in entity.fields.items()
                    if f != "id" and fieldtypes.is_cached_type(s.data_type)}
@@ -285,9 +289,9 @@ class WriteBatch:
             if children:
                 left_out[key[1]] = children
         if not left_out:
-            return set()
+            return {}
         hidden = self._retired_now(sorted(set().union(*left_out.values())))
-        return {i for i, children in left_out.items() if children - hidden}
+        return {i: children - hidden for i, children in left_out.items() if children - hidden}
 
     def linking(self, key: Key) -> set[Key]:
         """The cached rows whose link fields (single-entity, multi_entity) link ``key``, as the
