@@ -14,8 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from cache.ingest import Ingester
-from cache.ingest.fetch import LINK_LEFT_OUT
 from cache.read import Reader, ReplicaState
+from cache.replica import fetchqueue
 from cache.replica.schema import Schema, parse_rules
 from cache.replica.statekeys import EVENT_CURSOR as K_CURSOR
 from cache.replica.store import Store
@@ -82,7 +82,7 @@ def _held_for_a_poll(store: Store) -> bool:
     """Whether a fetch held rows back until the next poll (cache/ingest/fetch.py)."""
     q = store.fetch_queue
     with store.engine.connect() as conn:
-        return conn.execute(sa.select(q.c.entity_id).where(q.c.reason == LINK_LEFT_OUT).limit(1)).first() is not None
+        return conn.execute(sa.select(q.c.entity_id).where(q.c.reason == fetchqueue.LINK_LEFT_OUT).limit(1)).first() is not None
 
 
 def state(store: Store, key: str) -> Any:

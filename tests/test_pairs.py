@@ -919,3 +919,31 @@ def test_a_partial_answer_for_many_rows_is_read_back_whole(site: FakeSite, servi
             service.store.queue_fetch(conn, items, "partial create answer")
         service.fetch_rows(f"{server.url}/api3/json", auth, items, None)
         assert ("Asset", pending.WHOLE_TYPE) in markers(service.store)  # 200 left for the ingester
+
+
+def test_a_read_back_after_a_clients_own_remove_is_stored(site: FakeSite, service: CacheService) -> None:
+    """A client removes a Note from a Task's ``notes`` (mode remove): the answer is partial, so the
+    row is read back. The removal is the client's own (SG applied it): it is taken out of the
+    replica's list first, so the read-back is stored at once (it left the removed Note out while the
+    replica held it live, which reads as a retirement not polled yet: the row stayed queued and the
+    whole Task type pending until the ingester had polled twice)."""
+    from .fakesg import FakeSGServer
+
+    proj = {"type": "Project", "id": site.create_direct("Project", {"name": "p"})["id"]}
+    n1 = site.create_direct("Note", {"subject": "a", "project": proj})
+    n2 = site.create_direct("Note", {"subject": "b", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj,
+                                       "notes": [{"type": "Note", "id": n1["id"]}, {"type": "Note", "id": n2["id"]}]})
+    prime(service.store, SiteClient(site))
+    params = {"type": "Task", "id": task["id"], "fields": [
+        {"field_name": "notes", "value": [{"type": "Note", "id": n1["id"]}], "multi_entity_update_mode": "remove"}]}
+    to_fetch = service.learn("update", params, site._direct("update", params, True))
+    assert to_fetch == [("Task", task["id"])]
+    with FakeSGServer(site) as server:
+        service.fetch_rows(f"{server.url}/api3/json", {"script_name": "pipeline", "script_key": "s3cret"},
+                           to_fetch, None)
+    assert ("Task", pending.WHOLE_TYPE) not in markers(service.store)
+    with service.store.engine.connect() as conn:
+        assert fetchqueue.is_empty(conn, service.store.fetch_queue)
+        links = service.store.multi[("Task", "notes")]
+        assert [r.child_id for r in conn.execute(sa.select(links.c.child_id))] == [n2["id"]]

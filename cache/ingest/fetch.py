@@ -35,8 +35,6 @@ log = logging.getLogger("sgcache.events")
 
 #: Times a chunk's rows changed in the replica while SG was read are read again in one round.
 OVERTAKEN_TRIES = 3
-#: The queue's reason for a row held back until a poll reached the end of the log.
-LINK_LEFT_OUT = "link left out"
 
 
 class Fetcher:
@@ -68,7 +66,7 @@ class Fetcher:
         q = self.store.fetch_queue
         with conn.begin():
             queued_by_type = fetchqueue.entries(conn, q, limit)
-            waiting = fetchqueue.waiting(conn, q, LINK_LEFT_OUT, self._caught_up_before(conn))
+            waiting = fetchqueue.waiting(conn, q, fetchqueue.LINK_LEFT_OUT, self._caught_up_before(conn))
         for entity_type, entity_id in waiting:  # not read again before a poll has caught up after them
             queued_by_type.get(entity_type, {}).pop(entity_id, None)
         queued_by_type = {t: queued for t, queued in queued_by_type.items() if queued}
@@ -155,7 +153,7 @@ class Fetcher:
                 fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, refused, "not stored",
                                    self.store.db_now(conn))
             if held:
-                fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, held, LINK_LEFT_OUT,
+                fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, held, fetchqueue.LINK_LEFT_OUT,
                                    self.store.db_now(conn))
         if held:
             log.info("%s %s: SG's rows leave out links to entities live here; read again after the next poll",
@@ -174,7 +172,7 @@ class Fetcher:
         those not stored yet. SG cleared that link, or retired that entity after the ingester's
         last poll: the replica cannot tell, and in the second case a row stored without the link
         would lack it for good once SG shows it again on the entity's revival (no event for this
-        row). Such a row stays queued (:data:`LINK_LEFT_OUT`) until a poll that started after it
+        row). Such a row stays queued (:data:`fetchqueue.LINK_LEFT_OUT`) until a poll that started after it
         was queued so (the database's clock, ``pending.MARGIN`` later) reached the end of the log:
         the entity's retirement is then applied, and the row read again is stored as SG has it
         (the link kept hidden if the entity is retired). In the database, so a restart or
@@ -182,7 +180,8 @@ class Fetcher:
         because its retirement or revival came late (its retired flag comes with its own fetch)."""
         if not left_out:
             return set()
-        since = fetchqueue.queued_for(conn, self.store.fetch_queue, entity_type, left_out, LINK_LEFT_OUT)
+        since = fetchqueue.queued_for(conn, self.store.fetch_queue, entity_type, left_out,
+                                     fetchqueue.LINK_LEFT_OUT)
         caught_up = self._caught_up_before(conn)
         in_doubt = fetchqueue.queued_with(conn, self.store.fetch_queue, set().union(*left_out.values()),
                                           (LATE_RETIREMENT, RETIREMENT_AFTER_PROXY))

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import Engine
 
 from ..errors import Passthrough
-from ..replica import pending
+from ..replica import fetchqueue, pending
 from ..replica.dialect import classify_error
 from ..replica.effects import WriteEffects, field_items, written_id
 from ..replica.pairs import PairRegistry
@@ -384,6 +384,22 @@ class Learner:
             markers |= effects.markers
         return to_fetch
 
+    def _removed(self, conn: Any, entity_type: str, entity_id: int, args: Mapping[str, Any]) -> None:
+        """The links a ``remove``-mode update took out of the written row (SG applied it): gone
+        before the row is read back, whose list would otherwise leave them out while the replica
+        holds them live, which a read-back cannot tell from a retirement not polled yet."""
+        batch_mode = args.get("multi_entity_update_mode")
+        for item in field_items(args) or []:
+            mode = item.get("multi_entity_update_mode") or batch_mode
+            value = item.get("value")
+            if (mode == "remove" and isinstance(value, list) and value
+                    and (entity_type, item["field_name"]) in self.store.multi):
+                try:
+                    self.store.change_multi(conn, entity_type, entity_id, item["field_name"], removed=value,
+                                            source="proxy")
+                except ValueError:  # not links the replica can read: the read-back decides
+                    continue
+
     def _store_answer(self, conn: Any, method: Any, entity_type: str, args: Mapping[str, Any],
                       result: Any) -> list[tuple[str, int]]:
         """Write the answer's own row into the replica; the entities to fetch when it was partial."""
@@ -404,6 +420,7 @@ class Learner:
                 record.pop(fname, None)
             outcome = self.store.write_entities(conn, entity_type, [record], "proxy")
             if partial and not outcome.to_fetch:
+                self._removed(conn, entity_type, int(result["id"]), args)
                 outcome.to_fetch = [(entity_type, int(result["id"]))]
             if outcome.to_fetch:
                 self.store.queue_fetch(conn, outcome.to_fetch, f"partial {method} answer")
@@ -470,6 +487,9 @@ class Learner:
                 batch.put(entity_type, records, complete=True)
                 batch.flush()
                 self.store.unqueue_fetch(conn, [(entity_type, r["id"]) for r in records])
+                if left_out:
+                    fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, left_out,
+                                       fetchqueue.LINK_LEFT_OUT, self.store.db_now(conn))
             return not left_out
 
         try:

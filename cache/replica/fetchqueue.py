@@ -28,6 +28,9 @@ from ..wire import Key, chunks
 from .dialect import dialect_for
 
 TYPE_LEN = 64
+#: The reason of a row a re-read left out a link of (to an entity the replica holds live): the
+#: ingester's fetch reads it again once a poll has caught up after it (cache/ingest/fetch.py).
+LINK_LEFT_OUT = "link left out"
 #: Ids per DELETE when entries are removed.
 CHUNK = 500
 

@@ -41,7 +41,7 @@ import sqlalchemy as sa
 
 from ..ingest.config import IngestConfig
 from ..ingest.gaps import starting_cursor
-from ..replica import fieldtypes
+from ..replica import fetchqueue, fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
 from ..wire import chunks, format_wire_dt, parse_when
@@ -200,7 +200,7 @@ class Scanner:
                                                "changed while the scan read it")
                     if left_out:
                         self.store.queue_fetch(conn, [(scan.entity_type, i) for i in sorted(left_out)],
-                                               "a link left out")
+                                               fetchqueue.LINK_LEFT_OUT)
                 break
             except (sa.exc.OperationalError, sa.exc.IntegrityError) as exc:
                 if attempt == DB_ATTEMPTS:
