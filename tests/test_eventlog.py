@@ -300,3 +300,21 @@ def test_sweep_after_a_fresh_prime_applies_nothing(site: FakeSite, store: Store,
         result = ingester.sweep()
     assert result.swept == []
     assert "sweep: applied" not in caplog.text
+
+
+def test_event_rows_polled_while_their_entity_was_retired_show_it_after_its_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """A Shot created and retired before the poll: its events are polled with ``entity`` None (SG
+    hides the retired Shot) and stored so. SG shows the Shot again in them once it is revived (no
+    event for those rows); the replica never held the link, so the revival's re-read of the rows
+    linking the Shot (WriteBatch.linking) does not find them and they read None for good."""
+    proj = site.find_direct("Project", [], ["id"])[0]
+    shot = site.create_direct("Shot", {"code": "gone", "project": proj})
+    site.delete_direct("Shot", shot["id"])
+    sync(ingester)
+    site.revive_direct("Shot", shot["id"])
+    sync(ingester)
+    cursor = state(store, K_CURSOR)
+    ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
+                        "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
+    assert ours == site_events(site)

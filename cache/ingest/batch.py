@@ -126,6 +126,14 @@ class BatchApplier:
         if EVENT_TYPE not in self.store.tables or not events:
             return
         rows = [{k: v for k, v in e.items() if "." not in k} for e in events]
+        # SG shows ``entity`` None while the event's entity is retired, and the entity again once
+        # it is revived (no event for these rows): the row keeps the link, hidden while retired
+        nulled = [(row, subject) for row, e in zip(rows, events, strict=True)
+                  if row.get("entity") is None and (subject := subject_of(e)) is not None]
+        retired = buf.retired_now(sorted({subject for _row, subject in nulled}))
+        for row, subject in nulled:
+            if subject in retired:
+                row["entity"] = {"type": subject[0], "id": subject[1]}
         result = buf.put(EVENT_TYPE, rows, complete=True, log_changes=False)
         for key in result.to_fetch or []:
             buf.queue(key, "event row not stored")

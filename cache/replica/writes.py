@@ -39,7 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..wire import chunks
+from ..wire import EVENT_TYPE, chunks
 from . import fetchqueue, fieldtypes
 
 log = logging.getLogger("sgcache.writes")
@@ -248,7 +248,7 @@ class WriteBatch:
                 held[fname] = (row[tcol], int(row[icol]))
         if not held:
             return
-        hidden = self._retired_now(sorted(set(held.values())))
+        hidden = self.retired_now(sorted(set(held.values())))
         for fname, child in held.items():
             if child in hidden:
                 del values[f"{fname}__type"], values[f"{fname}__id"]
@@ -290,16 +290,17 @@ class WriteBatch:
                 left_out[key[1]] = children
         if not left_out:
             return {}
-        hidden = self._retired_now(sorted(set().union(*left_out.values())))
+        hidden = self.retired_now(sorted(set().union(*left_out.values())))
         return {i: children - hidden for i, children in left_out.items() if children - hidden}
 
     def linking(self, key: Key) -> set[Key]:
         """The cached rows whose link fields (single-entity, multi_entity) link ``key``, as the
-        replica holds them: links hidden while it is retired included."""
+        replica holds them: links hidden while it is retired included (SG's event rows left out:
+        they never change)."""
         out: set[Key] = set()
         for entity in self.store.schema.entities.values():
             table = self.store.tables.get(entity.name)
-            if table is None:
+            if table is None or entity.name == EVENT_TYPE:  # written once (cache/ingest/batch.py)
                 continue
             for fname, fschema in entity.fields.items():
                 storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
@@ -381,7 +382,7 @@ class WriteBatch:
             child = (link["type"], int(link["id"]))
             if child not in shown:
                 shown.append(child)
-        hidden = self._retired_now([c for c in current if c not in set(shown)])
+        hidden = self.retired_now([c for c in current if c not in set(shown)])
         order = sorted(current, key=current.__getitem__)
         after: dict[Key | None, list[Key]] = {}
         previous: Key | None = None
@@ -402,7 +403,7 @@ class WriteBatch:
             self.log_change(key, fname, None, [{"type": t, "id": i} for t, i in wanted], event_id)
         return True
 
-    def _retired_now(self, children: Sequence[Key]) -> set[Key]:
+    def retired_now(self, children: Sequence[Key]) -> set[Key]:
         """Which of these linked entities are retired (this batch's retirements first, then the registry)."""
         if not children:
             return set()
