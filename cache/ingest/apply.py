@@ -63,6 +63,8 @@ class EventApplier:
         self.recent: Mapping[int, Mapping[str, Any]] = {}
         #: The rows a proxy wrote that the ingester has not caught up past (set by the batch).
         self.unsettled: Collection[Key] = ()
+        #: Entities revived by the events applied since :meth:`queue_linking` last ran.
+        self.revived: set[Key] = set()
 
     def apply_event(self, conn: Connection, event: Mapping[str, Any], late: bool = False,
                     buf: WriteBatch | None = None) -> None:
@@ -79,7 +81,16 @@ class EventApplier:
         buf = buf or WriteBatch(self.store, conn)
         self._dispatch(conn, event, subject, late, buf)
         if own:
+            self.queue_linking(buf)
             buf.flush()
+
+    def queue_linking(self, buf: WriteBatch) -> None:
+        """Queue for a re-read the rows linking the entities revived since the last call (see
+        :meth:`_retire`); the caller flushes ``buf``."""
+        if self.revived:
+            revived, self.revived = self.revived, set()
+            for other in sorted(buf.linking(revived)):
+                buf.queue(other, "links to a revived entity")
 
     def _dispatch(self, conn: Connection, event: Mapping[str, Any], subject: Key | None, late: bool,
                   buf: WriteBatch) -> None:
@@ -158,9 +169,8 @@ class EventApplier:
         if not retired:
             # and the rows linking it (of an uncached type too: the registry knew it retired),
             # whose links to it a re-read kept hidden (WriteBatch.put, replace_links): SG shows
-            # them again, or removed one meanwhile
-            for other in buf.linking(subject):
-                buf.queue(other, "links to a revived entity")
+            # them again, or removed one meanwhile (found for the whole batch at once: queue_linking)
+            self.revived.add(subject)
         if cached and late:
             buf.queue(subject, LATE_RETIREMENT)
             return

@@ -94,9 +94,11 @@ class BatchApplier:
                     self._apply_guarded(conn, event, subject, late, buf)
                 else:
                     self.applier.apply(conn, event, subject, late, buf)
+            self.applier.queue_linking(buf)
         finally:
             self.applier.recent = {}
             self.applier.unsettled = ()
+            self.applier.revived = set()
         fresh_events = [e for e, _subject in fresh]
         self._event_rows(buf, fresh_events)
         buf.flush()

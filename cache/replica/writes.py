@@ -293,33 +293,42 @@ class WriteBatch:
         hidden = self.retired_now(sorted(set().union(*left_out.values())))
         return {i: children - hidden for i, children in left_out.items() if children - hidden}
 
-    def linking(self, key: Key) -> set[Key]:
-        """The cached rows whose link fields (single-entity, multi_entity) link ``key``, as the
-        replica holds them: links hidden while it is retired included (SG's event rows left out:
-        they never change)."""
+    def linking(self, keys: Iterable[Key]) -> set[Key]:
+        """The cached rows whose link fields (single-entity, multi_entity) link one of ``keys``, as
+        the replica holds them: links hidden while it is retired included (SG's event rows left
+        out: they never change). One query per link field that can link one of their types."""
+        by_type: dict[str, set[int]] = {}
+        for entity_type, entity_id in keys:
+            by_type.setdefault(entity_type, set()).add(int(entity_id))
+        wanted = {(t, i) for t, ids in by_type.items() for i in ids}
         out: set[Key] = set()
         for entity in self.store.schema.entities.values():
             table = self.store.tables.get(entity.name)
-            if table is None or entity.name == EVENT_TYPE:  # written once (cache/ingest/batch.py)
+            if not wanted or table is None or entity.name == EVENT_TYPE:  # written once (cache/ingest/batch.py)
                 continue
             for fname, fschema in entity.fields.items():
                 storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
-                if fschema.links and key[0] not in fschema.links:
+                types = [t for t in by_type if not fschema.links or t in fschema.links]
+                if not types:
                     continue
                 if storage == "entity":
                     tcol, icol = table.c[f"{fname}__type"], table.c[f"{fname}__id"]
-                    rows = self.conn.execute(sa.select(table.c.id).where((icol == key[1]) & (tcol == key[0])))
-                    out.update((entity.name, int(r.id)) for r in rows)
+                    for t in types:
+                        for chunk in chunks(sorted(by_type[t]), CHUNK):
+                            rows = self.conn.execute(sa.select(table.c.id).where(icol.in_(chunk) & (tcol == t)))
+                            out.update((entity.name, int(r.id)) for r in rows)
                     out.update(k for k, row in self.rows.items()
-                               if k[0] == entity.name and row is not None
-                               and row.get(f"{fname}__type") == key[0] and row.get(f"{fname}__id") == key[1])
+                               if k[0] == entity.name and row is not None and row.get(f"{fname}__id") is not None
+                               and (row.get(f"{fname}__type"), int(row[f"{fname}__id"])) in wanted)
                 elif storage == "multi" and (entity.name, fname) in self.store.multi:
                     mt = self.store.multi[(entity.name, fname)]
-                    rows = self.conn.execute(sa.select(mt.c.parent_id)
-                                             .where((mt.c.child_id == key[1]) & (mt.c.child_type == key[0])))
-                    out.update((entity.name, int(r.parent_id)) for r in rows)
+                    for t in types:
+                        for chunk in chunks(sorted(by_type[t]), CHUNK):
+                            rows = self.conn.execute(sa.select(mt.c.parent_id)
+                                                     .where(mt.c.child_id.in_(chunk) & (mt.c.child_type == t)))
+                            out.update((entity.name, int(r.parent_id)) for r in rows)
                     out.update((t, parent) for (t, f, parent), children in self.links.items()
-                               if t == entity.name and f == fname and key in children)
+                               if t == entity.name and f == fname and not wanted.isdisjoint(children))
         return out
 
     def _mark(self, key: Key, diff: Mapping[str, Any]) -> None:
