@@ -258,6 +258,27 @@ def shot_task_version(site: FakeSite, ingester: Ingester) -> tuple[dict[str, Any
     return shot, task, version
 
 
+def cleared_while_retired(site: FakeSite, store: Store, ingester: Ingester, linked: tuple[str, int],
+                          row: tuple[str, int], field: str, empty: Any, later: dict[str, Any]) -> None:
+    """``linked`` is retired; SG then clears ``row``'s ``field`` (to ``empty``), its event late, so the
+    replica takes it from a re-read of the row, which keeps the hidden link; ``linked`` is revived.
+    The row reads ``empty`` throughout, as SG (``later``: a later write to the row, making the late
+    event a gap)."""
+    site.delete_direct(*linked)
+    sync(ingester)
+    site.hold_event_ids(1)
+    site.update_direct(*row, {field: empty})
+    site.update_direct(*row, later)
+    sync(ingester)
+    site.release_held()
+    sync(ingester)
+    assert replica_read(store, row[0], [field], False)[0][field] == empty
+    site.revive_direct(*linked)
+    sync(ingester)
+    assert replica_read(store, row[0], [field], False)[0][field] == empty
+    assert_equal_to_site(store, site)
+
+
 def test_an_entity_link_a_fetch_read_while_its_entity_was_retired_shows_again_on_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """SG shows a single-entity link to a retired entity as None, and the link again on revival,
@@ -283,20 +304,9 @@ def test_an_entity_link_sg_cleared_while_its_entity_was_retired_stays_cleared_on
     """The other reading of the same None: SG cleared the Version's ``sg_task`` while the Task
     was retired, and the replica took it from a re-read of the Version (its event came late), which
     keeps the hidden link. On the Task's revival that Version is read again: it shows None, as SG."""
-    shot, task, version = shot_task_version(site, ingester)
-    site.delete_direct("Task", task["id"])
-    sync(ingester)
-    site.hold_event_ids(1)  # the clear's event commits late: the Version is re-read instead
-    site.update_direct("Version", version["id"], {"sg_task": None})
-    site.update_direct("Shot", shot["id"], {"code": "sh1b"})
-    sync(ingester)
-    site.release_held()
-    sync(ingester)
-    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"] is None
-    site.revive_direct("Task", task["id"])
-    sync(ingester)
-    assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"] is None
-    assert_equal_to_site(store, site)
+    _shot, task, version = shot_task_version(site, ingester)
+    cleared_while_retired(site, store, ingester, ("Task", task["id"]), ("Version", version["id"]), "sg_task", None,
+                          {"code": "v1b"})
 
 
 def test_a_multi_entity_link_sg_removed_while_its_entity_was_retired_stays_removed_on_revival(
@@ -309,19 +319,8 @@ def test_a_multi_entity_link_sg_removed_while_its_entity_was_retired_stays_remov
     task = site.create_direct("Task", {"content": "comp", "project": proj,
                                        "task_assignees": [{"type": "HumanUser", "id": user["id"]}]})
     sync(ingester)
-    site.delete_direct("HumanUser", user["id"])
-    sync(ingester)
-    site.hold_event_ids(1)  # the removal's event commits late: the Task is re-read instead
-    site.update_direct("Task", task["id"], {"task_assignees": []})
-    site.update_direct("Task", task["id"], {"content": "comp2"})
-    sync(ingester)
-    site.release_held()
-    sync(ingester)
-    assert replica_read(store, "Task", ["task_assignees"], False)[0]["task_assignees"] == []
-    site.revive_direct("HumanUser", user["id"])
-    sync(ingester)
-    assert replica_read(store, "Task", ["task_assignees"], False)[0]["task_assignees"] == []
-    assert_equal_to_site(store, site)
+    cleared_while_retired(site, store, ingester, ("HumanUser", user["id"]), ("Task", task["id"]), "task_assignees", [],
+                          {"content": "comp2"})
 
 
 def test_a_fetch_before_the_retirement_is_polled_keeps_the_link_for_the_revival(
@@ -428,19 +427,8 @@ def test_an_entity_link_to_an_uncached_type_sg_cleared_while_retired_stays_clear
     shot = site.create_direct("Shot", {"code": "sh1", "project": proj,
                                        "task_template": {"type": "TaskTemplate", "id": tmpl["id"]}})
     sync(ingester)
-    site.delete_direct("TaskTemplate", tmpl["id"])
-    sync(ingester)
-    site.hold_event_ids(1)  # the clear's event commits late: the Shot is re-read instead
-    site.update_direct("Shot", shot["id"], {"task_template": None})
-    site.update_direct("Shot", shot["id"], {"code": "sh1b"})
-    sync(ingester)
-    site.release_held()
-    sync(ingester)
-    assert replica_read(store, "Shot", ["task_template"], False)[0]["task_template"] is None
-    site.revive_direct("TaskTemplate", tmpl["id"])
-    sync(ingester)
-    assert replica_read(store, "Shot", ["task_template"], False)[0]["task_template"] is None
-    assert_equal_to_site(store, site)
+    cleared_while_retired(site, store, ingester, ("TaskTemplate", tmpl["id"]), ("Shot", shot["id"]), "task_template",
+                          None, {"code": "sh1b"})
 
 
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
