@@ -302,9 +302,11 @@ class WriteBatch:
             by_type.setdefault(entity_type, set()).add(int(entity_id))
         wanted = {(t, i) for t, ids in by_type.items() for i in ids}
         out: set[Key] = set()
+        if not wanted:
+            return out
         for entity in self.store.schema.entities.values():
             table = self.store.tables.get(entity.name)
-            if not wanted or table is None or entity.name == EVENT_TYPE:  # written once (cache/ingest/batch.py)
+            if table is None or entity.name == EVENT_TYPE:  # written once (cache/ingest/batch.py)
                 continue
             for fname, fschema in entity.fields.items():
                 storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
