@@ -431,6 +431,128 @@ def test_an_entity_link_to_an_uncached_type_sg_cleared_while_retired_stays_clear
                           None, {"code": "sh1b"})
 
 
+def test_a_row_first_read_while_its_linked_entity_is_retired_shows_the_link_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """A Version is created with its Task, and the Task retired before the ingester read the new
+    row: SG's row shows ``sg_task`` None, and the replica never held the link to keep hidden. SG
+    shows the link again on the Task's revival, with no event for the Version, so the revival asks
+    SG which rows link the Task and reads them again. Before: None for good."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    sync(ingester)
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    assert [r["sg_task"] for r in replica_read(store, "Version", ["sg_task"], False)] == [None]
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert [r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], False)
+            if r["id"] == version["id"]] == [task["id"]]
+    assert_equal_to_site(store, site)
+
+
+def test_a_multi_entity_link_first_read_while_its_entity_is_retired_shows_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """The same for a multi_entity list with no known pair: a Task created with a user among its
+    assignees, the user retired before the ingester read the Task. On the user's revival SG lists
+    the user again; so must the replica."""
+    proj = make_project(site)
+    user = site.create_direct("HumanUser", {"login": "ann", "firstname": "Ann", "lastname": "A"})
+    sync(ingester)
+    task = site.create_direct("Task", {"content": "comp", "project": proj,
+                                       "task_assignees": [{"type": "HumanUser", "id": user["id"]}]})
+    site.delete_direct("HumanUser", user["id"])
+    sync(ingester)
+    site.revive_direct("HumanUser", user["id"])
+    sync(ingester)
+    assert [[a["id"] for a in r["task_assignees"]] for r in replica_read(store, "Task", ["task_assignees"], False)
+            if r["id"] == task["id"]] == [[user["id"]]]
+    assert_equal_to_site(store, site)
+
+
+def test_a_row_primed_while_its_linked_entity_was_retired_shows_the_link_on_revival(
+        site: FakeSite, store: Store, client: SiteClient, clock: Clock) -> None:
+    """The replica is primed (a full scan) while a Version's Task is retired: SG shows the
+    Version's ``sg_task`` as None then. The Task's revival, polled by the ingester, must bring the
+    link back, as SG shows it."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    site.delete_direct("Task", task["id"])
+    prime(store, client)
+    ing = Ingester(store, client, IngestConfig(batch=50, poll_interval=0.01, gap_timeout=300), clock=clock)
+    try:
+        site.revive_direct("Task", task["id"])
+        sync(ing)
+    finally:
+        ing.close()
+    assert [r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], False)
+            if r["id"] == version["id"]] == [task["id"]]
+    assert_equal_to_site(store, site)
+
+
+def test_reads_of_the_links_to_a_revived_entity_pass_until_sg_was_asked_for_them(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """Between the poll that applies a revival and the fetches that bring the rows SG shows
+    linking the revived entity again, a read of those links passes (``pending-write``) rather
+    than answer from rows that may lack them; the rest of the type is served."""
+    from cache.errors import Passthrough
+
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    sync(ingester)
+    site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    site.revive_direct("Task", task["id"])
+    ingester.poll_once()  # the revival applied; SG not asked yet
+    read = {"type": "Version", "return_fields": ["sg_task"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    with pytest.raises(Passthrough) as passed:
+        service.read(read)
+    assert passed.value.reason == "pending-write"
+    assert [r["code"] for r in service.read({**read, "return_fields": ["code"]})["entities"]] == ["v1"]
+    sync(ingester)
+    assert [r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], False)] == [task["id"]]
+
+
+def test_a_link_search_sg_refuses_is_asked_again(site: FakeSite, store: Store, client: SiteClient,
+                                                ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SG fails the search for the rows linking a revived Task (a timeout, a 5xx): the search
+    stays queued, and the next fetch step asks again; the Version then shows its Task."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    sync(ingester)
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    site.revive_direct("Task", task["id"])
+    find = client.find
+
+    def failing(entity_type: str, filters: Any, *args: Any, **kwargs: Any) -> Any:
+        if entity_type == "Version" and filters and filters[0][0] == "sg_task":
+            raise RuntimeError("SG timed out")
+        return find(entity_type, filters, *args, **kwargs)
+
+    monkeypatch.setattr(client, "find", failing)
+    ingester.poll_once()
+    ingester.process_fetch_queue()
+    with store.engine.connect() as conn:
+        assert [tuple(r) for r in conn.execute(sa.select(store.link_search.c.entity_type,
+                                                         store.link_search.c.entity_id))] == [("Task", task["id"])]
+    monkeypatch.setattr(client, "find", find)
+    sync(ingester)
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(store.link_search)).first() is None
+    assert [r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], False)
+            if r["id"] == version["id"]] == [task["id"]]
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks

@@ -86,11 +86,13 @@ class EventApplier:
 
     def queue_linking(self, buf: WriteBatch) -> None:
         """Queue for a re-read the rows linking the entities revived since the last call (see
-        :meth:`_retire`); the caller flushes ``buf``."""
+        :meth:`_retire`), and a search of SG for those the replica does not know link them
+        (cache/replica/linksearch.py); the caller flushes ``buf``."""
         if self.revived:
             revived, self.revived = self.revived, set()
             for other in sorted(buf.linking(revived)):
                 buf.queue(other, "links to a revived entity")
+            buf.search_linking(sorted(revived))
 
     def _dispatch(self, conn: Connection, event: Mapping[str, Any], subject: Key | None, late: bool,
                   buf: WriteBatch) -> None:

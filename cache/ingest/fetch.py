@@ -11,6 +11,10 @@ entity SG has neither active nor retired is dropped from the queue with a warnin
 fetch fails stays queued while the other types are fetched; its failure, or a row refused,
 asks for a schema re-read (a field deleted on the site comes with no event), which leaves such
 fields out of later fetches.
+
+Before the queue is read, the link searches of revivals (:mod:`cache.replica.linksearch`) ask
+SG which rows link each revived entity, and queue those rows: SG shows such links again with no
+event for the linking row, and a row first read while the entity was retired lacks them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from ..replica import fetchqueue, fieldtypes, pending
+from ..replica import fetchqueue, fieldtypes, linksearch, pending
 from ..replica.statekeys import PENDING_CAUGHT_UP
 from ..replica.store import Store
 from ..wire import Key, chunks, to_wire
@@ -35,6 +39,8 @@ log = logging.getLogger("sgcache.events")
 
 #: Times a chunk's rows changed in the replica while SG was read are read again in one round.
 OVERTAKEN_TRIES = 3
+#: The reason of a row SG showed linking a revived entity (cache/replica/linksearch.py).
+LINKS_A_REVIVED = "links a revived entity"
 
 
 class Fetcher:
@@ -63,6 +69,7 @@ class Fetcher:
         if self.sg is None:
             return 0
         conn = self.connect()
+        self._search_linking(conn, limit)
         q = self.store.fetch_queue
         with conn.begin():
             queued_by_type = fetchqueue.entries(conn, q, limit)
@@ -94,6 +101,54 @@ class Fetcher:
             else:
                 self._rechecked.discard(entity_type)
         return handled
+
+    def _search_linking(self, conn: Connection, limit: int) -> None:
+        """Ask SG which rows link the entities revived since (the link searches queued, up to
+        ``limit``), and queue those rows for a re-read, removing the searches in the same
+        transaction. A type whose search SG refuses stays queued (its link fields' markers stand)."""
+        with conn.begin():
+            searches = linksearch.entries(conn, self.store.link_search, limit)
+        by_type: dict[str, dict[int, dt.datetime]] = {}
+        for (entity_type, entity_id), at in searches.items():
+            by_type.setdefault(entity_type, {})[entity_id] = at
+        for entity_type, ids in sorted(by_type.items()):
+            try:
+                found = self._linking_at_sg(entity_type, sorted(ids))
+            except DBAPIError:
+                raise  # the run loop reconnects
+            except Exception as exc:  # noqa: BLE001 - one type SG refuses must not stall the others
+                log.error("asking SG for the rows linking revived %s %s failed (%s: %s); asked again later",
+                          entity_type, id_ranges(sorted(ids)), type(exc).__name__, exc)
+                continue
+            with conn.begin():
+                batch = self.store.batch(conn, "fetch")
+                for key in sorted(found):
+                    batch.queue(key, LINKS_A_REVIVED)
+                batch.flush()
+                linksearch.remove_handled(conn, self.store.link_search, entity_type, ids)
+            if found:
+                log.info("revived %s %s: %d rows SG shows linking them queued for a re-read", entity_type,
+                         id_ranges(sorted(ids)), len(found))
+
+    def _linking_at_sg(self, entity_type: str, ids: list[int]) -> set[Key]:
+        """The cached rows SG shows linking one of these entities (ids only, one find per link
+        field that can link the type and chunk of ids); a failing find asks for a schema re-read
+        (a link field deleted on the site) and raises."""
+        sg = self.sg
+        assert sg is not None
+        found: set[Key] = set()
+        for owner, fname, _storage in linksearch.link_fields(self.store, entity_type):
+            if fname not in self.fetch_fields(owner):
+                continue  # deleted on the site: not fetched, not primed
+            for chunk in chunks(ids, FETCH_CHUNK):
+                links = [{"type": entity_type, "id": i} for i in chunk]
+                try:
+                    rows = sg.find(owner, [[fname, "in", links]], ["id"])
+                except Exception:
+                    self._recheck_schema(owner, f"asking SG for {owner}.{fname} failed")
+                    raise
+                found.update((owner, int(r["id"])) for r in rows)
+        return found
 
     def _recheck_schema(self, entity_type: str, why: str) -> None:
         """Ask for a schema re-read (once per type until its fetches succeed): a field deleted on

@@ -5,12 +5,15 @@ not known, rows SG creates from a task template, a retirement others link to, th
 sets itself such as ``updated_at``) records markers ``(entity type, field)`` -- or
 ``(entity type, "*")`` for the whole type -- in ``sgcache_pending``, in the same transaction
 as the write. Every read through every proxy on the database checks the markers first (one
-small query per read) and passes (``pending-write``) when it touches one.
+small query per read) and passes (``pending-write``) when it touches one. The ingester marks
+too: the link fields that can link an entity it revived, until SG was asked which rows link it
+(cache/replica/linksearch.py).
 
 A marker holds the database's clock when the write was learned (after SG answered it). The
 ingester records the database's clock before each poll; a poll that started ``MARGIN`` seconds
 after a marker and reached the end of the event log has applied that write's events, so the
-ingester then deletes every marker older than the poll's start. Without an ingester the
+ingester then deletes every marker older than the poll's start, once no fetch and no link
+search is queued. Without an ingester the
 markers stay and the reads keep passing: the cache cannot be sure.
 """
 
@@ -25,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import Passthrough
-from . import fetchqueue, pairs
+from . import fetchqueue, linksearch, pairs
 from .dialect import dialect_for
 from .statekeys import PENDING_CAUGHT_UP
 
@@ -137,13 +140,19 @@ def _all_markers_sql(conn: Connection, table: sa.Table) -> str:
     return sql
 
 
+def nothing_queued(store: Any, conn: Connection) -> bool:
+    """Whether no fetch and no link search (cache/replica/linksearch.py) waits: the markers a
+    revival set stand until SG was asked for the rows linking it and they were read again."""
+    return fetchqueue.is_empty(conn, store.fetch_queue) and linksearch.is_empty(conn, store.link_search)
+
+
 def poll_started(store: Any, conn: Connection) -> float:
     """Call before an ingester poll asks SG for events (in its transaction): the time to pass to
     :func:`poll_done`. When the fetches an earlier complete poll queued are all done, the
     markers that poll covers clear now."""
     now = db_clock(conn)
     candidate = store.get_state(conn, PENDING_CAUGHT_UP)
-    if isinstance(candidate, int | float) and fetchqueue.is_empty(conn, store.fetch_queue):
+    if isinstance(candidate, int | float) and nothing_queued(store, conn):
         clear(conn, store.pending, float(candidate))
     return now
 
@@ -167,6 +176,6 @@ def poll_done(store: Any, conn: Connection, started: float, events: Iterable[Map
         # Rows the poll queued for a fetch (a New) are not in the replica yet, and a proxy may
         # know of the queue only a second later (its cached context): clear once it is empty,
         # now or at the start of a later poll (the fetches run between polls).
-        if fetchqueue.is_empty(conn, store.fetch_queue):
+        if nothing_queued(store, conn):
             clear(conn, store.pending, started)
         store.set_state(conn, PENDING_CAUGHT_UP, started)

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from ..audit import table as audit_table
 from ..private import ensure_private_file
 from ..wire import check_link, chunks
-from . import fetchqueue, fieldtypes, pairs, pending
+from . import fetchqueue, fieldtypes, linksearch, pairs, pending
 from .dialect import Dialect, dialect_for, sequence_key_type
 from .schema import FieldSchema, Schema
 from .writes import PROXY, WriteBatch
@@ -236,6 +236,7 @@ class Store:
         self.fetch_queue = fetchqueue.define_table(md)  # entities to re-read from SG (cache/replica/fetchqueue.py)
         self.pairs_table = pairs.define_table(md)  # learned pairs (cache/replica/pairs.py)
         self.pending = pending.define_table(md)  # pending-write markers (cache/replica/pending.py)
+        self.link_search = linksearch.define_table(md)  # revivals to ask SG about (cache/replica/linksearch.py)
         # a state value, the learned pairs and the rows proxies wrote after a change-log mark in
         # one statement (a learnt write reads them all): the state's row is the one whose second
         # column is NULL (a pair's field name never is), a written row's has _WRITTEN_ROW there

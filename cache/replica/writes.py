@@ -14,7 +14,7 @@ changes once, changes them in memory, and writes:
    (field None), or a row a proxy wrote (:data:`WRITTEN`, whether it changed or not);
 4. the registry (``sgcache_entities``): names, retired flags and unknown entities, with the
    same upsert;
-5. the fetch queue.
+5. the fetch queue, and the link searches of revivals with their pending-write markers.
 
 Rows are written in sorted key order (table, then primary key) and consecutive rows of the same
 shape go in one executemany; a row another transaction inserted after this one read the table is
@@ -39,8 +39,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..wire import EVENT_TYPE, chunks
-from . import fetchqueue, fieldtypes
+from ..wire import chunks
+from . import fetchqueue, fieldtypes, linksearch, pending
 
 log = logging.getLogger("sgcache.writes")
 
@@ -116,6 +116,7 @@ class WriteBatch:
         self.registered: set[Key] = set()  # keys that must have a registry row (new entity rows)
         self.fetch: dict[Key, str] = {}
         self.unfetch: set[Key] = set()
+        self.searches: set[Key] = set()  # revived entities whose linking rows SG must be asked for
         self.links: dict[LinkKey, dict[Key, int]] = {}
         self.links_orig: dict[LinkKey, dict[Key, int]] = {}
 
@@ -302,36 +303,35 @@ class WriteBatch:
             by_type.setdefault(entity_type, set()).add(int(entity_id))
         wanted = {(t, i) for t, ids in by_type.items() for i in ids}
         out: set[Key] = set()
-        if not wanted:
-            return out
-        for entity in self.store.schema.entities.values():
-            table = self.store.tables.get(entity.name)
-            if table is None or entity.name == EVENT_TYPE:  # written once (cache/ingest/batch.py)
-                continue
-            for fname, fschema in entity.fields.items():
-                storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
-                types = [t for t in by_type if not fschema.links or t in fschema.links]
-                if not types:
-                    continue
+        for t, ids in by_type.items():
+            for owner, fname, storage in linksearch.link_fields(self.store, t):
                 if storage == "entity":
+                    table = self.store.tables[owner]
                     tcol, icol = table.c[f"{fname}__type"], table.c[f"{fname}__id"]
-                    for t in types:
-                        for chunk in chunks(sorted(by_type[t]), CHUNK):
-                            rows = self.conn.execute(sa.select(table.c.id).where(icol.in_(chunk) & (tcol == t)))
-                            out.update((entity.name, int(r.id)) for r in rows)
+                    for chunk in chunks(sorted(ids), CHUNK):
+                        rows = self.conn.execute(sa.select(table.c.id).where(icol.in_(chunk) & (tcol == t)))
+                        out.update((owner, int(r.id)) for r in rows)
                     out.update(k for k, row in self.rows.items()
-                               if k[0] == entity.name and row is not None and row.get(f"{fname}__id") is not None
+                               if k[0] == owner and row is not None and row.get(f"{fname}__id") is not None
                                and (row.get(f"{fname}__type"), int(row[f"{fname}__id"])) in wanted)
-                elif storage == "multi" and (entity.name, fname) in self.store.multi:
-                    mt = self.store.multi[(entity.name, fname)]
-                    for t in types:
-                        for chunk in chunks(sorted(by_type[t]), CHUNK):
-                            rows = self.conn.execute(sa.select(mt.c.parent_id)
-                                                     .where(mt.c.child_id.in_(chunk) & (mt.c.child_type == t)))
-                            out.update((entity.name, int(r.parent_id)) for r in rows)
-                    out.update((t, parent) for (t, f, parent), children in self.links.items()
-                               if t == entity.name and f == fname and not wanted.isdisjoint(children))
+                else:
+                    mt = self.store.multi[(owner, fname)]
+                    for chunk in chunks(sorted(ids), CHUNK):
+                        rows = self.conn.execute(sa.select(mt.c.parent_id)
+                                                 .where(mt.c.child_id.in_(chunk) & (mt.c.child_type == t)))
+                        out.update((owner, int(r.parent_id)) for r in rows)
+                    out.update((owner, parent) for (o, f, parent), children in self.links.items()
+                               if o == owner and f == fname and not wanted.isdisjoint(children))
         return out
+
+    def search_linking(self, keys: Iterable[Key]) -> None:
+        """Ask SG, at the ingester's next fetch, which rows link these revived entities (rows the
+        replica first read while one was retired lack the link SG shows again: see
+        cache/replica/linksearch.py); the link fields that can link them are marked pending
+        (their reads pass) until those rows are read again."""
+        keys = sorted({(t, int(i)) for t, i in keys})
+        linkable = {t for t in {t for t, _i in keys} if linksearch.link_fields(self.store, t)}
+        self.searches.update(k for k in keys if k[0] in linkable)
 
     def _mark(self, key: Key, diff: Mapping[str, Any]) -> None:
         if key in self.new:
@@ -527,7 +527,7 @@ class WriteBatch:
     def pending(self) -> bool:
         """Whether anything is buffered."""
         return bool(self.new or self.dirty or self.logs or self.names or self.unnamed or self.retired
-                    or self.registered or self.fetch or self.unfetch
+                    or self.registered or self.fetch or self.unfetch or self.searches
                     or any(v != self.links_orig.get(k, {}) for k, v in self.links.items()))
 
     def flush(self) -> None:
@@ -543,7 +543,7 @@ class WriteBatch:
         self._flush_queue()
         self.new, self.dirty, self.logs = {}, {}, []
         self.names, self.unnamed, self.retired, self.registered = {}, set(), {}, set()
-        self.fetch, self.unfetch = {}, set()
+        self.fetch, self.unfetch, self.searches = {}, set(), set()
         self.links_orig = {k: dict(v) for k, v in self.links.items()}
 
     def _flush_rows(self) -> None:
@@ -642,6 +642,10 @@ class WriteBatch:
             fetchqueue.put(self.conn, self.store.fetch_queue, self.fetch, self.store.db_now(self.conn))
         if self.unfetch:
             fetchqueue.remove(self.conn, self.store.fetch_queue, self.unfetch)
+        if self.searches:
+            linksearch.put(self.conn, self.store.link_search, self.searches, self.store.db_now(self.conn))
+            pending.mark(self.conn, self.store.pending, {(owner, fname) for t in {t for t, _i in self.searches}
+                                                         for owner, fname, _s in linksearch.link_fields(self.store, t)})
 
 
 # Statements built once per table (and columns): a proxy's learnt write runs them every time, and
