@@ -55,9 +55,11 @@ class MemorySG:
         self.calls += 1
         if entity_type == "EventLogEntry":
             return self._events(filters, limit)
-        ids = filters[0][2]
         table = (self.retired if retired_only else self.rows).get(entity_type, {})
-        return [{f: table[i].get(f) for f in ["type", "id", *(fields or [])]} for i in ids if i in table]
+        fname, _relation, values = filters[0]
+        if fname != "id":  # a revival's link search: the rows whose link field holds one of ``values``
+            return [{"type": entity_type, "id": i} for i, row in table.items() if _links_one_of(row.get(fname), values)]
+        return [{f: table[i].get(f) for f in ["type", "id", *(fields or [])]} for i in values if i in table]
 
     def _events(self, filters: Any, limit: int) -> list[dict[str, Any]]:
         if not filters:
@@ -70,6 +72,13 @@ class MemorySG:
 
     def schema_read(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _links_one_of(value: Any, wanted: list[dict[str, Any]]) -> bool:
+    """Whether a link field's value (an entity dict, a list of them or None) holds one of ``wanted``."""
+    keys = {(w["type"], w["id"]) for w in wanted}
+    links = value if isinstance(value, list) else [value]
+    return any(isinstance(x, dict) and (x.get("type"), x.get("id")) in keys for x in links)
 
 
 def generate(n_events: int, seed: int = 1) -> tuple[FakeSite, list[dict[str, Any]]]:
