@@ -47,6 +47,8 @@ log = logging.getLogger("sgcache.writes")
 Key = tuple[str, int]
 LinkKey = tuple[str, str, int]  # (type, multi_entity field, parent id)
 CHUNK = 500
+#: Link-table SELECTs :meth:`WriteBatch.load_links` joins in one UNION ALL statement.
+LINK_SELECTS = 16
 #: The change-log source of what a proxy learnt from a write passing by.
 PROXY = "proxy"
 #: The change-log record a proxy leaves on every row it writes, whether its values changed or not.
@@ -141,16 +143,23 @@ class WriteBatch:
         for entity_type, fname, parent in keys:
             if (entity_type, fname) in self.store.multi and (entity_type, fname, parent) not in self.links:
                 wanted.setdefault((entity_type, fname), set()).add(int(parent))
-        for (entity_type, fname), parents in wanted.items():
-            table = self.store.multi[(entity_type, fname)]
-            found: dict[int, dict[Key, int]] = {p: {} for p in parents}
-            for chunk in chunks(sorted(parents), CHUNK):
-                rows = self.conn.execute(
-                    sa.select(table.c.parent_id, table.c.child_type, table.c.child_id, table.c.pos)
-                    .where(table.c.parent_id.in_(chunk)).order_by(table.c.parent_id, table.c.pos))
-                for r in rows:
-                    found[r.parent_id][(r.child_type, r.child_id)] = r.pos
-            for parent, children in found.items():
+        fields = sorted(wanted)
+        selects = []
+        for n, field in enumerate(fields):
+            table = self.store.multi[field]
+            for chunk in chunks(sorted(wanted[field]), CHUNK):
+                selects.append(sa.select(sa.literal(n).label("field"), table.c.parent_id, table.c.child_type,
+                                         table.c.child_id, table.c.pos).where(table.c.parent_id.in_(chunk)))
+        found: dict[tuple[int, int], list[tuple[int, Key]]] = {}
+        # several fields' tables in one statement (a row with many multi_entity fields was a round
+        # trip per field on PostgreSQL); each parent's links ordered by pos here
+        for group in chunks(selects, LINK_SELECTS):
+            stmt = group[0] if len(group) == 1 else sa.union_all(*group)
+            for r in self.conn.execute(stmt):
+                found.setdefault((r.field, r.parent_id), []).append((r.pos, (r.child_type, r.child_id)))
+        for n, (entity_type, fname) in enumerate(fields):
+            for parent in wanted[(entity_type, fname)]:
+                children = {child: pos for pos, child in sorted(found.get((n, parent), ()))}
                 self.links[(entity_type, fname, parent)] = children
                 self.links_orig[(entity_type, fname, parent)] = dict(children)
 
@@ -488,17 +497,16 @@ class WriteBatch:
         row = self.rows[key]
         assert row is not None
         out: set[Key] = set()
-        for fname, fschema in self.store.schema.entities[key[0]].fields.items():
+        fields = self.store.schema.entities[key[0]].fields
+        self.load_links((key[0], fname, key[1]) for fname in fields if (key[0], fname) in self.store.multi)
+        for fname, fschema in fields.items():
             storage = fieldtypes.TYPES[fschema.data_type].storage if fschema.data_type in fieldtypes.TYPES else None
             if storage == "entity":
                 t, i = row.get(f"{fname}__type"), row.get(f"{fname}__id")
                 if t is not None and i is not None:
                     out.add((t, int(i)))
             elif storage == "multi" and (key[0], fname) in self.store.multi:
-                lkey = (key[0], fname, key[1])
-                if lkey not in self.links:
-                    self.load_links([lkey])
-                out.update(self.links[lkey])
+                out.update(self.links[(key[0], fname, key[1])])
         return {k for k in out if k[0] in self.store.tables}
 
     def note(self, links: Iterable[Mapping[str, Any]]) -> None:
@@ -627,7 +635,9 @@ class WriteBatch:
             if diff:
                 ops.append((("update", tuple(sorted(diff))), {"p_type": key[0], "p_id": key[1],
                                                               **{f"p_{c}": v for c, v in diff.items()}}))
-        for (kind, cols), rows in _runs(ops):
+        # one statement per shape (stable sort: keys stay in order within it), where consecutive
+        # runs made one per change of shape: a poll's names, flags and new entities interleave
+        for (kind, cols), rows in _runs(sorted(ops, key=lambda op: op[0])):
             if kind == "upsert":
                 self.conn.execute(self.store.dialect.upsert(reg, ["type", "id"], cols), rows)
             else:
