@@ -26,6 +26,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterato
     assets = [site.create_direct("Asset", {"code": f"asset{i}", "project": proj}) for i in range(3)]
     for i in range(4):
         site.create_direct("Shot", {"code": f"sh{i:03d}", "project": proj, "assets": assets[:1]})
+    # primed while its Task is retired: SG shows the Version's sg_task as None until the revival
+    task = site.create_direct("Task", {"content": "retired-at-prime", "project": proj})
+    site.create_direct("Version", {"code": "v-retired-task", "project": proj, "sg_task": task})
+    site.delete_direct("Task", task["id"])
     with Rig(tmp_path_factory.mktemp("fresh"), module_db_url, site, ingester=True, poll_interval=0.2,
              ingest_args=("--gap-timeout", "5")) as r:
         yield r
@@ -63,6 +67,20 @@ def test_retirement_then_revival_are_hits_within_seconds(rig: Rig) -> None:
     rig.site.revive_direct("Shot", sid)
     elapsed, _ = rig.wait_hit(lambda: find_shot(rig, sid), lambda r: len(r) == 1 and r[0]["code"] == "sh002")
     assert elapsed < WITHIN
+
+
+def test_a_link_to_an_entity_retired_at_prime_shows_as_a_hit_after_its_revival(rig: Rig) -> None:
+    """The replica was primed while a Version's Task was retired (SG showed ``sg_task`` None, so
+    the replica never held the link). The Task's revival at SG: the ingester asks SG which rows
+    link it, and the Version's link is a hit within seconds, as SG shows it."""
+    version = [("Version", [["code", "is", "v-retired-task"]], ["code", "sg_task"])]
+    rig.wait_hit(lambda: rig.reader.find(*version[0]), lambda r: len(r) == 1 and r[0]["sg_task"] is None)
+    task = rig.site.find_direct("Task", [["content", "is", "retired-at-prime"]], ["id"], retired_only=True)[0]
+    rig.site.revive_direct("Task", task["id"])
+    elapsed, _ = rig.wait_hit(lambda: rig.reader.find(*version[0]),
+                              lambda r: len(r) == 1 and (r[0]["sg_task"] or {}).get("id") == task["id"])
+    assert elapsed < WITHIN
+    assert rig.reader.find(*version[0]) == rig.direct().find(*version[0])
 
 
 def test_create_is_a_hit_within_seconds(rig: Rig) -> None:
