@@ -553,6 +553,30 @@ def test_a_link_search_sg_refuses_is_asked_again(site: FakeSite, store: Store, c
             if r["id"] == version["id"]] == [task["id"]]
 
 
+def test_a_retired_row_first_read_while_its_linked_entity_was_retired_shows_the_link_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """A Version created with its Task, the Task retired before the ingester read the Version,
+    then the Version retired too. On the Task's revival SG shows the retired Version's ``sg_task``
+    again (a ``retired_only`` read); the link search must ask for retired rows too, else the
+    replica answers None for good."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
+    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
+    sync(ingester)
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    site.delete_direct("Version", version["id"])
+    sync(ingester)
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+    assert [r["sg_task"] for r in site.find_direct("Version", [], ["sg_task"], retired_only=True)] == [
+        {"type": "Task", "id": task["id"], "name": "comp"}]
+    assert [r["sg_task"] and r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], True)] == [
+        task["id"]]
+    assert_equal_to_site(store, site)
+
+
 def test_backref_read_after_its_subject_was_retired_is_not_lost(site: FakeSite, store: Store,
                                                                 ingester: Ingester) -> None:
     """Catching up: Task.entity set to a Shot, then the Shot retired. The backref event (Shot.tasks
