@@ -131,8 +131,8 @@ class Fetcher:
                          id_ranges(sorted(ids)), len(found))
 
     def _linking_at_sg(self, entity_type: str, ids: list[int]) -> set[Key]:
-        """The cached rows SG shows linking one of these entities (ids only, one find per link
-        field that can link the type and chunk of ids); a failing find asks for a schema re-read
+        """The cached rows SG shows linking one of these entities (ids only, two finds per link
+        field that can link the type and chunk of ids: active rows, then retired ones); a failing find asks for a schema re-read
         (a link field deleted on the site) and raises."""
         sg = self.sg
         assert sg is not None
@@ -142,12 +142,15 @@ class Fetcher:
                 continue  # deleted on the site: not fetched, not primed
             for chunk in chunks(ids, FETCH_CHUNK):
                 links = [{"type": entity_type, "id": i} for i in chunk]
-                try:
-                    rows = sg.find(owner, [[fname, "in", links]], ["id"])
-                except Exception:
-                    self._recheck_schema(owner, f"asking SG for {owner}.{fname} failed")
-                    raise
-                found.update((owner, int(r["id"])) for r in rows)
+                # retired rows too: the replica answers ``return_only: retired`` reads, and SG
+                # shows a retired row's link to the revived entity again as well
+                for retired in (False, True):
+                    try:
+                        rows = sg.find(owner, [[fname, "in", links]], ["id"], retired_only=retired)
+                    except Exception:
+                        self._recheck_schema(owner, f"asking SG for {owner}.{fname} failed")
+                        raise
+                    found.update((owner, int(r["id"])) for r in rows)
         return found
 
     def _recheck_schema(self, entity_type: str, why: str) -> None:
