@@ -318,3 +318,26 @@ def test_event_rows_polled_while_their_entity_was_retired_show_it_after_its_revi
     ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
                         "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
     assert ours == site_events(site)
+
+
+def test_event_rows_polled_before_their_entity_s_late_retirement_show_it_after_its_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """As above, with the Shot's Retirement committed late (its id held): the poll reads the Shot's
+    events with ``entity`` None while the replica holds the Shot live, so they are stored None (the
+    batch cannot tell SG hid a retired entity). Once the Shot is revived, SG shows it in those
+    events again (no event for them): the revival must bring the link back, as for any other row
+    first read while the entity it links was retired (cache/replica/linksearch.py)."""
+    proj = site.find_direct("Project", [], ["id"])[0]
+    shot = site.create_direct("Shot", {"code": "gone", "project": proj})
+    site.hold_event_ids(2)  # the retirement's two events (retirement_date, Retirement)
+    site.delete_direct("Shot", shot["id"])
+    site.create_direct("Shot", {"code": "later", "project": proj})  # the held ids become a gap
+    sync(ingester)
+    site.release_held()
+    sync(ingester)
+    site.revive_direct("Shot", shot["id"])
+    sync(ingester)
+    cursor = state(store, K_CURSOR)
+    ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
+                        "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
+    assert ours == site_events(site)
