@@ -313,7 +313,7 @@ class WriteBatch:
         wanted = {(t, i) for t, ids in by_type.items() for i in ids}
         out: set[Key] = set()
         for t, ids in by_type.items():
-            for owner, fname, storage in linksearch.link_fields(self.store, t):
+            for owner, fname, storage in linksearch.link_fields(self.store, t, events=False):
                 if storage == "entity":
                     table = self.store.tables[owner]
                     tcol, icol = table.c[f"{fname}__type"], table.c[f"{fname}__id"]
