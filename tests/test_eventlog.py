@@ -320,6 +320,17 @@ def test_event_rows_polled_while_their_entity_was_retired_show_it_after_its_revi
     assert ours == site_events(site)
 
 
+def test_a_revivals_search_reads_events_by_their_entity_only(store: Store) -> None:
+    """A revived user's search asks for the events whose subject it is, not every event it made
+    (``EventLogEntry.user``: all of a user's events, read again for one revival)."""
+    from cache.replica import linksearch
+
+    assert "EventLogEntry" in store.tables
+    fields = {(owner, fname) for owner, fname, _s in linksearch.link_fields(store, "HumanUser")}
+    assert ("EventLogEntry", "entity") in fields and ("Task", "task_assignees") in fields
+    assert not {f for o, f in fields if o == "EventLogEntry"} - {"entity"}
+
+
 def test_event_rows_polled_before_their_entity_s_late_retirement_show_it_after_its_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """As above, with the Shot's Retirement committed late (its id held): the poll reads the Shot's

@@ -520,6 +520,41 @@ def test_reads_of_the_links_to_a_revived_entity_pass_until_sg_was_asked_for_them
     assert [r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], False)] == [task["id"]]
 
 
+def test_a_link_search_sg_keeps_refusing_goes_to_the_back_of_the_searches(
+        site: FakeSite, store: Store, client: SiteClient, ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search SG keeps failing (the Task's) is queued again behind the others, so a later
+    revival's search (a user's) is asked although the step reads one search at a time."""
+    proj = make_project(site)
+    task = site.create_direct("Task", {"content": "comp", "project": proj})
+    user = site.create_direct("HumanUser", {"login": "ann", "firstname": "Ann", "lastname": "A"})
+    sync(ingester)
+    for entity_type, entity_id in (("Task", task["id"]), ("HumanUser", user["id"])):
+        site.delete_direct(entity_type, entity_id)
+        sync(ingester)
+    site.revive_direct("Task", task["id"])
+    ingester.poll_once()
+    site.revive_direct("HumanUser", user["id"])
+    ingester.poll_once()
+    find = client.find
+
+    def failing(entity_type: str, filters: Any, *args: Any, **kwargs: Any) -> Any:
+        if filters and isinstance(filters[0], list) and filters[0][0] != "id" and filters[0][2] and \
+                isinstance(filters[0][2][0], dict) and filters[0][2][0].get("type") == "Task":
+            raise RuntimeError("SG timed out")
+        return find(entity_type, filters, *args, **kwargs)
+
+    monkeypatch.setattr(client, "find", failing)
+
+    def searches() -> list[str]:
+        with store.engine.connect() as conn:
+            return [r.entity_type for r in conn.execute(sa.select(store.link_search.c.entity_type))]
+
+    assert sorted(searches()) == ["HumanUser", "Task"]
+    ingester.process_fetch_queue(limit=1)  # the Task's, the oldest: fails
+    ingester.process_fetch_queue(limit=1)  # the user's, now ahead of it
+    assert searches() == ["Task"]
+
+
 def test_a_link_search_sg_refuses_is_asked_again(site: FakeSite, store: Store, client: SiteClient,
                                                 ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
     """SG fails the search for the rows linking a revived Task (a timeout, a 5xx): the search

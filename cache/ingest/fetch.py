@@ -105,7 +105,8 @@ class Fetcher:
     def _search_linking(self, conn: Connection, limit: int) -> None:
         """Ask SG which rows link the entities revived since (the link searches queued, up to
         ``limit``), and queue those rows for a re-read, removing the searches in the same
-        transaction. A type whose search SG refuses stays queued (its link fields' markers stand)."""
+        transaction. A type whose search SG refuses stays queued, at the back (its link fields'
+        markers stand)."""
         with conn.begin():
             searches = linksearch.entries(conn, self.store.link_search, limit)
         by_type: dict[str, dict[int, dt.datetime]] = {}
@@ -119,6 +120,9 @@ class Fetcher:
             except Exception as exc:  # noqa: BLE001 - one type SG refuses must not stall the others
                 log.error("asking SG for the rows linking revived %s %s failed (%s: %s); asked again later",
                           entity_type, id_ranges(sorted(ids)), type(exc).__name__, exc)
+                with conn.begin():  # at the back: searches queued after them are asked first next time
+                    linksearch.put(conn, self.store.link_search, [(entity_type, i) for i in ids],
+                                   self.store.db_now(conn))
                 continue
             with conn.begin():
                 batch = self.store.batch(conn, "fetch")

@@ -42,17 +42,20 @@ def define_table(metadata: sa.MetaData) -> sa.Table:
 def link_fields(store: Any, entity_type: str, events: bool = True) -> list[tuple[str, str, str]]:
     """(type, field, storage) of every cached link field that can link an ``entity_type`` entity:
     single-entity fields (storage ``entity``) and multi_entity fields kept in link tables
-    (``multi``). EventLogEntry's only with ``events``: its rows are written once, as SG sent them
-    (cache/ingest/batch.py keeps a row's ``entity`` when its entity is retired, so no revival
-    needs to read the rows that hold a link again, :meth:`WriteBatch.linking`); but an event
-    polled while its entity was retired in SG and not yet here was stored without the link, and
-    only the search finds it (SG shows the link again on the revival, with no event)."""
+    (``multi``). EventLogEntry's ``entity`` only with ``events``: its rows are written once, as
+    SG sent them (cache/ingest/batch.py keeps a row's ``entity`` when its entity is retired, so no
+    revival needs to read the rows that hold a link again, :meth:`WriteBatch.linking`); but an
+    event polled while its entity was retired in SG and not yet here was stored without the
+    link, and only the search finds it (SG shows the link again on the revival, with no event).
+    Its other link fields (``user``, ``project``) are left out: a revived user or project would
+    have every event it ever made or held read again (see docs/semantics.md)."""
     out: list[tuple[str, str, str]] = []
     for entity in store.schema.entities.values():
         if entity.name not in store.tables or (entity.name == EVENT_TYPE and not events):
             continue
         for fname, fschema in entity.fields.items():
-            if fschema.links and entity_type not in fschema.links:
+            if (fschema.links and entity_type not in fschema.links) or (entity.name == EVENT_TYPE
+                                                                          and fname != "entity"):
                 continue
             info = fieldtypes.TYPES.get(fschema.data_type)
             if info is None or (info.storage == "multi" and (entity.name, fname) not in store.multi):

@@ -17,7 +17,7 @@ changes once, changes them in memory, and writes:
 5. the fetch queue, and the link searches of revivals with their pending-write markers.
 
 Rows are written in sorted key order (table, then primary key) and consecutive rows of the same
-shape go in one executemany; a row another transaction inserted after this one read the table is
+shape go in one executemany (registry rows: one executemany per shape, each in key order); a row another transaction inserted after this one read the table is
 updated, never a unique-key error.
 
 On PostgreSQL a flush first takes a transaction-level advisory lock (one per database and
