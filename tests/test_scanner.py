@@ -373,6 +373,33 @@ def test_a_page_leaving_out_a_link_to_a_live_entity_waits_for_the_ingester(site:
     assert_equal_to_site(store, site)
 
 
+def test_a_revival_only_a_reconcile_sees_brings_back_the_links_sg_shows_again(site: FakeSite, store: Store,
+                                                                             ingester: Ingester) -> None:
+    """A Version is created with its Task, and the Task retired before the ingester read the
+    Version (stored with ``sg_task`` None). The Task's revival leaves no event the ingester sees
+    (given up in a gap, say): a reconcile finds the Task live. The rows SG shows linking it must
+    be read again, as on a revival event; else the Version keeps None for good."""
+    site.set_clock(dt.datetime(2026, 2, 1, 9, 0, 0))
+    proj = make_project(site)
+    task = site.create_direct("Task", {"content": "comp", "project": proj})
+    sync(ingester)
+    version = site.create_direct("Version", {"code": "v1", "project": proj, "sg_task": task})
+    site.delete_direct("Task", task["id"])
+    sync(ingester)
+    Scanner(store, SiteClient(site)).prime(["Task"])
+    site.advance_clock(seconds=30)
+    site.events_enabled = False
+    try:
+        site.revive_direct("Task", task["id"])
+    finally:
+        site.events_enabled = True
+    Scanner(store, SiteClient(site)).reconcile(["Task"])
+    sync(ingester)
+    assert [r["sg_task"]["id"] for r in replica_read(store, "Version", ["sg_task"], False)
+            if r["id"] == version["id"]] == [task["id"]]
+    assert_equal_to_site(store, site)
+
+
 def test_full_scan_does_not_retire_a_row_revived_while_it_ran(site: FakeSite, store: Store,
                                                               ingester: Ingester) -> None:
     """A retired Shot is revived after the full scan's active pass and before its retired pass, and

@@ -119,6 +119,7 @@ class WriteBatch:
         self.fetch: dict[Key, str] = {}
         self.unfetch: set[Key] = set()
         self.searches: set[Key] = set()  # revived entities whose linking rows SG must be asked for
+        self.revived_seen: set[Key] = set()  # rows a re-read found live that the replica held retired
         self.links: dict[LinkKey, dict[Key, int]] = {}
         self.links_orig: dict[LinkKey, dict[Key, int]] = {}
 
@@ -213,6 +214,8 @@ class WriteBatch:
                 values["_retired"] = retired
             if as_read and row is not None:
                 self._keep_hidden_links(row, values, entity_fields)
+                if retired is False and row.get("_retired") and self.source != PROXY:
+                    self.revived_seen.add(key)  # a revival no event brought (a reconcile found it)
             existed = row is not None
             if row is None:
                 table = self.store.tables[entity_type]
@@ -531,6 +534,19 @@ class WriteBatch:
             self.unfetch.add(key)
             self.fetch.pop(key, None)
 
+    def _revived_by_a_read(self) -> None:
+        """Rows a re-read (a scan's page, a fetch) found live while the replica held them retired:
+        a revival whose event the ingester never applied. As for a revival event
+        (cache/ingest/apply.py): the rows linking them, and those they link through a pair, are
+        read again, and SG is asked which rows link them (cache/replica/linksearch.py)."""
+        revived, self.revived_seen = sorted(self.revived_seen), set()
+        others = self.linking(revived)
+        for key in revived:
+            others |= self.linked_from(key)
+        for other in sorted(others - set(revived)):
+            self.queue(other, "links to a revived entity")
+        self.search_linking(revived)
+
     # -- writing -------------------------------------------------------------------------
     def pending(self) -> bool:
         """Whether anything is buffered."""
@@ -542,6 +558,8 @@ class WriteBatch:
         """Write everything buffered, in the fixed order of the module docstring."""
         if not self.pending():
             return
+        if self.revived_seen:
+            self._revived_by_a_read()
         self.store.dialect.lock_writes(self.conn)  # see the module docstring
         self._flush_rows()
         self._flush_links()
