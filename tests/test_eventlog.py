@@ -302,6 +302,14 @@ def test_sweep_after_a_fresh_prime_applies_nothing(site: FakeSite, store: Store,
     assert "sweep: applied" not in caplog.text
 
 
+def assert_events_up_to_the_cursor_are_sgs(site: FakeSite, store: Store) -> None:
+    """The replica's EventLogEntry rows up to the cursor, read as a client reads them, are SG's."""
+    cursor = state(store, K_CURSOR)
+    ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
+                        "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
+    assert ours == site_events(site)
+
+
 def test_event_rows_polled_while_their_entity_was_retired_show_it_after_its_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """A Shot created and retired before the poll: its events are polled with ``entity`` None (SG
@@ -314,10 +322,7 @@ def test_event_rows_polled_while_their_entity_was_retired_show_it_after_its_revi
     sync(ingester)
     site.revive_direct("Shot", shot["id"])
     sync(ingester)
-    cursor = state(store, K_CURSOR)
-    ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
-                        "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
-    assert ours == site_events(site)
+    assert_events_up_to_the_cursor_are_sgs(site, store)
 
 
 def test_a_revivals_search_reads_events_by_their_entity_only(store: Store) -> None:
@@ -348,7 +353,4 @@ def test_event_rows_polled_before_their_entity_s_late_retirement_show_it_after_i
     sync(ingester)
     site.revive_direct("Shot", shot["id"])
     sync(ingester)
-    cursor = state(store, K_CURSOR)
-    ours = read(store, {"filters": conds(cond("less_than", cursor + 1)),
-                        "sorts": [{"field_name": "id", "direction": "asc"}]})["entities"]
-    assert ours == site_events(site)
+    assert_events_up_to_the_cursor_are_sgs(site, store)

@@ -431,12 +431,11 @@ def test_an_entity_link_to_an_uncached_type_sg_cleared_while_retired_stays_clear
                           None, {"code": "sh1b"})
 
 
-def test_a_row_first_read_while_its_linked_entity_is_retired_shows_the_link_on_revival(
-        site: FakeSite, store: Store, ingester: Ingester) -> None:
-    """A Version is created with its Task, and the Task retired before the ingester read the new
-    row: SG's row shows ``sg_task`` None, and the replica never held the link to keep hidden. SG
-    shows the link again on the Task's revival, with no event for the Version, so the revival asks
-    SG which rows link the Task and reads them again. Before: None for good."""
+def version_first_read_while_its_task_is_retired(site: FakeSite,
+                                                 ingester: Ingester) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Task in the replica, then a Version of it created and the Task retired before the ingester
+    read the Version: it is stored with ``sg_task`` None (SG hides the retired Task), and the
+    replica never held the link. Returns (task, version)."""
     proj = make_project(site)
     shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
     task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
@@ -444,6 +443,16 @@ def test_a_row_first_read_while_its_linked_entity_is_retired_shows_the_link_on_r
     version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
     site.delete_direct("Task", task["id"])
     sync(ingester)
+    return task, version
+
+
+def test_a_row_first_read_while_its_linked_entity_is_retired_shows_the_link_on_revival(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """A Version is created with its Task, and the Task retired before the ingester read the new
+    row: SG's row shows ``sg_task`` None, and the replica never held the link to keep hidden. SG
+    shows the link again on the Task's revival, with no event for the Version, so the revival asks
+    SG which rows link the Task and reads them again. Before: None for good."""
+    task, version = version_first_read_while_its_task_is_retired(site, ingester)
     assert [r["sg_task"] for r in replica_read(store, "Version", ["sg_task"], False)] == [None]
     site.revive_direct("Task", task["id"])
     sync(ingester)
@@ -500,13 +509,7 @@ def test_reads_of_the_links_to_a_revived_entity_pass_until_sg_was_asked_for_them
     than answer from rows that may lack them; the rest of the type is served."""
     from cache.errors import Passthrough
 
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    sync(ingester)
-    site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    site.delete_direct("Task", task["id"])
-    sync(ingester)
+    task, _version = version_first_read_while_its_task_is_retired(site, ingester)
     site.revive_direct("Task", task["id"])
     ingester.poll_once()  # the revival applied; SG not asked yet
     read = {"type": "Version", "return_fields": ["sg_task"], "return_only": "active",
@@ -559,13 +562,7 @@ def test_a_link_search_sg_refuses_is_asked_again(site: FakeSite, store: Store, c
                                                 ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
     """SG fails the search for the rows linking a revived Task (a timeout, a 5xx): the search
     stays queued, and the next fetch step asks again; the Version then shows its Task."""
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    sync(ingester)
-    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    site.delete_direct("Task", task["id"])
-    sync(ingester)
+    task, version = version_first_read_while_its_task_is_retired(site, ingester)
     site.revive_direct("Task", task["id"])
     find = client.find
 
@@ -594,13 +591,7 @@ def test_a_retired_row_first_read_while_its_linked_entity_was_retired_shows_the_
     then the Version retired too. On the Task's revival SG shows the retired Version's ``sg_task``
     again (a ``retired_only`` read); the link search must ask for retired rows too, else the
     replica answers None for good."""
-    proj = make_project(site)
-    shot = site.create_direct("Shot", {"code": "sh1", "project": proj})
-    task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
-    sync(ingester)
-    version = site.create_direct("Version", {"code": "v1", "project": proj, "entity": shot, "sg_task": task})
-    site.delete_direct("Task", task["id"])
-    sync(ingester)
+    task, version = version_first_read_while_its_task_is_retired(site, ingester)
     site.delete_direct("Version", version["id"])
     sync(ingester)
     site.revive_direct("Task", task["id"])
