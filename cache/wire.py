@@ -35,11 +35,23 @@ def naive_utc(value: dt.datetime) -> dt.datetime:
 
 def format_wire_dt(value: dt.datetime) -> str:
     """A datetime in SG's wire form (``YYYY-MM-DDTHH:MM:SSZ``, UTC)."""
-    return naive_utc(value).strftime(WIRE_DT)
+    return naive_utc(value).isoformat(timespec="seconds") + "Z"  # WIRE_DT; strftime costs 3x as much
+
+
+#: Types :func:`to_wire` returns as they are, checked by exact type before any call: most of an
+#: event's or a row's values (the ingester converts every one it reads).
+_AS_IS = frozenset({str, int, float, bool, type(None)})
 
 
 def to_wire(value: Any) -> Any:
     """Datetimes/dates that shotgun_api3 decoded, back into SG's wire strings (recursively)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in _AS_IS else to_wire(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [v if type(v) in _AS_IS else to_wire(v) for v in value]
+    if kind in _AS_IS:
+        return value
     if isinstance(value, dt.datetime):
         return format_wire_dt(value)
     if isinstance(value, dt.date):
