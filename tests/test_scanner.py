@@ -434,3 +434,33 @@ def test_parse_when() -> None:
     assert parse_when("2024-03-01T12:00:00Z") == dt.datetime(2024, 3, 1, 12, tzinfo=dt.UTC)
     assert parse_when("2024-03-01T14:00:00+02:00") == dt.datetime(2024, 3, 1, 12, tzinfo=dt.UTC)
     assert parse_when("2024-03-01") == dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
+
+
+class ApiDecodingClient(SiteClient):
+    """A SiteClient whose rows go through shotgun_api3's own decoding (``_transform_inbound``, as
+    the scripts' client has it, ``convert_datetimes_to_utc=False``): every string of SG's datetime
+    shape comes back a ``datetime``, whatever field holds it."""
+
+    def __init__(self, site: FakeSite):
+        super().__init__(site)
+        import shotgun_api3
+
+        self._api = shotgun_api3.Shotgun("https://example.shotgunstudio.com", script_name="s", api_key="k",
+                                         connect=False, convert_datetimes_to_utc=False)
+
+    def find(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        return self._api._transform_inbound(super().find(*args, **kwargs))
+
+
+def test_full_scan_stores_a_text_value_shotgun_api3_decodes_as_a_datetime(site: FakeSite, store: Store) -> None:
+    """A Version's ``code`` that reads like a datetime (``2024-01-02T03:04:05Z``) comes back from
+    shotgun_api3 as a ``datetime``. The full scan must store the row as SG has it (the ingester's
+    fetch turns such values back with cache.wire.to_wire); a row it cannot store must not leave
+    the type primed without it: a read answered from the replica would lack the Version."""
+    proj = make_project(site)
+    site.create_direct("Version", {"code": "2024-01-02T03:04:05Z", "project": proj})
+    site.create_direct("Version", {"code": "0999-01-02T03:04:05Z", "project": proj})
+    Scanner(store, ApiDecodingClient(site)).prime(sorted(store.schema.entities))
+    assert sorted(r["code"] for r in replica_read(store, "Version", ["code"], False)) == \
+        ["0999-01-02T03:04:05Z", "2024-01-02T03:04:05Z"]
+    assert_equal_to_site(store, site)
