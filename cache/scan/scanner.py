@@ -44,7 +44,7 @@ from ..ingest.gaps import starting_cursor
 from ..replica import fetchqueue, fieldtypes
 from ..replica.statekeys import EVENT_CURSOR, EVENT_FLOOR
 from ..replica.store import Store, now_utc
-from ..wire import chunks, format_wire_dt, parse_when
+from ..wire import chunks, format_wire_dt, parse_when, to_wire
 from . import DEFAULT_OVERLAP, PAGE_SIZE
 from .progress import DEFAULT_LOG_EVERY, TypeProgress, format_duration
 
@@ -150,6 +150,9 @@ class Scanner:
                                 limit=self.page_size, retired_only=retired)
             if not rows:
                 return
+            # SG's wire form back, as the ingester's fetch has it: shotgun_api3 decodes every
+            # string of a datetime's shape (a text field's too), which the write path refuses
+            rows = [to_wire(r) for r in rows]
             yield rows
             last_id = max(int(r["id"]) for r in rows)
             if len(rows) < self.page_size:
