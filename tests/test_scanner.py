@@ -464,3 +464,26 @@ def test_full_scan_stores_a_text_value_shotgun_api3_decodes_as_a_datetime(site: 
     assert sorted(r["code"] for r in replica_read(store, "Version", ["code"], False)) == \
         ["0999-01-02T03:04:05Z", "2024-01-02T03:04:05Z"]
     assert_equal_to_site(store, site)
+
+
+def test_a_row_the_scan_cannot_store_is_queued_not_left_out(site: FakeSite, store: Store) -> None:
+    """A row whose value the write path refuses (here a text field that came back a number) is
+    not stored by the page; the type is still marked primed at the end of the full scan, so the
+    row must be queued for the ingester's fetch (its type's reads pass meanwhile), not left out of
+    answers served from the replica."""
+    proj = make_project(site)
+    good = site.create_direct("Version", {"code": "v1", "project": proj})
+    bad = site.create_direct("Version", {"code": "v2", "project": proj})
+    client = SiteClient(site)
+    find = client.find
+
+    def mangled(entity_type: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        rows = find(entity_type, *args, **kwargs)
+        return [{**r, "code": 5} if entity_type == "Version" and r["id"] == bad["id"] else r for r in rows]
+
+    client.find = mangled  # type: ignore[method-assign]
+    Scanner(store, client).prime(["Version"])
+    assert [r["id"] for r in replica_read(store, "Version", ["code"], False)] == [good["id"]]
+    q = store.fetch_queue
+    with store.engine.connect() as conn:
+        assert [(r.entity_type, r.entity_id) for r in conn.execute(sa.select(q))] == [("Version", bad["id"])]

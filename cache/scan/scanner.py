@@ -198,6 +198,8 @@ class Scanner:
                     result = batch.put(scan.entity_type, [r for r in rows if int(r["id"]) not in newer | left_out],
                                        complete=True, retired=retired)
                     batch.flush()
+                    if result.to_fetch:  # left out of a type the scan marks primed: its reads pass
+                        self.store.queue_fetch(conn, result.to_fetch, "not stored by the scan")
                     if newer:
                         self.store.queue_fetch(conn, [(scan.entity_type, i) for i in sorted(newer)],
                                                "changed while the scan read it")
@@ -211,7 +213,8 @@ class Scanner:
                 log.warning("%s: page write failed (%s), retrying", scan.entity_type, exc.__class__.__name__)
                 time.sleep(0.2 * attempt)
         if result.to_fetch:
-            log.warning("%s: %d rows not stored (bad values): %s", scan.entity_type, len(result.to_fetch),
+            log.warning("%s: %d rows not stored (bad values), queued for the ingester's fetch (reads of the "
+                        "type pass until it stores them): %s", scan.entity_type, len(result.to_fetch),
                         result.to_fetch[:10])
         if newer:
             log.info("%s: %d rows changed while the scan read them, queued for a fetch: %s", scan.entity_type,
