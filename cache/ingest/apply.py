@@ -90,9 +90,7 @@ class EventApplier:
         (cache/replica/linksearch.py); the caller flushes ``buf``."""
         if self.revived:
             revived, self.revived = self.revived, set()
-            for other in sorted(buf.linking(revived)):
-                buf.queue(other, "links to a revived entity")
-            buf.search_linking(sorted(revived))
+            buf.read_around_revivals(revived)
 
     def _dispatch(self, conn: Connection, event: Mapping[str, Any], subject: Key | None, late: bool,
                   buf: WriteBatch) -> None:

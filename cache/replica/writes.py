@@ -540,10 +540,16 @@ class WriteBatch:
         (cache/ingest/apply.py): the rows linking them, and those they link through a pair, are
         read again, and SG is asked which rows link them (cache/replica/linksearch.py)."""
         revived, self.revived_seen = sorted(self.revived_seen), set()
-        others = self.linking(revived)
-        for key in revived:
-            others |= self.linked_from(key)
-        for other in sorted(others - set(revived)):
+        for other in sorted(set().union(*(self.linked_from(key) for key in revived)) - set(revived)):
+            self.queue(other, "linked to a revived entity")
+        self.read_around_revivals(revived)
+
+    def read_around_revivals(self, keys: Iterable[Key]) -> None:
+        """After these entities' revival: queue for a re-read the rows linking them as the replica
+        holds them (:meth:`linking`: SG may have removed a hidden link meanwhile), and a search of
+        SG for the rows the replica does not know link them (:meth:`search_linking`)."""
+        revived = sorted({(t, int(i)) for t, i in keys})
+        for other in sorted(self.linking(revived) - set(revived)):
             self.queue(other, "links to a revived entity")
         self.search_linking(revived)
 
