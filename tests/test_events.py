@@ -362,6 +362,27 @@ def test_a_link_sg_cleared_is_stored_once_its_event_is_polled(site: FakeSite, st
     assert_equal_to_site(store, site)
 
 
+def retired_late_while_fetched(site: FakeSite, store: Store, ingester: Ingester, task: dict[str, Any],
+                               row: tuple[str, int], change: dict[str, Any], polls: int) -> None:
+    """The Task is retired with its events committing late (a gap) and ``row``, which links it,
+    changed and fetched meanwhile (SG's row leaves the Task out while the replica holds it live);
+    ``polls`` polls reach the end of the log with the gap open, each followed by the fetch step;
+    then the gap closes, and the Task is revived."""
+    site.hold_event_ids(2)  # the retirement_date Change and the Retirement commit late
+    site.delete_direct("Task", task["id"])
+    site.update_direct(row[0], row[1], change)
+    with store.engine.begin() as conn:
+        store.queue_fetch(conn, [row], "test")
+    for _ in range(polls):
+        ingester.poll_once()
+        ingester.process_fetch_queue()  # held: SG's row leaves the live Task out
+        time.sleep(1.1)  # pending.MARGIN
+    site.release_held()
+    sync(ingester)
+    site.revive_direct("Task", task["id"])
+    sync(ingester)
+
+
 def test_a_fetch_while_the_retirement_is_in_a_gap_keeps_the_link_for_the_revival(
         site: FakeSite, store: Store, ingester: Ingester) -> None:
     """The Task's retirement commits late (its events in a gap) and the Version is fetched before
@@ -369,20 +390,8 @@ def test_a_fetch_while_the_retirement_is_in_a_gap_keeps_the_link_for_the_revival
     end of the log with the gap open has not applied the retirement: the Version must still wait,
     else it is stored without the link, and SG shows the Task again on its revival (no event for
     the Version) while the replica shows None, for good."""
-    shot, task, version = shot_task_version(site, ingester)
-    site.hold_event_ids(2)  # the retirement_date Change and the Retirement commit late
-    site.delete_direct("Task", task["id"])
-    site.update_direct("Version", version["id"], {"code": "v1b"})
-    with store.engine.begin() as conn:
-        store.queue_fetch(conn, [("Version", version["id"])], "test")
-    for _ in range(2):  # polls that reach the end of the log, with the gap open
-        ingester.poll_once()
-        ingester.process_fetch_queue()
-        time.sleep(1.1)  # pending.MARGIN
-    site.release_held()
-    sync(ingester)
-    site.revive_direct("Task", task["id"])
-    sync(ingester)
+    _shot, task, version = shot_task_version(site, ingester)
+    retired_late_while_fetched(site, store, ingester, task, ("Version", version["id"]), {"code": "v1b"}, polls=2)
     assert replica_read(store, "Version", ["sg_task"], False)[0]["sg_task"]["id"] == task["id"]
     assert_equal_to_site(store, site)
 
@@ -399,18 +408,7 @@ def test_a_late_retirement_is_fetched_before_the_row_held_for_its_link(
     task = site.create_direct("Task", {"content": "comp", "project": proj, "entity": shot})
     pf = site.create_direct("PublishedFile", {"code": "pf", "project": proj, "entity": shot, "task": task})
     sync(ingester)
-    site.hold_event_ids(2)  # the retirement_date Change and the Retirement commit late
-    site.delete_direct("Task", task["id"])
-    site.update_direct("PublishedFile", pf["id"], {"code": "pf2"})
-    with store.engine.begin() as conn:
-        store.queue_fetch(conn, [("PublishedFile", pf["id"])], "test")
-    ingester.poll_once()
-    ingester.process_fetch_queue()  # held: SG's row leaves the live Task out
-    time.sleep(1.1)  # pending.MARGIN
-    site.release_held()
-    sync(ingester)
-    site.revive_direct("Task", task["id"])
-    sync(ingester)
+    retired_late_while_fetched(site, store, ingester, task, ("PublishedFile", pf["id"]), {"code": "pf2"}, polls=1)
     assert replica_read(store, "PublishedFile", ["task"], False)[0]["task"]["id"] == task["id"]
     assert_equal_to_site(store, site)
 
