@@ -6,8 +6,10 @@
 The site of bench_hit (about 2,000 rows), primed by ``scripts/scan --full``, the ingester
 running, one sgcache mitmdump. With the real ``shotgun_api3`` client (Nagle off, as bench_hit):
 
-- write p50: an ``update`` of one field, direct and through sgcache, interleaved call by call
-  (the machine's noise hits both alike), with the mitmdump's CPU milliseconds per write (/proc);
+- write p50: an ``update`` of one field, direct, through a bare mitmproxy relay (the floor addon
+  of bench_hit, which passes every write untouched: what mitmproxy itself adds to a write) and
+  through sgcache, interleaved call by call (the machine's noise hits all alike), with each
+  mitmdump's CPU milliseconds per write (/proc);
 - mixed load: ``--clients`` threads, each doing one write in ten and bench_hit's query set
   otherwise, for ``--seconds`` direct and through sgcache (half in one order, half in the
   other): calls/s, write and read p50, the ratio, and how many of the reads SG answered (a read
@@ -40,11 +42,15 @@ from benchmarks.hitset import build_site, cpu_seconds, nodelay_after, queries, r
 from benchmarks.support import bench_replica, run_dir  # noqa: E402
 from tests.rig import SCRIPT, Rig  # noqa: E402
 
+#: The floor of bench_hit: it relays every write untouched (a bare mitmproxy relay, for writes).
+FLOOR = REPO / "benchmarks" / "floor_addon.py"
+
 
 def write_p50(direct: Any, proxies: list[tuple[Any, int]], shot_id: int,
-              writes: int) -> tuple[float, list[tuple[float, float]]]:
+              writes: int, relays: int = 0) -> tuple[float, list[tuple[float, float]]]:
     """(direct p50 ms, [(p50 ms, CPU-ms per write of its mitmdump)] of each (client, pid) in
-    ``proxies``), the paths taking turns call by call."""
+    ``proxies``), the paths taking turns call by call. The first ``relays`` proxies only relay
+    (they are not asked to read the write back)."""
     n = [0]
 
     def update(sg: Any) -> float:
@@ -66,7 +72,7 @@ def write_p50(direct: Any, proxies: list[tuple[Any, int]], shot_id: int,
             cpu0 = cpu_seconds(pid)
             p[k].append(update(client))
             cpu[k] += cpu_seconds(pid) - cpu0
-    for client, _ in proxies:  # each writer reads its own write, through its proxy, at once
+    for client, _ in proxies[relays:]:  # each writer reads its own write, through its proxy, at once
         update(client)
         want = f"write {n[0]}"
         got = client.find_one("Shot", [["id", "is", shot_id]], ["description"])["description"]
@@ -137,16 +143,17 @@ def run(args: argparse.Namespace, tmp: Path, db_url: str) -> None:
             targets["compare"] = rig.start_proxy([f"termlog_verbosity={verbosity}"], capture=False,
                                                  workdir=tmp / "compare", addon=other / "addons" / "sgcache.py",
                                                  env={"PYTHONPATH": str(other)})
+        relay = rig.start_proxy(["termlog_verbosity=info"], addon=FLOOR, workdir=tmp / "relay", capture=False)
         direct = nodelay_after(rig.direct())
         shot_ids = [s["id"] for s in direct.find("Shot", [], ["id"], limit=args.clients)]
         reads_set = [call for _, call in queries(direct)]
         print(f"replica {db_url.split(':')[0]}; sgcache at {REPO}"
               + (f"; compare: the sgcache of {args.compare.resolve()}" if args.compare else ""))
-        wd, measured = write_p50(direct, [(nodelay_after(rig.client(px)), px.proc.pid) for px in targets.values()],
-                                 shot_ids[0], args.writes)
+        wd, measured = write_p50(direct, [(nodelay_after(rig.client(px)), px.proc.pid)
+                                          for px in [relay, *targets.values()]], shot_ids[0], args.writes, relays=1)
         print(f"write p50: direct {wd:.2f} ms" + "".join(
             f", through {name} {wp:.2f} ms (+{wp - wd:.2f} ms; {wc:.2f} CPU-ms/write in mitmdump)"
-            for name, (wp, wc) in zip(targets, measured, strict=True)))
+            for name, (wp, wc) in zip(["a bare mitmproxy relay", *targets], measured, strict=True)))
         # the mixed load: each path in turn, then again in the reverse order (no order favoured)
         makers: dict[str, Callable[[], Any]] = {"direct": rig.direct}
         makers.update({name: (lambda px=px: rig.client(px)) for name, px in targets.items()})
