@@ -85,6 +85,9 @@ class SGCache:
         self.in_flight = InFlight()
         self.trimmer = Trimmer(self.executor)  # memory back to the system after large bodies
         self._tls_context: tuple[tuple[bool, str | None], ssl.SSLContext] | None = None
+        #: Client connection id -> why a connection to the site, opened for it, failed (refused, DNS,
+        #: TLS) while it waited: only that makes a flow's error an outage (never a client hanging up).
+        self._site_unreachable: dict[str, str] = {}
 
     @property
     def service(self) -> CacheService | None:
@@ -204,6 +207,9 @@ class SGCache:
         if self.in_flight.draining:
             client.error = "sgcache is stopping"
 
+    def client_disconnected(self, client: Any) -> None:
+        self._site_unreachable.pop(client.id, None)
+
     # -- hooks: where clients may make the proxy connect (cache/proxy/guard.py) -------------
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """Tunnel only where the relay policy allows (the site, port 443 of non-local hosts, ...)."""
@@ -247,6 +253,21 @@ class SGCache:
             refused = await self.guard.upstream(server.address[0], server.address[1], bool(server.tls))
             if refused is not None:
                 server.error = refused
+
+    def server_connect_error(self, data: Any) -> None:
+        """A connection could not be made (refused, DNS, timeout): to the site, SG is unreachable."""
+        self._connect_failed(data.client, data.server)
+
+    def tls_failed_server(self, data: Any) -> None:
+        """A TLS handshake with a server failed: with the site, SG is unreachable."""
+        self._connect_failed(data.context.client, data.conn)
+
+    def _connect_failed(self, client: Any, server: Any) -> None:
+        """Note for the client's flow (its error hook) that SG could not be reached; not when the
+        client left first (its hang-up cancels the connection: no outage of SG's)."""
+        site = self.site
+        if site is not None and server.address is not None and site.is_host(*server.address[:2]) and client.connected:
+            self._site_unreachable[client.id] = str(server.error)
 
     def server_connected(self, data: Any) -> None:
         """Drop a connection whose name resolved to a local address after it was checked (DNS rebinding)."""
@@ -328,9 +349,12 @@ class SGCache:
         if self._is_site_upload(flow):  # SG may have linked it before the connection broke
             await self._uploaded(flow)
         server = flow.server_conn
+        # an outage only when a connection to SG failed while the client waited: a client that hangs
+        # up (or resets its stream) before SG was reached is no sign of SG being down
+        sg_failed = self._site_unreachable.pop(flow.client_conn.id, None) is not None and flow.client_conn.connected
         self.calls.connection_failed(state_of(flow.metadata), flow.request.host, flow.error.msg,
-                                     never_connected(server.timestamp_tcp_setup, bool(server.tls),
-                                                     server.timestamp_tls_setup))
+                                     sg_failed and never_connected(server.timestamp_tcp_setup, bool(server.tls),
+                                                                   server.timestamp_tls_setup))
 
     # -- helpers ---------------------------------------------------------------------------
     def _respond(self, flow: http.HTTPFlow, answer: Answer | None) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from mitmproxy import exceptions, http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons, tflow, tutils
 
 from cache.proxy.auth import site_of
@@ -276,6 +278,16 @@ def test_unreachable_sg_means_offline_but_a_dropped_request_does_not(run: Any) -
 
         flow = api3_flow(call("read", {"type": "Shot"}))
         await addon.request(flow)
+        flow.client_conn.state = ConnectionState.CLOSED  # the client hung up before SG was reached
+        flow.error = tflow.terr("Client disconnected.")
+        await addon.error(flow)
+        assert not addon.calls.outages.down_until
+
+        flow = api3_flow(call("read", {"type": "Shot"}))
+        await addon.request(flow)
+        server = tflow.tserver_conn()  # mitmproxy's connection to SG: it could not be made
+        server.address, server.error = ("sg.example.shotgunstudio.com", 443), "Connection refused"
+        addon.server_connect_error(ServerConnectionHookData(server=server, client=flow.client_conn))
         flow.server_conn.timestamp_tcp_setup = None  # never connected: SG is unreachable
         flow.error = tflow.terr("Connection refused")
         await addon.error(flow)

@@ -1,7 +1,7 @@
 """When SG counts as down, and for how long the proxy then answers by itself.
 
-SG is down for a host when a connection to it could not be made (refused, DNS, TLS), when a
-write could not be sent, or when it (or its load balancer) answered 502, 503 or 504 on
+SG is down for a host when a connection to it could not be made (refused, DNS, TLS) while the
+client waited (a client that hangs up first is no sign of it), when a write could not be sent, or when it (or its load balancer) answered 502, 503 or 504 on
 :data:`OUTAGE_CONNECTIONS` different client connections within :data:`OUTAGE_SECONDS`. For
 :data:`OUTAGE_SECONDS` after that, requests to that host are answered offline
 (``sgcache_offline``): cacheable reads from the replica, marked stale; ``info`` from the last

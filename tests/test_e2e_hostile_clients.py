@@ -1,0 +1,70 @@
+"""One client's connection must never switch the proxy to offline answers (and refuse every other
+client's writes): a real mitmdump, raw sockets for the hostile client, a real shotgun_api3 client
+for the others. SG is up, but in the last test."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from pathlib import Path
+
+from .proxyharness import Proxy
+from .rig import Rig
+
+#: A read with credentials SG refuses: what any client reaching the proxy can send.
+READ = json.dumps({"method_name": "read", "params": [
+    {"script_name": "nobody", "script_key": "nothing"},
+    {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}, "return_fields": ["code"]},
+]}).encode()
+
+
+def api3_post(host: str, target: str = "/api3/json") -> bytes:
+    return (f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(READ)}\r\n\r\n").encode() + READ
+
+
+def hang_up_after_a_read(proxy: Proxy, site_url: str) -> None:
+    """Send a read through the proxy and reset the connection at once, without waiting for SG."""
+    assert proxy.port is not None
+    host = site_url.split("://", 1)[1]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as sock:
+        sock.sendall(api3_post(host, f"{site_url}/api3/json"))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+
+
+def writes_go_to_sg(rig: Rig) -> None:
+    """Another client's write reaches SG (not refused as "cannot be reached")."""
+    sg = rig.client()
+    project = sg.find_one("Project", [])
+    assert sg.update("Project", project["id"], {"name": "still up"})["name"] == "still up"
+
+
+def test_a_client_hanging_up_on_its_read_does_not_put_sg_offline(tmp_path: Path, db_url: str) -> None:
+    """Before: mitmproxy reported "Client disconnected." for a read whose connection to SG was not
+    made yet, the proxy took it for SG being unreachable, and refused everyone's writes for 10 s."""
+    with Rig(tmp_path, db_url) as rig:
+        assert rig.proxy is not None
+        rig.client().find_one("Project", [])
+        for _ in range(10):
+            hang_up_after_a_read(rig.proxy, rig.url)
+        time.sleep(0.3)
+        assert "unreachable" not in rig.proxy.output()
+        writes_go_to_sg(rig)
+
+
+def test_a_connection_sg_refuses_while_the_client_waits_is_still_an_outage(tmp_path: Path, db_url: str) -> None:
+    """The other side: SG refusing the connection of a read still puts the site offline at once."""
+    with Rig(tmp_path, db_url) as rig:
+        assert rig.proxy is not None
+        rig.client().find_one("Project", [])
+        rig.server.stop_listening()
+        try:
+            sg = rig.client()
+            # a new client connection: its first call (info) gets mitmproxy's 502 (connection refused),
+            # the proxy is offline from then on, and shotgun_api3's re-send is answered from the replica
+            assert sg.find("Shot", [["code", "is", "sh010"]], ["code"])[0]["code"] == "sh010"
+            assert rig.proxy.lines_with("unreachable"), "a refused connection to SG is an outage"
+        finally:
+            rig.server.start()
