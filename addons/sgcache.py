@@ -249,6 +249,10 @@ class SGCache:
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
         server = data.server
+        if self.site is not None and server.address is not None and self.site.is_host(*server.address[:2]):
+            # SG is asked for (and its certificate checked against) the site's name, never the name
+            # a client's TLS handshake gave: a mismatch would fail the connection, an outage for all
+            server.sni = self.site.host
         if client_chose_destination(data.client) and server.address is not None:
             refused = await self.guard.upstream(server.address[0], server.address[1], bool(server.tls))
             if refused is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
@@ -23,6 +24,16 @@ READ = json.dumps({"method_name": "read", "params": [
 def api3_post(host: str, target: str = "/api3/json") -> bytes:
     return (f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(READ)}\r\n\r\n").encode() + READ
+
+
+def read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def hang_up_after_a_read(proxy: Proxy, site_url: str) -> None:
@@ -51,6 +62,29 @@ def test_a_client_hanging_up_on_its_read_does_not_put_sg_offline(tmp_path: Path,
             hang_up_after_a_read(rig.proxy, rig.url)
         time.sleep(0.3)
         assert "unreachable" not in rig.proxy.output()
+        writes_go_to_sg(rig)
+
+
+def test_a_clients_tls_server_name_does_not_put_sg_offline(tmp_path: Path, db_url: str) -> None:
+    """A client tunnels to the site and says another name in its TLS handshake (SNI). Before:
+    mitmproxy asked SG for that name, SG's certificate did not match it, and the failed handshake
+    put the site offline for every client (writes refused, "cannot be reached")."""
+    with Rig(tmp_path, db_url, tls=True, proxy=False) as rig:
+        proxy = rig.start_proxy(["sgcache_max_lag=0"])
+        assert proxy.port is not None
+        rig.client().find_one("Project", [])
+        target = f"localhost:{rig.server.port}"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as raw:
+            raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert read_head(raw).startswith(b"HTTP/1.1 200")
+            context = ssl.create_default_context(cafile=str(proxy.ca_cert))
+            context.check_hostname = False  # mitmproxy's certificate names what the client said
+            with context.wrap_socket(raw, server_hostname="elsewhere.example") as tls:
+                tls.sendall(api3_post(target))
+                answer = read_head(tls)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]  # SG's own answer (an auth error)
+        assert b"X-SGCache: pass; reason=auth-unverified" in answer
+        assert "unreachable" not in proxy.output()
         writes_go_to_sg(rig)
 
 
