@@ -63,6 +63,7 @@ from cache.proxy.routing import API3_PATH, api3_path, decrypt_patterns, is_api3,
 from cache.proxy.sending import WRITE_METHODS  # noqa: E402
 from cache.proxy.service import CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
+from cache.proxy.uploads import refused as upload_refused  # noqa: E402
 from cache.read.relative import RelativeDates, fixed_clock, system_now, zone_named  # noqa: E402
 from cache.replica.site import Site, SiteError  # noqa: E402
 
@@ -316,7 +317,7 @@ class SGCache:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         try:
-            if self._is_site_upload(flow):
+            if self._is_site_upload(flow) and not self._upload_refused(flow):
                 await self._uploaded(flow)
             await self._learn(flow)
         finally:
@@ -388,6 +389,12 @@ class SGCache:
         r = flow.request
         return (self.site is not None and is_upload(r.method, r.path) and one_host(r)
                 and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+
+    @staticmethod
+    def _upload_refused(flow: http.HTTPFlow) -> bool:
+        """SG refused the upload form (bad credentials, say): nothing changed, nothing to mark."""
+        response = flow.response
+        return response is not None and upload_refused(response.status_code, response.get_content(strict=False))
 
     async def _uploaded(self, flow: http.HTTPFlow) -> None:
         """Mark what an upload form may have changed; reads of it pass until the ingester has it.

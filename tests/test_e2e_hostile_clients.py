@@ -102,3 +102,28 @@ def test_a_connection_sg_refuses_while_the_client_waits_is_still_an_outage(tmp_p
             assert rig.proxy.lines_with("unreachable"), "a refused connection to SG is an outage"
         finally:
             rig.server.start()
+
+
+def test_an_upload_form_sg_refuses_does_not_turn_caching_off(tmp_path: Path, db_url: str) -> None:
+    """A client without credentials posts upload forms to the site; SG refuses them ("0..."), so
+    nothing changed at SG. Before: every cached type was marked pending all the same, and every
+    client's reads passed (pending-write) until an ingester's poll cleared them (without one, for good)."""
+    with Rig(tmp_path, db_url) as rig:
+        assert rig.proxy is not None
+        sg = rig.client()
+        query = ("Shot", [["code", "is", "sh010"]], ["code"])
+        sg.find(*query)
+        before = rig.reads()
+        assert sg.find(*query) and rig.reads() == before, "a hit to begin with"
+        form = b"script_name=nobody&script_key=nothing&entity_id=1&field_name=image"
+        host = rig.url.split("://", 1)[1]
+        assert rig.proxy.port is not None
+        with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
+            sock.sendall((f"POST {rig.url}/upload/upload_file HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                          f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n")
+                         .encode() + form)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.split(b"\r\n\r\n", 1)[1].startswith(b"0"), answer
+        assert sg.find(*query) and rig.reads() == before, "the refused upload turned caching off"

@@ -18,7 +18,7 @@ from cache.proxy.metrics import Counters
 from cache.proxy.offline import InfoCopies
 from cache.proxy.outage import OUTAGE_SECONDS, Outages, never_connected
 from cache.proxy.routing import NO_HOST, api3_path, decrypt_patterns, hostport, is_api3, served_site
-from cache.proxy.uploads import changed_types, is_upload
+from cache.proxy.uploads import changed_types, is_upload, refused
 from cache.replica.site import Site, SiteError
 
 SITE = site_of("https", "sg.example.com", 443)
@@ -112,6 +112,12 @@ def test_upload_forms_name_the_types_they_may_change() -> None:
     assert changed_types({"entity_type": "Version", "field_name": "sg_uploaded_movie"}) == {"Version", "Attachment"}
     assert changed_types({"entities": "Shot_12, Asset_3", "thumbnail_id": "7"}) == {"Shot", "Asset", "Attachment"}
     assert changed_types({}) is None and changed_types({"entity_type": " "}) is None  # any type may have changed
+
+
+def test_an_upload_form_sg_refused_changed_nothing() -> None:
+    assert refused(200, b"0Authentication failed") and refused(403, b"") and refused(413, None)
+    assert not refused(200, b"1:7\n") and not refused(200, None)  # linked; or the answer was not read
+    assert not refused(502, b"") and not refused(500, b"0oops")  # SG may have linked it before failing
 
 
 def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:

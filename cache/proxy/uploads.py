@@ -4,8 +4,8 @@ shotgun_api3 uploads with form POSTs to the site's ``/upload/...``: ``upload_fil
 ``publish_thumbnail`` carry the file; after a direct upload to storage, ``api_link_file`` links
 it. SG then creates an Attachment and sets the entity's field (and ``updated_at``). None of that
 is API3, so SG's answer teaches the replica nothing; instead the types such a form may change are
-marked pending (:mod:`cache.replica.pending`) once SG answered or the request failed, and their
-reads pass (``pending-write``) until the ingester has the upload's events. The uploading tool
+marked pending (:mod:`cache.replica.pending`) once SG answered (unless it refused the form:
+:func:`refused`) or the request failed, and their reads pass (``pending-write``) until the ingester has the upload's events. The uploading tool
 reads its upload back from SG, never the replica's copy from before it.
 """
 
@@ -24,6 +24,15 @@ def is_upload(method: str, path: str) -> bool:
     """Whether a request to the site is an upload form that may change entities."""
     route = path.split("?", 1)[0]
     return method == "POST" and route.startswith("/upload/") and route.rsplit("/", 1)[-1] not in LINKLESS
+
+
+def refused(status: int, body: bytes | None) -> bool:
+    """Whether SG's answer to an upload form says it changed nothing: an HTTP 4xx, or a 200 whose
+    text does not start with ``1`` (SG's success; shotgun_api3 takes nothing else for one), such
+    as ``0`` and the reason for credentials SG refused. ``body`` None: not read (not refused)."""
+    if 400 <= status < 500:
+        return True
+    return status == 200 and body is not None and not body.startswith(b"1")
 
 
 def changed_types(form: Mapping[str, str]) -> set[str] | None:
