@@ -69,11 +69,29 @@ def url_password(url: str) -> str | None:
     return creds.split(":", 1)[1] or None
 
 
+#: Query parameters of a database URL that carry a password (libpq's, MySQL drivers').
+SECRET_PARAMS = frozenset({"password", "passwd", "sslpassword"})
+
+
+def _query_items(url: str) -> list[tuple[str, str]]:
+    """A URL's query as written: (key, value) pairs, neither unquoted."""
+    query = url.partition("?")[2].partition("#")[0]
+    return [(k, v) for k, _, v in (item.partition("=") for item in query.split("&") if item)]
+
+
+def _secret_param(key: str) -> bool:
+    return urllib.parse.unquote_plus(key).strip().lower() in SECRET_PARAMS
+
+
 def url_secrets(url: str) -> list[str]:
-    """Every form of a database URL's password a library may quote in an error (for :func:`redact`)."""
+    """Every form of a database URL's password a library may quote in an error (for :func:`redact`):
+    the one after ``user:``, and any query parameter that carries one (``?password=...``)."""
     import sqlalchemy as sa  # here: a command's --help need not load SQLAlchemy
 
     found = [url_password(url)]
+    for key, value in _query_items(url):
+        if _secret_param(key):
+            found += [value, urllib.parse.unquote_plus(value)]
     try:
         found.append(sa.engine.make_url(url).password)  # SQLAlchemy's own reading of an odd URL
     except Exception:  # noqa: BLE001 - unparsable: the form as written is all there is
@@ -86,7 +104,13 @@ def url_secrets(url: str) -> list[str]:
 
 
 def safe_url(url: str) -> str:
-    """A database URL with its password masked, for logs and errors."""
+    """A database URL with its password masked (after ``user:``, and in ``?password=...``), for logs and errors."""
+    if any(_secret_param(key) for key, _ in _query_items(url)):
+        base, _, query = url.partition("?")
+        query, hash_, fragment = query.partition("#")
+        query = "&".join(f"{key}={MASK}" if _secret_param(key) else f"{key}{sep}{value}"
+                         for key, sep, value in (item.partition("=") for item in query.split("&")))
+        url = f"{base}?{query}{hash_}{fragment}"
     if url_password(url) is None:
         return url
     scheme, rest = url.split("://", 1)

@@ -16,13 +16,14 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from cache.ingest import FileLock
-from cache.private import RedactingFilter, ensure_private_file, redact, safe_url, url_password
+from cache.private import RedactingFilter, ensure_private_file, redact, safe_url, url_password, url_secrets
 from cache.replica.dialect import sqlite_path
 from cache.replica.schema import Schema
 from cache.replica.store import Store
 
 from . import secretscan
 from .paths import BASIC_SCHEMA, REPO
+from .rig import Rig
 from .sgcache_addon import sgcache
 
 SECRET = "pw-Zq81x/y@z"
@@ -98,6 +99,22 @@ def test_urls_and_texts_are_masked() -> None:
     assert "Zq81x" not in masked and masked.count("***") == 2
     assert sqlite_path("sqlite:///x.db") == os.path.abspath("x.db")
     assert sqlite_path("sqlite://") is None and sqlite_path("postgresql://u@h/d") is None
+
+
+def test_a_password_in_the_query_of_a_database_url_is_masked() -> None:
+    """libpq (and so psycopg) takes ``?password=...`` as well as ``user:password@``."""
+    url = "postgresql://cache@db.example/sg?sslmode=require&password=pw-Zq81x%26q&sslpassword=k-Zq81x"
+    assert safe_url(url) == "postgresql://cache@db.example/sg?sslmode=require&password=***&sslpassword=***"
+    assert "Zq81x" not in redact(f"cannot open {url} (pw-Zq81x&q, k-Zq81x)", url_secrets(url))
+
+
+def test_the_proxy_never_logs_a_database_password_given_in_the_query(tmp_path: Path, db_url: str) -> None:
+    """Before: the start-up line, and each failure to open the replica, showed ``?password=`` as it was."""
+    with Rig(tmp_path, db_url, proxy=False) as rig:
+        proxy = rig.start_proxy(db_url="postgresql://sg@127.0.0.1:1/sg?password=pw-Zq81x-query")
+        rig.client().find_one("Project", [])  # passes (no-replica); the proxy retries the database meanwhile
+        assert proxy.lines_with("cannot open the replica"), "the failure is logged"
+        assert "Zq81x" not in proxy.output()
 
 
 def test_the_log_filter_masks_messages_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
