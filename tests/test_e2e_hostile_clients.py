@@ -127,3 +127,18 @@ def test_an_upload_form_sg_refuses_does_not_turn_caching_off(tmp_path: Path, db_
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 200") and answer.split(b"\r\n\r\n", 1)[1].startswith(b"0"), answer
         assert sg.find(*query) and rig.reads() == before, "the refused upload turned caching off"
+
+
+def test_long_text_filters_do_not_open_the_database_breaker(tmp_path: Path, db_url: str) -> None:
+    """A client SG accepted sends reads with a 60,000-character ``contains``. SQLite refuses a LIKE
+    pattern that long ("LIKE or GLOB pattern too complex"): before, that counted as the database
+    failing, and three such reads opened the breaker: every client's reads passed db-backoff."""
+    with Rig(tmp_path, db_url) as rig:
+        sg = rig.client()
+        sg.find_one("Project", [])
+        for relation in ("contains", "not_contains", "ends_with", "contains"):  # consecutive: SG answers them
+            assert sg.find("Shot", [["code", relation, "x" * 60_000]], ["code"]) == \
+                rig.direct().find("Shot", [["code", relation, "x" * 60_000]], ["code"])
+        before = rig.reads()
+        assert sg.find("Shot", [["code", "is", "sh010"]], ["code"])
+        assert rig.reads() == before, sg.info()["sgcache"]["passes"]

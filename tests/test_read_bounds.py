@@ -129,6 +129,7 @@ def test_slow_and_huge_reads_never_open_the_breaker(service: CacheService) -> No
     (sqlite3.OperationalError("Expression tree is too large (maximum depth 1000)"), "too-large", False),
     (sqlite3.OperationalError("too many SQL variables"), "too-large", False),
     (sqlite3.OperationalError("string or blob too big"), "too-large", False),
+    (sqlite3.OperationalError("LIKE or GLOB pattern too complex"), "too-large", False),  # a long 'contains'
     (sqlite3.OperationalError("database is locked"), "db-error", True),
     (sqlite3.OperationalError("unable to open database file"), "db-error", True),
 ])

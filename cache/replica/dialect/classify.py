@@ -18,7 +18,8 @@ _PG_MISSING = {"42P01", "42703", "3F000"}  # undefined table, undefined column, 
 #: SQLite's messages, PostgreSQL's SQLSTATE class 54 (program limit exceeded).
 _TOO_LARGE_TEXT = ("expression tree is too large", "too many sql variables", "string or blob too big",
                    "too many terms in compound select", "parser stack overflow", "too many columns",
-                   "too many arguments on function", "too many fts", "at most 64 tables in a join")
+                   "too many arguments on function", "too many fts", "at most 64 tables in a join",
+                   "like or glob pattern too complex")  # a 'contains' of over 50,000 bytes
 
 
 def classify_error(exc: BaseException) -> tuple[str, bool]:
