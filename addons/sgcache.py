@@ -375,8 +375,15 @@ class SGCache:
 
     def _site_api3_now(self, flow: http.HTTPFlow) -> bool:
         r = flow.request
-        return (self.site is not None and is_api3(r.method, r.path, self.api_path) and one_host(r)
-                and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+        return is_api3(r.method, r.path, self.api_path) and self._to_site(r)
+
+    def _to_site(self, r: http.Request) -> bool:
+        """Sent to the site: its scheme, host and port, and every name SG's front end may route
+        by names it: the Host header, and an absolute request line's host (``POST http://other/...``;
+        reverse mode sends it on as written, rewriting only the Host header)."""
+        site = self.site
+        return (site is not None and one_host(r) and site.matches(r.scheme, r.host, r.port, r.host_header)
+                and (not r.authority or site.matches(r.scheme, r.host, r.port, r.authority)))
 
     @staticmethod
     def _answered_here(flow: http.HTTPFlow) -> bool:
@@ -387,8 +394,7 @@ class SGCache:
     def _is_site_upload(self, flow: http.HTTPFlow) -> bool:
         """An upload form to the site, which may change entities (cache/proxy/uploads.py)."""
         r = flow.request
-        return (self.site is not None and is_upload(r.method, r.path) and one_host(r)
-                and self.site.matches(r.scheme, r.host, r.port, r.host_header))
+        return is_upload(r.method, r.path) and self._to_site(r)
 
     @staticmethod
     def _upload_refused(flow: http.HTTPFlow) -> bool:

@@ -9,8 +9,15 @@ import socket
 import ssl
 import struct
 import time
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
+import pytest
+import shotgun_api3
+
+from .fakesg import FakeSite
+from .fakesg import server as fakesg_server
 from .proxyharness import Proxy
 from .rig import Rig
 
@@ -142,3 +149,56 @@ def test_long_text_filters_do_not_open_the_database_breaker(tmp_path: Path, db_u
         before = rig.reads()
         assert sg.find("Shot", [["code", "is", "sh010"]], ["code"])
         assert rig.reads() == before, sg.info()["sgcache"]["passes"]
+
+
+@pytest.fixture
+def routes_by_request_line(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeSite]:
+    """Make the fake SG a shared front end that routes a request whose request line is absolute
+    (``POST http://tenant/api3/json``) to the tenant it names, as RFC 9112 has an origin server do
+    (nginx picks its virtual host so): the returned dict maps such names to their sites."""
+    tenants: dict[str, FakeSite] = {}
+    plain_site, plain_handle = fakesg_server._Handler.site, fakesg_server._Handler._handle
+
+    def site(self: Any) -> FakeSite:
+        return getattr(self, "tenant", None) or plain_site.fget(self)  # type: ignore[attr-defined]
+
+    def handle(self: Any) -> None:
+        target = urllib.parse.urlsplit(self.path)
+        self.tenant = tenants.get(target.netloc) if target.scheme else None
+        if target.scheme:
+            self.path = target.path
+        plain_handle(self)
+
+    monkeypatch.setattr(fakesg_server._Handler, "site", property(site))
+    monkeypatch.setattr(fakesg_server._Handler, "do_POST", handle)
+    return tenants
+
+
+def test_a_request_line_naming_another_tenant_never_verifies_a_credential_for_the_site(
+        tmp_path: Path, db_url: str, routes_by_request_line: dict[str, FakeSite]) -> None:
+    """Reverse mode: mitmproxy sends the target an absolute-form request line as the client wrote
+    it (only the Host header is rewritten). A client owning a script at another tenant of the same
+    front end posted ``POST http://other-tenant/api3/json`` with that script's key: the proxy took
+    it for the site's (host, port and Host header are the target's), the other tenant accepted the
+    key, and the proxy then served that key the site's replica, a site where it does not exist."""
+    other = FakeSite.basic()
+    other.add_script("intruder", "ik-other-tenant")
+    routes_by_request_line["other-tenant.example"] = other
+    with Rig(tmp_path, db_url, mode="reverse") as rig:
+        assert rig.proxy is not None and rig.proxy.port is not None
+        body = json.dumps({"method_name": "read", "params": [
+            {"script_name": "intruder", "script_key": "ik-other-tenant"},
+            {"type": "Project", "filters": {"logical_operator": "and", "conditions": []}, "return_fields": ["name"]},
+        ]}).encode()
+        with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
+            sock.sendall((f"POST http://other-tenant.example/api3/json HTTP/1.1\r\nHost: 127.0.0.1:{rig.proxy.port}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+                         .encode() + body)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert b'"results"' in answer, answer  # the other tenant's answer, relayed
+        assert b"X-SGCache: pass; reason=other-site" in answer, answer
+        intruder = rig.client(script_name="intruder", api_key="ik-other-tenant")
+        with pytest.raises(shotgun_api3.AuthenticationFault):
+            intruder.find("Shot", [], ["code"])  # the site itself does not know the script
