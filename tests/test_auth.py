@@ -214,6 +214,18 @@ def test_verdict_table() -> None:
     assert verdict(["read"], OK) is None
 
 
+@pytest.mark.parametrize("method", ["INFO", "info ", "Info", "no_such_method", "read\x00", ""])
+def test_a_method_sg_may_not_authenticate_never_verifies(method: str) -> None:
+    # SG's routing of a name shotgun_api3 never sends is not known: it may be info's, unauthenticated
+    assert verdict(method, OK) is None
+    assert verdict(method, AUTH_FAULT) is False  # a refusal of the credential still counts
+
+
+@pytest.mark.parametrize("method", ["read", "create", "batch", "schema_read", "summarize", "get_session_token"])
+def test_the_methods_shotgun_api3_sends_verify(method: str) -> None:
+    assert verdict(method, OK) is True
+
+
 def test_only_hashes_are_kept(creds: CredentialCache) -> None:
     creds.observe("read", SITE, SCRIPT, OK)
     assert all(isinstance(k, bytes) and b"right-key" not in k for k in creds._accepted)

@@ -32,6 +32,17 @@ from cache import fastjson
 
 #: API3 methods SG answers without authenticating the caller.
 UNAUTHENTICATED_METHODS = frozenset({"info"})
+#: The API3 methods shotgun_api3 calls that SG answers only for credentials it accepts: a success
+#: to one of these verifies the credential. Any other name (``INFO``, ``info ``, a method SG may
+#: add) is not known to be authenticated by SG, so its success proves nothing.
+AUTHENTICATED_METHODS = frozenset({
+    "activity_stream", "batch", "create", "delete", "export_page", "follow", "followers", "following",
+    "get_session_token", "note_thread_contents", "preferences_read", "query_display_name_cache", "read",
+    "revive", "schema_entity_read", "schema_field_create", "schema_field_delete", "schema_field_read",
+    "schema_field_update", "schema_read", "summarize", "unfollow", "update",
+    "update_project_last_accessed_by_current_user", "user_subscriptions_create", "user_subscriptions_read",
+    "work_schedule_read", "work_schedule_update",
+})
 #: SG's error codes for refused credentials (AuthenticationFault, 2FA, SSO, Oxygen).
 AUTH_ERROR_CODES = frozenset({102, 106, 108, 110})
 #: Auth keys whose answers SG may filter by the user's permission rules.
@@ -56,7 +67,8 @@ def site_of(scheme: str, host: str, port: int) -> str:
 
 def verdict(method: Any, reply: Any) -> bool | None:
     """What SG's decoded ``reply`` to ``method`` says of the credentials it was sent with:
-    True (accepted), False (refused) or None (nothing)."""
+    True (accepted: a success to a method of :data:`AUTHENTICATED_METHODS`), False (refused, to
+    any method) or None (nothing)."""
     if not isinstance(method, str) or method in UNAUTHENTICATED_METHODS:
         return None
     if not isinstance(reply, Mapping):
@@ -64,7 +76,7 @@ def verdict(method: Any, reply: Any) -> bool | None:
     if reply.get("exception") or "error_code" in reply:
         refused = reply.get("exception") and reply.get("error_code") in AUTH_ERROR_CODES
         return False if refused else None
-    if "results" not in reply:
+    if "results" not in reply or method not in AUTHENTICATED_METHODS:
         return None
     return True
 
