@@ -37,6 +37,7 @@ from cache.mitm.flows import (  # noqa: E402
     client_chose_destination,
     declared_size,
     form_of,
+    forwarded_hosts,
     made_response,
     one_host,
     one_line_refusals,
@@ -379,11 +380,13 @@ class SGCache:
 
     def _to_site(self, r: http.Request) -> bool:
         """Sent to the site: its scheme, host and port, and every name SG's front end may route
-        by names it: the Host header, and an absolute request line's host (``POST http://other/...``;
-        reverse mode sends it on as written, rewriting only the Host header)."""
+        by names it: the Host header, an absolute request line's host (``POST http://other/...``;
+        reverse mode sends it on as written, rewriting only the Host header) and a forwarded host
+        (``X-Forwarded-Host``, ``Forwarded: host=``: a front end may take the tenant from it)."""
         site = self.site
         return (site is not None and one_host(r) and site.matches(r.scheme, r.host, r.port, r.host_header)
-                and (not r.authority or site.matches(r.scheme, r.host, r.port, r.authority)))
+                and (not r.authority or site.matches(r.scheme, r.host, r.port, r.authority))
+                and all(site.matches(r.scheme, r.host, r.port, name) for name in forwarded_hosts(r)))
 
     @staticmethod
     def _answered_here(flow: http.HTTPFlow) -> bool:

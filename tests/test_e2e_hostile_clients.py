@@ -202,3 +202,40 @@ def test_a_request_line_naming_another_tenant_never_verifies_a_credential_for_th
         intruder = rig.client(script_name="intruder", api_key="ik-other-tenant")
         with pytest.raises(shotgun_api3.AuthenticationFault):
             intruder.find("Shot", [], ["code"])  # the site itself does not know the script
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-Host: other-tenant.example",
+                                    "Forwarded: for=10.0.0.1;host=other-tenant.example;proto=https",
+                                    "X-Original-Host: other-tenant.example", "X-Host: other-tenant.example"])
+def test_a_forwarded_host_naming_another_tenant_is_not_the_sites_request(tmp_path: Path, db_url: str,
+                                                                         header: str) -> None:
+    """A front end (Rails among them) may take the tenant from a forwarded-host header rather than
+    from Host: a request naming another tenant there is not taken for the site's (never a hit,
+    never verifying a credential for it), as with another Host header."""
+    from .rig import KEY, SCRIPT
+    with Rig(tmp_path, db_url) as rig:
+        assert rig.proxy is not None and rig.proxy.port is not None
+        rig.client().find("Shot", [], ["code"])  # the credential is the site's, verified
+        body = json.dumps({"method_name": "read", "params": [
+            {"script_name": SCRIPT, "script_key": KEY},
+            {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}, "return_fields": ["code"],
+             "paging": {"entities_per_page": 500, "current_page": 1}, "return_only": "active"},
+        ]}).encode()
+        host = rig.url.split("://", 1)[1]
+
+        def sent(extra: str) -> bytes:
+            with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
+                sock.sendall((f"POST {rig.url}/api3/json HTTP/1.1\r\nHost: {host}\r\n{extra}"
+                              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                              "Connection: close\r\n\r\n").encode() + body)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            return answer
+
+        control = sent("")
+        assert b"X-SGCache: hit" in control, control.split(b"\r\n\r\n")[0]
+        assert b"X-SGCache: pass; reason=other-site" in sent(header + "\r\n")
+        # the site's own name there is the site's request
+        assert b"X-SGCache: hit" in sent(f"{header.split(':', 1)[0]}: {host}\r\n".replace(
+            "for=10.0.0.1;host=other-tenant.example;proto=https", f"host={host}"))

@@ -97,6 +97,27 @@ def one_host(request: http.Request) -> bool:
     return request.host_header is not None and len(request.headers.get_all("host")) <= 1
 
 
+#: Headers a front end may take a request's host from instead of ``Host`` (Rails does, from
+#: X-Forwarded-Host, when it trusts the proxy in front of it).
+FORWARDED_HOST_HEADERS = frozenset({b"x-forwarded-host", b"x-original-host", b"x-host"})
+
+
+def forwarded_hosts(request: http.Request) -> list[str]:
+    """The names a front end may route ``request`` by besides its Host header: those of
+    X-Forwarded-Host (a list), X-Original-Host, X-Host, and the ``host=`` of RFC 7239's Forwarded."""
+    names: list[str] = []
+    for key, value in request.headers.fields:
+        key = key.lower()
+        if key in FORWARDED_HOST_HEADERS:
+            names.extend(name.strip() for name in value.decode("latin-1").split(","))
+        elif key == b"forwarded":
+            for pair in value.decode("latin-1").replace(",", ";").split(";"):
+                name, sep, given = pair.partition("=")
+                if sep and name.strip().lower() == "host":
+                    names.append(given.strip().strip('"'))
+    return names
+
+
 def peer_of(flow: http.HTTPFlow) -> str:
     """The client's address, for the log."""
     peer = flow.client_conn.peername
