@@ -38,9 +38,9 @@ def test_large_writes_and_answers_go_through_and_read_back_right(tmp_path: Path,
 
 
 def test_a_large_write_is_marked_again_once_sg_answers_it(tmp_path: Path, db_url: str) -> None:
-    """A body too large to decode marks every cached type before it is sent; SG takes a while over
-    it, and an ingester poll meanwhile (the write not committed yet) clears those marks, being later
-    than them. Marked again once SG answers, the writer's read back is SG's (before: the old row, a hit)."""
+    """SG takes a while over a body too large to decode, and an ingester poll runs meanwhile (the
+    write not committed yet). Every cached type is marked once SG answered (a mark made before, the
+    poll would have cleared, being later than it): the writer's read back is SG's, not the old row."""
     with Rig(tmp_path, db_url) as rig:
         rig.run("ingest-events", "--once")  # the cursor where the scan left it
         sg, direct = rig.client(), rig.direct()
@@ -60,11 +60,39 @@ def test_a_large_write_is_marked_again_once_sg_answers_it(tmp_path: Path, db_url
         writer = threading.Thread(target=lambda: done.append(
             sg.update("Shot", shot["id"], {"code": "sh010-renamed", "description": big})))
         writer.start()
-        time.sleep(2.0)  # the proxy marked everything and sent the write; SG works on it
+        time.sleep(2.0)  # the proxy sent the write; SG works on it
         rig.run("ingest-events", "--once")  # a poll meanwhile (every second in production)
         writer.join(60)
         assert done and done[0]["code"] == "sh010-renamed"
         assert read()["code"] == "sh010-renamed", "the writer read its large write back stale"
+
+
+def test_a_large_body_sg_refuses_does_not_turn_caching_off(tmp_path: Path, db_url: str) -> None:
+    """A client without credentials posts a body over ``api3.MAX_BODY``; SG refuses it (its error
+    envelope), so nothing changed. Before: every cached type was marked pending before the body was
+    sent (whoever sent it) and again after, and every client's reads passed (pending-write) until
+    the ingester caught up (without one, for good)."""
+    with Rig(tmp_path, db_url) as rig:
+        sg = rig.client()
+        sg.find_one("Project", [])
+        shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["id"])
+        assert raw_read(rig, shot["id"])[0] == "hit"
+        args = {"type": "Shot", "filters": {"logical_operator": "and", "conditions": []}, "return_fields": ["code"],
+                "padding": "p" * (api3.MAX_BODY + 1024)}
+        body = json.dumps({"method_name": "read", "params": [{"script_name": "nobody", "script_key": "x"}, args]})
+        status, header, reply = raw_post(rig, body.encode())
+        assert status == 200 and json.loads(reply)["exception"] is True and header == "pass; reason=large-body"
+        assert raw_read(rig, shot["id"])[0] == "hit", "a refused large body turned caching off"
+
+
+def raw_post(rig: Rig, body: bytes, path: str = "/api3/json",
+             headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """POST ``body`` to the site's ``path`` through the proxy: (status, X-SGCache header, body)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
+    req = urllib.request.Request(rig.server.url + path, data=body, method="POST",
+                                 headers=headers or {"Content-Type": "application/json; charset=utf-8"})
+    with opener.open(req, timeout=120) as resp:
+        return resp.status, resp.headers.get("X-SGCache", ""), resp.read()
 
 
 def raw_read(rig: Rig, shot_id: int) -> tuple[str, Any]:
@@ -73,8 +101,5 @@ def raw_read(rig: Rig, shot_id: int) -> tuple[str, Any]:
             "filters": {"logical_operator": "and", "conditions": [{"path": "id", "relation": "is", "values": [shot_id]}]},
             "paging": {"entities_per_page": 1, "current_page": 1}}
     body = json.dumps({"method_name": "read", "params": [{"script_name": SCRIPT, "script_key": KEY}, args]}).encode()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
-    req = urllib.request.Request(rig.server.url + "/api3/json", data=body, method="POST",
-                                 headers={"Content-Type": "application/json; charset=utf-8"})
-    with opener.open(req, timeout=60) as resp:
-        return resp.headers.get("X-SGCache", ""), json.loads(resp.read())
+    _status, header, reply = raw_post(rig, body)
+    return header, json.loads(reply)

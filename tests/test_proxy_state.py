@@ -10,7 +10,7 @@ import re
 import pytest
 import shotgun_api3
 
-from cache.proxy import answers
+from cache.proxy import answers, api3
 from cache.proxy.auth import CredentialCache, site_of
 from cache.proxy.credentials import answered_by_sg, decodes_as_json, record_answer
 from cache.proxy.flowstate import KEY, FlowState, state_of
@@ -118,6 +118,19 @@ def test_an_upload_form_sg_refused_changed_nothing() -> None:
     assert refused(200, b"0Authentication failed") and refused(403, b"") and refused(413, None)
     assert not refused(200, b"1:7\n") and not refused(200, None)  # linked; or the answer was not read
     assert not refused(502, b"") and not refused(500, b"0oops")  # SG may have linked it before failing
+
+
+def test_which_api3_answers_show_sg_changed_nothing_or_may_have_changed_something() -> None:
+    error, results = api3.encode_error("no"), api3.encode_results({"id": 1})
+    big = b'{"exception": true, "pad": "' + b"x" * api3.SMALL_ANSWER + b'"}'
+    # a body too large to decode: only SG's refusal leaves the cache on
+    assert api3.changed_nothing(200, error) and api3.changed_nothing(403, b"") and api3.changed_nothing(413, b"<html>")
+    assert not api3.changed_nothing(200, results) and not api3.changed_nothing(200, b"not json")
+    assert not api3.changed_nothing(502, error) and not api3.changed_nothing(500, b"") and not api3.changed_nothing(200, big)
+    # a call the proxy did not decode: only SG's success marks
+    assert api3.succeeded(200, results) and api3.succeeded(200, big) and api3.succeeded(200, b'{"results": null}')
+    assert not api3.succeeded(200, error) and not api3.succeeded(200, b"not json") and not api3.succeeded(200, b"[1]")
+    assert not api3.succeeded(404, results) and not api3.succeeded(502, results)
 
 
 def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:

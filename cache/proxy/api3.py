@@ -11,6 +11,9 @@ from cache import fastjson
 
 #: Largest body the proxy will parse; bigger ones pass through untouched.
 MAX_BODY = 32 * 1024 * 1024
+#: SG answers no larger than this are decoded to tell its error envelope from a success; a larger
+#: one is taken for a success (it may report a write).
+SMALL_ANSWER = 4 * 1024 * 1024
 #: SG's error code for a failed authentication (the client raises AuthenticationFault).
 AUTH_ERROR_CODE = 102
 
@@ -63,3 +66,23 @@ def decode_response(body: bytes) -> Any:
 
 def is_error(reply: Any) -> bool:
     return isinstance(reply, dict) and bool(reply.get("exception"))
+
+
+def changed_nothing(status: int, body: bytes) -> bool:
+    """SG's answer shows the call changed nothing: an HTTP 4xx, or a 200 carrying its error envelope
+    (decoded only up to ``SMALL_ANSWER``). A 5xx, another status, or a body that is not JSON may
+    report a call SG applied."""
+    if 400 <= status < 500:
+        return True
+    return status == 200 and len(body) <= SMALL_ANSWER and is_error(decode_response(body))
+
+
+def succeeded(status: int, body: bytes) -> bool:
+    """SG's answer may report a call it applied: a 200 carrying its success envelope (a JSON object
+    with ``results``), or one too large to decode (``SMALL_ANSWER``)."""
+    if status != 200:
+        return False
+    if len(body) > SMALL_ANSWER:
+        return True
+    reply = decode_response(body)
+    return isinstance(reply, dict) and "results" in reply

@@ -47,6 +47,8 @@ T = TypeVar("T")
 FIELD_CHANGES = frozenset({"schema_field_update", "schema_field_delete"})
 #: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
 BIG_BODY = 64 * 1024
+#: The proxy's answers to a write that never left it (its sender could not send it).
+NOT_SENT = frozenset({"sg-unreachable", "unsendable"})
 
 
 @dataclass(frozen=True)
@@ -214,27 +216,32 @@ class SiteCalls:
         return reply
 
     async def _send_large(self, call: Call, state: FlowState) -> Answer | upstream.Reply:
-        """A body too large to decode (``api3.MAX_BODY``) may be a write: every cached type is
-        marked pending (reads pass until the ingester is past it), then it is sent once, as a
-        write is; SG's answer is relayed, not decoded."""
+        """A body too large to decode (``api3.MAX_BODY``) may be a write: it is sent once, as a write
+        is, and SG's answer relayed, not decoded. Unless SG's answer shows it changed nothing (a 4xx,
+        or its error envelope), every cached type is marked pending before the client has it (reads
+        pass until the ingester is past it). Nothing is marked before it is sent: a read meanwhile is
+        concurrent with the write (either answer is right), and the mark made once SG answered is
+        the one the writer's read back needs (a poll while SG worked on it would clear an earlier one)."""
         if self.outages.is_down(call.request.host, self.offline):
             return self.answered(state, answers.unreachable(call.request.host, "request"))
-        service = await self.service()
-        if service is not None:
-            await self._run(service.uploaded, None)
         reply = await self.writes.send(self.replica, call.request, state, self.tls() if call.request.scheme == "https"
                                        else None)
-        service = self.replica.service
-        if service is not None:
-            # again once SG has it: an ingester poll while SG worked on it (before it committed)
-            # cleared the first marks, being later than them
-            await self._run(service.uploaded, None)
         if isinstance(reply, Answer):
+            if reply.reason not in NOT_SENT:  # sent, no answer: it may have been applied
+                await self.uploaded(None)
             return self.answered(state, reply)
+        if not await self._judge(api3.changed_nothing, reply.status, reply.body):
+            await self.uploaded(None)
         state.sg_status = reply.status
         state.from_sg = True
         self.passes(state, "large-body")
         return reply
+
+    async def _judge(self, test: Callable[[int, bytes], bool], status: int, body: bytes) -> bool:
+        """``test(status, body)`` of SG's answer, off the event loop when the body is big."""
+        if len(body) > BIG_BODY and len(body) <= api3.SMALL_ANSWER:
+            return await self._run(test, status, body)
+        return test(status, body)
 
     async def _answer_offline(self, call: Call, req: api3.Api3Request, state: FlowState) -> Answer:
         """SG is down: serve what the replica can (marked stale), refuse writes in SG's envelope."""
@@ -309,6 +316,8 @@ class SiteCalls:
         """The request hook failed after the proxy's sender took a write (a bug): SG may have it,
         so it is answered as a write whose outcome is unknown, never passed on to be sent again."""
         what = f"sgcache failed after the {state.method or 'write'} was handed to SG"
+        if state.method is None:  # a body too large to decode: what it could change is unknown
+            await self.uploaded(None)
         return self.answered(state, await self.writes.outcome_unknown(self.replica, state, what))
 
     async def _unlearnt(self, method: str, args: object) -> None:
