@@ -60,7 +60,14 @@ from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.memory import Trimmer  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
-from cache.proxy.routing import API3_PATH, api3_path, decrypt_patterns, is_api3, served_site  # noqa: E402
+from cache.proxy.routing import (  # noqa: E402
+    API3_PATH,
+    api3_path,
+    decrypt_patterns,
+    is_api3,
+    may_be_api3,
+    served_site,
+)
 from cache.proxy.sending import WRITE_METHODS  # noqa: E402
 from cache.proxy.service import CacheService  # noqa: E402
 from cache.proxy.uploads import changed_types, is_upload  # noqa: E402
@@ -237,16 +244,21 @@ class SGCache:
             quick_ack(flow.client_conn.id)
             flow.request.stream = False  # the body must be read to be answered locally
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
         """SG's answer to the site's API3 is read whole (learnt from), even with ``stream_large_bodies``;
-        but one larger than ``sgcache_max_answer`` (not learnt from) is streamed to the client."""
-        if flow.response is not None and self._is_site_api3(flow):
+        but one larger than ``sgcache_max_answer`` (not learnt from) is streamed to the client. A streamed
+        answer to a call the proxy did not decode (``FlowState.undecoded``) marks before its headers leave."""
+        response, state = flow.response, state_of(flow.metadata)
+        if response is not None and self._is_site_api3(flow):
             limit = self.calls.reads.max_answer
-            streamed = bool(limit) and not self._answered_here(flow) and declared_size(flow.response) > limit
-            flow.response.stream = streamed
-            reason = state_of(flow.metadata).pass_reason
-            if streamed and reason is not None:  # its headers leave now: marked here, not in the response hook
-                flow.response.headers[HEADER] = pass_header(reason)
+            streamed = bool(limit) and not self._answered_here(flow) and declared_size(response) > limit
+            response.stream = streamed
+            if streamed and state.pass_reason is not None:  # its headers leave now: marked here, not in the response hook
+                response.headers[HEADER] = pass_header(state.pass_reason)
+        if response is not None and response.stream and state.undecoded:
+            state.undecoded = False  # streamed unread: taken as an answer too large to decode
+            await self.calls.undecoded_answered(response.status_code, None, flow.request.raw_content,
+                                                flow.request.headers.get("content-encoding", ""))
 
     async def server_connect(self, data: Any) -> None:
         """The last word on every upstream connection a client's choice opens (belt to the hooks above)."""
@@ -289,7 +301,11 @@ class SGCache:
     # -- hooks: API3 calls to the site ---------------------------------------------------
     async def request(self, flow: http.HTTPFlow) -> None:
         r = flow.request
-        if flow.response is not None or not is_api3(r.method, r.path, self.api_path):
+        if flow.response is not None:
+            return
+        if not is_api3(r.method, r.path, self.api_path):
+            if may_be_api3(r.method, r.path, self.api_path) and self._to_site(r):
+                state_of(flow.metadata).undecoded = True  # SG may route it as API3: its success marks
             return
         state = state_of(flow.metadata)
         if self.site is None:
@@ -317,12 +333,17 @@ class SGCache:
             flow.response.reason = outcome.reason
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        state = state_of(flow.metadata)
         try:
             if self._is_site_upload(flow) and not self._upload_refused(flow):
                 await self._uploaded(flow)
+            if state.undecoded and (response := flow.response) is not None:  # (not a hit: no work there)
+                await self.calls.undecoded_answered(response.status_code,
+                                                    lambda: response.get_content(strict=False) or b"",
+                                                    flow.request.raw_content,
+                                                    flow.request.headers.get("content-encoding", ""))
             await self._learn(flow)
         finally:
-            state = state_of(flow.metadata)
             if (self.in_flight.draining and flow.response is not None
                     and not next_page_expected(state.method, state.args, state.rows)):
                 flow.response.headers["Connection"] = "close"  # stopping: the client goes elsewhere

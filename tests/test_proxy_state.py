@@ -4,8 +4,10 @@ outages, the offline info copy, counters, which answers verify a credential."""
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import re
+import zlib
 
 import pytest
 import shotgun_api3
@@ -17,7 +19,15 @@ from cache.proxy.flowstate import KEY, FlowState, state_of
 from cache.proxy.metrics import Counters
 from cache.proxy.offline import InfoCopies
 from cache.proxy.outage import OUTAGE_SECONDS, Outages, never_connected
-from cache.proxy.routing import NO_HOST, api3_path, decrypt_patterns, hostport, is_api3, served_site
+from cache.proxy.routing import (
+    NO_HOST,
+    api3_path,
+    decrypt_patterns,
+    hostport,
+    is_api3,
+    may_be_api3,
+    served_site,
+)
 from cache.proxy.uploads import changed_types, is_upload, refused
 from cache.replica.site import Site, SiteError
 
@@ -78,6 +88,13 @@ def test_only_the_site_and_named_hosts_are_decrypted() -> None:
     for other in ("/api3/json?x=1", "/api3/json?", "/some/prefix/api3/json", "/API3/json", "/api3/json/"):
         assert not is_api3("POST", other), other
     assert is_api3("POST", "/sg/api3/json", "/sg/api3/json") and not is_api3("POST", "/api3/json", "/sg/api3/json")
+    # ... but a lenient router may take them for API3 calls: SG's success to them marks every type
+    for other in ("/api3/json?x=1", "/api3/json?", "/API3/json", "/api3/json/", "//api3//json", "/api3/%6Ason",
+                  "/api3/json.json", "/api3/json#x"):
+        assert may_be_api3("POST", other), other
+    for other in ("/api3/json2", "/some/prefix/api3/json", "/api3", "/upload/upload_file", "/api3/json/x"):
+        assert not may_be_api3("POST", other), other
+    assert not may_be_api3("GET", "/api3/json/") and may_be_api3("POST", "/SG/api3/json/", "/sg/api3/json")
 
 
 @pytest.mark.parametrize("url", ["https://sg.example.com", "https://sg.example.com/", "https://sg.example.com/sg",
@@ -131,6 +148,23 @@ def test_which_api3_answers_show_sg_changed_nothing_or_may_have_changed_somethin
     assert api3.succeeded(200, results) and api3.succeeded(200, big) and api3.succeeded(200, b'{"results": null}')
     assert not api3.succeeded(200, error) and not api3.succeeded(200, b"not json") and not api3.succeeded(200, b"[1]")
     assert not api3.succeeded(404, results) and not api3.succeeded(502, results)
+
+
+def test_a_body_the_proxy_did_not_decode_is_read_every_way_a_lenient_server_could() -> None:
+    read, update = (json.dumps({"method_name": m, "params": []}).encode() for m in ("read", "update"))
+    assert api3.lenient_methods(read, "") == {"read"} and api3.lenient_methods(update, "") == {"update"}
+    assert api3.lenient_methods(gzip.compress(update), "gzip") == {"update"}  # inflated
+    assert api3.lenient_methods(gzip.compress(gzip.compress(read)), "gzip, gzip") == {"read"}
+    assert api3.lenient_methods(zlib.compress(read), "Deflate") == {"read"}
+    assert api3.lenient_methods(read, "gzip") == {"read"}  # not gzip: only as sent
+    assert api3.lenient_methods(read, "br") == {"read"}  # JSON as sent; brotli is not inflated here
+    assert api3.lenient_methods(b"\x8b\x0b\x80binary", "br") == {None}  # nothing found: anything
+    assert api3.lenient_methods(update.decode().encode("utf-16"), "") == {"update"}
+    assert api3.lenient_methods(b'{"method_name": "update", "x": NaN}', "") == {"update"}
+    assert api3.lenient_methods(b'{"params": []}', "") == {None} and api3.lenient_methods(b"[]", "") == {None}
+    bomb = gzip.compress(b" " * (api3.MAX_BODY + 1))
+    assert api3.lenient_methods(bomb, "gzip") == {None}  # not inflated past MAX_BODY
+    assert api3.lenient_methods(read + b" " * api3.MAX_BODY, "") == {None}  # nor read
 
 
 def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:

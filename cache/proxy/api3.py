@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,3 +87,54 @@ def succeeded(status: int, body: bytes) -> bool:
         return True
     reply = decode_response(body)
     return isinstance(reply, dict) and "results" in reply
+
+
+#: zlib's window bits for each request Content-Encoding a lenient server might inflate.
+_INFLATE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+def lenient_methods(body: bytes, content_encoding: str) -> set[str | None]:
+    """The ``method_name`` of each way a lenient server could read a body the proxy did not decode
+    and answer it with success: as sent, and inflated per ``content_encoding`` (gzip, deflate; at
+    most ``MAX_BODY``), as JSON in any UTF (a BOM too; NaN allowed; invalid UTF-8 replaced). A reading
+    that fails (not JSON, not valid gzip) is left out: SG's success was not that one. None stands for
+    what may be anything: a reading without a ``method_name``, or no reading found (an encoding not
+    inflated here, brotli say, whose body is not JSON as sent either; a body over ``MAX_BODY``)."""
+    if len(body) > MAX_BODY:
+        return {None}
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    readings, methods = [body], set[str | None]()
+    try:
+        inflated: bytes | None = body
+        for coding in reversed(codings):
+            inflated = None if inflated is None else _inflate(inflated, coding)
+        if inflated is not None and codings:
+            readings.append(inflated)
+    except ValueError:  # not what it says it is: a server inflating it would have failed
+        pass
+    for data in readings:
+        for text in (data, data.decode("utf-8", "replace")):
+            try:
+                decoded = json.loads(text)
+            except (ValueError, RecursionError):
+                continue
+            method = decoded.get("method_name") if isinstance(decoded, dict) else None
+            methods.add(method if isinstance(method, str) else None)
+            break
+    return methods or {None}
+
+
+def _inflate(body: bytes, coding: str) -> bytes | None:
+    """``body`` inflated from ``coding``; None when that is not done here (an unknown coding, over
+    ``MAX_BODY``). Raises ValueError when it is not valid ``coding``."""
+    wbits = _INFLATE.get(coding)
+    if wbits is None:
+        return None
+    for bits in (wbits, -15) if coding == "deflate" else (wbits,):  # deflate: zlib's, or raw
+        inflater = zlib.decompressobj(bits)
+        try:
+            data = inflater.decompress(body, MAX_BODY + 1)
+        except zlib.error:
+            continue
+        return data if len(data) <= MAX_BODY and not inflater.unconsumed_tail else None
+    raise ValueError(f"not {coding}")

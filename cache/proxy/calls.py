@@ -11,6 +11,8 @@ A call (decoded by the addon) is, in this order:
 SG's answer then teaches the credential cache (:mod:`.credentials`), gains the ``sgcache`` key
 when it answers ``info``, and is written into the replica when it answers a write. A 502, 503
 or 504 means SG is down: a read it failed is answered from the replica instead, marked stale.
+A call that may be a write the proxy cannot see into (a body too large or not decoded, another
+spelling of the API3 path) marks every cached type pending once SG answered it, unless SG refused it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ T = TypeVar("T")
 
 #: Calls that change a field's definition at SG (no event is logged for them).
 FIELD_CHANGES = frozenset({"schema_field_update", "schema_field_delete"})
+#: Calls whose answers teach the replica: one of these the proxy did not decode marks every type.
+LEARNT = WRITE_METHODS | FIELD_CHANGES
 #: Request bodies larger than this are decoded in a worker thread, off mitmproxy's event loop.
 BIG_BODY = 64 * 1024
 #: The proxy's answers to a write that never left it (its sender could not send it).
@@ -146,12 +150,14 @@ class SiteCalls:
         if encoding.strip().lower() not in ("", "identity"):
             # shotgun_api3 never compresses a request; what SG makes of one is SG's business
             self.passes(state, "content-encoding")
+            state.undecoded = True
             return None
         body = call.request.body
         # decoding a huge body on the event loop would stall every other client's request
         req = await self._run(api3.decode_request, body) if len(body) > BIG_BODY else api3.decode_request(body)
         if req is None:
             self.passes(state, "not-api3")
+            state.undecoded = True
         return req
 
     def passes(self, state: FlowState, reason: str) -> None:
@@ -311,6 +317,27 @@ class SiteCalls:
         elif state.method in FIELD_CHANGES and "results" in reply and isinstance(state.args, dict):
             await self._run(service.field_changed, state.args.get("type"), state.args.get("field_name"))
         return None
+
+    async def undecoded_answered(self, status: int, body: Callable[[], bytes] | None,
+                                 request_body: bytes | None, content_encoding: str) -> None:
+        """SG answered a POST to the site that may be an API3 call the proxy did not decode (another
+        spelling of the API3 path, a body it cannot read; ``FlowState.undecoded``). Its success envelope
+        (or an answer too large to decode, or streamed unread: ``body`` None) may report a write: every
+        cached type is marked pending before the client has it, unless every lenient reading of the
+        request (``request_body``, None when not read; :func:`api3.lenient_methods`) finds a method the
+        proxy never learns from (``read``, ``info``, ...). SG's error envelope, or any other status,
+        marks nothing."""
+        if status != 200 or (body is not None and not await self._judge(api3.succeeded, status, body())):
+            return
+        if request_body is not None:
+            big = len(request_body) > BIG_BODY
+            methods = (await self._run(api3.lenient_methods, request_body, content_encoding) if big
+                       else api3.lenient_methods(request_body, content_encoding))
+            if None not in methods and not methods & LEARNT:
+                return
+        log.info("SG answered a call the proxy did not decode with success: every cached type is "
+                 "pending until the ingester has its events")
+        await self.uploaded(None)
 
     async def failed_after_sending(self, state: FlowState) -> Answer:
         """The request hook failed after the proxy's sender took a write (a bug): SG may have it,

@@ -71,6 +71,9 @@ class FlowState:
     #: SG's answer to the write the addon sent was learnt in the trip that sent it (and the
     #: credentials' outcome recorded): the response hook has nothing left to learn.
     learnt = _Field[bool](False)
+    #: A POST to the site that may be an API3 call the proxy did not decode (another spelling of
+    #: the API3 path, a body it cannot read): SG's success envelope marks every cached type pending.
+    undecoded = _Field[bool](False)
     #: The request hook's decision: an API3 call to the site (None: not decided yet).
     site_api3 = _Field[bool | None](None)
     #: Why the relay policy refused the destination (for whoever inspects the flow).

@@ -4,7 +4,9 @@ Only the site's host (and the operator's ``sgcache_hosts``) is decrypted; every 
 connection is tunnelled untouched. Of the decrypted requests, only ``POST /api3/json`` (exactly
 the path shotgun_api3 builds from the site's URL, :func:`api3_path`) to the site itself (scheme,
 host, port and Host header) is answered or learnt from; another host's API3 passes
-(``other-site``), anything else is not the proxy's business.
+(``other-site``), anything else is not the proxy's business, but for a ``POST`` to the site that a
+lenient router could still take for an API3 call (:func:`may_be_api3`): SG's success envelope to it
+marks every cached type pending (it may have been a write).
 Where the proxy may connect at all is :mod:`cache.proxy.relay`'s decision.
 
 In reverse-proxy mode (``mitmdump --mode reverse:https://site``) clients name the proxy, not SG;
@@ -81,6 +83,19 @@ def is_api3(method: str, path: str, api_path: str = API3_PATH) -> bool:
     (``api_path``), without a query string (it sends none). Any other path, even one ending in
     ``/api3/json``, is not the proxy's business: SG (or whatever serves that path) answers it."""
     return method == "POST" and path == api_path
+
+
+def may_be_api3(method: str, path: str, api_path: str = API3_PATH) -> bool:
+    """Whether a request the proxy does not take for an API3 call (:func:`is_api3`) could still be
+    one to a lenient router (Rails-style): a ``POST`` to ``api_path`` but for a query string, a
+    trailing or doubled slash, percent-escapes, a format suffix (``.json``) or letter case."""
+    return method == "POST" and _loose(path) == _loose(api_path)
+
+
+def _loose(path: str) -> str:
+    path = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
+    path = re.sub(r"/+", "/", path).rstrip("/")
+    return re.sub(r"\.[^./]*$", "", path).lower()
 
 
 def hostport(host: str, port: int) -> str:

@@ -8,6 +8,7 @@ than a bare ProtocolError.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -60,7 +61,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         path = self.path
         self.site.record_raw(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body)
-        if self.command == "POST" and path.split("?", 1)[0] == API_PATH:
+        route = path.split("?", 1)[0]
+        if self.server.lenient_api3 and self.command == "POST":  # type: ignore[attr-defined]
+            # a lenient router (Rails-style): a trailing slash, any letter case; gzip bodies inflated
+            route = route.rstrip("/").lower()
+            if route == API_PATH and self.headers.get("Content-Encoding", "").strip().lower() == "gzip":
+                body = gzip.decompress(body)
+        if self.command == "POST" and route == API_PATH:
             request, answer = decode_call(body)
             if request is None:
                 self._send(200, answer)
@@ -132,10 +139,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(self, addr: tuple[str, int], site: FakeSite, ssl_context: ssl.SSLContext | None,
-                 latency: float = 0.0) -> None:
+                 latency: float = 0.0, lenient_api3: bool = False) -> None:
         self.site = site
         self.hostless_site: FakeSite | None = None
         self.latency = latency
+        self.lenient_api3 = lenient_api3
         self.ssl_context = ssl_context
         self.connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
@@ -192,13 +200,17 @@ class FakeSGServer:
     ``port=0`` picks a free port at the first :meth:`start`; later restarts reuse it, so a test can take
     the site down (:meth:`stop_listening`) and bring it back (:meth:`start`) at the same URL.
     ``latency``: seconds every API3 call waits before it is answered (a hosted site's round trip; set
-    before :meth:`start`).
+    before :meth:`start`). ``lenient_api3`` (set before :meth:`start`): also answer API3 calls posted
+    to ``/api3/json/`` or in another letter case, and inflate gzip request bodies, as a lenient router
+    might (by default only ``/api3/json``, with or without a query string, and plain bodies).
     """
 
     def __init__(self, site: FakeSite, host: str = "127.0.0.1", port: int = 0,
-                 tls_cert: str | None = None, tls_key: str | None = None, latency: float = 0.0) -> None:
+                 tls_cert: str | None = None, tls_key: str | None = None, latency: float = 0.0,
+                 lenient_api3: bool = False) -> None:
         self.site = site
         self.latency = latency
+        self.lenient_api3 = lenient_api3
         self.host = host
         self.port = port
         self.tls_cert = tls_cert
@@ -227,7 +239,7 @@ class FakeSGServer:
         if self.tls_cert:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.tls_cert, self.tls_key)
-        self._httpd = _Server((self.host, self.port), self.site, ctx, self.latency)
+        self._httpd = _Server((self.host, self.port), self.site, ctx, self.latency, self.lenient_api3)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"fakesg-{self.port}",
                                         kwargs={"poll_interval": 0.05}, daemon=True)

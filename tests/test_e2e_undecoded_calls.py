@@ -1,0 +1,93 @@
+"""API3 calls the proxy does not decode (a fake SG that routes leniently, mitmdump, a real shotgun_api3
+client reading back): a write posted to another spelling of the API3 path, or with a body the proxy
+cannot read, reaches SG untouched; once SG answers it with success, every cached type is marked pending
+before the writer has the answer, so the writer reads its write back right. SG's refusal marks nothing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from .rig import KEY, SCRIPT, Rig
+from .test_large_bodies_e2e import raw_post
+
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+
+
+def update_body(shot_id: int, value: str, script: str = SCRIPT, key: str = KEY, field: str = "code") -> bytes:
+    """An API3 update of a Shot's field, as shotgun_api3 sends it."""
+    args = {"type": "Shot", "id": shot_id, "fields": [{"field_name": field, "value": value}]}
+    return json.dumps({"method_name": "update", "params": [{"script_name": script, "script_key": key}, args]}).encode()
+
+
+def lenient_rig(tmp_path: Path, db_url: str, proxy: list[str] | None = None) -> Rig:
+    """A rig whose fake SG takes API3 calls at other spellings of the path and gzip bodies."""
+    rig = Rig(tmp_path, db_url, proxy=proxy or True)
+    rig.server.lenient_api3 = True
+    return rig
+
+
+@pytest.mark.parametrize(("path", "encoding"), [("/api3/json?x=1", ""), ("/api3/json/", ""), ("/API3/json", ""),
+                                                ("/api3/json", "gzip")])
+def test_a_write_the_proxy_does_not_decode_is_read_back_right(tmp_path: Path, db_url: str, path: str,
+                                                              encoding: str) -> None:
+    """Before: the write passed untouched and unmarked (not the API3 path, or ``content-encoding``),
+    SG applied it, and the writer's read back was the old row, a hit, until the ingester caught up."""
+    with lenient_rig(tmp_path, db_url) as rig:
+        sg = rig.client()
+        shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["code"])
+        read = lambda: sg.find_one("Shot", [["id", "is", shot["id"]]], ["code"])  # noqa: E731
+        before = rig.reads()
+        assert read()["code"] == "sh010" and rig.reads() == before, "a hit to begin with"
+        body, headers = update_body(shot["id"], "renamed"), dict(JSON_HEADERS)
+        if encoding:
+            body, headers["Content-Encoding"] = gzip.compress(body), encoding
+        status, _header, reply = raw_post(rig, body, path, headers)
+        assert status == 200 and json.loads(reply)["results"]["code"] == "renamed"  # SG applied it
+        assert read()["code"] == "renamed", "the writer read its write back stale"
+
+
+def test_reads_and_refused_calls_the_proxy_does_not_decode_mark_nothing(tmp_path: Path, db_url: str) -> None:
+    """A client without credentials posting writes to other spellings of the API3 path (or bodies the
+    proxy cannot read) gets SG's error envelope: nothing changed. A read posted so gets SG's answer,
+    and changed nothing either. Every client's reads stay hits."""
+    with lenient_rig(tmp_path, db_url) as rig:
+        sg = rig.client()
+        query = ("Shot", [["code", "is", "sh010"]], ["code"])
+        shot = sg.find_one(*query)
+        before = rig.reads()
+        assert sg.find_one(*query) and rig.reads() == before, "a hit to begin with"
+        refused = update_body(shot["id"], "nope", "nobody", "nothing")
+        gzipped = {**JSON_HEADERS, "Content-Encoding": "gzip"}
+        for path, body, headers in [("/api3/json/", refused, JSON_HEADERS), ("/api3/json", gzip.compress(refused), gzipped),
+                                    ("/api3/json?x=1", b"\xff not json", JSON_HEADERS)]:
+            status, _header, reply = raw_post(rig, body, path, headers)
+            assert status == 200 and json.loads(reply)["exception"] is True, reply
+        read = json.dumps({"method_name": "read", "params": [{"script_name": SCRIPT, "script_key": KEY}, {
+            "type": "Shot", "filters": {"logical_operator": "and", "conditions": []}, "return_fields": ["code"],
+            "paging": {"entities_per_page": 500, "current_page": 1}}]}).encode()
+        for path, body, headers in [("/api3/json/", read, JSON_HEADERS), ("/api3/json", gzip.compress(read), gzipped)]:
+            status, _header, reply = raw_post(rig, body, path, headers)
+            assert status == 200 and json.loads(reply)["results"]["entities"], reply
+        before = rig.reads()
+        assert sg.find_one(*query)["code"] == "sh010" and rig.reads() == before, "a call that changed nothing marked"
+
+
+def test_a_streamed_answer_to_a_write_the_proxy_did_not_decode_is_marked_before_it_leaves(
+        tmp_path: Path, db_url: str) -> None:
+    """SG's answer (over ``sgcache_max_answer``) is streamed to the client unread: every cached type
+    is marked before its headers leave, as for an answer too large to decode."""
+    with lenient_rig(tmp_path, db_url, ["sgcache_max_lag=0", "sgcache_max_answer=1"]) as rig:
+        sg = rig.client()
+        shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["description"])
+        read = lambda: sg.find_one("Shot", [["id", "is", shot["id"]]], ["description"])  # noqa: E731
+        before = rig.reads()
+        assert read()["description"] is None and rig.reads() == before, "a hit to begin with"
+        big = "d" * (2 * 1024 * 1024)
+        body = gzip.compress(update_body(shot["id"], big, field="description"))
+        status, _header, reply = raw_post(rig, body, "/api3/json", {**JSON_HEADERS, "Content-Encoding": "gzip"})
+        assert status == 200 and json.loads(reply)["results"]["description"] == big
+        assert read()["description"] == big, "the writer read its write back stale"
