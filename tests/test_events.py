@@ -1662,3 +1662,39 @@ def test_a_field_changed_while_the_database_failed_is_unprimed_once_it_answers(
             (store.fields.c.entity_type == "Shot") & (store.fields.c.field_name == "sg_cut_in"))).scalar()
         assert primed is False or primed == 0
         assert "sg_cut_in" in (store.get_state(conn, SCHEMA_PENDING) or [])
+
+
+def test_a_field_re_read_after_a_schema_event_never_overwrites_a_write_the_proxy_learned_meanwhile(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """A schema event names Shot.code (same type): the ingester reads the field of every Shot from
+    SG again. A client sets a Shot's code "b" through the proxy after that read and before it is
+    written: the re-read must not store its older "a" over "b" and serve the field again with it."""
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    site.change_field_type("Shot", "code", "text")  # DisplayColumn Changes naming "code"
+    ingester.poll_once()
+    assert state(store, "schema_pending")
+    client = ingester.schema_refresh.sg
+    assert client is not None
+    done: list[int] = []
+
+    def read_then_proxy_write(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        rows = client.find(entity_type, filters, fields, **kw)
+        if entity_type == "Shot" and fields == ["id", "code"] and not done:
+            done.append(1)  # the field re-read has SG's rows; now a client's update through a proxy
+            params = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "b"}]}
+            mark = service.write_mark()
+            assert service.learn("update", params, site._direct("update", params, True), mark) == []
+        return rows
+
+    ingester.schema_refresh.sg = type("Client", (), {"find": staticmethod(read_then_proxy_write),
+                                                     "schema_read": staticmethod(client.schema_read)})()
+    ingester.process_schema()
+    assert done
+    assert served_or_passed(service, SHOT_CODES) in ([{"type": "Shot", "id": shot["id"], "code": "b"}],
+                                                     "pending-fetch")
+    ingester.schema_refresh.sg = client
+    sync(ingester)
+    assert served_or_passed(service, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "b"}]
+    assert_equal_to_site(store, site)

@@ -109,17 +109,24 @@ class SchemaRefresh:
                   "schema file is updated and the type rescanned", key[0], key[1], ours, theirs or "deleted")
 
     def _refetch_field(self, key: FieldKey) -> None:
-        """Read one field of every row (active and retired) again, then serve it again."""
+        """Read one field of every row (active and retired) again, then serve it again. A row
+        another writer changed after SG was read (a proxy learned a client's write) is not written
+        over but queued for a fetch (its type's reads pass until it is read again)."""
         entity_type, fname = key
         conn = self.connect()
         for retired in (False, True):
+            with conn.begin():
+                mark = self.store.change_mark(conn)
             rows = [to_wire(r) for r in self.sg.find(entity_type, [], ["id", fname],  # type: ignore[union-attr]
                                                      retired_only=retired)]
             for chunk in chunks(rows, FETCH_CHUNK):
                 with conn.begin():
-                    res = self.store.write_entities(conn, entity_type, chunk, "fetch")
-                    if res.to_fetch:
-                        self.store.queue_fetch(conn, res.to_fetch, "field refetch")
+                    newer = self.store.changed_since(conn, entity_type, [int(r["id"]) for r in chunk], mark)
+                    res = self.store.write_entities(conn, entity_type,
+                                                    [r for r in chunk if int(r["id"]) not in newer], "fetch")
+                    again = [*(res.to_fetch or []), *((entity_type, i) for i in sorted(newer))]
+                    if again:
+                        self.store.queue_fetch(conn, again, "field refetch")
         with conn.begin():
             self._set_field_primed(conn, key, True)
         log.info("field %s.%s re-read after a schema change", entity_type, fname)
