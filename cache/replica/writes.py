@@ -463,6 +463,17 @@ class WriteBatch:
             self.load_links([lkey])
         return _links_after(self.links[lkey], added, removed)[1]
 
+    def keeps_links(self, key: Key, fname: str, added: Sequence[Mapping[str, Any]],
+                    removed: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether the list holds links that an ``added``/``removed`` change leaves where they are
+        (neither removed nor added again): with nothing added, two or more of them."""
+        lkey = (key[0], fname, key[1])
+        if lkey not in self.links:
+            self.load_links([lkey])
+        moved = {(link["type"], int(link["id"])) for link in [*added, *removed]}
+        kept = [child for child in self.links[lkey] if child not in moved]
+        return len(kept) >= (1 if added else 2)
+
     def is_retired(self, key: Key) -> bool | None:
         """The loaded row's retired flag (None: no such row)."""
         if not self.exists(key):
