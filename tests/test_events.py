@@ -871,6 +871,38 @@ def test_id_visible_after_its_gap_was_given_up_is_swept(site: FakeSite, store: S
     assert ingester.sweep().swept == []
 
 
+def test_an_event_that_fails_to_apply_does_not_keep_the_sweep_from_the_others(
+        site: FakeSite, store: Store, ingester: Ingester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two events visible only after their gap was given up, one of which fails to apply: the
+    sweep applies the other (and reads the failing one's entity again), as a poll does."""
+    site.set_clock(dt.datetime(2026, 3, 1, 9, 0, 0))
+    proj = make_project(site)
+    shots = [site.create_direct("Shot", {"code": f"sh{i}", "project": proj}) for i in range(2)]
+    sync(ingester)
+    held = site.hold_event_ids(2)
+    site.update_direct("Shot", shots[0]["id"], {"code": "late0"})
+    site.update_direct("Shot", shots[1]["id"], {"code": "late1"})
+    site.update_direct("Shot", shots[0]["id"], {"description": "visible"})
+    sync(ingester)
+    site.advance_clock(seconds=301)
+    site.update_direct("Shot", shots[0]["id"], {"sg_cut_in": 1})
+    sync(ingester)
+    assert state(store, K_CURSOR) == site.last_event_id()  # both given up
+    site.release_held()
+    dispatch = ingester.applier._dispatch
+
+    def failing(conn: Any, event: Any, *args: Any) -> None:
+        if event["id"] == held[0]:
+            raise RuntimeError("this event cannot be applied")
+        dispatch(conn, event, *args)
+
+    monkeypatch.setattr(ingester.applier, "_dispatch", failing)
+    assert ingester.sweep().swept == held
+    ingester.process_fetch_queue()
+    assert_equal_to_site(store, site)
+    assert given_up_ids(store) == []
+
+
 def test_the_sweep_reads_its_whole_window_however_many_events_it_holds(site: FakeSite, store: Store,
                                                                         ingester: Ingester) -> None:
     """An id missing among more events than one read of the window returns (``sweep_limit``; a

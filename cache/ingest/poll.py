@@ -18,7 +18,8 @@ every ``sweep_every`` polls a sweep applies late-visible events. Invariants kept
   transactions and folds repeated fetches of the same entity.
 - The sweep looks for the given-up ids by id (one query, whatever their age) and for the ids
   among SG's last ``sweep_window`` seconds, never at or below ``event_floor``; what it applies
-  goes through the same one-transaction batch, which forgets the given-up ids it applies.
+  goes through the same one-transaction batch, which forgets the given-up ids it applies (event
+  by event, as a poll, when the batch fails).
 """
 
 from __future__ import annotations
@@ -248,7 +249,13 @@ class Ingester:
             for chunk in chunks(missing, FETCH_CHUNK):
                 events.extend(self._find_events(sg, list(chunk)))
         if events:
-            result = self._apply_polled(conn, events, full=False, careful=False)
+            try:
+                result = self._apply_polled(conn, events, full=False, careful=False)
+            except sa.exc.DBAPIError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad event must not keep the others out, as in a poll
+                log.exception("applying the swept events failed; retrying event by event")
+                result = self._apply_polled(conn, events, full=False, careful=True)
             result.swept = sorted(int(e["id"]) for e in events)
             log.warning("sweep: applied event ids %s, visible only after their gap was given up",
                         id_ranges(result.swept))
