@@ -1748,3 +1748,54 @@ def test_a_field_re_read_after_a_schema_event_never_overwrites_a_write_the_proxy
     sync(ingester)
     assert served_or_passed(service, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "b"}]
     assert_equal_to_site(store, site)
+
+
+def test_a_field_re_read_that_fails_is_done_again_and_the_field_served_again(
+        site: FakeSite, store: Store, ingester: Ingester) -> None:
+    """A schema event names Shot.code (same type): the field is un-primed, then read again for
+    every Shot. SG fails that read once (or the ingester dies there): the next re-check must read
+    the field again and prime it, not leave it un-primed (its reads passing) for good."""
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    site.change_field_type("Shot", "code", "text")  # DisplayColumn Changes naming "code"
+    ingester.poll_once()
+    client = ingester.schema_refresh.sg
+    assert client is not None
+    failed: list[int] = []
+
+    def failing_once(entity_type: str, filters: Any, fields: list[str] | None = None, **kw: Any) -> Any:
+        if entity_type == "Shot" and fields == ["id", "code"] and not failed:
+            failed.append(1)
+            raise RuntimeError("SG timed out")
+        return client.find(entity_type, filters, fields, **kw)
+
+    ingester.schema_refresh.sg = type("Client", (), {"find": staticmethod(failing_once),
+                                                     "schema_read": staticmethod(client.schema_read)})()
+    with pytest.raises(RuntimeError):
+        ingester.process_schema()
+    ingester.process_schema()  # the run loop's next round
+    assert failed
+    with store.engine.connect() as conn:
+        assert "code" in store.primed_fields(conn)["Shot"]
+    assert state(store, "schema_pending") is None
+    assert_equal_to_site(store, site)
+
+
+def test_a_field_a_proxy_saw_sg_change_is_read_again_and_served_again(
+        site: FakeSite, store: Store, ingester: Ingester, service: Any) -> None:
+    """A client changes Shot.sg_cut_in's definition through the proxy (schema_field_update, no
+    event): the proxy un-primes the field and names it for the ingester's schema re-read, which
+    finds it still a number and must read it again and prime it (it stayed un-primed for good)."""
+    proj = make_project(site)
+    site.create_direct("Shot", {"code": "s1", "project": proj, "sg_cut_in": 5})
+    sync(ingester)
+    service.field_changed("Shot", "sg_cut_in")
+    sync(ingester)
+    time.sleep(1.1)  # the proxy's marker clears at a poll a second after it (pending.MARGIN)
+    sync(ingester)
+    ingester.poll_once()
+    read = {"type": "Shot", "return_fields": ["sg_cut_in"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": []},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    assert served_or_passed(service, read) == [{"type": "Shot", "id": 1, "sg_cut_in": 5}]

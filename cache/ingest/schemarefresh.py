@@ -5,7 +5,8 @@ poll's transaction. After the poll :meth:`SchemaRefresh.process` reads the site'
 a cached field that the site deleted or whose type changed is un-primed (its reads pass until
 the schema file is updated and the type rescanned) and no longer fetched, and a
 named field that is still the same is read again for every row, active and retired, and primed
-again. The pending names are cleared only after that work, so a crash repeats it.
+again (an un-primed one of a primed type too: a re-check that failed half-way, a proxy's
+``schema_field_update``). The pending names are cleared only after that work, so a crash repeats it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class SchemaRefresh:
         refetch: list[FieldKey] = []
         with conn.begin():
             primed = self._primed_field_set(conn)
+            # a named field of a primed type is read again even when un-primed already: by an
+            # earlier re-check that failed or died before reading it, or by a proxy that saw SG
+            # change it (schema_field_update); left un-primed, its reads would pass for good
+            primed_types = set(self.store.primed_fields(conn))
             for entity in self.store.schema.entities.values():
                 for fname, fschema in entity.fields.items():
                     if fname == "id" or not fieldtypes.is_cached_type(fschema.data_type):
@@ -84,8 +89,9 @@ class SchemaRefresh:
                         # a value of the new type does not fit the column: fetching it would
                         # make the write path refuse the whole row
                         self.missing_fields.add(key)
-                    elif fname in names and key in primed:
+                    elif fname in names and (key in primed or entity.name in primed_types):
                         refetch.append(key)
+                        self.missing_fields.discard(key)  # the site has it again, with our type
                         self._set_field_primed(conn, key, False)
         for key in refetch:
             self._refetch_field(key)
