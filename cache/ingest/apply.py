@@ -241,10 +241,11 @@ class EventApplier:
         if proxied and buf.links_would_change(subject, attr, added, removed):
             buf.queue(subject, "changed after a proxy's write")
             return False
-        if not meta.get("actual_attribute_changed") and (added or not removed) and buf.keeps_links(
-                subject, attr, added, removed):
+        if (not meta.get("actual_attribute_changed") and not proxied and (added or not removed)
+                and buf.keeps_links(subject, attr, added, removed)):
             # a ``set`` may put the links it adds before those it keeps, or only reorder the list
             # (nothing added or removed): the event does not say SG's order, an ``add`` appends
+            # (after a proxy's write the list is SG's answer to it, newer than the event)
             buf.queue(subject, "multi_entity order")
         buf.change_links(subject, attr, added, removed, event_id)
         return True
