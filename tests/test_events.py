@@ -759,6 +759,44 @@ def test_replay_retirements(site: FakeSite, store: Store, ingester: Ingester) ->
     assert_equal_to_site(store, site)
 
 
+def test_a_replay_never_serves_an_old_state_between_its_chunks(site: FakeSite, store: Store, ingester: Ingester,
+                                                               tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/reprocess replays stored events in chunks, each its own transaction, with the
+    ingester stopped: a Shot's code set "b" then back to "a" reads "b" once the first chunk
+    committed. Proxies (the heartbeat still fresh) must not serve that: they pass until the
+    ingester, started again, has caught up."""
+    from cache.proxy.service import CacheService
+
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    first = site.last_event_id() + 1
+    site.update_direct("Shot", shot["id"], {"code": "b"})
+    site.update_direct("Shot", shot["id"], {"code": "a"})
+    sync(ingester)
+    schema_path = tmp_path / "schema.yml"
+    schema_path.write_text(cached_schema(site).to_yaml())
+    proxy = CacheService(store.engine.url.render_as_string(hide_password=False), schema_path, max_lag=60)
+    try:
+        assert served_or_passed(proxy, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "a"}]
+        seen = []
+        apply_event = ingester.apply_event
+
+        def read_then_apply(conn: Any, event: Any, *args: Any, **kw: Any) -> None:
+            seen.append(served_or_passed(proxy, SHOT_CODES))  # the chunks before this one committed
+            apply_event(conn, event, *args, **kw)
+
+        monkeypatch.setattr(ingester, "apply_event", read_then_apply)
+        assert replay(store, ingester, from_id=first, chunk=1) == 2
+        assert seen and all(answer in ("stale", [{"type": "Shot", "id": shot["id"], "code": "a"}])
+                            for answer in seen), seen
+        monkeypatch.undo()
+        sync(ingester)
+        assert served_or_passed(proxy, SHOT_CODES) == [{"type": "Shot", "id": shot["id"], "code": "a"}]
+    finally:
+        proxy.close()
+
+
 # -- gaps ------------------------------------------------------------------------------
 def test_gap_that_fills_late_is_applied(site: FakeSite, store: Store, ingester: Ingester) -> None:
     proj = make_project(site)

@@ -2,27 +2,41 @@
 
 Applying an event is idempotent (:mod:`cache.ingest.apply`), so replaying changes only what
 the replica got wrong; entities that need a fresh read are queued for a fetch as in a poll.
-The cursor, the gaps and the heartbeat are not moved. The caller leads first.
+The cursor and the gaps are not moved; the heartbeat is dropped (proxies pass until the ingester
+has caught up again). The caller leads first.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
 
+from ..replica.statekeys import INGESTER_HEARTBEAT
 from ..replica.store import Store
 from .eventwire import RETIREMENT_FIELD, split_event_type
 from .poll import Ingester
 
+#: Seconds a proxy may go on using the heartbeat it read last (cache/proxy/service.py,
+#: ``REPLICA_STATE_TTL``): the first chunk waits that long after the heartbeat is dropped.
+STATE_TTL = 1.0
+
 
 def replay(store: Store, ingester: Ingester, *, from_id: int = 0, types: set[str] | None = None,
            retirement: bool = False, chunk: int = 500) -> int:
-    """Apply stored raw events again, in id order (``scripts/reprocess``); returns how many."""
+    """Apply stored raw events again, in id order (``scripts/reprocess``); returns how many.
+
+    Each chunk commits on its own, and replaying old events passes through the states they
+    left (a value set, then set back by a later chunk's event): the heartbeat is dropped first,
+    so proxies pass (``stale``) until the ingester, started again, reaches the end of the log."""
     table = store.events
     conn = ingester.connect()
+    with conn.begin():
+        store.set_state(conn, INGESTER_HEARTBEAT, None)
+    time.sleep(STATE_TTL)
     last, count = from_id - 1, 0
     while True:
         with conn.begin():
