@@ -646,6 +646,36 @@ def test_task_template_tasks_arrive_through_their_own_new_events(site: FakeSite,
     assert sorted(t["content"] for t in replica_read(store, "Task", ["content"], False)) == ["anim", "layout"]
 
 
+@pytest.mark.parametrize("poison", ["id out of range", "link out of range", "type name too long"])
+def test_an_event_the_database_cannot_hold_does_not_stall_the_stream(site: FakeSite, store: Store,
+                                                                     ingester: Ingester, poison: str) -> None:
+    """Any script may create EventLogEntry rows, with any meta: one naming an entity the replica
+    cannot hold (an id beyond 64 bits, a type name longer than its columns) made every poll fail
+    for good (PostgreSQL refused the value, SQLite's driver too), so no later event was applied."""
+    from .fakesg.site import _Caller
+
+    proj = make_project(site)
+    shot = site.create_direct("Shot", {"code": "a", "project": proj})
+    sync(ingester)
+    script = _Caller(user=None, label="a script")
+    with site._lock:
+        if poison == "id out of range":
+            site._write_event(script, "Shotgun_Shot_Retirement", None, None,
+                              {"type": "entity_retirement", "entity_id": 2**70})
+        elif poison == "link out of range":
+            site._write_event(script, "Shotgun_Shot_Change", {"type": "Shot", "id": shot["id"]}, "assets",
+                              {"type": "attribute_change", "attribute_name": "assets", "entity_type": "Shot",
+                               "entity_id": shot["id"], "field_data_type": "multi_entity",
+                               "added": [{"type": "Asset", "id": 2**70}], "removed": []})
+        else:
+            site._write_event(script, "Shotgun_" + "X" * 70 + "_Retirement", None, None,
+                              {"type": "entity_retirement", "entity_id": 5})
+    site.update_direct("Shot", shot["id"], {"code": "after it"})
+    sync(ingester)
+    assert_equal_to_site(store, site)
+    assert state(store, K_CURSOR) == site.last_event_id()
+
+
 def test_noise_and_uncached_types_only_advance(site: FakeSite, store: Store, ingester: Ingester) -> None:
     site.add_noise_events()
     site.create_direct("TaskTemplate", {"code": "tmpl"})

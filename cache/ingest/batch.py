@@ -10,7 +10,8 @@ Invariants kept here (see :mod:`cache.ingest`):
 - When EventLogEntry is a cached type, every applied event also becomes its EventLogEntry
   row in that transaction (the proxy answers reads of events below the cursor).
 - One bad event must not stall the stream: in careful mode each event is applied in its own
-  savepoint, and an event that fails has its entity queued for a fetch instead.
+  savepoint, and an event that fails (a value the database refuses too) has its entity queued
+  for a fetch instead, or is skipped when the replica cannot hold that entity at all.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ log = logging.getLogger("sgcache.events")
 CHUNK = 500
 
 Event = Mapping[str, Any]
+
+
+def fits(key: Key) -> bool:
+    """Whether an entity id fits the replica's 64-bit columns (an event any script creates may
+    name any id; SQLite's driver refuses a larger one in a query's parameters)."""
+    return -(2**63) <= key[1] < 2**63
+
+
+def refused_value(exc: BaseException) -> bool:
+    """Whether the database refused a value of the statement (out of range, too long, a
+    constraint), not failed: that event's trouble, which careful mode sets aside."""
+    return isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError)
 
 
 def stored_ids(store: Store, conn: Connection, ids: list[int]) -> set[int]:
@@ -83,7 +96,7 @@ class BatchApplier:
         seen = stored_ids(self.store, conn, [int(e["id"]) for e in events])
         fresh = [(e, subject_of(e)) for e in events if int(e["id"]) not in seen]  # each subject once
         buf = WriteBatch(self.store, conn)
-        buf.load(subject for _e, subject in fresh if subject is not None)
+        buf.load(subject for _e, subject in fresh if subject is not None and fits(subject))
         buf.load_links(self._link_keys(fresh))
         self.applier.recent = {int(e["id"]): e for e in events}  # a backref's original event
         self.applier.unsettled = self._unsettled(conn, fresh)
@@ -118,6 +131,7 @@ class BatchApplier:
             if subject is not None and subject[0] in self.store.tables:
                 keys.add(subject)
                 keys.update(k for k in links_in_meta(event) if k[0] in self.store.tables)
+        keys = {k for k in keys if fits(k)}
         if not keys:
             return set()
         settled = self.store.get_state(conn, CHANGES_SETTLED)
@@ -145,7 +159,7 @@ class BatchApplier:
         out = []
         for event, subject in fresh:
             attr = event.get("attribute_name")
-            if isinstance(attr, str) and subject is not None and (subject[0], attr) in self.store.multi:
+            if isinstance(attr, str) and subject is not None and fits(subject) and (subject[0], attr) in self.store.multi:
                 out.append((subject[0], attr, subject[1]))
         return out
 
@@ -155,9 +169,22 @@ class BatchApplier:
             with conn.begin_nested():
                 buf.flush()
                 self.applier.apply(conn, event, subject, late)  # its own buffer, flushed in the savepoint
-        except sa.exc.DBAPIError:
-            raise
+        except sa.exc.DBAPIError as exc:
+            if not refused_value(exc):
+                raise
+            log.exception("event %s could not be applied; its entity will be re-read", event.get("id"))
         except Exception:  # noqa: BLE001
             log.exception("event %s could not be applied; its entity will be re-read", event.get("id"))
-            if subject is not None:
+        else:
+            return
+        if subject is None:
+            return
+        try:
+            with conn.begin_nested():
                 self.store.queue_fetch(conn, [subject], "event failed")
+        except sa.exc.DBAPIError as exc:
+            if not refused_value(exc):
+                raise
+            log.error("event %s skipped: the replica cannot hold its entity %s", event.get("id"), subject)
+        except (ValueError, OverflowError):  # the driver refused the value (SQLite: beyond 64 bits)
+            log.error("event %s skipped: the replica cannot hold its entity %s", event.get("id"), subject)

@@ -8,8 +8,8 @@ every ``sweep_every`` polls a sweep applies late-visible events. Invariants kept
 - Never exit on trouble: SG unreachable or answering errors is retried with exponential
   back-off (up to ``retry_max``); a database error drops the connection, which ends the
   session and so the PostgreSQL leadership, and leadership is taken again before the next poll.
-- A batch that fails to apply is applied again event by event (careful mode), so one bad event
-  does not stall the stream.
+- A batch that fails to apply (a value the database refuses too) is applied again event by event
+  (careful mode), so one bad event does not stall the stream.
 - The heartbeat moves only with a poll that reached the end of the stream (the time it asked
   SG): every ``poll_interval`` while events come, backing off to ``idle_max`` while none do (the
   proxy's ``sgcache_max_lag`` counts on it); a poll working through a backlog says nothing of freshness.
@@ -42,7 +42,7 @@ from ..replica.store import Store
 from ..replica.writes import WriteBatch
 from ..wire import chunks, to_wire, wire_from_epoch
 from .apply import EventApplier
-from .batch import BatchApplier, stored_ids
+from .batch import BatchApplier, refused_value, stored_ids
 from .config import IngestConfig, PollResult, SGClient
 from .eventwire import EVENT_TYPE, FETCH_CHUNK, event_fields, id_ranges
 from .fetch import Fetcher
@@ -189,8 +189,11 @@ class Ingester:
         caught_up = None if full else asked
         try:
             result = self._apply_polled(conn, events, full, careful=False, caught_up=caught_up)
-        except sa.exc.DBAPIError:
-            raise
+        except sa.exc.DBAPIError as exc:
+            if not refused_value(exc):
+                raise
+            log.exception("the database refused a value of the batch; retrying event by event")
+            result = self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
         except Exception:  # noqa: BLE001 - one bad event must not stall the stream
             log.exception("applying a batch failed; retrying event by event")
             result = self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
@@ -251,8 +254,11 @@ class Ingester:
         if events:
             try:
                 result = self._apply_polled(conn, events, full=False, careful=False)
-            except sa.exc.DBAPIError:
-                raise
+            except sa.exc.DBAPIError as exc:
+                if not refused_value(exc):
+                    raise
+                log.exception("the database refused a value of the swept events; retrying event by event")
+                result = self._apply_polled(conn, events, full=False, careful=True)
             except Exception:  # noqa: BLE001 - one bad event must not keep the others out, as in a poll
                 log.exception("applying the swept events failed; retrying event by event")
                 result = self._apply_polled(conn, events, full=False, careful=True)
