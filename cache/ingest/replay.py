@@ -15,14 +15,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..proxy.service import REPLICA_STATE_TTL
 from ..replica.statekeys import INGESTER_HEARTBEAT
 from ..replica.store import Store
 from .eventwire import RETIREMENT_FIELD, split_event_type
 from .poll import Ingester
 
-#: Seconds a proxy may go on using the heartbeat it read last (cache/proxy/service.py,
-#: ``REPLICA_STATE_TTL``): the first chunk waits that long after the heartbeat is dropped.
-STATE_TTL = 1.0
+#: Seconds the first chunk waits after the heartbeat is dropped: longer than a proxy goes on
+#: using the heartbeat it read last.
+STATE_TTL = REPLICA_STATE_TTL + 0.5
 
 
 def replay(store: Store, ingester: Ingester, *, from_id: int = 0, types: set[str] | None = None,
