@@ -297,8 +297,9 @@ class Rig:
         return shotgun_api3.Shotgun(self.url, script_name=SCRIPT, api_key=KEY, **extra)
 
     def wait_hit(self, query: Callable[[], Any], check: Callable[[Any], bool], timeout: float = 10.0,
-                 pause: float = 0.02) -> tuple[float, int]:
-        """Run ``query`` (with the reader client) until ``check`` holds on an answer that was a cache hit.
+                 pause: float = 0.02, script: str = READER) -> tuple[float, int]:
+        """Run ``query`` until ``check`` holds on an answer that was a cache hit: one for which SG
+        served no read to ``script`` (the client ``query`` uses: the reader client by default).
 
         Returns (seconds from the call to the first such answer, misses on the way)."""
         start = time.monotonic()
@@ -307,9 +308,9 @@ class Rig:
 
         def hit_and_right() -> bool:
             nonlocal misses
-            before = self.reader_reads()
+            before = self.site.count_by_script("read", script)
             value = query()
-            hit = self.reader_reads() == before
+            hit = self.site.count_by_script("read", script) == before
             misses += not hit
             last[:] = [value]
             return hit and check(value)

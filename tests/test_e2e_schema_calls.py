@@ -10,7 +10,7 @@ from typing import Any
 
 import shotgun_api3
 
-from .rig import Rig
+from .rig import SCRIPT, Rig
 
 
 def outcome(call: Any) -> Any:
@@ -25,7 +25,7 @@ def test_a_field_deleted_through_the_proxy_is_no_longer_served(tmp_path: Path, d
     with Rig(tmp_path, db_url) as rig:
         sg, direct = rig.client(), rig.direct()
         read = lambda: sg.find("Shot", [["sg_cut_in", "greater_than", 1000]], ["code", "sg_cut_in"])  # noqa: E731
-        rig.wait_hit(read, lambda r: len(r) > 0)
+        rig.wait_hit(read, lambda r: len(r) > 0, script=SCRIPT)
         assert sg.schema_field_delete("Shot", "sg_cut_in") is not None
         expected = outcome(lambda: direct.find("Shot", [["sg_cut_in", "greater_than", 1000]], ["code", "sg_cut_in"]))
         assert isinstance(expected, str) and "sg_cut_in" in expected  # SG refuses it now
@@ -39,7 +39,7 @@ def test_a_field_changed_through_the_proxy_passes_until_the_ingester_reread_the_
     with Rig(tmp_path, db_url) as rig:
         sg = rig.client()
         read = lambda: sg.find("Shot", [["sg_cut_in", "greater_than", 1000]], ["code", "sg_cut_in"])  # noqa: E731
-        rig.wait_hit(read, lambda r: len(r) > 0)
+        rig.wait_hit(read, lambda r: len(r) > 0, script=SCRIPT)
         assert sg.schema_field_update("Shot", "sg_cut_in", {"description": "first frame"})
         before = rig.reads()
         read()

@@ -14,7 +14,7 @@ import shotgun_api3
 from prometheus_client.parser import text_string_to_metric_families
 
 from .fakesg import server as fakesg_server
-from .rig import Rig
+from .rig import SCRIPT, Rig
 from .wait import wait_until
 
 
@@ -53,7 +53,7 @@ def test_a_write_answered_504_is_neither_sent_again_nor_read_back_stale(
         sg, direct = rig.client(), rig.direct()
         shot = direct.find_one("Shot", [["code", "is", "sh010"]], ["code"])
         read = lambda: sg.find_one("Shot", [["id", "is", shot["id"]]], ["description"])  # noqa: E731
-        rig.wait_hit(read, lambda r: r is not None)
+        rig.wait_hit(read, lambda r: r is not None, script=SCRIPT)
         updates = rig.site.count("update", type="Shot")
         gateway_timeout.append("update")
         with pytest.raises(shotgun_api3.Fault, match="may have been applied"):

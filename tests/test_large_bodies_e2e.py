@@ -22,7 +22,7 @@ def test_large_writes_and_answers_go_through_and_read_back_right(tmp_path: Path,
         sg.find_one("Project", [])  # SG accepts the credentials: hits from now on
         shot = sg.find_one("Shot", [["code", "is", "sh010"]], ["id"])
         rig.wait_hit(lambda: sg.find_one("Shot", [["id", "is", shot["id"]]], ["description"]),
-                     lambda r: r is not None and r["description"] is None)
+                     lambda r: r is not None and r["description"] is None, script=SCRIPT)
 
         # 2 MB: decoded and sent once, but SG's answer (over 1 MB) is not read: marked pending
         # 32 MB and more: too large to decode, sent once as a write may be, every type marked pending
@@ -46,7 +46,7 @@ def test_a_large_write_is_marked_again_once_sg_answers_it(tmp_path: Path, db_url
         sg, direct = rig.client(), rig.direct()
         shot = direct.find_one("Shot", [["code", "is", "sh010"]], ["code"])
         read = lambda: sg.find_one("Shot", [["id", "is", shot["id"]]], ["code"])  # noqa: E731
-        rig.wait_hit(read, lambda r: r is not None and r["code"] == "sh010")
+        rig.wait_hit(read, lambda r: r is not None and r["code"] == "sh010", script=SCRIPT)
         call = rig.site.call
 
         def slow_updates(method: str, params: Any) -> Any:
