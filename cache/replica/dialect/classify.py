@@ -35,6 +35,8 @@ def classify_error(exc: BaseException) -> tuple[str, bool]:
         return "too-large", False  # a statement beyond the database's size limits
     if isinstance(orig, ValueError) and "nul (0x00)" in text:
         return "db-query-error", False  # psycopg2 refuses a NUL in a text value: that value's trouble
+    if isinstance(orig, OverflowError):
+        return "db-query-error", False  # SQLite's driver refuses a number beyond 64 bits: that value's trouble
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
             return "db-error", True
