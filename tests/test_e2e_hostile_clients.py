@@ -43,6 +43,18 @@ def read_head(sock: socket.socket) -> bytes:
     return data
 
 
+def raw_post(port: int, target: str, host: str, content_type: str, body: bytes, extra: str = "") -> bytes:
+    """POST ``body`` through the proxy at ``port`` as written (``extra``: more header lines, each
+    ending in CRLF; the connection closes after it): the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall((f"POST {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Type: {content_type}\r\n"
+                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def hang_up_after_a_read(proxy: Proxy, site_url: str) -> None:
     """Send a read through the proxy and reset the connection at once, without waiting for SG."""
     assert proxy.port is not None
@@ -125,13 +137,8 @@ def test_an_upload_form_sg_refuses_does_not_turn_caching_off(tmp_path: Path, db_
         form = b"script_name=nobody&script_key=nothing&entity_id=1&field_name=image"
         host = rig.url.split("://", 1)[1]
         assert rig.proxy.port is not None
-        with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
-            sock.sendall((f"POST {rig.url}/upload/upload_file HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-                          f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n")
-                         .encode() + form)
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
+        answer = raw_post(rig.proxy.port, f"{rig.url}/upload/upload_file", host, "application/x-www-form-urlencoded",
+                          form)
         assert answer.startswith(b"HTTP/1.1 200") and answer.split(b"\r\n\r\n", 1)[1].startswith(b"0"), answer
         assert sg.find(*query) and rig.reads() == before, "the refused upload turned caching off"
 
@@ -190,13 +197,8 @@ def test_a_request_line_naming_another_tenant_never_verifies_a_credential_for_th
             {"script_name": "intruder", "script_key": "ik-other-tenant"},
             {"type": "Project", "filters": {"logical_operator": "and", "conditions": []}, "return_fields": ["name"]},
         ]}).encode()
-        with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
-            sock.sendall((f"POST http://other-tenant.example/api3/json HTTP/1.1\r\nHost: 127.0.0.1:{rig.proxy.port}\r\n"
-                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-                         .encode() + body)
-            answer = b""
-            while chunk := sock.recv(65536):
-                answer += chunk
+        answer = raw_post(rig.proxy.port, "http://other-tenant.example/api3/json", f"127.0.0.1:{rig.proxy.port}",
+                          "application/json", body)
         assert b'"results"' in answer, answer  # the other tenant's answer, relayed
         assert b"X-SGCache: pass; reason=other-site" in answer, answer
         intruder = rig.client(script_name="intruder", api_key="ik-other-tenant")
@@ -224,14 +226,8 @@ def test_a_forwarded_host_naming_another_tenant_is_not_the_sites_request(tmp_pat
         host = rig.url.split("://", 1)[1]
 
         def sent(extra: str) -> bytes:
-            with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
-                sock.sendall((f"POST {rig.url}/api3/json HTTP/1.1\r\nHost: {host}\r\n{extra}"
-                              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                              "Connection: close\r\n\r\n").encode() + body)
-                answer = b""
-                while chunk := sock.recv(65536):
-                    answer += chunk
-            return answer
+            assert rig.proxy is not None and rig.proxy.port is not None
+            return raw_post(rig.proxy.port, f"{rig.url}/api3/json", host, "application/json", body, extra)
 
         control = sent("")
         assert b"X-SGCache: hit" in control, control.split(b"\r\n\r\n")[0]
