@@ -187,22 +187,28 @@ class Ingester:
         full = len(events) >= limit + len(gaps)
         self._behind = full
         caught_up = None if full else asked
-        try:
-            result = self._apply_polled(conn, events, full, careful=False, caught_up=caught_up)
-        except sa.exc.DBAPIError as exc:
-            if not refused_value(exc):
-                raise
-            log.exception("the database refused a value of the batch; retrying event by event")
-            result = self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
-        except Exception:  # noqa: BLE001 - one bad event must not stall the stream
-            log.exception("applying a batch failed; retrying event by event")
-            result = self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
+        result = self._apply_or_carefully(conn, events, full, caught_up, "the batch")
         if self.sg is not None:
             pending.poll_done(self.store, conn, started, events, full)  # learn pairs, clear markers
             if not full:
                 self.settling.caught_up(conn, started)  # the proxies' writes it is past
                 self.retention.caught_up(conn, self.sg_now(), cursor)  # events older than events_keep
         return result
+
+    def _apply_or_carefully(self, conn: Connection, events: list[dict[str, Any]], full: bool,
+                            caught_up: float | None, what: str) -> PollResult:
+        """:meth:`_apply_polled` of ``events`` in one go; when that fails other than by the database
+        failing (a bug, a value the database refuses), again event by event (careful mode): one bad
+        event must not keep the others out. A database failure raises."""
+        try:
+            return self._apply_polled(conn, events, full, careful=False, caught_up=caught_up)
+        except sa.exc.DBAPIError as exc:
+            if not refused_value(exc):
+                raise
+            log.exception("the database refused a value of %s; retrying event by event", what)
+        except Exception:  # noqa: BLE001 - one bad event must not stall the stream
+            log.exception("applying %s failed; retrying event by event", what)
+        return self._apply_polled(conn, events, full, careful=True, caught_up=caught_up)
 
     def _apply_polled(self, conn: Connection, events: list[dict[str, Any]], full: bool,
                       careful: bool, caught_up: float | None = None) -> PollResult:
@@ -252,16 +258,7 @@ class Ingester:
             for chunk in chunks(missing, FETCH_CHUNK):
                 events.extend(self._find_events(sg, list(chunk)))
         if events:
-            try:
-                result = self._apply_polled(conn, events, full=False, careful=False)
-            except sa.exc.DBAPIError as exc:
-                if not refused_value(exc):
-                    raise
-                log.exception("the database refused a value of the swept events; retrying event by event")
-                result = self._apply_polled(conn, events, full=False, careful=True)
-            except Exception:  # noqa: BLE001 - one bad event must not keep the others out, as in a poll
-                log.exception("applying the swept events failed; retrying event by event")
-                result = self._apply_polled(conn, events, full=False, careful=True)
+            result = self._apply_or_carefully(conn, events, False, None, "the swept events")
             result.swept = sorted(int(e["id"]) for e in events)
             log.warning("sweep: applied event ids %s, visible only after their gap was given up",
                         id_ranges(result.swept))
