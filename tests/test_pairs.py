@@ -244,7 +244,9 @@ def test_the_ingester_learns_pairs_and_clears_markers(site: FakeSite, store: Sto
 def service(tmp_path: Path, db_url: str, site: FakeSite) -> Iterator[CacheService]:
     schema_path = tmp_path / "schema.yml"
     schema_path.write_text(cached_schema(site).to_yaml())
-    svc = CacheService(db_url, schema_path, max_lag=0)
+    # learning waits for the database as long as it takes (write_wait=0): on a loaded machine a 2 s
+    # wait ran out, the learn fell back to markers (right, but these tests check what it stored)
+    svc = CacheService(db_url, schema_path, max_lag=0, write_wait=0)
     yield svc
     svc.close()
 
