@@ -60,6 +60,7 @@ from cache.proxy.guard import RelayGuard  # noqa: E402
 from cache.proxy.memory import Trimmer  # noqa: E402
 from cache.proxy.outage import never_connected  # noqa: E402
 from cache.proxy.replica import Refused, Replica, ReplicaOptions  # noqa: E402
+from cache.proxy.rest import is_rest_write  # noqa: E402
 from cache.proxy.routing import (  # noqa: E402
     API3_PATH,
     api3_path,
@@ -247,7 +248,8 @@ class SGCache:
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         """SG's answer to the site's API3 is read whole (learnt from), even with ``stream_large_bodies``;
         but one larger than ``sgcache_max_answer`` (not learnt from) is streamed to the client. A streamed
-        answer to a call the proxy did not decode (``FlowState.undecoded``) marks before its headers leave."""
+        answer to a call the proxy did not decode (``FlowState.undecoded``) marks before its headers leave;
+        so does SG's answer to a REST API write (``FlowState.rest_write``), streamed or not."""
         response, state = flow.response, state_of(flow.metadata)
         if response is not None and self._is_site_api3(flow):
             limit = self.calls.reads.max_answer
@@ -255,6 +257,9 @@ class SGCache:
             response.stream = streamed
             if streamed and state.pass_reason is not None:  # its headers leave now: marked here, not in the response hook
                 response.headers[HEADER] = pass_header(state.pass_reason)
+        if response is not None and state.rest_write:  # before any of the answer leaves
+            state.rest_write = False
+            await self.calls.rest_answered(flow.request.method, flow.request.path, response.status_code)
         if response is not None and response.stream and state.undecoded:
             state.undecoded = False  # streamed unread: taken as an answer too large to decode
             await self.calls.undecoded_answered(response.status_code, None, flow.request.raw_content,
@@ -306,6 +311,8 @@ class SGCache:
         if not is_api3(r.method, r.path, self.api_path):
             if may_be_api3(r.method, r.path, self.api_path) and self._to_site(r):
                 state_of(flow.metadata).undecoded = True  # SG may route it as API3: its success marks
+            elif is_rest_write(r.method, r.path) and self._to_site(r):
+                state_of(flow.metadata).rest_write = True  # SG's answer (or none) marks: responseheaders
             return
         state = state_of(flow.metadata)
         if self.site is None:
@@ -375,6 +382,8 @@ class SGCache:
             return
         if self._is_site_upload(flow):  # SG may have linked it before the connection broke
             await self._uploaded(flow)
+        if state_of(flow.metadata).rest_write:  # SG may have applied it before the connection broke
+            await self.calls.rest_answered(flow.request.method, flow.request.path, None)
         server = flow.server_conn
         # an outage only when a connection to SG failed while the client waited: a client that hangs
         # up (or resets its stream) before SG was reached is no sign of SG being down

@@ -29,7 +29,7 @@ from cache.proxy import api3
 from cache.proxy.auth import CredentialCache, site_of
 from cache.proxy.service import CacheService
 
-from . import answers, upstream
+from . import answers, rest, upstream
 from .answers import Answer
 from .credentials import record_answer
 from .flowstate import FlowState
@@ -339,6 +339,20 @@ class SiteCalls:
                  "pending until the ingester has its events")
         await self.uploaded(None)
 
+    async def rest_answered(self, method: str, path: str, status: int | None) -> None:
+        """SG answered a REST API call that may change entities (``status``; None: the connection
+        broke after it was sent): unless SG refused it, every cached type is marked pending, and a
+        field a schema edit named is un-primed (cache/proxy/rest.py), before the client has the answer."""
+        if status is not None and not rest.changed(status):
+            return
+        named = rest.schema_field(method, path)
+        service = self.replica.service
+        if named is not None and service is not None:
+            await self._run(service.field_edited, *named)
+        log.info("SG %s a REST API %s (%s): every cached type is pending until the ingester has its "
+                 "events", "answered" if status is not None else "may have applied", method, status or "no answer")
+        await self.uploaded(None)
+
     async def failed_after_sending(self, state: FlowState) -> Answer:
         """The request hook failed after the proxy's sender took a write (a bug): SG may have it,
         so it is answered as a write whose outcome is unknown, never passed on to be sent again."""
@@ -358,7 +372,9 @@ class SiteCalls:
     async def uploaded(self, entity_types: Collection[str] | None) -> None:
         """An upload form to the site was answered (or failed): mark what it may have changed."""
         service = self.replica.service
-        if service is not None:
+        if service is None:  # no replica open: the next one to open marks every type first
+            self.replica.defer_every_type()
+        else:
             await self._run(service.uploaded, entity_types)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:

@@ -74,6 +74,9 @@ class FlowState:
     #: A POST to the site that may be an API3 call the proxy did not decode (another spelling of
     #: the API3 path, a body it cannot read): SG's success envelope marks every cached type pending.
     undecoded = _Field[bool](False)
+    #: A REST API call to the site that may change entities (cache/proxy/rest.py): SG's answer, unless
+    #: a refusal, or a broken connection marks every cached type pending.
+    rest_write = _Field[bool](False)
     #: The request hook's decision: an API3 call to the site (None: not decided yet).
     site_api3 = _Field[bool | None](None)
     #: Why the relay policy refused the destination (for whoever inspects the flow).

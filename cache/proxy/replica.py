@@ -93,6 +93,7 @@ class Replica:
         self._retry_at = 0.0
         #: Writes SG answered while no service was open: (method, args), handed to the next one.
         self._unrecorded: list[tuple[str, Any]] = []
+        self._every_type = False  # something SG answered may have changed any row (no replica open)
         self._handover = threading.Lock()
         #: relative-date filters: their zone and clock (``sgcache_timezone``; None: they pass)
         self.relative: RelativeDates | None = None
@@ -195,8 +196,11 @@ class Replica:
         with self._handover:
             self.service = service
             deferred, self._unrecorded = self._unrecorded, []
+            every_type, self._every_type = self._every_type, False
         for method, args in deferred:
             service.defer(method, args)
+        if every_type:
+            service.defer_every_type()
         log.info("sgcache: replica %s of %s, schema %s", safe_url(options.db_url), site or "no site yet",
                  options.schema_path)
         return service
@@ -218,6 +222,16 @@ class Replica:
                     self._unrecorded.append((method, args))
                 return
         service.defer(method, args)
+
+    def defer_every_type(self) -> None:
+        """An upload or a REST API write SG answered may have changed any row: the open service, or
+        the next one to open, marks every cached type before its next read."""
+        with self._handover:
+            service = self.service
+            if service is None:
+                self._every_type = True
+                return
+        service.defer_every_type()
 
     def count(self, reason: str | None) -> None:
         """Count a hit (None) or a pass in the open replica's counters (none while it is closed)."""

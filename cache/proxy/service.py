@@ -222,6 +222,19 @@ class CacheService:
                  "the schema", entity_type, field_name)
         self.invalidate()
 
+    def field_edited(self, entity: str, field_name: str) -> None:
+        """A REST API schema edit of ``entity``'s field ``field_name`` (names as the path gives them):
+        :meth:`field_changed` for the cached type of that name, or where the name is not one (the
+        REST API's own names), for every cached type with a field ``field_name``. Never raises."""
+        types = [entity] if entity in self.schema.entities else [
+            t for t, spec in self.schema.entities.items() if field_name in spec.fields]
+        for entity_type in types:
+            self.field_changed(entity_type, field_name)
+
+    def defer_every_type(self) -> None:
+        """See :meth:`Learner.defer_every_type`: any row may have changed; marked before the next read."""
+        self.learner.defer_every_type()
+
     def defer(self, method: str, args: Any) -> None:
         """See :meth:`Learner.defer`: a write whose effects the database did not take."""
         self.learner.defer(method, args)

@@ -1,5 +1,6 @@
-"""HTTP front end of the fake SG site: ``POST /api3/json``, the file endpoints (uploads, storage,
-downloads: tests/fakesg/files.py), and an echo for every other request.
+"""HTTP front end of the fake SG site: ``POST /api3/json``, a little of the REST API under ``/api/v1``
+(tests/fakesg/rest.py), the file endpoints (uploads, storage, downloads: tests/fakesg/files.py), and
+an echo for every other request.
 
 Malformed JSON bodies on /api3/json get HTTP 200 with an SG error envelope (error_code 103): the client only
 reads envelopes from 200 replies, so this surfaces as ``shotgun_api3.Fault`` with a readable message rather
@@ -19,6 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from . import rest
 from .site import ERR_BAD_REQUEST, FakeSite
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             self._send(200, answer)
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        rest_answer = rest.handle(self.site, self.command, path, headers, body)
+        if rest_answer is not None:
+            status, payload = rest_answer
+            if payload is None:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._send(status, payload)
             return
         files = self.site.files.handle(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body)
         if files is not None:

@@ -275,6 +275,8 @@ class FakeSite:
         self._scripts: dict[str, _Script] = {}
         self._humans: dict[str, tuple[str, int]] = {}
         self._sessions: dict[str, _Caller] = {}
+        #: REST API access tokens handed out (tests/fakesg/rest.py): token -> the script's credentials.
+        self.rest_tokens: dict[str, dict[str, str]] = {}
         self._task_templates: dict[int, tuple[str, list[dict[str, Any]]]] = {}
         self._pairs = list(PAIRS)
         self._display_column_id = 0
@@ -402,6 +404,15 @@ class FakeSite:
                 raise SGFault("Authentication failed: unknown session token", ERR_AUTH)
             return _Caller(caller.user, caller.generate_events, session_uuid, sudo, caller.label)
         raise SGFault("Authentication failed: no credentials", ERR_AUTH)
+
+    def accepts(self, auth: dict[str, Any]) -> bool:
+        """Whether the credentials ``auth`` (API3's auth keys) are ones the site accepts."""
+        with self._lock:
+            try:
+                self._authenticate(auth)
+            except SGFault:
+                return False
+            return True
 
     def authenticate_form(self, form: dict[str, Any]) -> None:
         """Check the credentials an upload form carries (its auth fields); raises SGFault."""
