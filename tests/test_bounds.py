@@ -141,6 +141,31 @@ def test_the_credential_cache_forgets_the_closest_to_expiry_past_its_size() -> N
     assert all(creds.accepted(site, auth) for auth in scripts[2:5])
 
 
+def test_one_credential_with_endless_made_up_auth_keys_displaces_only_its_own_entries() -> None:
+    """SG ignores auth keys it does not know, so a client with one good credential could have
+    thousands of auth dicts verified (``{"script_name": .., "script_key": .., "x": "1"}``, ``"2"``,
+    ...); before, they filled the cache and pushed every other client's credential out (their next
+    read passed). Now one credential keeps at most MAX_VARIANTS of them, the latest."""
+    from cache.proxy.auth import MAX_VARIANTS
+
+    creds = CredentialCache(ttl=300, max_entries=100)
+    site = "https://sg.example.com:443"
+    others = [{"script_name": f"s{i}", "script_key": f"k{i}"} for i in range(50)]
+    for auth in others:
+        creds.observe("read", site, auth, {"results": []})
+    flooder = {"script_name": "f", "script_key": "fk"}
+    variants = [{**flooder, "x": str(i)} for i in range(5000)]
+    for auth in [flooder, *variants]:
+        creds.observe("read", site, auth, {"results": []})
+    assert all(creds.accepted(site, auth) for auth in others)
+    assert [creds.accepted(site, auth) for auth in variants[-MAX_VARIANTS - 1:]] == [False] + [True] * MAX_VARIANTS
+    assert not creds.accepted(site, flooder)  # its own plain entry went first: its next read passes once
+    assert len(creds._accepted) == len(others) + MAX_VARIANTS
+    assert len(creds._variants) == len(others) + 1
+    creds.observe("read", site, variants[-1], {"exception": True, "error_code": 102})  # SG refuses it now
+    assert not creds.accepted(site, variants[-1]) and len(creds._accepted) == len(others) + MAX_VARIANTS - 1
+
+
 def test_kept_answers_are_bounded_by_their_option() -> None:
     from cache.proxy.answercache import AnswerCache
 

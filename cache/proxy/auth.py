@@ -13,7 +13,9 @@ The policy, in one place (the addon only reports what it saw):
   (script name and key, or login and password, or session token, plus ``sudo_as_login`` and
   any extra auth parameters); only ``session_uuid``, which merely tags events, is ignored.
 - It stays verified for ``ttl`` seconds after SG's last success. Credentials are kept only
-  as a salted hash, in memory.
+  as a salted hash, in memory: at most ``max_entries``, and at most :data:`MAX_VARIANTS` auth
+  dicts that differ only in keys other than the credential's own (one client's made-up keys
+  displace only its own entries).
 - Auth dicts of unexpected shapes (non-string credentials, nested values, huge values,
   several login forms at once) are never served: they pass with a reason, and SG answers.
 """
@@ -58,6 +60,13 @@ MAX_KEYS = 16
 #: Credentials remembered at most (``sgcache_auth_cache``): past it the expired ones are swept,
 #: then those closest to expiry forgotten (their next read passes once, and SG accepts them again).
 MAX_CREDENTIALS = 10_000
+#: The auth keys shotgun_api3 sends that name a credential (``session_uuid`` only tags events).
+CREDENTIAL_KEYS = frozenset({"script_name", "script_key", "user_login", "user_password", "auth_token",
+                             "session_token", "sudo_as_login"})
+#: Auth dicts remembered at most for one credential that differ only in other keys (a client library
+#: may add one of its own): past it that credential's least recently verified one is forgotten, so
+#: one client sending endless made-up keys never pushes other clients' credentials out.
+MAX_VARIANTS = 4
 
 
 def site_of(scheme: str, host: str, port: int) -> str:
@@ -125,6 +134,8 @@ class CredentialCache:
         self._clock = clock
         self._salt = os.urandom(16)
         self._accepted: dict[bytes, float] = {}
+        #: credential hash -> the keys of :attr:`_accepted` of its auth dicts, least recently verified first
+        self._variants: dict[bytes, dict[bytes, None]] = {}
         self._lock = threading.Lock()
 
     def key(self, site: str, auth: Mapping[str, Any]) -> bytes:
@@ -132,6 +143,11 @@ class CredentialCache:
         Its values are finite (see :func:`_odd_value`): their JSON tells every credential apart."""
         creds = {k: v for k, v in auth.items() if k != "session_uuid"}
         return hashlib.sha256(self._salt + fastjson.dumps([site, creds], sort_keys=True)).digest()
+
+    def _credential(self, site: str, auth: Mapping[str, Any]) -> bytes:
+        """A salted hash of the site and the auth dict's :data:`CREDENTIAL_KEYS` alone."""
+        creds = {k: v for k, v in auth.items() if k in CREDENTIAL_KEYS}
+        return hashlib.sha256(self._salt + b"credential" + fastjson.dumps([site, creds], sort_keys=True)).digest()
 
     def kind_reason(self, auth: Any) -> str | None:
         """Why this credential is never served from the cache, or None when it may be (once verified)."""
@@ -175,7 +191,7 @@ class CredentialCache:
             if until is None:
                 return False
             if until <= self._clock():
-                del self._accepted[key]
+                self._forget(key, self._credential(site, auth))
                 return False
             return True
 
@@ -192,15 +208,32 @@ class CredentialCache:
         return ok
 
     def _record(self, site: str, auth: Mapping[str, Any], ok: bool) -> None:
-        key = self.key(site, auth)
+        key, credential = self.key(site, auth), self._credential(site, auth)
         with self._lock:
-            if ok:
-                self._accepted[key] = self._clock() + self.ttl
-            else:
-                self._accepted.pop(key, None)
+            if not ok:
+                self._forget(key, credential)
+                return
+            self._accepted[key] = self._clock() + self.ttl
+            variants = self._variants.setdefault(credential, {})
+            variants.pop(key, None)
+            variants[key] = None  # the most recently verified last
+            while len(variants) > MAX_VARIANTS:
+                self._accepted.pop(next(iter(variants)), None)
+                del variants[next(iter(variants))]
             if len(self._accepted) > self.max_entries:
                 now = self._clock()
                 kept = {k: v for k, v in self._accepted.items() if v > now}
                 if len(kept) > self.max_entries:  # all still valid: keep the longest-lived
                     kept = dict(sorted(kept.items(), key=lambda item: item[1])[-self.max_entries:])
                 self._accepted = kept
+                self._variants = {c: live for c, v in self._variants.items()
+                                  if (live := {k: None for k in v if k in kept})}
+
+    def _forget(self, key: bytes, credential: bytes) -> None:
+        """Forget one auth dict (the lock held)."""
+        self._accepted.pop(key, None)
+        variants = self._variants.get(credential)
+        if variants is not None:
+            variants.pop(key, None)
+            if not variants:
+                del self._variants[credential]
