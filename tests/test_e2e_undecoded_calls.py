@@ -91,3 +91,27 @@ def test_a_streamed_answer_to_a_write_the_proxy_did_not_decode_is_marked_before_
         status, _header, reply = raw_post(rig, body, "/api3/json", {**JSON_HEADERS, "Content-Encoding": "gzip"})
         assert status == 200 and json.loads(reply)["results"]["description"] == big
         assert read()["description"] == big, "the writer read its write back stale"
+
+
+def test_a_field_deleted_by_a_call_the_proxy_did_not_decode_is_not_served_after_the_ingester_passes(
+        tmp_path: Path, db_url: str) -> None:
+    """``schema_field_delete`` posted to ``/api3/json/`` (SG logs no event for it): every type was marked,
+    but the field stayed primed, so once the ingester's polls cleared the markers the replica answered
+    for a field SG no longer has. Now its field is un-primed, as for the decoded call."""
+    import time
+
+    import shotgun_api3
+
+    with lenient_rig(tmp_path, db_url) as rig:
+        sg = rig.client()
+        read = lambda: sg.find("Shot", [["sg_cut_in", "greater_than", 1000]], ["code", "sg_cut_in"])  # noqa: E731
+        rig.wait_hit(read, lambda r: len(r) > 0, script=SCRIPT)
+        delete = json.dumps({"method_name": "schema_field_delete", "params": [
+            {"script_name": SCRIPT, "script_key": KEY}, {"type": "Shot", "field_name": "sg_cut_in"}]}).encode()
+        status, _header, reply = raw_post(rig, delete, "/api3/json/", JSON_HEADERS)
+        assert status == 200 and json.loads(reply)["results"] is True  # SG deleted it
+        rig.run("ingest-events", "--once")
+        time.sleep(1.1)  # markers clear at the first poll a second after them (pending.MARGIN) ...
+        rig.run("ingest-events", "--once")  # ... this one's
+        with pytest.raises(shotgun_api3.Fault, match="sg_cut_in"):
+            read()

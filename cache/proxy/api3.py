@@ -95,15 +95,22 @@ _INFLATE = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 def lenient_methods(body: bytes, content_encoding: str) -> set[str | None]:
     """The ``method_name`` of each way a lenient server could read a body the proxy did not decode
-    and answer it with success: as sent, and inflated per ``content_encoding`` (gzip, deflate; at
-    most ``MAX_BODY``), as JSON in any UTF (a BOM too; NaN allowed; invalid UTF-8 replaced). A reading
-    that fails (not JSON, not valid gzip) is left out: SG's success was not that one. None stands for
-    what may be anything: a reading without a ``method_name``, or no reading found (an encoding not
-    inflated here, brotli say, whose body is not JSON as sent either; a body over ``MAX_BODY``)."""
+    and answer it with success (:func:`lenient_calls`); None stands for what may be anything."""
+    return {method for method, _params in lenient_calls(body, content_encoding)}
+
+
+def lenient_calls(body: bytes, content_encoding: str) -> list[tuple[str | None, Any]]:
+    """``(method_name, params)`` of each way a lenient server could read a body the proxy did not
+    decode and answer it with success: as sent, and inflated per ``content_encoding`` (gzip,
+    deflate; at most ``MAX_BODY``), as JSON in any UTF (a BOM too; NaN allowed; invalid UTF-8
+    replaced). A reading that fails (not JSON, not valid gzip) is left out: SG's success was not
+    that one. A method None stands for what may be anything: a reading without a ``method_name``,
+    or no reading found (an encoding not inflated here, brotli say, whose body is not JSON as sent
+    either; a body over ``MAX_BODY``)."""
     if len(body) > MAX_BODY:
-        return {None}
+        return [(None, None)]
     codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() not in ("", "identity")]
-    readings, methods = [body], set[str | None]()
+    readings, calls = [body], list[tuple[str | None, Any]]()
     try:
         inflated: bytes | None = body
         for coding in reversed(codings):
@@ -119,9 +126,10 @@ def lenient_methods(body: bytes, content_encoding: str) -> set[str | None]:
             except (ValueError, RecursionError):
                 continue
             method = decoded.get("method_name") if isinstance(decoded, dict) else None
-            methods.add(method if isinstance(method, str) else None)
+            params = decoded.get("params") if isinstance(decoded, dict) else None
+            calls.append((method if isinstance(method, str) else None, params))
             break
-    return methods or {None}
+    return calls or [(None, None)]
 
 
 def _inflate(body: bytes, coding: str) -> bytes | None:

@@ -324,17 +324,24 @@ class SiteCalls:
         spelling of the API3 path, a body it cannot read; ``FlowState.undecoded``). Its success envelope
         (or an answer too large to decode, or streamed unread: ``body`` None) may report a write: every
         cached type is marked pending before the client has it, unless every lenient reading of the
-        request (``request_body``, None when not read; :func:`api3.lenient_methods`) finds a method the
-        proxy never learns from (``read``, ``info``, ...). SG's error envelope, or any other status,
-        marks nothing."""
+        request (``request_body``, None when not read; :func:`api3.lenient_calls`) finds a method the
+        proxy never learns from (``read``, ``info``, ...); a reading that is a field change
+        (``schema_field_update``, ``schema_field_delete``) also un-primes the field it names, as the
+        decoded call does. SG's error envelope, or any other status, marks nothing."""
         if status != 200 or (body is not None and not await self._judge(api3.succeeded, status, body())):
             return
         if request_body is not None:
             big = len(request_body) > BIG_BODY
-            methods = (await self._run(api3.lenient_methods, request_body, content_encoding) if big
-                       else api3.lenient_methods(request_body, content_encoding))
+            calls = (await self._run(api3.lenient_calls, request_body, content_encoding) if big
+                     else api3.lenient_calls(request_body, content_encoding))
+            methods = {method for method, _params in calls}
             if None not in methods and not methods & LEARNT:
                 return
+            service = self.replica.service
+            for method, params in calls:
+                args = params[1] if isinstance(params, list) and len(params) > 1 else None
+                if method in FIELD_CHANGES and isinstance(args, dict) and service is not None:
+                    await self._run(service.field_changed, args.get("type"), args.get("field_name"))
         log.info("SG answered a call the proxy did not decode with success: every cached type is "
                  "pending until the ingester has its events")
         await self.uploaded(None)
