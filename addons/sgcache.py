@@ -380,9 +380,12 @@ class SGCache:
         self.trimmer.after(body_size(flow))
         if flow.response is not None or flow.error is None:
             return
-        if self._is_site_upload(flow):  # SG may have linked it before the connection broke
+        # SG may have applied an upload or a REST write before its connection broke: marked, while the
+        # client waits for it (a client that hung up does not read its write back, and marking for it
+        # would let anyone turn caching off with requests it abandons; the ingester brings it)
+        if flow.client_conn.connected and self._is_site_upload(flow):
             await self._uploaded(flow)
-        if state_of(flow.metadata).rest_write:  # SG may have applied it before the connection broke
+        if flow.client_conn.connected and state_of(flow.metadata).rest_write:
             await self.calls.rest_answered(flow.request.method, flow.request.path, None)
         server = flow.server_conn
         # an outage only when a connection to SG failed while the client waited: a client that hangs

@@ -107,6 +107,42 @@ def test_an_upload_form_marks_the_type_it_names_pending(run: Any) -> None:
     run(test)
 
 
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/upload/upload_file", b"entity_type=Shot&entity_id=1&script_name=nobody&script_key=no"),
+    ("PUT", "/api/v1/entity/shots/1", b'{"code": "x"}'),
+])
+def test_a_broken_upload_or_rest_write_marks_while_its_client_waits_not_once_it_hung_up(
+        run: Any, method: str, path: str, body: bytes) -> None:
+    """SG may have applied it before the connection broke: marked while the client waits for the
+    answer. A client that hung up reads nothing back; before, anyone could send such requests
+    without credentials, hang up, and mark every type pending (every client's reads passed)."""
+    async def test(addon: Any, tctx: Any) -> None:
+        service = await addon.calls.service()
+
+        def markers() -> Any:
+            with service.store.engine.connect() as conn:
+                return pending.active(conn, service.store.pending)
+
+        flow = api3_flow(body)
+        flow.request.method, flow.request.path = method, path
+        await addon.request(flow)
+        assert flow.response is None  # not API3: SG answers it
+        flow.client_conn.state = ConnectionState.CLOSED  # the client hung up
+        flow.error = tflow.terr("Client disconnected.")
+        await addon.error(flow)
+        assert markers() == frozenset()
+
+        flow = api3_flow(body)
+        flow.request.method, flow.request.path = method, path
+        await addon.request(flow)
+        flow.server_conn.timestamp_tcp_setup = 1.0  # sent to SG; its connection broke, the client waits
+        flow.error = tflow.terr("server closed connection")
+        await addon.error(flow)
+        assert ("Shot", pending.WHOLE_TYPE) in markers()
+
+    run(test)
+
+
 def test_only_the_site_and_named_hosts_are_decrypted(run: Any) -> None:
     async def test(addon: Any, tctx: Any) -> None:
         def decrypted(hostport: str) -> bool:

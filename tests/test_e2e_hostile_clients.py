@@ -143,6 +143,32 @@ def test_an_upload_form_sg_refuses_does_not_turn_caching_off(tmp_path: Path, db_
         assert sg.find(*query) and rig.reads() == before, "the refused upload turned caching off"
 
 
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/upload/upload_file", b"script_name=nobody&script_key=nothing&entity_type=Shot&entity_id=1"),
+    ("PUT", "/api/v1/entity/Shot/1", b'{"code": "x"}'),
+])
+def test_abandoned_uploads_and_rest_writes_do_not_turn_caching_off(tmp_path: Path, db_url: str, method: str,
+                                                                   path: str, body: bytes) -> None:
+    """A client without credentials sends upload forms or REST writes and hangs up (a reset) before
+    SG answers. Before: each failed flow was taken for a write SG may have applied, every cached type
+    was marked pending, and every client's reads passed until an ingester's poll."""
+    with Rig(tmp_path, db_url) as rig:
+        assert rig.proxy is not None and rig.proxy.port is not None
+        sg = rig.client()
+        query = ("Shot", [["code", "is", "sh010"]], ["code"])
+        sg.find(*query)
+        host = rig.url.split("://", 1)[1]
+        request = (f"{method} {rig.url}{path} HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15) as sock:
+                sock.sendall(request)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+        time.sleep(0.5)
+        before = rig.reads()
+        assert sg.find(*query) and rig.reads() == before, "an abandoned request turned caching off"
+
+
 def test_long_text_filters_do_not_open_the_database_breaker(tmp_path: Path, db_url: str) -> None:
     """A client SG accepted sends reads with a 60,000-character ``contains``. SQLite refuses a LIKE
     pattern that long ("LIKE or GLOB pattern too complex"): before, that counted as the database

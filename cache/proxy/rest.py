@@ -2,10 +2,11 @@
 
 Besides API3, SG serves a REST API under ``/api/v1`` (and later versions): a tool may update an
 entity there (``PUT /api/v1/entity/shots/12``), delete, revive, batch, edit relationships or the
-schema, and read it back through API3. Such a request passes untouched; once SG answered it (with
-anything but a 4xx: SG refused it, nothing changed) or the connection broke after it was sent,
-every cached type is marked pending before the client has the answer, and reads pass
-(``pending-write``) until the ingester has the write's events, as for an upload
+schema, and read it back through API3. Such a request passes untouched; once SG answered it
+(with anything but a 4xx: SG refused it, nothing changed) or the connection broke after it was
+sent while the client waited (not once it hung up: it reads nothing back), every cached type is
+marked pending before the client has the answer, and reads pass (``pending-write``) until the
+ingester has the write's events, as for an upload
 (:mod:`cache.proxy.uploads`). Every type, not the one the path names: the REST API names types
 its own way (plural, snake case) and one write changes other types too (paired fields, event rows).
 

@@ -5,7 +5,7 @@ shotgun_api3 uploads with form POSTs to the site's ``/upload/...``: ``upload_fil
 it. SG then creates an Attachment and sets the entity's field (and ``updated_at``). None of that
 is API3, so SG's answer teaches the replica nothing; instead the types such a form may change are
 marked pending (:mod:`cache.replica.pending`) once SG answered (unless it refused the form:
-:func:`refused`) or the request failed, and their reads pass (``pending-write``) until the ingester has the upload's events. The uploading tool
+:func:`refused`) or the request failed while the client waited (not once it hung up), and their reads pass (``pending-write``) until the ingester has the upload's events. The uploading tool
 reads its upload back from SG, never the replica's copy from before it.
 """
 
