@@ -966,3 +966,61 @@ def test_a_read_back_after_a_clients_own_remove_is_stored(site: FakeSite, servic
         assert fetchqueue.is_empty(conn, service.store.fetch_queue)
         links = service.store.multi[("Task", "notes")]
         assert [r.child_id for r in conn.execute(sa.select(links.c.child_id))] == [n2["id"]]
+
+
+def test_a_read_back_overtaken_by_another_proxys_write_marks_the_type(
+        site: FakeSite, service: CacheService, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client adds an Asset to a Shot's ``assets`` through proxy A (a partial answer: the row is
+    queued and read back); while A reads the row from SG, proxy B learns another write to the same
+    Shot. A's read-back is then older than the replica's row and is not stored (the row stays
+    queued for the ingester). It was not marked either: ``_fetch_page`` counted the overtaken row as
+    read back, so a third proxy whose replica state was cached a moment before (the fetch queue is
+    seen up to a second late; a long TTL here stands for that second) served the Shot's old
+    ``assets``, without the client's Asset, after the client had SG's answer."""
+    from cache.proxy import learning
+    from cache.proxy import service as service_module
+
+    from .fakesg import FakeSGServer
+
+    proj = {"type": "Project", "id": site.create_direct("Project", {"name": "p"})["id"]}
+    a1 = site.create_direct("Asset", {"code": "a1", "project": proj})
+    a2 = site.create_direct("Asset", {"code": "a2", "project": proj})
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj, "assets": [{"type": "Asset", "id": a1["id"]}]})
+    prime(service.store, SiteClient(site))
+    monkeypatch.setattr(service_module, "REPLICA_STATE_TTL", 3600.0)
+    third = CacheService(db_url, tmp_path / "schema.yml", max_lag=0, write_wait=0)
+    try:
+        read = {"type": "Shot", "return_fields": ["assets"], "return_only": "active",
+                "filters": {"logical_operator": "and", "conditions": [
+                    {"path": "id", "relation": "is", "values": [shot["id"]]}]},
+                "paging": {"entities_per_page": 10, "current_page": 1}}
+        before = third.read(read)["entities"][0]["assets"]  # its replica state: cached now
+        assert [a["id"] for a in before] == [a1["id"]]
+        add = {"type": "Shot", "id": shot["id"], "fields": [
+            {"field_name": "assets", "value": [{"type": "Asset", "id": a2["id"]}], "multi_entity_update_mode": "add"}]}
+        to_fetch = service.learn("update", add, site._direct("update", add, True), service.write_mark())
+        assert to_fetch == [("Shot", shot["id"])]
+        post_json = learning.upstream.post_json
+
+        def read_then_overtaken(*args: Any, **kwargs: Any) -> Any:
+            reply = post_json(*args, **kwargs)
+            # proxy B learns another client's write to the Shot while A's read-back is on its way
+            rename = {"type": "Shot", "id": shot["id"], "fields": [{"field_name": "code", "value": "renamed"}]}
+            mark = service.write_mark()
+            service.learn("update", rename, site._direct("update", rename, True), mark)
+            return reply
+
+        monkeypatch.setattr(learning.upstream, "post_json", read_then_overtaken)
+        with FakeSGServer(site) as server:
+            service.fetch_rows(f"{server.url}/api3/json", {"script_name": "pipeline", "script_key": "s3cret"},
+                               to_fetch, None)
+        expected = [a["id"] for a in site.find_direct("Shot", [["id", "is", shot["id"]]], ["assets"])[0]["assets"]]
+        assert expected == [a1["id"], a2["id"]]
+        try:
+            got = third.read(read)["entities"][0]["assets"]
+        except Passthrough as exc:
+            assert exc.reason == "pending-write"
+        else:
+            assert [a["id"] for a in got] == expected, "the third proxy served the Shot's assets from before the add"
+    finally:
+        third.close()

@@ -437,8 +437,9 @@ class Learner:
 
         What is not read back stays queued (the ingester fetches it) and its type is marked
         pending: other proxies learn of the queue up to a second late. So it is on any failure, for
-        the rows SG did not return, and when the ingester applied events while SG was read (the
-        rows read may then be older than what the replica holds, see :meth:`learn`).
+        the rows SG did not return, and when the ingester applied events while SG was read or a
+        proxy learnt a write to one of the rows meanwhile (the rows read may then be older than what
+        the replica holds, see :meth:`learn`).
         """
         mark = self.write_mark()
         by_type: dict[str, list[int]] = collections.defaultdict(list)
@@ -490,7 +491,8 @@ class Learner:
                 if left_out:
                     fetchqueue.requeue(conn, self.store.fetch_queue, entity_type, left_out,
                                        fetchqueue.LINK_LEFT_OUT, self.store.db_now(conn))
-            return not left_out
+            # an overtaken row stays queued too: not read back (its type is marked, see fetch_rows)
+            return not left_out and not overtaken
 
         try:
             reply = upstream.post_json(url, call, ssl_context)
