@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from .rig import KEY, SCRIPT, Rig
+from .fakesg import FakeSite
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig, populate
 from .test_large_bodies_e2e import raw_post
 
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -115,3 +116,48 @@ def test_a_field_deleted_by_a_call_the_proxy_did_not_decode_is_not_served_after_
         rig.run("ingest-events", "--once")  # ... this one's
         with pytest.raises(shotgun_api3.Fault, match="sg_cut_in"):
             read()
+
+
+def populate_with_version(site: FakeSite) -> None:
+    """The rig's studio and a Version of its first Shot (``sg_uploaded_movie`` is cached)."""
+    populate(site)
+    shot = site.find_direct("Shot", [["code", "is", "sh010"]], ["project"])[0]
+    site.create_direct("Version", {"code": "v001", "project": shot["project"],
+                                   "entity": {"type": "Shot", "id": shot["id"]}})
+
+
+def upload_form(version_id: int, boundary: str = "sgcacheboundary") -> tuple[bytes, str]:
+    """``upload_file``'s multipart form (as shotgun_api3 sends it) for the Version's ``sg_uploaded_movie``."""
+    fields = {"entity_type": "Version", "entity_id": str(version_id), "field_name": "sg_uploaded_movie",
+              "display_name": "take.mov", "script_name": SCRIPT, "script_key": KEY}
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="take.mov"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + b"movie-bytes\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("path", ["//upload/upload_file", "/upload/upload_file"])
+def test_an_upload_posted_to_another_spelling_of_its_path_is_read_back_right(tmp_path: Path, db_url: str,
+                                                                             path: str) -> None:
+    """An upload form posted to ``//upload/upload_file`` (SG's router squeezes the slashes) through proxy
+    A, read back through proxy B. Before: the proxy took only paths starting ``/upload/`` for uploads, so
+    that one passed unmarked; SG linked the file, and the tool's read back through B was the replica's
+    old row (``sg_uploaded_movie`` None), a hit, until the ingester caught up."""
+    rig = Rig(tmp_path, db_url, populate_site=populate_with_version)
+    rig.server.lenient_api3 = True
+    with rig:
+        proxy_b = rig.start_proxy(RIG_OPTIONS)
+        b = rig.client(proxy_b)
+        version = rig.direct().find_one("Version", [["code", "is", "v001"]], ["sg_uploaded_movie"])
+        assert version["sg_uploaded_movie"] is None
+        b.find_one("Project", [])  # unseen credentials pass once; SG accepting them enables hits
+        read = lambda: b.find_one("Version", [["id", "is", version["id"]]], ["sg_uploaded_movie"])  # noqa: E731
+        before = rig.reads()
+        assert read()["sg_uploaded_movie"] is None and rig.reads() == before, "a hit to begin with"
+        body, content_type = upload_form(version["id"])
+        status, _header, reply = raw_post(rig, body, path, {"Content-Type": content_type})
+        assert status == 200 and reply.startswith(b"1"), reply  # SG linked the file
+        movie = rig.direct().find_one("Version", [["id", "is", version["id"]]], ["sg_uploaded_movie"])
+        assert movie["sg_uploaded_movie"] is not None
+        assert read() == movie, "the tool read its upload back stale through proxy B"

@@ -126,6 +126,10 @@ def test_upload_forms_name_the_types_they_may_change() -> None:
     assert is_upload("POST", "/upload/publish_thumbnail") and is_upload("POST", "/upload/share_thumbnail")
     assert not is_upload("POST", "/upload/api_get_upload_link_info")  # hands out a storage URL only
     assert not is_upload("GET", "/upload/upload_file") and not is_upload("POST", "/api3/json")
+    # as SG's router reads the path: doubled slashes squeezed, a trailing one dropped
+    assert is_upload("POST", "//upload/upload_file") and is_upload("POST", "/upload//api_link_file/")
+    assert is_upload("POST", "/%75pload/upload_file") and is_upload("POST", "/Upload/Upload_File")
+    assert not is_upload("POST", "//upload/api_get_upload_link_info/") and not is_upload("POST", "//uploads/x")
     assert changed_types({"entity_type": "Version", "field_name": "sg_uploaded_movie"}) == {"Version", "Attachment"}
     assert changed_types({"entities": "Shot_12, Asset_3", "thumbnail_id": "7"}) == {"Shot", "Asset", "Attachment"}
     assert changed_types({}) is None and changed_types({"entity_type": " "}) is None  # any type may have changed

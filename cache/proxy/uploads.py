@@ -11,6 +11,8 @@ reads its upload back from SG, never the replica's copy from before it.
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Mapping
 
 #: Upload endpoints that change no entity: they hand out storage URLs, or read.
@@ -21,8 +23,12 @@ ATTACHMENT = "Attachment"
 
 
 def is_upload(method: str, path: str) -> bool:
-    """Whether a request to the site is an upload form that may change entities."""
-    route = path.split("?", 1)[0]
+    """Whether a request to the site is an upload form that may change entities: a ``POST`` under
+    ``/upload/`` as SG's router reads the path (Rails squeezes doubled slashes and drops a trailing
+    one before routing: ``//upload/upload_file`` is ``upload_file``); percent-escapes and letter case
+    are read loosely too (a path read as an upload that is not one only makes reads pass)."""
+    route = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
+    route = re.sub(r"/+", "/", route).rstrip("/").lower()
     return method == "POST" and route.startswith("/upload/") and route.rsplit("/", 1)[-1] not in LINKLESS
 
 

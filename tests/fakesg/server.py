@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -98,7 +99,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(status, payload)
             return
-        files = self.site.files.handle(self.command, path, {k.lower(): v for k, v in self.headers.items()}, body)
+        file_path = path
+        if self.server.lenient_api3:  # type: ignore[attr-defined]
+            file_path = re.sub(r"/+", "/", path)  # Rails squeezes slashes before routing (//upload/...)
+        files = self.site.files.handle(self.command, file_path, {k.lower(): v for k, v in self.headers.items()}, body)
         if files is not None:
             status, headers, data = files
             self.send_response(status)
@@ -215,7 +219,8 @@ class FakeSGServer:
     ``latency``: seconds every API3 call waits before it is answered (a hosted site's round trip; set
     before :meth:`start`). ``lenient_api3`` (set before :meth:`start`): also answer API3 calls posted
     to ``/api3/json/`` or in another letter case, and inflate gzip request bodies, as a lenient router
-    might (by default only ``/api3/json``, with or without a query string, and plain bodies).
+    might (by default only ``/api3/json``, with or without a query string, and plain bodies); and
+    route the file endpoints with doubled slashes squeezed (``//upload/upload_file``), as Rails does.
     """
 
     def __init__(self, site: FakeSite, host: str = "127.0.0.1", port: int = 0,
