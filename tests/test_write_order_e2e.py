@@ -41,3 +41,45 @@ def test_the_older_of_two_crossing_answers_is_never_served(tmp_path: Path, db_ur
         # the proxy did not store the older answer: those reads went to SG (no ingester here to
         # clear the markers), and no read answered "first" from the replica
         assert rig.reads() > reads_before
+
+
+def test_a_write_overtaken_through_the_other_side_of_its_pair_is_never_served(tmp_path: Path, db_url: str) -> None:
+    """Proxy A sends ``Shot.sg_sequence = SQ02`` (SG applies it, its answer waits); meanwhile proxy B
+    sets ``Sequence SQ02.shots`` to ``[]``, which SG applies after A's write (the Shot leaves SQ02
+    again) and answers first. B's answer is learnt first (the replica's SQ02 did not hold the Shot
+    yet), then A's. Before: A's learn checked only the rows it wrote itself (the Shot) against the
+    rows proxies wrote meanwhile (SQ02), so it stored its answer and applied its pair: the replica
+    said the Shot is in SQ02, and both writers read that back (hits) where SG says it is in none."""
+    with Rig(tmp_path, db_url) as rig:
+        proxy_b = rig.start_proxy()
+        a, b, direct = rig.client(), rig.client(proxy_b), rig.direct()
+        shot = direct.find_one("Shot", [["code", "is", "sh070"]], ["sg_sequence"])
+        assert shot["sg_sequence"] is None
+        seq = direct.find_one("Sequence", [["code", "is", "SQ02"]], ["shots"])
+        assert seq["shots"]
+        for sg in (a, b):
+            sg.find_one("Project", [])  # unseen credentials pass once; SG accepting them enables hits
+        reads = [("Shot", [["id", "is", shot["id"]]], ["sg_sequence"]),
+                 ("Sequence", [["id", "is", seq["id"]]], ["shots"])]
+        before = rig.reads()
+        for sg in (a, b):
+            for read in reads:
+                sg.find(*read)
+        assert rig.reads() == before, "hits to begin with"
+        release = rig.server.hold_next_answer("update")
+        answers: list[Any] = []
+        link = {"type": "Sequence", "id": seq["id"]}
+        writer = threading.Thread(target=lambda: answers.append(a.update("Shot", shot["id"], {"sg_sequence": link})))
+        writer.start()
+        try:
+            wait_until(lambda: direct.find_one("Shot", [["id", "is", shot["id"]]], ["sg_sequence"])["sg_sequence"],
+                       20, "SG applying A's write")
+            b.update("Sequence", seq["id"], {"shots": []})  # applied after it, answered before it
+        finally:
+            release.set()
+            writer.join(60)
+        assert answers and answers[0]["sg_sequence"]["id"] == seq["id"]
+        expected = [direct.find(*read) for read in reads]
+        assert expected[0][0]["sg_sequence"] is None and expected[1][0]["shots"] == []
+        for name, sg in (("A", a), ("B", b)):
+            assert [sg.find(*read) for read in reads] == expected, f"proxy {name} served the older answer's pair"

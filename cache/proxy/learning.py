@@ -32,7 +32,7 @@ from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH, SCHEMA_PENDING
 from ..replica.store import Store
-from ..wire import chunks
+from ..wire import chunks, links_in
 from . import upstream
 from .breaker import Breaker, short_error
 from .dbwait import WRITE_WAIT_SECONDS, BoundedSteps, DatabaseWait
@@ -167,8 +167,9 @@ class Learner:
         recorded here (database trouble, the breaker open) the ingester brings.
 
         ``mark`` is :meth:`write_mark` from before the write was sent. When the ingester has
-        applied events since then, or a proxy learnt another write to one of the same entities
-        meanwhile (two writes in flight at once: which one SG applied last is not known), SG's
+        applied events since then, or a proxy learnt another write to one of the same entities or
+        to the other side of its link fields (:meth:`_touched_rows`) meanwhile (two writes in
+        flight at once: which one SG applied last is not known), SG's
         answer may be older than what the replica holds: the answer is then not stored;
         everything the write could have changed is marked pending instead, until the ingester
         has the write's own events.
@@ -215,7 +216,8 @@ class Learner:
                     high, learned, written = self.store.locked_state_pairs_written(
                         conn, EVENT_HIGH, mark.change_seq)
                     registry = self.pairs.with_rows(learned)
-                    moved = _moved(mark.event_high, high) or bool(written & _written_rows(method, args))
+                    moved = _moved(mark.event_high, high) or bool(
+                        written and written & self._touched_rows(conn, registry, method, args))
                 markers: set[tuple[str, str]] = set()
                 if moved:
                     effects = WriteEffects(self.store, registry, conn)
@@ -245,6 +247,24 @@ class Learner:
         self.breaker.ok()
         self._invalidate()
         return to_fetch
+
+    def _touched_rows(self, conn: Any, registry: PairRegistry, method: str, args: Any) -> set[tuple[str, int]]:
+        """The existing rows storing a write call's answer would write: the entities it writes, and
+        the other side of its link fields, the entities they link after the write (the values sent)
+        and before it (the replica's). Another proxy's write learnt meanwhile to any of them (say
+        ``Sequence.shots`` set while this write moved a Shot into that Sequence) may be the one SG
+        applied last: the pair applied from this answer would then undo it."""
+        rows = _written_rows(method, args)
+        effects = WriteEffects(self.store, registry, conn)
+        for kind, req in _write_requests(method, args):
+            if kind not in ("create", "update"):
+                continue
+            for item in field_items(req) or []:
+                rows.update((link["type"], int(link["id"])) for link in links_in(item.get("value")))
+            if kind == "update" and written_id(req) is not None:
+                for before in effects.snapshot(kind, req["type"], req).values():
+                    rows.update((link["type"], int(link["id"])) for link in before or [])
+        return rows
 
     def _ingester_moved(self, conn: Any, mark: WriteMark | None) -> bool:
         """Whether the ingester applied events since ``mark`` (taken before SG was asked).
