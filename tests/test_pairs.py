@@ -1024,3 +1024,4 @@ def test_a_read_back_overtaken_by_another_proxys_write_marks_the_type(
             assert [a["id"] for a in got] == expected, "the third proxy served the Shot's assets from before the add"
     finally:
         third.close()
+

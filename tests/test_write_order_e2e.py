@@ -83,3 +83,41 @@ def test_a_write_overtaken_through_the_other_side_of_its_pair_is_never_served(tm
         assert expected[0][0]["sg_sequence"] is None and expected[1][0]["shots"] == []
         for name, sg in (("A", a), ("B", b)):
             assert [sg.find(*read) for read in reads] == expected, f"proxy {name} served the older answer's pair"
+
+
+def test_a_read_back_overtaken_through_the_other_side_of_its_pair_is_never_served(tmp_path: Path,
+                                                                                   db_url: str) -> None:
+    """Proxy A adds an Asset to a Shot's ``assets`` (a partial answer: A reads the row back from SG,
+    and that read's answer is slow). After SG answered that read, proxy B removes the Shot from the
+    Asset's ``shots`` (SG's pair takes the Asset out of the Shot's ``assets`` again), learnt before
+    A stores its read-back. Before: A stored the read-back, older than B's write, since only the
+    Shot's own row was checked against the rows proxies wrote meanwhile (B wrote the Asset's; the
+    replica's Shot did not hold the link yet, so B's pair did not touch it): the replica put the
+    Asset back in the Shot's ``assets``, and both writers read that back as a hit."""
+    with Rig(tmp_path, db_url) as rig:
+        proxy_b = rig.start_proxy()
+        a, b, direct = rig.client(), rig.client(proxy_b), rig.direct()
+        shot = direct.find_one("Shot", [["code", "is", "sh010"]], ["assets"])
+        asset = direct.find_one("Asset", [["code", "is", "asset1"]], ["shots"])
+        assert [x["id"] for x in shot["assets"]] != [] and asset["id"] not in [x["id"] for x in shot["assets"]]
+        for sg in (a, b):
+            sg.find_one("Project", [])  # unseen credentials pass once; SG accepting them enables hits
+        read = ("Shot", [["id", "is", shot["id"]]], ["assets"])
+        before = rig.reads()
+        assert a.find(*read) == b.find(*read) == direct.find(*read) and rig.reads() == before + 1, "hits"
+        link, back = {"type": "Asset", "id": asset["id"]}, {"type": "Shot", "id": shot["id"]}
+        release = rig.server.hold_next_answer("read")  # A's read-back of the Shot
+        reads_before = rig.reads()
+        writer = threading.Thread(target=lambda: a.update("Shot", shot["id"], {"assets": [link]},
+                                                          multi_entity_update_modes={"assets": "add"}))
+        writer.start()
+        try:
+            wait_until(lambda: rig.reads() > reads_before, 20, "A reading the Shot back from SG")
+            b.update("Asset", asset["id"], {"shots": [back]}, multi_entity_update_modes={"shots": "remove"})
+        finally:
+            release.set()
+            writer.join(60)
+        expected = direct.find(*read)
+        assert [x["id"] for x in expected[0]["assets"]] == [x["id"] for x in shot["assets"]]
+        for name, sg in (("A", a), ("B", b)):
+            assert sg.find(*read) == expected, f"proxy {name} served the older read-back"

@@ -497,8 +497,13 @@ class Learner:
                     log.debug("fetched %s %s older than the replica may be: left for the ingester", entity_type, ids)
                     return False
                 assert mark is not None
-                # a row another writer changed while SG was read is newer than SG's answer: it stays queued
+                # a row another writer changed while SG was read is newer than SG's answer: it stays
+                # queued; so does one linking an entity a proxy wrote meanwhile (the other side of a
+                # pair: a write there may have changed this row's links after SG was read)
                 overtaken = self.store.changed_since(conn, entity_type, ids, mark.change_seq)
+                linked = {r["id"]: _links_of(r) for r in records if r["id"] not in overtaken}
+                written = self.store.written_since(conn, set().union(*linked.values()), mark.change_seq)
+                overtaken |= {i for i, links in linked.items() if links & written}
                 records = [r for r in records if r["id"] not in overtaken]
                 batch = self.store.batch(conn, "proxy")
                 # a row leaving out a link to an entity live here (SG cleared it, or retired the
@@ -579,6 +584,12 @@ def _written_rows(method: str, args: Any) -> set[tuple[str, int]]:
         if entity_id is not None:
             out.add((req["type"], entity_id))
     return out
+
+
+def _links_of(record: Mapping[str, Any]) -> set[tuple[str, int]]:
+    """The entities a row read from SG links, through any of its fields."""
+    return {(link["type"], int(link["id"])) for name, value in record.items() if name not in ("type", "id")
+            for link in links_in(value)}
 
 
 def _moved(mark: Any, high: Any) -> bool:
