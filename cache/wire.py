@@ -135,6 +135,12 @@ def links_in(value: Any) -> list[dict[str, Any]]:
     return [dict(x) for x in value if is_link(x)]
 
 
+def row_links(record: Mapping[str, Any]) -> set[Key]:
+    """``(type, id)`` of every entity a row (SG's, a read's) links through any of its fields."""
+    return {(link["type"], int(link["id"])) for name, value in record.items() if name not in ("type", "id")
+            for link in links_in(value)}
+
+
 # -- id lists --------------------------------------------------------------------------
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     """``items`` in slices of at most ``size``: ``id in [...]`` lists sent to SG or the database."""

@@ -1025,3 +1025,54 @@ def test_a_read_back_overtaken_by_another_proxys_write_marks_the_type(
     finally:
         third.close()
 
+
+
+def test_a_fetch_overtaken_through_the_other_side_of_a_pair_is_not_stored(site: FakeSite,
+                                                                           service: CacheService) -> None:
+    """The ingester reads a Shot again from SG (queued: another tool added an Asset to its ``assets``).
+    After SG answered that read, a client removes the Shot from that Asset's ``shots`` through a
+    proxy (SG's pair takes the Asset out of the Shot's ``assets`` again), learnt before the fetch
+    stores the Shot. The replica's Shot did not hold the Asset yet, so the proxy's pair left the
+    Shot's row alone, and only rows changed meanwhile were kept from the fetch: the fetch stored
+    the older row, and the client read the Asset back in the Shot's ``assets``."""
+    proj = {"type": "Project", "id": site.create_direct("Project", {"name": "p"})["id"]}
+    a1 = site.create_direct("Asset", {"code": "a1", "project": proj})
+    a2 = site.create_direct("Asset", {"code": "a2", "project": proj})
+    shot = site.create_direct("Shot", {"code": "sh1", "project": proj, "assets": [{"type": "Asset", "id": a1["id"]}]})
+    prime(service.store, SiteClient(site))
+    site.update_direct("Shot", shot["id"], {"assets": [{"type": "Asset", "id": a1["id"]}, {"type": "Asset", "id": a2["id"]}]})
+    with service.store.write_engine.begin() as conn:
+        service.store.queue_fetch(conn, [("Shot", shot["id"])], "test")
+
+    class Racing(SiteClient):
+        raced = False
+
+        def find(self, entity_type: str, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            rows = super().find(entity_type, *args, **kwargs)
+            if entity_type == "Shot" and not self.raced:
+                self.raced = True
+                remove = {"type": "Asset", "id": a2["id"], "fields": [
+                    {"field_name": "shots", "value": [{"type": "Shot", "id": shot["id"]}],
+                     "multi_entity_update_mode": "remove"}]}
+                service.learn("update", remove, site._direct("update", remove, True), service.write_mark())
+            return rows
+
+    client = Racing(site)
+    ing = Ingester(service.store, client, IngestConfig(batch=50, poll_interval=0.01))
+    try:
+        ing.process_fetch_queue()
+    finally:
+        ing.close()
+    assert client.raced
+    expected = site.find_direct("Shot", [["id", "is", shot["id"]]], ["assets"])[0]["assets"]
+    assert [a["id"] for a in expected] == [a1["id"]]
+    read = {"type": "Shot", "return_fields": ["assets"], "return_only": "active",
+            "filters": {"logical_operator": "and", "conditions": [
+                {"path": "id", "relation": "is", "values": [shot["id"]]}]},
+            "paging": {"entities_per_page": 10, "current_page": 1}}
+    try:
+        got = service.read(read)["entities"][0]["assets"]
+    except Passthrough as exc:
+        assert exc.reason in ("pending-write", "pending-fetch")
+    else:
+        assert [a["id"] for a in got] == [a1["id"]], "the fetch put the Asset back in the Shot's assets"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -30,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from ..replica import fetchqueue, fieldtypes, linksearch, pending
 from ..replica.statekeys import PENDING_CAUGHT_UP
 from ..replica.store import Store
-from ..wire import Key, chunks, to_wire
+from ..wire import Key, chunks, row_links, to_wire
 from .apply import LATE_RETIREMENT, RETIREMENT_AFTER_PROXY
 from .config import SGClient
 from .eventwire import FETCH_CHUNK, id_ranges
@@ -197,7 +198,7 @@ class Fetcher:
         refused: set[int] = set()
         held: set[int] = set()
         with conn.begin():
-            overtaken = self._written_since(conn, entity_type, ids, mark)
+            overtaken = self._written_since(conn, entity_type, ids, mark, active + retired)
             complete = self._complete(conn, entity_type, fields)
             batch = self.store.batch(conn, "fetch")
             for records, is_retired in ((active, False), (retired, True)):
@@ -262,11 +263,17 @@ class Fetcher:
             return None
         return dt.datetime.fromtimestamp(float(started) - pending.MARGIN, dt.UTC).replace(tzinfo=None)
 
-    def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int) -> set[int]:
+    def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int,
+                       records: list[dict[str, Any]]) -> set[int]:
         """The ids whose rows another writer changed after ``mark`` (taken before SG was read), under
         the write lock: a proxy that learned a client's write meanwhile holds a row newer than the
-        fetch's, which must not be written over it (:meth:`Store.changed_since`)."""
+        fetch's, which must not be written over it (:meth:`Store.changed_since`). So is a row of
+        ``records`` (SG's) linking an entity a proxy wrote meanwhile: a write on the other side of a
+        pair may have changed the row's links after SG was read without touching the row here."""
         overtaken = self.store.changed_since(conn, entity_type, ids, mark)
+        linked = {int(r["id"]): row_links(r) for r in records if int(r["id"]) not in overtaken}
+        written = self.store.written_since(conn, set().union(*linked.values()), mark)
+        overtaken |= {i for i, links in linked.items() if links & written}
         if overtaken:
             log.info("%s %s changed in the replica while SG was read; read again", entity_type,
                      id_ranges(sorted(overtaken)))

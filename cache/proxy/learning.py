@@ -32,7 +32,7 @@ from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH, SCHEMA_PENDING
 from ..replica.store import Store
-from ..wire import chunks, links_in
+from ..wire import chunks, links_in, row_links
 from . import upstream
 from .breaker import Breaker, short_error
 from .dbwait import WRITE_WAIT_SECONDS, BoundedSteps, DatabaseWait
@@ -501,7 +501,7 @@ class Learner:
                 # queued; so does one linking an entity a proxy wrote meanwhile (the other side of a
                 # pair: a write there may have changed this row's links after SG was read)
                 overtaken = self.store.changed_since(conn, entity_type, ids, mark.change_seq)
-                linked = {r["id"]: _links_of(r) for r in records if r["id"] not in overtaken}
+                linked = {r["id"]: row_links(r) for r in records if r["id"] not in overtaken}
                 written = self.store.written_since(conn, set().union(*linked.values()), mark.change_seq)
                 overtaken |= {i for i, links in linked.items() if links & written}
                 records = [r for r in records if r["id"] not in overtaken]
@@ -584,12 +584,6 @@ def _written_rows(method: str, args: Any) -> set[tuple[str, int]]:
         if entity_id is not None:
             out.add((req["type"], entity_id))
     return out
-
-
-def _links_of(record: Mapping[str, Any]) -> set[tuple[str, int]]:
-    """The entities a row read from SG links, through any of its fields."""
-    return {(link["type"], int(link["id"])) for name, value in record.items() if name not in ("type", "id")
-            for link in links_in(value)}
 
 
 def _moved(mark: Any, high: Any) -> bool:
