@@ -4,6 +4,7 @@ proxy's write effects against the fake SG as oracle (no proxy process, no HTTP).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1076,3 +1077,54 @@ def test_a_fetch_overtaken_through_the_other_side_of_a_pair_is_not_stored(site: 
         assert exc.reason in ("pending-write", "pending-fetch")
     else:
         assert [a["id"] for a in got] == [a1["id"]], "the fetch put the Asset back in the Shot's assets"
+
+
+def test_two_reads_recording_deferred_writes_at_once_never_drop_a_later_one(
+        site: FakeSite, service: CacheService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reads both found one deferred write and both marked it; a second write was deferred
+    meanwhile. Each read then took as many writes off the list as it had marked: the second took
+    the newer write it never marked, and reads were served while its effects stood unmarked. Now
+    one read records at a time (the other passes), and the newer write stays deferred."""
+    import threading
+
+    assets(site, 1)
+    prime(service.store, SiteClient(site))
+    marking = threading.Barrier(2, timeout=10)
+    release = threading.Event()
+    mark_deferred = service.learner._mark_deferred
+
+    def slow_mark(deferred: Any) -> None:
+        mark_deferred(deferred)
+        if threading.current_thread().name.startswith("sgcache-learn"):
+            try:
+                marking.wait(timeout=2)  # both reads' marking done (or only one got here)
+            except threading.BrokenBarrierError:
+                pass
+            release.wait(10)
+
+    monkeypatch.setattr(service.learner, "_mark_deferred", slow_mark)
+    first = {"type": "Shot", "id": 1, "fields": [{"field_name": "code", "value": "a"}]}
+    second = {"type": "Asset", "id": 1, "fields": [{"field_name": "code", "value": "b"}]}
+    service.learner.defer("update", first)
+    outcomes: list[str] = []
+
+    def read() -> None:
+        try:
+            service.learner.record_unrecorded()
+            outcomes.append("recorded")
+        except Passthrough as exc:
+            outcomes.append(exc.reason)
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    time.sleep(2.5)  # both readers are in (or one passed at once)
+    service.learner.defer("update", second)  # deferred while they record
+    release.set()
+    for reader in readers:
+        reader.join(10)
+    assert sorted(outcomes) == ["pending-write", "recorded"]
+    assert not service.learner.all_recorded(), "the newer deferred write was dropped unmarked"
+    monkeypatch.undo()
+    service.learner.record_unrecorded()
+    assert ("Asset", "code") in markers(service.store) and service.learner.all_recorded()

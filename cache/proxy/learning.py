@@ -81,6 +81,9 @@ class Learner:
         self._fields_changed: list[tuple[str, str]] = []
         #: Seconds a write's client waits for each database step here (0: as long as it takes).
         self.wait = wait
+        #: held by the one :meth:`record_unrecorded` running: two at once would each take the
+        #: deferred writes they marked off the list, the second taking newer ones it never marked
+        self._flushing = threading.Lock()
         self._marking = BoundedSteps(MARKERS, "sgcache-mark")
         self._recording = BoundedSteps(LEARNERS, "sgcache-learn")
 
@@ -316,7 +319,16 @@ class Learner:
         turned into markers for another reason (a shape of arguments not foreseen, a bug) mark
         every cached type instead, once: one odd write never keeps every read passing. The read
         waits for the database at most :attr:`wait` (markers written later only make reads pass
-        longer)."""
+        longer). One runs at a time: a read that finds another recording passes (``pending-write``)."""
+        if not self._flushing.acquire(blocking=False):
+            raise Passthrough("pending-write", "another read is recording the deferred writes")
+        try:
+            self._record_unrecorded()
+        finally:
+            self._flushing.release()
+
+    def _record_unrecorded(self) -> None:
+        """:meth:`record_unrecorded`'s work (the flush lock held)."""
         with self._lock:
             fields = list(self._fields_changed)
         if fields:
