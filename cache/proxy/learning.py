@@ -52,6 +52,11 @@ MARKERS = 4
 #: Writes whose effects could not be recorded, kept in memory until they are (then every type is
 #: marked at once past this many).
 MAX_UNRECORDED = 1000
+#: Seconds after a write is deferred that it is recorded even when no read comes (every read
+#: records first: this bounds how long other proxies may serve what it changed), doubled while
+#: the database does not take it, up to FLUSH_MAX.
+FLUSH_FIRST = 0.5
+FLUSH_MAX = 5.0
 #: Ids read back by one SG read after a partial answer (one page), and by one write in all: the
 #: writer waits for them; past this many the type is marked pending and the ingester fetches the rest.
 FETCH_PAGE = 500
@@ -84,11 +89,14 @@ class Learner:
         #: held by the one :meth:`record_unrecorded` running: two at once would each take the
         #: deferred writes they marked off the list, the second taking newer ones it never marked
         self._flushing = threading.Lock()
+        self._flusher: threading.Thread | None = None  # records the deferred writes when no read does
+        self._closed = threading.Event()
         self._marking = BoundedSteps(MARKERS, "sgcache-mark")
         self._recording = BoundedSteps(LEARNERS, "sgcache-learn")
 
     def close(self) -> None:
         """Let go of the steps' threads (those waiting on the database end with it)."""
+        self._closed.set()
         self._marking.close()
         self._recording.close()
 
@@ -122,6 +130,7 @@ class Learner:
                         entity_type, field_name, short_error(exc))
             with self._lock:
                 self._fields_changed.append((entity_type, field_name))
+            self._flush_later()
 
     def _unprime(self, fields: list[tuple[str, str]]) -> None:
         """Un-prime and mark ``fields`` and name them for the ingester's schema re-read (one transaction)."""
@@ -304,6 +313,7 @@ class Learner:
                 self._unrecorded.append((method, args))
                 if len(self._unrecorded) > MAX_UNRECORDED:
                     self._unrecorded = None  # too many to tell apart: every type will be marked
+        self._flush_later()
 
     def defer_every_type(self) -> None:
         """Something that may have changed any row (an upload, a body too large to decode) could not
@@ -311,6 +321,35 @@ class Learner:
         with self._lock:
             self._deferred += 1
             self._unrecorded = None
+        self._flush_later()
+
+    def _flush_later(self) -> None:
+        """Record the deferred writes in a thread of their own (:data:`FLUSH_FIRST`) unless a read
+        does first: with no read coming, other proxies could serve what they changed until the
+        ingester brings their events."""
+        with self._lock:
+            if self._flusher is not None or self._closed.is_set():
+                return
+            self._flusher = threading.Thread(target=self._flush_until_recorded, name="sgcache-flush", daemon=True)
+            self._flusher.start()
+
+    def _flush_until_recorded(self) -> None:
+        delay = FLUSH_FIRST
+        while not self._closed.wait(delay):
+            if not self.all_recorded() and not self.breaker.backing_off():
+                try:
+                    self.record_unrecorded()
+                except Exception as exc:  # noqa: BLE001 - the database in trouble: again, later
+                    log.debug("deferred writes not recorded yet: %s", short_error(exc))
+                    delay = min(delay * 2, FLUSH_MAX)
+                    continue
+            with self._lock:
+                if self._unrecorded == [] and not self._fields_changed:
+                    self._flusher = None
+                    return
+            delay = min(delay * 2, FLUSH_MAX)
+        with self._lock:
+            self._flusher = None
 
     def record_unrecorded(self) -> None:
         """Mark pending everything the deferred writes could have changed (the markers' time is
@@ -319,9 +358,10 @@ class Learner:
         turned into markers for another reason (a shape of arguments not foreseen, a bug) mark
         every cached type instead, once: one odd write never keeps every read passing. The read
         waits for the database at most :attr:`wait` (markers written later only make reads pass
-        longer). One runs at a time: a read that finds another recording passes (``pending-write``)."""
-        if not self._flushing.acquire(blocking=False):
-            raise Passthrough("pending-write", "another read is recording the deferred writes")
+        longer). One runs at a time: a read that finds another recording waits for it as long (then
+        passes, ``pending-write``)."""
+        if not self._flushing.acquire(timeout=self.wait if self.wait > 0 else -1):
+            raise Passthrough("pending-write", "the deferred writes are being recorded")
         try:
             self._record_unrecorded()
         finally:
