@@ -1139,3 +1139,38 @@ def test_a_deferred_write_is_recorded_without_waiting_for_a_read(site: FakeSite,
     service.learner.defer("update", {"type": "Asset", "id": 1, "fields": [{"field_name": "code", "value": "b"}]})
     wait_until(lambda: ("Asset", "code") in markers(service.store), 10, "the deferred write's markers")
     wait_until(service.learner.all_recorded, 10, "the deferred write off the list")
+
+
+@pytest.mark.parametrize("results", [[{"type": "Asset", "id": 1, "code": "b"}], {"type": "Asset"}, None])
+def test_a_batch_answer_that_does_not_pair_with_its_requests_marks_what_they_may_change(
+        site: FakeSite, service: CacheService, results: Any) -> None:
+    """SG answers a batch with one result per request; an answer that does not pair with them
+    (shorter, not a list) stored nothing and marked nothing, though SG applied the batch."""
+    assets(site, 2)
+    prime(service.store, SiteClient(site))
+    batch = [{"request_type": "update", "type": "Asset", "id": 1, "fields": [{"field_name": "code", "value": "b"}]},
+             {"request_type": "update", "type": "Asset", "id": 2, "fields": [{"field_name": "code", "value": "c"}]}]
+    service.learn("batch", batch, results, service.write_mark())
+    assert ("Asset", "code") in markers(service.store)
+    assert passes(service, ASSET_CODES) == "pending-write"
+
+
+def test_rows_left_queued_whose_types_cannot_be_marked_are_marked_later(
+        site: FakeSite, service: CacheService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial answer's rows stay queued and their types are marked for other proxies (whose
+    replica state shows the queue up to a second late). When the database did not take the
+    markers, nothing was kept: now every type is marked once it does."""
+    assets(site, 1)
+    prime(service.store, SiteClient(site))
+
+    def fails(_types: Any) -> None:
+        raise sa.exc.OperationalError("UPDATE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(service.learner, "_mark_whole", fails)
+    monkeypatch.setattr("cache.proxy.learning.FLUSH_FIRST", 60.0)  # recorded here by the read below
+    service.left_queued(["Asset"])
+    assert not service.learner.all_recorded()
+    monkeypatch.undo()
+    service.breaker.ok()
+    service.learner.record_unrecorded()
+    assert ("Asset", pending.WHOLE_TYPE) in markers(service.store)

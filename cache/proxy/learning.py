@@ -244,6 +244,11 @@ class Learner:
                             if isinstance(req, Mapping):
                                 to_fetch += self._learn_one(conn, req.get("request_type"), req, res,
                                                             registry, markers)
+                    else:  # an answer that does not pair with the requests: what each could change is marked
+                        effects = WriteEffects(self.store, registry, conn)
+                        for kind, req in _write_requests(method, args):
+                            effects.outcome_unknown(kind, req["type"], req)
+                        markers |= effects.markers
                 else:
                     to_fetch += self._learn_one(conn, method, args, results, registry, markers)
                 self._mark(conn, markers)
@@ -612,8 +617,9 @@ class Learner:
         marked, the queue still makes this proxy's reads of them pass: it was committed.)"""
         try:
             self._bounded(self._recording, lambda: self._mark_whole(entity_types))
-        except Exception as exc:  # noqa: BLE001 - the database is in trouble: its reads fail too
+        except Exception as exc:  # noqa: BLE001 - the database is in trouble: marked when it takes it
             log.warning("could not mark %s pending: %s", ", ".join(entity_types), short_error(exc))
+            self.defer_every_type()  # other proxies' replica state may not show the queue for a second
 
     def _mark_whole(self, entity_types: Collection[str]) -> None:
         """Mark ``entity_types`` pending as a whole, in one transaction."""
