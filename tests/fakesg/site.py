@@ -634,11 +634,25 @@ class FakeSite:
                         out.extend(self._candidates(target, nxt, parts[2:]))
             return out
         if not isinstance(stored, dict) or stored.get("type") != target:
-            return [None]
+            return self._no_hop(target, parts[2:])
         nxt = self._row(target, stored["id"])
         if nxt is None:
-            return [None]
+            return self._no_hop(target, parts[2:])
         return self._candidates(target, nxt, parts[2:])
+
+    def _no_hop(self, entity_type: str, parts: list[str]) -> list[Any]:
+        """The candidates of a path whose single-entity hop found no row: None (the LEFT JOIN's NULL),
+        or none at all when the rest of the path crosses a multi_entity hop. The rule is the one for
+        multi_entity hops (docs/semantics.md, "Deep paths": EXISTS, no linked entity, no match,
+        whatever the operator); giving None there made ``is_not``/``not_in``/``is None`` through
+        ``sg_sequence.Sequence.tasks.Task.entity`` match rows with no sequence (found by
+        tests/test_read_differential.py)."""
+        cur = entity_type
+        for i in range(0, len(parts) - 1, 2):
+            if self._dtype(cur, parts[i]) == "multi_entity":
+                return []
+            cur = parts[i + 1]
+        return [None]
 
     # ------------------------------------------------------------------ filters
     def _compile(self, entity_type: str, flt: Any) -> Callable[[dict[str, Any]], bool]:
