@@ -81,17 +81,22 @@ class FilterCompiler:
         return self._path_condition(scope, scope.base, scope.entity_type, split_path(path), relation, values)
 
     def _path_condition(
-        self, scope: Scope, alias: Any, entity_type: str, parts: list[str], relation: str, values: list[Any]
+        self, scope: Scope, alias: Any, entity_type: str, parts: list[str], relation: str, values: list[Any],
+        joined: bool = False,
     ) -> Any:
         """A condition on a (deep) path from ``alias`` (a row of ``entity_type`` in ``scope``). A
         single-entity hop is a LEFT JOIN (no linked row of that type: the value is NULL); a
         multi_entity hop is an EXISTS over the linked active rows of that type (none: no match,
-        whatever the operator)."""
+        whatever the operator). ``joined``: the path went through a single-entity hop."""
         fschema = self.paths.field(entity_type, parts[0])
         info = fieldtypes.TYPES[fschema.data_type]
         if len(parts) == 1:
             if relation not in info.operators:
                 raise Passthrough("operator", f"{relation} on {fschema.data_type}")
+            if joined and fschema.data_type == "checkbox" and relation in ("is", "is_not") and values == [False]:
+                # a checkbox behind a link with no row is NULL: whether SG reads it as false or as no
+                # value is not documented ("is True" and "is_not True" agree either way)
+                raise Passthrough("filter-value", f"checkbox {relation} False through a link")
             self.relations.add(relation)
             if info.storage == "entity":
                 return entity_condition(self.store, scope, alias, fschema, relation, values)
@@ -104,7 +109,7 @@ class FilterCompiler:
         self.paths.target(target)
         if info.storage == "entity":
             nxt = scope.hop(alias, fschema.name, target)
-            return self._path_condition(scope, nxt, target, parts[2:], relation, values)
+            return self._path_condition(scope, nxt, target, parts[2:], relation, values, joined=True)
         if info.storage != "multi":
             raise Passthrough("bad-field", ".".join(parts)[:80])
         assoc = self.store.multi[(entity_type, fschema.name)].alias()
