@@ -270,7 +270,10 @@ class FakeSite:
         self.timezone = "UTC"
         #: test hooks making the site answer one rule otherwise (tests/test_audit.py):
         #: "is_not-drops-null": a scalar ``is_not`` leaves out empty values;
-        #: "sanitizes-lt": a ``<`` written to a text field is stored (and sent) as ``&lt;``
+        #: "sanitizes-lt": a ``<`` written to a text field is stored (and sent) as ``&lt;``;
+        #: "lowers-per-character": text is lowered one character at a time with Unicode's simple
+        #: mapping (PostgreSQL's lower() in a UTF-8 locale: a final 'Σ' is 'σ', 'İ' is 'i'), not with
+        #: Python's str.lower() (docs/semantics.md: the replica's rule on PostgreSQL)
         self.deviations: set[str] = set()
         self._scripts: dict[str, _Script] = {}
         self._humans: dict[str, tuple[str, int]] = {}
@@ -690,11 +693,18 @@ class FakeSite:
             return lambda row: match(self._candidates(entity_type, row, parts)[0])
         return lambda row: any(match(v) for v in self._candidates(entity_type, row, parts))
 
+    def _lower(self, text: str) -> str:
+        """Text lowered for case-insensitive matching and sorting (see ``deviations``)."""
+        if "lowers-per-character" in self.deviations:
+            # U+0130 is the one letter whose full lower-case mapping is not its simple one
+            return "".join("i" if c == "\u0130" else c.lower() for c in text)
+        return text.lower()
+
     def _norm_scalar(self, dt: str, value: Any) -> Any:
         if value is None:
             return None
         if dt == "text":
-            return str(value).lower()
+            return self._lower(str(value))
         if dt == "date_time":
             return parse_dt(value)
         if dt == "date":
@@ -809,7 +819,7 @@ class FakeSite:
             for s in links:
                 link = self._render_link(s)
                 if link is not None:
-                    out.append((link.get("name") or "").lower())
+                    out.append(self._lower(link.get("name") or ""))
             return out
 
         if relation in ("is", "is_not", "in", "not_in"):
@@ -834,7 +844,7 @@ class FakeSite:
                 return not keys if tname is None else any(k[0] == tname for k in keys)
             return type_hit if relation == "type_is" else (lambda v: not type_hit(v))
         need(1)
-        x = str(values[0] or "").lower()
+        x = self._lower(str(values[0] or ""))
         tests: dict[str, Callable[[str], bool]] = {
             "name_is": lambda n: n == x,
             "name_contains": lambda n: x in n,
@@ -870,11 +880,11 @@ class FakeSite:
     # ------------------------------------------------------------------ read
     def _sort_value(self, dt: str, value: Any) -> Any:
         if dt == "entity":
-            return (value.get("name") or "").lower() if value else None
+            return self._lower(value.get("name") or "") if value else None
         if dt == "multi_entity":
-            return (value[0].get("name") or "").lower() if value else None
+            return self._lower(value[0].get("name") or "") if value else None
         if dt in ("text", "list", "status_list", "entity_type", "color", "uuid", "footage"):
-            return None if value is None else str(value).lower()
+            return None if value is None else self._lower(str(value))
         if dt in ("url", "serializable", "tag_list"):
             return None if value in (None, []) else json.dumps(value, sort_keys=True)
         if dt == "checkbox":
