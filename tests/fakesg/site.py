@@ -132,10 +132,13 @@ def parse_dt(value: Any) -> datetime | None:
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, str):
-        if _WIRE_DT_RE.match(value):
-            return datetime.strptime(value, WIRE_DT_FORMAT).replace(tzinfo=UTC)
-        if _DATE_RE.match(value):
-            return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        try:
+            if _WIRE_DT_RE.match(value):
+                return datetime.strptime(value, WIRE_DT_FORMAT).replace(tzinfo=UTC)
+            if _DATE_RE.match(value):
+                return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:  # the right shape but no such time (2024-02-30, 25:00): SG refuses it
+            pass
     raise SGFault(f"Invalid date_time value {value!r}")
 
 
@@ -148,7 +151,10 @@ def parse_date(value: Any) -> date | None:
     if isinstance(value, date):
         return value
     if isinstance(value, str) and _DATE_RE.match(value):
-        return datetime.strptime(value, "%Y-%m-%d").date()
+        try:
+            return datetime.strptime(value, "%Y-%m-%d").date()
+        except ValueError:  # the right shape but no such day (2024-02-30): SG refuses it
+            pass
     if isinstance(value, str) and _WIRE_DT_RE.match(value):
         return parse_dt(value).date()  # type: ignore[union-attr]
     raise SGFault(f"Invalid date value {value!r}")
