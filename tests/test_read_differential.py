@@ -470,7 +470,12 @@ REGRESSIONS: dict[str, tuple[dict[str, Any], str]] = {
     "deep-checkbox-is-False": (read_params("Task", [["project.Project.archived", "is", False]]), PASS),
     "multi-then-single-hop-checkbox-is-False": (read_params(
         "Shot", [["assets.Asset.project.Project.archived", "is", False]]), PASS),
-    # the fake SG crashed (ValueError) on a time of the right shape that does not exist; SG refuses it
+    # the fake SG crashed (ValueError) on a date of the right shape that does not exist; SG refuses it,
+    # and the engine answered it (a date filter value was checked for its shape only)
+    "impossible-date-is": (read_params("Shot", [["sg_due_date", "is", "2024-02-30"]]), PASS),
+    "impossible-date-greater_than": (read_params("Shot", [["sg_due_date", "greater_than", "2023-13-01"]]), PASS),
+    "impossible-date-deep-between": (read_params(
+        "Task", [["entity.Shot.sg_due_date", "between", ["2024-01-01", "2024-02-31"]]]), PASS),
     "impossible-date_time": (read_params("Shot", [["sg_last_review", "less_than", "2024-02-10T25:00:00Z"]]), PASS),
     # "is True" and "is_not True" read the same either way
     "deep-checkbox-is-True": (read_params("Task", [["project.Project.archived", "is", True]]), HIT),

@@ -5,6 +5,7 @@ The rules (case, NULLs, ranges) are docs/semantics.md's; the fake SG follows the
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any
 
@@ -27,7 +28,8 @@ def filter_value(fschema: FieldSchema, value: Any) -> Any:
     if value is None:
         return None
     dt = fschema.data_type
-    if dt == "date" and not (isinstance(value, str) and _DATE_RE.match(value)):
+    if dt == "date" and not (isinstance(value, str) and _DATE_RE.match(value) and _real_date(value)):
+        # 2024-02-30 has the shape but is no day: SG refuses it, and compared as text it would match
         raise Passthrough("filter-value", f"date {value!r}"[:60])
     if dt == "date_time" and not (isinstance(value, str) and _DATETIME_RE.match(value)):
         raise Passthrough("filter-value", f"date_time {value!r}"[:60])
@@ -35,6 +37,15 @@ def filter_value(fschema: FieldSchema, value: Any) -> Any:
         return fieldtypes.encode_scalar(dt, value)
     except ValueError as exc:
         raise Passthrough("filter-value", str(exc)[:60]) from None
+
+
+def _real_date(text: str) -> bool:
+    """Whether ``YYYY-MM-DD`` names a day of the calendar."""
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def scalar_condition(store: Store, col: Any, fschema: FieldSchema, relation: str, values: list[Any],
