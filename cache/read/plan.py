@@ -141,6 +141,9 @@ class Plan:
     #: probe per row was planned as a parallel walk whose workers took longer to start than the
     #: walk itself (docs/scale.md)
     serial: bool = False
+    #: ``include_archived_projects: false`` on a type with a ``project``: passes while the replica
+    #: holds a retired archived Project (cache/read/execute.py)
+    archived_guard: bool = False
 
     #: The row decoder for the columns it was built for (built at the first row: plans are cached).
     _decoder: tuple[tuple[str, ...], Callable[[Any], dict[str, Any]]] | None = field(

@@ -77,6 +77,7 @@ class Planner:
         self.entity_type = entity_type
         self.paths = PathResolver(self.schema, replica_state, entity_type)
         self.filters = FilterCompiler(store, self.paths, relative)
+        self._archived_guard = False  # see Plan.archived_guard
 
     def build(self, params: Mapping[str, Any]) -> Plan:
         """Page first, then decorate: one statement whose inner query filters, sorts and
@@ -116,7 +117,8 @@ class Planner:
         )
         return Plan(self.entity_type, select, count_select, fields, multi_fields, page_wanted.limit,
                     page_wanted.want_count, frozenset(self.paths.touched), frozenset(self.filters.relations),
-                    timed=bool(self.filters.relations & RELATIVE), serial=self.filters.multi)
+                    timed=bool(self.filters.relations & RELATIVE), serial=self.filters.multi,
+                    archived_guard=self._archived_guard)
 
     def _return_fields(self, output: Scope, return_fields: Any) -> tuple[list[Any], list[RowField], list[MultiField]]:
         """The output's columns, and how each return field decodes (``id`` and ``type`` always come)."""
@@ -164,7 +166,8 @@ class Planner:
 
     def _not_archived(self, rows: Scope) -> Any:
         """``include_archived_projects: false``: leave out archived projects (retired or not)
-        and the rows of their ``project``; the Project rows themselves when reading Projects."""
+        and the rows of their ``project``; the Project rows themselves when reading Projects. A
+        read of another type passes while a retired Project is archived (Plan.archived_guard)."""
         if self.entity_type == "Project":
             self.paths.field("Project", "archived")
             return sa.not_(sa.func.coalesce(rows.base.c.archived, False))
@@ -175,5 +178,6 @@ class Planner:
         self.paths.field(self.entity_type, "project")
         self.paths.target("Project")
         self.paths.field("Project", "archived")
+        self._archived_guard = True
         project = rows.hop(rows.base, "project", "Project", active=False)
         return sa.or_(project.c.id.is_(None), sa.not_(sa.func.coalesce(project.c.archived, False)))
