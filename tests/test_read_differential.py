@@ -20,6 +20,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -81,12 +82,11 @@ def add_random_rows(site: FakeSite, rng: random.Random) -> None:
     projects.append(L("Project", p4["id"]))
     seqs = [L("Sequence", i) for i in (1, 2, 3)] + [None]  # 4 is retired
     new_seqs = []
-    for i in range(6):
+    for _ in range(6):
         made = c("Sequence", {"code": rng.choice(TEXT_POOL + [None]), "project": rng.choice(projects),
                               "sg_status_list": rng.choice(["ip", "fin", "wtg", None]),
                               "description": rng.choice(TEXT_POOL + [None, None])})
         new_seqs.append(L("Sequence", made["id"]))
-        del i
     seqs += new_seqs
     assets = [L("Asset", i) for i in (1, 2, 3, 5)]  # 4 is retired
     for _ in range(8):
@@ -155,6 +155,7 @@ def add_random_rows(site: FakeSite, rng: random.Random) -> None:
 
 
 def make_site(rng: random.Random) -> FakeSite:
+    """The oracle's studio plus :func:`add_random_rows`, its clock stopped at NOW in ZONE."""
     site = FakeSite.basic()
     site.add_script(SCRIPT, KEY)
     populate(site)
@@ -164,8 +165,8 @@ def make_site(rng: random.Random) -> FakeSite:
     return site
 
 
-def _parse(text: str) -> Any:
-    from datetime import UTC, datetime
+def _parse(text: str) -> datetime:
+    """A wire date_time as an aware UTC datetime."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
@@ -180,21 +181,25 @@ class Pools:
     names: list[str] = field(default_factory=list)
 
     def dtype(self, entity_type: str, name: str) -> str | None:
+        """The data type of a cached field (None: not cached)."""
         if name == "id":
             return "number"
         spec = self.schema.field(entity_type, name)
         return spec.data_type if spec is not None else None
 
     def fields(self, entity_type: str) -> list[str]:
+        """The cached fields of a type, ``id`` first."""
         return ["id", *[f for f in self.schema.entities[entity_type].fields if f != "id"]]
 
     def valid_types(self, entity_type: str, name: str) -> list[str]:
+        """The cached types a link field can hold."""
         spec = self.schema.field(entity_type, name)
         types = list(spec.links) if spec is not None else []
         return [t for t in types if t in self.schema.entities]
 
 
 def gather(site: FakeSite, schema: Schema) -> Pools:
+    """Every value (and link, and link name) the site holds in each cached field, active and retired rows."""
     pools = Pools(schema)
     for entity_type, entity in schema.entities.items():
         rows = []
@@ -308,6 +313,7 @@ class Gen:
 
     # -- conditions
     def condition(self, entity_type: str) -> list[Any]:
+        """One condition in python form: a (deep) path, a relation its data type has, values for it."""
         rng = self.rng
         path, final_type, dt = self.path(entity_type)
         name = path.rsplit(".", 1)[-1]
@@ -361,6 +367,7 @@ class Gen:
         return [path, relation, self.piece(self.text(final_type, name))]
 
     def filters(self, entity_type: str, depth: int = 0) -> list[Any]:
+        """Zero to three conditions, some of them nested ``all``/``any`` groups (two levels at most)."""
         rng = self.rng
         out: list[Any] = []
         for _ in range(rng.choice([0, 1, 1, 1, 2, 2, 3])):
@@ -407,6 +414,8 @@ class Gen:
 # ---------------------------------------------------------------------------------- running
 @dataclass
 class Replica:
+    """The fake SG, the replica primed from it, the reader over it, and the generator's pools."""
+
     site: FakeSite
     store: Store
     reader: Reader
@@ -415,6 +424,7 @@ class Replica:
 
 @pytest.fixture(scope="module")
 def replica(module_db_url: str) -> Iterator[Replica]:
+    """One seeded site and its replica for the module (the tests only read, or restore what they change)."""
     site = make_site(random.Random(SEED))
     if pg_base():
         # the replica's documented rule on PostgreSQL (docs/semantics.md, "Text matching"); where it and
@@ -471,6 +481,7 @@ def wrong(expected: Outcome, got: Outcome) -> bool:
 
 
 def describe(params: dict[str, Any], expected: Outcome, got: Outcome) -> str:
+    """A failing case, to replay: the read and both outcomes."""
     return (f"read {json.dumps(params, ensure_ascii=False)}\n  fake SG: {json.dumps(expected, ensure_ascii=False)}"
             f"\n  engine:  {json.dumps(got, ensure_ascii=False)}")
 
