@@ -34,7 +34,6 @@ from cache.replica.schema import Schema, parse_rules
 from cache.replica.store import Store
 from cache.scan.scanner import Scanner
 
-from .databases import pg_base
 from .fakesg import FakeSite
 from .fakesg.site import SGFault
 from .replica import SiteClient
@@ -426,10 +425,6 @@ class Replica:
 def replica(module_db_url: str) -> Iterator[Replica]:
     """One seeded site and its replica for the module (the tests only read, or restore what they change)."""
     site = make_site(random.Random(SEED))
-    if pg_base():
-        # the replica's documented rule on PostgreSQL (docs/semantics.md, "Text matching"); where it and
-        # Python's str.lower() differ ('ΣΟΦΟΣ', 'İ') one backend answers otherwise than SG may
-        site.deviations.add("lowers-per-character")
     built = build_replica(site, module_db_url)
     yield built
     built.store.dispose()

@@ -1,8 +1,9 @@
 """Case-insensitive text: the filter's value and the stored value lowered the same way.
 
 The replica lowers a column with the database's lower() and a filter's value with its dialect's
-``lower_value``: on PostgreSQL per code point with the simple mapping (what lower() does in a UTF-8
-locale), on SQLite Python's ``str.lower`` (SQLite calls it itself: ``sg_lower``). A PostgreSQL
+``lower_value``: on both, per code point with the simple mapping, as SG's PostgreSQL does in a
+UTF-8 locale (on SQLite ``sg_lower``, which SQLite calls itself; an older release used Python's
+``str.lower`` there, and a replica it indexed has its indexes rebuilt at the first open). A PostgreSQL
 database whose lower() lowers otherwise (LC_CTYPE C, tr_TR, ...) is found by a probe when the
 replica opens, and its case-insensitive conditions and text sorts pass (``case-mapping``).
 """
@@ -21,9 +22,10 @@ import sqlalchemy as sa
 from cache.errors import Passthrough
 from cache.read import Reader, ReplicaState
 from cache.replica.dialect import POSTGRESQL, SQLITE, normalize_url
-from cache.replica.dialect.postgresql import lower_simple
 from cache.replica.schema import Schema
+from cache.replica.statekeys import TEXT_LOWERING
 from cache.replica.store import Store
+from cache.replica.textcase import lower_simple
 
 from .databases import pg_base
 from .fakesg import FakeSite
@@ -116,15 +118,17 @@ def test_text_matches_its_own_value(pair: tuple[FakeSite, Store], path: str, rel
     assert _read(store, _cond(path, relation, value)) == expected
 
 
-def test_postgresql_lowers_each_character_alone(pair: tuple[FakeSite, Store], backend: str) -> None:
-    """Where Python's full mapping and the simple one differ, the replica on PostgreSQL follows
-    its database, as PostgreSQL's lower() and ILIKE do (each character alone, 'İ' as 'i'), which
-    keeps a value contained in each text containing it; SQLite keeps Python's str.lower()."""
-    _site, store = pair
-    postgresql = backend == "postgresql"
-    assert _read(store, _cond("code", "contains", "İ")) == ([2, 3] if postgresql else [2])
-    assert _read(store, _cond("code", "is", "οδοσ")) == ([1] if postgresql else [])
-    assert _read(store, _cond("code", "is", "οδος")) == ([] if postgresql else [1])
+def test_each_character_is_lowered_alone_on_every_database(pair: tuple[FakeSite, Store]) -> None:
+    """Where Python's full mapping and the simple one differ, the replica follows SG's PostgreSQL
+    (each character alone, 'İ' as 'i', a final 'Σ' as 'σ'), on SQLite too: before, SQLite kept
+    Python's str.lower() and answered these otherwise than PostgreSQL (and SG)."""
+    site, store = pair
+    assert _read(store, _cond("code", "contains", "İ")) == [2, 3]
+    assert _read(store, _cond("code", "is", "οδοσ")) == [1]
+    assert _read(store, _cond("code", "is", "οδος")) == []
+    for path, relation, value in [("code", "contains", "İ"), ("code", "is", "οδοσ"), ("code", "is", "οδος")]:
+        assert _read(store, _cond(path, relation, value)) == [e["id"] for e in site.find_direct(
+            "Shot", [[path, relation, value]])]
 
 
 def test_text_sorts_as_the_fake_sg(pair: tuple[FakeSite, Store]) -> None:
@@ -134,29 +138,42 @@ def test_text_sorts_as_the_fake_sg(pair: tuple[FakeSite, Store]) -> None:
         assert _read(store, [], [{"field_name": "code", "direction": direction}]) == expected
 
 
-def test_postgresql_lowers_a_value_per_code_point() -> None:
+def test_a_value_is_lowered_per_code_point() -> None:
     assert lower_simple("ΟΔΟΣ") == "οδοσ" != "ΟΔΟΣ".lower()
     assert lower_simple("İstanbul") == "istanbul" != "İstanbul".lower()
     assert lower_simple("ÀB ẞ Ꭰ 𐐀") == "àb ß ꭰ 𐐨"
-    assert POSTGRESQL.lower_value("MiXeD") == "mixed"
+    assert POSTGRESQL.lower_value("MiXeD") == "mixed" == SQLITE.lower_value("MiXeD")
+    assert SQLITE.lower_value("ΟΔΟΣ İ") == "οδοσ i" == POSTGRESQL.lower_value("ΟΔΟΣ İ")
 
 
-def test_sqlite_lowering_is_unchanged(db_url: str, backend: str) -> None:
-    """SQLite lowers both sides with Python's str.lower() (its full mapping, with context), and
-    needs no probe: a final sigma is ς there, and a value with one matches."""
+def test_a_sqlite_replica_indexed_by_an_older_release_is_reindexed(
+        db_url: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica an older release indexed holds Python's full lowering in its text-key indexes
+    ('ΟΔΟΣ' as 'οδος'): the first open rebuilds them, once, and matches and sorts read through
+    the index follow the new rule."""
     if backend != "sqlite":
-        pytest.skip("SQLite's lowering")
-    assert SQLITE.lower_value("ΟΔΟΣ") == "οδος" and SQLITE.lower_value("İ") == "i̇"
+        pytest.skip("SQLite's indexes on sg_lower")
+    import cache.replica.dialect.sqlite as sqlite_dialect
+
+    site = FakeSite.basic()
+    monkeypatch.setattr(sqlite_dialect, "lower_simple", str.lower)  # the older release's sg_lower
+    old = Store.open(db_url, Schema.load(BASIC_SCHEMA))
+    _fill(old, site)
+    with old.engine.begin() as conn:
+        conn.execute(old.state.delete().where(old.state.c.key == TEXT_LOWERING))  # the older release kept none
+        assert conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE sql LIKE '%sg_lower%'").scalar()
+    old.dispose()
+    monkeypatch.undo()
     store = Store.open(db_url, Schema.load(BASIC_SCHEMA))
     try:
-        _fill(store)
         with store.engine.connect() as conn:
-            assert SQLITE.lower_problem(conn) is None
-            assert conn.execute(sa.select(SQLITE.lower(sa.literal("ΟΔΟΣ")))).scalar() == "οδος"
-        assert store.lower_problem() is None
-        assert _read(store, _cond("code", "is", "οδος")) == [1]
-        assert _read(store, _cond("code", "ends_with", "ος")) == [1]
-        assert _read(store, _cond("code", "is", "i̇stanbul")) == [2]
+            assert store.get_state(conn, TEXT_LOWERING) == "simple"
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        assert _read(store, _cond("code", "is", "οδοσ")) == [1]
+        for direction in ("asc", "desc"):
+            expected = [e["id"] for e in site.find_direct("Shot", [], order=[{"field_name": "code",
+                                                                                "direction": direction}])]
+            assert _read(store, [], [{"field_name": "code", "direction": direction}]) == expected
     finally:
         store.dispose()
 

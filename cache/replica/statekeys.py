@@ -39,3 +39,7 @@ PENDING_CAUGHT_UP = "pending_caught_up"
 #: of the log started ``MARGIN`` seconds after a poll that saw that ``seq``. Above it, an event
 #: that would change a row a proxy wrote is not applied; SG's row is read (cache/ingest/apply.py).
 CHANGES_SETTLED = "changes_settled"
+
+#: The rule by which the replica's indexes on lowered text were built (cache/replica/textcase.py
+#: ``LOWERING``): the first process to open a replica indexed with another rebuilds them.
+TEXT_LOWERING = "text_lowering"

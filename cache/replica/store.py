@@ -30,6 +30,8 @@ from ..wire import check_link, chunks
 from . import fetchqueue, fieldtypes, linksearch, pairs, pending
 from .dialect import Dialect, dialect_for, sequence_key_type
 from .schema import FieldSchema, Schema
+from .statekeys import TEXT_LOWERING
+from .textcase import LOWERING
 from .writes import PROXY, WriteBatch
 
 log = logging.getLogger("sgcache.store")
@@ -313,6 +315,19 @@ class Store:
         with self.engine.begin() as conn:
             self._sync_fields(conn, existed)
             self._add_indexes(conn, existed)
+            self._relower(conn)
+
+    def _relower(self, conn: Connection) -> None:
+        """Rebuild the indexes on lowered text when the replica was indexed with another lowering
+        than this release's (``textcase.LOWERING``): SQLite's hold what ``sg_lower`` returned when
+        each row was written. Once, by the first process to open it after the upgrade."""
+        if self.get_state(conn, TEXT_LOWERING) == LOWERING:
+            return
+        rebuilt = self.dialect.rebuild_lowered_indexes(conn)
+        if rebuilt:
+            log.info("rebuilt %d index(es) on lowered text (%s lowering): %s", len(rebuilt), LOWERING,
+                     ", ".join(rebuilt))
+        self.set_state(conn, TEXT_LOWERING, LOWERING)
 
     def _add_indexes(self, conn: Connection, existed: set[str]) -> None:
         """Create the indexes a replica made by an older version lacks (create_all adds none to a

@@ -277,9 +277,6 @@ class FakeSite:
         #: test hooks making the site answer one rule otherwise (tests/test_audit.py):
         #: "is_not-drops-null": a scalar ``is_not`` leaves out empty values;
         #: "sanitizes-lt": a ``<`` written to a text field is stored (and sent) as ``&lt;``;
-        #: "lowers-per-character": text is lowered one character at a time with Unicode's simple
-        #: mapping (PostgreSQL's lower() in a UTF-8 locale: a final 'Σ' is 'σ', 'İ' is 'i'), not with
-        #: Python's str.lower() (docs/semantics.md: the replica's rule on PostgreSQL)
         self.deviations: set[str] = set()
         self._scripts: dict[str, _Script] = {}
         self._humans: dict[str, tuple[str, int]] = {}
@@ -700,11 +697,11 @@ class FakeSite:
         return lambda row: any(match(v) for v in self._candidates(entity_type, row, parts))
 
     def _lower(self, text: str) -> str:
-        """Text lowered for case-insensitive matching and sorting (see ``deviations``)."""
-        if "lowers-per-character" in self.deviations:
-            # U+0130 is the one letter whose full lower-case mapping is not its simple one
-            return "".join("i" if c == "\u0130" else c.lower() for c in text)
-        return text.lower()
+        """Text lowered for case-insensitive matching and sorting as SG's PostgreSQL does (lower()
+        in a UTF-8 locale): one character at a time with Unicode's simple mapping, so a final 'Σ'
+        is 'σ' and 'İ' is 'i' (Python's str.lower() gives 'ς' and 'i̇'; docs/semantics.md)."""
+        # U+0130 is the one letter whose full lower-case mapping is not its simple one
+        return "".join("i" if c == "\u0130" else c.lower() for c in text)
 
     def _norm_scalar(self, dt: str, value: Any) -> Any:
         if value is None:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ...errors import Passthrough
+from ..textcase import lower_simple
 
 #: The storage classes of values a long ``in`` list may hold, with their SQL types.
 BOUND_LIST_TYPES = {"text": sa.Text, "int": sa.BigInteger, "float": sa.Float}
@@ -132,8 +133,8 @@ class Dialect:
     def lower_value(self, text: str) -> str:
         """``text`` lowered as :meth:`lower` lowers a stored value: the filter's side of a
         case-insensitive match (both sides must be lowered the same way, or a value does not
-        match itself)."""
-        return text.lower()
+        match itself): Unicode's simple mapping, one code point at a time (cache/replica/textcase.py)."""
+        return lower_simple(text)
 
     def lower_problem(self, conn: Connection) -> str | None:
         """Why :meth:`lower` cannot be trusted on ``conn``'s database (it does not lower as
@@ -157,6 +158,12 @@ class Dialect:
         quote = conn.dialect.identifier_preparer.quote
         for table in tables:
             conn.exec_driver_sql(f"ANALYZE {quote(table)}")
+
+    def rebuild_lowered_indexes(self, conn: Connection) -> list[str]:
+        """Rebuild the indexes that hold this process's lowering of text (:meth:`lower`) when a
+        replica was indexed with another (cache/replica/textcase.py); the names rebuilt. The
+        database's own lower() needs none."""
+        return []
 
     def text_key(self, expr: Any) -> Any:
         """The lower-cased text in code-point order: what text sorts by, and what case-insensitive

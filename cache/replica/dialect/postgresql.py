@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as sa_postgresql
 from sqlalchemy.engine import Connection, Engine
 
+from ..textcase import LAST_CASED, lower_simple
 from .base import BOUND_LIST_TYPES, Dialect, LeaderLock, no_check
 
 #: The proxy gives up connecting after this many seconds, and cancels statements running longer.
@@ -29,39 +30,13 @@ WRITE_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext('sgcache-write:' || cur
                   " || ':' || current_schema()))")
 
 
-#: The last code point :func:`cased_code_points` looks at: every cased letter is below it.
-_LAST_CASED = 0x1FFFF
-
-
-@functools.cache
-def _lower_table() -> dict[int, str]:
-    """Each code point Python lowers, to its simple lower-case mapping: Unicode's one-to-one
-    mapping, which PostgreSQL's lower() applies one character at a time in a UTF-8 locale (libc's
-    ``towlower``). Python's ``str.lower`` applies the full mapping instead, with context: a final
-    'Σ' becomes 'ς' (PostgreSQL: 'σ'), and 'İ' the two code points 'i̇' (its only
-    one-to-many lower case; the simple mapping is 'i')."""
-    table = {}
-    for code in range(_LAST_CASED + 1):
-        char = chr(code)
-        low = char.lower()
-        if low != char:
-            table[code] = low[0]  # 'İ' -> 'i' + U+0307: the simple mapping is the first
-    return table
-
-
-def lower_simple(text: str) -> str:
-    """``text`` lowered one code point at a time with Unicode's simple case mapping (as
-    PostgreSQL's lower() does in a UTF-8 locale)."""
-    return text.lower() if text.isascii() else text.translate(_lower_table())
-
-
 @functools.cache
 def _probe_text() -> str:
     """The characters the lower() probe asks about: every code point Python lowers or uppers,
     and those Python's Unicode tables do not assign (a newer Unicode in the database's libc may
-    have letters there), up to :data:`_LAST_CASED`; neither NUL nor surrogates (not text)."""
+    have letters there), up to :data:`LAST_CASED`; neither NUL nor surrogates (not text)."""
     chars = []
-    for code in range(1, _LAST_CASED + 1):
+    for code in range(1, LAST_CASED + 1):
         if 0xD800 <= code <= 0xDFFF:
             continue
         char = chr(code)
@@ -236,11 +211,6 @@ class PostgreSQLDialect(Dialect):
         """COLLATE "C": a database created with a linguistic locale would order differently
         (SQLite's collation is binary already)."""
         return expr.collate("C")
-
-    def lower_value(self, text: str) -> str:
-        """Per code point, with the simple case mapping: what lower() does in a UTF-8 locale
-        (:meth:`lower_problem` checks that it does)."""
-        return lower_simple(text)
 
     def lower_problem(self, conn: Connection) -> str | None:
         """lower() depends on the database's LC_CTYPE (and locale provider): C lowers ASCII only,

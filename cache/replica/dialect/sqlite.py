@@ -20,6 +20,7 @@ from sqlalchemy.pool import StaticPool
 
 from ...errors import Passthrough
 from ...private import open_private
+from ..textcase import lower_simple
 from .base import Dialect, LeaderLock, LockHeld, no_check
 
 #: Virtual-machine instructions between two looks at a read's clock (a hit runs far fewer).
@@ -139,6 +140,15 @@ class SQLiteDialect(Dialect):
         non_ascii = sa.func.length(sa.cast(expr, sa.LargeBinary)) != sa.func.length(expr)  # bytes vs chars
         return sa.case((non_ascii, sa.func.sg_lower(expr)), else_=sa.func.lower(expr))
 
+    def rebuild_lowered_indexes(self, conn: Connection) -> list[str]:
+        """``REINDEX`` each index on ``sg_lower``: its entries hold what the function returned
+        when each row was written (a function that changes needs its indexes rebuilt)."""
+        names = [r[0] for r in conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '%sg_lower%' ORDER BY name")]
+        for name in names:
+            conn.exec_driver_sql(f"REINDEX {conn.dialect.identifier_preparer.quote(name)}")
+        return names
+
     def index_names(self, conn: Connection, table: str) -> set[str]:
         rows = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,))
         return {r[0] for r in rows}
@@ -176,7 +186,8 @@ CACHE_KIB = 16_384
 
 def _setup_connection(dbapi_conn: Any, _record: Any) -> None:
     # SG matches text case-insensitively for all of Unicode; SQLite's lower() is ASCII only.
-    # SQLiteDialect.lower() calls sg_lower() only for values with non-ASCII characters.
+    # SQLiteDialect.lower() calls sg_lower() only for values with non-ASCII characters. It lowers
+    # as PostgreSQL does (cache/replica/textcase.py); indexes on it are rebuilt when that changes.
     dbapi_conn.create_function("sg_lower", 1, _py_lower, deterministic=True)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -187,7 +198,7 @@ def _setup_connection(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _py_lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
+    return lower_simple(value) if isinstance(value, str) else value
 
 
 def _begin_immediate(engine: Engine) -> None:
