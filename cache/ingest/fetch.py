@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from ..replica import fetchqueue, fieldtypes, linksearch, pending
 from ..replica.statekeys import PENDING_CAUGHT_UP
 from ..replica.store import Store
-from ..wire import Key, chunks, row_links, to_wire
+from ..wire import Key, chunks, to_wire
 from .apply import LATE_RETIREMENT, RETIREMENT_AFTER_PROXY
 from .config import SGClient
 from .eventwire import FETCH_CHUNK, id_ranges
@@ -265,15 +265,10 @@ class Fetcher:
 
     def _written_since(self, conn: Connection, entity_type: str, ids: list[int], mark: int,
                        records: list[dict[str, Any]]) -> set[int]:
-        """The ids whose rows another writer changed after ``mark`` (taken before SG was read), under
-        the write lock: a proxy that learned a client's write meanwhile holds a row newer than the
-        fetch's, which must not be written over it (:meth:`Store.changed_since`). So is a row of
-        ``records`` (SG's) linking an entity a proxy wrote meanwhile: a write on the other side of a
-        pair may have changed the row's links after SG was read without touching the row here."""
-        overtaken = self.store.changed_since(conn, entity_type, ids, mark)
-        linked = {int(r["id"]): row_links(r) for r in records if int(r["id"]) not in overtaken}
-        written = self.store.written_since(conn, set().union(*linked.values()), mark)
-        overtaken |= {i for i, links in linked.items() if links & written}
+        """The ids whose rows another writer overtook after ``mark`` (taken before SG was read),
+        under the write lock (:meth:`Store.overtaken`): a proxy that learned a client's write
+        meanwhile holds a row newer than the fetch's, which must not be written over it."""
+        overtaken = self.store.overtaken(conn, entity_type, ids, records, mark)
         if overtaken:
             log.info("%s %s changed in the replica while SG was read; read again", entity_type,
                      id_ranges(sorted(overtaken)))

@@ -32,7 +32,7 @@ from ..replica.pairs import PairRegistry
 from ..replica.schema import Schema
 from ..replica.statekeys import EVENT_HIGH, SCHEMA_PENDING
 from ..replica.store import Store
-from ..wire import chunks, links_in, row_links
+from ..wire import chunks, links_in
 from . import upstream
 from .breaker import Breaker, short_error
 from .dbwait import WRITE_WAIT_SECONDS, BoundedSteps, DatabaseWait
@@ -557,10 +557,7 @@ class Learner:
                 # a row another writer changed while SG was read is newer than SG's answer: it stays
                 # queued; so does one linking an entity a proxy wrote meanwhile (the other side of a
                 # pair: a write there may have changed this row's links after SG was read)
-                overtaken = self.store.changed_since(conn, entity_type, ids, mark.change_seq)
-                linked = {r["id"]: row_links(r) for r in records if r["id"] not in overtaken}
-                written = self.store.written_since(conn, set().union(*linked.values()), mark.change_seq)
-                overtaken |= {i for i, links in linked.items() if links & written}
+                overtaken = self.store.overtaken(conn, entity_type, ids, records, mark.change_seq)
                 records = [r for r in records if r["id"] not in overtaken]
                 batch = self.store.batch(conn, "proxy")
                 # a row leaving out a link to an entity live here (SG cleared it, or retired the

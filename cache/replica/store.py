@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..audit import table as audit_table
 from ..private import ensure_private_file
-from ..wire import check_link, chunks
+from ..wire import check_link, chunks, row_links
 from . import fetchqueue, fieldtypes, linksearch, pairs, pending
 from .dialect import Dialect, dialect_for, sequence_key_type
 from .schema import FieldSchema, Schema
@@ -543,6 +543,17 @@ class Store:
         SG before ``mark`` is older than those rows and must not be written over them."""
         self.dialect.lock_writes(conn)
         return {entity_id for _t, entity_id in self._logged_since(conn, [(entity_type, i) for i in ids], mark)}
+
+    def overtaken(self, conn: Connection, entity_type: str, ids: Sequence[int],
+                  records: Sequence[Mapping[str, Any]], mark: int) -> set[int]:
+        """Of ``ids`` (rows asked of SG after ``mark``; ``records``: SG's answer), those that must not
+        be written: their row changed here since (:meth:`changed_since`, under the write lock), or
+        SG's row links an entity a proxy wrote since (a write on the other side of a pair may have
+        changed the row's links after SG was read without touching the row here)."""
+        overtaken = self.changed_since(conn, entity_type, ids, mark)
+        linked = {int(r["id"]): row_links(r) for r in records if int(r["id"]) not in overtaken}
+        written = self.written_since(conn, set().union(*linked.values()), mark)
+        return overtaken | {i for i, links in linked.items() if links & written}
 
     def written_since(self, conn: Connection, keys: Iterable[tuple[str, int]], mark: int) -> set[tuple[str, int]]:
         """Which of these (type, id) a proxy wrote after the change log's ``mark`` (inside the
