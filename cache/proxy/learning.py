@@ -349,7 +349,7 @@ class Learner:
                     delay = min(delay * 2, FLUSH_MAX)
                     continue
             with self._lock:
-                if self._unrecorded == [] and not self._fields_changed:
+                if self.all_recorded():
                     self._flusher = None
                     return
             delay = min(delay * 2, FLUSH_MAX)

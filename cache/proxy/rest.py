@@ -21,7 +21,8 @@ Reads never mark: ``GET``, ``HEAD``, ``OPTIONS``, the search and summary endpoin
 from __future__ import annotations
 
 import re
-import urllib.parse
+
+from .routing import router_path
 
 #: Methods that change nothing.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -33,9 +34,7 @@ READ_ENDPOINTS = frozenset({"_search", "_text_search", "_summarize", "_expand"})
 
 def _segments(path: str) -> list[str] | None:
     """The segments after the REST API's version (``["entity", "shots", "12"]``); None: not a REST path."""
-    loose = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
-    loose = re.sub(r"/+", "/", loose).rstrip("/").lower()
-    match = _REST.search(loose)
+    match = _REST.search(router_path(path).lower())
     if match is None:
         return None
     return [s for s in (match.group(1) or "").split("/") if s]
@@ -63,7 +62,7 @@ def schema_field(method: str, path: str) -> tuple[str, str] | None:
     .../schema/{entity}/fields/{field}``) as written in the path (letter case kept); else None."""
     if method.upper() not in ("PUT", "PATCH", "DELETE", "POST") or _segments(path) is None:
         return None
-    raw = [s for s in urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0]).split("/") if s]
+    raw = [s for s in router_path(path).split("/") if s]
     lowered = [s.lower() for s in raw]
     for i in range(len(lowered) - 3):
         if lowered[i] == "schema" and lowered[i + 2] == "fields":

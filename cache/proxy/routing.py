@@ -92,10 +92,15 @@ def may_be_api3(method: str, path: str, api_path: str = API3_PATH) -> bool:
     return method == "POST" and _loose(path) == _loose(api_path)
 
 
-def _loose(path: str) -> str:
+def router_path(path: str) -> str:
+    """A request's path as a lenient router (Rails) reads it before routing: no query or fragment,
+    percent-escapes decoded, doubled slashes squeezed, no trailing slash (letter case kept)."""
     path = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
-    path = re.sub(r"/+", "/", path).rstrip("/")
-    return re.sub(r"\.[^./]*$", "", path).lower()
+    return re.sub(r"/+", "/", path).rstrip("/")
+
+
+def _loose(path: str) -> str:
+    return re.sub(r"\.[^./]*$", "", router_path(path)).lower()
 
 
 def hostport(host: str, port: int) -> str:

@@ -11,9 +11,9 @@ reads its upload back from SG, never the replica's copy from before it.
 
 from __future__ import annotations
 
-import re
-import urllib.parse
 from collections.abc import Mapping
+
+from .routing import router_path
 
 #: Upload endpoints that change no entity: they hand out storage URLs, or read.
 LINKLESS = frozenset({"api_get_upload_link_info", "api_get_upload_link_for_part",
@@ -27,8 +27,7 @@ def is_upload(method: str, path: str) -> bool:
     ``/upload/`` as SG's router reads the path (Rails squeezes doubled slashes and drops a trailing
     one before routing: ``//upload/upload_file`` is ``upload_file``); percent-escapes and letter case
     are read loosely too (a path read as an upload that is not one only makes reads pass)."""
-    route = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
-    route = re.sub(r"/+", "/", route).rstrip("/").lower()
+    route = router_path(path).lower()
     return method == "POST" and route.startswith("/upload/") and route.rsplit("/", 1)[-1] not in LINKLESS
 
 
