@@ -700,6 +700,8 @@ class FakeSite:
         """Text lowered for case-insensitive matching and sorting as SG's PostgreSQL does (lower()
         in a UTF-8 locale): one character at a time with Unicode's simple mapping, so a final 'Σ'
         is 'σ' and 'İ' is 'i' (Python's str.lower() gives 'ς' and 'i̇'; docs/semantics.md)."""
+        if text.isascii():  # (the same either way; per character is slow on long text)
+            return text.lower()
         # U+0130 is the one letter whose full lower-case mapping is not its simple one
         return "".join("i" if c == "\u0130" else c.lower() for c in text)
 
