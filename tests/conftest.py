@@ -18,13 +18,13 @@ import pytest
 from cache.private import url_password
 
 from . import secretscan
-from .databases import fresh_db_url, pg_base
+from .databases import finish_drops, fresh_db_url, pg_base
 from .fakesg import FakeSite
 
 #: Modules that take longest, started first.
-LONGEST_FIRST = ("test_fuzz.py", "test_concurrent_writes_e2e.py", "test_pairs_e2e.py", "test_oracle.py",
-                 "test_read_differential.py",
-                 "test_topology.py", "test_e2e_bounds.py", "test_failopen.py", "test_ingest_e2e.py",
+LONGEST_FIRST = ("test_read_differential.py", "test_fuzz.py", "test_concurrent_writes_e2e.py", "test_pairs_e2e.py",
+                 "test_oracle.py", "test_failopen.py", "test_e2e_schema_calls.py", "test_large_bodies_e2e.py",
+                 "test_topology.py", "test_e2e_bounds.py", "test_ingest_e2e.py",
                  "test_e2e_production.py", "test_site_e2e.py", "test_e2e_spine.py", "test_addon_unit.py",
                  "test_quickstart.py", "test_audit.py", "test_relative_dates.py", "test_events.py",
                  "test_ops_e2e.py", "test_eventlog_e2e.py", "test_dumpload.py", "test_demo.py")
@@ -81,6 +81,14 @@ def no_secret_in_logs_or_answers(tmp_path_factory: pytest.TempPathFactory) -> It
     files = secretscan.run_files(tmp_path_factory.getbasetemp())
     found = secretscan.find_secrets(run_secrets(), files, secretscan.SCRIPT_OUTPUTS)
     assert not found, "secrets leaked:\n" + "\n".join(found[:50])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def databases_dropped() -> Iterator[None]:
+    """After the whole run: every database dropped in the background is gone."""
+    yield
+    left = finish_drops()
+    assert not left, f"test databases not dropped: {left}"
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -57,3 +59,44 @@ def fresh_db_url(directory: Path) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         admin.dispose()
+
+
+#: Databases being dropped in the background (:func:`drop_database_later`), waited for at the
+#: session's end (:func:`finish_drops`).
+_drops: list[threading.Thread] = []
+_drop_errors: list[str] = []
+
+
+def drop_database_later(base: str, name: str) -> None:
+    """Drop PostgreSQL database ``name`` on ``base``'s server in a thread of its own: a DROP DATABASE
+    waits for a checkpoint (seconds on an idle server, most of a minute under the suite's load),
+    which would hold the test's worker. :func:`finish_drops` waits for it before the session ends."""
+
+    def drop() -> None:
+        admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except Exception as exc:  # noqa: BLE001 - reported by finish_drops
+            _drop_errors.append(f"{name}: {exc}")
+        finally:
+            admin.dispose()
+
+    thread = threading.Thread(target=drop, name=f"drop {name}", daemon=True)
+    thread.start()
+    _drops.append(thread)
+
+
+def finish_drops(timeout: float = 600) -> list[str]:
+    """Wait for the databases :func:`drop_database_later` is dropping: the names of those still
+    being dropped after ``timeout`` seconds, and the errors of those that failed."""
+    deadline = time.monotonic() + timeout
+    left = []
+    for thread in _drops:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread.name)
+    left += _drop_errors
+    _drops.clear()
+    _drop_errors.clear()
+    return left

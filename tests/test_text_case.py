@@ -27,7 +27,7 @@ from cache.replica.statekeys import TEXT_LOWERING
 from cache.replica.store import Store
 from cache.replica.textcase import lower_simple
 
-from .databases import pg_base
+from .databases import drop_database_later, pg_base
 from .fakesg import FakeSite
 from .paths import BASIC_SCHEMA
 
@@ -207,9 +207,8 @@ def c_ctype_url(backend: str) -> Iterator[str]:
     try:
         yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+        drop_database_later(base, name)
 
 
 def test_a_database_whose_lower_differs_passes_case_insensitive_reads(
