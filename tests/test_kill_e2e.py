@@ -12,7 +12,9 @@ to SG, with no marker or queue left that would make reads pass for ever.
 from __future__ import annotations
 
 import os
+import random
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from .fakesg import FakeSite
 from .processes import ScriptProcess
 from .replica import assert_equal_to_site
 from .rig import READER, READER_KEY, RIG_OPTIONS, Rig, populate
+from .test_failopen import write_lock_held
 from .wait import wait_until
 
 #: Seconds the fake SG takes per API3 call while a process is to be killed part-way.
@@ -131,8 +134,8 @@ def start_scan(rig: Rig, *args: str, n: int = 0) -> ScriptProcess:
 
 
 def change_at_sg(site: FakeSite, tag: str, events: bool = True) -> None:
-    """Writes straight to SG (no proxy): an update of a scanned and of a late Shot, a create, a
-    retirement, a revival, and a Version moved to another Shot."""
+    """Writes straight to SG (no proxy): an update of a scanned and of a late Shot, a create, two
+    retirements, a revival, and a Version moved to another Shot."""
     shots = site.find_direct("Shot", [["code", "starts_with", "many"]], ["id", "code"], ORDER)
     versions = site.find_direct("Version", [], ["id"], ORDER)
     site.update_direct("Shot", shots[1]["id"], {"code": f"{tag}-early", "sg_cut_in": 1}, events=events)
@@ -140,6 +143,7 @@ def change_at_sg(site: FakeSite, tag: str, events: bool = True) -> None:
     site.create_direct("Shot", {"code": f"many-{tag}-new"}, events=events)
     site.delete_direct("Shot", shots[4]["id"], events=events)
     retired = site.find_direct("Asset", [], ["id"], ORDER, retired_only=True)
+    site.delete_direct("Asset", site.find_direct("Asset", [], ["id"], ORDER)[-1]["id"], events=events)
     site.revive_direct("Asset", retired[0]["id"], events=events)
     site.update_direct("Version", versions[2]["id"], {"entity": {"type": "Shot", "id": shots[-3]["id"]}},
                        events=events)
@@ -281,3 +285,97 @@ def test_ingester_killed_during_link_search_finishes_it_after_restart(rig: Rig) 
 def _markers(rig: Rig) -> int:
     with rig.store.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(rig.store.pending)).scalar() or 0)
+
+
+# -- 3. mitmdump killed while learning writes -------------------------------------------------------
+def test_proxy_killed_while_learning_then_a_fresh_proxy_and_the_ingester(db_url: str, tmp_path: Path) -> None:
+    """Clients write and read through the proxy while another connection holds the replica's write
+    lock (the learns wait, then are deferred in memory); the proxy is killed with writes applied at SG
+    and not in the replica. A fresh proxy on the same replica, once the ingester has the writes,
+    answers every read as SG does, and no marker is left to make reads pass for ever."""
+    with Rig(tmp_path, db_url, populate_site=populate_many, ingester=True, poll_interval=0.1) as rig:
+        site = rig.site
+        shots = site.find_direct("Shot", [["code", "starts_with", "many"]], ["id"], ORDER)[:8]
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer(n: int) -> None:
+            sg = rig.client()
+            value = 5000 + 100 * n
+            while not stop.is_set():
+                value += 1
+                try:
+                    sg.update("Shot", shots[n]["id"], {"sg_cut_in": value, "description": f"w{n}-{value}"})
+                    sg.find("Shot", [["id", "is", shots[n]["id"]]], ["sg_cut_in", "description"])
+                except Exception as exc:  # noqa: BLE001 - the proxy is killed under it
+                    errors.append(exc)
+                    return
+
+        updates = site.count("update")
+        threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(len(shots))]
+        with write_lock_held(db_url):
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: site.count("update") >= updates + len(shots), 30, "writes applied at SG")
+            proxy = rig.proxy
+            assert proxy is not None and proxy.proc is not None
+            proxy.proc.send_signal(signal.SIGKILL)
+            proxy.proc.wait(10)
+            stop.set()
+            # mid-learn: SG has writes the replica does not (the lock kept every learn out)
+            ids = [s["id"] for s in shots]
+            at_sg = {r["id"]: r["sg_cut_in"] for r in site.find_direct("Shot", [["id", "in", ids]], ["sg_cut_in"])}
+            table = rig.store.tables["Shot"]
+            with rig.store.engine.connect() as conn:
+                ours = {r.id: r.sg_cut_in for r in conn.execute(sa.select(table.c.id, table.c.sg_cut_in)
+                                                                 .where(table.c.id.in_(ids)))}
+            assert any(ours[i] != at_sg[i] for i in ids), (ours, at_sg)
+        for thread in threads:
+            thread.join(30)
+        assert errors  # the clients saw the proxy die
+
+        fresh = rig.start_proxy([], workdir=tmp_path / "fresh")
+        rig.wait(rig.caught_up, timeout=30, what="the ingester applying the writes")
+        reader = rig.client(fresh, script_name=READER, api_key=READER_KEY)
+        direct = rig.direct()
+        for shot in shots:
+            query = [["id", "is", shot["id"]]]
+            assert reader.find("Shot", query, ["sg_cut_in", "description"]) == \
+                direct.find("Shot", query, ["sg_cut_in", "description"])
+        assert_equal_to_site(rig.store, site)
+        rig.wait(lambda: _markers(rig) == 0, timeout=30, what="the pending-write markers clearing")
+        everything = direct.find("Shot", [], ["code", "sg_cut_in", "description", "assets"], order=ORDER)
+        rig.wait_hit(lambda: reader.find("Shot", [], ["code", "sg_cut_in", "description", "assets"], order=ORDER),
+                     lambda answer: answer == everything)
+
+
+def test_full_scan_killed_at_random_points_repeatedly(rig: Rig) -> None:
+    """Kill after kill after a random number of SG calls (inside a page's transaction too, some of the
+    time), SG changing in between: each time the proxy's answers are SG's; the run that completes,
+    with the ingester, leaves the replica equal to SG."""
+    rng = random.Random(11)
+    site = rig.site
+    before = len(site.requests)
+    rig.scan("--full", "--page-size", PAGE)
+    calls = len(site.requests) - before  # what one whole run asks SG
+    rig.start_proxy(RIG_OPTIONS)
+    set_latency(rig, 0.01)
+    kills = 0
+    for n in range(5):
+        change_at_sg(site, f"round{n}")
+        at = len(site.requests)
+        point = rng.randrange(2, calls - 2)
+        scan = start_scan(rig, "--full", n=n)
+        wait_until(lambda: len(site.requests) - at >= point or scan.poll() is not None,  # noqa: B023
+                   30, f"the scan's {point}th call to SG", pause=0.005)
+        if scan.poll() is None:
+            kill(scan)
+            kills += 1
+        assert_proxy_reads_right(rig, ["Asset", "Shot", "Version"])
+    assert kills >= 4, kills  # killed mid-run (a run that ended first is not one)
+    set_latency(rig, 0)
+    rig.start_ingester()
+    rig.scan("--full", "--page-size", PAGE)
+    rig.wait(rig.caught_up, timeout=30, what="the ingester catching up after the last run")
+    assert primed_types(rig) == set(rig.store.schema.entities)
+    assert_equal_to_site(rig.store, site)
