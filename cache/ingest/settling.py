@@ -15,7 +15,8 @@ the settling by one poll interval.
 
 The change log itself is read only by writers comparing it with a mark they took seconds before
 (``Store.change_mark``) and by this settling: records settled and older than ``keep`` seconds
-are deleted, a slice of ids at a time.
+are deleted, a slice of ids at a time, but the newest record: SQLite numbers the next one from the
+largest left, so an emptied log would number new records below the settled mark.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ class Settling:
         table = self.store.changes
         if not self._pruned:  # the first slice starts at the oldest record kept
             self._pruned = int(conn.execute(sa.select(sa.func.min(table.c.seq))).scalar() or 1) - 1
-        upto = min(self._prunable, self._pruned + PRUNE_SLICE)
+        # the newest record stays: SQLite numbers the next one from the largest left (from 1 in an
+        # empty table), which would put new records at or below CHANGES_SETTLED and writers' marks
+        newest = int(conn.execute(sa.select(sa.func.max(table.c.seq))).scalar() or 0)
+        upto = min(self._prunable, self._pruned + PRUNE_SLICE, newest - 1)
         if upto <= self._pruned:
             return
         res = conn.execute(sa.delete(table).where(table.c.seq <= upto))
