@@ -1,5 +1,6 @@
-"""An operator's SIGKILL at awkward moments: ``scripts/scan`` (``--full`` and the reconcile) and the
-ingester's link search, killed part-way, then the proxy serving reads, then the work run again.
+"""An operator's SIGKILL at awkward moments: ``scripts/scan`` (``--full`` and the reconcile), the
+ingester's link search after a revival and its re-read of a field after a schema change, and
+mitmdump while it learns writes, killed part-way; then the proxy serving reads, then the work run again.
 
 Each kill is checked to have landed mid-work: the process is stopped (SIGSTOP) when the replica or
 the fake's request log shows the work started, the replica is inspected while nothing moves (some
@@ -379,3 +380,54 @@ def test_full_scan_killed_at_random_points_repeatedly(rig: Rig) -> None:
     rig.wait(rig.caught_up, timeout=30, what="the ingester catching up after the last run")
     assert primed_types(rig) == set(rig.store.schema.entities)
     assert_equal_to_site(rig.store, site)
+
+
+# -- 4b. the ingester killed while it reads a field again after a schema change ---------------------
+def test_ingester_killed_while_it_reads_a_field_again_after_a_schema_change(db_url: str, tmp_path: Path) -> None:
+    """``schema_field_update`` through the proxy un-primes ``Shot.sg_cut_in`` until the ingester has
+    read it again for every row; values SG changed without events meanwhile come only with that
+    re-read. Killed part-way (the active rows stored, the field not primed yet), the restarted
+    ingester reads it again and primes it: the proxy answers it again, as SG."""
+    with Rig(tmp_path, db_url, populate_site=populate_many, ingester=True, poll_interval=0.1) as rig:
+        site = rig.site
+        rig.wait(rig.caught_up, what="the first catch-up")
+        proc = rig.ingester
+        assert proc is not None
+        shots = site.find_direct("Shot", [], ["id"], ORDER)
+        set_latency(rig, 0.3)  # the re-read's two finds (active, retired rows) each take that long
+        for i, shot in enumerate(shots):  # no event: only the re-read brings these
+            site.update_direct("Shot", shot["id"], {"sg_cut_in": 9000 + i}, events=False)
+        rig.client().schema_field_update("Shot", "sg_cut_in", {"description": "frame in"})
+        table, fields = rig.store.tables["Shot"], rig.store.fields
+
+        def silent_stored() -> int:
+            with rig.store.engine.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(table)
+                                        .where(table.c.sg_cut_in >= 9000)).scalar() or 0)
+
+        def cut_in_primed() -> bool:
+            with rig.store.engine.connect() as conn:
+                return bool(conn.execute(sa.select(fields.c.primed).where(
+                    (fields.c.entity_type == "Shot") & (fields.c.field_name == "sg_cut_in"))).scalar())
+
+        stop_when(proc, silent_stored, "the re-read storing the active rows")
+        stored, primed = silent_stored(), cut_in_primed()
+        kill(proc)
+        assert stored == len(shots) and not primed  # mid-re-read: the rows in, the field not primed yet
+        set_latency(rig, 0)
+
+        reader = rig.client(script_name=READER, api_key=READER_KEY)
+        query = [["sg_cut_in", "greater_than", 9000]]
+        assert reader.find("Shot", query, ["sg_cut_in"], order=ORDER) == \
+            rig.direct().find("Shot", query, ["sg_cut_in"], order=ORDER)
+        rig.start_ingester()
+        rig.wait(cut_in_primed, timeout=30, what="the restarted ingester priming Shot.sg_cut_in again")
+        rig.wait(rig.caught_up, timeout=30, what="the catch-up")
+        with rig.store.engine.connect() as conn:  # (updated_at moved without events too: a reconcile's work)
+            ours = dict(conn.execute(sa.select(table.c.id, table.c.sg_cut_in)).all())
+        at_sg = {r["id"]: r["sg_cut_in"] for retired in (False, True)
+                 for r in site.find_direct("Shot", [], ["sg_cut_in"], retired_only=retired)}
+        assert ours == at_sg
+        expected = rig.direct().find("Shot", query, ["sg_cut_in"], order=ORDER)
+        rig.wait_hit(lambda: reader.find("Shot", query, ["sg_cut_in"], order=ORDER),
+                     lambda answer: answer == expected)
