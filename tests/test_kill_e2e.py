@@ -250,8 +250,10 @@ def test_ingester_killed_during_link_search_finishes_it_after_restart(rig: Rig) 
 
     set_latency(rig, LATENCY)
     since = len(site.requests)
+    site.hold_event_ids(len(revived))  # the revivals become visible at once: one poll, one search
     for asset_id in sorted(revived):
         site.revive_direct("Asset", asset_id)
+    site.release_held()
     search = rig.store.link_search
 
     def queued() -> int:
