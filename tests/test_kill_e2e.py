@@ -34,7 +34,7 @@ from .test_failopen import write_lock_held
 from .wait import wait_until
 
 #: Seconds the fake SG takes per API3 call while a process is to be killed part-way.
-LATENCY = 0.08
+LATENCY = 0.15
 #: Rows per page of the scans here (many pages per type).
 PAGE = "4"
 #: Extra rows of each of these types (several pages each, some retired).
@@ -396,7 +396,7 @@ def test_ingester_killed_while_it_reads_a_field_again_after_a_schema_change(db_u
         proc = rig.ingester
         assert proc is not None
         shots = site.find_direct("Shot", [], ["id"], ORDER)
-        set_latency(rig, 0.3)  # the re-read's two finds (active, retired rows) each take that long
+        set_latency(rig, 1.0)  # the re-read's two finds (active, retired rows) each take that long
         for i, shot in enumerate(shots):  # no event: only the re-read brings these
             site.update_direct("Shot", shot["id"], {"sg_cut_in": 9000 + i}, events=False)
         rig.client().schema_field_update("Shot", "sg_cut_in", {"description": "frame in"})
