@@ -10,7 +10,8 @@ What a user must see (docs/running.md "When things go wrong", docs/semantics.md 
 during the outage reads get SG's answers (``pass; reason=db-...``) and writes are sent once and
 answered; afterwards the proxy hits again without a restart, a write made through it during the
 outage is never read stale, and the ingester (still running, or restarted) applies every event
-exactly once.
+exactly once. SIGTERM ends an ingester whose database hangs (a vanished host looks so) within
+seconds, and the next one resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -384,3 +386,30 @@ def test_proxy_backends_terminated_then_hits_resume(tmp_path: Path, pg_db_url: s
     finally:
         admin.dispose()
 
+
+def test_ingester_whose_postgresql_hangs_still_exits_on_sigterm(tmp_path: Path, pg_db_url: str) -> None:
+    """The database stops answering on open connections (a stalled relay, as a vanished host looks):
+    SIGTERM still ends the ingester within seconds, and a new one resumes once the database answers."""
+    with relay_to(pg_db_url) as relay, Rig(tmp_path, pg_db_url, FakeSite.basic(), prime="direct", proxy=False) as rig:
+        url = relayed_url(pg_db_url, relay.port)
+        first = start_ingester(rig, url)
+        workload(rig.site, random.Random(31), 30)
+        rig.wait(rig.caught_up, what="the first catch-up")
+        relay.stall()
+        workload(rig.site, random.Random(32), 30)
+        time.sleep(1.0)  # not an assertion: lets the ingester's next poll meet the hung database
+        first.send_signal(signal.SIGTERM)
+        try:
+            code = first.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            code = None
+        relay.resume()
+        assert code is not None, f"still running 15 s after SIGTERM:\n{first.output()[-3000:]}"
+        assert code == 0, first.output()[-3000:]
+        assert "ending the process" in first.output()  # the database hung: the stop needed the grace
+        first.wait(timeout=10)
+        second = start_ingester(rig, url)
+        rig.wait(rig.caught_up, timeout=30, what="catch-up by the next ingester")
+        assert second.poll() is None
+        assert_equal_to_site(rig.store, rig.site)
+        assert_applied_once(rig.store, rig.site)

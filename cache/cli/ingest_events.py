@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..config import (
@@ -18,6 +21,9 @@ from ..config import (
 )
 
 log = logging.getLogger("sgcache.ingest")
+
+#: Seconds the ingester may take to stop after SIGTERM before the process ends anyway.
+STOP_GRACE_SECONDS = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +67,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def stop_on_sigterm(stop: Callable[[str], None], grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM calls ``stop`` (the ingester ends its poll, logs its cursor, gives up the lead); a
+    process still alive ``grace`` seconds later ends at once. A statement waiting on a PostgreSQL
+    server that no longer answers never returns, and a Python signal handler would never run
+    meanwhile (libpq waits again when a signal interrupts it): SIGTERM is blocked in this thread,
+    and so in every thread started after it, and taken by a thread of its own. Ending mid-poll
+    loses nothing: a poll is one transaction, the next ingester resumes at the cursor."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        signal.sigwait({signal.SIGTERM})
+        stop("signal SIGTERM")
+        threading.Event().wait(grace)
+        log.warning("ingester still running %gs after SIGTERM (a poll waiting on the database or SG): "
+                    "ending the process", grace)
+        logging.shutdown()  # the logs' last lines out first
+        os._exit(0)
+
+    threading.Thread(target=watch, name="sigterm", daemon=True).start()
+
+
 def make_client(args: argparse.Namespace) -> Any:
     sg = connect_site(args)
     sg.config.timeout_secs = 30
@@ -93,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..ops.metrics import IngestMetrics, serve
 
     metrics = IngestMetrics()
+    ingester = Ingester(store, sg, config, metrics=metrics)
+    stop_on_sigterm(ingester.stop)  # before the metrics server's thread starts: it inherits the blocked signal
     if args.metrics:
         try:
             serve(args.metrics, metrics.registry, "ingester")
         except (OSError, ValueError) as exc:
             log.error("--metrics %s: %s", args.metrics, exc)
             return 2
-    ingester = Ingester(store, sg, config, metrics=metrics)
-    signal.signal(signal.SIGTERM, lambda signum, _frame: ingester.stop(f"signal {signal.Signals(signum).name}"))
     reason: str | None = None
     try:
         ingester.run(follow=args.follow)
