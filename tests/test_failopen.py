@@ -57,6 +57,8 @@ class TcpRelay:
         self._lock = threading.Lock()
         self._flowing = threading.Event()  # cleared: stalled
         self._flowing.set()
+        #: Connections accepted so far (each one a connection some process opened to the database).
+        self.accepted = 0
 
     def start(self) -> TcpRelay:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -76,6 +78,7 @@ class TcpRelay:
                 client, _ = listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)

@@ -25,6 +25,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from .fakesg import FakeSite
 from .processes import ScriptProcess
 from .replica import assert_equal_to_site
 from .rig import READER, READER_KEY, Rig
-from .test_failopen import QUERIES, ReadLoad, TcpRelay, direct_raw, raw_call, relayed_url
+from .test_failopen import QUERIES, ReadLoad, TcpRelay, direct_raw, raw_call, relayed_rig, relayed_url
 from .test_ingest_e2e import assert_applied_once, workload
 from .wait import wait_until
 
@@ -416,3 +417,36 @@ def test_ingester_whose_postgresql_hangs_still_exits_on_sigterm(tmp_path: Path, 
         assert_equal_to_site(rig.store, rig.site)
         assert_applied_once(rig.store, rig.site)
 
+
+def test_a_hung_database_is_left_alone_while_the_breaker_is_open(tmp_path: Path, pg_db_url: str) -> None:
+    """The proxy's PostgreSQL stops answering (a stalled relay: how an unreachable host looks, each
+    new connection waiting for its connect timeout): once the breaker is open, reads pass
+    ``db-backoff`` without a new connection to the database each (only the breaker's probes and the
+    event loop's retries connect), so they are answered at once, not after a connect timeout each."""
+    with relayed_rig(tmp_path, pg_db_url) as (rig, relay):
+        args = id_read("Shot", rig.site.find_direct("Shot", [["code", "is", "sh020"]], ["id"])[0]["id"], ["code"])
+        raw_call(rig, "read", args)  # SG accepts the credentials
+        wait_until(lambda: raw_call(rig, "read", args)[0] == "hit", 20, "a first hit")
+        relay.stall()
+        try:
+            with ThreadPoolExecutor(3) as pool:  # three reads time out together: the breaker opens
+
+                def breaker_open() -> bool:
+                    got = list(pool.map(lambda _: raw_call(rig, "read", args)[0], range(3)))
+                    return "pass; reason=db-backoff" in got
+
+                wait_until(breaker_open, 60, "the breaker opening", pause=0.1,
+                           detail=lambda: rig.proxy.output()[-3000:])
+            before = relay.accepted
+            headers = [raw_call(rig, "read", args) for _ in range(12)]
+        finally:
+            relay.resume()
+        opened = relay.accepted - before
+        expected = direct_raw(rig, args)
+        assert all(reply == expected for _, reply in headers), headers
+        backoff = sum(header == "pass; reason=db-backoff" for header, _ in headers)
+        assert backoff >= 6, [header for header, _ in headers]
+        assert opened < backoff, (f"{opened} connections to the hung database for {backoff} reads passed "
+                                  f"db-backoff: {[header for header, _ in headers]}")
+        wait_until(lambda: raw_call(rig, "read", args)[0] == "hit", 20, "hits after the database answers again",
+                   pause=0.1, detail=lambda: rig.proxy.output()[-3000:])

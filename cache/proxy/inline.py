@@ -151,8 +151,9 @@ class InlineReads:
 
     def version_now(self, service: CacheService) -> Version | None:
         """The database's version now (for a worker's read; None when it cannot be told: the
-        answer is then not kept)."""
-        if self.versions is None:
+        answer is then not kept). Not asked while the breaker is open: the database is left alone
+        (a hung one would cost each read a connect timeout before it passes ``db-backoff``)."""
+        if self.versions is None or service.breaker_open():
             return None
         try:
             return self._version(service)
