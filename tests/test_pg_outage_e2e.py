@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -450,3 +451,45 @@ def test_a_hung_database_is_left_alone_while_the_breaker_is_open(tmp_path: Path,
                                   f"db-backoff: {[header for header, _ in headers]}")
         wait_until(lambda: raw_call(rig, "read", args)[0] == "hit", 20, "hits after the database answers again",
                    pause=0.1, detail=lambda: rig.proxy.output()[-3000:])
+
+
+def test_proxy_started_without_its_database_hits_once_it_comes(tmp_path: Path, pg_db_url: str) -> None:
+    """mitmdump starts while its PostgreSQL cannot be reached (nothing listens at the relay's port):
+    reads pass with SG's answers, a write is answered; once the database listens the proxy opens
+    the replica by itself, never reads that write stale, and serves hits."""
+    parts = urllib.parse.urlsplit(pg_db_url)
+    relay = TcpRelay((parts.hostname or "127.0.0.1", parts.port or 5432))
+    with socket.socket() as probe:  # a port nothing listens on (yet)
+        probe.bind(("127.0.0.1", 0))
+        relay.port = probe.getsockname()[1]
+    rig = Rig(tmp_path, pg_db_url, proxy=False)
+    rig.site.add_script(READER, READER_KEY)
+    try:
+        with rig:
+            start_ingester(rig, pg_db_url)
+            proxy = rig.start_proxy([], db_url=relayed_url(pg_db_url, relay.port))
+            rig.wait(rig.caught_up, what="the ingester's first catch-up")
+            shot = rig.site.find_direct("Shot", [["code", "is", "sh020"]], ["id"])[0]
+            args = id_read("Shot", shot["id"], ["sg_cut_in"])
+            raw_call(rig, "read", args)  # SG accepts the credentials
+            header, reply = raw_call(rig, "read", args)
+            assert header.startswith("pass; reason="), header
+            assert reply == direct_raw(rig, args)
+            sg = rig.client()
+            assert sg.update("Shot", shot["id"], {"sg_cut_in": 6001})["sg_cut_in"] == 6001
+            assert cut_value(raw_call(rig, "read", args)[1]) == 6001
+            relay.start()
+            seen: list[str] = []
+
+            def hit_and_right() -> bool:
+                header, reply = raw_call(rig, "read", args)
+                seen.append(header)
+                assert cut_value(reply) == 6001, f"the proxy's own write read stale: {header} {reply}"
+                return header == "hit"
+
+            wait_until(hit_and_right, 30, "hits once the database listens", pause=0.2,
+                       detail=lambda: f"{seen[-5:]}\n{proxy.output()[-3000:]}")
+            assert "cannot open the replica" in proxy.output()
+            assert "Traceback" not in proxy.output()
+    finally:
+        relay.close()
