@@ -27,6 +27,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -491,5 +492,71 @@ def test_proxy_started_without_its_database_hits_once_it_comes(tmp_path: Path, p
                        detail=lambda: f"{seen[-5:]}\n{proxy.output()[-3000:]}")
             assert "cannot open the replica" in proxy.output()
             assert "Traceback" not in proxy.output()
+    finally:
+        relay.close()
+
+
+class GhostRelay(TcpRelay):
+    """A relay that can lose the client side of its connections while the server side lives on:
+    :meth:`sever` resets every relayed connection towards its client, and keeps the sockets towards
+    PostgreSQL open and silent, so the server never learns (a network path lost one way: the
+    server's sessions, their locks with them, stay until its own keepalives end them, hours later)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self.ghosts: list[socket.socket] = []
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            if s not in self.ghosts:
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def sever(self) -> None:
+        with self._lock:
+            socks, self._socks = self._socks, set()
+            for s in socks:
+                with suppress(OSError):
+                    if s.getpeername()[1] == self.target[1]:
+                        self.ghosts.append(s)
+        for s in socks:
+            if s not in self.ghosts:
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        super().close()
+        for s in self.ghosts:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def test_ingester_whose_lost_session_still_holds_the_lock_leads_again(tmp_path: Path, pg_db_url: str) -> None:
+    """The ingester's connection breaks on its side while the server keeps the session (and the
+    leader lock on it): the ingester must not wait for its own dead session for ever; it ends that
+    session, leads again and catches up."""
+    parts = urllib.parse.urlsplit(pg_db_url)
+    relay = GhostRelay((parts.hostname or "127.0.0.1", parts.port or 5432)).start()
+    try:
+        with Rig(tmp_path, pg_db_url, FakeSite.basic(), prime="direct", proxy=False) as rig:
+            proc = start_ingester(rig, relayed_url(pg_db_url, relay.port), "--lock-retry", "0.2")
+            workload(rig.site, random.Random(41), 30)
+            rig.wait(rig.caught_up, what="the first catch-up")
+            relay.sever()
+            assert relay.ghosts, "no session was left behind"
+            workload(rig.site, random.Random(42), 30)
+            rig.wait(lambda: "database error" in proc.output(), what="the ingester meeting the break")
+            rig.wait(rig.caught_up, timeout=30, what="catch-up after the break")
+            assert proc.poll() is None, proc.output()[-3000:]
+            assert proc.output().count("leader lock taken") >= 2, proc.output()[-3000:]
+            assert "ended this ingester's previous session" in proc.output()  # the server had kept it
+            assert_equal_to_site(rig.store, rig.site)
+            assert_applied_once(rig.store, rig.site)
     finally:
         relay.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 import unicodedata
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..textcase import LAST_CASED, lower_simple
 from .base import BOUND_LIST_TYPES, Dialect, LeaderLock, no_check
+
+log = logging.getLogger("sgcache.events")
 
 #: The proxy gives up connecting after this many seconds, and cancels statements running longer.
 CONNECT_TIMEOUT = 3
@@ -270,14 +273,45 @@ class PostgreSQLDialect(Dialect):
 class PgAdvisoryLock(LeaderLock):
     """``pg_try_advisory_lock`` on the ingester's own connection, keyed by database and schema.
     That session holds it for the process lifetime, and every write goes through that connection
-    (so a leader that lost its session cannot write)."""
+    (so a leader that lost its session cannot write).
+
+    A connection that broke on the ingester's side only (a network path lost, a firewall's state
+    dropped) leaves the server's session alive, idle, with the lock, until the server's own TCP
+    keepalive ends it (two hours by default): the ingester, connected again, would wait for its
+    own dead session. So the lock remembers the session that took it (server pid and start), and
+    while the lock is refused ends that session, only that one: the ingester dropped it already."""
 
     SQL = ("SELECT pg_try_advisory_lock(hashtext('sgcache-ingest:' || current_database()"
-           " || ':' || current_schema()))")
+           " || ':' || current_schema())), pg_backend_pid(),"
+           " (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())")
+    END_SQL = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = :pid AND backend_start = :start"
+
+    def __init__(self) -> None:
+        #: (server pid, backend_start) of the session that took the lock last
+        self._session: tuple[int, Any] | None = None
 
     def acquire(self, conn: Connection) -> bool:
         with conn.begin():
-            return bool(conn.exec_driver_sql(self.SQL).scalar())
+            taken, pid, start = conn.exec_driver_sql(self.SQL).one()
+        if taken:
+            self._session = (pid, start)
+            return True
+        if self._session is not None and self._session[0] != pid:
+            self._end_lost_session(conn, *self._session)
+        return False
+
+    def _end_lost_session(self, conn: Connection, pid: int, start: Any) -> None:
+        """End this process's previous session (``pid`` started at ``start``) if the server still has it."""
+        try:
+            with conn.begin():
+                ended = conn.execute(sa.text(self.END_SQL), {"pid": pid, "start": start}).scalar()
+        except sa.exc.DBAPIError as exc:  # not allowed to: wait for the server to end it
+            log.warning("cannot end this ingester's previous session (server pid %s): %s", pid, exc)
+            self._session = None
+            return
+        if ended:
+            log.warning("ended this ingester's previous session (server pid %s), lost on this side but "
+                        "still holding the leader lock", pid)
 
     def release_session(self, conn: Connection) -> None:
         try:
