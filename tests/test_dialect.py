@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -173,10 +175,27 @@ def test_write_engine(db_url: str, backend: str) -> None:
 
 
 def test_engine_options() -> None:
-    assert engine_options("postgresql://u@h/d") == {"executemany_mode": "values_plus_batch"}
+    assert engine_options("postgresql://u@h/d")["executemany_mode"] == "values_plus_batch"
     assert engine_options("sqlite:///x.db") == {}
     assert POSTGRESQL.proxy_engine_options()["connect_args"]["connect_timeout"] == 3
     assert SQLITE.proxy_engine_options() == {}
+
+
+def test_the_ingesters_connections_notice_a_vanished_database_host(db_url: str, backend: str) -> None:
+    """A host gone mid-statement answers nothing, not even a reset: only TCP keepalives end the wait
+    (the kernel's own start after two hours). The ingester's sockets probe after 10 s idle."""
+    if backend != "postgresql":
+        pytest.skip("PostgreSQL's connections")
+    engine = sa.create_engine(normalize_url(db_url), **engine_options(db_url))
+    try:
+        with engine.connect() as conn:
+            fd = conn.connection.dbapi_connection.fileno()
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    finally:
+        engine.dispose()
 
 
 def test_guard_proxy(tmp_path: Path, db_url: str, backend: str) -> None:

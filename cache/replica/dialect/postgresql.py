@@ -20,6 +20,8 @@ log = logging.getLogger("sgcache.events")
 
 #: The proxy gives up connecting after this many seconds, and cancels statements running longer.
 CONNECT_TIMEOUT = 3
+#: The ingester's connect timeout: it has no client waiting, only its next poll.
+INGESTER_CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 10_000
 #: A pooled connection idle longer than this is pinged before it is used (:func:`ping_when_idle`).
 PING_AFTER_IDLE_SECONDS = 1.0
@@ -163,8 +165,12 @@ class PostgreSQLDialect(Dialect):
         return no_check
 
     def ingester_engine_options(self) -> dict[str, Any]:
-        """On psycopg2, batch executemany UPDATEs (fewer round trips)."""
-        return {"executemany_mode": "values_plus_batch"}
+        """On psycopg2, batch executemany UPDATEs (fewer round trips); TCP keepalives, so a database
+        host that vanished mid-statement ends the wait in about 20 s (the ingester then connects
+        again) instead of the kernel's two hours; a connect timeout, as the proxy's but longer."""
+        return {"executemany_mode": "values_plus_batch",
+                "connect_args": {**self.proxy_engine_options()["connect_args"],
+                                 "connect_timeout": INGESTER_CONNECT_TIMEOUT}}
 
     def leader_lock(self, engine: Engine) -> LeaderLock:
         return PgAdvisoryLock()
