@@ -158,6 +158,9 @@ class Reader:
                 if cached is not None and cached[0] == fingerprint:
                     self._plans.move_to_end(key)
                     return cached[1]
+        odd = _beyond_the_database(params)
+        if odd is not None:  # SQLite refuses it, psycopg2 cannot send it: SG's answer is not known
+            raise Passthrough("filter-value", odd)
         plan = plan_read(self.store, params, replica_state, self.relative)
         if key is not None and not plan.timed and self._plan_cache_size > 0:
             with self._plans_lock:
@@ -186,6 +189,33 @@ def _holds_nul(value: Any) -> bool:
         elif isinstance(node, list | tuple):
             stack.extend(node)
     return False
+
+
+#: The integers a database column holds (BIGINT; SG's own are narrower).
+_INT_RANGE = range(-(2**63), 2**63)
+
+
+def _beyond_the_database(value: Any) -> str | None:
+    """What in a decoded JSON ``value`` no database of the replica can take as a parameter: an
+    integer past 64 bits, or text with a lone surrogate (JSON's ``"\\ud800"``, not UTF-8); else None."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "a lone surrogate in text"
+        elif isinstance(node, int) and not isinstance(node, bool):
+            if node not in _INT_RANGE:
+                return "an integer past 64 bits"
+        elif isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return None
 
 
 def request_key(params: Any) -> str | None:
