@@ -77,10 +77,11 @@ def workload(site: FakeSite, rng: random.Random, n: int, pace: float = 0.0) -> N
             site.update_direct("Asset", rng.choice(assets)["id"], {"description": f"d{i}"})
 
 
-def assert_applied_once(store: Store, site: FakeSite) -> None:
-    """Every event is stored; no event changed the same field of the same entity twice."""
+def assert_applied_once(store: Store, site: FakeSite, since: int | None = None) -> None:
+    """Every event is stored; no event changed the same field of the same entity twice. ``since``
+    (a scan's cursor): exactly the events above it are stored, and there is at least one."""
     with store.engine.connect() as conn:
-        stored = {r.id for r in conn.execute(sa.select(store.events.c.id))}
+        stored = {r.id for r in conn.execute(sa.select(store.events.c.id).where(store.events.c.id > (since or 0)))}
         t = store.changes
         dupes = conn.execute(
             sa.select(t.c.event_id, t.c.entity_type, t.c.entity_id, t.c.field_name, sa.func.count())
@@ -88,7 +89,12 @@ def assert_applied_once(store: Store, site: FakeSite) -> None:
             .group_by(t.c.event_id, t.c.entity_type, t.c.entity_id, t.c.field_name)
             .having(sa.func.count() > 1)
         ).all()
-    assert {e["id"] for e in site.events(0)} <= stored
+    if since is None:
+        assert {e["id"] for e in site.events(0)} <= stored
+    else:
+        expected = {e["id"] for e in site.events(since)}
+        assert expected, "no event since the scan: nothing was checked"
+        assert expected == stored, (sorted(expected - stored), sorted(stored - expected))
     assert dupes == []
 
 

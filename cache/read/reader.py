@@ -7,7 +7,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -175,20 +175,23 @@ class Reader:
 _JSON_NUL = "\\u0000"
 
 
-def _holds_nul(value: Any) -> bool:
-    """Whether a NUL character is in any string (key or value) of a decoded JSON ``value``."""
+def _leaves(value: Any) -> Iterator[Any]:
+    """Every string (keys too) and scalar of a decoded JSON ``value``."""
     stack = [value]
     while stack:
         node = stack.pop()
-        if isinstance(node, str):
-            if "\x00" in node:
-                return True
-        elif isinstance(node, Mapping):
+        if isinstance(node, Mapping):
             stack.extend(node.keys())
             stack.extend(node.values())
         elif isinstance(node, list | tuple):
             stack.extend(node)
-    return False
+        else:
+            yield node
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in any string (key or value) of a decoded JSON ``value``."""
+    return any(isinstance(leaf, str) and "\x00" in leaf for leaf in _leaves(value))
 
 
 #: The integers a database column holds (BIGINT; SG's own are narrower).
@@ -198,23 +201,15 @@ _INT_RANGE = range(-(2**63), 2**63)
 def _beyond_the_database(value: Any) -> str | None:
     """What in a decoded JSON ``value`` no database of the replica can take as a parameter: an
     integer past 64 bits, or text with a lone surrogate (JSON's ``"\\ud800"``, not UTF-8); else None."""
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, str):
-            if not node.isascii():
+    for leaf in _leaves(value):
+        if isinstance(leaf, str):
+            if not leaf.isascii():
                 try:
-                    node.encode("utf-8")
+                    leaf.encode("utf-8")
                 except UnicodeEncodeError:
                     return "a lone surrogate in text"
-        elif isinstance(node, int) and not isinstance(node, bool):
-            if node not in _INT_RANGE:
-                return "an integer past 64 bits"
-        elif isinstance(node, Mapping):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
+        elif isinstance(leaf, int) and not isinstance(leaf, bool) and leaf not in _INT_RANGE:
+            return "an integer past 64 bits"
     return None
 
 
