@@ -169,6 +169,32 @@ def test_a_body_the_proxy_did_not_decode_is_read_every_way_a_lenient_server_coul
     bomb = gzip.compress(b" " * (api3.MAX_BODY + 1))
     assert api3.lenient_methods(bomb, "gzip") == {None}  # not inflated past MAX_BODY
     assert api3.lenient_methods(read + b" " * api3.MAX_BODY, "") == {None}  # nor read
+    # a repeated key: its first value or its last
+    assert api3.lenient_methods(b'{"method_name": "update", "params": [], "method_name": "read"}', "") == {"update", "read"}
+
+
+def test_a_body_repeating_a_key_that_decides_the_call_or_the_credential_is_not_decoded() -> None:
+    auth = '{"script_name": "a", "script_key": "k"}'
+    plain = f'{{"method_name": "read", "params": [{auth}, {{"type": "Shot"}}]}}'.encode()
+    assert not api3.repeats_a_key(plain)
+    for body in (
+        b'{"method_name": "read", "params": [{"script_name": "a", "script_key": "k", "script_name": "b"}, {}]}',
+        b'{"method_name": "read", "params": [{"script_name": "a", "script_key": "k", "script\\u005fkey": "x"}, {}]}',
+        b'{"method_name": "update", "params": [], "method_name": "read"}',
+        b'{"method_name": "read", "params": [{}], "p\\u0061rams": [{}]}',
+    ):
+        assert api3.decode_request(body) is not None and api3.repeats_a_key(body), body
+    # names and escapes in values, other keys repeated in a read's arguments (its caller's own answer)
+    for body in (
+        b'{"method_name": "read", "params": [{"script_name": "a", "script_key": "k"}, {"code": "script_name"}],'
+        b' "x": "\\"params\\" caf\\u00e9"}',
+        b'{"method_name": "read", "params": [{"script_name": "a", "script_key": "k"}, {"type": "Shot", "type": "Asset"}]}',
+    ):
+        assert not api3.repeats_a_key(body), body
+    # a write's arguments are learnt: any key repeated there
+    update = f'{{"method_name": "update", "params": [{auth}, {{"id": 1, "id": 2}}]}}'.encode()
+    assert api3.repeats_a_key(update, every_key=True) and not api3.repeats_a_key(update)
+    assert not api3.repeats_a_key(plain, every_key=True)
 
 
 def test_sg_is_down_only_for_a_while_and_only_at_its_host() -> None:

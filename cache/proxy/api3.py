@@ -17,6 +17,12 @@ MAX_BODY = 32 * 1024 * 1024
 SMALL_ANSWER = 4 * 1024 * 1024
 #: SG's error code for a failed authentication (the client raises AuthenticationFault).
 AUTH_ERROR_CODE = 102
+#: The object keys whose values decide which call SG makes and for whom: the envelope's and the
+#: auth dict's credential keys (cache/proxy/auth.py).
+DECIDING_KEYS = frozenset({"method_name", "params", "script_name", "script_key", "user_login", "user_password",
+                           "auth_token", "session_token", "sudo_as_login"})
+#: The same, quoted, as a body spells them without escapes.
+_QUOTED_DECIDING_KEYS = tuple(f'"{name}"'.encode() for name in sorted(DECIDING_KEYS))
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,51 @@ def decode_request(body: bytes) -> Api3Request | None:
     auth = params[0] if params and isinstance(params[0], dict) else None
     args = params[1] if len(params) > 1 else None
     return Api3Request(data["method_name"], auth, args)
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeat(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _RepeatedKey
+    return obj
+
+
+def _no_repeated_deciding_key(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        names = [key for key, _value in pairs if key in DECIDING_KEYS]
+        if len(names) != len(set(names)):
+            raise _RepeatedKey
+    return obj
+
+
+def repeats_a_key(body: bytes, every_key: bool = False) -> bool:
+    """Whether the decoded API3 ``body`` repeats a key in one of its objects: one of
+    :data:`DECIDING_KEYS` (anywhere), or with ``every_key`` (a write, whose arguments the replica
+    learns) any key. JSON parsers differ on which value of a repeated key counts (the proxy's takes
+    the last, another may take the first), so SG may make another call, or for another credential,
+    than the proxy sees: such a body is not decoded. Cheap on the hit path: the body is parsed again
+    only when it may repeat one (a deciding key's name spelled twice, or an escape, ``\\u``, that
+    could spell one), or with ``every_key``."""
+    if not every_key and b"\\u" not in body and all(body.count(name) < 2 for name in _QUOTED_DECIDING_KEYS):
+        return False
+    try:
+        json.loads(body.decode("utf-8"), object_pairs_hook=_no_repeat if every_key else _no_repeated_deciding_key)
+    except (ValueError, RecursionError):  # _RepeatedKey; anything else was decoded before: not again
+        return True
+    return False
+
+
+def _first_value(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose repeated keys keep their first value (as some JSON parsers read it)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        obj.setdefault(key, value)
+    return obj
 
 
 def encode_results(results: Any) -> bytes:
@@ -103,7 +154,7 @@ def lenient_calls(body: bytes, content_encoding: str) -> list[tuple[str | None, 
     """``(method_name, params)`` of each way a lenient server could read a body the proxy did not
     decode and answer it with success: as sent, and inflated per ``content_encoding`` (gzip,
     deflate; at most ``MAX_BODY``), as JSON in any UTF (a BOM too; NaN allowed; invalid UTF-8
-    replaced). A reading that fails (not JSON, not valid gzip) is left out: SG's success was not
+    replaced), a repeated key taking its last value or its first. A reading that fails (not JSON, not valid gzip) is left out: SG's success was not
     that one. A method None stands for what may be anything: a reading without a ``method_name``,
     or no reading found (an encoding not inflated here, brotli say, whose body is not JSON as sent
     either; a body over ``MAX_BODY``)."""
@@ -122,12 +173,13 @@ def lenient_calls(body: bytes, content_encoding: str) -> list[tuple[str | None, 
     for data in readings:
         for text in (data, data.decode("utf-8", "replace")):
             try:
-                decoded = json.loads(text)
+                decodings = [json.loads(text), json.loads(text, object_pairs_hook=_first_value)]
             except (ValueError, RecursionError):
                 continue
-            method = decoded.get("method_name") if isinstance(decoded, dict) else None
-            params = decoded.get("params") if isinstance(decoded, dict) else None
-            calls.append((method if isinstance(method, str) else None, params))
+            for decoded in decodings:
+                method = decoded.get("method_name") if isinstance(decoded, dict) else None
+                params = decoded.get("params") if isinstance(decoded, dict) else None
+                calls.append((method if isinstance(method, str) else None, params))
             break
     return calls or [(None, None)]
 

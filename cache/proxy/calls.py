@@ -158,6 +158,18 @@ class SiteCalls:
         if req is None:
             self.passes(state, "not-api3")
             state.undecoded = True
+            return None
+        # a key repeated where it decides the call or the credential (any key in a write) may be read
+        # otherwise by SG: such a body passes as one the proxy cannot read
+        every_key = req.method in LEARNT
+        if every_key and len(body) > BIG_BODY:
+            repeated = await self._run(api3.repeats_a_key, body, every_key)
+        else:
+            repeated = api3.repeats_a_key(body, every_key)
+        if repeated:
+            self.passes(state, "repeated-key")
+            state.undecoded = True
+            return None
         return req
 
     def passes(self, state: FlowState, reason: str) -> None:

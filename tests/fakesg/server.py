@@ -71,7 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route == API_PATH and self.headers.get("Content-Encoding", "").strip().lower() == "gzip":
                 body = gzip.decompress(body)
         if self.command == "POST" and route == API_PATH:
-            request, answer = decode_call(body)
+            request, answer = decode_call(body, self.server.first_key_wins)  # type: ignore[attr-defined]
             if request is None:
                 self._send(200, answer)
                 return
@@ -119,10 +119,19 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
 
-def decode_call(body: bytes) -> tuple[dict[str, Any] | None, Any]:
-    """An API3 body as (request, None), or (None, SG's error envelope for a body it cannot read)."""
+def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose repeated keys keep their first value (as some JSON parsers do)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        obj.setdefault(key, value)
+    return obj
+
+
+def decode_call(body: bytes, first_key_wins: bool = False) -> tuple[dict[str, Any] | None, Any]:
+    """An API3 body as (request, None), or (None, SG's error envelope for a body it cannot read).
+    ``first_key_wins``: a key repeated in an object keeps its first value (else its last, Python's)."""
     try:
-        request = json.loads(body.decode("utf-8"))
+        request = json.loads(body.decode("utf-8"), object_pairs_hook=_first_wins if first_key_wins else None)
         if not isinstance(request, dict) or not isinstance(request.get("method_name"), str):
             raise ValueError("expected an object with method_name")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -159,6 +168,7 @@ class _Server(ThreadingHTTPServer):
                  latency: float = 0.0, lenient_api3: bool = False) -> None:
         self.site = site
         self.hostless_site: FakeSite | None = None
+        self.first_key_wins = False
         self.latency = latency
         self.lenient_api3 = lenient_api3
         self.ssl_context = ssl_context
@@ -270,6 +280,12 @@ class FakeSGServer:
         host is another site, as nginx's ``default_server``); None: as the server's own site."""
         assert self._httpd is not None, "server not started"
         self._httpd.hostless_site = site
+
+    def take_first_duplicate_key(self, on: bool = True) -> None:
+        """Decode an API3 body whose object repeats a key with the key's first value (``on``), as a
+        JSON parser may that is not Python's (which, as the proxy's, takes the last)."""
+        assert self._httpd is not None, "server not started"
+        self._httpd.first_key_wins = on
 
     def drop_next_answers(self, n: int = 1) -> None:
         """Apply the next ``n`` API3 calls but break the connection instead of answering."""

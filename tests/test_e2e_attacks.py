@@ -1,0 +1,152 @@
+"""A client that writes its own JSON: bodies whose objects repeat a key, which JSON parsers read
+differently (Python's and orjson take the last value, others the first). The proxy must never
+credit SG's acceptance of one credential to another, nor miss a write SG applied, whichever value
+SG takes: a real mitmdump in front of a fake SG that takes the first (tests/fakesg/server.py).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
+
+#: A script SG accepts but restricts by a permission rule set: not listed in sgcache_scripts.
+RESTRICTED, RESTRICTED_KEY = "restricted", "rk-2e9d41c7-restricted"
+
+
+def shots(code: str | None = None) -> dict[str, Any]:
+    conditions = [] if code is None else [{"path": "code", "relation": "is", "values": [code]}]
+    return {"type": "Shot", "return_fields": ["code"], "sorts": [{"field_name": "id", "direction": "asc"}],
+            "filters": {"logical_operator": "and", "conditions": conditions},
+            "paging": {"entities_per_page": 500, "current_page": 1}, "return_only": "active"}
+
+
+def first_key_rig(workdir: Path, db_url: str) -> Rig:
+    """Only the script ``SCRIPT`` is served; SG also accepts ``RESTRICTED``, and takes the first
+    value of a repeated key."""
+    rig = Rig(workdir, db_url, proxy=RIG_OPTIONS + [f"sgcache_scripts={SCRIPT}"])
+    rig.site.add_script(RESTRICTED, RESTRICTED_KEY, generate_events=False)
+    return rig
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[Rig]:
+    """:func:`first_key_rig` for the tests that change nothing at SG."""
+    with first_key_rig(tmp_path_factory.mktemp("rig"), module_db_url) as rig:
+        rig.server.take_first_duplicate_key()
+        yield rig
+
+
+def post_raw(rig: Rig, body: bytes) -> tuple[str, Any]:
+    """One API3 POST of ``body`` as written, through the proxy: (X-SGCache header, decoded reply)."""
+    assert rig.proxy is not None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{rig.proxy.address}"}))
+    req = urllib.request.Request(rig.server.url + "/api3/json", data=body, method="POST",
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    with opener.open(req, timeout=30) as resp:
+        return resp.headers.get("X-SGCache", ""), json.loads(resp.read())
+
+
+def post(rig: Rig, method: str, auth: dict[str, Any], args: Any) -> tuple[str, Any]:
+    return post_raw(rig, json.dumps({"method_name": method, "params": [auth, args]}).encode())
+
+
+def j(value: Any) -> str:
+    return json.dumps(value)
+
+
+def verified(rig: Rig) -> dict[str, str]:
+    """The listed script's auth, verified by SG (its reads of every Shot hit)."""
+    good = {"script_name": SCRIPT, "script_key": KEY}
+    post(rig, "read", good, shots())
+    header, _ = post(rig, "read", good, shots())
+    assert header == "hit", header
+    return good
+
+
+def _auth_body(restricted: str, listed: str, args: str) -> str:
+    """A read whose auth dict is ``restricted`` then ``listed`` (JSON object members, unbraced)."""
+    return f'{{"method_name":"read","params":[{{{restricted},{listed}}},{args}]}}'
+
+
+def _repeated_auth_keys(forged: str, args: str) -> str:
+    return _auth_body(f'"script_name":"{RESTRICTED}","script_key":"{RESTRICTED_KEY}"',
+                      f'"script_name":"{SCRIPT}","script_key":"{forged}"', args)
+
+
+def _escaped_auth_keys(forged: str, args: str) -> str:
+    return _auth_body(f'"script_name":"{RESTRICTED}","script_key":"{RESTRICTED_KEY}"',
+                      f'"script\\u005fname":"{SCRIPT}","scr\\u0069pt_key":"{forged}"', args)
+
+
+def _repeated_params(forged: str, args: str) -> str:
+    restricted = j({"script_name": RESTRICTED, "script_key": RESTRICTED_KEY})
+    listed = j({"script_name": SCRIPT, "script_key": forged})
+    return f'{{"method_name":"read","params":[{restricted},{args}],"params":[{listed},{args}]}}'
+
+
+@pytest.mark.parametrize("spell", [_repeated_auth_keys, _escaped_auth_keys, _repeated_params],
+                         ids=["repeated-auth-keys", "escaped-auth-keys", "repeated-params"])
+def test_sgs_acceptance_of_one_script_never_verifies_another_named_by_a_repeated_key(rig: Rig, spell: Any) -> None:
+    """The restricted script's holder sends a read whose auth names it first and the listed script,
+    with a made-up key, last. SG (first value wins) accepts the restricted script; a proxy that took
+    the last value would note the listed script's made-up key as accepted, and serve the whole
+    replica to it from then on."""
+    forged = f"forged-{spell.__name__}"
+    header, reply = post_raw(rig, spell(forged, j(shots())).encode())
+    assert "results" in reply, reply  # SG accepted the restricted script
+    assert header.startswith("pass"), header
+    before = rig.reads()
+    header, reply = post(rig, "read", {"script_name": SCRIPT, "script_key": forged}, shots())
+    assert header == "pass; reason=auth-unverified", (header, reply)
+    assert reply.get("error_code") == 102, reply  # SG's own refusal
+    assert rig.reads() == before + 1
+
+
+def test_a_write_named_by_a_repeated_method_name_is_read_back_right(tmp_path: Path, db_url: str) -> None:
+    """``{"method_name": "update", ..., "method_name": "read"}``: SG (first value wins) applies the
+    update; a proxy that took the read would learn nothing, and serve the old value from then on."""
+    with first_key_rig(tmp_path, db_url) as rig:
+        rig.server.take_first_duplicate_key()
+        _write_named_by_a_repeated_method_name(rig)
+
+
+def _write_named_by_a_repeated_method_name(rig: Rig) -> None:
+    good = verified(rig)
+    first = post(rig, "read", good, shots())[1]["results"]["entities"][0]
+    renamed = f"{first['code']}-renamed"
+    update = {"type": "Shot", "id": first["id"], "fields": [{"field_name": "code", "value": renamed}]}
+    fresh = {**good, "x_client": "attacks"}  # the same script, an auth dict not verified yet: it passes
+    body = f'{{"method_name":"update","params":[{j(fresh)},{j(update)}],"method_name":"read"}}'
+    header, reply = post_raw(rig, body.encode())
+    assert "results" in reply, reply
+    assert rig.direct().find_one("Shot", [["id", "is", first["id"]]], ["code"])["code"] == renamed  # SG applied it
+    header, reply = post(rig, "read", good, shots())
+    codes = {e["id"]: e["code"] for e in reply["results"]["entities"]}
+    assert codes[first["id"]] == renamed, (header, codes[first["id"]])
+
+
+def test_a_read_repeating_auth_keys_does_not_turn_caching_off(rig: Rig) -> None:
+    """A read SG answers whose body the proxy leaves alone is no write: the others' reads still hit."""
+    good = verified(rig)
+    header, reply = post_raw(rig, _repeated_auth_keys("forged-read", j(shots())).encode())
+    assert "results" in reply and header.startswith("pass"), (header, reply)
+    before = rig.reads()
+    header, _ = post(rig, "read", good, shots())
+    assert header == "hit" and rig.reads() == before
+
+
+@pytest.mark.parametrize("code", ["script_name", "sc\u00e9ne", '"method_name"'], ids=["key-name", "escape", "quoted"])
+def test_reads_spelling_a_key_name_or_an_escape_in_their_values_still_hit(rig: Rig, code: str) -> None:
+    """The check for repeated keys refuses no body that repeats none."""
+    good = verified(rig)
+    post(rig, "read", good, shots(code))
+    before = rig.reads()
+    header, reply = post(rig, "read", good, shots(code))
+    assert header == "hit" and reply["results"]["entities"] == [] and rig.reads() == before, (header, reply)
