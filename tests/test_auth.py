@@ -95,6 +95,20 @@ def test_an_authentication_fault_revokes(creds: CredentialCache, code: int) -> N
     assert not creds.accepted(SITE, SCRIPT)
 
 
+def test_an_authentication_fault_revokes_the_credential_in_every_auth_dict(clock: Clock) -> None:
+    """SG ignores auth keys it does not know: refusing the key with one set of them refuses it with all."""
+    creds = CredentialCache(ttl=300, allow_users=True, clock=clock)
+    tagged = {**SCRIPT, "x_tag": "1"}
+    sudo = {**SCRIPT, "sudo_as_login": "ann"}  # the key for another user: another credential
+    other = {"script_name": "other", "script_key": "other-key"}
+    for auth in (SCRIPT, tagged, sudo, other):
+        creds.observe("read", SITE, auth, OK)
+        assert creds.accepted(SITE, auth)
+    creds.observe("read", SITE, tagged, AUTH_FAULT)
+    assert not creds.accepted(SITE, SCRIPT) and not creds.accepted(SITE, tagged)
+    assert creds.accepted(SITE, sudo) and creds.accepted(SITE, other)
+
+
 def test_other_errors_keep_a_verified_credential(creds: CredentialCache) -> None:
     creds.observe("read", SITE, SCRIPT, OK)
     creds.observe("read", SITE, SCRIPT, {"exception": True, "error_code": 1, "message": "bad filter"})

@@ -150,3 +150,25 @@ def test_reads_spelling_a_key_name_or_an_escape_in_their_values_still_hit(rig: R
     before = rig.reads()
     header, reply = post(rig, "read", good, shots(code))
     assert header == "hit" and reply["results"]["entities"] == [] and rig.reads() == before, (header, reply)
+
+
+def test_a_key_sg_refuses_with_one_auth_dict_is_refused_with_every_other(tmp_path: Path, db_url: str) -> None:
+    """A key verified in several auth dicts (SG ignores keys it does not know, so a client may add
+    its own: up to four are kept per credential) is revoked at SG. SG's refusal of it in one of them
+    ends them all: the revoked key gets no hit from then on, whichever extra keys its holder sends
+    (before: the others hit until sgcache_auth_ttl, 300 s, after SG had refused the key)."""
+    with Rig(tmp_path, db_url) as rig:
+        rig.site.add_script("revokee", "rv-key", generate_events=False)
+        plain = {"script_name": "revokee", "script_key": "rv-key"}
+        tagged = {**plain, "x_tag": "other-client"}
+        for auth in (plain, tagged):
+            post(rig, "read", auth, shots())  # SG verifies it (a pass)
+            header, _ = post(rig, "read", auth, shots())
+            assert header == "hit", header
+        rig.site.revoke_script("revokee")
+        header, reply = post(rig, "schema_read", tagged, None)  # SG refuses the key
+        assert header == "pass; reason=method" and reply.get("error_code") == 102, (header, reply)
+        before = rig.reads()
+        header, reply = post(rig, "read", plain, shots())
+        assert header == "pass; reason=auth-unverified", (header, reply)
+        assert reply.get("error_code") == 102 and rig.reads() == before + 1, reply

@@ -8,7 +8,8 @@ The policy, in one place (the addon only reports what it saw):
   verifies: not ``info``, not any error envelope (whatever its code, also for ``batch``), not
   an answer the proxy made itself, not a body that is not API3.
 - An authentication error (``error_code`` 102, or the other login faults 106, 108, 110)
-  forgets the credential at once; other errors change nothing.
+  forgets the credential at once, in every auth dict it was verified in (they differ only in
+  keys SG ignores); other errors change nothing.
 - A verified credential is bound to the site (scheme, host, port) and to the whole auth dict
   (script name and key, or login and password, or session token, plus ``sudo_as_login`` and
   any extra auth parameters); only ``session_uuid``, which merely tags events, is ignored.
@@ -210,7 +211,9 @@ class CredentialCache:
     def _record(self, site: str, auth: Mapping[str, Any], ok: bool) -> None:
         key, credential = self.key(site, auth), self._credential(site, auth)
         with self._lock:
-            if not ok:
+            if not ok:  # SG refused the credential: in every auth dict (it ignores the other keys)
+                for variant in list(self._variants.get(credential, ())):
+                    self._forget(variant, credential)
                 self._forget(key, credential)
                 return
             self._accepted[key] = self._clock() + self.ttl
