@@ -414,11 +414,14 @@ class SGCache:
     def _to_site(self, r: http.Request) -> bool:
         """Sent to the site: its scheme, host and port, and every name SG's front end may route
         by names it: the Host header, an absolute request line's host (``POST http://other/...``;
-        reverse mode sends it on as written, rewriting only the Host header) and a forwarded host
-        (``X-Forwarded-Host``, ``Forwarded: host=``: a front end may take the tenant from it)."""
+        reverse mode sends it on as written, rewriting only the Host header), HTTP/2's ``:authority``
+        and its ``host`` header (mitmproxy sends the latter on as HTTP/1's Host; it checks that the two
+        match only with ``validate_inbound_headers``) and a forwarded host (``X-Forwarded-Host``,
+        ``Forwarded: host=``: a front end may take the tenant from it)."""
         site = self.site
         return (site is not None and one_host(r) and site.matches(r.scheme, r.host, r.port, r.host_header)
                 and (not r.authority or site.matches(r.scheme, r.host, r.port, r.authority))
+                and all(site.matches(r.scheme, r.host, r.port, name) for name in r.headers.get_all("host"))
                 and all(site.matches(r.scheme, r.host, r.port, name) for name in forwarded_hosts(r)))
 
     @staticmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import shotgun_api3
 
 from .rig import KEY, RIG_OPTIONS, SCRIPT, Rig
 
@@ -172,3 +173,77 @@ def test_a_key_sg_refuses_with_one_auth_dict_is_refused_with_every_other(tmp_pat
         header, reply = post(rig, "read", plain, shots())
         assert header == "pass; reason=auth-unverified", (header, reply)
         assert reply.get("error_code") == 102 and rig.reads() == before + 1, reply
+
+
+def h2_post(rig: Rig, headers: list[tuple[str, str]], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/2 request through the proxy (CONNECT, then TLS with ALPN h2): (status, headers, body)."""
+    import socket
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    assert rig.proxy is not None and rig.proxy.port is not None
+    host = f"localhost:{rig.server.port}"
+    raw = socket.create_connection(("127.0.0.1", rig.proxy.port), timeout=15)
+    raw.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.split(b" ", 2)[1] == b"200", head
+    context = ssl.create_default_context(cafile=str(rig.proxy.ca_cert))
+    context.set_alpn_protocols(["h2"])
+    sock = context.wrap_socket(raw, server_hostname="localhost")
+    assert sock.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(validate_outbound_headers=False))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, headers + [("content-length", str(len(body)))])
+    conn.send_data(stream, body, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    status, answer, data = 0, {}, b""
+    with sock:
+        while True:
+            chunk = sock.recv(65536)
+            assert chunk, "the proxy closed the connection"
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer = {k.decode(): v.decode() for k, v in event.headers}
+                    status = int(answer[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return status, answer, data
+            sock.sendall(conn.data_to_send())
+
+
+def test_an_http2_host_header_naming_another_tenant_never_verifies_a_credential_for_the_site(
+        tmp_path: Path, db_url: str) -> None:
+    """HTTP/2 carries the site's name in ``:authority`` and may carry a ``host`` header too; mitmproxy
+    sends the latter on as HTTP/1's Host, and checks the two match only with its option
+    validate_inbound_headers (on by default). Off, a request naming the site in ``:authority`` and
+    another tenant in ``host`` reached the other tenant, whose acceptance of its own script was
+    credited to the site: the site's replica then went to a credential the site refuses."""
+    from .fakesg import FakeSite
+
+    intruder = {"script_name": "intruder", "script_key": "ik-staging-only"}
+    staging = FakeSite.basic()
+    staging.add_script(intruder["script_name"], intruder["script_key"])
+    with Rig(tmp_path, db_url, tls=True, proxy=RIG_OPTIONS + ["validate_inbound_headers=false"]) as rig:
+        rig.server.route_host_to("staging.example", staging)
+        body = json.dumps({"method_name": "read", "params": [intruder, shots()]}).encode()
+        status, headers, data = h2_post(rig, [
+            (":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{rig.server.port}"),
+            (":path", "/api3/json"), ("host", "staging.example"), ("content-type", "application/json")], body)
+        assert status == 200 and "results" in json.loads(data), data  # the other tenant accepted it
+        assert staging.count("read") == 1  # it reached the other tenant
+        sg = rig.client(script_name=intruder["script_name"], api_key=intruder["script_key"])
+        before = rig.reads()
+        with pytest.raises(shotgun_api3.AuthenticationFault):  # the site's own refusal, not a hit
+            sg.find("Shot", [], ["code"])
+        assert rig.reads() == before + 1
+        assert headers.get("x-sgcache") == "pass; reason=other-site", headers

@@ -41,8 +41,12 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def site(self) -> FakeSite:
         hostless = self.server.hostless_site  # type: ignore[attr-defined]
-        if hostless is not None and self.headers.get("Host") is None:
+        host = self.headers.get("Host")
+        if hostless is not None and host is None:
             return hostless  # a front end's default virtual host answers a request naming no host
+        named = self.server.named_sites.get((host or "").partition(":")[0].lower())  # type: ignore[attr-defined]
+        if named is not None:
+            return named  # another tenant's virtual host on the same front end
         return self.server.site  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
@@ -168,6 +172,7 @@ class _Server(ThreadingHTTPServer):
                  latency: float = 0.0, lenient_api3: bool = False) -> None:
         self.site = site
         self.hostless_site: FakeSite | None = None
+        self.named_sites: dict[str, FakeSite] = {}
         self.first_key_wins = False
         self.latency = latency
         self.lenient_api3 = lenient_api3
@@ -280,6 +285,15 @@ class FakeSGServer:
         host is another site, as nginx's ``default_server``); None: as the server's own site."""
         assert self._httpd is not None, "server not started"
         self._httpd.hostless_site = site
+
+    def route_host_to(self, name: str, site: FakeSite | None) -> None:
+        """Answer requests whose Host header names ``name`` (any port) as ``site``, another tenant of
+        the same front end; None: as the server's own site again."""
+        assert self._httpd is not None, "server not started"
+        if site is None:
+            self._httpd.named_sites.pop(name.lower(), None)
+        else:
+            self._httpd.named_sites[name.lower()] = site
 
     def take_first_duplicate_key(self, on: bool = True) -> None:
         """Decode an API3 body whose object repeats a key with the key's first value (``on``), as a
