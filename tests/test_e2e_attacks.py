@@ -247,3 +247,71 @@ def test_an_http2_host_header_naming_another_tenant_never_verifies_a_credential_
             sg.find("Shot", [], ["code"])
         assert rig.reads() == before + 1
         assert headers.get("x-sgcache") == "pass; reason=other-site", headers
+
+
+def test_a_socks5_client_cannot_reach_a_local_service_through_the_proxy(tmp_path: Path, db_url: str) -> None:
+    """In SOCKS5 mode (``--mode socks5``) the client names each destination, as in regular mode: the
+    relay policy applies, and a tunnel to a loopback service on another port than the site's (the
+    database's, say) is refused. Before, only regular mode was checked, and the proxy was a door."""
+    import socket
+    import threading
+
+    from .proxyharness import Proxy
+
+    with socket.create_server(("127.0.0.1", 0)) as service:  # an internal service on loopback
+        reached: list[bytes] = []
+
+        def serve() -> None:
+            service.settimeout(20)
+            try:
+                conn, _ = service.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                conn.sendall(b"internal-secret\n")
+                try:
+                    reached.append(conn.recv(100))
+                except OSError:
+                    pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        port = service.getsockname()[1]
+        with Rig(tmp_path, db_url, proxy=False) as rig:
+            (tmp_path / "socks").mkdir()
+            socks = Proxy(tmp_path / "socks", db_url, rig.schema_path, RIG_OPTIONS + [f"sgcache_site={rig.url}"],
+                          mode="socks5")
+            socks.start()
+            try:
+                assert socks.port is not None
+                with socket.create_connection(("127.0.0.1", socks.port), timeout=15) as sock:
+                    sock.sendall(b"\x05\x01\x00")
+                    assert sock.recv(2) == b"\x05\x00"
+                    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big"))
+                    reply = sock.recv(10)
+                    got = b""
+                    if reply[1:2] == b"\x00":  # granted (mitmproxy connects lazily: on the client's data)
+                        sock.sendall(b"hello\n")
+                        try:
+                            while chunk := sock.recv(100):
+                                got += chunk
+                        except OSError:
+                            pass
+                assert b"internal-secret" not in got and not reached, (got, reached)
+                assert "refused" in socks.output()
+                # the site itself stays reachable through it
+                body = json.dumps({"method_name": "info", "params": []}).encode()
+                with socket.create_connection(("127.0.0.1", socks.port), timeout=15) as sock:
+                    sock.sendall(b"\x05\x01\x00")
+                    assert sock.recv(2) == b"\x05\x00"
+                    sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+                                 + rig.server.port.to_bytes(2, "big"))
+                    assert sock.recv(10)[1:2] == b"\x00"
+                    sock.sendall(f"POST /api3/json HTTP/1.1\r\nHost: 127.0.0.1:{rig.server.port}\r\n"
+                                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200") and b'"version"' in answer, answer[:300]
+            finally:
+                socks.stop()

@@ -124,9 +124,13 @@ def peer_of(flow: http.HTTPFlow) -> str:
     return str(peer[0]) if peer else "?"
 
 
+#: The proxy modes in which a client names each destination itself: regular (an HTTP proxy) and SOCKS5.
+CLIENT_CHOSEN_MODES = frozenset({"RegularMode", "Socks5Mode"})
+
+
 def client_chose_destination(client: Any) -> bool:
-    """Whether the client chose the destination (regular proxy mode): the relay policy applies."""
-    return type(getattr(client, "proxy_mode", None)).__name__ == "RegularMode"
+    """Whether the client chose the destination (regular or SOCKS5 proxy mode): the relay policy applies."""
+    return type(getattr(client, "proxy_mode", None)).__name__ in CLIENT_CHOSEN_MODES
 
 
 def transport_writer(client_id: str, server: Any = None) -> Any:
