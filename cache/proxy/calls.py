@@ -154,20 +154,11 @@ class SiteCalls:
             return None
         body = call.request.body
         # decoding a huge body on the event loop would stall every other client's request
-        req = await self._run(api3.decode_request, body) if len(body) > BIG_BODY else api3.decode_request(body)
-        if req is None:
-            self.passes(state, "not-api3")
-            state.undecoded = True
-            return None
-        # a key repeated where it decides the call or the credential (any key in a write) may be read
-        # otherwise by SG: such a body passes as one the proxy cannot read
-        every_key = req.method in LEARNT
-        if every_key and len(body) > BIG_BODY:
-            repeated = await self._run(api3.repeats_a_key, body, every_key)
-        else:
-            repeated = api3.repeats_a_key(body, every_key)
-        if repeated:
-            self.passes(state, "repeated-key")
+        req, repeated = await self._run(_decoded, body) if len(body) > BIG_BODY else _decoded(body)
+        if req is None or repeated:
+            # a key repeated where it decides the call or the credential (any key in a write) may be
+            # read otherwise by SG: such a body passes as one the proxy cannot read
+            self.passes(state, "repeated-key" if repeated else "not-api3")
             state.undecoded = True
             return None
         return req
@@ -399,6 +390,13 @@ class SiteCalls:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the replica's worker pool (blocking work never runs on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def _decoded(body: bytes) -> tuple[api3.Api3Request | None, bool]:
+    """The API3 request in ``body`` (None: not one), and whether the body repeats a key that makes it
+    ambiguous (:func:`api3.repeats_a_key`; any key in a call whose arguments are learnt)."""
+    req = api3.decode_request(body)
+    return req, req is not None and api3.repeats_a_key(body, req.method in LEARNT)
 
 
 def _rows(reply: dict[str, object]) -> int | None:
