@@ -12,7 +12,7 @@ multi-entity fields, sorts on linked names, EventLogEntry (cached in the ingeste
 Two rigs: with ``scripts/ingest-events`` running (markers clear, reads turn back into hits; the test
 lets it catch up now and then), and without (markers stay: those reads keep passing). A read counts as
 a hit when the fake served no read to the reading client's script; a run that only saw passes proves
-nothing, so a share of hits is asserted.
+nothing, so a share of hits is asserted (a number of hits without the ingester).
 
 ``SGCACHE_FUZZ_SEED`` (default below) and ``SGCACHE_RW_STEPS`` (default 40) choose the run.
 """
@@ -34,14 +34,15 @@ from .rig import KEY, READER, READER_KEY, SCRIPT, Rig
 
 SEED = int(os.environ.get("SGCACHE_FUZZ_SEED", "20261206"))
 STEPS = int(os.environ.get("SGCACHE_RW_STEPS", "40"))
-#: The least share of the proxied reads that must be hits: with the ingester (markers clear), and
-#: without (every marker stays: a delete or a template marks whole types for the rest of the run).
-MIN_HIT_SHARE, MIN_HIT_SHARE_NO_INGESTER = 0.35, 0.03
+#: The least share of the proxied reads that must be hits with the ingester (markers clear); without
+#: it every marker stays (a delete or a template marks whole types for the rest of the run), so the
+#: share falls the longer the run (2-29% seen): there, a least number of hits.
+MIN_HIT_SHARE, MIN_HITS_NO_INGESTER = 0.35, 10
 TEMPLATE = {"type": "TaskTemplate", "id": 7}
 MODES = ("set", "add", "remove")
 #: The fields read back, per type.
 FIELDS: dict[str, list[str]] = {
-    "Shot": ["code", "sg_sequence", "assets", "tasks", "notes", "sg_status_list", "project"],
+    "Shot": ["code", "sg_sequence", "assets", "tasks", "notes", "sg_status_list", "project", "task_template"],
     "Sequence": ["code", "shots", "tasks", "notes"],
     "Asset": ["code", "shots", "parents", "assets", "tasks", "notes"],
     "Task": ["content", "entity", "notes", "sg_status_list"],
@@ -90,6 +91,7 @@ class Fuzz:
         self.hit_types: collections.Counter[str] = collections.Counter()
         self.log: list[str] = []
         self.n = 0
+        self.recent: list[dict[str, Any]] = []
 
     # -- the world as SG has it -----------------------------------------------------------
     def live(self, entity_type: str) -> list[dict[str, Any]]:
@@ -101,7 +103,11 @@ class Fuzz:
 
     def pick(self, entity_type: str, k: int = 1) -> list[dict[str, Any]]:
         rows = self.live(entity_type)
-        return self.rnd.sample(rows, min(k, len(rows)))
+        picked = self.rnd.sample(rows, min(k, len(rows)))
+        for link in picked:
+            if self.rnd.random() < 0.15:
+                link["name"] = "stale name"  # a link a tool read earlier: SG goes by type and id
+        return picked
 
     def one(self, entity_type: str) -> dict[str, Any] | None:
         rows = self.pick(entity_type)
@@ -133,7 +139,7 @@ class Fuzz:
             else:
                 target = rnd.choice(["Shot", "Asset", "Version", "Sequence"])
         else:
-            src, field, target, multi = rnd.choice(["Shot", "Task"]), "notes", "Note", True
+            src, field, target, multi = rnd.choice(["Shot", "Task", "Asset", "Version", "Sequence"]), "notes", "Note", True
         row = self.one(src)
         if row is None:
             return None
@@ -174,7 +180,11 @@ class Fuzz:
                 data["task_template"] = TEMPLATE
         else:
             data["shots"] = self.pick("Shot", rnd.randrange(3))
-        return {"request_type": "create", "entity_type": entity_type, "data": data}
+        req = {"request_type": "create", "entity_type": entity_type, "data": data}
+        if rnd.random() < 0.4:  # SG answers with these too: the proxy may store them
+            extra = {"Shot": "sg_sequence.Sequence.code", "Task": "entity.Shot.code"}.get(entity_type, "project.Project.name")
+            req["return_fields"] = rnd.sample(FIELDS[entity_type] + ["updated_at", "created_by", extra], 3)
+        return req
 
     def delete(self) -> dict[str, Any] | None:
         entity_type = self.rnd.choice(["Shot", "Asset", "Task", "Sequence", "Note"])
@@ -184,8 +194,23 @@ class Fuzz:
         row = self.rnd.choice(live)
         return {"request_type": "delete", "entity_type": entity_type, "entity_id": row["id"]}
 
+    def rename(self) -> dict[str, Any] | None:
+        """A new name for an entity others link: a Project, the TaskTemplate (not cached), a Sequence, an Asset."""
+        entity_type = self.rnd.choice(["Project", "TaskTemplate", "Sequence", "Asset", "Shot"])
+        if entity_type == "TaskTemplate":
+            return {"request_type": "update", "entity_type": entity_type, "entity_id": TEMPLATE["id"],
+                    "data": {"code": f"tmpl{self.n}"}}
+        row = self.one(entity_type)
+        if row is None:
+            return None
+        field = "name" if entity_type == "Project" else "code"
+        return {"request_type": "update", "entity_type": entity_type, "entity_id": row["id"],
+                "data": {field: f"{entity_type[:2].lower()}{self.n}"}}
+
     def one_write(self) -> dict[str, Any] | None:
         r = self.rnd.random()
+        if r < 0.08:
+            return self.rename()
         if r < 0.55:
             return self.link_update()
         if r < 0.8:
@@ -216,7 +241,7 @@ class Fuzz:
             req = self.one_write()
         kind = req["request_type"]
         if kind == "create":
-            result = self.writer.create(req["entity_type"], req["data"])
+            result = self.writer.create(req["entity_type"], req["data"], return_fields=req.get("return_fields"))
         elif kind == "update":
             result = self.writer.update(req["entity_type"], req["entity_id"], req["data"],
                                         multi_entity_update_modes=req.get("multi_entity_update_modes"))
@@ -281,6 +306,20 @@ class Fuzz:
             ("Shot", [], ["code", "tasks", "assets"], {"retired_only": True}),
             ("Task", [], ["content", "entity"], {"retired_only": True}),
             ("Sequence", [], ["code", "shots"], {}),
+            ("Task", [["entity", "name_contains", rnd.choice(["sh0", "co", "asset", "SQ"])]], ["content"], {}),
+            ("Task", [["entity", "type_is", rnd.choice(["Shot", "Asset", "Sequence"])]], ["content", "entity"], {}),
+            ("Shot", [["sg_sequence", "name_is", seq]], ["code"], {}),
+            ("Note", [["note_links", "name_contains", "sh"]], ["subject"], {}),
+            ("Note", [], ["subject", "note_links"], {"order": [{"field_name": "subject", "direction": "asc"}],
+                                                     "limit": 3}),
+            ("Shot", [["assets", "is_not", None]], ["code", "assets"], {"limit": 4,
+                                                                       "order": [{"field_name": "sg_sequence",
+                                                                                  "direction": "desc"}]}),
+            ("Version", [], ["code", "notes", "entity"], {}),
+            ("Shot", [["task_template", "is_not", None]], ["code", "task_template", "project"], {}),
+            ("Task", [["project.Project.name", "contains", "r"]], ["content", "project"],
+             {"order": [{"field_name": "entity", "direction": "asc"}]}),
+            ("Asset", [], ["code", "parents", "assets"], {}),
         ]
         if self.events:
             last = self.rig.site.last_event_id()
@@ -312,6 +351,7 @@ class Fuzz:
         self.n += 1
         what, touched = self.write()
         self.log.append(what)
+        self.recent += touched
         for read in self.reads(touched):
             self.check(read, what)
 
@@ -323,7 +363,7 @@ def run(rig: Rig, events: bool, settle_every: int) -> Fuzz:
         if settle_every and i % settle_every == settle_every - 1:
             rig.wait(rig.caught_up, timeout=30, what="the ingester to catch up")
             time.sleep(1.2)  # markers clear at a poll starting past them plus pending.MARGIN
-            for read in fuzz.reads([]):
+            for read in fuzz.reads(fuzz.recent[-8:]):
                 fuzz.check(read, "settling")
     total = fuzz.hits + fuzz.passes
     print(f"\nseed {SEED}, {STEPS} steps: {total} proxied reads, {fuzz.hits} hits ({fuzz.hits / total:.0%}); "
@@ -359,5 +399,5 @@ def test_writes_then_reads_with_the_ingester(ingest_rig: Rig) -> None:
 
 def test_writes_then_reads_without_the_ingester(plain_rig: Rig) -> None:
     fuzz = run(plain_rig, events=False, settle_every=0)
-    assert fuzz.hits >= MIN_HIT_SHARE_NO_INGESTER * (fuzz.hits + fuzz.passes), (fuzz.hits, fuzz.passes)
+    assert fuzz.hits >= MIN_HITS_NO_INGESTER, (fuzz.hits, fuzz.passes)
 
