@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import shotgun_api3
 
 from .fakesg import FakeSite
 from .rig import KEY, READER, READER_KEY, SCRIPT, Rig
@@ -228,6 +229,13 @@ class Fuzz:
                     row = rnd.choice(dead)
                     self.writer.revive(entity_type, row["id"])
                     return f"revive {entity_type} {row['id']}", [row]
+        if r < 0.17:
+            # a batch SG refuses as a whole (its last request names no entity): nothing of it happened
+            reqs = [q for q in (self.one_write() for _ in range(2)) if q is not None and q["request_type"] != "delete"]
+            reqs.append({"request_type": "update", "entity_type": "Shot", "entity_id": 99999, "data": {"code": "x"}})
+            with pytest.raises(shotgun_api3.Fault):
+                self.writer.batch(reqs)
+            return f"refused batch {reqs}", self.named(reqs[:-1], [{"id": 0}] * (len(reqs) - 1))
         if r < 0.3:
             reqs = [q for q in (self.one_write() for _ in range(rnd.randrange(2, 4))) if q is not None]
             # a delete only last: a later request of the batch may name the entity it retires
@@ -255,6 +263,8 @@ class Fuzz:
         out: list[dict[str, Any]] = []
         for req, result in zip(reqs, results, strict=True):
             if req["request_type"] == "create":
+                if not result["id"]:
+                    continue
                 out.append({"type": req["entity_type"], "id": result["id"]})
             else:
                 out.append({"type": req["entity_type"], "id": req["entity_id"]})
