@@ -336,6 +336,10 @@ class Fuzz:
             out.append(("EventLogEntry", [["id", "greater_than", last - 15]],
                         ["event_type", "entity", "attribute_name", "meta"], {"order": [{"field_name": "id",
                                                                                          "direction": "asc"}]}))
+            # the poller pattern: a full page whose last id the ingester has is answered
+            out.append(("EventLogEntry", [["id", "greater_than", max(0, last - 60)]],
+                        ["event_type", "entity", "meta", "user"],
+                        {"order": [{"field_name": "id", "direction": "asc"}], "limit": 10}))
             out.append(("EventLogEntry", [["id", "between", [max(1, last - 40), last - 10]]],
                         ["event_type", "entity", "attribute_name"], {}))
         k = min(len(out), rnd.randrange(6, 12))
