@@ -23,7 +23,7 @@ from .fakesg import FakeSite
 
 #: Modules that take longest, started first.
 LONGEST_FIRST = ("test_read_differential.py", "test_fuzz.py", "test_concurrent_writes_e2e.py", "test_kill_e2e.py",
-                 "test_pg_outage_e2e.py", "test_pairs_e2e.py", "test_oracle.py", "test_failopen.py", "test_e2e_schema_calls.py", "test_large_bodies_e2e.py",
+                 "test_pg_outage_e2e.py", "test_rw_differential_e2e.py", "test_pairs_e2e.py", "test_oracle.py", "test_failopen.py", "test_e2e_schema_calls.py", "test_large_bodies_e2e.py",
                  "test_topology.py", "test_e2e_bounds.py", "test_ingest_e2e.py",
                  "test_e2e_production.py", "test_site_e2e.py", "test_e2e_spine.py", "test_addon_unit.py",
                  "test_quickstart.py", "test_audit.py", "test_relative_dates.py", "test_events.py",
