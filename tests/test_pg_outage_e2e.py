@@ -218,6 +218,9 @@ def test_ingester_backends_terminated_while_events_come(tmp_path: Path, pg_db_ur
     try:
         with Rig(tmp_path, pg_db_url, FakeSite.basic(), prime="direct", proxy=False) as rig:
             proc = start_ingester(rig, with_application_name(pg_db_url, application))
+            # running, not starting: a start-up that cannot open the replica ends the process (a
+            # service manager restarts it), and the primed replica counts as caught up at once
+            rig.wait(lambda: "leader lock taken" in proc.output(), what="the ingester leading")
             rig.wait(rig.caught_up, what="the ingester's first catch-up")
             rng = random.Random(11)
             writer = threading.Thread(target=workload, args=(rig.site, random.Random(12), 250, 0.005))
